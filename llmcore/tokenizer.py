@@ -1,0 +1,69 @@
+"""GPT-2 BPE tokenizer through tiktoken, buildable offline from encoder.json + vocab.bpe.
+
+tiktoken's own ``get_encoding("gpt2")`` downloads both files on first use. Pointing
+``LLMCORE_GPT2_ENCODING_DIR`` (or the ``encoding_dir`` argument) at a directory holding them
+builds the identical encoding with no network access.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+ENCODING_DIR_ENV = "LLMCORE_GPT2_ENCODING_DIR"
+ENDOFTEXT = "<|endoftext|>"
+ENDOFTEXT_ID = 50256
+GPT2_FILES = ("encoder.json", "vocab.bpe")
+# The sha256 of OpenAI's published files; a local copy must match them byte for byte.
+GPT2_FILE_SHA256 = {
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+# GPT-2's pre-tokenisation pattern (the same string tiktoken uses for "gpt2"/"r50k_base").
+_GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+class TokenizerFilesError(FileNotFoundError):
+    """The encoding directory lacks a file the GPT-2 encoding needs."""
+
+
+def get_tokenizer(encoding_dir: str | os.PathLike | None = None) -> tiktoken.Encoding:
+    """GPT-2's encoding: from ``encoding_dir``, else ``$LLMCORE_GPT2_ENCODING_DIR``, else tiktoken."""
+    directory = encoding_dir if encoding_dir is not None else os.environ.get(ENCODING_DIR_ENV)
+    if not directory:
+        return tiktoken.get_encoding("gpt2")
+    return _encoding_from_dir(str(Path(directory).resolve()))
+
+
+@functools.lru_cache(maxsize=4)
+def _encoding_from_dir(directory: str) -> tiktoken.Encoding:
+    root = Path(directory)
+    if not root.is_dir():
+        raise TokenizerFilesError(f"GPT-2 encoding directory {root} does not exist")
+    for name in GPT2_FILES:
+        if not (root / name).is_file():
+            raise TokenizerFilesError(
+                f"GPT-2 encoding directory {root} lacks {name} (it needs {', '.join(GPT2_FILES)})"
+            )
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(root / "vocab.bpe"),
+        encoder_json_file=str(root / "encoder.json"),
+        vocab_bpe_hash=GPT2_FILE_SHA256["vocab.bpe"],
+        encoder_json_hash=GPT2_FILE_SHA256["encoder.json"],
+    )
+    return tiktoken.Encoding(
+        name="gpt2",
+        explicit_n_vocab=50257,
+        pat_str=_GPT2_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: ENDOFTEXT_ID},
+    )
+
+
+def encode(tokenizer: tiktoken.Encoding, text: str) -> list[int]:
+    """Encode text, letting ``<|endoftext|>`` through as its special id (as the book does)."""
+    return tokenizer.encode(text, allowed_special={ENDOFTEXT})

@@ -1,0 +1,1 @@
+"""Pipeline steps: one module per DVC stage, each a typed function plus ``python -m steps.<name>``."""

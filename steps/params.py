@@ -1,0 +1,66 @@
+"""Loading and validating params.yaml sections (pydantic models that forbid unknown keys)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+PARAMS_FILE = Path(os.environ.get("LLMPIPE_PARAMS", "params.yaml"))
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unparsable or fails validation; the message names the key."""
+
+
+class StrictModel(BaseModel):
+    """Base for params sections: unknown keys and wrong types are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+
+def read_params(path: str | os.PathLike = PARAMS_FILE) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file {path} not found (run from the repository root)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def validate_section(data: dict, section: str, model: type[M], source: str = "params.yaml") -> M:
+    """Validate ``data[section]`` (dotted for nesting) against ``model``; errors name ``section.key``."""
+    node: object = data
+    for part in section.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ParamsError(f"{source}: missing section {section!r}")
+        node = node[part]
+    try:
+        return model.model_validate(node)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join([section, *(str(p) for p in err["loc"])])
+            problems.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+        raise ParamsError(f"{source}: invalid params:\n  " + "\n  ".join(problems)) from None
+
+
+def load_section(section: str, model: type[M], path: str | os.PathLike = PARAMS_FILE) -> M:
+    return validate_section(read_params(path), section, model, source=str(path))
+
+
+def cli_parser(description: str) -> argparse.ArgumentParser:
+    """The shared CLI of every step: ``--params`` selects the params file."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default=str(PARAMS_FILE), help="params file (default: %(default)s)")
+    return parser
