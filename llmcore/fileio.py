@@ -1,0 +1,34 @@
+"""Atomic writes: outputs go to a temp path beside the target and are renamed into place."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temp path beside ``target``; on success rename it onto ``target``, else delete it.
+
+    With ``is_dir`` the yielded path is an empty directory that replaces ``target`` whole, so a
+    reader never sees a half-written checkpoint directory.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
+    out = tmp if is_dir else tmp / target.name
+    try:
+        yield out
+        if is_dir and target.exists():
+            old = target.with_name(f".{target.name}.old{os.getpid()}")
+            os.replace(target, old)
+            os.replace(out, target)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        else:
+            os.replace(out, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,190 @@
+"""Text generation: a pre-allocated KV cache, greedy / temperature / top-k / top-p sampling.
+
+``generate_stream`` is the one decoding loop; ``generate`` and ``generate_text`` collect it.
+Prompts of different lengths are left-padded and masked, with per-row positions, so a batch
+gives each prompt the same tokens it would get alone. When the sequence outgrows the context,
+the window is cropped to the last ``context_length`` tokens (as the book's ``generate``); the
+cache is then refilled, so cached and uncached decoding stay token-for-token identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from llmcore.tokenizer import encode
+
+
+class KVCache:
+    """One layer's keys and values, allocated once for the whole generation."""
+
+    def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int, *, dtype, device):
+        shape = (batch, n_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start_pos + k.shape[2]
+        self.k[:, :, start_pos:end] = k
+        self.v[:, :, start_pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def new_kv_caches(model: nn.Module, batch: int, max_len: int) -> list[KVCache]:
+    cfg = model.cfg
+    param = next(model.parameters())
+    return [
+        KVCache(batch, cfg.n_heads, max_len, cfg.head_dim, dtype=param.dtype, device=param.device)
+        for _ in range(cfg.n_layers)
+    ]
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one token id per row of ``logits`` (batch, vocab); temperature 0 means greedy."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k must be positive, got {top_k}")
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already cover top_p (the first always stays).
+        drop_sorted = (probs.cumsum(dim=-1) - probs) > top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def _left_pad(prompts: torch.Tensor | Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token matrix (batch, longest prompt) and its validity mask, prompts aligned to the right.
+
+    Padding positions hold id 0; they are masked out of attention, so the id never matters.
+    """
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2 or prompts.shape[1] == 0:
+            raise ValueError(f"prompt tensor must be (batch, tokens) with tokens > 0, got {tuple(prompts.shape)}")
+        return prompts.to(device), torch.ones_like(prompts, dtype=torch.bool, device=device)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    tokens = torch.zeros((len(prompts), width), dtype=torch.long)
+    valid = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        tokens[row, width - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
+        valid[row, width - len(prompt):] = True
+    return tokens.to(device), valid.to(device)
+
+
+def _padding_mask(key_valid: torch.Tensor, n_queries: int) -> torch.Tensor:
+    """(batch, 1, queries, keys) mask: causal, no padded keys; each query always sees itself."""
+    n_keys = key_valid.shape[1]
+    q_cols = torch.arange(n_keys - n_queries, n_keys, device=key_valid.device)[:, None]
+    k_cols = torch.arange(n_keys, device=key_valid.device)[None, :]
+    causal = k_cols <= q_cols
+    mask = (causal[None] & key_valid[:, None, :]) | (k_cols == q_cols)[None]
+    return mask[:, None]
+
+
+@torch.no_grad()
+def generate_stream(
+    model: nn.Module,
+    prompts: torch.Tensor | Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+) -> Iterator[torch.Tensor]:
+    """Yield one (batch,) tensor of new token ids per step; stops early once every row hit eos.
+
+    A row that has finished keeps yielding ``eos_id`` until the others finish.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    device = next(model.parameters()).device
+    context = model.cfg.context_length
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    tokens, valid = _left_pad(prompts, device)
+    has_padding = not bool(valid.all())
+    finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=device)
+    caches, cache_start, cache_end = None, -1, -1
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(max_new_tokens):
+            n_cols = tokens.shape[1]
+            win_start = max(0, n_cols - context)
+            incremental = use_cache and caches is not None and cache_start == win_start and cache_end == n_cols - 1
+            q_start = n_cols - 1 if incremental else win_start
+            if use_cache and caches is None:
+                caches = new_kv_caches(model, tokens.shape[0], min(context, n_cols + max_new_tokens))
+            kwargs = {"kv_caches": caches if use_cache else None, "start_pos": q_start - win_start}
+            if has_padding:
+                window_valid = valid[:, win_start:]
+                positions = (window_valid.long().cumsum(dim=1) - 1).clamp(min=0)
+                kwargs["position_ids"] = positions[:, q_start - win_start:]
+                kwargs["attn_mask"] = _padding_mask(window_valid, n_cols - q_start)
+            logits = model(tokens[:, q_start:], **kwargs)[:, -1, :]
+            cache_start, cache_end = win_start, n_cols
+            next_ids = sample_next_token(
+                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            )
+            if eos_id is not None:
+                next_ids = torch.where(finished, torch.full_like(next_ids, eos_id), next_ids)
+                finished |= next_ids == eos_id
+            yield next_ids
+            tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
+            valid = torch.cat([valid, torch.ones_like(next_ids[:, None], dtype=torch.bool)], dim=1)
+            if eos_id is not None and bool(finished.all()):
+                break
+    finally:
+        model.train(was_training)
+
+
+def generate(
+    model: nn.Module,
+    prompts: torch.Tensor | Sequence[Sequence[int]],
+    max_new_tokens: int,
+    **kwargs,
+) -> list[list[int]]:
+    """New token ids per prompt (up to, not including, eos); options as for ``generate_stream``."""
+    eos_id = kwargs.get("eos_id")
+    steps = list(generate_stream(model, prompts, max_new_tokens, **kwargs))
+    if not steps:
+        n_rows = prompts.shape[0] if isinstance(prompts, torch.Tensor) else len(prompts)
+        return [[] for _ in range(n_rows)]
+    out = []
+    for row in torch.stack(steps, dim=1).tolist():
+        if eos_id is not None and eos_id in row:
+            row = row[: row.index(eos_id)]
+        out.append(row)
+    return out
+
+
+def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, **kwargs) -> str:
+    """Prompt text in, continuation text out (the prompt itself is not repeated)."""
+    ids = encode(tokenizer, prompt)
+    return tokenizer.decode(generate(model, [ids], max_new_tokens, **kwargs)[0])
