@@ -20,6 +20,10 @@ def atomic_path(target: str | os.PathLike, *, is_dir: bool = False) -> Iterator[
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
+    if is_dir:  # mkdtemp makes it owner-only; give the directory the usual umask-based mode
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
     out = tmp if is_dir else tmp / target.name
     try:
         yield out

@@ -1,0 +1,136 @@
+"""Validate the instruction data (book chapter 7), split it, and measure its prompt lengths.
+
+The book slices the entries in file order (85% train, 10% test, the rest validation); that
+stays the default, with an optional seeded shuffle. Token lengths are of the full training
+text (``format_input`` + ``format_response``), which bounds the context length fine-tuning
+needs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from llmcore.prompts import format_input, format_response
+from llmcore.tokenizer import TokenizerFilesError, encode, get_tokenizer
+from steps.data_common import DataError, TokenizerParams, read_text
+from steps.io import atomic_path, write_json
+from steps.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
+
+SPLITS = ("train", "test", "validation")
+
+
+class InstructionDataParams(StrictModel):
+    train_frac: float = Field(0.85, gt=0, lt=1)
+    test_frac: float = Field(0.10, gt=0, lt=1)
+    shuffle: bool = False
+    seed: int = 123
+
+    @model_validator(mode="after")
+    def _leaves_validation(self) -> InstructionDataParams:
+        if self.train_frac + self.test_frac >= 1:
+            raise ValueError("train_frac + test_frac must be < 1 to leave a validation split")
+        return self
+
+
+class InstructionEntry(BaseModel):
+    """One entry; strict, so a number is not silently taken for a string. Extra keys are kept."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    instruction: str = Field(min_length=1)
+    input: str
+    output: str = Field(min_length=1)
+
+
+_ENTRIES = TypeAdapter(list[InstructionEntry])
+
+
+def load_entries(path: Path) -> list[dict]:
+    """The raw entries of a JSON list, after checking each one's fields."""
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from exc
+    try:
+        _ENTRIES.validate_python(data)
+    except ValidationError as exc:
+        problems = [_describe(err) for err in exc.errors()]
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise DataError(f"{path}: " + "; ".join(problems[:3]) + more) from None
+    return data
+
+
+def _describe(err: dict) -> str:
+    loc = err["loc"]
+    if not loc:
+        return f"top level: {err['msg']}"
+    where = f"entry {loc[0]}" + (f" field {loc[1]!r}" if len(loc) > 1 else "")
+    return f"{where}: {err['msg']}"
+
+
+def split_entries(entries: list[dict], params: InstructionDataParams) -> dict[str, list[dict]]:
+    """Train, test and validation slices, in file order unless ``shuffle`` is set."""
+    if params.shuffle:
+        order = np.random.default_rng(params.seed).permutation(len(entries))
+        entries = [entries[i] for i in order]
+    train_end = int(len(entries) * params.train_frac)
+    test_end = train_end + int(len(entries) * params.test_frac)
+    splits = dict(zip(SPLITS, (entries[:train_end], entries[train_end:test_end], entries[test_end:])))
+    empty = [name for name, part in splits.items() if not part]
+    if empty:
+        raise DataError(f"{len(entries)} entries leave the {', '.join(empty)} split(s) empty")
+    return splits
+
+
+def length_stats(lengths: list[int]) -> dict[str, int | float]:
+    values = np.asarray(lengths)
+    return {
+        "entries": len(values),
+        "tokens_min": int(values.min()),
+        "tokens_mean": round(float(values.mean()), 2),
+        "tokens_max": int(values.max()),
+        "tokens_p95": round(float(np.percentile(values, 95)), 2),
+    }
+
+
+def build_instruction_dataset(
+    source: Path, out_dir: Path, metrics_out: Path, params: InstructionDataParams, tokenizer: TokenizerParams
+) -> dict:
+    """Write ``train.json``, ``test.json``, ``validation.json`` and per-split token-length stats."""
+    splits = split_entries(load_entries(source), params)
+    tok = get_tokenizer(tokenizer.encoding_dir)
+    metrics = {
+        name: length_stats([len(encode(tok, format_input(e) + format_response(e))) for e in part])
+        for name, part in splits.items()
+    }
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        for name, part in splits.items():
+            (tmp / f"{name}.json").write_text(json.dumps(part, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(metrics_out, metrics)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = cli_parser("Validate and split the instruction data; report prompt token lengths.")
+    parser.add_argument("--input", type=Path, default=Path("data/raw/instruction-data.json"))
+    parser.add_argument("--out", type=Path, default=Path("data/instructions"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/instruction_data.json"))
+    args = parser.parse_args(argv)
+    try:
+        data = read_params(args.params)
+        params = validate_section(data, "instruction_data", InstructionDataParams, args.params)
+        tokenizer = validate_section(data, "tokenizer", TokenizerParams, args.params)
+        metrics = build_instruction_dataset(args.input, args.out, args.metrics, params, tokenizer)
+    except (ParamsError, DataError, TokenizerFilesError) as exc:
+        sys.exit(f"build_instruction_dataset: error: {exc}")
+    sizes = ", ".join(f"{name} {metrics[name]['entries']}" for name in SPLITS)
+    print(f"build_instruction_dataset: {sizes} in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

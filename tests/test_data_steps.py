@@ -1,0 +1,288 @@
+"""The data steps on the real (mirrored) inputs, checked against the book's counts, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from llmcore.data import SlidingWindowDataset
+from llmcore.prompts import RESPONSE_MARKER, extract_response, format_input, format_response
+from steps import build_instruction_dataset as instr
+from steps import build_spam_dataset as spam
+from steps import build_windows as windows
+from steps import tokenize
+from steps.data_common import DataError, TokenizerParams, save_npy, to_token_array
+from steps.fetch import FetchSettings, Source
+from steps.params import ParamsError, read_params, validate_section
+
+REPO = Path(__file__).resolve().parents[1]
+MIRROR = Path(os.environ.get("LLMPIPE_MIRROR") or REPO.parent / "shared" / "data")
+TOKENIZER = TokenizerParams(encoding_dir=str(MIRROR / "gpt2"))
+
+pytestmark = pytest.mark.skipif(not MIRROR.is_dir(), reason=f"offline mirror {MIRROR} not found")
+
+
+def write_params(path: Path, **sections: dict) -> Path:
+    path.write_text(yaml.safe_dump({"tokenizer": TOKENIZER.model_dump(), **sections}))
+    return path
+
+
+# ---- tokenize
+
+
+@pytest.fixture(scope="module")
+def verdict_tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tokens") / "corpus.npy"
+    tokenize.tokenize_corpus(MIRROR / "the-verdict.txt", out, out.with_suffix(".json"), TOKENIZER)
+    return out
+
+
+def test_tokenize_the_verdict(verdict_tokens: Path) -> None:
+    tokens = np.load(verdict_tokens)
+    assert tokens.dtype == np.uint16 and tokens.shape == (5145,)
+    assert tokens[:4].tolist() == [40, 367, 2885, 1464]  # "I HAD always"
+    assert json.loads(verdict_tokens.with_suffix(".json").read_text()) == {"characters": 20479, "tokens": 5145}
+
+
+def test_tokenize_rejects_missing_and_empty_corpora(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="cannot read .*missing.txt"):
+        tokenize.tokenize_corpus(tmp_path / "missing.txt", tmp_path / "t.npy", tmp_path / "m.json", TOKENIZER)
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="is empty"):
+        tokenize.tokenize_corpus(tmp_path / "empty.txt", tmp_path / "t.npy", tmp_path / "m.json", TOKENIZER)
+    assert not (tmp_path / "t.npy").exists()
+
+
+def test_token_ids_must_fit_uint16() -> None:
+    assert to_token_array([0, 50256]).dtype == np.uint16
+    with pytest.raises(DataError, match="outside uint16"):
+        to_token_array([1, 70000])
+
+
+def test_tokenize_cli_reports_a_bad_tokenizer_dir(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"tokenizer": {"encoding_dir": str(tmp_path)}}))
+    with pytest.raises(SystemExit, match=r"^tokenize: error: .*lacks encoder.json"):
+        tokenize.main(["--params", str(params), "--corpus", str(MIRROR / "the-verdict.txt"),
+                       "--tokens", str(tmp_path / "t.npy"), "--metrics", str(tmp_path / "m.json")])
+
+
+# ---- build_windows
+
+
+def test_windows_match_the_book(verdict_tokens: Path, tmp_path: Path) -> None:
+    meta = windows.build_windows(verdict_tokens, tmp_path / "windows", tmp_path / "m.json", windows.WindowParams())
+    # The book: 9 train batches of 2 (drop_last) and 1 validation batch of 2.
+    assert meta == {
+        "context_length": 256, "stride": 256, "train_ratio": 0.9,
+        "n_train_windows": 18, "n_val_windows": 2, "train_tokens": 4630, "val_tokens": 515,
+    }
+    assert json.loads((tmp_path / "windows" / "meta.json").read_text()) == meta
+    tokens = np.load(verdict_tokens)
+    for split, part in (("train", tokens[:4630]), ("val", tokens[4630:])):
+        rows = np.load(tmp_path / "windows" / f"{split}.npy")
+        assert rows.dtype == np.uint16 and rows.shape == (meta[f"n_{split}_windows"], 257)
+        dataset = SlidingWindowDataset(part, max_length=256, stride=256)
+        assert len(dataset) == len(rows)
+        for row, (inputs, targets) in zip(rows, dataset):
+            assert np.array_equal(row[:-1], inputs.numpy()) and np.array_equal(row[1:], targets.numpy())
+
+
+def test_overlapping_windows(verdict_tokens: Path, tmp_path: Path) -> None:
+    params = windows.WindowParams(context_length=4, stride=1, train_ratio=0.5)
+    meta = windows.build_windows(verdict_tokens, tmp_path / "w", tmp_path / "m.json", params)
+    assert meta["n_train_windows"] == len(SlidingWindowDataset(np.load(verdict_tokens)[:2572], 4, 1)) == 2568
+
+
+def test_a_split_shorter_than_a_window_is_an_error(tmp_path: Path) -> None:
+    save_npy(tmp_path / "t.npy", np.arange(300, dtype=np.uint16))
+    with pytest.raises(DataError, match="val split has 30 tokens; one window of context_length=256 needs at least 257"):
+        windows.build_windows(tmp_path / "t.npy", tmp_path / "w", tmp_path / "m.json", windows.WindowParams())
+    assert not (tmp_path / "w").exists()
+
+
+def test_windows_reject_a_non_token_array(tmp_path: Path) -> None:
+    np.save(tmp_path / "t.npy", np.zeros((2, 3), dtype=np.int64))
+    with pytest.raises(SystemExit, match=r"^build_windows: error: .*expected a 1-D uint16 token array"):
+        windows.main(["--params", str(write_params(tmp_path / "p.yaml", windows={})),
+                      "--tokens", str(tmp_path / "t.npy"), "--out", str(tmp_path / "w"),
+                      "--metrics", str(tmp_path / "m.json")])
+
+
+@pytest.mark.parametrize(
+    ("section", "pattern"),
+    [({"train_ratio": 1.5}, r"windows\.train_ratio"), ({"stride": 0}, r"windows\.stride"),
+     ({"context": 256}, r"windows\.context")],
+)
+def test_window_params_are_validated(section: dict, pattern: str) -> None:
+    with pytest.raises(ParamsError, match=pattern):
+        validate_section({"windows": section}, "windows", windows.WindowParams)
+
+
+# ---- build_spam_dataset
+
+
+@pytest.fixture(scope="module")
+def spam_tsv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("spam") / "SMSSpamCollection"
+    with zipfile.ZipFile(MIRROR / "sms+spam+collection.zip") as zf:
+        path.write_bytes(zf.read("SMSSpamCollection"))
+    return path
+
+
+def test_spam_dataset_matches_the_book(spam_tsv: Path, tmp_path: Path) -> None:
+    metrics = spam.build_spam_dataset(spam_tsv, tmp_path / "spam", tmp_path / "m.json", spam.SpamDataParams())
+    assert metrics["source"] == {"ham": 4827, "spam": 747, "malformed_skipped": 0}
+    sizes = {name: sum(metrics[name].values()) for name in spam.SPLITS}
+    assert sizes == {"train": 1045, "validation": 149, "test": 300}
+    assert sum(metrics[name]["ham"] for name in spam.SPLITS) == sum(metrics[name]["spam"] for name in spam.SPLITS) == 747
+    assert json.loads((tmp_path / "m.json").read_text()) == metrics
+    frames = {name: pd.read_csv(tmp_path / "spam" / f"{name}.csv") for name in spam.SPLITS}
+    for name, frame in frames.items():
+        assert list(frame.columns) == ["Label", "Text"] and frame["Label"].dtype == np.int64
+        assert frame["Label"].value_counts().to_dict() == {0: metrics[name]["ham"], 1: metrics[name]["spam"]}
+    assert pd.concat(frames.values())["Text"].notna().all()
+    again = spam.build_spam_dataset(spam_tsv, tmp_path / "again", tmp_path / "m2.json", spam.SpamDataParams())
+    assert again == metrics
+    assert (tmp_path / "again" / "train.csv").read_bytes() == (tmp_path / "spam" / "train.csv").read_bytes()
+    spam.build_spam_dataset(spam_tsv, tmp_path / "other", tmp_path / "m3.json", spam.SpamDataParams(seed=1))
+    assert (tmp_path / "other" / "train.csv").read_bytes() != (tmp_path / "spam" / "train.csv").read_bytes()
+
+
+def small_tsv(path: Path, extra_lines: list[str]) -> Path:
+    lines = [f"ham\tham message {i}" for i in range(20)] + [f"spam\tspam message {i} \"WIN\"" for i in range(10)]
+    path.write_text("\n".join(lines[:2] + extra_lines + lines[2:]) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "reason"),
+    [("no tab here", "no tab between label and text"), ("", "no tab between label and text"),
+     ("Spam\tcase matters", "unknown label 'Spam'"), ("ham\t", "empty text")],
+)
+def test_malformed_lines_name_the_line(tmp_path: Path, bad_line: str, reason: str) -> None:
+    tsv = small_tsv(tmp_path / "sms.tsv", [bad_line])
+    with pytest.raises(DataError, match=f"sms.tsv line 3: {reason} \\(1 malformed line"):
+        spam.build_spam_dataset(tsv, tmp_path / "out", tmp_path / "m.json", spam.SpamDataParams())
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_lines_can_be_skipped_and_counted(tmp_path: Path) -> None:
+    tsv = small_tsv(tmp_path / "sms.tsv", ["no tab", "eggs\tunknown label", "spam\ta\ttab inside"])
+    params = spam.SpamDataParams(on_malformed="skip")
+    metrics = spam.build_spam_dataset(tsv, tmp_path / "out", tmp_path / "m.json", params)
+    assert metrics["source"] == {"ham": 20, "spam": 11, "malformed_skipped": 2}
+    texts = pd.concat(pd.read_csv(tmp_path / "out" / f"{n}.csv") for n in spam.SPLITS)["Text"]
+    assert "a\ttab inside" in set(texts) and 'spam message 0 "WIN"' in set(texts)
+
+
+def test_spam_cli_and_params(tmp_path: Path) -> None:
+    bad = write_params(tmp_path / "p.yaml", spam_data={"train_frac": 0.8, "validation_frac": 0.3})
+    with pytest.raises(SystemExit, match="(?s)^build_spam_dataset: error: .*spam_data: .*must be < 1"):
+        spam.main(["--params", str(bad)])
+    bad = write_params(tmp_path / "p.yaml", spam_data={"on_malformed": "ignore"})
+    with pytest.raises(SystemExit, match=r"spam_data\.on_malformed"):
+        spam.main(["--params", str(bad)])
+    good = write_params(tmp_path / "p.yaml", spam_data={})
+    with pytest.raises(SystemExit, match="^build_spam_dataset: error: cannot read .*nope"):
+        spam.main(["--params", str(good), "--input", str(tmp_path / "nope")])
+
+
+# ---- build_instruction_dataset and prompts
+
+
+@pytest.fixture(scope="module")
+def instruction_entries() -> list[dict]:
+    return json.loads((MIRROR / "instruction-data.json").read_text())
+
+
+def test_instruction_dataset_matches_the_book(tmp_path: Path, instruction_entries: list[dict]) -> None:
+    params = instr.InstructionDataParams()
+    metrics = instr.build_instruction_dataset(
+        MIRROR / "instruction-data.json", tmp_path / "out", tmp_path / "m.json", params, TOKENIZER
+    )
+    assert {name: metrics[name]["entries"] for name in instr.SPLITS} == {"train": 935, "test": 110, "validation": 55}
+    splits = {name: json.loads((tmp_path / "out" / f"{name}.json").read_text()) for name in instr.SPLITS}
+    assert splits["train"] + splits["test"] + splits["validation"] == instruction_entries  # in file order
+    for stats in metrics.values():
+        assert 0 < stats["tokens_min"] <= stats["tokens_mean"] <= stats["tokens_p95"] <= stats["tokens_max"] < 1024
+    assert json.loads((tmp_path / "m.json").read_text()) == metrics
+
+
+def test_instruction_shuffle_is_seeded(instruction_entries: list[dict]) -> None:
+    shuffled = instr.split_entries(instruction_entries, instr.InstructionDataParams(shuffle=True, seed=1))
+    again = instr.split_entries(instruction_entries, instr.InstructionDataParams(shuffle=True, seed=1))
+    assert shuffled == again and shuffled["train"] != instruction_entries[:935]
+    assert sorted(map(json.dumps, sum(shuffled.values(), []))) == sorted(map(json.dumps, instruction_entries))
+
+
+@pytest.mark.parametrize(
+    ("entries", "pattern"),
+    [
+        ([{"instruction": "a", "input": "", "output": "b"}, {"instruction": "a", "input": 3, "output": "b"}],
+         "entry 1 field 'input': Input should be a valid string"),
+        ([{"instruction": "a", "input": "", "output": ""}], "entry 0 field 'output': String should have at least 1"),
+        ([{"input": "", "output": "b"}], "entry 0 field 'instruction': Field required"),
+        (["just text"], "entry 0: Input should be a valid dictionary"),
+        ({"instruction": "a"}, "top level: Input should be a valid list"),
+    ],
+)
+def test_bad_instruction_entries_name_index_and_field(tmp_path: Path, entries: object, pattern: str) -> None:
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(entries))
+    with pytest.raises(DataError, match=pattern):
+        instr.load_entries(path)
+
+
+def test_instruction_cli_errors(tmp_path: Path) -> None:
+    (tmp_path / "data.json").write_text("[{")
+    params = write_params(tmp_path / "p.yaml", instruction_data={})
+    with pytest.raises(SystemExit, match="^build_instruction_dataset: error: .*is not valid JSON"):
+        instr.main(["--params", str(params), "--input", str(tmp_path / "data.json"), "--out", str(tmp_path / "o")])
+    params = write_params(tmp_path / "p.yaml", instruction_data={"train_frac": 0.95, "test_frac": 0.1})
+    with pytest.raises(SystemExit, match="(?s)instruction_data: .*must be < 1"):
+        instr.main(["--params", str(params)])
+    with pytest.raises(DataError, match="3 entries leave the test split"):
+        instr.split_entries([{"instruction": "a", "input": "", "output": "b"}] * 3, instr.InstructionDataParams())
+
+
+def test_prompt_format_is_the_books() -> None:
+    entry = {"instruction": "Rewrite the sentence.", "input": "The cake was eaten.", "output": "Someone ate it."}
+    assert format_input(entry) == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nRewrite the sentence.\n\n### Input:\nThe cake was eaten."
+    )
+    assert format_input({**entry, "input": ""}).endswith("### Instruction:\nRewrite the sentence.")
+    assert format_response(entry) == "\n\n### Response:\nSomeone ate it."
+    prompt = format_input(entry)
+    assert extract_response(prompt + format_response(entry) + "\n", prompt) == "Someone ate it."
+    assert extract_response(f"{prompt}\n{RESPONSE_MARKER} Done.", prompt) == "Done."
+    assert extract_response(prompt + " no marker ", prompt) == "no marker"
+
+
+# ---- the real params.yaml and dvc.yaml
+
+
+def test_params_yaml_validates_and_dvc_yaml_declares_existing_params() -> None:
+    data = read_params(REPO / "params.yaml")
+    validate_section(data, "fetch", FetchSettings)
+    for name in data["sources"]:
+        validate_section(data, f"sources.{name}", Source)
+    validate_section(data, "tokenizer", TokenizerParams)
+    validate_section(data, "windows", windows.WindowParams)
+    validate_section(data, "spam_data", spam.SpamDataParams)
+    validate_section(data, "instruction_data", instr.InstructionDataParams)
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for stage in stages.values():
+        for key in stage.get("params", []):
+            node = data
+            for part in key.split("."):
+                assert part in node, f"dvc.yaml lists param {key} that params.yaml lacks"
+                node = node[part]
