@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from llmcore.checkpoint import CheckpointError, load_state_strict
+from llmcore.checkpoint import CheckpointError, load_state_strict, read_weights
 from llmcore.config import GPTConfig
 from llmcore.model import GPTModel
 
@@ -35,6 +35,9 @@ class WeightsUnavailableError(RuntimeError):
 def resolve_gpt2_source(source: str | os.PathLike) -> Path:
     """A local directory as is; a preset name or Hub repo id through huggingface_hub's cache."""
     path = Path(source)
+    if not path.is_dir() and (path.is_absolute() or str(source).startswith((".", "~")) or path.exists()):
+        # Clearly a filesystem path, never a Hub repo id ("owner/name"): say so, not "not on the Hub".
+        raise WeightsUnavailableError(f"GPT-2 weights directory {path} does not exist (or is not a directory)")
     if path.is_dir():
         for name in HF_FILES:
             if not (path / name).is_file():
@@ -65,6 +68,9 @@ def config_from_hf(hf: dict, **overrides) -> GPTConfig:
         "scale_attn_by_inverse_layer_idx": (False,),
         "reorder_and_upcast_attn": (False,),
     }
+    missing = [key for key in ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer") if key not in hf]
+    if missing:
+        raise CheckpointError(f"config.json: no {', '.join(missing)}; not a GPT-2 config")
     for key, allowed in unsupported.items():
         if key in hf and hf[key] not in allowed:
             raise CheckpointError(f"config.json: {key}={hf[key]!r} is not supported (expected one of {allowed})")
@@ -93,11 +99,20 @@ def hf_to_llmcore_state(hf_state: dict[str, torch.Tensor], cfg: GPTConfig) -> di
             continue
         state[name] = tensor
     out = {}
+    with torch.device("meta"):  # shapes only, nothing allocated
+        expected = {name: t.shape for name, t in GPTModel(cfg).state_dict().items()}
 
     def take(hf_name: str, ours: str, transpose: bool = False) -> None:
         if hf_name not in state:
             raise CheckpointError(f"GPT-2 checkpoint: missing tensor {hf_name} (for {ours})")
         tensor = state.pop(hf_name)
+        # Checked here, in the file's own names and layout, not after renaming and transposing.
+        hf_shape = tuple(reversed(expected[ours])) if transpose else tuple(expected[ours])
+        if tuple(tensor.shape) != hf_shape:
+            raise CheckpointError(
+                f"GPT-2 checkpoint: tensor {hf_name} has shape {tuple(tensor.shape)}, "
+                f"config.json implies {hf_shape}"
+            )
         out[ours] = tensor.t().contiguous() if transpose else tensor
 
     take("wte.weight", "tok_emb.weight")
@@ -133,8 +148,6 @@ def hf_to_llmcore_state(hf_state: dict[str, torch.Tensor], cfg: GPTConfig) -> di
 
 def load_gpt2(source: str | os.PathLike, *, map_location: str | torch.device = "cpu", **overrides) -> GPTModel:
     """GPTModel with GPT-2 weights from a local HF-format directory, a size name or a Hub repo id."""
-    from safetensors.torch import load_file
-
     directory = resolve_gpt2_source(source)
     try:
         hf_config = json.loads((directory / "config.json").read_text())
@@ -143,6 +156,6 @@ def load_gpt2(source: str | os.PathLike, *, map_location: str | torch.device = "
     cfg = config_from_hf(hf_config, **overrides)
     model = GPTModel(cfg)
     weights_path = directory / "model.safetensors"
-    state = hf_to_llmcore_state(load_file(str(weights_path)), cfg)
+    state = hf_to_llmcore_state(read_weights(directory), cfg)  # names the file if unreadable
     load_state_strict(model, state, str(weights_path))
     return model.to(map_location)

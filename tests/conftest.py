@@ -1,0 +1,64 @@
+"""Shared fixtures: repo and mirror paths, an offline GPT-2 tokenizer, tiny GPT-2 checkpoints."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+MIRROR = Path(os.environ.get("LLMPIPE_MIRROR") or REPO.parent / "shared" / "data")
+# A checkpoint small enough to build, save and compare in well under a second.
+TINY_HF_CONFIG = dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=1000)
+
+# The tests' models are tiny: intra-op threads only add synchronisation, and on a shared, busy CPU
+# spinning OpenMP threads make each forward pass tens of times slower.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def mirror() -> Path:
+    if not MIRROR.is_dir():
+        pytest.skip(f"offline mirror {MIRROR} not found (set LLMPIPE_MIRROR)")
+    return MIRROR
+
+
+@pytest.fixture(scope="session")
+def gpt2_encoding_dir(mirror: Path) -> Path:
+    return mirror / "gpt2"
+
+
+@pytest.fixture(scope="session")
+def tokenizer(gpt2_encoding_dir: Path):
+    """GPT-2's encoding built from the mirror's encoder.json + vocab.bpe (no network)."""
+    from llmcore.tokenizer import get_tokenizer
+
+    return get_tokenizer(gpt2_encoding_dir)
+
+
+@pytest.fixture
+def make_hf_gpt2(tmp_path: Path) -> Callable[..., tuple[Path, torch.nn.Module]]:
+    """Factory: a tiny random transformers GPT2LMHeadModel saved with save_pretrained.
+
+    Returns (directory, model in eval mode); keyword arguments override GPT2Config fields.
+    """
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+
+    def make(name: str = "hf-gpt2", seed: int = 0, **overrides) -> tuple[Path, torch.nn.Module]:
+        torch.manual_seed(seed)
+        config = transformers.GPT2Config(**{**TINY_HF_CONFIG, "bos_token_id": 0, "eos_token_id": 0, **overrides})
+        model = transformers.GPT2LMHeadModel(config).eval()
+        directory = tmp_path / name
+        model.save_pretrained(directory)
+        return directory, model
+
+    return make
