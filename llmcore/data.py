@@ -48,6 +48,27 @@ class SlidingWindowDataset(Dataset):
         return chunk_t[:-1], chunk_t[1:]
 
 
+class WindowArrayDataset(Dataset):
+    """Pre-cut windows: each row of a 2-D array holds ``context_length + 1`` token ids.
+
+    The pipeline stores windows this way (``data/windows/*.npy``, uint16); a row gives inputs
+    ``row[:-1]`` and targets ``row[1:]`` as int64, like ``SlidingWindowDataset``.
+    """
+
+    def __init__(self, windows: np.ndarray):
+        if windows.ndim != 2 or windows.shape[1] < 2:
+            raise ValueError(f"windows must be 2-D with at least 2 tokens per row, got shape {windows.shape}")
+        self.windows = windows
+        self.context_length = windows.shape[1] - 1
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        row = torch.from_numpy(np.asarray(self.windows[index], dtype=np.int64))
+        return row[:-1], row[1:]
+
+
 class ResumableSampler(Sampler[int]):
     """Seeded per-epoch shuffling, sharded across ranks, that can start at a given batch.
 
@@ -98,7 +119,8 @@ class ResumableSampler(Sampler[int]):
         return iter(self._indices()[self.start_index :])
 
     def __len__(self) -> int:
-        return self.per_rank - self.start_index
+        # A resumed epoch may skip past the end (its last batch was partial): nothing is left.
+        return max(0, self.per_rank - self.start_index)
 
 
 def create_dataloader(

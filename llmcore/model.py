@@ -3,7 +3,9 @@
 One readable file, in the spirit of nanoGPT's model.py. Attention projects q, k and v with one
 fused Linear (GPT-2's ``c_attn`` layout, so GPT-2 weights map onto it by a transpose) and calls
 ``scaled_dot_product_attention``. An optional per-layer KV cache (see ``llmcore.generate``) turns
-decoding into one new position per step instead of re-running the whole prefix.
+decoding into one new position per step instead of re-running the whole prefix. ``GPTModel.loss``
+computes the vocabulary head and cross-entropy a chunk of rows at a time, so training never holds
+the full (tokens x 50257) logits, their log-softmax and their gradient at once.
 """
 
 from __future__ import annotations
@@ -21,6 +23,67 @@ class LayerKV(Protocol):
     """What attention needs from a cache: store this step's k/v, return all k/v so far."""
 
     def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+IGNORE_INDEX = -100  # targets with this value are skipped, as in F.cross_entropy
+LOSS_CHUNK_ROWS = 256  # rows of logits alive at once: 256 x 50257 fp32 is 51 MB
+
+
+class _ChunkedHeadCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, one chunk of rows at a time.
+
+    The gradients are computed in the forward pass, while each chunk's logits are at hand
+    (softmax minus one-hot), so backward only scales them: the logits are never stored.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, n_valid, chunk_rows, need_hidden, need_weight):
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.empty_like(weight) if need_weight else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        scale = 1.0 / n_valid
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            h, t = hidden[rows], targets[rows]
+            valid = t != IGNORE_INDEX
+            safe_t = torch.where(valid, t, 0)[:, None]
+            log_probs = torch.log_softmax(h @ weight.T, dim=-1)
+            total -= log_probs.gather(1, safe_t).squeeze(1)[valid].sum()
+            if need_hidden or need_weight:
+                # d(loss)/d(logits) = (softmax - one_hot(target)) / n_valid; ignored rows get 0.
+                grad_logits = log_probs.exp_()
+                grad_logits.scatter_add_(1, safe_t, torch.full_like(safe_t, -1, dtype=grad_logits.dtype))
+                grad_logits.mul_(valid[:, None].to(grad_logits.dtype) * scale)
+                if need_hidden:
+                    torch.mm(grad_logits, weight, out=grad_hidden[rows])
+                if need_weight:
+                    grad_weight.addmm_(grad_logits.T, h, beta=0.0 if start == 0 else 1.0)
+        ctx.grads = grad_hidden, grad_weight
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.grads
+        if bool(grad_loss != 1.0):
+            grad_hidden = None if grad_hidden is None else grad_hidden * grad_loss
+            grad_weight = None if grad_weight is None else grad_weight * grad_loss
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def head_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = LOSS_CHUNK_ROWS
+) -> torch.Tensor:
+    """``F.cross_entropy(hidden @ weight.T, targets)`` (mean; IGNORE_INDEX skipped) in row chunks."""
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    out_of_range = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= weight.shape[0]))
+    if bool(out_of_range.any()):
+        raise ValueError(f"target id {targets[out_of_range][0].item()} is outside the vocabulary of {weight.shape[0]}")
+    n_valid = int((targets != IGNORE_INDEX).sum())
+    grad = torch.is_grad_enabled()  # under no_grad (evaluation) no gradient work is done at all
+    return _ChunkedHeadCrossEntropy.apply(
+        hidden, weight, targets, n_valid or float("nan"), chunk_rows,
+        grad and hidden.requires_grad, grad and weight.requires_grad,
+    )
 
 
 class CausalSelfAttention(nn.Module):
@@ -133,3 +196,12 @@ class GPTModel(nn.Module):
     def forward(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:
         """Logits (batch, tokens, vocab_size); keyword arguments as for ``hidden_states``."""
         return self.out_head(self.hidden_states(idx, **kwargs))
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy, equal to ``F.cross_entropy`` of ``self(idx)``, but the
+        head and loss run chunk-wise (faster, far less memory) when the head is a plain Linear."""
+        hidden = self.hidden_states(idx)
+        head = self.out_head
+        if type(head) is nn.Linear and head.bias is None:
+            return head_cross_entropy(hidden, head.weight, targets)
+        return F.cross_entropy(head(hidden).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
