@@ -1,0 +1,392 @@
+"""llmcore vs Hugging Face transformers on the same GPT-2-small shape, fp32, on this CPU.
+
+One run measures, with random weights (the speed of a step does not depend on their values):
+
+* training tokens/s at context 256, batch 2: one step is what ``llmcore.train.train`` does
+  (zero_grad, loss, backward, clip to 1.0, AdamW step); transformers' ``GPT2LMHeadModel`` gets
+  the same step with its own loss (``labels=``) and the AdamW its Trainer uses by default;
+* greedy KV-cache generation, new tokens/s, 200 tokens from a 4-token prompt, batch 1:
+  transformers' ``model.generate`` against ``llmcore.generate`` in fp32 and with int8 weights
+  (``llmcore.quantize.quantize_int8``);
+* peak memory of each phase, in a fresh child process (its peak RSS, ``VmHWM``, minus its RSS
+  after imports);
+* int8 quality: a small model (cpu-small) is trained for a minute on the-verdict, then fp32 and
+  int8 are compared by perplexity and greedy-token agreement (random weights would make both
+  meaningless).
+
+The machine is shared and noisy, so the two libraries are measured alternately, step by step and
+generation by generation, and the best and median of the trials are reported.
+
+    python -m benchmarks.bench_llmcore_vs_transformers              # everything, ~5 minutes
+    python -m benchmarks.bench_llmcore_vs_transformers --no-quality --no-memory --train-steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llmcore.config import GPTConfig
+from llmcore.data import SlidingWindowDataset
+from llmcore.generate import generate
+from llmcore.model import GPTModel
+from llmcore.quantize import quantize_int8
+from llmcore.train import TrainConfig, build_optimizer, next_token_loss, train
+
+LR, WEIGHT_DECAY, GRAD_CLIP = 4e-4, 0.1, 1.0
+VOCAB, EMB_DIM, N_LAYERS, N_HEADS, N_POSITIONS = 50257, 768, 12, 12, 1024
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--context", type=int, default=256, help="training sequence length")
+    parser.add_argument("--batch", type=int, default=2, help="training batch size")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="untimed training steps per library")
+    parser.add_argument("--train-steps", type=int, default=6, help="timed training steps per library")
+    parser.add_argument("--new-tokens", type=int, default=200, help="tokens generated per trial")
+    parser.add_argument("--prompt-tokens", type=int, default=4)
+    parser.add_argument("--gen-trials", type=int, default=3, help="timed generations per variant")
+    parser.add_argument("--hf-optimizer", choices=("fused", "foreach", "for-loop"), default="fused",
+                        help="AdamW implementation for transformers (its Trainer defaults to fused on torch>=2.8)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd llmcore training")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--quality", action=argparse.BooleanOptionalAction, default=True,
+                        help="train a cpu-small model on the-verdict and compare fp32 and int8")
+    parser.add_argument("--quality-epochs", type=int, default=12)
+    parser.add_argument("--quality-preset", default="cpu-small")
+    parser.add_argument("--text", type=Path, default=None, help="the-verdict.txt (default: the offline mirror)")
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure each phase's peak RSS in a child process")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--seed", type=int, default=123)
+    parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: memory child
+    return parser.parse_args(argv)
+
+
+# --- models and steps -------------------------------------------------------------------------
+
+
+def llmcore_model() -> GPTModel:
+    return GPTModel(GPTConfig.from_preset("gpt2-small"))  # drop_rate 0, qkv bias, tied head
+
+
+def hf_model():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=VOCAB, n_positions=N_POSITIONS, n_embd=EMB_DIM, n_layer=N_LAYERS,
+                        n_head=N_HEADS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config)
+
+
+def hf_optimizer(model, kind: str) -> torch.optim.AdamW:
+    """AdamW as transformers' Trainer builds it: no decay on biases and LayerNorm weights."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    impl = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[kind]
+    return torch.optim.AdamW(groups, lr=LR, **impl)
+
+
+def make_train_step(lib: str, model, optimizer, batch: tuple[torch.Tensor, torch.Tensor]):
+    inputs, targets = batch
+
+    def loss_llmcore() -> torch.Tensor:
+        return next_token_loss(model, (inputs, targets))
+
+    def loss_hf() -> torch.Tensor:
+        # shift_labels: the targets are already shifted, so both predict the same 256 tokens a row.
+        return model(input_ids=inputs, labels=targets, shift_labels=targets).loss
+
+    loss_fn = loss_llmcore if lib.startswith("llmcore") else loss_hf
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+def random_batch(args) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.randint(0, VOCAB, (args.batch, args.context + 1), generator=torch.Generator().manual_seed(args.seed))
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
+def hf_generate(model, prompt: torch.Tensor, n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, use_cache=True,
+                             max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+    return out[0, prompt.shape[1]:].tolist()
+
+
+def llmcore_generate(model, prompt: torch.Tensor, n: int) -> list[int]:
+    return generate(model, prompt, n)[0]
+
+
+# --- timing -----------------------------------------------------------------------------------
+
+
+def interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, alternating the order every round to share the noise."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            started = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
+def summarise(times: list[float], units_per_call: int) -> dict[str, float]:
+    rates = [units_per_call / t for t in times]
+    return {"best": max(rates), "median": statistics.median(rates), "trials": len(rates)}
+
+
+def bench_training(args) -> dict:
+    batch = random_batch(args)
+    torch.manual_seed(args.seed)
+    ours = llmcore_model()
+    theirs = hf_model()
+    steps = {
+        "llmcore": make_train_step("llmcore", ours, build_optimizer(ours, TrainConfig(lr=LR, weight_decay=WEIGHT_DECAY)), batch),
+        "transformers": make_train_step("hf", theirs, hf_optimizer(theirs, args.hf_optimizer), batch),
+    }
+    result: dict = {}
+    if args.compile:
+        compiled = torch.compile(ours)
+        step = make_train_step("llmcore", compiled, build_optimizer(ours, TrainConfig(lr=LR, weight_decay=WEIGHT_DECAY)), batch)
+        started = time.perf_counter()
+        step()
+        result["compile_s"] = time.perf_counter() - started
+        steps["llmcore+compile"] = step
+    for step in steps.values():
+        for _ in range(args.warmup_steps):
+            step()
+    times = interleaved(steps, args.train_steps)
+    tokens = args.batch * args.context
+    result.update({name: summarise(t, tokens) for name, t in times.items()})
+    return result
+
+
+def bench_generation(args) -> dict:
+    torch.manual_seed(args.seed)
+    ours = llmcore_model().eval()
+    ours_int8 = quantize_int8(ours)
+    theirs = hf_model().eval()
+    prompt = torch.randint(0, VOCAB, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(args.seed))
+    n = args.new_tokens
+    outputs = {}
+    fns = {
+        "transformers": lambda: outputs.__setitem__("transformers", hf_generate(theirs, prompt, n)),
+        "llmcore": lambda: outputs.__setitem__("llmcore", llmcore_generate(ours, prompt, n)),
+        "llmcore_int8": lambda: outputs.__setitem__("llmcore_int8", llmcore_generate(ours_int8, prompt, n)),
+    }
+    for fn in fns.values():  # warm-up (allocations, first-call dispatch)
+        fn()
+    times = interleaved(fns, args.gen_trials)
+    result = {name: summarise(t, n) for name, t in times.items()}
+    assert all(len(tokens) == n for tokens in outputs.values()), "a generation stopped early"
+    result["int8_vs_fp32_token_agreement_random_weights"] = agreement(outputs["llmcore"], outputs["llmcore_int8"])
+    with torch.no_grad():
+        idx = torch.randint(0, VOCAB, (1, 64), generator=torch.Generator().manual_seed(args.seed + 1))
+        ref, q = ours(idx), ours_int8(idx)
+    result["int8_logits_rel_error"] = ((q - ref).norm() / ref.norm()).item()
+    return result
+
+
+# --- int8 quality on a trained model ----------------------------------------------------------
+
+
+def agreement(a: list[int], b: list[int]) -> dict[str, float]:
+    same = [x == y for x, y in zip(a, b)]
+    first_diff = same.index(False) if False in same else len(same)
+    return {"same_fraction": sum(same) / len(same), "first_difference_at": first_diff}
+
+
+def find_text(explicit: Path | None) -> Path:
+    candidates = [explicit] if explicit else [
+        Path(os.environ.get("LLMPIPE_MIRROR", "../shared/data")) / "the-verdict.txt",
+        Path("data/raw/corpus.txt"),
+    ]
+    for path in candidates:
+        if path is not None and path.is_file():
+            return path
+    sys.exit(f"bench: error: the-verdict.txt not found (tried {', '.join(map(str, candidates))}); pass --text")
+
+
+@torch.no_grad()
+def perplexity(model, data: SlidingWindowDataset) -> float:
+    losses = [F.cross_entropy(model(x[None])[0], y, reduction="sum").item() for x, y in data]
+    return float(torch.tensor(sum(losses) / (len(data) * data.max_length)).exp())
+
+
+def bench_quality(args) -> dict:
+    from llmcore.tokenizer import encode, get_tokenizer
+
+    tokenizer = get_tokenizer()
+    ids = encode(tokenizer, find_text(args.text).read_text(encoding="utf-8"))
+    split = int(0.9 * len(ids))
+    torch.manual_seed(args.seed)
+    cfg = GPTConfig.from_preset(args.quality_preset, drop_rate=0.0)
+    ctx = cfg.context_length
+    train_data = SlidingWindowDataset(ids[:split], ctx, ctx // 2)
+    val_data = SlidingWindowDataset(ids[split:], min(ctx, len(ids) - split - 1), ctx)
+    model = GPTModel(cfg)
+    started = time.perf_counter()
+    train(model, train_data, None, TrainConfig(epochs=args.quality_epochs, batch_size=8, lr=1e-3, warmup_steps=5,
+                                               eval_every=0, eval_batches=1, progress=False, seed=args.seed))
+    result: dict = {"preset": args.quality_preset, "train_seconds": time.perf_counter() - started}
+    model.eval()
+    int8 = quantize_int8(model)
+    eval_train = SlidingWindowDataset(ids[:split], ctx, ctx)
+    for name, data in (("train_split", eval_train), ("val_split", val_data)):
+        fp32_ppl, int8_ppl = perplexity(model, data), perplexity(int8, data)
+        result[f"perplexity_{name}"] = {"fp32": fp32_ppl, "int8": int8_ppl, "rel_diff": int8_ppl / fp32_ppl - 1}
+    # Greedy continuations of prompts taken across the text (the train split is what it learned).
+    prompts = [ids[i : i + args.prompt_tokens] for i in range(0, len(ids) - args.prompt_tokens, len(ids) // 5)][:5]
+    pairs = [(generate(model, [p], args.new_tokens)[0], generate(int8, [p], args.new_tokens)[0]) for p in prompts]
+    scores = [agreement(a, b) for a, b in pairs]
+    result["greedy_agreement"] = {
+        "prompts": len(prompts), "new_tokens": args.new_tokens,
+        "same_fraction": statistics.mean(s["same_fraction"] for s in scores),
+        "first_difference_at": [s["first_difference_at"] for s in scores],
+    }
+    return result
+
+
+# --- memory (fresh child processes) -----------------------------------------------------------
+
+
+def proc_status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (Linux). VmHWM, unlike ru_maxrss, starts afresh at exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def run_probe(args) -> None:
+    """Child process: one phase, then print the peak RSS above the RSS after imports."""
+    import transformers  # noqa: F401  (imported in every probe, so the baselines match)
+
+    baseline = proc_status_bytes("VmRSS")
+    kind, lib = args.probe.split(":")
+    torch.manual_seed(args.seed)
+    if kind == "train":
+        model = llmcore_model() if lib == "llmcore" else hf_model()
+        opt = build_optimizer(model, TrainConfig(lr=LR, weight_decay=WEIGHT_DECAY)) if lib == "llmcore" \
+            else hf_optimizer(model, args.hf_optimizer)
+        step = make_train_step(lib, model, opt, random_batch(args))
+        step()
+        step()
+    else:
+        prompt = torch.randint(0, VOCAB, (1, args.prompt_tokens))
+        if lib == "transformers":
+            hf_generate(hf_model().eval(), prompt, args.new_tokens)
+        else:
+            model = llmcore_model().eval()
+            if lib == "llmcore_int8":
+                model = quantize_int8(model, inplace=True)
+            llmcore_generate(model, prompt, args.new_tokens)
+    print(json.dumps({"peak_rss_above_imports_mb": (proc_status_bytes("VmHWM") - baseline) / 2**20}))
+
+
+def bench_memory(args) -> dict:
+    result = {}
+    for probe in ("train:llmcore", "train:transformers", "generate:llmcore", "generate:llmcore_int8", "generate:transformers"):
+        cmd = [sys.executable, "-m", "benchmarks.bench_llmcore_vs_transformers", "--probe", probe,
+               "--context", str(args.context), "--batch", str(args.batch), "--new-tokens", str(args.new_tokens),
+               "--hf-optimizer", args.hf_optimizer, "--threads", str(args.threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        result[probe] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_above_imports_mb"]
+    return result
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def report(results: dict) -> None:
+    print(f"\n== {results['environment']}")
+    if "training" in results:
+        t = results["training"]
+        print(f"\ntraining tokens/s (context {results['args']['context']}, batch {results['args']['batch']}, fp32, AdamW):")
+        for name in ("transformers", "llmcore", "llmcore+compile"):
+            if name in t:
+                print(f"  {name:16s} best {t[name]['best']:7.1f}   median {t[name]['median']:7.1f}   ({t[name]['trials']} steps)")
+        for name in ("llmcore", "llmcore+compile"):
+            if name in t:
+                print(f"  ratio {name}/transformers: best {t[name]['best'] / t['transformers']['best']:.2f}x, "
+                      f"median {t[name]['median'] / t['transformers']['median']:.2f}x")
+        if "compile_s" in t:
+            print(f"  torch.compile: first step (compile) took {t['compile_s']:.0f} s")
+    if "generation" in results:
+        g = results["generation"]
+        print(f"\ngreedy KV-cache generation, new tokens/s (batch 1, {results['args']['new_tokens']} new tokens):")
+        for name in ("transformers", "llmcore", "llmcore_int8"):
+            print(f"  {name:16s} best {g[name]['best']:7.1f}   median {g[name]['median']:7.1f}   ({g[name]['trials']} runs)")
+        for name in ("llmcore", "llmcore_int8"):
+            print(f"  ratio {name}/transformers: best {g[name]['best'] / g['transformers']['best']:.2f}x, "
+                  f"median {g[name]['median'] / g['transformers']['median']:.2f}x")
+        print(f"  int8 vs fp32 (random weights): logits rel. error {g['int8_logits_rel_error']:.4f}, "
+              f"same greedy tokens {g['int8_vs_fp32_token_agreement_random_weights']['same_fraction']:.0%}")
+    if "memory" in results:
+        print("\npeak memory: peak RSS (VmHWM) of a fresh process running the phase, minus its RSS after imports (MiB):")
+        for probe, mb in results["memory"].items():
+            print(f"  {probe:24s} {mb:8.0f}")
+    if "quality" in results:
+        q = results["quality"]
+        print(f"\nint8 quality ({q['preset']} trained {q['train_seconds']:.0f} s on the-verdict):")
+        for split in ("train_split", "val_split"):
+            p = q[f"perplexity_{split}"]
+            print(f"  perplexity {split:11s} fp32 {p['fp32']:9.2f}   int8 {p['int8']:9.2f}   ({p['rel_diff']:+.2%})")
+        a = q["greedy_agreement"]
+        print(f"  greedy tokens identical: {a['same_fraction']:.1%} over {a['prompts']} prompts x {a['new_tokens']} tokens; "
+              f"first difference at {a['first_difference_at']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    if args.probe:
+        run_probe(args)
+        return
+    import transformers
+
+    results: dict = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "environment": f"torch {torch.__version__}, transformers {transformers.__version__}, "
+                       f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+                       f"{args.threads} threads, load average at start {os.getloadavg()[0]:.1f}",
+    }
+    started = time.perf_counter()
+    results["training"] = bench_training(args)
+    results["generation"] = bench_generation(args)
+    if args.memory:
+        results["memory"] = bench_memory(args)
+    if args.quality:
+        results["quality"] = bench_quality(args)
+    results["seconds"] = time.perf_counter() - started
+    results["environment"] += f", at end {os.getloadavg()[0]:.1f}; {results['seconds']:.0f} s"
+    report(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
