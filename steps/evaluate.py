@@ -1,0 +1,141 @@
+"""Evaluate the pretrained GPT: loss and perplexity over whole splits, and fixed-seed generations.
+
+The book splits its corpus into train and validation only, so this stage scores both (the
+validation split is the held-out text; there is no separate test split of the-verdict). Losses
+are the mean next-token cross-entropy over every token of every window, perplexity its exp.
+The per-position loss (mean loss at each position of the context window, ``plots/``) shows how
+much the model gains from longer context. The continuations of ``generation.prompts`` use a fixed
+seed, so they are reproducible on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch.utils.data import DataLoader
+
+from llmcore.checkpoint import CheckpointError, load_checkpoint
+from llmcore.data import WindowArrayDataset
+from llmcore.device import resolve_device
+from llmcore.generate import generate
+from llmcore.model import GPTModel
+from llmcore.tokenizer import TokenizerFilesError, encode, get_tokenizer
+from steps.data_common import DataError, TokenizerParams
+from steps.io import atomic_path, write_json
+from steps.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
+from steps.pretrain import load_windows
+
+STAGE = "evaluate"
+EXPERIMENT = "pretrain"
+SPLITS = ("train", "val")
+
+
+class GenerationParams(StrictModel):
+    prompts: list[str] = Field(["Every effort moves you"], min_length=1)
+    max_new_tokens: int = Field(25, ge=1)
+    temperature: float = Field(0.0, ge=0)  # 0: greedy
+    top_k: int | None = Field(None, ge=1)
+    seed: int = 123
+
+
+class EvaluateParams(StrictModel):
+    batch_size: int = Field(8, ge=1)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    generation: GenerationParams = GenerationParams()
+
+
+@torch.no_grad()
+def position_losses(model: GPTModel, data: WindowArrayDataset, batch_size: int) -> torch.Tensor:
+    """Mean next-token loss at each position of the window, over every window of ``data``."""
+    model.eval()
+    device = next(model.parameters()).device
+    totals = torch.zeros(data.context_length, dtype=torch.float64)
+    for inputs, targets in DataLoader(data, batch_size=batch_size):
+        logits = model(inputs.to(device))
+        losses = F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), reduction="none")
+        totals += losses.view(targets.shape).sum(dim=0).double().cpu()
+    return totals / len(data)
+
+
+def write_position_csv(path: Path, curves: dict[str, torch.Tensor]) -> None:
+    with atomic_path(path) as tmp:
+        rows = [f"position,{','.join(f'{split}_loss' for split in curves)}"]
+        for position, values in enumerate(zip(*(curve.tolist() for curve in curves.values()))):
+            rows.append(f"{position + 1}," + ",".join(f"{v:.6f}" for v in values))
+        tmp.write_text("\n".join(rows) + "\n")
+
+
+def evaluate(
+    params: EvaluateParams,
+    *,
+    model_dir: Path,
+    windows_dir: Path,
+    metrics_out: Path,
+    position_csv: Path,
+    generations_out: Path,
+    tokenizer_params: TokenizerParams = TokenizerParams(),
+) -> dict[str, dict[str, float]]:
+    """Score ``model_dir`` on the windows, generate, write the outputs and log them; returns the metrics."""
+    from steps.tracking import stage_run  # mlflow imports take seconds: not at import
+
+    try:
+        device = resolve_device(params.device)
+    except ValueError as exc:
+        raise ParamsError(f"evaluate.device: {exc}") from exc
+    model = load_checkpoint(model_dir, map_location=device)
+    tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
+    metrics, curves = {}, {}
+    for split in SPLITS:
+        data, _ = load_windows(windows_dir / f"{split}.npy", model.cfg, exact=False)
+        curves[split] = position_losses(model, data, params.batch_size)
+        loss = curves[split].mean().item()  # every window has the same length: the mean over tokens
+        metrics[split] = {"loss": loss, "perplexity": math.exp(loss), "tokens": len(data) * data.context_length}
+
+    gen = params.generation
+    new_ids = generate(model, [encode(tokenizer, p) for p in gen.prompts], gen.max_new_tokens,
+                       temperature=gen.temperature, top_k=gen.top_k, seed=gen.seed)
+    generations = [{"prompt": p, "completion": tokenizer.decode(ids)} for p, ids in zip(gen.prompts, new_ids)]
+
+    write_json(metrics_out, metrics)
+    write_position_csv(position_csv, curves)
+    write_json(generations_out, generations)
+    with stage_run(STAGE, EXPERIMENT, params):
+        import mlflow
+
+        mlflow.log_param("model_dir", str(model_dir))
+        mlflow.log_metrics({f"{split}_{name}": value for split, values in metrics.items()
+                            for name, value in values.items()})
+        mlflow.log_artifact(str(position_csv), "plots")
+        mlflow.log_artifact(str(generations_out))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = cli_parser("Evaluate the pretrained GPT: loss, perplexity, generations.")
+    parser.add_argument("--model", type=Path, default=Path("models/pretrained"))
+    parser.add_argument("--windows", type=Path, default=Path("data/windows"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/evaluate.json"))
+    parser.add_argument("--position-loss", type=Path, default=Path("plots/evaluate_position_loss.csv"))
+    parser.add_argument("--generations", type=Path, default=Path("outputs/pretrain_generations.json"))
+    args = parser.parse_args(argv)
+    try:
+        data = read_params(args.params)
+        params = validate_section(data, STAGE, EvaluateParams, args.params)
+        tokenizer_params = validate_section(data, "tokenizer", TokenizerParams, args.params)
+        metrics = evaluate(params, model_dir=args.model, windows_dir=args.windows, metrics_out=args.metrics,
+                           position_csv=args.position_loss, generations_out=args.generations,
+                           tokenizer_params=tokenizer_params)
+    except (ParamsError, DataError, CheckpointError, TokenizerFilesError) as exc:
+        sys.exit(f"{STAGE}: error: {exc}")
+    print(f"{STAGE}: val loss {metrics['val']['loss']:.3f} (perplexity {metrics['val']['perplexity']:.1f}), "
+          f"train loss {metrics['train']['loss']:.3f} -> {args.metrics}")
+
+
+if __name__ == "__main__":
+    main()

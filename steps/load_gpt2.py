@@ -1,0 +1,127 @@
+"""Load OpenAI's GPT-2 weights into an llmcore checkpoint (``models/gpt2``) for the fine-tunes.
+
+``load_gpt2.source`` is a GPT-2 size (gpt2-small/medium/large/xl, through the Hugging Face Hub
+cache), a Hub repo id, or a local directory in the Hugging Face format (config.json +
+model.safetensors). The output directory holds the checkpoint (model.safetensors + config.json),
+GPT-2's BPE files (encoder.json + vocab.bpe, when a local copy exists) and ``status.json``.
+
+Offline, the weights are usually unavailable. With ``required: false`` (the default, so that the
+default pipeline runs without network) the stage then warns and writes only
+``status.json`` = ``{"loaded": false, "source": ..., "reason": ...}``; a fine-tune whose
+``base_model.dir`` is ``models/gpt2`` reads it and fails with a clear message. With
+``required: true`` the stage itself fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from pydantic import Field
+
+from llmcore.checkpoint import CheckpointError, save_checkpoint
+from llmcore.tokenizer import ENCODING_DIR_ENV, GPT2_FILE_SHA256, GPT2_FILES
+from llmcore.weights import HF_REPOS, WeightsUnavailableError, load_gpt2
+from steps.data_common import TokenizerParams
+from steps.io import atomic_path
+from steps.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
+
+STAGE = "load_gpt2"
+EXPERIMENT = "load-gpt2"
+STATUS_FILE = "status.json"
+# Where tiktoken's get_encoding("gpt2") caches the BPE files: sha1 of the URL, in its cache dir.
+TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{}"
+HOW_TO_PROVIDE = (
+    "To load GPT-2 offline, set load_gpt2.source to a local directory in the Hugging Face format "
+    "(config.json + model.safetensors, e.g. a copy of the Hub repo {repo}), or pre-fill the Hugging "
+    "Face cache (HF_HOME) on this machine with that repo"
+)
+
+
+class LoadGPT2Params(StrictModel):
+    source: str = Field("gpt2-small", min_length=1)  # a GPT-2 size, a Hub repo id, or a local HF-format dir
+    required: bool = False  # false: unavailable weights give status.json loaded=false, not an error
+
+
+def find_encoding_files(encoding_dir: str | None) -> dict[str, Path] | None:
+    """GPT-2's encoder.json + vocab.bpe from ``encoding_dir`` or tiktoken's cache, if both are there."""
+    if encoding_dir:
+        candidates = {name: Path(encoding_dir) / name for name in GPT2_FILES}
+    else:
+        cache = Path(os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+                     or Path(tempfile.gettempdir()) / "data-gym-cache")
+        candidates = {name: cache / hashlib.sha1(TIKTOKEN_URL.format(name).encode()).hexdigest()
+                      for name in GPT2_FILES}
+    for name, path in candidates.items():
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != GPT2_FILE_SHA256[name]:
+            return None
+    return candidates
+
+
+def load_gpt2_stage(params: LoadGPT2Params, out_dir: Path, tokenizer_params: TokenizerParams = TokenizerParams()) -> dict:
+    """Write ``out_dir`` (checkpoint + BPE files + status.json, or status.json alone); returns the status."""
+    try:
+        model = load_gpt2(params.source)
+    except WeightsUnavailableError as exc:
+        repo = HF_REPOS.get(params.source, "openai-community/gpt2")
+        if params.required:
+            raise WeightsUnavailableError(f"{exc}\n{HOW_TO_PROVIDE.format(repo=repo)}") from exc
+        status = {"loaded": False, "source": params.source, "reason": str(exc)}
+        with atomic_path(out_dir, is_dir=True) as tmp:
+            (tmp / STATUS_FILE).write_text(_dumps(status))
+        print(f"{STAGE}: WARNING: GPT-2 weights {params.source!r} are unavailable; wrote only "
+              f"{out_dir / STATUS_FILE} (loaded=false). Fine-tunes with base_model.dir={out_dir} will fail. "
+              f"{HOW_TO_PROVIDE.format(repo=repo)}, and set load_gpt2.required: true to make this an error.",
+              file=sys.stderr)
+        log_status(params, status)
+        return status
+
+    encoding_files = find_encoding_files(tokenizer_params.encoding_dir or os.environ.get(ENCODING_DIR_ENV))
+    status = {"loaded": True, "source": params.source, "parameters": model.num_parameters(),
+              "tokenizer_files": encoding_files is not None}
+    # One atomic directory: readers never see weights without status.json or the reverse.
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        save_checkpoint(model, tmp, extra={"stage": STAGE, "source": params.source})
+        for name, path in (encoding_files or {}).items():
+            shutil.copyfile(path, tmp / name)
+        (tmp / STATUS_FILE).write_text(_dumps(status))
+    log_status(params, status)
+    return status
+
+
+def _dumps(data: dict) -> str:
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def log_status(params: LoadGPT2Params, status: dict) -> None:
+    from steps.tracking import stage_run  # mlflow imports take seconds: not at import
+
+    with stage_run(STAGE, EXPERIMENT, params):
+        import mlflow
+
+        mlflow.set_tag("loaded", status["loaded"])
+        mlflow.log_dict(status, STATUS_FILE)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = cli_parser("Load OpenAI's GPT-2 weights into an llmcore checkpoint.")
+    parser.add_argument("--out", type=Path, default=Path("models/gpt2"))
+    args = parser.parse_args(argv)
+    try:
+        data = read_params(args.params)
+        params = validate_section(data, STAGE, LoadGPT2Params, args.params)
+        tokenizer_params = validate_section(data, "tokenizer", TokenizerParams, args.params)
+        status = load_gpt2_stage(params, args.out, tokenizer_params)
+    except (ParamsError, CheckpointError, WeightsUnavailableError) as exc:
+        sys.exit(f"{STAGE}: error: {exc}")
+    if status["loaded"]:
+        print(f"{STAGE}: {params.source} ({status['parameters']:,} parameters) -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

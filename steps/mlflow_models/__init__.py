@@ -1,0 +1,47 @@
+"""MLflow "models from code" definitions: each file sets one pyfunc model with mlflow.models.set_model.
+
+Every model here follows one pattern: artifacts ``checkpoint`` (an llmcore checkpoint directory)
+and, when the pipeline has them, ``tokenizer`` (GPT-2's encoder.json + vocab.bpe, so that serving
+needs no network); the llmcore package travels as code; nothing is pickled. ``log_code_model``
+logs one of them.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+MODELS_DIR = Path(__file__).resolve().parent
+REQUIREMENTS = ("mlflow", "torch", "tiktoken", "safetensors", "numpy", "pandas")
+
+
+def log_code_model(
+    name: str,
+    code_file: str,
+    checkpoint: str | Path,
+    *,
+    encoding_dir: str | Path | None = None,
+    **log_model_kwargs: Any,
+):
+    """Log ``MODELS_DIR/code_file`` as a pyfunc in the active run; returns MLflow's ModelInfo.
+
+    ``log_model_kwargs`` go to ``mlflow.pyfunc.log_model`` (signature, input_example,
+    registered_model_name, ...). Requirements are pinned to the installed versions, which also
+    spares MLflow from inferring them by loading the model.
+    """
+    import mlflow  # deferred: importing mlflow takes seconds
+
+    import llmcore
+
+    artifacts = {"checkpoint": str(checkpoint)}
+    if encoding_dir:
+        artifacts["tokenizer"] = str(encoding_dir)
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=str(MODELS_DIR / code_file),
+        artifacts=artifacts,
+        code_paths=[str(Path(llmcore.__file__).parent)],
+        pip_requirements=[f"{package}=={version(package).split('+')[0]}" for package in REQUIREMENTS],
+        **log_model_kwargs,
+    )

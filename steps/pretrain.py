@@ -1,0 +1,299 @@
+"""Pretrain the GPT on the corpus windows (book chapter 5) and log it to MLflow.
+
+``llmcore.train.train`` — the one training loop — runs next-token prediction over
+``data/windows/{train,val}.npy``. Its resumable state lives in ``.cache/pretrain/<key>/``,
+outside DVC's outputs (DVC deletes a stage's outputs before running it), keyed by everything that
+must match to resume (training and model settings, the windows' bytes): after ``kill -9``,
+running the stage again continues from the last checkpoint and ends with the same weights and
+metrics as an uninterrupted run. The state is deleted once the outputs are written.
+
+Outputs: the checkpoint (``models/pretrained``: safetensors + config.json), ``metrics/pretrain.json``,
+the evaluation history ``plots/pretrain_loss.csv`` (for ``dvc plots``) and the book's loss plot
+``plots/pretrain_loss.png``. MLflow gets the params, losses against tokens seen, learning rate,
+tokens/s, a sample continuation of ``sample.prompt`` after each epoch, the plot, and the model as
+a "models from code" pyfunc text generator (``steps/mlflow_models/generator.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+from tqdm.auto import tqdm
+
+from llmcore.checkpoint import save_checkpoint
+from llmcore.config import PRESETS, ConfigError, GPTConfig
+from llmcore.data import WindowArrayDataset
+from llmcore.device import resolve_device
+from llmcore.distributed import is_main_process
+from llmcore.generate import generate_text
+from llmcore.model import GPTModel
+from llmcore.tokenizer import ENCODING_DIR_ENV, TokenizerFilesError, get_tokenizer
+from llmcore.train import STATE_DIR, TrainCallback, TrainConfig, TrainingDivergedError, TrainState, has_train_state, train
+from steps.data_common import DataError, TokenizerParams
+from steps.distributed import setup_distributed, stage_run_on_main
+from steps.io import write_json
+from steps.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
+from steps.plotting import plot_history, write_history_csv
+
+STAGE = "pretrain"
+EXPERIMENT = "pretrain"
+REGISTERED_MODEL = "pretrained-gpt"
+
+
+class ModelParams(StrictModel):
+    """A preset from llmcore.config.PRESETS; every other field overrides it unless null."""
+
+    preset: str = "cpu-small"
+    context_length: int | None = Field(None, gt=0)  # must equal the windows' context_length
+    emb_dim: int | None = Field(None, gt=0)
+    n_heads: int | None = Field(None, gt=0)
+    n_layers: int | None = Field(None, gt=0)
+    drop_rate: float | None = Field(None, ge=0, lt=1)
+    qkv_bias: bool | None = None
+    tie_embeddings: bool | None = None
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, name: str) -> str:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset; choose one of {sorted(PRESETS)}")
+        return name
+
+    def gpt_config(self) -> GPTConfig:
+        overrides = {k: v for k, v in self.model_dump().items() if k != "preset" and v is not None}
+        return GPTConfig.from_preset(self.preset, **overrides)
+
+
+class OptimizerParams(StrictModel):
+    lr: float = Field(4e-4, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
+    grad_clip: float | None = Field(1.0, gt=0)  # max gradient norm; null: no clipping
+
+
+class SampleParams(StrictModel):
+    """The continuation logged after every epoch (greedy, as the book's generate_and_print_sample)."""
+
+    prompt: str = Field("Every effort moves you", min_length=1)
+    max_new_tokens: int = Field(50, ge=1)
+
+
+class PretrainParams(StrictModel):
+    model: ModelParams = ModelParams()
+    optimizer: OptimizerParams = OptimizerParams()
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(2, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    eval_every: int = Field(5, ge=0)  # optimizer steps; 0: at epoch ends only
+    eval_batches: int | None = Field(5, ge=1)  # batches per evaluation; null: the whole splits
+    checkpoint_every: int = Field(0, ge=0)  # optimizer steps; 0: at epoch ends only
+    seed: int = 123
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    sample: SampleParams = SampleParams()
+
+    def train_config(self, progress: bool = True) -> TrainConfig:
+        opt = self.optimizer
+        return TrainConfig(
+            epochs=self.epochs, batch_size=self.batch_size, grad_accum_steps=self.grad_accum_steps,
+            lr=opt.lr, weight_decay=opt.weight_decay, warmup_steps=opt.warmup_steps, schedule=opt.schedule,
+            min_lr_ratio=opt.min_lr_ratio, grad_clip=opt.grad_clip, eval_every=self.eval_every,
+            eval_batches=self.eval_batches, checkpoint_every=self.checkpoint_every, seed=self.seed,
+            progress=progress,
+        )
+
+
+@dataclass(frozen=True)
+class PretrainPaths:
+    windows: Path = Path("data/windows")
+    model_out: Path = Path("models/pretrained")
+    metrics: Path = Path("metrics/pretrain.json")
+    history_csv: Path = Path("plots/pretrain_loss.csv")
+    loss_plot: Path = Path("plots/pretrain_loss.png")
+    state_dir: Path = Path(".cache/pretrain")  # not a DVC output: survives an interrupted run
+
+
+def load_windows(path: Path, cfg: GPTConfig, *, exact: bool = True) -> tuple[WindowArrayDataset, str]:
+    """The windows in ``path`` as a dataset, and the sha256 of their bytes (part of the resume key).
+
+    Training needs windows exactly as long as the model's context; scoring (``exact=False``)
+    accepts shorter ones.
+    """
+    try:
+        windows = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot load windows {path}: {exc}") from exc
+    if windows.ndim != 2 or windows.dtype != np.uint16 or len(windows) == 0:
+        raise DataError(f"{path}: expected a non-empty 2-D uint16 array of windows, got {windows.dtype} {windows.shape}")
+    width = windows.shape[1] - 1
+    if width > cfg.context_length or (exact and width != cfg.context_length):
+        raise DataError(
+            f"{path} holds windows of context_length {width} but the model's "
+            f"context_length is {cfg.context_length}: make pretrain.model.context_length equal "
+            "windows.context_length in params.yaml"
+        )
+    if int(windows.max()) >= cfg.vocab_size:
+        raise DataError(f"{path}: token id {int(windows.max())} is outside the model's vocabulary ({cfg.vocab_size})")
+    return WindowArrayDataset(windows), hashlib.sha256(np.ascontiguousarray(windows).tobytes()).hexdigest()
+
+
+def resume_key(config: TrainConfig, cfg: GPTConfig, data_digests: list[str]) -> str:
+    """What a saved state must have been made with to be resumed: settings, model shape, data."""
+    blob = json.dumps([config.fingerprint(), cfg.to_dict(), data_digests], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class EpochSampleCallback(TrainCallback):
+    """After each epoch, continue the fixed prompt greedily and log it (MLflow text + console)."""
+
+    def __init__(self, tokenizer, sample: SampleParams):
+        self.tokenizer, self.sample = tokenizer, sample
+
+    def on_epoch_end(self, state: TrainState, model: nn.Module) -> None:
+        import mlflow
+
+        completion = generate_text(model, self.tokenizer, self.sample.prompt, self.sample.max_new_tokens)
+        text = self.sample.prompt + completion
+        mlflow.log_text(text + "\n", f"samples/epoch_{state.epoch + 1:03d}.txt")
+        tqdm.write(f"epoch {state.epoch + 1}: {text!r}")
+
+
+def generator_signature():
+    """Prompts in, completions out; generation options as optional per-call params."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt")]),
+        outputs=Schema([ColSpec("string", "completion")]),
+        params=ParamSchema([
+            ParamSpec("max_new_tokens", "long", 50),
+            ParamSpec("temperature", "double", 0.0),
+            ParamSpec("top_k", "long", 0),
+            ParamSpec("seed", "long", 123),
+        ]),
+    )
+
+
+def _log_restored_history(state_dir: Path) -> dict:
+    """Re-log the evaluations of an interrupted run into this one; returns the saved progress."""
+    import mlflow
+
+    saved = json.loads((state_dir / STATE_DIR / "state.json").read_text())
+    for entry in saved["history"]:
+        mlflow.log_metrics({k: v for k, v in entry.items() if k not in ("step", "tokens_seen")},
+                           step=entry["tokens_seen"])
+    mlflow.set_tag("resumed_from_step", saved["step"])
+    return saved
+
+
+def pretrain(
+    params: PretrainParams,
+    paths: PretrainPaths = PretrainPaths(),
+    tokenizer_params: TokenizerParams = TokenizerParams(),
+    *,
+    callbacks: tuple[TrainCallback, ...] = (),
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train from scratch (or resume), write the outputs and log the run; returns the metrics."""
+    from steps.tracking import MlflowCallback  # mlflow imports take seconds: not at import
+
+    cfg = params.model.gpt_config()
+    train_data, train_digest = load_windows(paths.windows / "train.npy", cfg)
+    val_data, val_digest = load_windows(paths.windows / "val.npy", cfg)
+    tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
+    config = params.train_config(progress=progress)
+    key = resume_key(config, cfg, [train_digest, val_digest])
+    state_dir = paths.state_dir / key
+    try:
+        device = resolve_device(params.device)
+    except ValueError as exc:
+        raise ParamsError(f"pretrain.device: {exc}") from exc
+
+    torch.manual_seed(params.seed)
+    model = GPTModel(cfg).to(device)
+    with stage_run_on_main(STAGE, EXPERIMENT, params) as run:
+        resumed = {"tokens_seen": 0}
+        if run is not None:
+            import mlflow
+
+            mlflow.log_params({"n_parameters": model.num_parameters(), "train_windows": len(train_data),
+                               "val_windows": len(val_data), "resolved_device": str(device)})
+            if has_train_state(state_dir):
+                resumed = _log_restored_history(state_dir)
+        sample_cb = EpochSampleCallback(tokenizer, params.sample)
+        started = time.perf_counter()
+        state = train(model, train_data, val_data, config, state_dir=state_dir, fingerprint_extra=key,
+                      callbacks=[MlflowCallback(), sample_cb, *callbacks])
+        wall_time = time.perf_counter() - started
+        if not is_main_process():
+            return {}
+        tokens_this_run = state.tokens_seen - resumed["tokens_seen"]
+        final = state.history[-1]
+        metrics = {
+            "train_loss": final["train_loss"],
+            "val_loss": final["val_loss"],
+            "steps": state.step,
+            "tokens_seen": state.tokens_seen,
+            "parameters": model.num_parameters(),
+            "tokens_per_s": tokens_this_run / wall_time if wall_time > 0 else float("nan"),
+            "wall_time_s": wall_time,
+        }
+        steps_per_epoch = math.ceil(len(train_data) // params.batch_size / params.grad_accum_steps)
+        save_checkpoint(model, paths.model_out, extra={"stage": STAGE, "tokens_seen": state.tokens_seen})
+        write_json(paths.metrics, metrics)
+        write_history_csv(paths.history_csv, state.history)
+        plot_history(paths.loss_plot, state.history, steps_per_epoch)
+
+        mlflow.log_metrics({f"final_{k}": v for k, v in metrics.items()})
+        mlflow.log_artifact(str(paths.loss_plot), "plots")
+        mlflow.log_artifact(str(paths.history_csv), "plots")
+        from steps.mlflow_models import log_code_model
+
+        log_code_model("generator", "generator.py", paths.model_out,
+                       encoding_dir=tokenizer_params.encoding_dir or os.environ.get(ENCODING_DIR_ENV),
+                       signature=generator_signature(), registered_model_name=REGISTERED_MODEL)
+    shutil.rmtree(paths.state_dir, ignore_errors=True)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = cli_parser("Pretrain the GPT on the corpus windows (book chapter 5).")
+    parser.add_argument("--windows", type=Path, default=PretrainPaths.windows, help="dir with train.npy, val.npy")
+    parser.add_argument("--out", type=Path, default=PretrainPaths.model_out, help="checkpoint directory")
+    parser.add_argument("--metrics", type=Path, default=PretrainPaths.metrics)
+    parser.add_argument("--history", type=Path, default=PretrainPaths.history_csv)
+    parser.add_argument("--plot", type=Path, default=PretrainPaths.loss_plot)
+    parser.add_argument("--state-dir", type=Path, default=PretrainPaths.state_dir,
+                        help="resumable training state (default: %(default)s)")
+    args = parser.parse_args(argv)
+    paths = PretrainPaths(args.windows, args.out, args.metrics, args.history, args.plot, args.state_dir)
+    try:
+        setup_distributed("steps.pretrain", args.params, argv)
+        data = read_params(args.params)
+        params = validate_section(data, STAGE, PretrainParams, args.params)
+        tokenizer_params = validate_section(data, "tokenizer", TokenizerParams, args.params)
+        metrics = pretrain(params, paths, tokenizer_params)
+    except (ParamsError, DataError, ConfigError, TokenizerFilesError, TrainingDivergedError) as exc:
+        sys.exit(f"{STAGE}: error: {exc}")
+    if metrics:
+        print(f"{STAGE}: train loss {metrics['train_loss']:.3f}, val loss {metrics['val_loss']:.3f} after "
+              f"{metrics['tokens_seen']} tokens ({metrics['tokens_per_s']:.0f} tokens/s) -> {paths.model_out}")
+
+
+if __name__ == "__main__":
+    main()
