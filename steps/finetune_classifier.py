@@ -1,0 +1,260 @@
+"""Fine-tune a pretrained GPT as a spam classifier (book chapter 6) and register it in MLflow.
+
+The base model (``base_model.dir``: the project's own pretrained model or GPT-2's weights) gets
+a 2-class head; ``llmcore.train.train`` — the one training loop — runs with a cross-entropy
+loss on the chosen position's logits and logs train/val loss and accuracy to MLflow. The state
+under ``.cache/finetune_classifier/<settings key>/`` (outside DVC's outputs) lets an interrupted
+run resume; it is deleted once the classifier is written. The classifier is logged as an MLflow pyfunc
+(``steps/mlflow_models/spam_classifier.py``) and registered as ``spam-classifier``, so
+``mlflow models serve -m models:/spam-classifier/<version>`` answers ``text`` → ``label``,
+``spam_probability``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+import torch
+from pydantic import Field
+
+from llmcore.checkpoint import CheckpointError, load_checkpoint
+from llmcore.classifier import (
+    GPTClassifier,
+    SpamDataset,
+    classification_accuracy,
+    classification_loss,
+    collate_for,
+    save_classifier,
+    set_trainable,
+)
+from llmcore.device import resolve_device
+from llmcore.lora import merge_lora
+from llmcore.model import GPTModel
+from llmcore.tokenizer import ENCODING_DIR_ENV, TokenizerFilesError, get_tokenizer
+from llmcore.train import TrainConfig, TrainingDivergedError, train
+from steps.data_common import DataError, TokenizerParams
+from steps.distributed import is_main_process, setup_distributed, stage_run_on_main
+from steps.io import write_json
+from steps.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
+from steps.plotting import plot_history, write_history_csv
+
+STAGE = "finetune_classifier"
+EXPERIMENT = "spam-classifier"
+REGISTERED_MODEL = "spam-classifier"
+CACHE_DIR = Path(".cache/finetune_classifier")
+STEP_LOG_EVERY = 5  # optimizer steps between MLflow step-loss points (each is a database write)
+
+
+class BaseModelError(ValueError):
+    """The base model directory holds no usable weights (e.g. GPT-2's could not be downloaded)."""
+
+
+class BaseModelParams(StrictModel):
+    dir: str  # an llmcore checkpoint: models/pretrained (own) or models/gpt2 (GPT-2's weights)
+
+
+class LoraParams(StrictModel):
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+
+
+class FinetuneClassifierParams(StrictModel):
+    trainable: Literal["last_layer", "last_block", "last_two_blocks", "all", "lora"] = "last_block"
+    lora: LoraParams = LoraParams()
+    token_position: Literal["last", "flexible"] = "last"
+    max_length: int | None = Field(None, ge=1)  # None: the longest training message (capped at the context)
+    drop_rate: float | None = Field(None, ge=0, lt=1)  # None: the base model's
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+    eval_every: int = Field(50, ge=0)  # optimizer steps; 0: at epoch ends only
+    eval_batches: int | None = Field(5, ge=1)  # None: whole splits
+    seed: int = 123
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+
+def read_spam_split(path: Path) -> pd.DataFrame:
+    """A split CSV from build_spam_dataset: ``Label`` 0 (ham) / 1 (spam) and ``Text``."""
+    try:
+        df = pd.read_csv(path, dtype={"Text": str}, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
+    missing = {"Label", "Text"} - set(df.columns)
+    if missing:
+        raise DataError(f"{path}: missing column(s) {sorted(missing)}")
+    bad = ~df["Label"].isin([0, 1])
+    if bad.any():
+        raise DataError(f"{path} row {int(bad.idxmax()) + 1}: Label must be 0 or 1, got {df['Label'][bad.idxmax()]!r}")
+    if df.empty:
+        raise DataError(f"{path}: no rows")
+    return df
+
+
+def load_base_model(base_dir: Path, **overrides) -> GPTModel:
+    """The llmcore checkpoint in ``base_dir`` (``overrides``: config fields such as drop_rate).
+
+    A ``status.json`` saying ``loaded: false`` (load_gpt2 without GPT-2's weights) is an error.
+    """
+    status_path = base_dir / "status.json"
+    if status_path.is_file():
+        status = json.loads(status_path.read_text())
+        if not status.get("loaded", True):
+            details = {k: v for k, v in status.items() if k != "loaded"}
+            raise BaseModelError(
+                f"base model {base_dir} has no weights ({status_path}: loaded=false {details}); "
+                "GPT-2 weights were unavailable to load_gpt2. Provide them, or set base_model.dir "
+                "to the project's own pretrained model (models/pretrained)"
+            )
+    if not (base_dir / "config.json").is_file():
+        raise BaseModelError(f"base model {base_dir} not found (no config.json): run its stage first (dvc repro)")
+    return load_checkpoint(base_dir, **overrides)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def classifier_signature():
+    """Texts in; a label and the spam probability out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "text")]),
+        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "spam_probability")]),
+    )
+
+
+def finetune_classifier(
+    params: FinetuneClassifierParams,
+    *,
+    base_dir: Path,
+    data_dir: Path,
+    out_dir: Path,
+    metrics_out: Path,
+    history_out: Path,
+    plots_dir: Path,
+    tokenizer_params: TokenizerParams = TokenizerParams(),
+    cache_dir: Path = CACHE_DIR,
+    resume: bool = True,
+) -> dict:
+    """Train, write the classifier, metrics, history and plots, and log + register it in MLflow.
+
+    Under torchrun every rank trains; only rank 0 logs and writes (the others return {}).
+    """
+    from steps.mlflow_models import log_code_model  # mlflow imports take seconds: not at import
+    from steps.tracking import MlflowCallback
+
+    started = time.perf_counter()
+    train_df, val_df = (read_spam_split(data_dir / f"{split}.csv") for split in ("train", "validation"))
+    tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
+    base = load_base_model(base_dir, **({} if params.drop_rate is None else {"drop_rate": params.drop_rate}))
+    cfg = base.cfg
+    train_data = SpamDataset(train_df["Text"].tolist(), train_df["Label"].tolist(), tokenizer,
+                             max_length=params.max_length, context_length=cfg.context_length)
+    val_data = SpamDataset(val_df["Text"].tolist(), val_df["Label"].tolist(), tokenizer,
+                           max_length=train_data.max_length)
+
+    torch.manual_seed(params.seed)  # the new head's (and LoRA's) initialisation
+    model = GPTClassifier.from_gpt(base, token_position=params.token_position, max_length=train_data.max_length)
+    n_trainable = set_trainable(model, params.trainable, lora_rank=params.lora.rank, lora_alpha=params.lora.alpha)
+    try:
+        model.to(resolve_device(params.device))
+    except ValueError as exc:
+        raise ParamsError(f"{STAGE}.device: {exc}") from exc
+
+    config = TrainConfig(
+        epochs=params.epochs, batch_size=params.batch_size, lr=params.lr, weight_decay=params.weight_decay,
+        schedule=params.schedule, warmup_steps=params.warmup_steps, grad_clip=params.grad_clip,
+        eval_every=params.eval_every, eval_batches=params.eval_batches, seed=params.seed,
+    )
+    # A saved state resumes only for the same base weights, data and settings; others are stale.
+    inputs = [_sha256(path) for path in (base_dir / "model.safetensors", data_dir / "train.csv", data_dir / "validation.csv")]
+    fingerprint = hashlib.sha256(json.dumps([params.model_dump(mode="json"), inputs]).encode()).hexdigest()[:16]
+    if is_main_process():  # under torchrun only rank 0 touches files and MLflow
+        for stale in cache_dir.glob("*"):
+            if stale.name != fingerprint:
+                shutil.rmtree(stale, ignore_errors=True)
+    with stage_run_on_main(STAGE, EXPERIMENT, params) as run:
+        if run is not None:
+            import mlflow
+
+            mlflow.log_params({"base_model": str(base_dir), "trainable_parameters": n_trainable,
+                               "max_length_tokens": train_data.max_length})
+        state = train(model, train_data, val_data, config, loss_fn=classification_loss,
+                      eval_fn=classification_accuracy, collate_fn=collate_for(model),
+                      callbacks=[MlflowCallback(STEP_LOG_EVERY)], state_dir=cache_dir / fingerprint, resume=resume,
+                      fingerprint_extra=fingerprint)
+        if run is None:  # another rank of a torchrun: rank 0 writes and logs
+            return {}
+        merge_lora(model)
+        save_classifier(model.cpu(), out_dir)
+        final = state.history[-1]
+        metrics = {key: final[key] for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy")}
+        metrics.update(steps=state.step, trainable_parameters=n_trainable, max_length=train_data.max_length)
+        write_json(metrics_out, metrics)
+        write_history_csv(history_out, state.history)
+        steps_per_epoch = len(train_data) // params.batch_size
+        for metric in ("loss", "accuracy"):
+            plot = plots_dir / f"spam_training_{metric}.png"
+            plot_history(plot, state.history, steps_per_epoch, metric=metric)
+            mlflow.log_artifact(str(plot), "plots")
+        info = log_code_model(
+            "spam_classifier", "spam_classifier.py", out_dir,
+            encoding_dir=tokenizer_params.encoding_dir or os.environ.get(ENCODING_DIR_ENV),
+            signature=classifier_signature(), input_example=pd.DataFrame({"text": val_df["Text"].head(2).tolist()}),
+            registered_model_name=REGISTERED_MODEL,
+        )
+        mlflow.log_metric("wall_time_s", time.perf_counter() - started)
+        metrics["run_id"] = run.info.run_id
+        metrics["registered_version"] = info.registered_model_version
+    shutil.rmtree(cache_dir, ignore_errors=True)  # the classifier is written: nothing left to resume
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = cli_parser("Fine-tune a pretrained GPT as a spam classifier (book chapter 6).")
+    parser.add_argument("--base", type=Path, default=None, help="base llmcore checkpoint (default: params base_model.dir)")
+    parser.add_argument("--data", type=Path, default=Path("data/spam"))
+    parser.add_argument("--out", type=Path, default=Path("models/spam_classifier"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/finetune_classifier.json"))
+    parser.add_argument("--history", type=Path, default=Path("plots/spam_training.csv"))
+    parser.add_argument("--plots", type=Path, default=Path("plots"), help="where the loss/accuracy PNGs go")
+    parser.add_argument("--cache", type=Path, default=CACHE_DIR, help="resumable training states")
+    parser.add_argument("--restart", action="store_true", help="ignore a saved training state")
+    args = parser.parse_args(argv)
+    try:
+        setup_distributed("steps.finetune_classifier", args.params, argv)
+        data = read_params(args.params)
+        params = validate_section(data, STAGE, FinetuneClassifierParams, args.params)
+        tokenizer_params = validate_section(data, "tokenizer", TokenizerParams, args.params)
+        base_dir = args.base or Path(validate_section(data, "base_model", BaseModelParams, args.params).dir)
+        metrics = finetune_classifier(params, base_dir=base_dir, data_dir=args.data, out_dir=args.out,
+                                      metrics_out=args.metrics, history_out=args.history, plots_dir=args.plots,
+                                      tokenizer_params=tokenizer_params, cache_dir=args.cache,
+                                      resume=not args.restart)
+    except (ParamsError, DataError, CheckpointError, BaseModelError, TokenizerFilesError, TrainingDivergedError) as exc:
+        sys.exit(f"{STAGE}: error: {exc}")
+    if metrics:
+        print(f"{STAGE}: val accuracy {metrics['val_accuracy']:.4f} (last eval), "
+                  f"{REGISTERED_MODEL} version {metrics['registered_version']} -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

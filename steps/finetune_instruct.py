@@ -1,0 +1,206 @@
+"""Instruction fine-tuning (book chapter 7): the base model learns to answer Alpaca-style prompts.
+
+Runs the one training loop (``llmcore.train.train``) with ``collate_instructions`` as its
+collate function and the plain next-token loss (which skips the -100 targets). The training state
+lives in ``.cache/finetune_instruct/<settings key>/`` (outside DVC's outputs), so an interrupted
+run resumes where it stopped; it is deleted once ``models/instruct`` is written. After each epoch
+a few validation prompts are answered and logged to MLflow, as the book prints them.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from torch import nn
+
+from llmcore.checkpoint import CheckpointError, save_checkpoint
+from llmcore.device import resolve_device
+from llmcore.instruct import InstructionDataset, collate_instructions, generate_responses
+from llmcore.tokenizer import TokenizerFilesError, get_tokenizer
+from llmcore.train import TrainCallback, TrainConfig, TrainingDivergedError, TrainState, train
+from steps.build_instruction_dataset import load_entries
+from steps.data_common import DataError, TokenizerParams
+from steps.distributed import is_main_process, setup_distributed, stage_run_on_main
+from steps.finetune_classifier import BaseModelError, BaseModelParams, load_base_model
+from steps.io import write_json
+from steps.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
+from steps.plotting import plot_history, write_history_csv
+
+STAGE = "finetune_instruct"
+EXPERIMENT = "instruction-sft"
+CACHE_DIR = Path(".cache/finetune_instruct")
+
+
+class FinetuneInstructParams(StrictModel):
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"  # the book: plain AdamW, no schedule
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = None  # the book does not clip
+    mask_prompt: bool = False  # true: no loss on instruction/input tokens (book exercise 7.2)
+    max_length: int | None = Field(None, ge=2)  # tokens per example; null: the model's context
+    eval_every: int = Field(5, ge=0)
+    eval_batches: int | None = Field(5, ge=1)
+    checkpoint_every: int = Field(0, ge=0)  # optimizer steps between resumable states; 0: epochs
+    sample_entries: int = Field(1, ge=0)  # validation prompts answered after each epoch (book: 1)
+    sample_max_new_tokens: int = Field(50, ge=1)
+    seed: int = 123
+    device: str = "auto"
+
+
+def load_split(path: Path) -> list[dict]:
+    """A split written by build_instruction_dataset, its entries checked again (it is a dep)."""
+    entries = load_entries(path)
+    if not entries:
+        raise DataError(f"{path}: no instruction entries")
+    return entries
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class SampleResponses(TrainCallback):
+    """Answers a few validation prompts after each epoch and logs them to MLflow (and stdout)."""
+
+    def __init__(self, tokenizer, entries: list[dict], max_new_tokens: int):
+        self.tokenizer, self.entries, self.max_new_tokens = tokenizer, entries, max_new_tokens
+
+    def on_epoch_end(self, state: TrainState, model: nn.Module) -> None:
+        if not self.entries:
+            return
+        import mlflow
+
+        answers = generate_responses(model, self.tokenizer, self.entries, max_new_tokens=self.max_new_tokens)
+        text = "\n\n".join(
+            f"### Instruction:\n{e['instruction']}\n\n### Input:\n{e.get('input', '')}\n\n"
+            f"### Reference:\n{e['output']}\n\n### Model:\n{answer}"
+            for e, answer in zip(self.entries, answers)
+        )
+        print(f"\n--- sample responses after epoch {state.epoch + 1} ---\n{text}\n")
+        mlflow.log_text(text, f"samples/epoch_{state.epoch + 1:02d}.md")
+
+
+def finetune_instruct(
+    params: FinetuneInstructParams,
+    tokenizer_params: TokenizerParams,
+    *,
+    base_model: Path,
+    data_dir: Path,
+    out_dir: Path,
+    metrics_out: Path,
+    history_out: Path,
+    plot_out: Path,
+    cache_dir: Path,
+    resume: bool = True,
+) -> dict:
+    """Fine-tune ``base_model`` on ``data_dir/train.json``; write the model, metrics and loss curve.
+
+    Under torchrun every rank trains; only rank 0 logs and writes (the others return {}).
+    """
+    from steps.tracking import MlflowCallback  # mlflow imports take seconds: not at import
+
+    train_entries = load_split(data_dir / "train.json")
+    val_entries = load_split(data_dir / "validation.json")
+    tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
+    try:
+        device = resolve_device(params.device)
+    except ValueError as exc:
+        raise ParamsError(f"{STAGE}.device: {exc}") from exc
+    model = load_base_model(base_model).to(device)
+    context = model.cfg.context_length
+    max_length = min(params.max_length or context, context)
+    collate = functools.partial(collate_instructions, max_length=max_length, mask_prompt=params.mask_prompt)
+    config = TrainConfig(
+        epochs=params.epochs, batch_size=params.batch_size, lr=params.lr, weight_decay=params.weight_decay,
+        schedule=params.schedule, warmup_steps=params.warmup_steps, grad_clip=params.grad_clip,
+        eval_every=params.eval_every, eval_batches=params.eval_batches,
+        checkpoint_every=params.checkpoint_every, seed=params.seed,
+    )
+    # Everything a saved state depends on besides the TrainConfig: base weights, data, collation.
+    extra = json.dumps({
+        "base": file_digest(base_model / "model.safetensors"),
+        "train": file_digest(data_dir / "train.json"),
+        "val": file_digest(data_dir / "validation.json"),
+        "max_length": max_length, "mask_prompt": params.mask_prompt,
+    }, sort_keys=True)
+    key = hashlib.sha256((config.fingerprint() + extra).encode()).hexdigest()[:16]
+    if is_main_process():
+        for stale in cache_dir.glob("*"):  # states of other settings can never be resumed
+            if stale.name != key:
+                shutil.rmtree(stale, ignore_errors=True)
+    samples = SampleResponses(tokenizer, val_entries[: params.sample_entries], params.sample_max_new_tokens)
+    with stage_run_on_main(STAGE, EXPERIMENT, params) as run:
+        if run is not None:
+            import mlflow
+
+            mlflow.log_params({"base_model": str(base_model), "max_length_effective": max_length,
+                               "resolved_device": str(device)})
+        started = time.perf_counter()
+        state = train(
+            model, InstructionDataset(train_entries, tokenizer), InstructionDataset(val_entries, tokenizer),
+            config, collate_fn=collate, callbacks=[MlflowCallback(), samples], state_dir=cache_dir / key,
+            resume=resume, fingerprint_extra=extra,
+        )
+        wall_time = time.perf_counter() - started
+        if run is None:
+            return {}
+        save_checkpoint(model, out_dir, extra={"stage": STAGE, "base_model": str(base_model)})
+        final = state.history[-1]
+        metrics = {"train_loss": final["train_loss"], "val_loss": final["val_loss"],
+                   "steps": state.step, "tokens_seen": state.tokens_seen}
+        write_json(metrics_out, metrics)
+        write_history_csv(history_out, state.history)
+        plot_history(plot_out, state.history, steps_per_epoch=max(1, len(train_entries) // params.batch_size))
+        mlflow.log_metrics({f"final_{k}": v for k, v in metrics.items()})
+        mlflow.log_metric("wall_time_s", wall_time)
+        mlflow.log_artifact(str(plot_out), "plots")
+    shutil.rmtree(cache_dir, ignore_errors=True)  # the model is written: nothing left to resume
+    return {**metrics, "wall_time_s": wall_time}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = cli_parser("Fine-tune the base model to follow instructions (book chapter 7).")
+    parser.add_argument("--base", type=Path, default=None, help="base llmcore checkpoint (default: params base_model.dir)")
+    parser.add_argument("--data", type=Path, default=Path("data/instructions"))
+    parser.add_argument("--out", type=Path, default=Path("models/instruct"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/finetune_instruct.json"))
+    parser.add_argument("--history", type=Path, default=Path("plots/instruct_training.csv"))
+    parser.add_argument("--plot", type=Path, default=Path("plots/instruct_training_loss.png"))
+    parser.add_argument("--cache", type=Path, default=CACHE_DIR, help="resumable training states")
+    parser.add_argument("--restart", action="store_true", help="ignore a saved training state")
+    args = parser.parse_args(argv)
+    try:
+        setup_distributed("steps.finetune_instruct", args.params, argv)
+        data = read_params(args.params)
+        params = validate_section(data, STAGE, FinetuneInstructParams, args.params)
+        tokenizer = validate_section(data, "tokenizer", TokenizerParams, args.params)
+        base = args.base or Path(validate_section(data, "base_model", BaseModelParams, args.params).dir)
+        metrics = finetune_instruct(
+            params, tokenizer, base_model=base, data_dir=args.data, out_dir=args.out,
+            metrics_out=args.metrics, history_out=args.history, plot_out=args.plot,
+            cache_dir=args.cache, resume=not args.restart,
+        )
+    except (ParamsError, DataError, BaseModelError, CheckpointError, TokenizerFilesError, TrainingDivergedError) as exc:
+        sys.exit(f"{STAGE}: error: {exc}")
+    if metrics:
+        print(f"{STAGE}: {metrics['steps']} steps in {metrics['wall_time_s']:.0f} s, train loss "
+              f"{metrics['train_loss']:.3f}, val loss {metrics['val_loss']:.3f} -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

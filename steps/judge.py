@@ -1,0 +1,165 @@
+"""An LLM judge over Ollama's HTTP API that scores model responses 0-100 (book chapter 7.8).
+
+The book asks Llama 3 (through Ollama) to score each response against the reference and
+averages the integers it answers. Here the judge is optional: if the server cannot be reached
+(or stops answering) the scores so far are kept and the rest are unscored, so scoring still
+completes offline; ``required`` turns that into an error. An answer that is not an integer in
+0..100 is asked again (with another seed, since the judge is deterministic otherwise) and, if it
+never becomes one, that response is counted as unscored.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import requests
+from pydantic import Field
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from llmcore.prompts import format_input
+from steps.params import StrictModel
+
+_SCORE = re.compile(r"\s*(\d{1,3})\s*\.?\s*")
+
+
+class JudgeParams(StrictModel):
+    url: str = "http://localhost:11434"  # Ollama's default address
+    model: str = "llama3"  # the book used Llama 3 8B
+    required: bool = False  # true: an unreachable judge fails the stage
+    retries: int = Field(2, ge=0)  # extra asks when an answer is not an integer 0..100
+    connect_retries: int = Field(2, ge=0)  # urllib3 Retry for connection errors and 429/5xx
+    backoff_factor: float = Field(0.5, ge=0)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(120.0, gt=0)
+    seed: int = 123
+    num_ctx: int = Field(2048, gt=0)
+
+
+class JudgeUnavailableError(RuntimeError):
+    """The judge server could not be reached or refused the request."""
+
+
+def judge_prompt(entry: Mapping[str, str], response: str) -> str:
+    """The book's scoring prompt."""
+    return (
+        f"Given the input `{format_input(entry)}` "
+        f"and correct output `{entry['output']}`, "
+        f"score the model response `{response}`"
+        f" on a scale from 0 to 100, where 100 is the best score. "
+        f"Respond with the integer number only."
+    )
+
+
+def parse_score(answer: str) -> int | None:
+    """The integer 0..100 the judge answered, or None when it answered anything else."""
+    match = _SCORE.fullmatch(answer)
+    if match is None:
+        return None
+    value = int(match.group(1))
+    return value if value <= 100 else None
+
+
+class OllamaJudge:
+    """``POST {url}/api/chat`` with deterministic options; one pooled session with retries."""
+
+    def __init__(self, params: JudgeParams):
+        self.params = params
+        self.session = requests.Session()
+        retry = Retry(
+            total=params.connect_retries,
+            connect=params.connect_retries,
+            read=params.connect_retries,
+            status=params.connect_retries,
+            status_forcelist=(429, 500, 502, 503, 504),
+            allowed_methods=frozenset({"POST"}),  # asking for a score again is harmless
+            backoff_factor=params.backoff_factor,
+            raise_on_status=False,
+        )
+        self.session.mount("http://", HTTPAdapter(max_retries=retry))
+        self.session.mount("https://", HTTPAdapter(max_retries=retry))
+
+    def ask(self, prompt: str, seed: int) -> str:
+        """The judge's answer text; JudgeUnavailableError when there is no usable HTTP answer."""
+        url = self.params.url.rstrip("/") + "/api/chat"
+        payload = {
+            "model": self.params.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "stream": False,
+            "options": {"seed": seed, "temperature": 0, "num_ctx": self.params.num_ctx},
+        }
+        try:
+            reply = self.session.post(
+                url, json=payload, timeout=(self.params.connect_timeout_s, self.params.read_timeout_s)
+            )
+        except requests.RequestException as exc:
+            raise JudgeUnavailableError(f"judge at {url} unreachable ({type(exc).__name__}: {exc})") from exc
+        if reply.status_code != 200:
+            detail = reply.text[:200].strip()
+            hint = f" (is it pulled? `ollama pull {self.params.model}`)" if reply.status_code == 404 else ""
+            raise JudgeUnavailableError(f"judge at {url} answered HTTP {reply.status_code}: {detail}{hint}")
+        try:
+            content = reply.json()["message"]["content"]
+        except (ValueError, KeyError, TypeError):
+            return reply.text  # not Ollama's JSON: treated like any unparsable answer
+        return content if isinstance(content, str) else str(content)
+
+    def score(self, entry: Mapping[str, str], response: str) -> int | None:
+        """A score 0..100, asking up to ``1 + retries`` times; None when no answer parsed."""
+        prompt = judge_prompt(entry, response)
+        for attempt in range(1 + self.params.retries):
+            score = parse_score(self.ask(prompt, seed=self.params.seed + attempt))
+            if score is not None:
+                return score
+        return None
+
+    def close(self) -> None:
+        self.session.close()
+
+
+@dataclass
+class JudgeResult:
+    scores: list[int | None]  # per response; None = unscored
+    available: bool = True  # False once the server could not be reached
+    error: str | None = None
+
+    @property
+    def n_scored(self) -> int:
+        return sum(s is not None for s in self.scores)
+
+    @property
+    def mean_score(self) -> float | None:
+        scored = [s for s in self.scores if s is not None]
+        return sum(scored) / len(scored) if scored else None
+
+
+def judge_responses(
+    entries: Sequence[Mapping[str, str]], responses: Sequence[str], params: JudgeParams
+) -> JudgeResult:
+    """Score every response; stops asking (and warns) once the judge is unreachable.
+
+    Raises JudgeUnavailableError instead when ``params.required`` is set.
+    """
+    judge = OllamaJudge(params)
+    result = JudgeResult(scores=[None] * len(responses))
+    try:
+        for i, (entry, response) in enumerate(zip(entries, responses, strict=True)):
+            try:
+                result.scores[i] = judge.score(entry, response)
+            except JudgeUnavailableError as exc:
+                if params.required:
+                    raise
+                result.available, result.error = False, str(exc)
+                message = (
+                    f"LLM judge unavailable after {i} of {len(responses)} responses: {exc}. "
+                    "Judge scores are left out; start Ollama with the judge model "
+                    f"(`ollama serve`, `ollama pull {params.model}`) to get them."
+                )
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                break
+    finally:
+        judge.close()
+    return result

@@ -1,0 +1,170 @@
+"""Score the instruction-tuned model on the test split (book chapter 7.7-7.8).
+
+The model answers every test prompt (greedy KV-cache decoding, stopping at <|endoftext|>); the
+answers are saved with their references, then scored three ways: by an LLM judge through Ollama
+as the book does (optional: absent when no judge is reachable), and always offline by ROUGE-L F1
+against the reference and by the model's loss / perplexity on the reference responses.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import Field
+
+from llmcore.checkpoint import CheckpointError, load_checkpoint
+from llmcore.device import resolve_device
+from llmcore.instruct import encode_example, generate_responses, response_loss, response_prompt
+from llmcore.tokenizer import TokenizerFilesError, get_tokenizer
+from steps.data_common import DataError, TokenizerParams
+from steps.build_instruction_dataset import load_entries
+from steps.io import write_json
+from steps.judge import JudgeParams, JudgeUnavailableError, judge_responses
+from steps.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
+
+STAGE = "score_instructions"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The instruction model has not been trained yet."""
+
+
+class ScoreInstructionsParams(StrictModel):
+    max_new_tokens: int = Field(256, ge=1)  # the book: 256
+    batch_size: int = Field(8, ge=1)  # prompts generated together
+    max_entries: int | None = Field(None, ge=1)  # null: the whole test split
+    seed: int = 123
+    device: str = "auto"
+    judge: JudgeParams = JudgeParams()
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased alphanumeric words: the tokenisation of the reference ROUGE scorer."""
+    return "".join(ch if ch.isalnum() else " " for ch in text.lower()).split()
+
+
+def rouge_l_f1(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 (Lin, 2004): precision and recall of the longest common word subsequence.
+
+    LCS rewards words in the reference's order without requiring them to be adjacent; F1 is the
+    harmonic mean of LCS/len(prediction) and LCS/len(reference), 0 when either is empty.
+    """
+    pred, ref = words(prediction), words(reference)
+    if not pred or not ref:
+        return 0.0
+    previous = [0] * (len(ref) + 1)
+    for p in pred:
+        current = [0]
+        for j, r in enumerate(ref):
+            current.append(previous[j] + 1 if p == r else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def score_instructions(
+    params: ScoreInstructionsParams,
+    tokenizer_params: TokenizerParams,
+    *,
+    model_dir: Path,
+    test_file: Path,
+    responses_out: Path,
+    metrics_out: Path,
+) -> dict:
+    """Answer, save and score the test prompts; returns the metrics written to ``metrics_out``."""
+    import mlflow  # mlflow imports take seconds: not at import
+
+    from steps.tracking import stage_run
+
+    entries = load_entries(test_file)[: params.max_entries]
+    if not entries:
+        raise DataError(f"{test_file}: no instruction entries")
+    if not (model_dir / "config.json").is_file():
+        raise ModelNotFoundError(f"model {model_dir} not found: run `dvc repro finetune_instruct`")
+    try:
+        device = resolve_device(params.device)
+    except ValueError as exc:
+        raise ParamsError(f"{STAGE}.device: {exc}") from exc
+    model = load_checkpoint(model_dir).to(device)
+    tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
+    with stage_run(STAGE, "instruction-sft", params):
+        started = time.perf_counter()
+        answers = generate_responses(
+            model, tokenizer, entries, max_new_tokens=params.max_new_tokens,
+            batch_size=params.batch_size, seed=params.seed,
+        )
+        generate_s = time.perf_counter() - started
+        examples = [encode_example(tokenizer, response_prompt(e), e["output"]) for e in entries]
+        loss, n_tokens = response_loss(model, examples, batch_size=params.batch_size)
+        rouge = [rouge_l_f1(a, e["output"]) for a, e in zip(answers, entries)]
+        judged = judge_responses(entries, answers, params.judge)
+        records = [
+            {"instruction": e["instruction"], "input": e.get("input", ""), "output": e["output"],
+             "model_response": a, "rouge_l_f1": round(r, 6), "judge_score": s}
+            for e, a, r, s in zip(entries, answers, rouge, judged.scores)
+        ]
+        write_json(responses_out, records)
+        metrics = {
+            "n_entries": len(entries),
+            "rouge_l_f1": round(sum(rouge) / len(rouge), 6),
+            # None when the context cuts every reference response off (no token to measure).
+            "response_loss": round(loss, 6) if n_tokens else None,
+            "response_perplexity": round(math.exp(loss), 4) if n_tokens else None,
+            "response_tokens": n_tokens,
+            "judge_score": None if judged.mean_score is None else round(judged.mean_score, 4),
+            "n_scored": judged.n_scored,
+            "n_unscored": len(entries) - judged.n_scored,
+            "judge_available": judged.available,
+        }
+        write_json(metrics_out, metrics)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
+        mlflow.log_metric("generate_s", generate_s)
+        mlflow.log_artifact(str(responses_out))
+        if judged.error:
+            mlflow.set_tag("judge_error", judged.error[:500])
+    return metrics
+
+
+def format_summary(metrics: dict, judge_model: str) -> str:
+    judge = (
+        f"judge ({judge_model}) {metrics['judge_score']:.2f} over {metrics['n_scored']} of {metrics['n_entries']}"
+        if metrics["judge_score"] is not None else "judge: not scored"
+    )
+    loss = (
+        f"response loss {metrics['response_loss']:.4f} (perplexity {metrics['response_perplexity']:.2f})"
+        if metrics["response_loss"] is not None else "response loss: no response token fits the context"
+    )
+    return f"{metrics['n_entries']} test prompts: ROUGE-L F1 {metrics['rouge_l_f1']:.4f}, {loss}, {judge}"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = cli_parser("Generate answers for the instruction test split and score them.")
+    parser.add_argument("--model", type=Path, default=Path("models/instruct"))
+    parser.add_argument("--test", type=Path, default=Path("data/instructions/test.json"))
+    parser.add_argument("--responses", type=Path, default=Path("data/scores/instruction_responses.json"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/instructions.json"))
+    args = parser.parse_args(argv)
+    try:
+        data = read_params(args.params)
+        params = validate_section(data, STAGE, ScoreInstructionsParams, args.params)
+        tokenizer = validate_section(data, "tokenizer", TokenizerParams, args.params)
+        metrics = score_instructions(
+            params, tokenizer, model_dir=args.model, test_file=args.test,
+            responses_out=args.responses, metrics_out=args.metrics,
+        )
+    except (ParamsError, DataError, ModelNotFoundError, CheckpointError, TokenizerFilesError) as exc:
+        sys.exit(f"{STAGE}: error: {exc}")
+    except JudgeUnavailableError as exc:
+        sys.exit(f"{STAGE}: error: {exc} (score_instructions.judge.required is true)")
+    print(f"{STAGE}: {format_summary(metrics, params.judge.model)}")
+
+
+if __name__ == "__main__":
+    main()

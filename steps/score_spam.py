@@ -1,0 +1,138 @@
+"""Score the spam classifier on every split: accuracy, precision, recall, F1, confusion matrix.
+
+Writes the metrics as DVC metrics (``metrics/spam.json``) and MLflow metrics, the test split's
+confusion matrix as a PNG (scikit-learn's ``ConfusionMatrixDisplay``) and as a CSV of
+actual/predicted labels for DVC's ``confusion`` plot template. Spam (1) is the positive class.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+from pydantic import Field
+from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+from llmcore.checkpoint import CheckpointError
+from llmcore.classifier import load_classifier, predict_proba
+from llmcore.device import resolve_device
+from llmcore.tokenizer import TokenizerFilesError, get_tokenizer
+from steps.data_common import DataError, TokenizerParams
+from steps.finetune_classifier import EXPERIMENT, read_spam_split
+from steps.io import atomic_path, write_json
+from steps.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
+
+STAGE = "score_spam"
+SPLITS = ("train", "validation", "test")
+
+
+class ScoreSpamParams(StrictModel):
+    batch_size: int = Field(32, ge=1)
+    plot_split: Literal["train", "validation", "test"] = "test"  # the split drawn as the confusion-matrix plots
+    seed: int = 123  # inference draws no random numbers; seeded for the stage convention
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+
+def classification_metrics(actual: Sequence[int], predicted: Sequence[int]) -> dict[str, float | int]:
+    """Accuracy, spam precision/recall/F1 and the confusion counts (tn, fp, fn, tp)."""
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        actual, predicted, average="binary", pos_label=1, zero_division=0
+    )
+    tn, fp, fn, tp = confusion_matrix(actual, predicted, labels=[0, 1]).ravel()
+    return {
+        "accuracy": float(accuracy_score(actual, predicted)),
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
+        "tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp),
+    }
+
+
+def save_confusion_png(
+    path: Path, actual: Sequence[int], predicted: Sequence[int], labels: Sequence[str], title: str
+) -> None:
+    display = ConfusionMatrixDisplay.from_predictions(
+        actual, predicted, labels=list(range(len(labels))), display_labels=list(labels), cmap="Blues", colorbar=False
+    )
+    display.ax_.set_title(title)
+    with atomic_path(path) as tmp:
+        display.figure_.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(display.figure_)
+
+
+def score_spam(
+    params: ScoreSpamParams,
+    *,
+    model_dir: Path,
+    data_dir: Path,
+    metrics_out: Path,
+    plots_dir: Path,
+    tokenizer_params: TokenizerParams = TokenizerParams(),
+) -> dict[str, dict]:
+    """Metrics per split; also writes ``spam_confusion.{png,csv}`` under ``plots_dir``."""
+    from steps.tracking import stage_run  # mlflow imports take seconds: not at import
+
+    torch.manual_seed(params.seed)
+    frames = {split: read_spam_split(data_dir / f"{split}.csv") for split in SPLITS}
+    try:
+        device = resolve_device(params.device)
+    except ValueError as exc:
+        raise ParamsError(f"{STAGE}.device: {exc}") from exc
+    model = load_classifier(model_dir, map_location=device)
+    tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
+    metrics, predictions = {}, {}
+    for split, frame in frames.items():
+        probs = predict_proba(model, tokenizer, frame["Text"].tolist(), params.batch_size)
+        predictions[split] = probs.argmax(dim=1).tolist()
+        metrics[split] = classification_metrics(frame["Label"].tolist(), predictions[split])
+    write_json(metrics_out, metrics)
+
+    actual, predicted = frames[params.plot_split]["Label"].tolist(), predictions[params.plot_split]
+    csv_path, png_path = plots_dir / "spam_confusion.csv", plots_dir / "spam_confusion.png"
+    table = pd.DataFrame({"actual": [model.labels[i] for i in actual],
+                          "predicted": [model.labels[i] for i in predicted]})
+    with atomic_path(csv_path) as tmp:
+        table.to_csv(tmp, index=False)
+    accuracy = metrics[params.plot_split]["accuracy"]
+    title = f"spam classifier, {params.plot_split} split (accuracy {accuracy:.2%})"
+    save_confusion_png(png_path, actual, predicted, model.labels, title)
+
+    with stage_run(STAGE, EXPERIMENT, params):
+        import mlflow
+
+        mlflow.log_param("model_dir", str(model_dir))
+        mlflow.log_metrics({f"{split}_{name}": value
+                            for split, values in metrics.items() for name, value in values.items()})
+        mlflow.log_artifact(str(png_path))
+        mlflow.log_artifact(str(csv_path))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = cli_parser("Score the spam classifier on the train/validation/test splits.")
+    parser.add_argument("--model", type=Path, default=Path("models/spam_classifier"))
+    parser.add_argument("--data", type=Path, default=Path("data/spam"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/spam.json"))
+    parser.add_argument("--plots", type=Path, default=Path("plots"))
+    args = parser.parse_args(argv)
+    try:
+        data = read_params(args.params)
+        params = validate_section(data, STAGE, ScoreSpamParams, args.params)
+        tokenizer_params = validate_section(data, "tokenizer", TokenizerParams, args.params)
+        metrics = score_spam(params, model_dir=args.model, data_dir=args.data, metrics_out=args.metrics,
+                             plots_dir=args.plots, tokenizer_params=tokenizer_params)
+    except (ParamsError, DataError, CheckpointError, TokenizerFilesError) as exc:
+        sys.exit(f"{STAGE}: error: {exc}")
+    print(f"{STAGE}: " + ", ".join(f"{split} accuracy {m['accuracy']:.4f}" for split, m in metrics.items()))
+
+
+if __name__ == "__main__":
+    main()

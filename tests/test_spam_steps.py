@@ -1,0 +1,202 @@
+"""The spam stages end to end on a tiny model: fine-tune, MLflow registration, pyfunc, scoring."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from llmcore.checkpoint import save_checkpoint
+from llmcore.classifier import classify_texts, load_classifier
+from llmcore.config import GPTConfig
+from llmcore.model import GPTModel
+from llmcore.tokenizer import get_tokenizer
+from steps import finetune_classifier as ft
+from steps import score_spam
+from steps.data_common import DataError, TokenizerParams
+
+REPO = Path(__file__).resolve().parents[1]
+MIRROR = Path(os.environ.get("LLMPIPE_MIRROR") or REPO.parent / "shared" / "data")
+TOKENIZER = TokenizerParams(encoding_dir=str(MIRROR / "gpt2"))
+
+pytestmark = pytest.mark.skipif(not MIRROR.is_dir(), reason=f"offline mirror {MIRROR} not found")
+
+HAM = ["see you at lunch", "ok i will call you later", "are we still on for tonight?", "thanks, got it",
+       "how was the exam?", "running late, sorry"]
+SPAM = ["WINNER! claim your FREE prize now, call 09061701461", "Free entry to win cup final tickets, text WIN",
+        "URGENT! your mobile won a 2000 cash award", "Txt STOP to end, claim ur 500 reward now",
+        "Congratulations! You have been selected to receive a 2000 pound award, call 09061701461 now to claim", "FREE ringtone, reply YES"]
+
+
+def write_split(path: Path, ham: list[str], spam: list[str]) -> None:
+    pd.DataFrame({"Label": [0] * len(ham) + [1] * len(spam), "Text": ham + spam}).to_csv(path, index=False)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("spam")
+    torch.manual_seed(0)
+    save_checkpoint(GPTModel(GPTConfig.from_preset("cpu-tiny", context_length=16)), root / "base")
+    (root / "data").mkdir()
+    write_split(root / "data" / "train.csv", HAM, SPAM)
+    write_split(root / "data" / "validation.csv", HAM[:2], SPAM[:2])
+    write_split(root / "data" / "test.csv", HAM[2:5], SPAM[2:5])
+    return root
+
+
+@pytest.fixture
+def mlflow_uri(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    uri = f"sqlite:///{workspace / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("LLMPIPE_MLFLOW_PARENT_RUN_ID", raising=False)
+    monkeypatch.delenv("LLMPIPE_MLFLOW_EXPERIMENT", raising=False)
+    monkeypatch.chdir(workspace)  # MLflow's artifact store (./mlruns) lands in the workspace
+    return uri
+
+
+PARAMS = ft.FinetuneClassifierParams(trainable="lora", lora={"rank": 2, "alpha": 4}, token_position="flexible",
+                                     epochs=2, batch_size=4, lr=1e-3, eval_every=2, eval_batches=2, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def finetuned(workspace: Path) -> dict:
+    """One fine-tune run shared by the tests below (MLflow store in the workspace)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
+    mp.delenv("LLMPIPE_MLFLOW_PARENT_RUN_ID", raising=False)
+    mp.delenv("LLMPIPE_MLFLOW_EXPERIMENT", raising=False)
+    mp.chdir(workspace)
+    try:
+        (workspace / ".cache" / "finetune_classifier" / "stale").mkdir(parents=True)
+        metrics = ft.finetune_classifier(
+            PARAMS, base_dir=workspace / "base", data_dir=workspace / "data", out_dir=workspace / "clf",
+            metrics_out=workspace / "metrics" / "ft.json", history_out=workspace / "plots" / "hist.csv", plots_dir=workspace / "plots",
+            tokenizer_params=TOKENIZER, cache_dir=workspace / ".cache" / "finetune_classifier",
+        )
+    finally:
+        mp.undo()
+    return metrics
+
+
+def test_finetune_writes_checkpoint_metrics_and_history(workspace: Path, finetuned: dict) -> None:
+    model = load_classifier(workspace / "clf")
+    assert model.token_position == "flexible" and model.labels == ["ham", "spam"]
+    assert model.max_length == 16  # the longest training message (> 16 tokens) capped at the context
+    assert type(model.trf_blocks[0].att.qkv) is torch.nn.Linear  # LoRA merged into plain layers
+    on_disk = json.loads((workspace / "metrics" / "ft.json").read_text())
+    assert on_disk["steps"] == 6 and set(on_disk) >= {"train_loss", "val_loss", "train_accuracy", "val_accuracy"}
+    assert 0 <= on_disk["val_accuracy"] <= 1
+    history = pd.read_csv(workspace / "plots" / "hist.csv")
+    assert history["step"].tolist() == [2, 3, 4, 6]  # every 2 steps and at each epoch end (3 steps each)
+    assert not (workspace / ".cache" / "finetune_classifier").exists()  # state (and the stale one) removed
+    for metric in ("loss", "accuracy"):
+        assert (workspace / "plots" / f"spam_training_{metric}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_interrupted_finetune_resumes_to_the_same_weights(workspace: Path, finetuned: dict, mlflow_uri: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors.torch import load_file
+
+    from steps.tracking import MlflowCallback
+
+    def interrupt(self, state, path):
+        raise KeyboardInterrupt  # as if killed right after the first epoch's state was saved
+
+    out, cache = workspace / "resumed", workspace / ".cache" / "resumed"
+    paths = dict(base_dir=workspace / "base", data_dir=workspace / "data", out_dir=out / "clf",
+                 metrics_out=out / "ft.json", history_out=out / "hist.csv", plots_dir=out,
+                 tokenizer_params=TOKENIZER, cache_dir=cache)
+    monkeypatch.setattr(MlflowCallback, "on_checkpoint", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune_classifier(PARAMS, **paths)
+    assert not (out / "clf").exists()
+    (saved,) = cache.glob("*/train_state/state.json")
+    assert json.loads(saved.read_text())["step"] == 3
+    monkeypatch.setattr(MlflowCallback, "on_checkpoint", lambda self, state, path: None)
+    steps_run = []
+    monkeypatch.setattr(MlflowCallback, "on_step_end", lambda self, state, metrics: steps_run.append(state.step))
+    ft.finetune_classifier(PARAMS, **paths)
+    assert steps_run == [4, 5, 6]  # only the second epoch ran again
+    resumed, uninterrupted = load_file(out / "clf" / "model.safetensors"), load_file(workspace / "clf" / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
+    assert json.loads((out / "ft.json").read_text()) == json.loads((workspace / "metrics" / "ft.json").read_text())
+
+
+def test_finetune_logs_and_registers_a_servable_pyfunc(workspace: Path, finetuned: dict, mlflow_uri: str) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(mlflow_uri)
+    run = client.get_run(finetuned["run_id"])
+    assert run.data.params["trainable"] == "lora" and run.data.tags["stage"] == "finetune_classifier"
+    val_accuracy = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert len(val_accuracy) == 4 and len(client.get_metric_history(run.info.run_id, "val_loss")) == 4
+    version = client.get_model_version("spam-classifier", finetuned["registered_version"])
+    assert version.run_id == run.info.run_id
+
+    pyfunc = mlflow.pyfunc.load_model(f"models:/spam-classifier/{finetuned['registered_version']}")
+    texts = ["FREE prize! call now", "see you soon"]
+    out = pyfunc.predict(pd.DataFrame({"text": texts}))
+    assert list(out.columns) == ["label", "spam_probability"] and len(out) == 2
+    expected = classify_texts(load_classifier(workspace / "clf"), get_tokenizer(TOKENIZER.encoding_dir), texts)
+    assert out["label"].tolist() == [label for label, _ in expected]
+    assert out["spam_probability"].tolist() == pytest.approx([p for _, p in expected], abs=1e-6)
+    with pytest.raises(Exception, match="text"):
+        pyfunc.predict(pd.DataFrame({"message": texts}))
+
+
+def test_score_spam_writes_metrics_and_confusion_plots(workspace: Path, finetuned: dict, mlflow_uri: str) -> None:
+    metrics = score_spam.score_spam(
+        score_spam.ScoreSpamParams(device="cpu"), model_dir=workspace / "clf", data_dir=workspace / "data",
+        metrics_out=workspace / "metrics" / "spam.json", plots_dir=workspace / "plots", tokenizer_params=TOKENIZER,
+    )
+    assert json.loads((workspace / "metrics" / "spam.json").read_text()) == metrics
+    test = pd.read_csv(workspace / "data" / "test.csv")
+    predicted = classify_texts(load_classifier(workspace / "clf"), get_tokenizer(TOKENIZER.encoding_dir), test["Text"].tolist())
+    assert metrics["test"] == score_spam.classification_metrics(test["Label"].tolist(), [int(label == "spam") for label, _ in predicted])
+    assert sum(metrics["train"][k] for k in ("tn", "fp", "fn", "tp")) == 12
+    table = pd.read_csv(workspace / "plots" / "spam_confusion.csv")
+    assert table["actual"].tolist() == ["ham"] * 3 + ["spam"] * 3
+    assert set(table["predicted"]) <= {"ham", "spam"}
+    assert (workspace / "plots" / "spam_confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_classification_metrics_match_hand_counts() -> None:
+    metrics = score_spam.classification_metrics([0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 1, 0])
+    assert metrics == {"accuracy": pytest.approx(4 / 6), "precision": pytest.approx(2 / 3), "recall": pytest.approx(2 / 3),
+                       "f1": pytest.approx(2 / 3), "tn": 2, "fp": 1, "fn": 1, "tp": 2}
+    none_flagged = score_spam.classification_metrics([1, 0, 1, 0], [0, 0, 0, 0])
+    assert none_flagged == {"accuracy": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0, "tn": 2, "fp": 0, "fn": 2, "tp": 0}
+    precise = score_spam.classification_metrics([1, 1, 1, 0], [1, 0, 0, 0])
+    assert (precise["precision"], precise["recall"], precise["f1"]) == (1.0, pytest.approx(1 / 3), pytest.approx(0.5))
+
+
+def test_base_without_gpt2_weights_fails_clearly(workspace: Path, tmp_path: Path, capsys) -> None:
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "status.json").write_text(json.dumps({"loaded": False, "reason": "no network"}))
+    with pytest.raises(ft.BaseModelError, match=r"has no weights .*loaded=false.*no network"):
+        ft.load_base_model(gpt2)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"finetune_classifier": {}, "tokenizer": TOKENIZER.model_dump(),
+                                      "base_model": {"dir": str(gpt2)}}))
+    with pytest.raises(SystemExit, match=r"finetune_classifier: error: base model .*gpt2 has no weights"):
+        ft.main(["--params", str(params), "--data", str(workspace / "data"), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ft.BaseModelError, match="not found .*run its stage first"):
+        ft.load_base_model(tmp_path / "missing")
+
+
+def test_bad_spam_csv_is_named(tmp_path: Path) -> None:
+    pd.DataFrame({"Label": [0, 2], "Text": ["a", "b"]}).to_csv(tmp_path / "train.csv", index=False)
+    with pytest.raises(DataError, match=r"train.csv row 2: Label must be 0 or 1"):
+        ft.read_spam_split(tmp_path / "train.csv")
+    pd.DataFrame({"label": [0], "Text": ["a"]}).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(DataError, match=r"missing column\(s\) \['Label'\]"):
+        ft.read_spam_split(tmp_path / "bad.csv")
