@@ -1,0 +1,168 @@
+"""The ``llm`` command: classify a text as spam, continue a prompt, or chat with the instruction model.
+
+    llm classify "You won a prize! Call now"        # spam (0.97)
+    llm generate "Every effort moves you" --max-new-tokens 40 --temperature 0.8 --top-k 40
+    llm chat                                          # instruction (+ optional input), answer streams
+
+Models are the pipeline's outputs (``models/...``); a missing one is reported with the DVC stage
+that produces it. Text is printed as tokens arrive: a token may be part of a multi-byte character,
+so the bytes go through an incremental UTF-8 decoder instead of decoding tokens one by one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+from llmcore.checkpoint import CheckpointError, load_checkpoint
+from llmcore.generate import generate_stream
+from llmcore.instruct import response_prompt
+from llmcore.tokenizer import ENCODING_DIR_ENV, ENDOFTEXT_ID, GPT2_FILES, TokenizerFilesError, encode, get_tokenizer
+
+# The DVC stage that writes each default model directory.
+PRODUCED_BY = {
+    "models/spam_classifier": "finetune_classifier",
+    "models/pretrained": "pretrain",
+    "models/instruct": "finetune_instruct",
+    "models/gpt2": "load_gpt2",
+}
+
+
+class CliError(Exception):
+    """A problem the user can fix (missing model, bad option); printed without a traceback."""
+
+
+def check_model_dir(directory: str) -> Path:
+    """``directory`` if it holds a checkpoint, else a CliError saying which stage makes it."""
+    path = Path(directory)
+    stage = PRODUCED_BY.get(path.as_posix())
+    status = path / "status.json"
+    if status.is_file() and not json.loads(status.read_text()).get("loaded", True):
+        raise CliError(f"{path} holds no weights (see {status}): provide GPT-2's, then `dvc repro -f load_gpt2`")
+    if not (path / "config.json").is_file():
+        fix = f"run `dvc repro {stage}`" if stage else "pass --model with a checkpoint directory"
+        raise CliError(f"{path} not found: {fix}")
+    return path
+
+
+def tokenizer_for(model_dir: Path):
+    """$LLMCORE_GPT2_ENCODING_DIR, else BPE files saved beside the model, else tiktoken's download."""
+    if not os.environ.get(ENCODING_DIR_ENV) and all((model_dir / name).is_file() for name in GPT2_FILES):
+        return get_tokenizer(model_dir)
+    return get_tokenizer()
+
+
+def stream_text(tokenizer, token_steps: Iterable[int]) -> Iterator[str]:
+    """Text pieces as tokens arrive; bytes of an unfinished UTF-8 character wait for the next token."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in token_steps:
+        piece = decoder.decode(tokenizer.decode_single_token_bytes(token))
+        if piece:
+            yield piece
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
+
+
+def stream_reply(model, tokenizer, prompt: str, args: argparse.Namespace) -> None:
+    """Generate from ``prompt`` until <|endoftext|> or the token limit, printing text as it comes."""
+    ids = encode(tokenizer, prompt) or [ENDOFTEXT_ID]  # an empty prompt starts from <|endoftext|>
+    steps = generate_stream(
+        model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, eos_id=ENDOFTEXT_ID, seed=args.seed,
+    )
+    tokens = (int(step[0]) for step in steps if int(step[0]) != ENDOFTEXT_ID)
+    for piece in stream_text(tokenizer, tokens):
+        print(piece, end="", flush=True)
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    from llmcore.classifier import classify_texts, load_classifier
+
+    model_dir = check_model_dir(args.model)
+    model = load_classifier(model_dir)
+    for text, (label, spam_probability) in zip(args.text, classify_texts(model, tokenizer_for(model_dir), args.text)):
+        prefix = f"{text!r}: " if len(args.text) > 1 else ""
+        print(f"{prefix}{label} (spam probability {spam_probability:.3f})")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    model_dir = check_model_dir(args.model)
+    model = load_checkpoint(model_dir)
+    tokenizer = tokenizer_for(model_dir)
+    print(args.prompt, end="", flush=True)
+    stream_reply(model, tokenizer, args.prompt, args)
+    print()
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    model_dir = check_model_dir(args.model)
+    model = load_checkpoint(model_dir)
+    tokenizer = tokenizer_for(model_dir)
+    print(f"Chatting with {model_dir}. Type an instruction (\"exit\" or Ctrl-D to quit).")
+    while True:
+        try:
+            instruction = input("\nInstruction: ").strip()
+            if instruction.lower() in ("exit", "quit"):
+                break
+            if not instruction:
+                continue
+            extra = input("Input (optional, Enter to skip): ").strip()
+        except EOFError:
+            break
+        print("Response: ", end="", flush=True)
+        stream_reply(model, tokenizer, response_prompt({"instruction": instruction, "input": extra}), args)
+        print()
+    print()
+
+
+def _add_sampling(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm", description="Use the pipeline's models from the terminal.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    classify = commands.add_parser("classify", help="spam or ham, with the spam probability")
+    classify.add_argument("text", nargs="+", help="one or more texts")
+    classify.add_argument("--model", default="models/spam_classifier")
+    classify.set_defaults(run=cmd_classify)
+
+    generate = commands.add_parser("generate", help="continue a prompt, streaming tokens")
+    generate.add_argument("prompt")
+    generate.add_argument("--model", default="models/pretrained")
+    _add_sampling(generate, max_new_tokens=50)
+    generate.set_defaults(run=cmd_generate)
+
+    chat = commands.add_parser("chat", help="answer instructions with the instruction-tuned model")
+    chat.add_argument("--model", default="models/instruct")
+    _add_sampling(chat, max_new_tokens=256)
+    chat.set_defaults(run=cmd_chat)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (CliError, CheckpointError, TokenizerFilesError, ValueError) as exc:
+        print(f"llm {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

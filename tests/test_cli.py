@@ -1,0 +1,130 @@
+"""The ``llm`` command: missing models name their stage, generate streams, chat, classify."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmcore import cli
+from llmcore.checkpoint import save_checkpoint
+from llmcore.classifier import GPTClassifier, classify_texts, save_classifier
+from llmcore.config import GPTConfig
+from llmcore.generate import generate, generate_text
+from llmcore.instruct import response_prompt
+from llmcore.model import GPTModel
+from llmcore.tokenizer import ENCODING_DIR_ENV, ENDOFTEXT_ID, encode
+
+
+@pytest.fixture
+def offline_tokenizer(monkeypatch: pytest.MonkeyPatch, gpt2_encoding_dir: Path) -> None:
+    monkeypatch.setenv(ENCODING_DIR_ENV, str(gpt2_encoding_dir))
+
+
+@pytest.fixture(scope="module")
+def gpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    return save_checkpoint(GPTModel(GPTConfig.from_preset("cpu-tiny")), tmp_path_factory.mktemp("cli") / "gpt")
+
+
+@pytest.mark.parametrize(
+    ("command", "stage"),
+    [(["classify", "hi"], "finetune_classifier"), (["generate", "hi"], "pretrain"), (["chat"], "finetune_instruct")],
+)
+def test_missing_default_model_names_the_stage_that_makes_it(
+    command: list[str], stage: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no models/ here
+    assert cli.main(command) == 1
+    err = capsys.readouterr().err
+    assert f"run `dvc repro {stage}`" in err and "not found" in err
+
+
+def test_gpt2_dir_without_weights_is_reported(tmp_path: Path, capsys) -> None:
+    (tmp_path / "status.json").write_text(json.dumps({"loaded": False}))
+    assert cli.main(["generate", "hi", "--model", str(tmp_path)]) == 1
+    assert "holds no weights" in capsys.readouterr().err
+
+
+def test_generate_prints_the_prompt_and_its_greedy_continuation(gpt_dir: Path, offline_tokenizer, tokenizer, capsys) -> None:
+    assert cli.main(["generate", "Every effort moves you", "--model", str(gpt_dir), "--max-new-tokens", "12"]) == 0
+    model = cli.load_checkpoint(gpt_dir)
+    expected = generate_text(model, tokenizer, "Every effort moves you", 12, eos_id=ENDOFTEXT_ID)
+    assert capsys.readouterr().out == "Every effort moves you" + expected + "\n"
+
+
+def test_generate_writes_each_token_before_the_next_is_computed(
+    gpt_dir: Path, offline_tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    printed_when_asked: list[int] = []
+    real_stream = cli.generate_stream
+
+    def recording_stream(*args, **kwargs):
+        for step in real_stream(*args, **kwargs):
+            yield step
+            printed_when_asked.append(len(out.getvalue()))  # what was on screen when the next step ran
+
+    monkeypatch.setattr(cli, "generate_stream", recording_stream)
+    assert cli.main(["generate", "Hello", "--model", str(gpt_dir), "--max-new-tokens", "8",
+                     "--temperature", "1.0", "--seed", "3"]) == 0
+    assert len(printed_when_asked) == 8
+    assert printed_when_asked == sorted(printed_when_asked) and printed_when_asked[-1] > printed_when_asked[0]
+
+
+def test_stream_text_keeps_multibyte_characters_whole(tokenizer) -> None:
+    text = "naïve café 😀 日本語"
+    ids = encode(tokenizer, text)
+    # Some tokens are fragments of a character: decoding them one by one would print garbage.
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)
+    pieces = list(cli.stream_text(tokenizer, ids))
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    assert len(pieces) > 1
+
+
+def test_chat_answers_instructions_until_exit(gpt_dir: Path, offline_tokenizer, tokenizer, monkeypatch, capsys) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("Name a color.\n\nTranslate to German.\nGood morning\nexit\nnever read\n"))
+    assert cli.main(["chat", "--model", str(gpt_dir), "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    model = cli.load_checkpoint(gpt_dir)
+    for entry in ({"instruction": "Name a color.", "input": ""},
+                  {"instruction": "Translate to German.", "input": "Good morning"}):
+        ids = generate(model, [encode(tokenizer, response_prompt(entry))], 6, eos_id=ENDOFTEXT_ID)[0]
+        assert f"Response: {tokenizer.decode(ids)}\n" in out
+    assert out.count("Response: ") == 2
+
+
+def test_chat_exits_cleanly_at_end_of_input(gpt_dir: Path, offline_tokenizer, monkeypatch, capsys) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("Name a color.\n"))  # EOF while asking for the input
+    assert cli.main(["chat", "--model", str(gpt_dir)]) == 0
+    assert "Response:" not in capsys.readouterr().out
+
+
+def test_classify_prints_label_and_spam_probability(tmp_path: Path, offline_tokenizer, tokenizer, capsys) -> None:
+    torch.manual_seed(0)
+    classifier = GPTClassifier.from_gpt(GPTModel(GPTConfig.from_preset("cpu-tiny")), max_length=32)
+    save_classifier(classifier, tmp_path / "clf")
+    texts = ["WINNER! Claim your free prize now", "see you at lunch"]
+    assert cli.main(["classify", *texts, "--model", str(tmp_path / "clf")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    expected = classify_texts(classifier.eval(), tokenizer, texts)
+    assert lines == [f"{t!r}: {label} (spam probability {p:.3f})" for t, (label, p) in zip(texts, expected)]
+
+
+def test_tokenizer_files_beside_the_model_are_used_without_the_env(
+    gpt_dir: Path, gpt2_encoding_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_dir = Path(shutil.copytree(gpt_dir, tmp_path / "with_bpe"))
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copy(gpt2_encoding_dir / name, model_dir / name)
+    monkeypatch.delenv(ENCODING_DIR_ENV, raising=False)
+    asked: list = []
+    monkeypatch.setattr(cli, "get_tokenizer", lambda directory=None: asked.append(directory) or "tok")
+    assert cli.tokenizer_for(model_dir) == "tok" and asked == [model_dir]
+    cli.tokenizer_for(gpt_dir)  # no files there: tiktoken's own (None)
+    assert asked[-1] is None
