@@ -1,0 +1,47 @@
+"""The stage graph, read from dvc.yaml through DVC itself, and the order to run stages in.
+
+DVC's index graph points from a stage to the stages it depends on; we reverse it so edges
+run upstream -> downstream and a topological sort is an execution order. Ties keep dvc.yaml's
+order, so runs are reproducible and read like the file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import networkx as nx
+
+
+class PipelineError(RuntimeError):
+    """The requested pipeline does not match dvc.yaml, or a stage failed."""
+
+
+def read_dag(repo_dir: str | os.PathLike = ".") -> nx.DiGraph:
+    """dvc.yaml's command stages as a graph of stage addresses, edges upstream -> downstream."""
+    from dvc.repo import Repo  # heavy import, only where the graph is needed
+
+    with Repo(os.fspath(repo_dir)) as repo:
+        stage_graph = repo.index.graph
+        dag = nx.DiGraph()
+        for stage in stage_graph:  # dvc.yaml order
+            if getattr(stage, "cmd", None):
+                dag.add_node(stage.addressing)
+        for dependent, dependency in stage_graph.edges:
+            if dependent.addressing in dag and dependency.addressing in dag:
+                dag.add_edge(dependency.addressing, dependent.addressing)
+    return dag
+
+
+def execution_order(dag: nx.DiGraph, targets: Iterable[str] | None = None) -> list[str]:
+    """The targets and everything upstream of them (all stages if None), upstream first."""
+    if targets is None:
+        wanted = set(dag)
+    else:
+        wanted = set()
+        for target in targets:
+            if target not in dag:
+                raise PipelineError(f"stage {target!r} is not in dvc.yaml (stages: {', '.join(dag)})")
+            wanted |= {target, *nx.ancestors(dag, target)}
+    position = {name: i for i, name in enumerate(dag)}
+    return list(nx.lexicographical_topological_sort(dag.subgraph(wanted), key=position.__getitem__))

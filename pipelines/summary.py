@@ -1,0 +1,87 @@
+"""What a pipeline run did, as a Markdown report for the Prefect UI (and the parent MLflow run)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.stages import StageResult
+from steps.tracking import flatten
+
+STATUS_TEXT = {"ran": "ran", "cached": "restored from DVC run cache", "skipped": "up to date, skipped"}
+
+
+@dataclass
+class PipelineReport:
+    flow: str
+    results: list[StageResult]
+    not_run: list[str]
+    wall_s: float  # from the first stage's start to the last stage's end, as the flow saw it
+    metrics: dict[str, float]
+    mlflow_run_id: str
+    mlflow_url: str
+    failure: str | None = None
+    stages_by_status: dict[str, list[str]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stages_by_status = {status: [r.stage for r in self.results if r.status == status] for status in STATUS_TEXT}
+
+    @property
+    def stage_s(self) -> float:
+        return sum(r.seconds for r in self.results)
+
+    @property
+    def overhead_s(self) -> float:
+        return self.wall_s - self.stage_s
+
+
+def read_metrics(metrics_dir: str | Path = "metrics") -> dict[str, float]:
+    """Every number in ``metrics_dir/*.json``, keyed ``<file stem>.<key>[.<subkey>...]``."""
+    metrics: dict[str, float] = {}
+    for path in sorted(Path(metrics_dir).glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            continue
+        for key, value in flatten(data, prefix=f"{path.stem}.").items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics[key] = value
+    return metrics
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:.4g}"
+
+
+def render_markdown(report: PipelineReport) -> str:
+    outcome = f"failed: {report.failure.splitlines()[0]}" if report.failure else "completed"
+    lines = [
+        f"# Pipeline `{report.flow}`: {outcome}",
+        "",
+        f"MLflow parent run: [{report.mlflow_run_id}]({report.mlflow_url}) "
+        "(one child run per stage that ran).",
+        "",
+        "| stage | DVC | seconds |",
+        "| --- | --- | ---: |",
+    ]
+    lines += [f"| {r.stage} | {STATUS_TEXT[r.status]} | {r.seconds:.1f} |" for r in report.results]
+    lines += [f"| {stage} | not run | |" for stage in report.not_run]
+    ran = ", ".join(report.stages_by_status["ran"]) or "none"
+    share = report.overhead_s / report.wall_s if report.wall_s > 0 else 0.0
+    lines += [
+        "",
+        f"Ran: {ran}. Up to date: {len(report.stages_by_status['skipped'])}, "
+        f"restored from run cache: {len(report.stages_by_status['cached'])}.",
+        "",
+        f"Wall time {report.wall_s:.1f} s, inside `dvc repro` {report.stage_s:.1f} s, "
+        f"orchestration overhead {report.overhead_s:.1f} s ({share:.1%}).",
+    ]
+    if report.failure:
+        lines += ["", "## Failure", "", "```", report.failure, "```"]
+    if report.metrics:
+        lines += ["", "## Metrics", "", "| metric | value |", "| --- | ---: |"]
+        lines += [f"| {key} | {_number(value)} |" for key, value in report.metrics.items()]
+    return "\n".join(lines) + "\n"
