@@ -1,0 +1,108 @@
+"""The speed paths must compute what the plain paths compute: the chunked LM-head loss against
+``F.cross_entropy`` of full logits (value and gradients), and int8 weights against fp32."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmcore import cli
+from llmcore.checkpoint import save_checkpoint
+from llmcore.config import GPTConfig
+from llmcore.generate import generate
+from llmcore.model import IGNORE_INDEX, GPTModel, head_cross_entropy
+from llmcore.quantize import quantize_int8
+from llmcore.tokenizer import ENCODING_DIR_ENV
+
+CFG = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 24, 1000])  # one row, ragged chunks, exact, one chunk
+def test_chunked_head_loss_matches_full_logits_value_and_gradients(chunk_rows: int) -> None:
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 8, 32, requires_grad=True)
+    weight = torch.randn(97, 32, requires_grad=True)
+    targets = torch.randint(0, 97, (3, 8))
+    targets[0, :3] = IGNORE_INDEX  # ignored rows, some of them in the first chunk
+    targets[2, -1] = IGNORE_INDEX
+
+    loss = head_cross_entropy(hidden, weight, targets, chunk_rows=chunk_rows)
+    (loss * 2.5).backward()  # a non-unit upstream gradient must scale the stored ones
+    got = loss.detach(), hidden.grad.clone(), weight.grad.clone()
+
+    hidden.grad = weight.grad = None
+    reference = F.cross_entropy((hidden @ weight.T).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    (reference * 2.5).backward()
+    torch.testing.assert_close(got[0], reference.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[1], hidden.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[2], weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_gpt_model_loss_equals_cross_entropy_of_its_logits_with_tied_and_untied_heads() -> None:
+    for tied in (False, True):
+        torch.manual_seed(1)
+        model = GPTModel(GPTConfig(**{**CFG.__dict__, "tie_embeddings": tied}))
+        reference_model = copy.deepcopy(model)
+        idx, targets = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+        model.loss(idx, targets).backward()
+        F.cross_entropy(reference_model(idx).flatten(0, 1), targets.flatten()).backward()
+        for (name, p), q in zip(model.named_parameters(), reference_model.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=f"{name} (tied={tied})")
+
+
+def test_chunked_loss_rejects_targets_outside_the_vocabulary() -> None:
+    with pytest.raises(ValueError, match="target id 97 is outside the vocabulary of 97"):
+        head_cross_entropy(torch.randn(4, 32), torch.randn(97, 32), torch.tensor([1, 2, 97, 3]))
+
+
+def test_under_no_grad_the_chunked_loss_does_no_gradient_work() -> None:
+    hidden, weight = torch.randn(6, 32, requires_grad=True), torch.randn(97, 32, requires_grad=True)
+    with torch.no_grad():
+        loss = head_cross_entropy(hidden, weight, torch.randint(0, 97, (6,)))
+    assert not loss.requires_grad and hidden.grad is None
+
+
+def trained_tiny_model() -> GPTModel:
+    """A model whose logits are not near-uniform, so int8 rounding could change greedy tokens."""
+    torch.manual_seed(0)
+    model = GPTModel(CFG)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    data = torch.arange(64).remainder(13).reshape(4, 16)  # a repeating pattern to learn
+    for _ in range(60):
+        optimizer.zero_grad()
+        model.loss(data[:, :-1], data[:, 1:]).backward()
+        optimizer.step()
+    return model.eval()
+
+
+def test_int8_model_keeps_the_fp32_model_and_agrees_with_it() -> None:
+    model = trained_tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    quantized = quantize_int8(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # original untouched
+    assert not any(type(m) is torch.nn.Linear for m in quantized.modules())  # every Linear replaced
+
+    idx = torch.arange(12).remainder(13)[None]
+    with torch.no_grad():
+        fp32_logits, int8_logits = model(idx), quantized(idx)
+    assert (int8_logits - fp32_logits).abs().max() < 0.05 * fp32_logits.abs().max()
+    assert generate(quantized, idx, 20) == generate(model, idx, 20)
+
+
+def test_int8_rejects_models_it_cannot_quantize() -> None:
+    with pytest.raises(ValueError, match="fp32"):
+        quantize_int8(GPTModel(CFG).to(torch.float64))
+
+
+def test_cli_generate_with_int8_weights(tmp_path: Path, gpt2_encoding_dir: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv(ENCODING_DIR_ENV, str(gpt2_encoding_dir))
+    torch.manual_seed(0)
+    model_dir = save_checkpoint(GPTModel(GPTConfig.from_preset("cpu-tiny")), tmp_path / "gpt")
+    assert cli.main(["generate", "Every effort moves you", "--model", str(model_dir),
+                     "--max-new-tokens", "5", "--int8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Every effort moves you") and len(out) > len("Every effort moves you\n")
