@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import tempfile
 from pathlib import Path
@@ -63,16 +62,10 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, threads: 
         distributed.cleanup()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def tokens_per_s(world: int, threads: int, args: argparse.Namespace) -> list[float]:
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp, "tokens_per_s.txt"))
-        mp.start_processes(worker, args=(world, free_port(), args, threads, out), nprocs=world,
+        mp.start_processes(worker, args=(world, distributed.free_port(), args, threads, out), nprocs=world,
                            start_method="spawn")
         return eval(Path(out).read_text())  # noqa: S307 - our own repr of a list of floats
 

@@ -5,6 +5,9 @@ position of the padded row, so every text is padded to the same length, the long
 example; ``"flexible"`` takes each row's last real token, which has seen the whole message. With
 causal attention that token never sees the padding after it, so a flexible batch may be padded
 just to its own longest row and computes the same logits as fixed-length padding, much faster.
+``"mean"`` averages the final hidden states of all real tokens: a bag of contextual token
+features, which a small model trained from little data classifies better than any one position
+(padded per batch like ``"flexible"``, for the same reason).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from llmcore.tokenizer import ENDOFTEXT_ID, encode
 
 CLASSIFIER_FORMAT = "llmcore-gpt-classifier"
 SPAM_LABELS = ("ham", "spam")  # class index 0, 1: the data's Label column
-TOKEN_POSITIONS = ("last", "flexible")
+TOKEN_POSITIONS = ("last", "flexible", "mean")
 TRAINABLE_MODES = ("last_layer", "last_block", "last_two_blocks", "all", "lora")
 
 
@@ -83,9 +86,19 @@ class GPTClassifier(GPTModel):
             return torch.where(idx != self.pad_id, steps, 0).amax(dim=1)
         return (lengths.to(idx.device) - 1).clamp(min=0)
 
+    def real_tokens(self, idx: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, tokens) mask of the non-padding positions; without ``lengths``, ids != pad_id."""
+        if lengths is None:
+            return idx != self.pad_id
+        return torch.arange(idx.shape[1], device=idx.device)[None, :] < lengths.to(idx.device)[:, None]
+
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Class logits (batch, num_classes); ``lengths`` (unpadded row lengths) serve ``"flexible"``."""
+        """Class logits (batch, num_classes); ``lengths`` (unpadded row lengths) serve ``"flexible"``
+        and ``"mean"``."""
         hidden = self.hidden_states(idx)
+        if self.token_position == "mean":
+            mask = self.real_tokens(idx, lengths).unsqueeze(-1).to(hidden.dtype)
+            return self.out_head((hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0))
         chosen = hidden[torch.arange(idx.shape[0], device=idx.device), self.positions(idx, lengths)]
         return self.out_head(chosen)
 

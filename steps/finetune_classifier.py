@@ -69,7 +69,7 @@ class LoraParams(StrictModel):
 class FinetuneClassifierParams(StrictModel):
     trainable: Literal["last_layer", "last_block", "last_two_blocks", "all", "lora"] = "last_block"
     lora: LoraParams = LoraParams()
-    token_position: Literal["last", "flexible"] = "last"
+    token_position: Literal["last", "flexible", "mean"] = "last"
     max_length: int | None = Field(None, ge=1)  # None: the longest training message (capped at the context)
     drop_rate: float | None = Field(None, ge=0, lt=1)  # None: the base model's
     epochs: int = Field(5, ge=1)

@@ -105,6 +105,19 @@ def test_flexible_position_reads_last_real_token(gpt: GPTModel) -> None:
     torch.testing.assert_close(last(inputs, lengths), last.out_head(last.hidden_states(inputs)[:, -1]))
 
 
+def test_mean_position_averages_real_tokens_and_ignores_padding(gpt: GPTModel) -> None:
+    model = GPTClassifier.from_gpt(gpt, token_position="mean").eval()
+    rows = [[11, 12, 13], [21, 22, 23, 24, 25, 26], [31]]
+    inputs, _, lengths = PadCollate(PAD, length=8)([(r, 0) for r in rows])
+    logits = model(inputs, lengths)
+    hidden = model.hidden_states(inputs)
+    for i, row in enumerate(rows):
+        torch.testing.assert_close(logits[i], model.out_head(hidden[i, : len(row)].mean(dim=0)))
+        torch.testing.assert_close(logits[i], model(torch.tensor([row]))[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model(inputs), logits)  # the mask from the padding id when lengths are unknown
+    assert collate_for(model) == PadCollate(PAD, None)  # per-batch padding, like "flexible"
+
+
 def test_dataset_and_collate_pad_to_longest_training_text(tokenizer) -> None:
     texts = ["Hi there", "Free entry in a weekly competition to win cup final tickets", "ok"]
     encoded = [encode(tokenizer, t) for t in texts]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -122,14 +121,8 @@ def worker(rank: int, port: int, tmp: str, read_limit: int) -> None:
         distributed.cleanup()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def spawn_ranks(tmp: Path, read_limit: int) -> dict:
-    context = mp.start_processes(worker, args=(free_port(), str(tmp), read_limit), nprocs=WORLD,
+    context = mp.start_processes(worker, args=(distributed.free_port(), str(tmp), read_limit), nprocs=WORLD,
                                  join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     try:
