@@ -1,7 +1,7 @@
 """Reproduce the book's chapter 5 pretraining run on the-verdict with llmcore (no DVC, no MLflow).
 
 The book's settings: GPT_CONFIG_124M (gpt2-small shape, qkv_bias off, untied output head),
-context 256, drop 0.1; the text split 90/10 by characters and each part tokenized on its own;
+context 256, drop 0.1, PyTorch's default initialisation (GPTConfig.init "torch"); the text split 90/10 by characters and each part tokenized on its own;
 windows of 256 with stride 256, batch 2 (train: shuffled, drop_last; val: in order); AdamW
 lr 4e-4, weight decay 0.1, constant lr, no warmup, no gradient clipping; 10 epochs;
 torch.manual_seed(123) before building the model; evaluation every 5 steps on 5 batches.
@@ -34,7 +34,7 @@ from llmcore.model import GPTModel
 from llmcore.tokenizer import encode, get_tokenizer
 from llmcore.train import TrainConfig, train
 
-BOOK_MODEL = dict(context_length=256, qkv_bias=False, tie_embeddings=False, drop_rate=0.1)
+BOOK_MODEL = dict(context_length=256, qkv_bias=False, tie_embeddings=False, drop_rate=0.1, init="torch")
 BOOK_TRAIN = dict(
     epochs=10, batch_size=2, lr=4e-4, weight_decay=0.1, schedule="constant", warmup_steps=0,
     grad_clip=None, eval_every=5, eval_batches=5,

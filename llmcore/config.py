@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 
+INIT_SCHEMES = ("gpt2", "torch")
+
+
 class ConfigError(ValueError):
     """An invalid model configuration; the message names the offending field."""
 
@@ -22,6 +25,11 @@ class GPTConfig:
     qkv_bias: bool = False
     tie_embeddings: bool = True
     layer_norm_eps: float = 1e-5
+    # Weight initialisation of a new model: "gpt2" draws every Linear and Embedding weight from
+    # N(0, 0.02) (GPT-2, nanoGPT); "torch" keeps PyTorch's defaults (N(0, 1) embeddings), as the
+    # book's GPTModel does. On the book's tiny corpus only "torch" lets the 124M model memorise
+    # it the way chapter 5 shows. Loaded weights replace either.
+    init: str = "gpt2"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
@@ -37,6 +45,8 @@ class GPTConfig:
         for name in ("qkv_bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"GPTConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.init not in INIT_SCHEMES:
+            raise ConfigError(f"GPTConfig.init must be one of {INIT_SCHEMES}, got {self.init!r}")
         if not self.layer_norm_eps > 0:
             raise ConfigError(f"GPTConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
 

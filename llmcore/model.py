@@ -154,7 +154,8 @@ class GPTModel(nn.Module):
         self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
-        self.apply(self._init_weights)
+        if cfg.init == "gpt2":
+            self.apply(self._init_weights)
         if cfg.tie_embeddings:
             self.out_head.weight = self.tok_emb.weight
 

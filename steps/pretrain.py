@@ -64,6 +64,7 @@ class ModelParams(StrictModel):
     drop_rate: float | None = Field(None, ge=0, lt=1)
     qkv_bias: bool | None = None
     tie_embeddings: bool | None = None
+    init: Literal["gpt2", "torch"] | None = None  # weight initialisation (llmcore.config.GPTConfig.init)
 
     @field_validator("preset")
     @classmethod

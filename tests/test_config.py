@@ -69,3 +69,18 @@ def test_cpu_presets_have_the_documented_shapes() -> None:
     shapes = {name: (PRESETS[name].n_layers, PRESETS[name].emb_dim, PRESETS[name].context_length)
               for name in ("cpu-tiny", "cpu-small", "cpu-base")}
     assert shapes == {"cpu-tiny": (2, 64, 64), "cpu-small": (4, 192, 128), "cpu-base": (6, 384, 256)}
+
+
+def test_init_scheme_gpt2_or_pytorch_defaults() -> None:
+    small = dict(vocab_size=50, context_length=8, emb_dim=256, n_heads=4, n_layers=1)
+    torch.manual_seed(0)
+    gpt2 = GPTModel(GPTConfig(**small))
+    torch.manual_seed(0)
+    book = GPTModel(GPTConfig(**small, init="torch"))
+    assert abs(gpt2.tok_emb.weight.std().item() - 0.02) < 0.002  # GPT-2: N(0, 0.02)
+    assert abs(book.tok_emb.weight.std().item() - 1.0) < 0.05  # PyTorch's nn.Embedding: N(0, 1)
+    # PyTorch's nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)); GPT-2's: normal, unbounded tails.
+    assert book.trf_blocks[0].ff.fc.weight.abs().max() <= 1 / 256**0.5
+    assert gpt2.trf_blocks[0].ff.fc.weight.abs().max() > 1 / 256**0.5
+    with pytest.raises(ConfigError, match="GPTConfig.init must be one of"):
+        GPTConfig(**small, init="xavier")
