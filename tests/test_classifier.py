@@ -88,12 +88,18 @@ def test_set_trainable_selects_exact_parameters(gpt: GPTModel) -> None:
         set_trainable(model, "first_block")
 
 
+ROWS = [[11, 12, 13], [21, 22, 23, 24, 25, 26], [31]]
+
+
+def classify_padded_rows(gpt: GPTModel, token_position: str):
+    """A classifier reading ``token_position``, ROWS padded to 8 tokens, their logits and hidden states."""
+    model = GPTClassifier.from_gpt(gpt, token_position=token_position).eval()
+    inputs, _, lengths = PadCollate(PAD, length=8)([(r, 0) for r in ROWS])
+    return model, ROWS, inputs, lengths, model(inputs, lengths), model.hidden_states(inputs)
+
+
 def test_flexible_position_reads_last_real_token(gpt: GPTModel) -> None:
-    model = GPTClassifier.from_gpt(gpt, token_position="flexible").eval()
-    rows = [[11, 12, 13], [21, 22, 23, 24, 25, 26], [31]]
-    inputs, _, lengths = PadCollate(PAD, length=8)([(r, 0) for r in rows])
-    logits = model(inputs, lengths)
-    hidden = model.hidden_states(inputs)
+    model, rows, inputs, lengths, logits, hidden = classify_padded_rows(gpt, "flexible")
     for i, row in enumerate(rows):
         torch.testing.assert_close(logits[i], model.out_head(hidden[i, len(row) - 1]))
         # Causal attention: the padded row's logits are the unpadded row's own.
@@ -106,11 +112,7 @@ def test_flexible_position_reads_last_real_token(gpt: GPTModel) -> None:
 
 
 def test_mean_position_averages_real_tokens_and_ignores_padding(gpt: GPTModel) -> None:
-    model = GPTClassifier.from_gpt(gpt, token_position="mean").eval()
-    rows = [[11, 12, 13], [21, 22, 23, 24, 25, 26], [31]]
-    inputs, _, lengths = PadCollate(PAD, length=8)([(r, 0) for r in rows])
-    logits = model(inputs, lengths)
-    hidden = model.hidden_states(inputs)
+    model, rows, inputs, lengths, logits, hidden = classify_padded_rows(gpt, "mean")
     for i, row in enumerate(rows):
         torch.testing.assert_close(logits[i], model.out_head(hidden[i, : len(row)].mean(dim=0)))
         torch.testing.assert_close(logits[i], model(torch.tensor([row]))[0], rtol=1e-4, atol=1e-5)
