@@ -10,7 +10,6 @@ only once verified, so a failed, truncated or tampered download leaves nothing b
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import sys
@@ -24,7 +23,7 @@ from pydantic import Field, field_validator, model_validator
 from requests.adapters import HTTPAdapter
 from urllib3.util import Retry
 
-from steps.io import atomic_path
+from steps.io import atomic_path, sha256_file
 from steps.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
 
 MIRROR_ENV = "LLMPIPE_MIRROR"
@@ -137,14 +136,6 @@ def make_session(settings: FetchSettings) -> requests.Session:
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _verify(path: Path, expected: str | None, what: str) -> None:

@@ -12,7 +12,6 @@ run resume; it is deleted once the classifier is written. The classifier is logg
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -42,7 +41,7 @@ from llmcore.tokenizer import ENCODING_DIR_ENV, TokenizerFilesError, get_tokeniz
 from llmcore.train import TrainConfig, TrainingDivergedError, train
 from steps.data_common import DataError, TokenizerParams
 from steps.distributed import is_main_process, setup_distributed, stage_run_on_main
-from steps.io import write_json
+from steps.io import resume_state_dir, sha256_file, write_json
 from steps.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
 from steps.plotting import plot_history, write_history_csv
 
@@ -122,14 +121,6 @@ def load_base_model(base_dir: Path, **overrides) -> GPTModel:
     return load_checkpoint(base_dir, **overrides)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def classifier_signature():
     """Texts in; a label and the spam probability out."""
     from mlflow.models import ModelSignature
@@ -185,12 +176,9 @@ def finetune_classifier(
         eval_every=params.eval_every, eval_batches=params.eval_batches, seed=params.seed,
     )
     # A saved state resumes only for the same base weights, data and settings; others are stale.
-    inputs = [_sha256(path) for path in (base_dir / "model.safetensors", data_dir / "train.csv", data_dir / "validation.csv")]
-    fingerprint = hashlib.sha256(json.dumps([params.model_dump(mode="json"), inputs]).encode()).hexdigest()[:16]
-    if is_main_process():  # under torchrun only rank 0 touches files and MLflow
-        for stale in cache_dir.glob("*"):
-            if stale.name != fingerprint:
-                shutil.rmtree(stale, ignore_errors=True)
+    inputs = [sha256_file(path) for path in (base_dir / "model.safetensors", data_dir / "train.csv", data_dir / "validation.csv")]
+    # Under torchrun only rank 0 touches files and MLflow.
+    state_dir = resume_state_dir(cache_dir, params.model_dump(mode="json"), inputs, prune=is_main_process())
     with stage_run_on_main(STAGE, EXPERIMENT, params) as run:
         if run is not None:
             import mlflow
@@ -199,8 +187,8 @@ def finetune_classifier(
                                "max_length_tokens": train_data.max_length})
         state = train(model, train_data, val_data, config, loss_fn=classification_loss,
                       eval_fn=classification_accuracy, collate_fn=collate_for(model),
-                      callbacks=[MlflowCallback(STEP_LOG_EVERY)], state_dir=cache_dir / fingerprint, resume=resume,
-                      fingerprint_extra=fingerprint)
+                      callbacks=[MlflowCallback(STEP_LOG_EVERY)], state_dir=state_dir, resume=resume,
+                      fingerprint_extra=state_dir.name)
         if run is None:  # another rank of a torchrun: rank 0 writes and logs
             return {}
         merge_lora(model)

@@ -10,8 +10,6 @@ a few validation prompts are answered and logged to MLflow, as the book prints t
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import shutil
 import sys
 import time
@@ -30,7 +28,7 @@ from steps.build_instruction_dataset import load_entries
 from steps.data_common import DataError, TokenizerParams
 from steps.distributed import is_main_process, setup_distributed, stage_run_on_main
 from steps.finetune_classifier import BaseModelError, BaseModelParams, load_base_model
-from steps.io import write_json
+from steps.io import resume_state_dir, sha256_file, write_json
 from steps.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
 from steps.plotting import plot_history, write_history_csv
 
@@ -64,14 +62,6 @@ def load_split(path: Path) -> list[dict]:
     if not entries:
         raise DataError(f"{path}: no instruction entries")
     return entries
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class SampleResponses(TrainCallback):
@@ -132,17 +122,12 @@ def finetune_instruct(
         checkpoint_every=params.checkpoint_every, seed=params.seed,
     )
     # Everything a saved state depends on besides the TrainConfig: base weights, data, collation.
-    extra = json.dumps({
-        "base": file_digest(base_model / "model.safetensors"),
-        "train": file_digest(data_dir / "train.json"),
-        "val": file_digest(data_dir / "validation.json"),
+    state_dir = resume_state_dir(cache_dir, config.fingerprint(), {
+        "base": sha256_file(base_model / "model.safetensors"),
+        "train": sha256_file(data_dir / "train.json"),
+        "val": sha256_file(data_dir / "validation.json"),
         "max_length": max_length, "mask_prompt": params.mask_prompt,
-    }, sort_keys=True)
-    key = hashlib.sha256((config.fingerprint() + extra).encode()).hexdigest()[:16]
-    if is_main_process():
-        for stale in cache_dir.glob("*"):  # states of other settings can never be resumed
-            if stale.name != key:
-                shutil.rmtree(stale, ignore_errors=True)
+    }, prune=is_main_process())
     samples = SampleResponses(tokenizer, val_entries[: params.sample_entries], params.sample_max_new_tokens)
     with stage_run_on_main(STAGE, EXPERIMENT, params) as run:
         if run is not None:
@@ -153,8 +138,8 @@ def finetune_instruct(
         started = time.perf_counter()
         state = train(
             model, InstructionDataset(train_entries, tokenizer), InstructionDataset(val_entries, tokenizer),
-            config, collate_fn=collate, callbacks=[MlflowCallback(), samples], state_dir=cache_dir / key,
-            resume=resume, fingerprint_extra=extra,
+            config, collate_fn=collate, callbacks=[MlflowCallback(), samples], state_dir=state_dir,
+            resume=resume, fingerprint_extra=state_dir.name,
         )
         wall_time = time.perf_counter() - started
         if run is None:

@@ -1,14 +1,18 @@
-"""Output writing for steps: everything goes through llmcore's atomic temp-then-rename."""
+"""File helpers for steps: outputs go through llmcore's atomic temp-then-rename; digests of inputs;
+the directory of a resumable training state."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 from llmcore.fileio import atomic_path
 
-__all__ = ["atomic_path", "write_json", "write_text"]
+__all__ = ["atomic_path", "resume_state_dir", "sha256_file", "write_json", "write_text"]
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
@@ -19,3 +23,27 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resume_state_dir(cache_dir: Path, *settings: Any, prune: bool = True) -> Path:
+    """``cache_dir/<key>`` for a training state made with ``settings`` (anything JSON can hold:
+    params, input digests), so a state is only ever resumed with the same settings and inputs.
+
+    States under other keys can never be resumed: with ``prune`` (on the process that owns the
+    files) they are deleted.
+    """
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    if prune:
+        for stale in cache_dir.glob("*"):
+            if stale.name != key:
+                shutil.rmtree(stale, ignore_errors=True)
+    return cache_dir / key

@@ -44,7 +44,7 @@ from llmcore.tokenizer import ENCODING_DIR_ENV, TokenizerFilesError, get_tokeniz
 from llmcore.train import STATE_DIR, TrainCallback, TrainConfig, TrainingDivergedError, TrainState, has_train_state, train
 from steps.data_common import DataError, TokenizerParams
 from steps.distributed import setup_distributed, stage_run_on_main
-from steps.io import write_json
+from steps.io import resume_state_dir, write_json
 from steps.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
 from steps.plotting import plot_history, write_history_csv
 
@@ -152,12 +152,6 @@ def load_windows(path: Path, cfg: GPTConfig, *, exact: bool = True) -> tuple[Win
     return WindowArrayDataset(windows), hashlib.sha256(np.ascontiguousarray(windows).tobytes()).hexdigest()
 
 
-def resume_key(config: TrainConfig, cfg: GPTConfig, data_digests: list[str]) -> str:
-    """What a saved state must have been made with to be resumed: settings, model shape, data."""
-    blob = json.dumps([config.fingerprint(), cfg.to_dict(), data_digests], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 class EpochSampleCallback(TrainCallback):
     """After each epoch, continue the fixed prompt greedily and log it (MLflow text + console)."""
 
@@ -218,8 +212,9 @@ def pretrain(
     val_data, val_digest = load_windows(paths.windows / "val.npy", cfg)
     tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
     config = params.train_config(progress=progress)
-    key = resume_key(config, cfg, [train_digest, val_digest])
-    state_dir = paths.state_dir / key
+    # What a saved state must have been made with to be resumed: settings, model shape, data.
+    state_dir = resume_state_dir(paths.state_dir, config.fingerprint(), cfg.to_dict(), [train_digest, val_digest],
+                                 prune=False)
     try:
         device = resolve_device(params.device)
     except ValueError as exc:
@@ -238,7 +233,7 @@ def pretrain(
                 resumed = _log_restored_history(state_dir)
         sample_cb = EpochSampleCallback(tokenizer, params.sample)
         started = time.perf_counter()
-        state = train(model, train_data, val_data, config, state_dir=state_dir, fingerprint_extra=key,
+        state = train(model, train_data, val_data, config, state_dir=state_dir, fingerprint_extra=state_dir.name,
                       callbacks=[MlflowCallback(), sample_cb, *callbacks])
         wall_time = time.perf_counter() - started
         if not is_main_process():
