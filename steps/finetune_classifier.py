@@ -12,6 +12,7 @@ run resume; it is deleted once the classifier is written. The classifier is logg
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -58,6 +59,12 @@ class BaseModelError(ValueError):
 
 class BaseModelParams(StrictModel):
     dir: str  # an llmcore checkpoint: models/pretrained (own) or models/gpt2 (GPT-2's weights)
+
+
+def train_config_from(params: StrictModel) -> TrainConfig:
+    """The TrainConfig of a fine-tuning params section: every field it shares by name with TrainConfig."""
+    shared = {f.name for f in dataclasses.fields(TrainConfig)} & set(type(params).model_fields)
+    return TrainConfig(**{name: getattr(params, name) for name in shared})
 
 
 class LoraParams(StrictModel):
@@ -170,11 +177,7 @@ def finetune_classifier(
     except ValueError as exc:
         raise ParamsError(f"{STAGE}.device: {exc}") from exc
 
-    config = TrainConfig(
-        epochs=params.epochs, batch_size=params.batch_size, lr=params.lr, weight_decay=params.weight_decay,
-        schedule=params.schedule, warmup_steps=params.warmup_steps, grad_clip=params.grad_clip,
-        eval_every=params.eval_every, eval_batches=params.eval_batches, seed=params.seed,
-    )
+    config = train_config_from(params)
     # A saved state resumes only for the same base weights, data and settings; others are stale.
     inputs = [sha256_file(path) for path in (base_dir / "model.safetensors", data_dir / "train.csv", data_dir / "validation.csv")]
     # Under torchrun only rank 0 touches files and MLflow.

@@ -23,11 +23,11 @@ from llmcore.checkpoint import CheckpointError, save_checkpoint
 from llmcore.device import resolve_device
 from llmcore.instruct import InstructionDataset, collate_instructions, generate_responses
 from llmcore.tokenizer import TokenizerFilesError, get_tokenizer
-from llmcore.train import TrainCallback, TrainConfig, TrainingDivergedError, TrainState, train
+from llmcore.train import TrainCallback, TrainingDivergedError, TrainState, train
 from steps.build_instruction_dataset import load_entries
 from steps.data_common import DataError, TokenizerParams
 from steps.distributed import is_main_process, setup_distributed, stage_run_on_main
-from steps.finetune_classifier import BaseModelError, BaseModelParams, load_base_model
+from steps.finetune_classifier import BaseModelError, BaseModelParams, load_base_model, train_config_from
 from steps.io import resume_state_dir, sha256_file, write_json
 from steps.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
 from steps.plotting import plot_history, write_history_csv
@@ -115,12 +115,7 @@ def finetune_instruct(
     context = model.cfg.context_length
     max_length = min(params.max_length or context, context)
     collate = functools.partial(collate_instructions, max_length=max_length, mask_prompt=params.mask_prompt)
-    config = TrainConfig(
-        epochs=params.epochs, batch_size=params.batch_size, lr=params.lr, weight_decay=params.weight_decay,
-        schedule=params.schedule, warmup_steps=params.warmup_steps, grad_clip=params.grad_clip,
-        eval_every=params.eval_every, eval_batches=params.eval_batches,
-        checkpoint_every=params.checkpoint_every, seed=params.seed,
-    )
+    config = train_config_from(params)
     # Everything a saved state depends on besides the TrainConfig: base weights, data, collation.
     state_dir = resume_state_dir(cache_dir, config.fingerprint(), {
         "base": sha256_file(base_model / "model.safetensors"),
