@@ -92,7 +92,7 @@ def evaluate(
     tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
     metrics, curves = {}, {}
     for split in SPLITS:
-        data, _ = load_windows(windows_dir / f"{split}.npy", model.cfg, exact=False)
+        data = load_windows(windows_dir / f"{split}.npy", model.cfg, exact=False)
         curves[split] = position_losses(model, data, params.batch_size)
         loss = curves[split].mean().item()  # every window has the same length: the mean over tokens
         metrics[split] = {"loss": loss, "perplexity": math.exp(loss), "tokens": len(data) * data.context_length}

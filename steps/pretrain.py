@@ -16,7 +16,6 @@ a "models from code" pyfunc text generator (``steps/mlflow_models/generator.py``
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -44,7 +43,7 @@ from llmcore.tokenizer import ENCODING_DIR_ENV, TokenizerFilesError, get_tokeniz
 from llmcore.train import STATE_DIR, TrainCallback, TrainConfig, TrainingDivergedError, TrainState, has_train_state, train
 from steps.data_common import DataError, TokenizerParams
 from steps.distributed import setup_distributed, stage_run_on_main
-from steps.io import resume_state_dir, write_json
+from steps.io import resume_state_dir, sha256_file, write_json
 from steps.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
 from steps.plotting import plot_history, write_history_csv
 
@@ -128,8 +127,8 @@ class PretrainPaths:
     state_dir: Path = Path(".cache/pretrain")  # not a DVC output: survives an interrupted run
 
 
-def load_windows(path: Path, cfg: GPTConfig, *, exact: bool = True) -> tuple[WindowArrayDataset, str]:
-    """The windows in ``path`` as a dataset, and the sha256 of their bytes (part of the resume key).
+def load_windows(path: Path, cfg: GPTConfig, *, exact: bool = True) -> WindowArrayDataset:
+    """The windows in ``path`` as a dataset over a memory map (never read into RAM at once).
 
     Training needs windows exactly as long as the model's context; scoring (``exact=False``)
     accepts shorter ones.
@@ -149,7 +148,7 @@ def load_windows(path: Path, cfg: GPTConfig, *, exact: bool = True) -> tuple[Win
         )
     if int(windows.max()) >= cfg.vocab_size:
         raise DataError(f"{path}: token id {int(windows.max())} is outside the model's vocabulary ({cfg.vocab_size})")
-    return WindowArrayDataset(windows), hashlib.sha256(np.ascontiguousarray(windows).tobytes()).hexdigest()
+    return WindowArrayDataset(windows)
 
 
 class EpochSampleCallback(TrainCallback):
@@ -208,12 +207,12 @@ def pretrain(
     from steps.tracking import MlflowCallback  # mlflow imports take seconds: not at import
 
     cfg = params.model.gpt_config()
-    train_data, train_digest = load_windows(paths.windows / "train.npy", cfg)
-    val_data, val_digest = load_windows(paths.windows / "val.npy", cfg)
+    train_data, val_data = (load_windows(paths.windows / f"{split}.npy", cfg) for split in ("train", "val"))
     tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
     config = params.train_config(progress=progress)
     # What a saved state must have been made with to be resumed: settings, model shape, data.
-    state_dir = resume_state_dir(paths.state_dir, config.fingerprint(), cfg.to_dict(), [train_digest, val_digest],
+    state_dir = resume_state_dir(paths.state_dir, config.fingerprint(), cfg.to_dict(),
+                                 [sha256_file(paths.windows / f"{split}.npy") for split in ("train", "val")],
                                  prune=False)
     try:
         device = resolve_device(params.device)
