@@ -13,6 +13,15 @@ from collections.abc import Iterable
 import networkx as nx
 
 
+# Each named pipeline is its final stages plus everything upstream of them in dvc.yaml.
+PIPELINES: dict[str, list[str] | None] = {
+    "all": None,  # every stage in dvc.yaml
+    "pretrain": ["evaluate"],
+    "spam": ["score_spam"],
+    "instructions": ["score_instructions"],
+}
+
+
 class PipelineError(RuntimeError):
     """The requested pipeline does not match dvc.yaml, or a stage failed."""
 

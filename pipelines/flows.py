@@ -1,10 +1,14 @@
-"""Prefect flows over the DVC stages: each stage is a task running ``dvc repro --single-item``.
+"""The Prefect flow over the DVC stages: each stage is a task running ``dvc repro --single-item``.
 
-DVC decides what is up to date (unchanged stages are skipped, nothing is cached twice);
-Prefect shows every stage's state, logs and duration and retries downloads; MLflow gets one
-parent run per pipeline run, under which every stage that runs logs a child run (the id
+DVC decides what is up to date (unchanged stages are skipped, restored from its run cache, or
+run); Prefect shows every stage's state, logs and duration, retries downloads and draws the
+stages as dvc.yaml's graph (each task waits for its upstream stages). MLflow gets one parent run
+per pipeline run that runs anything, under which every stage that runs logs a child run (the id
 reaches the stage process through ``LLMPIPE_MLFLOW_PARENT_RUN_ID``, see steps/tracking.py).
-The flows are thin: the stage list comes from dvc.yaml's graph, the work happens in tasks.
+
+The flow's parameters make it the control panel: which pipeline, and params overrides
+(``{"finetune_classifier.lr": 5e-4}``) that make the run a named DVC experiment, as
+``dvc exp run -n NAME -S finetune_classifier.lr=5e-4`` would (see ``pipelines/experiments.py``).
 """
 
 from __future__ import annotations
@@ -12,37 +16,36 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import mlflow
 from mlflow.entities import Metric, Param
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
-from pipelines.dag import execution_order, read_dag
+from pipelines.dag import PIPELINES, execution_order, read_dag
+from pipelines import experiments
 from pipelines.stages import StageResult, dvc_status, repro_stage
 from pipelines.summary import PipelineReport, read_metrics, render_markdown
 from steps.params import StrictModel, load_section, read_params
 from steps.tracking import EXPERIMENT_ENV, PARENT_RUN_ENV, configure_tracking, flatten, git_commit
 
-# Each sub-pipeline is its final stages plus everything upstream of them in dvc.yaml.
-PIPELINES: dict[str, list[str] | None] = {
-    "pretrain": ["evaluate"],
-    "spam": ["score_spam"],
-    "instructions": ["score_instructions"],
-    "all": None,  # every stage in dvc.yaml
-}
+PipelineName = Literal["all", "pretrain", "spam", "instructions"]
 DOWNLOAD_PREFIX = "download_"  # stages that touch the network get task-level retries
 UI_URL_ENV = "LLMPIPE_MLFLOW_UI_URL"
+DVC_EXP_ENV = "DVC_EXP_NAME"  # what `dvc exp run` tells its stages; steps/tracking.py names runs after it
 
 
 class OrchestrationParams(StrictModel):
     mlflow_experiment: str = "llm-pipeline"
     mlflow_ui_url: str = "http://127.0.0.1:5000"
     download_retry_delays_s: list[Annotated[float, Field(ge=0)]] = Field(default=[10.0, 30.0, 90.0], max_length=10)
+    push: bool = True  # `dvc push` to the default remote after a run that changed outputs
 
 
 @dataclass(frozen=True)
@@ -80,23 +83,24 @@ def check_up_to_date(targets: list[str] | None) -> bool:
 
 
 @task(cache_policy=NO_CACHE)
-def start_parent_run(pipeline: str, settings: OrchestrationParams) -> ParentRun:
-    """The pipeline run's MLflow run: params.yaml flattened, tagged with commit and flow run."""
+def start_parent_run(pipeline: str, settings: OrchestrationParams, experiment: str) -> ParentRun:
+    """The pipeline run's MLflow run: params.yaml flattened, tagged with commit, flow run and DVC experiment."""
     tracking_uri = configure_tracking()
-    experiment = mlflow.set_experiment(settings.mlflow_experiment)
+    mlflow_experiment = mlflow.set_experiment(settings.mlflow_experiment)
     client = mlflow.MlflowClient()
     tags = {
         "pipeline": pipeline,
         "git_commit": git_commit(),
-        "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
+        "dvc_experiment": experiment,
         "prefect_flow_run_id": str(flow_run.id or ""),
         "prefect_flow_run_name": str(flow_run.name or ""),
     }
-    run = client.create_run(experiment.experiment_id, run_name=f"{pipeline} {flow_run.name or ''}".strip(), tags=tags)
+    name = experiment or f"{pipeline} {flow_run.name or ''}".strip()
+    run = client.create_run(mlflow_experiment.experiment_id, run_name=name, tags=tags)
     params = [Param(key, str(value)) for key, value in flatten(read_params()).items()]
     client.log_batch(run.info.run_id, params=params)
     ui = os.environ.get(UI_URL_ENV) or settings.mlflow_ui_url
-    url = f"{ui.rstrip('/')}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}"
+    url = f"{ui.rstrip('/')}/#/experiments/{mlflow_experiment.experiment_id}/runs/{run.info.run_id}"
     get_run_logger().info("MLflow parent run %s: %s", run.info.run_id, url)
     return ParentRun(run.info.run_id, settings.mlflow_experiment, tracking_uri, url)
 
@@ -115,13 +119,26 @@ def publish_summary(report: PipelineReport) -> PipelineReport:
     """The run's Markdown summary as a Prefect artifact; metrics and summary on the parent run."""
     report.metrics = read_metrics("metrics")
     markdown = render_markdown(report)
-    client = mlflow.MlflowClient()
-    now = int(time.time() * 1000)
-    client.log_batch(report.mlflow_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in report.metrics.items()])
-    client.log_text(report.mlflow_run_id, markdown, "pipeline_summary.md")
-    client.set_terminated(report.mlflow_run_id, "FAILED" if report.failure else "FINISHED")
+    if report.mlflow_run_id:
+        client = mlflow.MlflowClient()
+        now = int(time.time() * 1000)
+        client.log_batch(report.mlflow_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in report.metrics.items()])
+        client.log_text(report.mlflow_run_id, markdown, "pipeline_summary.md")
+        client.set_terminated(report.mlflow_run_id, "FAILED" if report.failure else "FINISHED")
     create_markdown_artifact(markdown, key=f"pipeline-{report.flow}", description=f"DVC stages and metrics of pipeline {report.flow}")
     return report
+
+
+@task(cache_policy=NO_CACHE)
+def save_experiment(name: str) -> None:
+    """``dvc exp save -n name``: this run's params, dvc.lock and metrics as a DVC experiment."""
+    get_run_logger().info("%s", experiments.save_experiment(name) or f"saved DVC experiment {name}")
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[10, 30])
+def push_outputs(targets: list[str] | None) -> None:
+    """``dvc push`` of what the run produced to the default remote (retried: remotes are I/O)."""
+    get_run_logger().info("dvc push: %s", experiments.push_outputs(targets))
 
 
 def stage_task(stage: str, settings: OrchestrationParams):
@@ -129,28 +146,47 @@ def stage_task(stage: str, settings: OrchestrationParams):
     return run_stage.with_options(name=stage, task_run_name=stage, retries=len(delays), retry_delay_seconds=delays or 0)
 
 
-def run_stages(order: list[str], settings: OrchestrationParams, parent: ParentRun) -> tuple[list[StageResult], Exception | None]:
-    """One task per stage, in order, until the first failure."""
+def run_stages(order: list[str], settings: OrchestrationParams, env: dict[str, str]) -> tuple[list[StageResult], Exception | None]:
+    """One task per stage, each waiting for its upstream stages (the flow-run graph is dvc.yaml's
+    DAG). The flow's task runner has one worker, since DVC locks the repository: stages run one at
+    a time, in ``order``. A failure stops the run; the stages after it are not started."""
+    dag = read_dag(".")
+    futures: dict[str, PrefectFuture] = {}
     results: list[StageResult] = []
     for stage in order:
+        upstream = [futures[name] for name in dag.predecessors(stage) if name in futures]
+        futures[stage] = stage_task(stage, settings).submit(stage, env, wait_for=upstream)
         try:
-            results.append(stage_task(stage, settings)(stage, parent.stage_env))
+            results.append(futures[stage].result())
         except Exception as exc:  # reported in the summary and the parent run, then re-raised
             return results, exc
     return results, None
 
 
-def run_pipeline(pipeline: str) -> PipelineReport:
-    """Run the stages of ``pipeline`` in order; the first failure stops it and fails the flow."""
+def run_pipeline(pipeline: PipelineName, params: dict[str, Any], experiment: str | None) -> PipelineReport:
+    """Run the stages of ``pipeline`` in order; the first failure stops it and fails the flow.
+
+    With ``params`` overrides the run is a DVC experiment: params.yaml is changed as
+    ``dvc exp run -S`` changes it, and the result is saved as experiment ``experiment``.
+    """
     start = time.perf_counter()
     settings = load_section("orchestration", OrchestrationParams)
+    if params:
+        experiment = experiments.apply_overrides(params, experiment)
+        get_run_logger().info("DVC experiment %s: %s", experiment, params)
     order = plan_stages(PIPELINES[pipeline])
-    up_to_date = check_up_to_date(PIPELINES[pipeline])
-    parent = start_parent_run(pipeline, settings)
-    if up_to_date:
-        results, failure = [StageResult(stage, "skipped", 0.0) for stage in order], None
-    else:
-        results, failure = run_stages(order, settings, parent)
+    if check_up_to_date(PIPELINES[pipeline]):
+        # Nothing to run: no MLflow run (an empty one per scheduled no-op would bury the real runs).
+        report = PipelineReport(flow=pipeline, results=[StageResult(stage, "skipped", 0.0) for stage in order],
+                                not_run=[], wall_s=time.perf_counter() - start, metrics={}, mlflow_run_id="", mlflow_url="")
+        return publish_summary(report)
+    parent = start_parent_run(pipeline, settings, experiment or os.environ.get(DVC_EXP_ENV, ""))
+    env = {**parent.stage_env, **({DVC_EXP_ENV: experiment} if experiment else {})}
+    results, failure = run_stages(order, settings, env)
+    if not failure and experiment:
+        save_experiment(experiment)
+    if not failure and settings.push:
+        push_outputs(PIPELINES[pipeline])
     report = PipelineReport(
         flow=pipeline,
         results=results,
@@ -160,6 +196,7 @@ def run_pipeline(pipeline: str) -> PipelineReport:
         mlflow_run_id=parent.run_id,
         mlflow_url=parent.url,
         failure=str(failure) if failure else None,
+        experiment=experiment,
     )
     report = publish_summary(report)
     if failure:
@@ -167,28 +204,10 @@ def run_pipeline(pipeline: str) -> PipelineReport:
     return report
 
 
-@flow(name="llm-pipeline")
-def full_pipeline() -> PipelineReport:
-    """Every stage in dvc.yaml: data, pretraining, GPT-2, both fine-tunes, scoring."""
-    return run_pipeline("all")
-
-
-@flow(name="pretrain-pipeline")
-def pretrain_pipeline() -> PipelineReport:
-    """Data -> pretrain -> evaluate."""
-    return run_pipeline("pretrain")
-
-
-@flow(name="spam-pipeline")
-def spam_pipeline() -> PipelineReport:
-    """... -> finetune_classifier -> score_spam."""
-    return run_pipeline("spam")
-
-
-@flow(name="instructions-pipeline")
-def instructions_pipeline() -> PipelineReport:
-    """... -> finetune_instruct -> score_instructions."""
-    return run_pipeline("instructions")
-
-
-FLOWS = {"all": full_pipeline, "pretrain": pretrain_pipeline, "spam": spam_pipeline, "instructions": instructions_pipeline}
+@flow(name="llm-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def llm_pipeline(pipeline: PipelineName = "all", params: dict[str, Any] | None = None,
+                 experiment: str | None = None) -> PipelineReport:
+    """The DVC stages of ``pipeline`` (all: every stage in dvc.yaml; pretrain, spam, instructions:
+    that part and what it needs). ``params``: overrides such as {"finetune_classifier.lr": 5e-4},
+    run as DVC experiment ``experiment`` (a generated name when empty)."""
+    return run_pipeline(pipeline, params or {}, experiment)

@@ -1,8 +1,10 @@
 """The one command: ``python -m pipelines.run [--flow all|pretrain|spam|instructions] [--offline]``.
 
-Runs a pipeline flow once, from the repository root. Without ``PREFECT_API_URL`` Prefect starts
+Runs the pipeline flow once, from the repository root. Without ``PREFECT_API_URL`` Prefect starts
 a temporary local server for this process (a few seconds); with it, the run appears in that
 server's UI. A second run with nothing changed is a no-op: DVC skips every stage.
+``-S finetune_classifier.lr=5e-4 -n lr-5e-4`` makes the run a named DVC experiment, as
+``dvc exp run -S ... -n ...`` does.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ import os
 import sys
 import time
 from pathlib import Path
+
+import yaml
+
+from pipelines.dag import PIPELINES
 
 START = time.perf_counter()
 
@@ -36,11 +42,21 @@ def use_offline_mirror(mirror: Path = OFFLINE_MIRROR) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Run the DVC pipeline as a Prefect flow, tracked in MLflow.")
-    parser.add_argument("--flow", choices=["all", "pretrain", "spam", "instructions"], default="all",
+    parser.add_argument("--flow", choices=list(PIPELINES), default="all",
                         help="which pipeline: all stages, or a sub-pipeline and what it needs (default: %(default)s)")
+    parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a params.yaml value (YAML syntax, as `dvc exp run -S`); makes the run a DVC experiment")
+    parser.add_argument("-n", "--name", default=None, help="the DVC experiment's name (with -S; default: generated)")
     parser.add_argument("--offline", action="store_true",
                         help=f"use the input mirror {OFFLINE_MIRROR} (LLMPIPE_MIRROR, LLMCORE_GPT2_ENCODING_DIR)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.params = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"-S {item!r}: expected KEY=VALUE, e.g. -S finetune_classifier.lr=5e-4")
+        args.params[key] = yaml.safe_load(value)
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,10 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
 
-    from pipelines.flows import FLOWS  # imports prefect: after its settings are in the environment
+    from pipelines.flows import llm_pipeline  # imports prefect: after its settings are in the environment
 
     try:
-        report = FLOWS[args.flow]()
+        report = llm_pipeline(pipeline=args.flow, params=args.params, experiment=args.name)
     except Exception as exc:
         sys.exit(f"pipeline: error: {exc}")
     total = time.perf_counter() - START
@@ -63,7 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"pipeline {args.flow}: ran {len(report.stages_by_status['ran'])} of {len(report.results)} stages; "
         f"{total:.1f} s in all, {report.stage_s:.1f} s inside dvc repro, "
-        f"orchestration overhead {overhead:.1f} s ({overhead / total:.1%})\nMLflow: {report.mlflow_url}"
+        f"orchestration overhead {overhead:.1f} s ({overhead / total:.1%})"
+        + (f"\nDVC experiment: {report.experiment}" if report.experiment else "")
+        + (f"\nMLflow: {report.mlflow_url}" if report.mlflow_url else "\nMLflow: nothing ran, no run logged")
     )
 
 

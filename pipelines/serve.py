@@ -12,12 +12,13 @@ import os
 import sys
 from pathlib import Path
 
+from pipelines.dag import PIPELINES
 from pipelines.run import use_offline_mirror
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Serve a pipeline flow with a cron or interval schedule.")
-    parser.add_argument("--flow", choices=["all", "pretrain", "spam", "instructions"], default="all")
+    parser.add_argument("--flow", choices=list(PIPELINES), default="all", help="the deployment's default pipeline")
     when = parser.add_mutually_exclusive_group(required=True)
     when.add_argument("--cron", help='cron expression, e.g. "0 3 * * *" (03:00 daily)')
     when.add_argument("--interval", type=float, help="seconds between runs")
@@ -39,12 +40,13 @@ def main(argv: list[str] | None = None) -> None:
 
     from prefect.schedules import Cron, Interval
 
-    from pipelines.flows import FLOWS
+    from pipelines.flows import llm_pipeline
 
     schedule = Cron(args.cron, timezone=args.timezone) if args.cron else Interval(args.interval)
-    pipeline = FLOWS[args.flow]
-    # One run at a time: DVC locks the repository, so overlapping runs would fail.
-    pipeline.serve(name=args.name or f"{args.flow}-scheduled", schedule=schedule, limit=1)
+    # One run at a time: DVC locks the repository, so overlapping runs would fail. The UI's Run
+    # form offers the flow's parameters: pipeline, params overrides, experiment name.
+    llm_pipeline.serve(name=args.name or f"{args.flow}-scheduled", schedule=schedule, limit=1,
+                       parameters={"pipeline": args.flow})
 
 
 if __name__ == "__main__":

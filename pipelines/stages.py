@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -26,6 +27,10 @@ STATUS_MESSAGES = {
     "skipped": "Stage '{}' didn't change, skipping",
 }
 TAIL_LINES = 40
+# A tqdm redraw ("train:  45%|####5     | 9/20 [00:03<00:04, 2.6step/s]"): the text stream turns
+# each "\r" redraw into a line of its own, so they are thinned to one every PROGRESS_EVERY_S.
+PROGRESS_LINE = re.compile(r"\d+%\|.*\| *\d+/\d+ \[")
+PROGRESS_EVERY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,24 @@ class StageResult:
     stage: str
     status: str  # ran | cached | skipped
     seconds: float
+
+
+class ProgressThrottle:
+    """Passes every line on, except progress-bar redraws: the first, then at most one every
+    ``every_s`` seconds, and the one that reaches 100% (a bar's end, with its final rate)."""
+
+    def __init__(self, log: Callable[[str], None], every_s: float = PROGRESS_EVERY_S, clock=time.monotonic):
+        self.log, self.every_s, self.clock = log, every_s, clock
+        self.last_shown: float | None = None
+
+    def __call__(self, line: str) -> None:
+        if PROGRESS_LINE.search(line):
+            now = self.clock()
+            due = self.last_shown is None or now - self.last_shown >= self.every_s
+            if not (due or "100%|" in line):
+                return
+            self.last_shown = now
+        self.log(line)
 
 
 class StageFailed(PipelineError):
@@ -44,7 +67,8 @@ def stage_env(extra: Mapping[str, str]) -> dict[str, str]:
 
     DVC runs a stage's ``python -m steps.x`` through the shell, so without the venv activated
     PATH could name another python; putting ``sys.executable``'s directory first avoids that.
-    Progress bars redraw every few seconds instead of ten times a second: each redraw is a log line.
+    Progress bars redraw every few seconds instead of ten times a second (each redraw is a line;
+    ``ProgressThrottle`` thins them further for the log).
     """
     bin_dir = str(Path(sys.executable).parent)
     path = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
@@ -76,6 +100,7 @@ def repro_stage(stage: str, extra_env: Mapping[str, str], log: Callable[[str], N
     start = time.perf_counter()
     verdict_lines: list[str] = []
     tail: deque[str] = deque(maxlen=TAIL_LINES)
+    show = ProgressThrottle(log)
     with subprocess.Popen(
         command, cwd=cwd, env=stage_env(extra_env), text=True, errors="replace",
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1,
@@ -85,7 +110,7 @@ def repro_stage(stage: str, extra_env: Mapping[str, str], log: Callable[[str], N
             line = raw.rstrip()
             if not line:
                 continue
-            log(line)
+            show(line)
             tail.append(line)
             if line.startswith(("Running stage", "Stage '")):
                 verdict_lines.append(line)

@@ -20,8 +20,9 @@ class PipelineReport:
     wall_s: float  # from the first stage's start to the last stage's end, as the flow saw it
     metrics: dict[str, float]
     mlflow_run_id: str
-    mlflow_url: str
+    mlflow_url: str  # both "" when nothing ran (no MLflow run is made)
     failure: str | None = None
+    experiment: str | None = None  # the DVC experiment the run was saved as
     stages_by_status: dict[str, list[str]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -37,7 +38,7 @@ class PipelineReport:
 
 
 def read_metrics(metrics_dir: str | Path = "metrics") -> dict[str, float]:
-    """Every number in ``metrics_dir/*.json``, keyed ``<file stem>.<key>[.<subkey>...]``."""
+    """Every number in ``metrics_dir/*.json`` (the headline metrics), keyed ``<file stem>.<key>[.<subkey>...]``."""
     metrics: dict[str, float] = {}
     for path in sorted(Path(metrics_dir).glob("*.json")):
         try:
@@ -58,12 +59,12 @@ def _number(value: float) -> str:
 
 def render_markdown(report: PipelineReport) -> str:
     outcome = f"failed: {report.failure.splitlines()[0]}" if report.failure else "completed"
-    lines = [
-        f"# Pipeline `{report.flow}`: {outcome}",
-        "",
-        f"MLflow parent run: [{report.mlflow_run_id}]({report.mlflow_url}) "
-        "(one child run per stage that ran).",
-        "",
+    tracking = (f"MLflow parent run: [{report.mlflow_run_id}]({report.mlflow_url}) (one child run per stage that ran)."
+                if report.mlflow_run_id else "Every stage was up to date: nothing ran, so no MLflow run was made.")
+    lines = [f"# Pipeline `{report.flow}`: {outcome}", "", tracking, ""]
+    if report.experiment:
+        lines += [f"Saved as DVC experiment `{report.experiment}` (`dvc exp show`).", ""]
+    lines += [
         "| stage | DVC | seconds |",
         "| --- | --- | ---: |",
     ]

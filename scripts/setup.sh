@@ -25,4 +25,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     fi
 fi
 "${pip[@]}" install -e ".${extra}"
+# `dvc plots show` offline: vega inlined into this clone's DVC page template (from the npm registry).
+.venv/bin/python -m scripts.offline_plots || true
 echo "setup: done ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

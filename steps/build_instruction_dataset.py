@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = cli_parser("Validate and split the instruction data; report prompt token lengths.")
     parser.add_argument("--input", type=Path, default=Path("data/raw/instruction-data.json"))
     parser.add_argument("--out", type=Path, default=Path("data/instructions"))
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/instruction_data.json"))
+    parser.add_argument("--metrics", type=Path, default=Path("reports/instruction_data.json"))
     args = parser.parse_args(argv)
     try:
         data = read_params(args.params)

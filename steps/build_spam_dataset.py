@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = cli_parser("Build balanced train/validation/test CSVs from the SMS Spam Collection.")
     parser.add_argument("--input", type=Path, default=Path("data/raw/SMSSpamCollection"))
     parser.add_argument("--out", type=Path, default=Path("data/spam"))
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/spam_data.json"))
+    parser.add_argument("--metrics", type=Path, default=Path("reports/spam_data.json"))
     args = parser.parse_args(argv)
     try:
         params = load_section("spam_data", SpamDataParams, args.params)

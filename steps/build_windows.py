@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = cli_parser("Split the token ids into train/val and cut them into sliding windows.")
     parser.add_argument("--tokens", type=Path, default=Path("data/tokens/corpus.npy"))
     parser.add_argument("--out", type=Path, default=Path("data/windows"))
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/windows.json"))
+    parser.add_argument("--metrics", type=Path, default=Path("reports/windows.json"))
     args = parser.parse_args(argv)
     try:
         params = load_section("windows", WindowParams, args.params)

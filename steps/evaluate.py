@@ -32,7 +32,6 @@ from steps.params import ParamsError, StrictModel, cli_parser, read_params, vali
 from steps.pretrain import load_windows
 
 STAGE = "evaluate"
-EXPERIMENT = "pretrain"
 SPLITS = ("train", "val")
 
 
@@ -77,12 +76,14 @@ def evaluate(
     model_dir: Path,
     windows_dir: Path,
     metrics_out: Path,
+    headline_out: Path,
     position_csv: Path,
     generations_out: Path,
     tokenizer_params: TokenizerParams = TokenizerParams(),
 ) -> dict[str, dict[str, float]]:
     """Score ``model_dir`` on the windows, generate, write the outputs and log them; returns the metrics."""
-    from steps.tracking import stage_run  # mlflow imports take seconds: not at import
+    from steps.registry import PRETRAINED_MODEL
+    from steps.tracking import record_evaluation  # mlflow imports take seconds: not at import
 
     try:
         device = resolve_device(params.device)
@@ -103,16 +104,12 @@ def evaluate(
     generations = [{"prompt": p, "completion": tokenizer.decode(ids)} for p, ids in zip(gen.prompts, new_ids)]
 
     write_json(metrics_out, metrics)
+    write_json(headline_out, {"val_loss": metrics["val"]["loss"], "val_perplexity": metrics["val"]["perplexity"]})
     write_position_csv(position_csv, curves)
     write_json(generations_out, generations)
-    with stage_run(STAGE, EXPERIMENT, params):
-        import mlflow
-
-        mlflow.log_param("model_dir", str(model_dir))
-        mlflow.log_metrics({f"{split}_{name}": value for split, values in metrics.items()
-                            for name, value in values.items()})
-        mlflow.log_artifact(str(position_csv), "plots")
-        mlflow.log_artifact(str(generations_out))
+    flat = {f"{split}_{name}": value for split, values in metrics.items() for name, value in values.items()}
+    record_evaluation(STAGE, params, model_dir, flat, [position_csv, generations_out],
+                      registered_model=PRETRAINED_MODEL, champion_metric="val_loss", higher_is_better=False)
     return metrics
 
 
@@ -120,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = cli_parser("Evaluate the pretrained GPT: loss, perplexity, generations.")
     parser.add_argument("--model", type=Path, default=Path("models/pretrained"))
     parser.add_argument("--windows", type=Path, default=Path("data/windows"))
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/evaluate.json"))
+    parser.add_argument("--metrics", type=Path, default=Path("reports/evaluate.json"), help="loss, perplexity, tokens per split")
+    parser.add_argument("--headline", type=Path, default=Path("metrics/pretrain.json"), help="val loss and perplexity")
     parser.add_argument("--position-loss", type=Path, default=Path("plots/evaluate_position_loss.csv"))
     parser.add_argument("--generations", type=Path, default=Path("outputs/pretrain_generations.json"))
     args = parser.parse_args(argv)
@@ -128,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         data = read_params(args.params)
         params = validate_section(data, STAGE, EvaluateParams, args.params)
         tokenizer_params = validate_section(data, "tokenizer", TokenizerParams, args.params)
-        metrics = evaluate(params, model_dir=args.model, windows_dir=args.windows, metrics_out=args.metrics,
+        metrics = evaluate(params, model_dir=args.model, windows_dir=args.windows, metrics_out=args.metrics, headline_out=args.headline,
                            position_csv=args.position_loss, generations_out=args.generations,
                            tokenizer_params=tokenizer_params)
     except (ParamsError, DataError, CheckpointError, TokenizerFilesError) as exc:

@@ -5,8 +5,9 @@ a 2-class head; ``llmcore.train.train`` — the one training loop — runs with 
 loss on the chosen position's logits and logs train/val loss and accuracy to MLflow. The state
 under ``.cache/finetune_classifier/<settings key>/`` (outside DVC's outputs) lets an interrupted
 run resume; it is deleted once the classifier is written. The classifier is logged as an MLflow pyfunc
-(``steps/mlflow_models/spam_classifier.py``) and registered as ``spam-classifier``, so
-``mlflow models serve -m models:/spam-classifier/<version>`` answers ``text`` → ``label``,
+(``steps/mlflow_models/spam_classifier.py``) and registered as a new ``spam-classifier`` version with alias ``candidate`` (score_spam
+moves ``champion``), so
+``mlflow models serve -m models:/spam-classifier@champion`` answers ``text`` → ``label``,
 ``spam_probability``.
 """
 
@@ -45,10 +46,10 @@ from steps.distributed import is_main_process, setup_distributed, stage_run_on_m
 from steps.io import resume_state_dir, sha256_file, write_json
 from steps.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
 from steps.plotting import plot_history, write_history_csv
+from steps.registry import SPAM_CLASSIFIER
 
 STAGE = "finetune_classifier"
-EXPERIMENT = "spam-classifier"
-REGISTERED_MODEL = "spam-classifier"
+EXPERIMENT = SPAM_CLASSIFIER  # the experiment is named after the model it registers
 CACHE_DIR = Path(".cache/finetune_classifier")
 STEP_LOG_EVERY = 5  # optimizer steps between MLflow step-loss points (each is a database write)
 
@@ -157,7 +158,8 @@ def finetune_classifier(
     Under torchrun every rank trains; only rank 0 logs and writes (the others return {}).
     """
     from steps.mlflow_models import log_code_model  # mlflow imports take seconds: not at import
-    from steps.tracking import MlflowCallback
+    from steps.registry import register_candidate
+    from steps.tracking import MlflowCallback, log_data_files, tag_trained_model
 
     started = time.perf_counter()
     train_df, val_df = (read_spam_split(data_dir / f"{split}.csv") for split in ("train", "validation"))
@@ -188,6 +190,7 @@ def finetune_classifier(
 
             mlflow.log_params({"base_model": str(base_dir), "trainable_parameters": n_trainable,
                                "max_length_tokens": train_data.max_length})
+            log_data_files({split: data_dir / f"{split}.csv" for split in ("train", "validation")})
         state = train(model, train_data, val_data, config, loss_fn=classification_loss,
                       eval_fn=classification_accuracy, collate_fn=collate_for(model),
                       callbacks=[MlflowCallback(STEP_LOG_EVERY)], state_dir=state_dir, resume=resume,
@@ -210,11 +213,12 @@ def finetune_classifier(
             "spam_classifier", "spam_classifier.py", out_dir,
             encoding_dir=tokenizer_params.encoding_dir or os.environ.get(ENCODING_DIR_ENV),
             signature=classifier_signature(), input_example=pd.DataFrame({"text": val_df["Text"].head(2).tolist()}),
-            registered_model_name=REGISTERED_MODEL,
         )
-        mlflow.log_metric("wall_time_s", time.perf_counter() - started)
+        tag_trained_model(out_dir, info)
+        version = register_candidate(info.model_uri, SPAM_CLASSIFIER)
+        mlflow.log_params({"steps": state.step, "wall_time_s": round(time.perf_counter() - started, 1)})
         metrics["run_id"] = run.info.run_id
-        metrics["registered_version"] = info.registered_model_version
+        metrics["registered_version"] = version.version
     shutil.rmtree(cache_dir, ignore_errors=True)  # the classifier is written: nothing left to resume
     return metrics
 
@@ -224,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", type=Path, default=None, help="base llmcore checkpoint (default: params base_model.dir)")
     parser.add_argument("--data", type=Path, default=Path("data/spam"))
     parser.add_argument("--out", type=Path, default=Path("models/spam_classifier"))
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/finetune_classifier.json"))
+    parser.add_argument("--metrics", type=Path, default=Path("reports/finetune_classifier.json"))
     parser.add_argument("--history", type=Path, default=Path("plots/spam_training.csv"))
     parser.add_argument("--plots", type=Path, default=Path("plots"), help="where the loss/accuracy PNGs go")
     parser.add_argument("--cache", type=Path, default=CACHE_DIR, help="resumable training states")
@@ -244,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"{STAGE}: error: {exc}")
     if metrics:
         print(f"{STAGE}: val accuracy {metrics['val_accuracy']:.4f} (last eval), "
-                  f"{REGISTERED_MODEL} version {metrics['registered_version']} -> {args.out}")
+                  f"{SPAM_CLASSIFIER} version {metrics['registered_version']} (@candidate) -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -10,19 +10,21 @@ a few validation prompts are answered and logged to MLflow, as the book prints t
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Literal
 
+import pandas as pd
 from pydantic import Field
 from torch import nn
 
 from llmcore.checkpoint import CheckpointError, save_checkpoint
 from llmcore.device import resolve_device
 from llmcore.instruct import InstructionDataset, collate_instructions, generate_responses
-from llmcore.tokenizer import TokenizerFilesError, get_tokenizer
+from llmcore.tokenizer import ENCODING_DIR_ENV, TokenizerFilesError, get_tokenizer
 from llmcore.train import TrainCallback, TrainingDivergedError, TrainState, train
 from steps.build_instruction_dataset import load_entries
 from steps.data_common import DataError, TokenizerParams
@@ -31,6 +33,7 @@ from steps.finetune_classifier import BaseModelError, BaseModelParams, load_base
 from steps.io import resume_state_dir, sha256_file, write_json
 from steps.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
 from steps.plotting import plot_history, write_history_csv
+from steps.registry import INSTRUCT_MODEL
 
 STAGE = "finetune_instruct"
 EXPERIMENT = "instruction-sft"
@@ -85,6 +88,23 @@ class SampleResponses(TrainCallback):
         mlflow.log_text(text, f"samples/epoch_{state.epoch + 1:02d}.md")
 
 
+def instruct_signature():
+    """An instruction (and optional input) in; the response out; generation options per call."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "instruction"), ColSpec("string", "input", required=False)]),
+        outputs=Schema([ColSpec("string", "response")]),
+        params=ParamSchema([
+            ParamSpec("max_new_tokens", "long", 128),
+            ParamSpec("temperature", "double", 0.0),
+            ParamSpec("top_k", "long", 0),
+            ParamSpec("seed", "long", 123),
+        ]),
+    )
+
+
 def finetune_instruct(
     params: FinetuneInstructParams,
     tokenizer_params: TokenizerParams,
@@ -102,7 +122,9 @@ def finetune_instruct(
 
     Under torchrun every rank trains; only rank 0 logs and writes (the others return {}).
     """
-    from steps.tracking import MlflowCallback  # mlflow imports take seconds: not at import
+    from steps.mlflow_models import log_code_model  # mlflow imports take seconds: not at import
+    from steps.registry import register_candidate
+    from steps.tracking import MlflowCallback, log_data_files, tag_trained_model
 
     train_entries = load_split(data_dir / "train.json")
     val_entries = load_split(data_dir / "validation.json")
@@ -130,6 +152,7 @@ def finetune_instruct(
 
             mlflow.log_params({"base_model": str(base_model), "max_length_effective": max_length,
                                "resolved_device": str(device)})
+            log_data_files({split: data_dir / f"{split}.json" for split in ("train", "validation")})
         started = time.perf_counter()
         state = train(
             model, InstructionDataset(train_entries, tokenizer), InstructionDataset(val_entries, tokenizer),
@@ -146,9 +169,16 @@ def finetune_instruct(
         write_json(metrics_out, metrics)
         write_history_csv(history_out, state.history)
         plot_history(plot_out, state.history, steps_per_epoch=max(1, len(train_entries) // params.batch_size))
-        mlflow.log_metrics({f"final_{k}": v for k, v in metrics.items()})
-        mlflow.log_metric("wall_time_s", wall_time)
+        mlflow.log_params({"steps": state.step, "tokens_seen": state.tokens_seen, "wall_time_s": round(wall_time, 1)})
         mlflow.log_artifact(str(plot_out), "plots")
+        info = log_code_model(
+            "instruct_model", "instruct.py", out_dir,
+            encoding_dir=tokenizer_params.encoding_dir or os.environ.get(ENCODING_DIR_ENV),
+            signature=instruct_signature(),
+            input_example=pd.DataFrame([{k: e.get(k, "") for k in ("instruction", "input")} for e in val_entries[:2]]),
+        )
+        tag_trained_model(out_dir, info)
+        register_candidate(info.model_uri, INSTRUCT_MODEL)
     shutil.rmtree(cache_dir, ignore_errors=True)  # the model is written: nothing left to resume
     return {**metrics, "wall_time_s": wall_time}
 
@@ -158,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", type=Path, default=None, help="base llmcore checkpoint (default: params base_model.dir)")
     parser.add_argument("--data", type=Path, default=Path("data/instructions"))
     parser.add_argument("--out", type=Path, default=Path("models/instruct"))
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/finetune_instruct.json"))
+    parser.add_argument("--metrics", type=Path, default=Path("reports/finetune_instruct.json"))
     parser.add_argument("--history", type=Path, default=Path("plots/instruct_training.csv"))
     parser.add_argument("--plot", type=Path, default=Path("plots/instruct_training_loss.png"))
     parser.add_argument("--cache", type=Path, default=CACHE_DIR, help="resumable training states")

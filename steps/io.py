@@ -12,7 +12,7 @@ from typing import Any
 
 from llmcore.fileio import atomic_path
 
-__all__ = ["atomic_path", "resume_state_dir", "sha256_file", "write_json", "write_text"]
+__all__ = ["atomic_path", "file_digest", "resume_state_dir", "sha256_file", "write_json"]
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
@@ -20,18 +20,17 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB blocks (md5: the hash DVC records for a file)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    return file_digest(path, "sha256")
 
 
 def resume_state_dir(cache_dir: Path, *settings: Any, prune: bool = True) -> Path:

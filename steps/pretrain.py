@@ -7,7 +7,7 @@ must match to resume (training and model settings, the windows' bytes): after ``
 running the stage again continues from the last checkpoint and ends with the same weights and
 metrics as an uninterrupted run. The state is deleted once the outputs are written.
 
-Outputs: the checkpoint (``models/pretrained``: safetensors + config.json), ``metrics/pretrain.json``,
+Outputs: the checkpoint (``models/pretrained``: safetensors + config.json), ``reports/pretrain.json``,
 the evaluation history ``plots/pretrain_loss.csv`` (for ``dvc plots``) and the book's loss plot
 ``plots/pretrain_loss.png``. MLflow gets the params, losses against tokens seen, learning rate,
 tokens/s, a sample continuation of ``sample.prompt`` after each epoch, the plot, and the model as
@@ -46,10 +46,10 @@ from steps.distributed import setup_distributed, stage_run_on_main
 from steps.io import resume_state_dir, sha256_file, write_json
 from steps.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
 from steps.plotting import plot_history, write_history_csv
+from steps.registry import PRETRAINED_MODEL
 
 STAGE = "pretrain"
 EXPERIMENT = "pretrain"
-REGISTERED_MODEL = "pretrained-gpt"
 
 
 class ModelParams(StrictModel):
@@ -121,7 +121,7 @@ class PretrainParams(StrictModel):
 class PretrainPaths:
     windows: Path = Path("data/windows")
     model_out: Path = Path("models/pretrained")
-    metrics: Path = Path("metrics/pretrain.json")
+    metrics: Path = Path("reports/pretrain.json")
     history_csv: Path = Path("plots/pretrain_loss.csv")
     loss_plot: Path = Path("plots/pretrain_loss.png")
     state_dir: Path = Path(".cache/pretrain")  # not a DVC output: survives an interrupted run
@@ -204,7 +204,7 @@ def pretrain(
     progress: bool = True,
 ) -> dict[str, float]:
     """Train from scratch (or resume), write the outputs and log the run; returns the metrics."""
-    from steps.tracking import MlflowCallback  # mlflow imports take seconds: not at import
+    from steps.tracking import MlflowCallback, log_data_files  # mlflow imports take seconds: not at import
 
     cfg = params.model.gpt_config()
     train_data, val_data = (load_windows(paths.windows / f"{split}.npy", cfg) for split in ("train", "val"))
@@ -228,6 +228,7 @@ def pretrain(
 
             mlflow.log_params({"n_parameters": model.num_parameters(), "train_windows": len(train_data),
                                "val_windows": len(val_data), "resolved_device": str(device)})
+            log_data_files({split: paths.windows / f"{split}.npy" for split in ("train", "val")})
             if has_train_state(state_dir):
                 resumed = _log_restored_history(state_dir)
         sample_cb = EpochSampleCallback(tokenizer, params.sample)
@@ -254,14 +255,18 @@ def pretrain(
         write_history_csv(paths.history_csv, state.history)
         plot_history(paths.loss_plot, state.history, steps_per_epoch)
 
-        mlflow.log_metrics({f"final_{k}": v for k, v in metrics.items()})
+        mlflow.log_params({k: metrics[k] for k in ("steps", "tokens_seen", "wall_time_s")})
         mlflow.log_artifact(str(paths.loss_plot), "plots")
         mlflow.log_artifact(str(paths.history_csv), "plots")
         from steps.mlflow_models import log_code_model
+        from steps.registry import register_candidate
+        from steps.tracking import tag_trained_model
 
-        log_code_model("generator", "generator.py", paths.model_out,
-                       encoding_dir=tokenizer_params.encoding_dir or os.environ.get(ENCODING_DIR_ENV),
-                       signature=generator_signature(), registered_model_name=REGISTERED_MODEL)
+        info = log_code_model("generator", "generator.py", paths.model_out,
+                              encoding_dir=tokenizer_params.encoding_dir or os.environ.get(ENCODING_DIR_ENV),
+                              signature=generator_signature())
+        tag_trained_model(paths.model_out, info)
+        register_candidate(info.model_uri, PRETRAINED_MODEL)
     shutil.rmtree(paths.state_dir, ignore_errors=True)
     return metrics
 

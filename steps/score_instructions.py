@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -25,6 +26,7 @@ from steps.build_instruction_dataset import load_entries
 from steps.io import write_json
 from steps.judge import JudgeParams, JudgeUnavailableError, judge_responses
 from steps.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
+from steps.registry import INSTRUCT_MODEL
 
 STAGE = "score_instructions"
 
@@ -39,6 +41,7 @@ class ScoreInstructionsParams(StrictModel):
     max_entries: int | None = Field(None, ge=1)  # null: the whole test split
     seed: int = 123
     device: str = "auto"
+    champion_metric: Literal["rouge_l_f1", "judge_score"] = "rouge_l_f1"  # the registry's test metric
     judge: JudgeParams = JudgeParams()
 
 
@@ -77,11 +80,11 @@ def score_instructions(
     test_file: Path,
     responses_out: Path,
     metrics_out: Path,
+    headline_out: Path,
 ) -> dict:
-    """Answer, save and score the test prompts; returns the metrics written to ``metrics_out``."""
-    import mlflow  # mlflow imports take seconds: not at import
-
-    from steps.tracking import stage_run
+    """Answer, save and score the test prompts; returns the metrics written to ``metrics_out``
+    (ROUGE-L and the judge's score also to ``headline_out``); the scores go to the training run."""
+    from steps.tracking import record_evaluation  # mlflow imports take seconds: not at import
 
     entries = load_entries(test_file)[: params.max_entries]
     if not entries:
@@ -94,41 +97,39 @@ def score_instructions(
         raise ParamsError(f"{STAGE}.device: {exc}") from exc
     model = load_checkpoint(model_dir).to(device)
     tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
-    with stage_run(STAGE, "instruction-sft", params):
-        started = time.perf_counter()
-        answers = generate_responses(
-            model, tokenizer, entries, max_new_tokens=params.max_new_tokens,
-            batch_size=params.batch_size, seed=params.seed,
-        )
-        generate_s = time.perf_counter() - started
-        examples = [encode_example(tokenizer, response_prompt(e), e["output"]) for e in entries]
-        loss, n_tokens = response_loss(model, examples, batch_size=params.batch_size)
-        rouge = [rouge_l_f1(a, e["output"]) for a, e in zip(answers, entries)]
-        judged = judge_responses(entries, answers, params.judge)
-        records = [
-            {"instruction": e["instruction"], "input": e.get("input", ""), "output": e["output"],
-             "model_response": a, "rouge_l_f1": round(r, 6), "judge_score": s}
-            for e, a, r, s in zip(entries, answers, rouge, judged.scores)
-        ]
-        write_json(responses_out, records)
-        metrics = {
-            "n_entries": len(entries),
-            "rouge_l_f1": round(sum(rouge) / len(rouge), 6),
-            # None when the context cuts every reference response off (no token to measure).
-            "response_loss": round(loss, 6) if n_tokens else None,
-            "response_perplexity": round(math.exp(loss), 4) if n_tokens else None,
-            "response_tokens": n_tokens,
-            "judge_score": None if judged.mean_score is None else round(judged.mean_score, 4),
-            "n_scored": judged.n_scored,
-            "n_unscored": len(entries) - judged.n_scored,
-            "judge_available": judged.available,
-        }
-        write_json(metrics_out, metrics)
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
-        mlflow.log_metric("generate_s", generate_s)
-        mlflow.log_artifact(str(responses_out))
-        if judged.error:
-            mlflow.set_tag("judge_error", judged.error[:500])
+    started = time.perf_counter()
+    answers = generate_responses(
+        model, tokenizer, entries, max_new_tokens=params.max_new_tokens,
+        batch_size=params.batch_size, seed=params.seed,
+    )
+    generate_s = time.perf_counter() - started
+    examples = [encode_example(tokenizer, response_prompt(e), e["output"]) for e in entries]
+    loss, n_tokens = response_loss(model, examples, batch_size=params.batch_size)
+    rouge = [rouge_l_f1(a, e["output"]) for a, e in zip(answers, entries)]
+    judged = judge_responses(entries, answers, params.judge)
+    records = [
+        {"instruction": e["instruction"], "input": e.get("input", ""), "output": e["output"],
+         "model_response": a, "rouge_l_f1": round(r, 6), "judge_score": s}
+        for e, a, r, s in zip(entries, answers, rouge, judged.scores)
+    ]
+    write_json(responses_out, records)
+    metrics = {
+        "n_entries": len(entries),
+        "rouge_l_f1": round(sum(rouge) / len(rouge), 6),
+        # None when the context cuts every reference response off (no token to measure).
+        "response_loss": round(loss, 6) if n_tokens else None,
+        "response_perplexity": round(math.exp(loss), 4) if n_tokens else None,
+        "response_tokens": n_tokens,
+        "judge_score": None if judged.mean_score is None else round(judged.mean_score, 4),
+        "n_scored": judged.n_scored,
+        "n_unscored": len(entries) - judged.n_scored,
+        "judge_available": judged.available,
+    }
+    write_json(metrics_out, metrics)
+    write_json(headline_out, {k: metrics[k] for k in ("rouge_l_f1", "judge_score") if metrics[k] is not None})
+    tracked = {k: float(v) for k, v in metrics.items() if v is not None}
+    record_evaluation(STAGE, params, model_dir, {**tracked, "generate_s": generate_s}, [responses_out],
+                      registered_model=INSTRUCT_MODEL, champion_metric=params.champion_metric)
     return metrics
 
 
@@ -149,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, default=Path("models/instruct"))
     parser.add_argument("--test", type=Path, default=Path("data/instructions/test.json"))
     parser.add_argument("--responses", type=Path, default=Path("data/scores/instruction_responses.json"))
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/instructions.json"))
+    parser.add_argument("--metrics", type=Path, default=Path("reports/instructions.json"), help="every score")
+    parser.add_argument("--headline", type=Path, default=Path("metrics/instructions.json"), help="ROUGE-L, judge score")
     args = parser.parse_args(argv)
     try:
         data = read_params(args.params)
@@ -157,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         tokenizer = validate_section(data, "tokenizer", TokenizerParams, args.params)
         metrics = score_instructions(
             params, tokenizer, model_dir=args.model, test_file=args.test,
-            responses_out=args.responses, metrics_out=args.metrics,
+            responses_out=args.responses, metrics_out=args.metrics, headline_out=args.headline,
         )
     except (ParamsError, DataError, ModelNotFoundError, CheckpointError, TokenizerFilesError) as exc:
         sys.exit(f"{STAGE}: error: {exc}")

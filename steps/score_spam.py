@@ -1,6 +1,7 @@
 """Score the spam classifier on every split: accuracy, precision, recall, F1, confusion matrix.
 
-Writes the metrics as DVC metrics (``metrics/spam.json``) and MLflow metrics, the test split's
+Writes every split's metrics (``reports/spam.json``), the headline test accuracy and F1 as DVC
+metrics (``metrics/spam.json``), MLflow metrics in the training run, the test split's
 confusion matrix as a PNG (scikit-learn's ``ConfusionMatrixDisplay``) and as a CSV of
 actual/predicted labels for DVC's ``confusion`` plot template. Spam (1) is the positive class.
 """
@@ -26,7 +27,7 @@ from llmcore.classifier import load_classifier, predict_proba
 from llmcore.device import resolve_device
 from llmcore.tokenizer import TokenizerFilesError, get_tokenizer
 from steps.data_common import DataError, TokenizerParams
-from steps.finetune_classifier import EXPERIMENT, read_spam_split
+from steps.finetune_classifier import read_spam_split
 from steps.io import atomic_path, write_json
 from steps.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
 
@@ -36,6 +37,7 @@ SPLITS = ("train", "validation", "test")
 
 class ScoreSpamParams(StrictModel):
     batch_size: int = Field(32, ge=1)
+    champion_metric: Literal["accuracy", "f1", "precision", "recall"] = "accuracy"  # on the test split
     plot_split: Literal["train", "validation", "test"] = "test"  # the split drawn as the confusion-matrix plots
     seed: int = 123  # inference draws no random numbers; seeded for the stage convention
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -74,11 +76,12 @@ def score_spam(
     model_dir: Path,
     data_dir: Path,
     metrics_out: Path,
+    headline_out: Path,
     plots_dir: Path,
     tokenizer_params: TokenizerParams = TokenizerParams(),
 ) -> dict[str, dict]:
-    """Metrics per split; also writes ``spam_confusion.{png,csv}`` under ``plots_dir``."""
-    from steps.tracking import stage_run  # mlflow imports take seconds: not at import
+    """Metrics per split (``metrics_out``), the test accuracy and F1 (``headline_out``), and
+    ``spam_confusion.{png,csv}`` under ``plots_dir``; the scores go to the run that trained the model."""
 
     torch.manual_seed(params.seed)
     frames = {split: read_spam_split(data_dir / f"{split}.csv") for split in SPLITS}
@@ -94,6 +97,7 @@ def score_spam(
         predictions[split] = probs.argmax(dim=1).tolist()
         metrics[split] = classification_metrics(frame["Label"].tolist(), predictions[split])
     write_json(metrics_out, metrics)
+    write_json(headline_out, {"test_accuracy": metrics["test"]["accuracy"], "test_f1": metrics["test"]["f1"]})
 
     actual, predicted = frames[params.plot_split]["Label"].tolist(), predictions[params.plot_split]
     csv_path, png_path = plots_dir / "spam_confusion.csv", plots_dir / "spam_confusion.png"
@@ -104,15 +108,12 @@ def score_spam(
     accuracy = metrics[params.plot_split]["accuracy"]
     title = f"spam classifier, {params.plot_split} split (accuracy {accuracy:.2%})"
     save_confusion_png(png_path, actual, predicted, model.labels, title)
+    from steps.registry import SPAM_CLASSIFIER
+    from steps.tracking import record_evaluation  # mlflow imports take seconds: not at import
 
-    with stage_run(STAGE, EXPERIMENT, params):
-        import mlflow
-
-        mlflow.log_param("model_dir", str(model_dir))
-        mlflow.log_metrics({f"{split}_{name}": value
-                            for split, values in metrics.items() for name, value in values.items()})
-        mlflow.log_artifact(str(png_path))
-        mlflow.log_artifact(str(csv_path))
+    flat = {f"{split}_{name}": value for split, values in metrics.items() for name, value in values.items()}
+    record_evaluation(STAGE, params, model_dir, flat, [png_path, csv_path],
+                      registered_model=SPAM_CLASSIFIER, champion_metric=f"test_{params.champion_metric}")
     return metrics
 
 
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = cli_parser("Score the spam classifier on the train/validation/test splits.")
     parser.add_argument("--model", type=Path, default=Path("models/spam_classifier"))
     parser.add_argument("--data", type=Path, default=Path("data/spam"))
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/spam.json"))
+    parser.add_argument("--metrics", type=Path, default=Path("reports/spam.json"), help="every split's metrics")
+    parser.add_argument("--headline", type=Path, default=Path("metrics/spam.json"), help="test accuracy and F1")
     parser.add_argument("--plots", type=Path, default=Path("plots"))
     args = parser.parse_args(argv)
     try:
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         params = validate_section(data, STAGE, ScoreSpamParams, args.params)
         tokenizer_params = validate_section(data, "tokenizer", TokenizerParams, args.params)
         metrics = score_spam(params, model_dir=args.model, data_dir=args.data, metrics_out=args.metrics,
-                             plots_dir=args.plots, tokenizer_params=tokenizer_params)
+                             headline_out=args.headline, plots_dir=args.plots, tokenizer_params=tokenizer_params)
     except (ParamsError, DataError, CheckpointError, TokenizerFilesError) as exc:
         sys.exit(f"{STAGE}: error: {exc}")
     print(f"{STAGE}: " + ", ".join(f"{split} accuracy {m['accuracy']:.4f}" for split, m in metrics.items()))

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = cli_parser("Tokenize the corpus into a uint16 .npy of GPT-2 token ids.")
     parser.add_argument("--corpus", type=Path, default=Path("data/raw/corpus.txt"))
     parser.add_argument("--tokens", type=Path, default=Path("data/tokens/corpus.npy"))
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/tokenize.json"))
+    parser.add_argument("--metrics", type=Path, default=Path("reports/tokenize.json"))
     args = parser.parse_args(argv)
     try:
         params = load_section("tokenizer", TokenizerParams, args.params)

@@ -13,17 +13,24 @@ import contextlib
 import functools
 import os
 import subprocess
+import warnings
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Run
 from pydantic import BaseModel
 
+from llmcore.checkpoint import WEIGHTS_FILE
 from llmcore.train import TrainCallback, TrainState
+from steps.io import file_digest
 
 PARENT_RUN_ENV = "LLMPIPE_MLFLOW_PARENT_RUN_ID"
 EXPERIMENT_ENV = "LLMPIPE_MLFLOW_EXPERIMENT"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+MODEL_DIGEST_TAG = "model_md5"  # md5 of the weights a training run wrote
+LOGGED_MODEL_TAG = "logged_model_id"
 
 
 def configure_tracking() -> str:
@@ -55,12 +62,19 @@ def flatten(params: Mapping[str, Any] | BaseModel, prefix: str = "") -> dict[str
     return flat
 
 
+def dvc_experiment() -> str:
+    """The DVC experiment this process runs in (``dvc exp run`` sets ``DVC_EXP_NAME``), or ""."""
+    return os.environ.get("DVC_EXP_NAME", "")
+
+
+def run_name(stage: str) -> str:
+    """Runs are named after their DVC experiment, so the compare view says which is which;
+    outside one, after the stage and the commit."""
+    return dvc_experiment() or f"{stage}@{git_commit()[:7]}"
+
+
 def run_tags(stage: str) -> dict[str, str]:
-    return {
-        "stage": stage,
-        "git_commit": git_commit(),
-        "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
-    }
+    return {"stage": stage, "git_commit": git_commit(), "dvc_experiment": dvc_experiment()}
 
 
 @contextlib.contextmanager
@@ -69,10 +83,54 @@ def stage_run(stage: str, experiment: str, params: Mapping[str, Any] | BaseModel
     configure_tracking()
     mlflow.set_experiment(os.environ.get(EXPERIMENT_ENV) or experiment)
     parent = os.environ.get(PARENT_RUN_ENV) or None
-    with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=run_tags(stage)) as run:
+    with mlflow.start_run(run_name=run_name(stage), parent_run_id=parent, tags=run_tags(stage)) as run:
         if params is not None:
             mlflow.log_params(flatten(params))
         yield run
+
+
+def log_data_files(files: Mapping[str, str | os.PathLike], context: str = "training") -> None:
+    """Record what the active run was trained on: each split file as an MLflow dataset input whose
+    digest is the file's DVC hash (so the Datasets column says exactly which data)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    for split, path in files.items():
+        md5 = file_digest(path, "md5")
+        with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns about it
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(str(Path(path).resolve()))
+        dataset = MetaDataset(source, name=f"{Path(path).parent.name}/{Path(path).name}", digest=md5)
+        mlflow.log_input(dataset, context=context, tags={"split": split, "dvc_md5": md5})
+
+
+def tag_trained_model(model_dir: str | os.PathLike, model_info: Any = None) -> None:
+    """Tag the active run with the digest of the weights it wrote (and the LoggedModel's id), so
+    the stage that scores those weights later finds this run and logs its metrics beside the params."""
+    tags = {MODEL_DIGEST_TAG: file_digest(Path(model_dir) / WEIGHTS_FILE, "md5")}
+    if model_info is not None:
+        tags[LOGGED_MODEL_TAG] = model_info.model_id
+    mlflow.set_tags(tags)
+
+
+def training_run_of(model_dir: str | os.PathLike) -> Run | None:
+    """The newest run that trained exactly the weights in ``model_dir``, or None."""
+    client = mlflow.MlflowClient()
+    digest = file_digest(Path(model_dir) / WEIGHTS_FILE, "md5")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string=f"tags.{MODEL_DIGEST_TAG} = '{digest}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def log_evaluation(run: Run, metrics: Mapping[str, float], artifacts: Iterator[Path] | list[Path] = ()) -> None:
+    """Evaluation results into the run that trained the model (and onto its LoggedModel), so the
+    compare view shows test metrics beside the training params."""
+    model_id = run.data.tags.get(LOGGED_MODEL_TAG)
+    mlflow.log_metrics(dict(metrics), run_id=run.info.run_id, model_id=model_id)
+    client = mlflow.MlflowClient()
+    for path in artifacts:
+        client.log_artifact(run.info.run_id, str(path), "evaluation")
 
 
 class MlflowCallback(TrainCallback):
@@ -91,3 +149,37 @@ class MlflowCallback(TrainCallback):
     def on_eval(self, state: TrainState, metrics: dict[str, float]) -> None:
         values = {k: v for k, v in metrics.items() if k not in ("step", "tokens_seen")}
         mlflow.log_metrics(values, step=state.tokens_seen)
+
+
+def record_evaluation(
+    stage: str,
+    params: BaseModel,
+    model_dir: str | os.PathLike,
+    metrics: Mapping[str, float],
+    artifacts: list[Path],
+    *,
+    registered_model: str,
+    champion_metric: str,
+    higher_is_better: bool = True,
+) -> None:
+    """A scoring stage's results go into the MLflow run that trained these weights (beside its
+    lr, epochs, ...), and the registry's ``@champion`` moves if this version beats it on
+    ``champion_metric``. Weights that no run of this store trained (trained elsewhere, or the
+    store was reset) get a scoring run of their own in the model's experiment."""
+    from steps.registry import promote_if_better, version_of_run
+
+    configure_tracking()
+    run = training_run_of(model_dir)
+    if run is None:
+        print(f"{stage}: no MLflow run trained {model_dir}: logging the scores in a run of their own")
+        with stage_run(stage, registered_model, params):
+            mlflow.log_metrics(dict(metrics))
+            for path in artifacts:
+                mlflow.log_artifact(str(path), "evaluation")
+        return
+    log_evaluation(run, metrics, artifacts)
+    version = version_of_run(registered_model, run)
+    if version is not None and metrics.get(champion_metric) is not None:
+        decision = promote_if_better(registered_model, version.version, champion_metric, metrics[champion_metric],
+                                     higher_is_better=higher_is_better)
+        print(f"{stage}: {decision.describe(registered_model, champion_metric)}")

@@ -74,7 +74,7 @@ def finetuned(in_workspace: Path) -> Path:
 
 def score_argv(params: str = "params.yaml", **paths: str) -> list[str]:
     defaults = {"model": "models/instruct", "test": "data/test.json", "responses": "out/responses.json",
-                "metrics": "out/metrics.json"}
+                "metrics": "out/metrics.json", "headline": "out/headline.json"}
     return ["--params", params] + [arg for k, v in {**defaults, **paths}.items() for arg in (f"--{k}", v)]
 
 
@@ -111,6 +111,13 @@ def test_finetune_logs_losses_and_sample_responses_to_mlflow(finetuned: Path, in
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 3
     samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
     assert samples == ["samples/epoch_01.md", "samples/epoch_02.md"]
+    # Logged as a pyfunc with a signature, registered as the @candidate of instruct-gpt.
+    candidate = client.get_model_version_by_alias("instruct-gpt", "candidate")
+    assert candidate.run_id == run.info.run_id
+    model = mlflow.pyfunc.load_model(f"models:/instruct-gpt@candidate")
+    assert [c.name for c in model.metadata.get_input_schema().inputs] == ["instruction", "input"]
+    answers = model.predict(pd.DataFrame({"instruction": ["Name a color."], "input": [""]}), params={"max_new_tokens": 3})
+    assert list(answers.columns) == ["response"] and len(answers) == 1
 
 
 def test_interrupted_finetune_resumes_to_the_same_weights(finetuned: Path, in_workspace: Path, monkeypatch) -> None:
@@ -170,6 +177,16 @@ def test_score_with_a_judge_saves_responses_and_all_metrics(finetuned: Path, in_
         (e["instruction"], e["input"], e["output"]) for e in test]
     assert [r["judge_score"] for r in records] == [70, 80, 70, 80]
     assert len(server.requests) == 4
+    assert json.loads((in_workspace / "out" / "headline.json").read_text()) == {
+        "rouge_l_f1": metrics["rouge_l_f1"], "judge_score": 75.0}
+    # The scores go into the fine-tune's MLflow run; the first scored version becomes @champion.
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias("instruct-gpt", "champion")
+    training = client.get_run(champion.run_id)
+    assert training.data.tags["stage"] == "finetune_instruct"
+    assert training.data.metrics["judge_score"] == 75.0 and training.data.metrics["rouge_l_f1"] == metrics["rouge_l_f1"]
 
 
 def test_score_without_a_judge_completes_with_offline_metrics(finetuned: Path, in_workspace: Path) -> None:

@@ -75,7 +75,7 @@ def finetuned(workspace: Path) -> dict:
         (workspace / ".cache" / "finetune_classifier" / "stale").mkdir(parents=True)
         metrics = ft.finetune_classifier(
             PARAMS, base_dir=workspace / "base", data_dir=workspace / "data", out_dir=workspace / "clf",
-            metrics_out=workspace / "metrics" / "ft.json", history_out=workspace / "plots" / "hist.csv", plots_dir=workspace / "plots",
+            metrics_out=workspace / "reports" / "ft.json", history_out=workspace / "plots" / "hist.csv", plots_dir=workspace / "plots",
             tokenizer_params=TOKENIZER, cache_dir=workspace / ".cache" / "finetune_classifier",
         )
     finally:
@@ -88,7 +88,7 @@ def test_finetune_writes_checkpoint_metrics_and_history(workspace: Path, finetun
     assert model.token_position == "flexible" and model.labels == ["ham", "spam"]
     assert model.max_length == 16  # the longest training message (> 16 tokens) capped at the context
     assert type(model.trf_blocks[0].att.qkv) is torch.nn.Linear  # LoRA merged into plain layers
-    on_disk = json.loads((workspace / "metrics" / "ft.json").read_text())
+    on_disk = json.loads((workspace / "reports" / "ft.json").read_text())
     assert on_disk["steps"] == 6 and set(on_disk) >= {"train_loss", "val_loss", "train_accuracy", "val_accuracy"}
     assert 0 <= on_disk["val_accuracy"] <= 1
     history = pd.read_csv(workspace / "plots" / "hist.csv")
@@ -126,7 +126,7 @@ def test_interrupted_finetune_resumes_to_the_same_weights(workspace: Path, finet
     assert resumed.keys() == uninterrupted.keys()
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
-    assert json.loads((out / "ft.json").read_text()) == json.loads((workspace / "metrics" / "ft.json").read_text())
+    assert json.loads((out / "ft.json").read_text()) == json.loads((workspace / "reports" / "ft.json").read_text())
 
 
 def test_finetune_logs_and_registers_a_servable_pyfunc(workspace: Path, finetuned: dict, mlflow_uri: str) -> None:
@@ -139,6 +139,9 @@ def test_finetune_logs_and_registers_a_servable_pyfunc(workspace: Path, finetune
     assert len(val_accuracy) == 4 and len(client.get_metric_history(run.info.run_id, "val_loss")) == 4
     version = client.get_model_version("spam-classifier", finetuned["registered_version"])
     assert version.run_id == run.info.run_id
+    newest = max(int(v.version) for v in client.search_model_versions("name = 'spam-classifier'"))
+    assert int(client.get_model_version_by_alias("spam-classifier", "candidate").version) == newest  # the last registered
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"data/train.csv", "data/validation.csv"}
 
     pyfunc = mlflow.pyfunc.load_model(f"models:/spam-classifier/{finetuned['registered_version']}")
     texts = ["FREE prize! call now", "see you soon"]
@@ -152,11 +155,24 @@ def test_finetune_logs_and_registers_a_servable_pyfunc(workspace: Path, finetune
 
 
 def test_score_spam_writes_metrics_and_confusion_plots(workspace: Path, finetuned: dict, mlflow_uri: str) -> None:
+    import mlflow
+
     metrics = score_spam.score_spam(
         score_spam.ScoreSpamParams(device="cpu"), model_dir=workspace / "clf", data_dir=workspace / "data",
-        metrics_out=workspace / "metrics" / "spam.json", plots_dir=workspace / "plots", tokenizer_params=TOKENIZER,
+        metrics_out=workspace / "reports" / "spam.json", headline_out=workspace / "metrics" / "spam.json",
+        plots_dir=workspace / "plots", tokenizer_params=TOKENIZER,
     )
-    assert json.loads((workspace / "metrics" / "spam.json").read_text()) == metrics
+    assert json.loads((workspace / "reports" / "spam.json").read_text()) == metrics
+    headline = json.loads((workspace / "metrics" / "spam.json").read_text())
+    assert headline == {"test_accuracy": metrics["test"]["accuracy"], "test_f1": metrics["test"]["f1"]}
+    # Scores sit in the run that trained these weights (the newest: the resume test wrote the same
+    # bytes again), beside its lr; that run's version, the first scored, becomes @champion.
+    client = mlflow.MlflowClient(mlflow_uri)
+    champion = client.get_model_version_by_alias("spam-classifier", "champion")
+    training = client.get_run(champion.run_id)
+    assert training.data.tags["stage"] == "finetune_classifier" and training.data.params["lr"] == str(PARAMS.lr)
+    assert training.data.metrics["test_accuracy"] == metrics["test"]["accuracy"]
+    assert float(champion.tags["test_accuracy"]) == pytest.approx(metrics["test"]["accuracy"])
     test = pd.read_csv(workspace / "data" / "test.csv")
     predicted = classify_texts(load_classifier(workspace / "clf"), get_tokenizer(TOKENIZER.encoding_dir), test["Text"].tolist())
     assert metrics["test"] == score_spam.classification_metrics(test["Label"].tolist(), [int(label == "spam") for label, _ in predicted])

@@ -30,6 +30,7 @@ from steps import evaluate as evaluate_step
 from steps import load_gpt2 as load_gpt2_step
 from steps.data_common import DataError, TokenizerParams
 from steps.params import ParamsError, validate_section
+from steps.io import file_digest
 from steps.pretrain import PretrainParams, PretrainPaths, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,8 +121,17 @@ def test_pretrain_mlflow_run_holds_params_curves_samples_plot_and_a_loadable_gen
     val_curve = client.get_metric_history(run.info.run_id, "val_loss")
     assert [m.step for m in val_curve] == [2 * 4 * CONTEXT * k for k in (1, 2, 3, 4)]  # against tokens seen
     assert len(client.get_metric_history(run.info.run_id, "lr")) == 8
-    assert run.data.metrics["final_val_loss"] == pytest.approx(metrics["val_loss"])
+    assert val_curve[-1].value == pytest.approx(metrics["val_loss"])  # the curve, no one-value final_* copy
+    assert not any(key.startswith("final_") for key in run.data.metrics)
+    assert params["steps"] == str(metrics["steps"]) and params["tokens_seen"] == str(metrics["tokens_seen"])
     assert run.data.metrics["tokens_per_s"] > 0
+    # What it was trained on: each split file with its DVC hash (md5) as the dataset digest.
+    inputs = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    assert inputs == {f"windows/{split}.npy": file_digest(paths.windows / f"{split}.npy", "md5") for split in ("train", "val")}
+    # The weights it wrote are findable from the model directory, and registered as @candidate.
+    assert run.data.tags["model_md5"] == file_digest(paths.model_out / "model.safetensors", "md5")
+    candidate = client.get_model_version_by_alias("pretrained-gpt", "candidate")
+    assert candidate.run_id == run.info.run_id
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert artifacts == {"samples/epoch_001.txt", "samples/epoch_002.txt"}
     sample = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/samples/epoch_002.txt")
@@ -206,7 +216,8 @@ def test_evaluate_scores_whole_splits_and_generates_reproducibly(workspace: Path
 
     def run(name: str) -> dict:
         return evaluate_step.evaluate(params, model_dir=paths.model_out, windows_dir=paths.windows,
-                                      metrics_out=out / "metrics.json", position_csv=out / "position.csv",
+                                      metrics_out=out / "metrics.json", headline_out=out / "headline.json",
+                                      position_csv=out / "position.csv",
                                       generations_out=out / name, tokenizer_params=TOKENIZER)
 
     metrics = run("generations.json")
@@ -223,9 +234,14 @@ def test_evaluate_scores_whole_splits_and_generates_reproducibly(workspace: Path
     assert all(g["completion"] for g in generations)
     run("again.json")
     assert json.loads((out / "again.json").read_text()) == generations  # fixed seed
-    mlflow_run = last_run("pretrain")
-    assert mlflow_run.data.tags["stage"] == "evaluate"
-    assert mlflow_run.data.metrics["val_perplexity"] == pytest.approx(metrics["val"]["perplexity"])
+    assert json.loads((out / "headline.json").read_text()) == {"val_loss": metrics["val"]["loss"],
+                                                               "val_perplexity": metrics["val"]["perplexity"]}
+    # The scores land in the run that trained these weights, beside its params.
+    training_run = last_run("pretrain")
+    assert training_run.data.tags["stage"] == "pretrain"
+    assert training_run.data.metrics["val_perplexity"] == pytest.approx(metrics["val"]["perplexity"])
+    champion = mlflow.MlflowClient().get_model_version_by_alias("pretrained-gpt", "champion")
+    assert champion.run_id == training_run.info.run_id and float(champion.tags["val_loss"]) == pytest.approx(metrics["val"]["loss"], rel=1e-5)
 
 
 # ---- load_gpt2
