@@ -1,16 +1,15 @@
 """The whole pipeline through Prefect, DVC and MLflow, on a copy of the repo with tiny params.
 
 One run of every stage (offline, from the mirror), then a second run that DVC must skip
-entirely, then one fine-tuning parameter changed: only that fine-tune and what follows it
-may run again. Seconds-scale models; the judge points at a closed port, so scoring falls back
-to what it can do offline.
+entirely (and that logs no MLflow run), then a flow run with one fine-tuning parameter
+overridden, as a user launches an experiment from the Prefect UI: only that fine-tune and what
+follows it run, and the result is a named DVC experiment. Seconds-scale models; the judge points
+at a closed port, so scoring falls back to what it can do offline.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,77 +18,14 @@ import mlflow
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.repo_copy import REPO, copy_repo
+
 MIRROR = REPO.parent / "shared" / "data"
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(not MIRROR.is_dir(), reason=f"offline mirror {MIRROR} not found"),
 ]
-
-
-def closed_port() -> int:
-    """A localhost port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-# Only keys that exist in params.yaml are overridden (a renamed key fails loudly below).
-TINY_PARAMS = {
-    # Few windows and examples: a handful of optimizer steps per training stage.
-    "windows": {"context_length": 32, "stride": 128},
-    "spam_data": {"train_frac": 0.1, "validation_frac": 0.05},
-    "instruction_data": {"train_frac": 0.05, "test_frac": 0.05},
-    "pretrain": {
-        "model": {"preset": "cpu-tiny", "context_length": 32, "emb_dim": None, "n_heads": None, "n_layers": None},
-        "epochs": 1, "batch_size": 16, "eval_every": 0, "eval_batches": 1, "checkpoint_every": 0,
-        "sample": {"max_new_tokens": 4},
-    },
-    "evaluate": {"batch_size": 32, "generation": {"max_new_tokens": 4}},
-    "finetune_classifier": {"epochs": 1, "batch_size": 16, "max_length": 32, "eval_every": 0, "eval_batches": 1},
-    "finetune_instruct": {"epochs": 1, "batch_size": 16, "max_length": 32, "eval_every": 0, "eval_batches": 1,
-                          "checkpoint_every": 0, "sample_entries": 1, "sample_max_new_tokens": 4},
-    "score_instructions": {"max_new_tokens": 4, "max_entries": 4,
-                           "judge": {"url": f"http://127.0.0.1:{closed_port()}", "required": False, "connect_retries": 0,
-                                     "connect_timeout_s": 1}},
-    "orchestration": {"mlflow_experiment": "e2e", "download_retry_delays_s": [1]},
-}
-
-
-MODEL_STAGES = {"pretrain", "evaluate", "load_gpt2", "finetune_classifier", "score_spam", "finetune_instruct", "score_instructions"}
-
-
-def override(params: dict, tiny: dict, where: str = "") -> None:
-    for key, value in tiny.items():
-        if key not in params:
-            if where:  # a nested key the stage does not know: the test is out of date
-                raise KeyError(f"params.yaml has no {where}{key}; update TINY_PARAMS")
-            continue  # a stage not in this checkout yet
-        if isinstance(value, dict) and isinstance(params[key], dict):
-            override(params[key], value, f"{where}{key}.")
-        else:
-            params[key] = value
-
-
-def copy_repo(dest: Path) -> Path:
-    """The project's files (tracked or not ignored), as a fresh git repo: no data, no dvc.lock."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\0")
-    for name in filter(None, listed):
-        source = REPO / name
-        if name == "dvc.lock" or not source.is_file():
-            continue
-        (dest / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, dest / name)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    override(params, TINY_PARAMS)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git = ["git", "-c", "user.name=e2e", "-c", "user.email=e2e@example.invalid"]
-    subprocess.run([*git, "init", "-q"], cwd=dest, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "e2e"], cwd=dest, check=True)
-    return dest
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +75,11 @@ def flaky_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, environment) -> 
     return repo
 
 
-def child_stages(client: mlflow.MlflowClient, parent_run_id: str) -> set[str]:
+def child_runs(client: mlflow.MlflowClient, parent_run_id: str) -> dict[str, mlflow.entities.Run]:
+    """The child runs of a pipeline run, by stage."""
     experiment = client.get_run(parent_run_id).info.experiment_id
     runs = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
-    return {run.data.tags["stage"] for run in runs}
+    return {run.data.tags["stage"]: run for run in runs}
 
 
 def summary_artifact(flow_run_id, key: str) -> str:
@@ -156,9 +93,9 @@ def summary_artifact(flow_run_id, key: str) -> str:
 
 
 def test_a_failed_stage_fails_the_flow_with_its_output_after_download_retries(flaky_repo: Path) -> None:
-    from pipelines.flows import full_pipeline
+    from pipelines.flows import llm_pipeline
 
-    state = full_pipeline(return_state=True)
+    state = llm_pipeline(return_state=True)
     assert state.is_failed()
     assert "stage 'broken' failed" in state.message and "broken: error: bad input raw.txt" in state.message
     assert (flaky_repo / "raw.txt").is_file()  # the download failed once, then its retry ran
@@ -173,14 +110,18 @@ def test_a_failed_stage_fails_the_flow_with_its_output_after_download_retries(fl
     assert f"(http://mlflow.test/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id})" in summary
 
 
+# The stages that train or load a model log a run; evaluate and the scorers log into those runs.
+TRAINING_STAGES = {"pretrain", "load_gpt2", "finetune_classifier", "finetune_instruct"}
+
+
 def test_pipeline_runs_every_stage_then_skips_then_reruns_only_downstream(pipeline_repo: Path) -> None:
     from pipelines.dag import read_dag
-    from pipelines.flows import full_pipeline, spam_pipeline
+    from pipelines.flows import llm_pipeline
 
     stages = list(read_dag(pipeline_repo))  # dvc.yaml order
 
     # 1. Everything runs, in an order DVC accepts, and produces its outputs and metrics.
-    state = full_pipeline(return_state=True)
+    state = llm_pipeline(return_state=True)
     assert state.is_completed(), state.message
     report = state.result()
     order = report.stages_by_status["ran"]
@@ -198,8 +139,10 @@ def test_pipeline_runs_every_stage_then_skips_then_reruns_only_downstream(pipeli
     shown = json.loads(subprocess.run([sys.executable, "-m", "dvc", "metrics", "show", "--json"],
                                       capture_output=True, text=True, check=True).stdout)
     (workspace,) = shown.values()  # keyed "workspace" or "" depending on DVC's version
-    metric_files = workspace["data"]
-    assert metric_files and all("error" not in entry and entry["data"] for entry in metric_files.values()), metric_files
+    headline = {path: entry["data"] for path, entry in workspace["data"].items()}
+    assert set(headline["metrics/spam.json"]) == {"test_accuracy", "test_f1"}
+    assert set(headline["metrics/pretrain.json"]) == {"val_loss", "val_perplexity"}
+    assert "rouge_l_f1" in headline["metrics/instructions.json"]
     assert report.metrics and all(isinstance(v, (int, float)) for v in report.metrics.values())
 
     client = mlflow.MlflowClient()
@@ -207,21 +150,29 @@ def test_pipeline_runs_every_stage_then_skips_then_reruns_only_downstream(pipeli
     assert parent.info.status == "FINISHED"
     assert parent.data.params["windows.context_length"] == "32"
     assert parent.data.tags["prefect_flow_run_id"] == str(state.state_details.flow_run_id)
-    children = child_stages(client, report.mlflow_run_id)
-    assert children and children <= set(report.stages_by_status["ran"])
-    assert MODEL_STAGES <= children  # every stage that trains, loads or scores a model logs a run
-
+    children = child_runs(client, report.mlflow_run_id)
+    assert set(children) == TRAINING_STAGES
+    # The spam fine-tune's run holds its lr and, logged by score_spam, its test accuracy.
+    spam_run = children["finetune_classifier"]
+    assert spam_run.data.metrics["test_accuracy"] == headline["metrics/spam.json"]["test_accuracy"]
     assert report.mlflow_url in summary_artifact(state.state_details.flow_run_id, "pipeline-all")
 
-    # 2. Nothing changed: DVC skips every stage, and no stage logs a child run.
-    again = full_pipeline()
+    # 2. Nothing changed: DVC skips every stage, and no MLflow run is made.
+    runs_before = len(client.search_runs([parent.info.experiment_id]))
+    again = llm_pipeline()
     assert sorted(again.stages_by_status["skipped"]) == sorted(stages)
-    assert child_stages(client, again.mlflow_run_id) == set()
+    assert again.mlflow_run_id == "" and len(client.search_runs([parent.info.experiment_id])) == runs_before
 
-    # 3. One fine-tuning parameter changed: only that fine-tune and its scoring run again.
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    params["finetune_classifier"]["lr"] *= 2
-    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    rerun = spam_pipeline()
+    # 3. One fine-tuning parameter overridden, as from the Prefect UI's Run form: only that
+    # fine-tune and its scoring run again, and the run is saved as a named DVC experiment.
+    lr = yaml.safe_load(Path("params.yaml").read_text())["finetune_classifier"]["lr"] * 2
+    rerun = llm_pipeline(pipeline="spam", params={"finetune_classifier.lr": lr}, experiment="lr-double")
     assert rerun.stages_by_status["ran"] == ["finetune_classifier", "score_spam"]
-    assert child_stages(client, rerun.mlflow_run_id) == {"finetune_classifier", "score_spam"}
+    assert set(child_runs(client, rerun.mlflow_run_id)) == {"finetune_classifier"}
+    assert child_runs(client, rerun.mlflow_run_id)["finetune_classifier"].info.run_name == "lr-double"
+    shown = json.loads(subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"],
+                                      capture_output=True, text=True, check=True).stdout)
+    experiments = {exp["name"]: exp for commit in shown for exp in (commit.get("experiments") or [])}
+    saved = experiments["lr-double"]["revs"][0]["data"]
+    assert saved["params"]["params.yaml"]["data"]["finetune_classifier"]["lr"] == lr
+    assert isinstance(saved["metrics"]["metrics/spam.json"]["data"]["test_accuracy"], float)
