@@ -4,7 +4,7 @@ DVC decides what is up to date (unchanged stages are skipped, restored from its 
 run); Prefect shows every stage's state, logs and duration, retries downloads and draws the
 stages as dvc.yaml's graph (each task waits for its upstream stages). MLflow gets one parent run
 per pipeline run that runs anything, under which every stage that runs logs a child run (the id
-reaches the stage process through ``LLMPIPE_MLFLOW_PARENT_RUN_ID``, see steps/tracking.py).
+reaches the stage process through ``LLMPIPE_MLFLOW_PARENT_RUN_ID``, see steps/common/tracking.py).
 
 The flow's parameters make it the control panel: which pipeline, and params overrides
 (``{"finetune_classifier.lr": 5e-4}``) that make the run a named DVC experiment, as
@@ -32,13 +32,13 @@ from pipelines.dag import PIPELINES, execution_order, read_dag
 from pipelines import experiments
 from pipelines.stages import StageResult, dvc_status, repro_stage
 from pipelines.summary import PipelineReport, read_metrics, render_markdown
-from steps.params import StrictModel, load_section, read_params
-from steps.tracking import EXPERIMENT_ENV, PARENT_RUN_ENV, configure_tracking, flatten, git_commit
+from steps.common.params import StrictModel, load_section, read_params
+from steps.common.tracking import EXPERIMENT_ENV, PARENT_RUN_ENV, configure_tracking, flatten, git_commit
 
 PipelineName = Literal["all", "pretrain", "spam", "instructions"]
 DOWNLOAD_PREFIX = "download_"  # stages that touch the network get task-level retries
 UI_URL_ENV = "LLMPIPE_MLFLOW_UI_URL"
-DVC_EXP_ENV = "DVC_EXP_NAME"  # what `dvc exp run` tells its stages; steps/tracking.py names runs after it
+DVC_EXP_ENV = "DVC_EXP_NAME"  # what `dvc exp run` tells its stages; steps/common/tracking.py names runs after it
 
 
 class OrchestrationParams(StrictModel):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.stages import StageResult
-from steps.tracking import flatten
+from steps.common.tracking import flatten
 
 STATUS_TEXT = {"ran": "ran", "cached": "restored from DVC run cache", "skipped": "up to date, skipped"}
 

@@ -13,13 +13,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from llmcore.prompts import format_input, format_response
 from llmcore.tokenizer import TokenizerFilesError, encode, get_tokenizer
-from steps.data_common import DataError, TokenizerParams, read_text
-from steps.io import atomic_path, write_json
-from steps.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
+from steps.common.data import DataError, TokenizerParams
+from steps.common.datasets import load_entries
+from steps.common.io import atomic_path, write_json
+from steps.common.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
 
 SPLITS = ("train", "test", "validation")
 
@@ -35,42 +36,6 @@ class InstructionDataParams(StrictModel):
         if self.train_frac + self.test_frac >= 1:
             raise ValueError("train_frac + test_frac must be < 1 to leave a validation split")
         return self
-
-
-class InstructionEntry(BaseModel):
-    """One entry; strict, so a number is not silently taken for a string. Extra keys are kept."""
-
-    model_config = ConfigDict(strict=True, extra="allow")
-
-    instruction: str = Field(min_length=1)
-    input: str
-    output: str = Field(min_length=1)
-
-
-_ENTRIES = TypeAdapter(list[InstructionEntry])
-
-
-def load_entries(path: Path) -> list[dict]:
-    """The raw entries of a JSON list, after checking each one's fields."""
-    try:
-        data = json.loads(read_text(path))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not valid JSON: {exc}") from exc
-    try:
-        _ENTRIES.validate_python(data)
-    except ValidationError as exc:
-        problems = [_describe(err) for err in exc.errors()]
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise DataError(f"{path}: " + "; ".join(problems[:3]) + more) from None
-    return data
-
-
-def _describe(err: dict) -> str:
-    loc = err["loc"]
-    if not loc:
-        return f"top level: {err['msg']}"
-    where = f"entry {loc[0]}" + (f" field {loc[1]!r}" if len(loc) > 1 else "")
-    return f"{where}: {err['msg']}"
 
 
 def split_entries(entries: list[dict], params: InstructionDataParams) -> dict[str, list[dict]]:

@@ -17,9 +17,9 @@ from typing import Literal
 import pandas as pd
 from pydantic import Field, model_validator
 
-from steps.data_common import DataError
-from steps.io import atomic_path, write_json
-from steps.params import ParamsError, StrictModel, cli_parser, load_section
+from steps.common.data import DataError
+from steps.common.io import atomic_path, write_json
+from steps.common.params import ParamsError, StrictModel, cli_parser, load_section
 
 LABELS = {"ham": 0, "spam": 1}
 SPLITS = ("train", "validation", "test")

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from steps.data_common import DataError, load_tokens
-from steps.io import atomic_path, write_json
-from steps.params import ParamsError, StrictModel, cli_parser, load_section
+from steps.common.data import DataError, load_tokens
+from steps.common.io import atomic_path, write_json
+from steps.common.params import ParamsError, StrictModel, cli_parser, load_section
 
 
 class WindowParams(StrictModel):

@@ -26,10 +26,10 @@ from llmcore.device import resolve_device
 from llmcore.generate import generate
 from llmcore.model import GPTModel
 from llmcore.tokenizer import TokenizerFilesError, encode, get_tokenizer
-from steps.data_common import DataError, TokenizerParams
-from steps.io import atomic_path, write_json
-from steps.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
-from steps.pretrain import load_windows
+from steps.common.data import DataError, TokenizerParams
+from steps.common.datasets import load_windows
+from steps.common.io import atomic_path, write_json
+from steps.common.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
 
 STAGE = "evaluate"
 SPLITS = ("train", "val")
@@ -82,8 +82,8 @@ def evaluate(
     tokenizer_params: TokenizerParams = TokenizerParams(),
 ) -> dict[str, dict[str, float]]:
     """Score ``model_dir`` on the windows, generate, write the outputs and log them; returns the metrics."""
-    from steps.registry import PRETRAINED_MODEL
-    from steps.tracking import record_evaluation  # mlflow imports take seconds: not at import
+    from steps.common.registry import PRETRAINED_MODEL
+    from steps.common.tracking import record_evaluation  # mlflow imports take seconds: not at import
 
     try:
         device = resolve_device(params.device)

@@ -23,8 +23,8 @@ from pydantic import Field, field_validator, model_validator
 from requests.adapters import HTTPAdapter
 from urllib3.util import Retry
 
-from steps.io import atomic_path, sha256_file
-from steps.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
+from steps.common.io import atomic_path, sha256_file
+from steps.common.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
 
 MIRROR_ENV = "LLMPIPE_MIRROR"
 # Transient server states worth retrying; anything else (404, 403, ...) fails at once.

@@ -5,7 +5,7 @@ a 2-class head; ``llmcore.train.train`` — the one training loop — runs with 
 loss on the chosen position's logits and logs train/val loss and accuracy to MLflow. The state
 under ``.cache/finetune_classifier/<settings key>/`` (outside DVC's outputs) lets an interrupted
 run resume; it is deleted once the classifier is written. The classifier is logged as an MLflow pyfunc
-(``steps/mlflow_models/spam_classifier.py``) and registered as a new ``spam-classifier`` version with alias ``candidate`` (score_spam
+(``steps/common/mlflow_models/spam_classifier.py``) and registered as a new ``spam-classifier`` version with alias ``candidate`` (score_spam
 moves ``champion``), so
 ``mlflow models serve -m models:/spam-classifier@champion`` answers ``text`` → ``label``,
 ``spam_probability``.
@@ -13,8 +13,6 @@ moves ``champion``), so
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -26,7 +24,7 @@ import pandas as pd
 import torch
 from pydantic import Field
 
-from llmcore.checkpoint import CheckpointError, load_checkpoint
+from llmcore.checkpoint import CheckpointError
 from llmcore.classifier import (
     GPTClassifier,
     SpamDataset,
@@ -38,34 +36,22 @@ from llmcore.classifier import (
 )
 from llmcore.device import resolve_device
 from llmcore.lora import merge_lora
-from llmcore.model import GPTModel
 from llmcore.tokenizer import ENCODING_DIR_ENV, TokenizerFilesError, get_tokenizer
-from llmcore.train import TrainConfig, TrainingDivergedError, train
-from steps.data_common import DataError, TokenizerParams
-from steps.distributed import is_main_process, setup_distributed, stage_run_on_main
-from steps.io import resume_state_dir, sha256_file, write_json
-from steps.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
-from steps.plotting import plot_history, write_history_csv
-from steps.registry import SPAM_CLASSIFIER
+from llmcore.train import TrainingDivergedError, train
+from steps.common.data import DataError, TokenizerParams
+from steps.common.datasets import read_spam_split
+from steps.common.distributed import is_main_process, setup_distributed, stage_run_on_main
+from steps.common.io import resume_state_dir, sha256_file, write_json
+from steps.common.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
+from steps.common.models import BaseModelError, BaseModelParams, load_base_model
+from steps.common.plotting import plot_history, write_history_csv
+from steps.common.registry import SPAM_CLASSIFIER
+from steps.common.training import train_config_from
 
 STAGE = "finetune_classifier"
 EXPERIMENT = SPAM_CLASSIFIER  # the experiment is named after the model it registers
 CACHE_DIR = Path(".cache/finetune_classifier")
 STEP_LOG_EVERY = 5  # optimizer steps between MLflow step-loss points (each is a database write)
-
-
-class BaseModelError(ValueError):
-    """The base model directory holds no usable weights (e.g. GPT-2's could not be downloaded)."""
-
-
-class BaseModelParams(StrictModel):
-    dir: str  # an llmcore checkpoint: models/pretrained (own) or models/gpt2 (GPT-2's weights)
-
-
-def train_config_from(params: StrictModel) -> TrainConfig:
-    """The TrainConfig of a fine-tuning params section: every field it shares by name with TrainConfig."""
-    shared = {f.name for f in dataclasses.fields(TrainConfig)} & set(type(params).model_fields)
-    return TrainConfig(**{name: getattr(params, name) for name in shared})
 
 
 class LoraParams(StrictModel):
@@ -90,43 +76,6 @@ class FinetuneClassifierParams(StrictModel):
     eval_batches: int | None = Field(5, ge=1)  # None: whole splits
     seed: int = 123
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-
-
-def read_spam_split(path: Path) -> pd.DataFrame:
-    """A split CSV from build_spam_dataset: ``Label`` 0 (ham) / 1 (spam) and ``Text``."""
-    try:
-        df = pd.read_csv(path, dtype={"Text": str}, keep_default_na=False)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from exc
-    missing = {"Label", "Text"} - set(df.columns)
-    if missing:
-        raise DataError(f"{path}: missing column(s) {sorted(missing)}")
-    bad = ~df["Label"].isin([0, 1])
-    if bad.any():
-        raise DataError(f"{path} row {int(bad.idxmax()) + 1}: Label must be 0 or 1, got {df['Label'][bad.idxmax()]!r}")
-    if df.empty:
-        raise DataError(f"{path}: no rows")
-    return df
-
-
-def load_base_model(base_dir: Path, **overrides) -> GPTModel:
-    """The llmcore checkpoint in ``base_dir`` (``overrides``: config fields such as drop_rate).
-
-    A ``status.json`` saying ``loaded: false`` (load_gpt2 without GPT-2's weights) is an error.
-    """
-    status_path = base_dir / "status.json"
-    if status_path.is_file():
-        status = json.loads(status_path.read_text())
-        if not status.get("loaded", True):
-            details = {k: v for k, v in status.items() if k != "loaded"}
-            raise BaseModelError(
-                f"base model {base_dir} has no weights ({status_path}: loaded=false {details}); "
-                "GPT-2 weights were unavailable to load_gpt2. Provide them, or set base_model.dir "
-                "to the project's own pretrained model (models/pretrained)"
-            )
-    if not (base_dir / "config.json").is_file():
-        raise BaseModelError(f"base model {base_dir} not found (no config.json): run its stage first (dvc repro)")
-    return load_checkpoint(base_dir, **overrides)
 
 
 def classifier_signature():
@@ -157,9 +106,9 @@ def finetune_classifier(
 
     Under torchrun every rank trains; only rank 0 logs and writes (the others return {}).
     """
-    from steps.mlflow_models import log_code_model  # mlflow imports take seconds: not at import
-    from steps.registry import register_candidate
-    from steps.tracking import MlflowCallback, log_data_files, tag_trained_model
+    from steps.common.mlflow_models import log_code_model  # mlflow imports take seconds: not at import
+    from steps.common.registry import register_candidate
+    from steps.common.tracking import MlflowCallback, log_data_files, tag_trained_model
 
     started = time.perf_counter()
     train_df, val_df = (read_spam_split(data_dir / f"{split}.csv") for split in ("train", "validation"))

@@ -26,14 +26,15 @@ from llmcore.device import resolve_device
 from llmcore.instruct import InstructionDataset, collate_instructions, generate_responses
 from llmcore.tokenizer import ENCODING_DIR_ENV, TokenizerFilesError, get_tokenizer
 from llmcore.train import TrainCallback, TrainingDivergedError, TrainState, train
-from steps.build_instruction_dataset import load_entries
-from steps.data_common import DataError, TokenizerParams
-from steps.distributed import is_main_process, setup_distributed, stage_run_on_main
-from steps.finetune_classifier import BaseModelError, BaseModelParams, load_base_model, train_config_from
-from steps.io import resume_state_dir, sha256_file, write_json
-from steps.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
-from steps.plotting import plot_history, write_history_csv
-from steps.registry import INSTRUCT_MODEL
+from steps.common.data import DataError, TokenizerParams
+from steps.common.datasets import load_entries
+from steps.common.distributed import is_main_process, setup_distributed, stage_run_on_main
+from steps.common.models import BaseModelError, BaseModelParams, load_base_model
+from steps.common.io import resume_state_dir, sha256_file, write_json
+from steps.common.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
+from steps.common.plotting import plot_history, write_history_csv
+from steps.common.registry import INSTRUCT_MODEL
+from steps.common.training import train_config_from
 
 STAGE = "finetune_instruct"
 EXPERIMENT = "instruction-sft"
@@ -122,9 +123,9 @@ def finetune_instruct(
 
     Under torchrun every rank trains; only rank 0 logs and writes (the others return {}).
     """
-    from steps.mlflow_models import log_code_model  # mlflow imports take seconds: not at import
-    from steps.registry import register_candidate
-    from steps.tracking import MlflowCallback, log_data_files, tag_trained_model
+    from steps.common.mlflow_models import log_code_model  # mlflow imports take seconds: not at import
+    from steps.common.registry import register_candidate
+    from steps.common.tracking import MlflowCallback, log_data_files, tag_trained_model
 
     train_entries = load_split(data_dir / "train.json")
     val_entries = load_split(data_dir / "validation.json")

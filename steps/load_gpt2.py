@@ -27,9 +27,9 @@ from pydantic import Field
 from llmcore.checkpoint import CheckpointError, save_checkpoint
 from llmcore.tokenizer import ENCODING_DIR_ENV, GPT2_FILE_SHA256, GPT2_FILES
 from llmcore.weights import HF_REPOS, WeightsUnavailableError, load_gpt2
-from steps.data_common import TokenizerParams
-from steps.io import atomic_path
-from steps.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
+from steps.common.data import TokenizerParams
+from steps.common.io import atomic_path
+from steps.common.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
 
 STAGE = "load_gpt2"
 EXPERIMENT = "load-gpt2"
@@ -99,7 +99,7 @@ def _dumps(data: dict) -> str:
 
 
 def log_status(params: LoadGPT2Params, status: dict) -> None:
-    from steps.tracking import stage_run  # mlflow imports take seconds: not at import
+    from steps.common.tracking import stage_run  # mlflow imports take seconds: not at import
 
     with stage_run(STAGE, EXPERIMENT, params):
         import mlflow

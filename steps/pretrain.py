@@ -11,7 +11,7 @@ Outputs: the checkpoint (``models/pretrained``: safetensors + config.json), ``re
 the evaluation history ``plots/pretrain_loss.csv`` (for ``dvc plots``) and the book's loss plot
 ``plots/pretrain_loss.png``. MLflow gets the params, losses against tokens seen, learning rate,
 tokens/s, a sample continuation of ``sample.prompt`` after each epoch, the plot, and the model as
-a "models from code" pyfunc text generator (``steps/mlflow_models/generator.py``).
+a "models from code" pyfunc text generator (``steps/common/mlflow_models/generator.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import Field, field_validator
 from torch import nn
@@ -34,19 +33,19 @@ from tqdm.auto import tqdm
 
 from llmcore.checkpoint import save_checkpoint
 from llmcore.config import PRESETS, ConfigError, GPTConfig
-from llmcore.data import WindowArrayDataset
 from llmcore.device import resolve_device
 from llmcore.distributed import is_main_process
 from llmcore.generate import generate_text
 from llmcore.model import GPTModel
 from llmcore.tokenizer import ENCODING_DIR_ENV, TokenizerFilesError, get_tokenizer
 from llmcore.train import STATE_DIR, TrainCallback, TrainConfig, TrainingDivergedError, TrainState, has_train_state, train
-from steps.data_common import DataError, TokenizerParams
-from steps.distributed import setup_distributed, stage_run_on_main
-from steps.io import resume_state_dir, sha256_file, write_json
-from steps.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
-from steps.plotting import plot_history, write_history_csv
-from steps.registry import PRETRAINED_MODEL
+from steps.common.data import DataError, TokenizerParams
+from steps.common.distributed import setup_distributed, stage_run_on_main
+from steps.common.datasets import load_windows
+from steps.common.io import resume_state_dir, sha256_file, write_json
+from steps.common.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
+from steps.common.plotting import plot_history, write_history_csv
+from steps.common.registry import PRETRAINED_MODEL
 
 STAGE = "pretrain"
 EXPERIMENT = "pretrain"
@@ -127,30 +126,6 @@ class PretrainPaths:
     state_dir: Path = Path(".cache/pretrain")  # not a DVC output: survives an interrupted run
 
 
-def load_windows(path: Path, cfg: GPTConfig, *, exact: bool = True) -> WindowArrayDataset:
-    """The windows in ``path`` as a dataset over a memory map (never read into RAM at once).
-
-    Training needs windows exactly as long as the model's context; scoring (``exact=False``)
-    accepts shorter ones.
-    """
-    try:
-        windows = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot load windows {path}: {exc}") from exc
-    if windows.ndim != 2 or windows.dtype != np.uint16 or len(windows) == 0:
-        raise DataError(f"{path}: expected a non-empty 2-D uint16 array of windows, got {windows.dtype} {windows.shape}")
-    width = windows.shape[1] - 1
-    if width > cfg.context_length or (exact and width != cfg.context_length):
-        raise DataError(
-            f"{path} holds windows of context_length {width} but the model's "
-            f"context_length is {cfg.context_length}: make pretrain.model.context_length equal "
-            "windows.context_length in params.yaml"
-        )
-    if int(windows.max()) >= cfg.vocab_size:
-        raise DataError(f"{path}: token id {int(windows.max())} is outside the model's vocabulary ({cfg.vocab_size})")
-    return WindowArrayDataset(windows)
-
-
 class EpochSampleCallback(TrainCallback):
     """After each epoch, continue the fixed prompt greedily and log it (MLflow text + console)."""
 
@@ -204,7 +179,7 @@ def pretrain(
     progress: bool = True,
 ) -> dict[str, float]:
     """Train from scratch (or resume), write the outputs and log the run; returns the metrics."""
-    from steps.tracking import MlflowCallback, log_data_files  # mlflow imports take seconds: not at import
+    from steps.common.tracking import MlflowCallback, log_data_files  # mlflow imports take seconds: not at import
 
     cfg = params.model.gpt_config()
     train_data, val_data = (load_windows(paths.windows / f"{split}.npy", cfg) for split in ("train", "val"))
@@ -258,9 +233,9 @@ def pretrain(
         mlflow.log_params({k: metrics[k] for k in ("steps", "tokens_seen", "wall_time_s")})
         mlflow.log_artifact(str(paths.loss_plot), "plots")
         mlflow.log_artifact(str(paths.history_csv), "plots")
-        from steps.mlflow_models import log_code_model
-        from steps.registry import register_candidate
-        from steps.tracking import tag_trained_model
+        from steps.common.mlflow_models import log_code_model
+        from steps.common.registry import register_candidate
+        from steps.common.tracking import tag_trained_model
 
         info = log_code_model("generator", "generator.py", paths.model_out,
                               encoding_dir=tokenizer_params.encoding_dir or os.environ.get(ENCODING_DIR_ENV),

@@ -21,12 +21,12 @@ from llmcore.checkpoint import CheckpointError, load_checkpoint
 from llmcore.device import resolve_device
 from llmcore.instruct import encode_example, generate_responses, response_loss, response_prompt
 from llmcore.tokenizer import TokenizerFilesError, get_tokenizer
-from steps.data_common import DataError, TokenizerParams
-from steps.build_instruction_dataset import load_entries
-from steps.io import write_json
-from steps.judge import JudgeParams, JudgeUnavailableError, judge_responses
-from steps.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
-from steps.registry import INSTRUCT_MODEL
+from steps.common.data import DataError, TokenizerParams
+from steps.common.datasets import load_entries
+from steps.common.io import write_json
+from steps.common.judge import JudgeParams, JudgeUnavailableError, judge_responses
+from steps.common.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
+from steps.common.registry import INSTRUCT_MODEL
 
 STAGE = "score_instructions"
 
@@ -84,7 +84,7 @@ def score_instructions(
 ) -> dict:
     """Answer, save and score the test prompts; returns the metrics written to ``metrics_out``
     (ROUGE-L and the judge's score also to ``headline_out``); the scores go to the training run."""
-    from steps.tracking import record_evaluation  # mlflow imports take seconds: not at import
+    from steps.common.tracking import record_evaluation  # mlflow imports take seconds: not at import
 
     entries = load_entries(test_file)[: params.max_entries]
     if not entries:

@@ -26,10 +26,10 @@ from llmcore.checkpoint import CheckpointError
 from llmcore.classifier import load_classifier, predict_proba
 from llmcore.device import resolve_device
 from llmcore.tokenizer import TokenizerFilesError, get_tokenizer
-from steps.data_common import DataError, TokenizerParams
-from steps.finetune_classifier import read_spam_split
-from steps.io import atomic_path, write_json
-from steps.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
+from steps.common.data import DataError, TokenizerParams
+from steps.common.datasets import read_spam_split
+from steps.common.io import atomic_path, write_json
+from steps.common.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
 
 STAGE = "score_spam"
 SPLITS = ("train", "validation", "test")
@@ -108,8 +108,8 @@ def score_spam(
     accuracy = metrics[params.plot_split]["accuracy"]
     title = f"spam classifier, {params.plot_split} split (accuracy {accuracy:.2%})"
     save_confusion_png(png_path, actual, predicted, model.labels, title)
-    from steps.registry import SPAM_CLASSIFIER
-    from steps.tracking import record_evaluation  # mlflow imports take seconds: not at import
+    from steps.common.registry import SPAM_CLASSIFIER
+    from steps.common.tracking import record_evaluation  # mlflow imports take seconds: not at import
 
     flat = {f"{split}_{name}": value for split, values in metrics.items() for name, value in values.items()}
     record_evaluation(STAGE, params, model_dir, flat, [png_path, csv_path],

@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 from llmcore.tokenizer import TokenizerFilesError, encode, get_tokenizer
-from steps.data_common import DataError, TokenizerParams, read_text, save_npy, to_token_array
-from steps.io import write_json
-from steps.params import ParamsError, cli_parser, load_section
+from steps.common.data import DataError, TokenizerParams, read_text, save_npy, to_token_array
+from steps.common.io import write_json
+from steps.common.params import ParamsError, cli_parser, load_section
 
 
 def tokenize_corpus(corpus: Path, tokens_out: Path, metrics_out: Path, params: TokenizerParams) -> dict[str, int]:

@@ -15,12 +15,13 @@ import yaml
 from llmcore.data import SlidingWindowDataset
 from llmcore.prompts import RESPONSE_MARKER, extract_response, format_input, format_response
 from steps import build_instruction_dataset as instr
+from steps.common import datasets
 from steps import build_spam_dataset as spam
 from steps import build_windows as windows
 from steps import tokenize
-from steps.data_common import DataError, TokenizerParams, save_npy, to_token_array
+from steps.common.data import DataError, TokenizerParams, save_npy, to_token_array
 from steps.fetch import FetchSettings, Source
-from steps.params import ParamsError, read_params, validate_section
+from steps.common.params import ParamsError, read_params, validate_section
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("LLMPIPE_MIRROR") or REPO.parent / "shared" / "data")
@@ -238,7 +239,7 @@ def test_bad_instruction_entries_name_index_and_field(tmp_path: Path, entries: o
     path = tmp_path / "data.json"
     path.write_text(json.dumps(entries))
     with pytest.raises(DataError, match=pattern):
-        instr.load_entries(path)
+        datasets.load_entries(path)
 
 
 def test_instruction_cli_errors(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from steps.fetch import (
     location_kind,
     main,
 )
-from steps.params import ParamsError, validate_section
+from steps.common.params import ParamsError, validate_section
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("LLMPIPE_MIRROR") or REPO.parent / "shared" / "data")

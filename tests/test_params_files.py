@@ -10,7 +10,7 @@ import yaml
 from steps.evaluate import EvaluateParams
 from steps.finetune_classifier import FinetuneClassifierParams
 from steps.finetune_instruct import FinetuneInstructParams
-from steps.params import validate_section
+from steps.common.params import validate_section
 from steps.pretrain import PretrainParams
 from steps.score_instructions import ScoreInstructionsParams
 from steps.score_spam import ScoreSpamParams

@@ -7,7 +7,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from steps.registry import CANDIDATE, CHAMPION, promote_if_better, register_candidate, version_of_run
+from steps.common.registry import CANDIDATE, CHAMPION, promote_if_better, register_candidate, version_of_run
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ from llmcore.model import GPTModel
 from llmcore.tokenizer import get_tokenizer
 from steps import finetune_instruct as ft
 from steps import score_instructions as score
-from steps.data_common import TokenizerParams
-from steps.params import read_params, validate_section
+from steps.common.data import TokenizerParams
+from steps.common.params import read_params, validate_section
 from tests.fake_ollama import FakeOllama, closed_port_url, ollama_reply
 
 
@@ -114,7 +114,7 @@ def test_finetune_logs_losses_and_sample_responses_to_mlflow(finetuned: Path, in
     # Logged as a pyfunc with a signature, registered as the @candidate of instruct-gpt.
     candidate = client.get_model_version_by_alias("instruct-gpt", "candidate")
     assert candidate.run_id == run.info.run_id
-    model = mlflow.pyfunc.load_model(f"models:/instruct-gpt@candidate")
+    model = mlflow.pyfunc.load_model("models:/instruct-gpt@candidate")
     assert [c.name for c in model.metadata.get_input_schema().inputs] == ["instruction", "input"]
     answers = model.predict(pd.DataFrame({"instruction": ["Name a color."], "input": [""]}), params={"max_new_tokens": 3})
     assert list(answers.columns) == ["response"] and len(answers) == 1

@@ -17,8 +17,9 @@ from llmcore.config import GPTConfig
 from llmcore.model import GPTModel
 from llmcore.tokenizer import get_tokenizer
 from steps import finetune_classifier as ft
+from steps.common import datasets, models
 from steps import score_spam
-from steps.data_common import DataError, TokenizerParams
+from steps.common.data import DataError, TokenizerParams
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("LLMPIPE_MIRROR") or REPO.parent / "shared" / "data")
@@ -102,7 +103,7 @@ def test_interrupted_finetune_resumes_to_the_same_weights(workspace: Path, finet
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     from safetensors.torch import load_file
 
-    from steps.tracking import MlflowCallback
+    from steps.common.tracking import MlflowCallback
 
     def interrupt(self, state, path):
         raise KeyboardInterrupt  # as if killed right after the first epoch's state was saved
@@ -197,22 +198,22 @@ def test_base_without_gpt2_weights_fails_clearly(workspace: Path, tmp_path: Path
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
     (gpt2 / "status.json").write_text(json.dumps({"loaded": False, "reason": "no network"}))
-    with pytest.raises(ft.BaseModelError, match=r"has no weights .*loaded=false.*no network"):
-        ft.load_base_model(gpt2)
+    with pytest.raises(models.BaseModelError, match=r"has no weights .*loaded=false.*no network"):
+        models.load_base_model(gpt2)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"finetune_classifier": {}, "tokenizer": TOKENIZER.model_dump(),
                                       "base_model": {"dir": str(gpt2)}}))
     with pytest.raises(SystemExit, match=r"finetune_classifier: error: base model .*gpt2 has no weights"):
         ft.main(["--params", str(params), "--data", str(workspace / "data"), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
-    with pytest.raises(ft.BaseModelError, match="not found .*run its stage first"):
-        ft.load_base_model(tmp_path / "missing")
+    with pytest.raises(models.BaseModelError, match="not found .*run its stage first"):
+        models.load_base_model(tmp_path / "missing")
 
 
 def test_bad_spam_csv_is_named(tmp_path: Path) -> None:
     pd.DataFrame({"Label": [0, 2], "Text": ["a", "b"]}).to_csv(tmp_path / "train.csv", index=False)
     with pytest.raises(DataError, match=r"train.csv row 2: Label must be 0 or 1"):
-        ft.read_spam_split(tmp_path / "train.csv")
+        datasets.read_spam_split(tmp_path / "train.csv")
     pd.DataFrame({"label": [0], "Text": ["a"]}).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(DataError, match=r"missing column\(s\) \['Label'\]"):
-        ft.read_spam_split(tmp_path / "bad.csv")
+        datasets.read_spam_split(tmp_path / "bad.csv")

@@ -28,9 +28,9 @@ from llmcore.train import STATE_DIR, TrainCallback
 from llmcore.weights import WeightsUnavailableError
 from steps import evaluate as evaluate_step
 from steps import load_gpt2 as load_gpt2_step
-from steps.data_common import DataError, TokenizerParams
-from steps.params import ParamsError, validate_section
-from steps.io import file_digest
+from steps.common.data import DataError, TokenizerParams
+from steps.common.params import ParamsError, validate_section
+from steps.common.io import file_digest
 from steps.pretrain import PretrainParams, PretrainPaths, pretrain
 
 REPO = Path(__file__).resolve().parents[1]

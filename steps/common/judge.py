@@ -21,7 +21,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from llmcore.prompts import format_input
-from steps.params import StrictModel
+from steps.common.params import StrictModel
 
 _SCORE = re.compile(r"\s*(\d{1,3})\s*\.?\s*")
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from steps.io import atomic_path
-from steps.params import StrictModel
+from steps.common.io import atomic_path
+from steps.common.params import StrictModel
 
 # GPT-2's ids (< 50,257) fit in uint16, which halves the size of every token array on disk.
 TOKEN_DTYPE = np.uint16

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from llmcore.checkpoint import WEIGHTS_FILE
 from llmcore.train import TrainCallback, TrainState
-from steps.io import file_digest
+from steps.common.io import file_digest
 
 PARENT_RUN_ENV = "LLMPIPE_MLFLOW_PARENT_RUN_ID"
 EXPERIMENT_ENV = "LLMPIPE_MLFLOW_EXPERIMENT"
@@ -166,7 +166,7 @@ def record_evaluation(
     lr, epochs, ...), and the registry's ``@champion`` moves if this version beats it on
     ``champion_metric``. Weights that no run of this store trained (trained elsewhere, or the
     store was reset) get a scoring run of their own in the model's experiment."""
-    from steps.registry import promote_if_better, version_of_run
+    from steps.common.registry import promote_if_better, version_of_run
 
     configure_tracking()
     run = training_run_of(model_dir)
