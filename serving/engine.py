@@ -131,7 +131,7 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         return {"active": len(self.active), "waiting": self.waiting.qsize(), "max_batch": self.max_batch,
-                "max_queue": self.max_queue, **{k: self.counts[k] for k in ("finished", "cancelled", "tokens")}}
+                "max_queue": self.max_queue, **{k: self.counts[k] for k in ("finished", "cancelled", "tokens", "peak_batch")}}
 
     def _run(self) -> None:
         while not self._closing.is_set():
@@ -161,6 +161,7 @@ class Engine:
             logits = self.cache.prefill(self.model, len(self.active), request.prompt_ids)
             request.length = len(request.prompt_ids)
             self.active.append(request)
+            self.counts["peak_batch"] = max(self.counts["peak_batch"], len(self.active))
             self._advance(request, logits[None])
 
     def _step(self) -> None:
