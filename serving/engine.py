@@ -162,21 +162,27 @@ class Engine:
             request.length = len(request.prompt_ids)
             self.active.append(request)
             self.counts["peak_batch"] = max(self.counts["peak_batch"], len(self.active))
-            self._advance(request, logits[None])
+            self._advance(request, self._sample(request, logits[None]))
 
     def _step(self) -> None:
         lengths = torch.tensor([r.length for r in self.active])
         logits = self.cache.decode(self.model, torch.tensor([r.last for r in self.active]), lengths)
-        for request, row in zip(self.active, logits):
+        greedy = logits.argmax(dim=-1).tolist()  # one call for every greedy row
+        for row, request in enumerate(self.active):
             request.length += 1
-            self._advance(request, row[None])
+            sampled = request.params.temperature > 0
+            self._advance(request, self._sample(request, logits[row : row + 1]) if sampled else greedy[row])
         self._retire()
 
-    def _advance(self, request: Request, logits: torch.Tensor) -> None:
-        """Sample ``request``'s next token from its logits (1, vocab) and send the text it adds."""
+    @staticmethod
+    def _sample(request: Request, logits: torch.Tensor) -> int:
+        """A token from ``logits`` (1, vocab) with the request's settings and its own generator."""
         p = request.params
-        token = int(sample_next_token(logits, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                                      generator=request.generator)[0])
+        return int(sample_next_token(logits, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                                     generator=request.generator)[0])
+
+    def _advance(self, request: Request, token: int) -> None:
+        """Add ``token`` to ``request``'s answer and send the text it completes."""
         if token == self.eos_id:
             request.emit(Event(request.text.finish(), "stop", request.tokens))
             return
@@ -186,7 +192,7 @@ class Engine:
         piece = request.text.push(token)
         if request.text.stopped:
             request.emit(Event(piece, "stop", request.tokens))
-        elif request.tokens >= p.max_tokens or request.length >= self.context:
+        elif request.tokens >= request.params.max_tokens or request.length >= self.context:
             request.emit(Event(piece + request.text.finish(), "length", request.tokens))
         elif piece:
             request.emit(Event(piece))
