@@ -158,9 +158,9 @@ class Engine:
             if request.cancelled:
                 self.counts["cancelled"] += 1
                 continue
-            logits = self.cache.prefill(self.model, len(self.active), request.prompt_ids)
+            self.active.append(request)  # first, so that a failing prefill is reported to it
+            logits = self.cache.prefill(self.model, len(self.active) - 1, request.prompt_ids)
             request.length = len(request.prompt_ids)
-            self.active.append(request)
             self.counts["peak_batch"] = max(self.counts["peak_batch"], len(self.active))
             self._advance(request, self._sample(request, logits[None]))
 

@@ -48,6 +48,10 @@ def install_error_handlers(app: FastAPI) -> None:
         message, field = validation_message(exc)
         return JSONResponse(error_body(400, message, field), 400)
 
+    @app.exception_handler(Exception)
+    async def bug(_: Request, exc: Exception) -> JSONResponse:  # uvicorn logs the traceback too
+        return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}: {exc}"), 500)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = f"{request.method} {request.url.path}: {exc.detail}"

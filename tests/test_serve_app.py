@@ -93,7 +93,6 @@ def test_a_model_not_served_gets_a_404_naming_the_option(generator_dir: Path) ->
         assert httpx.get(f"{url}/health").json()["classifier"] is None
 
 
-@pytest.mark.filterwarnings("ignore:Add type hints to the `predict` method:UserWarning")
 def test_registry_aliases_are_downloaded_and_served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                     gpt2_encoding_dir: Path) -> None:
     """As the pipeline logs them: pyfuncs with checkpoint + tokenizer artifacts, registered, aliased."""
@@ -129,3 +128,22 @@ def test_command_line_refuses_what_it_cannot_serve(generator_dir: Path, tmp_path
     monkeypatch.chdir(tmp_path)  # no models/ here: nothing to serve by default
     assert serve_cli.main([]) == 1
     assert "nothing to serve" in capsys.readouterr().err
+
+
+def test_a_failing_step_is_a_500_for_its_requests_and_the_server_keeps_serving(generator_dir: Path) -> None:
+    app = create_app(load_served(str(generator_dir), GENERATOR), None)
+    cache = app.state.serve.engine.cache
+    real_decode = cache.decode
+
+    def broken(*args, **kwargs):
+        cache.decode = real_decode  # fails once
+        raise RuntimeError("simulated kernel failure")
+
+    cache.decode = broken
+    with app_server(app) as url:
+        failed = httpx.post(f"{url}/v1/chat/completions", json={**CHAT, "max_tokens": 5}, timeout=30)
+        assert failed.status_code == 500
+        assert failed.json()["error"] == {"message": "generation failed: simulated kernel failure",
+                                          "type": "server_error", "param": None, "code": None}
+        ok = httpx.post(f"{url}/v1/chat/completions", json={**CHAT, "max_tokens": 5}, timeout=30)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 5
