@@ -131,7 +131,8 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         return {"active": len(self.active), "waiting": self.waiting.qsize(), "max_batch": self.max_batch,
-                "max_queue": self.max_queue, **{k: self.counts[k] for k in ("finished", "cancelled", "tokens", "peak_batch")}}
+                "max_queue": self.max_queue,
+                **{k: self.counts[k] for k in ("finished", "cancelled", "tokens", "peak_batch")}}
 
     def _run(self) -> None:
         while not self._closing.is_set():

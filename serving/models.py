@@ -54,8 +54,8 @@ def download_registered(uri: str) -> tuple[Path, Path | None]:
     except MlflowException as exc:
         raise CliError(f"{uri}: {exc.message}") from exc
     mlmodel = local / "MLmodel"
-    flavor = yaml.safe_load(mlmodel.read_text()).get("flavors", {}).get("python_function", {}) if mlmodel.is_file() else {}
-    artifacts = flavor.get("artifacts") or {}
+    meta = yaml.safe_load(mlmodel.read_text()) if mlmodel.is_file() else {}
+    artifacts = meta.get("flavors", {}).get("python_function", {}).get("artifacts") or {}
     if "checkpoint" not in artifacts:
         raise CliError(f"{uri} has no 'checkpoint' artifact: it was not logged by this pipeline")
     tokenizer = artifacts.get("tokenizer")

@@ -68,8 +68,9 @@ async def answer(state: ServeState, served: Served, reply: Reply, prompt: str, b
                  requested: int | None, param: str):
     """Submit one generation and answer it whole or as a stream."""
     ids = encode(served.tokenizer, prompt) or [ENDOFTEXT_ID]  # an empty prompt starts from <|endoftext|>
+    context, cap = served.model.cfg.context_length, state.config.max_tokens
     params = SamplingParams(
-        max_tokens=completion_budget(requested, len(ids), served.model.cfg.context_length, state.config.max_tokens, param),
+        max_tokens=completion_budget(requested, len(ids), context, cap, param),
         temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stops(),
     )
     try:

@@ -104,7 +104,8 @@ class ClassifyRequest(Strict):
     def _one_form(self) -> ClassifyRequest:
         given = [f for f in ("input", "dataframe_split", "dataframe_records", "inputs") if getattr(self, f) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of input, dataframe_split, dataframe_records, inputs (got {given or 'none'})")
+            raise ValueError("give exactly one of input, dataframe_split, dataframe_records, inputs "
+                             f"(got {given or 'none'})")
         return self
 
     def texts(self) -> list[str]:
@@ -134,7 +135,8 @@ class Reply:
         self.created = int(time.time())
 
     def _envelope(self, kind: str, choices: list[dict], **extra) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices, **extra}
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices,
+                **extra}
 
     def whole(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
         choice = {"index": 0, "finish_reason": finish_reason, "logprobs": None}

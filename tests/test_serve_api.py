@@ -60,8 +60,8 @@ def chat_prompt(question: str) -> str:
 
 
 def test_openai_client_gets_a_chat_completion(client, greedy, tokenizer) -> None:
-    reply = client.chat.completions.create(model="tiny-instruct", messages=[{"role": "user", "content": "Name a color."}],
-                                           max_tokens=12, temperature=0)
+    reply = client.chat.completions.create(model="tiny-instruct", max_tokens=12, temperature=0,
+                                           messages=[{"role": "user", "content": "Name a color."}])
     text, n_tokens, finish = greedy(chat_prompt("Name a color."), 12)
     assert reply.object == "chat.completion" and reply.model == "tiny-instruct"
     assert (reply.choices[0].message.role, reply.choices[0].message.content) == ("assistant", text)
@@ -88,7 +88,8 @@ def test_openai_client_completions_whole_streamed_and_stopped(client, greedy) ->
     text, _, _ = greedy(prompt, 16)
     whole = client.completions.create(model="tiny-instruct", prompt=prompt, max_tokens=16, temperature=0)
     assert whole.choices[0].text == text
-    streamed = client.completions.create(model="tiny-instruct", prompt=prompt, max_tokens=16, temperature=0, stream=True)
+    streamed = client.completions.create(model="tiny-instruct", prompt=prompt, max_tokens=16, temperature=0,
+                                         stream=True)
     assert "".join(c.choices[0].text for c in streamed) == text
     stop = text[len(text) // 2 :][:4]
     stopped = client.completions.create(model="tiny-instruct", prompt=prompt, max_tokens=16, temperature=0, stop=[stop])
@@ -117,15 +118,19 @@ def test_seed_makes_sampling_repeatable(client) -> None:
         ("/v1/completions", {"prompt": "hi", "max_tokens": 65}, 400, "above this server's limit of 64", "max_tokens"),
         ("/v1/completions", {"prompt": "hi", "max_tokens": "5"}, 400, "max_tokens: Input should be a valid integer",
          "max_tokens"),
-        ("/v1/completions", {"prompt": "hi", "temperature": 3}, 400, "temperature: Input should be less than", "temperature"),
+        ("/v1/completions", {"prompt": "hi", "temperature": 3}, 400, "temperature: Input should be less than",
+         "temperature"),
         ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "only n=1 is supported", "n"),
         ("/v1/completions", {"max_tokens": 3}, 400, "prompt: Field required", "prompt"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]},
-         400, "the last message must be the user's", "messages"),
-        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role", "messages.0.role"),
+        ("/v1/chat/completions",
+         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}, 400,
+         "the last message must be the user's", "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role",
+         "messages.0.role"),
         ("/v1/chat/completions", '{"messages": [', 400, "the request body is not valid JSON", None),
         ("/v1/classify", {"input": []}, 400, "give 1 to 256 texts, got 0", "input"),
-        ("/v1/classify", {"dataframe_split": {"columns": ["body"], "data": [["x"]]}}, 400, "needs a 'text' column", "input"),
+        ("/v1/classify", {"dataframe_split": {"columns": ["body"], "data": [["x"]]}}, 400, "needs a 'text' column",
+         "input"),
         ("/v1/nothing", {}, 404, "POST /v1/nothing: Not Found", None),
     ],
 )
@@ -172,14 +177,16 @@ def test_classify_and_mlflow_scoring_input(server, model_dirs, tokenizer) -> Non
     assert [d["index"] for d in response["data"]] == [0, 1, 2] and response["model"] == "tiny-spam"
     for row, probs in zip(response["data"], expected.tolist()):
         assert row["probabilities"] == pytest.approx(dict(zip(model.labels, probs)), abs=1e-5)
-    pyfunc = [{"label": label, "spam_probability": pytest.approx(p, abs=1e-5)} for label, p in classify_texts(model, tokenizer, texts)]
+    pyfunc = [{"label": label, "spam_probability": pytest.approx(p, abs=1e-5)}
+              for label, p in classify_texts(model, tokenizer, texts)]
     for body in ({"dataframe_split": {"columns": ["text"], "data": [[t] for t in texts]}},
                  {"dataframe_records": [{"text": t} for t in texts]}, {"inputs": {"text": texts}}):
         assert httpx.post(f"{server}/invocations", json=body, timeout=30).json() == {"predictions": pyfunc}
 
 
 def test_models_health_and_the_chat_page(server, client) -> None:
-    assert {(m.id, m.kind) for m in client.models.list()} == {("tiny-instruct", "generator"), ("tiny-spam", "classifier")}
+    listed = {(m.id, m.kind) for m in client.models.list()}
+    assert listed == {("tiny-instruct", "generator"), ("tiny-spam", "classifier")}
     assert client.models.retrieve("tiny-spam").context_length == 64
     health = httpx.get(f"{server}/health").json()
     assert (health["status"], health["generator"], health["classifier"]) == ("ok", "tiny-instruct", "tiny-spam")

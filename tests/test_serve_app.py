@@ -102,7 +102,8 @@ def test_registry_aliases_are_downloaded_and_served(tmp_path: Path, monkeypatch:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv(ENCODING_DIR_ENV, raising=False)  # the tokenizer must come from the artifacts
-    dirs = {"instruct-gpt": tiny_generator(tmp_path / "instruct"), "spam-classifier": tiny_classifier(tmp_path / "spam")}
+    dirs = {"instruct-gpt": tiny_generator(tmp_path / "instruct"),
+            "spam-classifier": tiny_classifier(tmp_path / "spam")}
     client = mlflow.MlflowClient()
     with mlflow.start_run():
         for name, code in (("instruct-gpt", "generator.py"), ("spam-classifier", "spam_classifier.py")):

@@ -173,7 +173,8 @@ def test_text_stream_keeps_multibyte_characters_whole(tokenizer) -> None:
 def test_chat_messages_render_as_the_training_prompt() -> None:
     assert render_chat([("user", "Name a color.")]) == response_prompt({"instruction": "Name a color.", "input": ""})
     history = [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"), ("user", "Translate: good day")]
-    expected = response_prompt({"instruction": "Translate: good day", "input": "system: Be brief.\nuser: Hi\nassistant: Hello"})
+    context = "system: Be brief.\nuser: Hi\nassistant: Hello"
+    expected = response_prompt({"instruction": "Translate: good day", "input": context})
     assert render_chat(history) == expected
     assert render_chat(history, "plain") == "Be brief.\nHi\nHello\nTranslate: good day"
     with pytest.raises(PromptError, match="last message must be the user's"):

@@ -51,7 +51,8 @@ def test_chat_page_streams_an_answer_offline(browser, tmp_path: Path, monkeypatc
     prompt = response_prompt({"instruction": "Name three colors.", "input": ""})
     expected = tokenizer.decode(generate(load_checkpoint(model_dir), [encode(tokenizer, prompt)], 40,
                                          eos_id=ENDOFTEXT_ID)[0])
-    app = create_app(load_served(str(model_dir), GENERATOR), None, ServeConfig(max_tokens=40))  # the page's answer length
+    # The page leaves max_tokens to the server: its cap is the answer's length.
+    app = create_app(load_served(str(model_dir), GENERATOR), None, ServeConfig(max_tokens=40))
     with app_server(app) as url:
         page = browser.new_page()
         outside: list[str] = []
