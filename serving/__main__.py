@@ -36,8 +36,9 @@ def build_parser(prog: str = "python -m serving") -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help=f"a non-loopback address needs ${API_KEY_ENV}")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--int8", action="store_true", help="int8 Linear weights (CPU; see llmcore.quantize)")
-    parser.add_argument("--prompt-style", choices=PROMPT_STYLES, default="alpaca",
-                        help="chat messages as the instruction prompt (alpaca) or plain text (a pretrained model)")
+    parser.add_argument("--prompt-style", choices=PROMPT_STYLES,
+                        help="chat messages as the instruction prompt (alpaca) or plain text; default: the one "
+                        "the model's stage trained with (alpaca for finetune_instruct, plain for pretrain)")
     parser.add_argument("--max-batch", type=int, default=16, help="generations decoded together")
     parser.add_argument("--max-queue", type=int, default=64, help="generations waiting; more get 429")
     parser.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask")
@@ -73,9 +74,10 @@ def serve(args: argparse.Namespace) -> None:
     if not any(specs.values()):
         raise CliError(f"nothing to serve: pass --model and/or --classifier (the defaults {DEFAULTS['model']} and "
                        f"{DEFAULTS['classifier']} come from `dvc repro finetune_instruct finetune_classifier`)")
-    served = {kind: spec and load_served(spec, kind, int8=args.int8) for kind, spec in specs.items()}
+    served = {kind: spec and load_served(spec, kind, int8=args.int8, prompt_style=args.prompt_style)
+              for kind, spec in specs.items()}
     config = ServeConfig(api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-                         max_tokens=args.max_tokens, prompt_style=args.prompt_style)
+                         max_tokens=args.max_tokens)
     app = create_app(served[GENERATOR], served[CLASSIFIER], config)
     for kind, model in served.items():
         if model is not None:

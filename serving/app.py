@@ -35,7 +35,6 @@ class ServeConfig:
     max_batch: int = 16  # sequences decoded together
     max_queue: int = 64  # generations waiting for a free row; more are refused with 429
     max_tokens: int = 1024  # the largest max_tokens a request may ask for
-    prompt_style: str = "alpaca"  # how chat messages become a prompt (serving.text.render_chat)
     max_texts: int = 256  # texts per classification request
 
 

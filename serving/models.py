@@ -13,13 +13,16 @@ from pathlib import Path
 import yaml
 from torch import nn
 
-from llmcore.checkpoint import load_checkpoint
+from llmcore.checkpoint import load_checkpoint, read_checkpoint_meta
 from llmcore.classifier import load_classifier
 from llmcore.cli import PRODUCED_BY, CliError, check_model_dir, tokenizer_for
 from llmcore.tokenizer import get_tokenizer
 
 REGISTRY_SCHEME = "models:/"
 GENERATOR, CLASSIFIER = "generator", "classifier"
+# The prompt format (serving.text.render_chat) of each stage's model, from its config.json's "stage";
+# a checkpoint that names no stage is taken for an instruction model.
+STAGE_PROMPT_STYLES = {"finetune_instruct": "alpaca", "pretrain": "plain", "load_gpt2": "plain"}
 
 
 @dataclass(frozen=True)
@@ -32,11 +35,13 @@ class Served:
     model: nn.Module
     tokenizer: object
     int8: bool = False
+    prompt_style: str = "alpaca"  # how chat messages become its prompt
 
     def card(self) -> dict:
         """This model's entry in /v1/models."""
         return {"id": self.name, "object": "model", "created": 0, "owned_by": "llmpipe", "kind": self.kind,
-                "source": self.source, "context_length": self.model.cfg.context_length, "int8": self.int8}
+                "source": self.source, "context_length": self.model.cfg.context_length, "int8": self.int8,
+                **({"prompt_style": self.prompt_style} if self.kind == GENERATOR else {})}
 
 
 def registry_name(uri: str) -> str:
@@ -62,8 +67,9 @@ def download_registered(uri: str) -> tuple[Path, Path | None]:
     return local / artifacts["checkpoint"]["path"], (local / tokenizer["path"] if tokenizer else None)
 
 
-def load_served(spec: str, kind: str, *, int8: bool = False) -> Served:
-    """Load ``spec`` (directory or registry URI) as a generator or a classifier, int8 if asked."""
+def load_served(spec: str, kind: str, *, int8: bool = False, prompt_style: str | None = None) -> Served:
+    """Load ``spec`` (directory or registry URI) as a generator or a classifier, int8 if asked;
+    the prompt style is the one its stage trained with unless given."""
     if spec.startswith(REGISTRY_SCHEME):
         directory, tokenizer_dir = download_registered(spec)
         name = registry_name(spec)
@@ -79,4 +85,5 @@ def load_served(spec: str, kind: str, *, int8: bool = False) -> Served:
         from llmcore.quantize import quantize_int8
 
         model = quantize_int8(model, inplace=True)
-    return Served(name, kind, spec, model, tokenizer, int8)
+    style = prompt_style or STAGE_PROMPT_STYLES.get(read_checkpoint_meta(directory).get("stage"), "alpaca")
+    return Served(name, kind, spec, model, tokenizer, int8, style)

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from llmcore import cli
-from llmcore.checkpoint import load_checkpoint
-from llmcore.tokenizer import ENCODING_DIR_ENV
+from llmcore.checkpoint import load_checkpoint, save_checkpoint
+from llmcore.generate import generate
+from llmcore.tokenizer import ENCODING_DIR_ENV, ENDOFTEXT_ID, encode
 from serving import __main__ as serve_cli
 from serving.app import ServeConfig, create_app
 from serving.models import CLASSIFIER, GENERATOR, load_served
-from tests.serve_helpers import app_server, tiny_classifier, tiny_generator
+from tests.serve_helpers import app_server, tiny_classifier, tiny_generator, tiny_gpt
 
 CHAT = {"messages": [{"role": "user", "content": "Tell me a long story."}], "temperature": 0}
 
@@ -148,3 +149,17 @@ def test_a_failing_step_is_a_500_for_its_requests_and_the_server_keeps_serving(g
                                           "type": "server_error", "param": None, "code": None}
         ok = httpx.post(f"{url}/v1/chat/completions", json={**CHAT, "max_tokens": 5}, timeout=30)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 5
+
+
+def test_chat_uses_the_prompt_style_of_the_models_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       gpt2_encoding_dir: Path, tokenizer) -> None:
+    monkeypatch.setenv(ENCODING_DIR_ENV, str(gpt2_encoding_dir))
+    pretrained = save_checkpoint(tiny_gpt(), tmp_path / "pretrained", extra={"stage": "pretrain"})
+    assert load_served(str(pretrained), GENERATOR).prompt_style == "plain"
+    assert load_served(str(pretrained), GENERATOR, prompt_style="alpaca").prompt_style == "alpaca"
+    with app_server(create_app(load_served(str(pretrained), GENERATOR), None)) as url:
+        assert httpx.get(f"{url}/v1/models").json()["data"][0]["prompt_style"] == "plain"
+        body = {"messages": [{"role": "user", "content": "Every effort moves you"}], "max_tokens": 8, "temperature": 0}
+        reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).json()
+    expected = generate(tiny_gpt(), [encode(tokenizer, "Every effort moves you")], 8, eos_id=ENDOFTEXT_ID)[0]
+    assert reply["choices"][0]["message"]["content"] == tokenizer.decode(expected)
