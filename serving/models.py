@@ -1,7 +1,7 @@
 """What the server serves: an llmcore checkpoint directory, or a model in MLflow's registry.
 
 A registry URI (``models:/instruct-gpt@champion``, ``models:/spam-classifier/3``) is downloaded
-with MLflow, imported only then (it takes seconds). The pipeline logs its models as pyfuncs with
+with MLflow, imported only then (it takes seconds), from the pipeline's tracking store. The pipeline logs its models as pyfuncs with
 ``checkpoint`` and ``tokenizer`` artifacts; the pyfunc's MLmodel file says where they lie.
 """
 
@@ -54,6 +54,9 @@ def download_registered(uri: str) -> tuple[Path, Path | None]:
     import mlflow  # deferred: only registry URIs need it
     from mlflow.exceptions import MlflowException
 
+    from steps.tracking import configure_tracking
+
+    configure_tracking()  # the pipeline's store: $MLFLOW_TRACKING_URI, else its sqlite file
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except MlflowException as exc:
