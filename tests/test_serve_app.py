@@ -163,3 +163,12 @@ def test_chat_uses_the_prompt_style_of_the_models_stage(tmp_path: Path, monkeypa
         reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).json()
     expected = generate(tiny_gpt(), [encode(tokenizer, "Every effort moves you")], 8, eos_id=ENDOFTEXT_ID)[0]
     assert reply["choices"][0]["message"]["content"] == tokenizer.decode(expected)
+
+
+def test_int8_weights_are_served(generator_dir: Path) -> None:
+    served = load_served(str(generator_dir), GENERATOR, int8=True)
+    assert ".quantized." in type(served.model.trf_blocks[0].att.qkv).__module__
+    with app_server(create_app(served, None)) as url:
+        assert httpx.get(f"{url}/v1/models").json()["data"][0]["int8"] is True
+        reply = httpx.post(f"{url}/v1/completions", json={"prompt": "Hello", "max_tokens": 6}, timeout=30).json()
+        assert reply["usage"]["completion_tokens"] == 6 and reply["choices"][0]["text"]
