@@ -99,12 +99,15 @@ def test_registry_aliases_are_downloaded_and_served(tmp_path: Path, monkeypatch:
     """As the pipeline logs them: pyfuncs with checkpoint + tokenizer artifacts, registered, aliased."""
     mlflow = pytest.importorskip("mlflow")
     from steps.mlflow_models import log_code_model
+    from steps.tracking import configure_tracking
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv(ENCODING_DIR_ENV, raising=False)  # the tokenizer must come from the artifacts
     dirs = {"instruct-gpt": tiny_generator(tmp_path / "instruct"),
             "spam-classifier": tiny_classifier(tmp_path / "spam")}
+    configure_tracking()  # mlflow keeps the store and the experiment of earlier tests process-wide
+    mlflow.set_experiment("serving-test")
     client = mlflow.MlflowClient()
     with mlflow.start_run():
         for name, code in (("instruct-gpt", "generator.py"), ("spam-classifier", "spam_classifier.py")):
