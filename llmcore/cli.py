@@ -4,6 +4,7 @@
     llm generate "Every effort moves you" --max-new-tokens 40 --temperature 0.8 --top-k 40
     llm chat                                          # instruction (+ optional input), answer streams
     llm chat --int8                                   # int8 Linear weights: faster CPU decoding
+    llm serve                                         # HTTP: OpenAI-compatible API + chat page (serving/)
 
 Models are the pipeline's outputs (``models/...``); a missing one is reported with the DVC stage
 that produces it. Text is printed as tokens arrive: a token may be part of a multi-byte character,
@@ -131,6 +132,14 @@ def cmd_chat(args: argparse.Namespace) -> None:
     print()
 
 
+def cmd_serve(argv: Sequence[str]) -> int:
+    # The one exception to llmcore importing nothing but torch and tiktoken: `llm serve` hands its
+    # arguments to the serving package (FastAPI, uvicorn), imported here and only here.
+    from serving.__main__ import main as serve_main
+
+    return serve_main(argv, prog="llm serve")
+
+
 def _add_sampling(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
@@ -160,11 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--model", default="models/instruct")
     _add_sampling(chat, max_new_tokens=256)
     chat.set_defaults(run=cmd_chat)
+
+    # Its options are serving's own (`llm serve --help`): they are passed through unparsed.
+    commands.add_parser("serve", help="serve the models over HTTP (OpenAI-compatible API, chat page)", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "serve":
+        return cmd_serve(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         args.run(args)
     except (CliError, CheckpointError, TokenizerFilesError, ValueError) as exc:

@@ -5,6 +5,8 @@ Prompts of different lengths are left-padded and masked, with per-row positions,
 gives each prompt the same tokens it would get alone. When the sequence outgrows the context,
 the window is cropped to the last ``context_length`` tokens (as the book's ``generate``); the
 cache is then refilled, so cached and uncached decoding stay token-for-token identical.
+``SlotKVCache`` holds sequences that join and leave a batch between steps (a server's continuous
+batching); it decodes each exactly as ``generate`` decodes it alone, within the context.
 """
 
 from __future__ import annotations
@@ -188,3 +190,87 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
     """Prompt text in, continuation text out (the prompt itself is not repeated)."""
     ids = encode(tokenizer, prompt)
     return tokenizer.decode(generate(model, [ids], max_new_tokens, **kwargs)[0])
+
+
+class SlotKVCache:
+    """Keys and values of independent sequences, one per row ("slot"), for continuous batching.
+
+    Unlike ``generate``'s left-padded batch, each row starts at column 0 and has its own length, so a
+    sequence can be prefilled into a free row while others are mid-generation, and a finished one
+    can leave, between any two decoding steps. A decoding step feeds every active row its last
+    token at its own position; keys past a row's length are masked out. Rows ``0..n-1`` are the
+    active ones (``move`` keeps them packed). Columns grow on demand up to ``max_len``.
+    """
+
+    def __init__(self, model: nn.Module, slots: int, max_len: int | None = None):
+        cfg, param = model.cfg, next(model.parameters())
+        self.max_len = max_len or cfg.context_length
+        shape = (slots, cfg.n_heads, min(64, self.max_len), cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros_like(t) for t in self.k]
+
+    def _ensure(self, width: int) -> None:
+        if width > self.max_len:
+            raise ValueError(f"sequence of {width} tokens exceeds the cache's {self.max_len}")
+        old = self.k[0].shape[2]
+        if width <= old:
+            return
+        new = min(self.max_len, max(width, 2 * old))
+        for store in (self.k, self.v):
+            for i, t in enumerate(store):
+                store[i] = torch.cat([t, t.new_zeros((*t.shape[:2], new - old, t.shape[3]))], dim=2)
+
+    @torch.no_grad()
+    def prefill(self, model: nn.Module, row: int, ids: Sequence[int]) -> torch.Tensor:
+        """Run a prompt into ``row`` (its previous content is overwritten); its last logits (vocab,)."""
+        self._ensure(len(ids))
+        device = self.k[0].device
+        tokens = torch.as_tensor([list(ids)], dtype=torch.long, device=device)
+        views = [_RowWriter(k, v, row) for k, v in zip(self.k, self.v)]
+        return model(tokens, kv_caches=views, start_pos=0)[0, -1]
+
+    @torch.no_grad()
+    def decode(self, model: nn.Module, last_tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """One step for rows ``0..n-1``: ``last_tokens`` (n,) sit at positions ``lengths`` (n,), the
+        tokens each row holds so far (its last token not yet included); logits (n, vocab)."""
+        width = int(lengths.max()) + 1
+        self._ensure(width)
+        device = self.k[0].device
+        lengths = lengths.to(device)
+        mask = torch.arange(width, device=device)[None, :] <= lengths[:, None]
+        views = [_StepWriter(k, v, lengths, width) for k, v in zip(self.k, self.v)]
+        return model(last_tokens.to(device)[:, None], kv_caches=views, position_ids=lengths[:, None],
+                     attn_mask=mask[:, None, None, :])[:, -1]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy row ``src``'s first ``length`` columns to row ``dst`` (to keep active rows packed)."""
+        for store in (self.k, self.v):
+            for t in store:
+                t[dst, :, :length] = t[src, :, :length]
+
+
+class _RowWriter:
+    """LayerKV for a prefill: the prompt's keys and values go to one row, from column 0."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, row: int):
+        self.k, self.v, self.row = k, v, row
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start_pos + k.shape[2]
+        self.k[self.row, :, start_pos:end] = k[0]
+        self.v[self.row, :, start_pos:end] = v[0]
+        return self.k[self.row : self.row + 1, :, :end], self.v[self.row : self.row + 1, :, :end]
+
+
+class _StepWriter:
+    """LayerKV for a decoding step: row i's new key and value go to column ``lengths[i]``."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, width: int):
+        self.k, self.v, self.lengths, self.width = k, v, lengths, width
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = k.shape[0]
+        rows = torch.arange(n, device=k.device)
+        self.k[rows, :, self.lengths] = k[:, :, 0]
+        self.v[rows, :, self.lengths] = v[:, :, 0]
+        return self.k[:n, :, : self.width], self.v[:n, :, : self.width]

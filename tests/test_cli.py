@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,3 +130,13 @@ def test_tokenizer_files_beside_the_model_are_used_without_the_env(
     assert cli.tokenizer_for(model_dir) == "tok" and asked == [model_dir]
     cli.tokenizer_for(gpt_dir)  # no files there: tiktoken's own (None)
     assert asked[-1] is None
+
+
+def test_serve_is_the_serving_package_imported_only_when_asked(capsys) -> None:
+    probe = "import sys, llmcore.cli; print(sorted(m for m in ('fastapi', 'uvicorn', 'serving') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "[]\n"
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["serve", "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: llm serve") and "--classifier" in out and "--int8" in out

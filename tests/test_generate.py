@@ -188,3 +188,42 @@ def test_generate_text_decodes_only_the_continuation(tokenizer) -> None:
     text = generate_text(model, tokenizer, prompt, 5)
     assert text == tokenizer.decode(generate(model, [ids], 5)[0])
     assert len(tokenizer.encode(text)) > 0
+
+
+def test_slot_cache_decodes_sequences_that_join_and_leave_like_generate_alone(model: GPTModel) -> None:
+    """Continuous batching: prompts join at different steps and finish at different lengths, a
+    finished row is refilled by moving the last active row into it; each gets its tokens alone."""
+    # New tokens per prompt (prompt + new stays within context_length=16). 1 leaves at step 6, 2 takes its
+    # row, 0 leaves at step 7 and 2 moves into row 0.
+    wanted = {0: 8, 1: 6, 2: 5}
+    joins_at = {0: 0, 1: 1, 3: 2}  # step -> prompt
+    cache = gen.SlotKVCache(model, slots=2)  # fewer slots than prompts: 2 waits for a free row
+    active: list[dict] = []  # row r holds active[r]
+    results: dict[int, list[int]] = {}
+    for step in range(20):
+        for row in reversed(range(len(active))):  # retire finished rows, keeping rows packed
+            if len(active[row]["out"]) == wanted[active[row]["i"]]:
+                results[active[row]["i"]] = active[row]["out"]
+                last = len(active) - 1
+                if row != last:
+                    cache.move(last, row, active[last]["length"])
+                    active[row] = active[last]
+                active.pop()
+        waiting = [i for s, i in joins_at.items() if s <= step and i not in results and all(a["i"] != i for a in active)]
+        for i in waiting[: 2 - len(active)]:
+            logits = cache.prefill(model, len(active), PROMPTS[i])
+            active.append({"i": i, "length": len(PROMPTS[i]), "out": [int(logits.argmax())]})
+        if not active:
+            break
+        lengths = torch.tensor([seq["length"] for seq in active])
+        logits = cache.decode(model, torch.tensor([seq["out"][-1] for seq in active]), lengths)
+        for seq, token in zip(active, logits.argmax(-1).tolist()):
+            seq["length"] += 1
+            seq["out"].append(token)
+    assert results == {i: generate(model, [PROMPTS[i]], n)[0] for i, n in wanted.items()}
+
+
+def test_slot_cache_refuses_to_outgrow_its_length(model: GPTModel) -> None:
+    cache = gen.SlotKVCache(model, slots=1)
+    with pytest.raises(ValueError, match="exceeds the cache's 16"):
+        cache.prefill(model, 0, list(range(1, 18)))

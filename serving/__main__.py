@@ -1,0 +1,104 @@
+"""``python -m serving`` / ``llm serve``: load the models and serve them with uvicorn.
+
+    python -m serving                                      # models/instruct + models/spam_classifier
+    python -m serving --model models:/instruct-gpt@champion --classifier models:/spam-classifier@champion
+    LLMPIPE_SERVE_API_KEY=... python -m serving --host 0.0.0.0 --int8
+
+The API key comes from the environment only (a command-line argument would end up in shell
+history and process listings); binding to anything but a loopback address requires one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from llmcore.checkpoint import CheckpointError
+from llmcore.cli import CliError
+from llmcore.tokenizer import TokenizerFilesError
+from serving.text import PROMPT_STYLES
+
+API_KEY_ENV = "LLMPIPE_SERVE_API_KEY"
+DEFAULTS = {"model": "models/instruct", "classifier": "models/spam_classifier"}
+
+
+def build_parser(prog: str = "python -m serving") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Serve the instruction model (OpenAI-compatible API, "
+                                     "chat page at /) and the spam classifier over HTTP.")
+    parser.add_argument("--model", help="generator: a checkpoint directory or models:/NAME@ALIAS "
+                        f"(default: {DEFAULTS['model']} if present; '' for none)")
+    parser.add_argument("--classifier", help="classifier: a directory or models:/NAME@ALIAS "
+                        f"(default: {DEFAULTS['classifier']} if present; '' for none)")
+    parser.add_argument("--host", default="127.0.0.1", help=f"a non-loopback address needs ${API_KEY_ENV}")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--int8", action="store_true", help="int8 Linear weights (CPU; see llmcore.quantize)")
+    parser.add_argument("--prompt-style", choices=PROMPT_STYLES,
+                        help="chat messages as the instruction prompt (alpaca) or plain text; default: the one "
+                        "the model's stage trained with (alpaca for finetune_instruct, plain for pretrain)")
+    parser.add_argument("--max-batch", type=int, default=16, help="generations decoded together")
+    parser.add_argument("--max-queue", type=int, default=64, help="generations waiting; more get 429")
+    parser.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return parser
+
+
+def model_spec(value: str | None, default: str) -> str | None:
+    """The model to load: as given ('' for none), else the default directory if the pipeline made it."""
+    if value is None:
+        return default if (Path(default) / "config.json").is_file() else None
+    return value or None
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from serving.app import ServeConfig, create_app
+    from serving.models import CLASSIFIER, GENERATOR, load_served
+
+    api_key = os.environ.get(API_KEY_ENV) or None
+    if not is_loopback(args.host) and api_key is None:
+        raise CliError(f"--host {args.host} is reachable from other machines: set {API_KEY_ENV} to require a key")
+    specs = {GENERATOR: model_spec(args.model, DEFAULTS["model"]),
+             CLASSIFIER: model_spec(args.classifier, DEFAULTS["classifier"])}
+    if not any(specs.values()):
+        raise CliError(f"nothing to serve: pass --model and/or --classifier (the defaults {DEFAULTS['model']} and "
+                       f"{DEFAULTS['classifier']} come from `dvc repro finetune_instruct finetune_classifier`)")
+    served = {kind: spec and load_served(spec, kind, int8=args.int8, prompt_style=args.prompt_style)
+              for kind, spec in specs.items()}
+    config = ServeConfig(api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
+                         max_tokens=args.max_tokens)
+    app = create_app(served[GENERATOR], served[CLASSIFIER], config)
+    for kind, model in served.items():
+        if model is not None:
+            print(f"{kind}: {model.name!r} from {model.source}{' (int8)' if model.int8 else ''}", flush=True)
+    print(f"serving on http://{args.host}:{args.port} (chat page at /, API at /v1)"
+          f"{'; API key required' if api_key else ''}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m serving") -> int:
+    args = build_parser(prog).parse_args(argv)
+    if args.max_batch < 1 or args.max_queue < 0 or args.max_tokens < 1:
+        print(f"{prog}: error: --max-batch and --max-tokens must be >= 1, --max-queue >= 0", file=sys.stderr)
+        return 2
+    try:
+        serve(args)
+    except (CliError, CheckpointError, TokenizerFilesError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
