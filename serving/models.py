@@ -54,7 +54,7 @@ def download_registered(uri: str) -> tuple[Path, Path | None]:
     import mlflow  # deferred: only registry URIs need it
     from mlflow.exceptions import MlflowException
 
-    from steps.tracking import configure_tracking
+    from steps.common.tracking import configure_tracking
 
     configure_tracking()  # the pipeline's store: $MLFLOW_TRACKING_URI, else its sqlite file
     try:

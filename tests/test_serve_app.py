@@ -98,8 +98,8 @@ def test_registry_aliases_are_downloaded_and_served(tmp_path: Path, monkeypatch:
                                                     gpt2_encoding_dir: Path) -> None:
     """As the pipeline logs them: pyfuncs with checkpoint + tokenizer artifacts, registered, aliased."""
     mlflow = pytest.importorskip("mlflow")
-    from steps.mlflow_models import log_code_model
-    from steps.tracking import configure_tracking
+    from steps.common.mlflow_models import log_code_model
+    from steps.common.tracking import configure_tracking
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
