@@ -9,7 +9,6 @@ needs.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +16,11 @@ from pydantic import Field, model_validator
 
 from llmcore.prompts import format_input, format_response
 from llmcore.tokenizer import TokenizerFilesError, encode, get_tokenizer
+from steps.common.cli import StageParams, run_stage
 from steps.common.data import DataError, TokenizerParams
 from steps.common.datasets import load_entries
 from steps.common.io import atomic_path, write_json
-from steps.common.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
+from steps.common.params import StrictModel
 
 SPLITS = ("train", "test", "validation")
 
@@ -81,20 +81,16 @@ def build_instruction_dataset(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = cli_parser("Validate and split the instruction data; report prompt token lengths.")
-    parser.add_argument("--input", type=Path, default=Path("data/raw/instruction-data.json"))
-    parser.add_argument("--out", type=Path, default=Path("data/instructions"))
-    parser.add_argument("--metrics", type=Path, default=Path("reports/instruction_data.json"))
-    args = parser.parse_args(argv)
-    try:
-        data = read_params(args.params)
-        params = validate_section(data, "instruction_data", InstructionDataParams, args.params)
-        tokenizer = validate_section(data, "tokenizer", TokenizerParams, args.params)
-        metrics = build_instruction_dataset(args.input, args.out, args.metrics, params, tokenizer)
-    except (ParamsError, DataError, TokenizerFilesError) as exc:
-        sys.exit(f"build_instruction_dataset: error: {exc}")
-    sizes = ", ".join(f"{name} {metrics[name]['entries']}" for name in SPLITS)
-    print(f"build_instruction_dataset: {sizes} in {args.out}")
+    def body(args, params: StageParams) -> str:
+        metrics = build_instruction_dataset(args.input, args.out, args.metrics,
+                                            params.section("instruction_data", InstructionDataParams),
+                                            params.section("tokenizer", TokenizerParams))
+        return ", ".join(f"{name} {metrics[name]['entries']}" for name in SPLITS) + f" in {args.out}"
+
+    run_stage("build_instruction_dataset", "Validate and split the instruction data; report prompt token lengths.",
+              body, errors=(TokenizerFilesError,), argv=argv, paths={
+                  "input": "data/raw/instruction-data.json", "out": "data/instructions",
+                  "metrics": "reports/instruction_data.json"})
 
 
 if __name__ == "__main__":

@@ -10,16 +10,16 @@ train/validation/test, as the book does.
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 from typing import Literal
 
 import pandas as pd
 from pydantic import Field, model_validator
 
+from steps.common.cli import StageParams, run_stage
 from steps.common.data import DataError
 from steps.common.io import atomic_path, write_json
-from steps.common.params import ParamsError, StrictModel, cli_parser, load_section
+from steps.common.params import StrictModel
 
 LABELS = {"ham": 0, "spam": 1}
 SPLITS = ("train", "validation", "test")
@@ -109,18 +109,13 @@ def build_spam_dataset(tsv: Path, out_dir: Path, metrics_out: Path, params: Spam
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = cli_parser("Build balanced train/validation/test CSVs from the SMS Spam Collection.")
-    parser.add_argument("--input", type=Path, default=Path("data/raw/SMSSpamCollection"))
-    parser.add_argument("--out", type=Path, default=Path("data/spam"))
-    parser.add_argument("--metrics", type=Path, default=Path("reports/spam_data.json"))
-    args = parser.parse_args(argv)
-    try:
-        params = load_section("spam_data", SpamDataParams, args.params)
-        metrics = build_spam_dataset(args.input, args.out, args.metrics, params)
-    except (ParamsError, DataError) as exc:
-        sys.exit(f"build_spam_dataset: error: {exc}")
-    sizes = ", ".join(f"{name} {sum(metrics[name].values())}" for name in SPLITS)
-    print(f"build_spam_dataset: {sizes} in {args.out}")
+    def body(args, params: StageParams) -> str:
+        metrics = build_spam_dataset(args.input, args.out, args.metrics, params.section("spam_data", SpamDataParams))
+        return ", ".join(f"{name} {sum(metrics[name].values())}" for name in SPLITS) + f" in {args.out}"
+
+    run_stage("build_spam_dataset", "Build balanced train/validation/test CSVs from the SMS Spam Collection.", body,
+              paths={"input": "data/raw/SMSSpamCollection", "out": "data/spam", "metrics": "reports/spam_data.json"},
+              argv=argv)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,15 @@ records the parameters and counts.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 from pydantic import Field
 
+from steps.common.cli import StageParams, run_stage
 from steps.common.data import DataError, load_tokens
 from steps.common.io import atomic_path, write_json
-from steps.common.params import ParamsError, StrictModel, cli_parser, load_section
+from steps.common.params import StrictModel
 
 
 class WindowParams(StrictModel):
@@ -65,17 +65,13 @@ def build_windows(tokens_path: Path, out_dir: Path, metrics_out: Path, params: W
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = cli_parser("Split the token ids into train/val and cut them into sliding windows.")
-    parser.add_argument("--tokens", type=Path, default=Path("data/tokens/corpus.npy"))
-    parser.add_argument("--out", type=Path, default=Path("data/windows"))
-    parser.add_argument("--metrics", type=Path, default=Path("reports/windows.json"))
-    args = parser.parse_args(argv)
-    try:
-        params = load_section("windows", WindowParams, args.params)
-        meta = build_windows(args.tokens, args.out, args.metrics, params)
-    except (ParamsError, DataError) as exc:
-        sys.exit(f"build_windows: error: {exc}")
-    print(f"build_windows: {meta['n_train_windows']} train, {meta['n_val_windows']} val windows in {args.out}")
+    def body(args, params: StageParams) -> str:
+        meta = build_windows(args.tokens, args.out, args.metrics, params.section("windows", WindowParams))
+        return f"{meta['n_train_windows']} train, {meta['n_val_windows']} val windows in {args.out}"
+
+    run_stage("build_windows", "Split the token ids into train/val and cut them into sliding windows.", body,
+              paths={"tokens": "data/tokens/corpus.npy", "out": "data/windows", "metrics": "reports/windows.json"},
+              argv=argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ seed, so they are reproducible on CPU.
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import Literal
 
@@ -26,10 +25,11 @@ from llmcore.device import resolve_device
 from llmcore.generate import generate
 from llmcore.model import GPTModel
 from llmcore.tokenizer import TokenizerFilesError, encode, get_tokenizer
-from steps.common.data import DataError, TokenizerParams
+from steps.common.cli import StageParams, run_stage
+from steps.common.data import TokenizerParams
 from steps.common.datasets import load_windows
 from steps.common.io import atomic_path, write_json
-from steps.common.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
+from steps.common.params import ParamsError, StrictModel
 
 STAGE = "evaluate"
 SPLITS = ("train", "val")
@@ -114,25 +114,20 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = cli_parser("Evaluate the pretrained GPT: loss, perplexity, generations.")
-    parser.add_argument("--model", type=Path, default=Path("models/pretrained"))
-    parser.add_argument("--windows", type=Path, default=Path("data/windows"))
-    parser.add_argument("--metrics", type=Path, default=Path("reports/evaluate.json"), help="loss, perplexity, tokens per split")
-    parser.add_argument("--headline", type=Path, default=Path("metrics/pretrain.json"), help="val loss and perplexity")
-    parser.add_argument("--position-loss", type=Path, default=Path("plots/evaluate_position_loss.csv"))
-    parser.add_argument("--generations", type=Path, default=Path("outputs/pretrain_generations.json"))
-    args = parser.parse_args(argv)
-    try:
-        data = read_params(args.params)
-        params = validate_section(data, STAGE, EvaluateParams, args.params)
-        tokenizer_params = validate_section(data, "tokenizer", TokenizerParams, args.params)
-        metrics = evaluate(params, model_dir=args.model, windows_dir=args.windows, metrics_out=args.metrics, headline_out=args.headline,
-                           position_csv=args.position_loss, generations_out=args.generations,
-                           tokenizer_params=tokenizer_params)
-    except (ParamsError, DataError, CheckpointError, TokenizerFilesError) as exc:
-        sys.exit(f"{STAGE}: error: {exc}")
-    print(f"{STAGE}: val loss {metrics['val']['loss']:.3f} (perplexity {metrics['val']['perplexity']:.1f}), "
-          f"train loss {metrics['train']['loss']:.3f} -> {args.metrics}")
+    def body(args, params: StageParams) -> str:
+        metrics = evaluate(params.section(STAGE, EvaluateParams), model_dir=args.model, windows_dir=args.windows,
+                           metrics_out=args.metrics, headline_out=args.headline, position_csv=args.position_loss,
+                           generations_out=args.generations, tokenizer_params=params.section("tokenizer", TokenizerParams))
+        return (f"val loss {metrics['val']['loss']:.3f} (perplexity {metrics['val']['perplexity']:.1f}), "
+                f"train loss {metrics['train']['loss']:.3f} -> {args.metrics}")
+
+    run_stage(STAGE, "Evaluate the pretrained GPT: loss, perplexity, generations.", body, argv=argv,
+              errors=(CheckpointError, TokenizerFilesError), paths={
+        "model": "models/pretrained", "windows": "data/windows",
+        "metrics": ("reports/evaluate.json", "loss, perplexity, tokens per split"),
+        "headline": ("metrics/pretrain.json", "val loss and perplexity"),
+        "position-loss": "plots/evaluate_position_loss.csv", "generations": "outputs/pretrain_generations.json",
+    })
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import sys
 import zipfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Annotated
@@ -23,8 +22,9 @@ from pydantic import Field, field_validator, model_validator
 from requests.adapters import HTTPAdapter
 from urllib3.util import Retry
 
+from steps.common.cli import StageParams, run_stage
 from steps.common.io import atomic_path, sha256_file
-from steps.common.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
+from steps.common.params import ParamsError, StrictModel, read_params, validate_section
 
 MIRROR_ENV = "LLMPIPE_MIRROR"
 # Transient server states worth retrying; anything else (404, 403, ...) fails at once.
@@ -229,20 +229,21 @@ def fetch_source(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = cli_parser("Download the pipeline's inputs (mirror first, then upstream), verified by sha256.")
-    parser.add_argument("names", nargs="*", help="sources to fetch (default: every entry of 'sources')")
-    args = parser.parse_args(argv)
-    try:
+    def body(args, params: StageParams) -> str:
         data = read_params(args.params)
-        settings = validate_section(data, "fetch", FetchSettings, args.params)
+        settings = params.section("fetch", FetchSettings)
         sources = load_sources(data, args.names, args.params)
         mirror = os.environ.get(MIRROR_ENV) or None
         with make_session(settings) as session:
-            for name, source in sources.items():
-                path = fetch_source(name, source, settings, mirror=mirror, session=session)
-                print(f"fetch: {name} -> {path}")
-    except (ParamsError, FetchError) as exc:
-        sys.exit(f"fetch: error: {exc}")
+            fetched = [f"{name} -> {fetch_source(name, source, settings, mirror=mirror, session=session)}"
+                       for name, source in sources.items()]
+        return "; ".join(fetched)
+
+    def names(parser) -> None:
+        parser.add_argument("names", nargs="*", help="sources to fetch (default: every entry of 'sources')")
+
+    run_stage("fetch", "Download the pipeline's inputs (mirror first, then upstream), verified by sha256.", body,
+              paths={}, options=names, errors=(FetchError,), argv=argv)
 
 
 if __name__ == "__main__":

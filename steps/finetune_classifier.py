@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Literal
@@ -24,7 +23,6 @@ import pandas as pd
 import torch
 from pydantic import Field
 
-from llmcore.checkpoint import CheckpointError
 from llmcore.classifier import (
     GPTClassifier,
     SpamDataset,
@@ -36,17 +34,18 @@ from llmcore.classifier import (
 )
 from llmcore.device import resolve_device
 from llmcore.lora import merge_lora
-from llmcore.tokenizer import ENCODING_DIR_ENV, TokenizerFilesError, get_tokenizer
-from llmcore.train import TrainingDivergedError, train
-from steps.common.data import DataError, TokenizerParams
+from llmcore.tokenizer import ENCODING_DIR_ENV, get_tokenizer
+from llmcore.train import train
+from steps.common.cli import StageParams, restart_option, run_stage
+from steps.common.data import TokenizerParams
 from steps.common.datasets import read_spam_split
 from steps.common.distributed import is_main_process, setup_distributed, stage_run_on_main
 from steps.common.io import resume_state_dir, sha256_file, write_json
-from steps.common.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
-from steps.common.models import BaseModelError, BaseModelParams, load_base_model
+from steps.common.models import BaseModelParams, load_base_model
+from steps.common.params import ParamsError, StrictModel
 from steps.common.plotting import plot_history, write_history_csv
 from steps.common.registry import SPAM_CLASSIFIER
-from steps.common.training import train_config_from
+from steps.common.training import TRAINING_ERRORS, train_config_from
 
 STAGE = "finetune_classifier"
 EXPERIMENT = SPAM_CLASSIFIER  # the experiment is named after the model it registers
@@ -173,31 +172,27 @@ def finetune_classifier(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = cli_parser("Fine-tune a pretrained GPT as a spam classifier (book chapter 6).")
-    parser.add_argument("--base", type=Path, default=None, help="base llmcore checkpoint (default: params base_model.dir)")
-    parser.add_argument("--data", type=Path, default=Path("data/spam"))
-    parser.add_argument("--out", type=Path, default=Path("models/spam_classifier"))
-    parser.add_argument("--metrics", type=Path, default=Path("reports/finetune_classifier.json"))
-    parser.add_argument("--history", type=Path, default=Path("plots/spam_training.csv"))
-    parser.add_argument("--plots", type=Path, default=Path("plots"), help="where the loss/accuracy PNGs go")
-    parser.add_argument("--cache", type=Path, default=CACHE_DIR, help="resumable training states")
-    parser.add_argument("--restart", action="store_true", help="ignore a saved training state")
-    args = parser.parse_args(argv)
-    try:
-        setup_distributed("steps.finetune_classifier", args.params, argv)
-        data = read_params(args.params)
-        params = validate_section(data, STAGE, FinetuneClassifierParams, args.params)
-        tokenizer_params = validate_section(data, "tokenizer", TokenizerParams, args.params)
-        base_dir = args.base or Path(validate_section(data, "base_model", BaseModelParams, args.params).dir)
-        metrics = finetune_classifier(params, base_dir=base_dir, data_dir=args.data, out_dir=args.out,
-                                      metrics_out=args.metrics, history_out=args.history, plots_dir=args.plots,
-                                      tokenizer_params=tokenizer_params, cache_dir=args.cache,
-                                      resume=not args.restart)
-    except (ParamsError, DataError, CheckpointError, BaseModelError, TokenizerFilesError, TrainingDivergedError) as exc:
-        sys.exit(f"{STAGE}: error: {exc}")
-    if metrics:
-        print(f"{STAGE}: val accuracy {metrics['val_accuracy']:.4f} (last eval), "
-                  f"{SPAM_CLASSIFIER} version {metrics['registered_version']} (@candidate) -> {args.out}")
+    def body(args, params: StageParams) -> str | None:
+        setup_distributed("steps.finetune_classifier", args.params, argv)  # under torchrun when params ask for processes
+        base_dir = args.base or Path(params.section("base_model", BaseModelParams).dir)
+        metrics = finetune_classifier(params.section(STAGE, FinetuneClassifierParams), base_dir=base_dir,
+                                      data_dir=args.data, out_dir=args.out, metrics_out=args.metrics,
+                                      history_out=args.history, plots_dir=args.plots,
+                                      tokenizer_params=params.section("tokenizer", TokenizerParams),
+                                      cache_dir=args.cache, resume=not args.restart)
+        if not metrics:  # another rank of a torchrun
+            return None
+        return (f"val accuracy {metrics['val_accuracy']:.4f} (last eval), "
+                f"{SPAM_CLASSIFIER} version {metrics['registered_version']} (@candidate) -> {args.out}")
+
+    run_stage(STAGE, "Fine-tune a pretrained GPT as a spam classifier (book chapter 6).", body, argv=argv,
+              errors=TRAINING_ERRORS, options=restart_option, paths={
+                  "base": (None, "base llmcore checkpoint (default: params base_model.dir)"),
+                  "data": "data/spam", "out": "models/spam_classifier",
+                  "metrics": "reports/finetune_classifier.json", "history": "plots/spam_training.csv",
+                  "plots": ("plots", "where the loss/accuracy PNGs go"),
+                  "cache": (str(CACHE_DIR), "resumable training states"),
+              })
 
 
 if __name__ == "__main__":

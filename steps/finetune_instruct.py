@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Literal
@@ -21,20 +20,21 @@ import pandas as pd
 from pydantic import Field
 from torch import nn
 
-from llmcore.checkpoint import CheckpointError, save_checkpoint
+from llmcore.checkpoint import save_checkpoint
 from llmcore.device import resolve_device
 from llmcore.instruct import InstructionDataset, collate_instructions, generate_responses
-from llmcore.tokenizer import ENCODING_DIR_ENV, TokenizerFilesError, get_tokenizer
-from llmcore.train import TrainCallback, TrainingDivergedError, TrainState, train
+from llmcore.tokenizer import ENCODING_DIR_ENV, get_tokenizer
+from llmcore.train import TrainCallback, TrainState, train
+from steps.common.cli import StageParams, restart_option, run_stage
 from steps.common.data import DataError, TokenizerParams
 from steps.common.datasets import load_entries
 from steps.common.distributed import is_main_process, setup_distributed, stage_run_on_main
-from steps.common.models import BaseModelError, BaseModelParams, load_base_model
 from steps.common.io import resume_state_dir, sha256_file, write_json
-from steps.common.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
+from steps.common.models import BaseModelParams, load_base_model
+from steps.common.params import ParamsError, StrictModel
 from steps.common.plotting import plot_history, write_history_csv
 from steps.common.registry import INSTRUCT_MODEL
-from steps.common.training import train_config_from
+from steps.common.training import TRAINING_ERRORS, train_config_from
 
 STAGE = "finetune_instruct"
 EXPERIMENT = "instruction-sft"
@@ -185,32 +185,27 @@ def finetune_instruct(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = cli_parser("Fine-tune the base model to follow instructions (book chapter 7).")
-    parser.add_argument("--base", type=Path, default=None, help="base llmcore checkpoint (default: params base_model.dir)")
-    parser.add_argument("--data", type=Path, default=Path("data/instructions"))
-    parser.add_argument("--out", type=Path, default=Path("models/instruct"))
-    parser.add_argument("--metrics", type=Path, default=Path("reports/finetune_instruct.json"))
-    parser.add_argument("--history", type=Path, default=Path("plots/instruct_training.csv"))
-    parser.add_argument("--plot", type=Path, default=Path("plots/instruct_training_loss.png"))
-    parser.add_argument("--cache", type=Path, default=CACHE_DIR, help="resumable training states")
-    parser.add_argument("--restart", action="store_true", help="ignore a saved training state")
-    args = parser.parse_args(argv)
-    try:
-        setup_distributed("steps.finetune_instruct", args.params, argv)
-        data = read_params(args.params)
-        params = validate_section(data, STAGE, FinetuneInstructParams, args.params)
-        tokenizer = validate_section(data, "tokenizer", TokenizerParams, args.params)
-        base = args.base or Path(validate_section(data, "base_model", BaseModelParams, args.params).dir)
+    def body(args, params: StageParams) -> str | None:
+        setup_distributed("steps.finetune_instruct", args.params, argv)  # under torchrun when params ask for processes
+        base = args.base or Path(params.section("base_model", BaseModelParams).dir)
         metrics = finetune_instruct(
-            params, tokenizer, base_model=base, data_dir=args.data, out_dir=args.out,
-            metrics_out=args.metrics, history_out=args.history, plot_out=args.plot,
-            cache_dir=args.cache, resume=not args.restart,
+            params.section(STAGE, FinetuneInstructParams), params.section("tokenizer", TokenizerParams),
+            base_model=base, data_dir=args.data, out_dir=args.out, metrics_out=args.metrics,
+            history_out=args.history, plot_out=args.plot, cache_dir=args.cache, resume=not args.restart,
         )
-    except (ParamsError, DataError, BaseModelError, CheckpointError, TokenizerFilesError, TrainingDivergedError) as exc:
-        sys.exit(f"{STAGE}: error: {exc}")
-    if metrics:
-        print(f"{STAGE}: {metrics['steps']} steps in {metrics['wall_time_s']:.0f} s, train loss "
-              f"{metrics['train_loss']:.3f}, val loss {metrics['val_loss']:.3f} -> {args.out}")
+        if not metrics:  # another rank of a torchrun
+            return None
+        return (f"{metrics['steps']} steps in {metrics['wall_time_s']:.0f} s, train loss "
+                f"{metrics['train_loss']:.3f}, val loss {metrics['val_loss']:.3f} -> {args.out}")
+
+    run_stage(STAGE, "Fine-tune the base model to follow instructions (book chapter 7).", body, argv=argv,
+              errors=TRAINING_ERRORS, options=restart_option, paths={
+                  "base": (None, "base llmcore checkpoint (default: params base_model.dir)"),
+                  "data": "data/instructions", "out": "models/instruct",
+                  "metrics": "reports/finetune_instruct.json", "history": "plots/instruct_training.csv",
+                  "plot": "plots/instruct_training_loss.png",
+                  "cache": (str(CACHE_DIR), "resumable training states"),
+              })
 
 
 if __name__ == "__main__":

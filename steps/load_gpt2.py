@@ -27,9 +27,10 @@ from pydantic import Field
 from llmcore.checkpoint import CheckpointError, save_checkpoint
 from llmcore.tokenizer import ENCODING_DIR_ENV, GPT2_FILE_SHA256, GPT2_FILES
 from llmcore.weights import HF_REPOS, WeightsUnavailableError, load_gpt2
+from steps.common.cli import StageParams, run_stage
 from steps.common.data import TokenizerParams
 from steps.common.io import atomic_path
-from steps.common.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
+from steps.common.params import StrictModel
 
 STAGE = "load_gpt2"
 EXPERIMENT = "load-gpt2"
@@ -109,18 +110,13 @@ def log_status(params: LoadGPT2Params, status: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = cli_parser("Load OpenAI's GPT-2 weights into an llmcore checkpoint.")
-    parser.add_argument("--out", type=Path, default=Path("models/gpt2"))
-    args = parser.parse_args(argv)
-    try:
-        data = read_params(args.params)
-        params = validate_section(data, STAGE, LoadGPT2Params, args.params)
-        tokenizer_params = validate_section(data, "tokenizer", TokenizerParams, args.params)
-        status = load_gpt2_stage(params, args.out, tokenizer_params)
-    except (ParamsError, CheckpointError, WeightsUnavailableError) as exc:
-        sys.exit(f"{STAGE}: error: {exc}")
-    if status["loaded"]:
-        print(f"{STAGE}: {params.source} ({status['parameters']:,} parameters) -> {args.out}")
+    def body(args, params: StageParams) -> str | None:
+        settings = params.section(STAGE, LoadGPT2Params)
+        status = load_gpt2_stage(settings, args.out, params.section("tokenizer", TokenizerParams))
+        return f"{settings.source} ({status['parameters']:,} parameters) -> {args.out}" if status["loaded"] else None
+
+    run_stage(STAGE, "Load OpenAI's GPT-2 weights into an llmcore checkpoint.", body, argv=argv,
+              errors=(WeightsUnavailableError, CheckpointError), paths={"out": "models/gpt2"})
 
 
 if __name__ == "__main__":

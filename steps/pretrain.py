@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,20 +31,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmcore.checkpoint import save_checkpoint
-from llmcore.config import PRESETS, ConfigError, GPTConfig
+from llmcore.config import PRESETS, GPTConfig
 from llmcore.device import resolve_device
 from llmcore.distributed import is_main_process
 from llmcore.generate import generate_text
 from llmcore.model import GPTModel
-from llmcore.tokenizer import ENCODING_DIR_ENV, TokenizerFilesError, get_tokenizer
-from llmcore.train import STATE_DIR, TrainCallback, TrainConfig, TrainingDivergedError, TrainState, has_train_state, train
-from steps.common.data import DataError, TokenizerParams
-from steps.common.distributed import setup_distributed, stage_run_on_main
+from llmcore.tokenizer import ENCODING_DIR_ENV, get_tokenizer
+from llmcore.train import STATE_DIR, TrainCallback, TrainConfig, TrainState, has_train_state, train
+from steps.common.cli import StageParams, run_stage
+from steps.common.data import TokenizerParams
 from steps.common.datasets import load_windows
+from steps.common.distributed import setup_distributed, stage_run_on_main
 from steps.common.io import resume_state_dir, sha256_file, write_json
-from steps.common.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
+from steps.common.params import ParamsError, StrictModel
 from steps.common.plotting import plot_history, write_history_csv
 from steps.common.registry import PRETRAINED_MODEL
+from steps.common.training import TRAINING_ERRORS
 
 STAGE = "pretrain"
 EXPERIMENT = "pretrain"
@@ -247,27 +248,23 @@ def pretrain(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = cli_parser("Pretrain the GPT on the corpus windows (book chapter 5).")
-    parser.add_argument("--windows", type=Path, default=PretrainPaths.windows, help="dir with train.npy, val.npy")
-    parser.add_argument("--out", type=Path, default=PretrainPaths.model_out, help="checkpoint directory")
-    parser.add_argument("--metrics", type=Path, default=PretrainPaths.metrics)
-    parser.add_argument("--history", type=Path, default=PretrainPaths.history_csv)
-    parser.add_argument("--plot", type=Path, default=PretrainPaths.loss_plot)
-    parser.add_argument("--state-dir", type=Path, default=PretrainPaths.state_dir,
-                        help="resumable training state (default: %(default)s)")
-    args = parser.parse_args(argv)
-    paths = PretrainPaths(args.windows, args.out, args.metrics, args.history, args.plot, args.state_dir)
-    try:
-        setup_distributed("steps.pretrain", args.params, argv)
-        data = read_params(args.params)
-        params = validate_section(data, STAGE, PretrainParams, args.params)
-        tokenizer_params = validate_section(data, "tokenizer", TokenizerParams, args.params)
-        metrics = pretrain(params, paths, tokenizer_params)
-    except (ParamsError, DataError, ConfigError, TokenizerFilesError, TrainingDivergedError) as exc:
-        sys.exit(f"{STAGE}: error: {exc}")
-    if metrics:
-        print(f"{STAGE}: train loss {metrics['train_loss']:.3f}, val loss {metrics['val_loss']:.3f} after "
-              f"{metrics['tokens_seen']} tokens ({metrics['tokens_per_s']:.0f} tokens/s) -> {paths.model_out}")
+    def body(args, params: StageParams) -> str | None:
+        setup_distributed("steps.pretrain", args.params, argv)  # under torchrun when params ask for processes
+        paths = PretrainPaths(args.windows, args.out, args.metrics, args.history, args.plot, args.state_dir)
+        metrics = pretrain(params.section(STAGE, PretrainParams), paths, params.section("tokenizer", TokenizerParams))
+        if not metrics:  # another rank of a torchrun
+            return None
+        return (f"train loss {metrics['train_loss']:.3f}, val loss {metrics['val_loss']:.3f} after "
+                f"{metrics['tokens_seen']} tokens ({metrics['tokens_per_s']:.0f} tokens/s) -> {paths.model_out}")
+
+    defaults = PretrainPaths()
+    run_stage(STAGE, "Pretrain the GPT on the corpus windows (book chapter 5).", body, argv=argv,
+              errors=TRAINING_ERRORS, paths={
+                  "windows": (str(defaults.windows), "dir with train.npy, val.npy"),
+                  "out": (str(defaults.model_out), "checkpoint directory"),
+                  "metrics": str(defaults.metrics), "history": str(defaults.history_csv),
+                  "plot": str(defaults.loss_plot), "state-dir": (str(defaults.state_dir), "resumable training state"),
+              })
 
 
 if __name__ == "__main__":

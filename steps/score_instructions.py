@@ -9,7 +9,6 @@ against the reference and by the model's loss / perplexity on the reference resp
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,11 +20,12 @@ from llmcore.checkpoint import CheckpointError, load_checkpoint
 from llmcore.device import resolve_device
 from llmcore.instruct import encode_example, generate_responses, response_loss, response_prompt
 from llmcore.tokenizer import TokenizerFilesError, get_tokenizer
+from steps.common.cli import StageParams, run_stage
 from steps.common.data import DataError, TokenizerParams
 from steps.common.datasets import load_entries
 from steps.common.io import write_json
 from steps.common.judge import JudgeParams, JudgeUnavailableError, judge_responses
-from steps.common.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
+from steps.common.params import ParamsError, StrictModel
 from steps.common.registry import INSTRUCT_MODEL
 
 STAGE = "score_instructions"
@@ -146,26 +146,21 @@ def format_summary(metrics: dict, judge_model: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = cli_parser("Generate answers for the instruction test split and score them.")
-    parser.add_argument("--model", type=Path, default=Path("models/instruct"))
-    parser.add_argument("--test", type=Path, default=Path("data/instructions/test.json"))
-    parser.add_argument("--responses", type=Path, default=Path("data/scores/instruction_responses.json"))
-    parser.add_argument("--metrics", type=Path, default=Path("reports/instructions.json"), help="every score")
-    parser.add_argument("--headline", type=Path, default=Path("metrics/instructions.json"), help="ROUGE-L, judge score")
-    args = parser.parse_args(argv)
-    try:
-        data = read_params(args.params)
-        params = validate_section(data, STAGE, ScoreInstructionsParams, args.params)
-        tokenizer = validate_section(data, "tokenizer", TokenizerParams, args.params)
+    def body(args, params: StageParams) -> str:
+        settings = params.section(STAGE, ScoreInstructionsParams)
         metrics = score_instructions(
-            params, tokenizer, model_dir=args.model, test_file=args.test,
+            settings, params.section("tokenizer", TokenizerParams), model_dir=args.model, test_file=args.test,
             responses_out=args.responses, metrics_out=args.metrics, headline_out=args.headline,
         )
-    except (ParamsError, DataError, ModelNotFoundError, CheckpointError, TokenizerFilesError) as exc:
-        sys.exit(f"{STAGE}: error: {exc}")
-    except JudgeUnavailableError as exc:
-        sys.exit(f"{STAGE}: error: {exc} (score_instructions.judge.required is true)")
-    print(f"{STAGE}: {format_summary(metrics, params.judge.model)}")
+        return format_summary(metrics, settings.judge.model)
+
+    run_stage(STAGE, "Generate answers for the instruction test split and score them.", body, argv=argv,
+              errors=(ModelNotFoundError, JudgeUnavailableError, CheckpointError, TokenizerFilesError), paths={
+                  "model": "models/instruct", "test": "data/instructions/test.json",
+                  "responses": "data/scores/instruction_responses.json",
+                  "metrics": ("reports/instructions.json", "every score"),
+                  "headline": ("metrics/instructions.json", "ROUGE-L, judge score"),
+              })
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ actual/predicted labels for DVC's ``confusion`` plot template. Spam (1) is the p
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -26,10 +25,11 @@ from llmcore.checkpoint import CheckpointError
 from llmcore.classifier import load_classifier, predict_proba
 from llmcore.device import resolve_device
 from llmcore.tokenizer import TokenizerFilesError, get_tokenizer
-from steps.common.data import DataError, TokenizerParams
+from steps.common.cli import StageParams, run_stage
+from steps.common.data import TokenizerParams
 from steps.common.datasets import read_spam_split
 from steps.common.io import atomic_path, write_json
-from steps.common.params import ParamsError, StrictModel, cli_parser, read_params, validate_section
+from steps.common.params import ParamsError, StrictModel
 
 STAGE = "score_spam"
 SPLITS = ("train", "validation", "test")
@@ -118,22 +118,18 @@ def score_spam(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = cli_parser("Score the spam classifier on the train/validation/test splits.")
-    parser.add_argument("--model", type=Path, default=Path("models/spam_classifier"))
-    parser.add_argument("--data", type=Path, default=Path("data/spam"))
-    parser.add_argument("--metrics", type=Path, default=Path("reports/spam.json"), help="every split's metrics")
-    parser.add_argument("--headline", type=Path, default=Path("metrics/spam.json"), help="test accuracy and F1")
-    parser.add_argument("--plots", type=Path, default=Path("plots"))
-    args = parser.parse_args(argv)
-    try:
-        data = read_params(args.params)
-        params = validate_section(data, STAGE, ScoreSpamParams, args.params)
-        tokenizer_params = validate_section(data, "tokenizer", TokenizerParams, args.params)
-        metrics = score_spam(params, model_dir=args.model, data_dir=args.data, metrics_out=args.metrics,
-                             headline_out=args.headline, plots_dir=args.plots, tokenizer_params=tokenizer_params)
-    except (ParamsError, DataError, CheckpointError, TokenizerFilesError) as exc:
-        sys.exit(f"{STAGE}: error: {exc}")
-    print(f"{STAGE}: " + ", ".join(f"{split} accuracy {m['accuracy']:.4f}" for split, m in metrics.items()))
+    def body(args, params: StageParams) -> str:
+        metrics = score_spam(params.section(STAGE, ScoreSpamParams), model_dir=args.model, data_dir=args.data,
+                             metrics_out=args.metrics, headline_out=args.headline, plots_dir=args.plots,
+                             tokenizer_params=params.section("tokenizer", TokenizerParams))
+        return ", ".join(f"{split} accuracy {m['accuracy']:.4f}" for split, m in metrics.items())
+
+    run_stage(STAGE, "Score the spam classifier on the train/validation/test splits.", body, argv=argv,
+              errors=(CheckpointError, TokenizerFilesError), paths={
+        "model": "models/spam_classifier", "data": "data/spam",
+        "metrics": ("reports/spam.json", "every split's metrics"),
+        "headline": ("metrics/spam.json", "test accuracy and F1"), "plots": "plots",
+    })
 
 
 if __name__ == "__main__":

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from llmcore.tokenizer import TokenizerFilesError, encode, get_tokenizer
+from steps.common.cli import StageParams, run_stage
 from steps.common.data import DataError, TokenizerParams, read_text, save_npy, to_token_array
 from steps.common.io import write_json
-from steps.common.params import ParamsError, cli_parser, load_section
 
 
 def tokenize_corpus(corpus: Path, tokens_out: Path, metrics_out: Path, params: TokenizerParams) -> dict[str, int]:
@@ -24,17 +23,13 @@ def tokenize_corpus(corpus: Path, tokens_out: Path, metrics_out: Path, params: T
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = cli_parser("Tokenize the corpus into a uint16 .npy of GPT-2 token ids.")
-    parser.add_argument("--corpus", type=Path, default=Path("data/raw/corpus.txt"))
-    parser.add_argument("--tokens", type=Path, default=Path("data/tokens/corpus.npy"))
-    parser.add_argument("--metrics", type=Path, default=Path("reports/tokenize.json"))
-    args = parser.parse_args(argv)
-    try:
-        params = load_section("tokenizer", TokenizerParams, args.params)
-        metrics = tokenize_corpus(args.corpus, args.tokens, args.metrics, params)
-    except (ParamsError, DataError, TokenizerFilesError) as exc:
-        sys.exit(f"tokenize: error: {exc}")
-    print(f"tokenize: {metrics['characters']} characters -> {metrics['tokens']} tokens in {args.tokens}")
+    def body(args, params: StageParams) -> str:
+        metrics = tokenize_corpus(args.corpus, args.tokens, args.metrics, params.section("tokenizer", TokenizerParams))
+        return f"{metrics['characters']} characters -> {metrics['tokens']} tokens in {args.tokens}"
+
+    run_stage("tokenize", "Tokenize the corpus into a uint16 .npy of GPT-2 token ids.", body, argv=argv,
+              errors=(TokenizerFilesError,),
+              paths={"corpus": "data/raw/corpus.txt", "tokens": "data/tokens/corpus.npy", "metrics": "reports/tokenize.json"})
 
 
 if __name__ == "__main__":

@@ -151,7 +151,7 @@ def judge_responses(
                 result.scores[i] = judge.score(entry, response)
             except JudgeUnavailableError as exc:
                 if params.required:
-                    raise
+                    raise JudgeUnavailableError(f"{exc} (score_instructions.judge.required is true)") from exc
                 result.available, result.error = False, str(exc)
                 message = (
                     f"LLM judge unavailable after {i} of {len(responses)} responses: {exc}. "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import TypeVar
@@ -57,10 +56,3 @@ def validate_section(data: dict, section: str, model: type[M], source: str = "pa
 
 def load_section(section: str, model: type[M], path: str | os.PathLike = PARAMS_FILE) -> M:
     return validate_section(read_params(path), section, model, source=str(path))
-
-
-def cli_parser(description: str) -> argparse.ArgumentParser:
-    """The shared CLI of every step: ``--params`` selects the params file."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--params", default=str(PARAMS_FILE), help="params file (default: %(default)s)")
-    return parser

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from llmcore.train import TrainConfig
+from llmcore.checkpoint import CheckpointError
+from llmcore.config import ConfigError
+from llmcore.tokenizer import TokenizerFilesError
+from llmcore.train import TrainConfig, TrainingDivergedError
+from steps.common.models import BaseModelError
 from steps.common.params import StrictModel
+
+# What a training stage's CLI reports in one line (steps.common.cli.run_stage's ``errors``).
+TRAINING_ERRORS = (ConfigError, CheckpointError, TokenizerFilesError, TrainingDivergedError, BaseModelError)
 
 
 def train_config_from(params: StrictModel) -> TrainConfig:

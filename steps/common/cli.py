@@ -1,0 +1,74 @@
+"""The one entry point of every stage: ``python -m steps.<name>`` parses its paths, reads its params
+sections on demand, runs, and turns an expected failure into one line naming the problem.
+
+Expected failures are bad params and bad data, plus the error types a stage names (a missing or
+mismatched model, unusable tokenizer files, a diverged run: ``steps.common.training``'s
+``TRAINING_ERRORS``, ...); they end with ``<stage>: error: <message>`` and exit status 1.
+Anything else is a bug and keeps its traceback. This module imports no model code, so a data
+stage's DVC deps stay free of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel
+
+from steps.common.data import DataError
+from steps.common.params import PARAMS_FILE, ParamsError, read_params, validate_section
+
+EXPECTED_ERRORS: tuple[type[Exception], ...] = (ParamsError, DataError)
+M = TypeVar("M", bound=BaseModel)
+# A path option: its default, or (default, help). None as default: the option is optional.
+PathOption = str | None | tuple[str | None, str]
+
+
+class StageParams:
+    """The params file of one stage run; each section is validated when the stage asks for it."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._data: dict | None = None
+
+    def section(self, name: str, model: type[M]) -> M:
+        if self._data is None:
+            self._data = read_params(self.path)
+        return validate_section(self._data, name, model, self.path)
+
+
+def run_stage(
+    stage: str,
+    description: str,
+    body: Callable[[argparse.Namespace, StageParams], str | None],
+    *,
+    paths: Mapping[str, PathOption],
+    options: Callable[[argparse.ArgumentParser], None] | None = None,
+    errors: tuple[type[Exception], ...] = (),
+    argv: Sequence[str] | None = None,
+) -> None:
+    """Parse ``--params`` and the ``paths`` options (plus ``options``), run ``body``, print the summary
+    line it returns; ``errors``: the stage's own expected failures."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default=str(PARAMS_FILE), help="params file (default: %(default)s)")
+    for name, spec in paths.items():
+        default, help_text = spec if isinstance(spec, tuple) else (spec, None)
+        parser.add_argument(f"--{name}", type=Path, default=None if default is None else Path(default),
+                            help=f"{help_text or name} (default: %(default)s)")
+    if options is not None:
+        options(parser)
+    args = parser.parse_args(argv)
+    try:
+        summary = body(args, StageParams(args.params))
+    except (*EXPECTED_ERRORS, *errors) as exc:
+        sys.exit(f"{stage}: error: {exc}")
+    if summary:
+        print(f"{stage}: {summary}")
+
+
+def restart_option(parser: argparse.ArgumentParser) -> None:
+    """``--restart`` of the training stages: start over instead of resuming a saved state."""
+    parser.add_argument("--restart", action="store_true", help="ignore a saved training state")
