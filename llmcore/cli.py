@@ -26,13 +26,22 @@ from llmcore.generate import generate_stream
 from llmcore.instruct import response_prompt
 from llmcore.tokenizer import ENCODING_DIR_ENV, ENDOFTEXT_ID, GPT2_FILES, TokenizerFilesError, encode, get_tokenizer
 
-# The DVC stage that writes each default model directory.
-PRODUCED_BY = {
-    "models/spam_classifier": "finetune_classifier",
-    "models/pretrained": "pretrain",
-    "models/instruct": "finetune_instruct",
-    "models/gpt2": "load_gpt2",
-}
+DEFAULT_MODELS = ("models/spam_classifier", "models/pretrained", "models/instruct", "models/gpt2")
+
+
+def produced_by(path: str, dvc_yaml: str = "dvc.yaml") -> str | None:
+    """The dvc.yaml stage whose outputs include ``path`` (read from the file, so it never goes stale)."""
+    import yaml  # only for the error message of a missing model
+
+    try:
+        stages = yaml.safe_load(Path(dvc_yaml).read_text()).get("stages", {})
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    for name, stage in stages.items():
+        outs = {next(iter(out)) if isinstance(out, dict) else out for out in stage.get("outs", [])}
+        if path in outs:
+            return name
+    return None
 
 
 class CliError(Exception):
@@ -42,11 +51,11 @@ class CliError(Exception):
 def check_model_dir(directory: str) -> Path:
     """``directory`` if it holds a checkpoint, else a CliError saying which stage makes it."""
     path = Path(directory)
-    stage = PRODUCED_BY.get(path.as_posix())
     status = path / "status.json"
     if status.is_file() and not json.loads(status.read_text()).get("loaded", True):
         raise CliError(f"{path} holds no weights (see {status}): provide GPT-2's, then `dvc repro -f load_gpt2`")
     if not (path / "config.json").is_file():
+        stage = produced_by(path.as_posix())
         fix = f"run `dvc repro {stage}`" if stage else "pass --model with a checkpoint directory"
         raise CliError(f"{path} not found: {fix}")
     return path

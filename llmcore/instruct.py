@@ -18,10 +18,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from llmcore.generate import generate
+from llmcore.model import IGNORE_INDEX
 from llmcore.prompts import extract_response, format_input, format_response
 from llmcore.tokenizer import ENDOFTEXT_ID, encode
 
-IGNORE_INDEX = -100  # what torch's cross_entropy (and so next_token_loss) skips
 
 
 class InstructionExample(NamedTuple):

@@ -77,6 +77,22 @@ def stage_module(stage: dict) -> str | None:
     return match.group(1) if match else None
 
 
+def sections_read(module: str) -> dict[str, str]:
+    """The params sections a stage module reads through ``params.section(NAME, Model)`` (NAME a
+    string or the module's ``STAGE``), as {section: model class name}."""
+    path = module_file(module)
+    tree = ast.parse(path.read_text(), str(path))
+    constants = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant)
+                 for t in n.targets if isinstance(t, ast.Name)}
+    found = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "section":
+            name, model = node.args[0], node.args[1]
+            section = name.value if isinstance(name, ast.Constant) else constants[name.id]
+            found[section] = model.id
+    return found
+
+
 def code_deps_drift(name: str, stage: dict) -> tuple[list[str], list[str]]:
     """(missing, stale): imported files the stage does not list, listed files it never imports."""
     module = stage_module(stage)

@@ -15,7 +15,7 @@ from torch import nn
 
 from llmcore.checkpoint import load_checkpoint, read_checkpoint_meta
 from llmcore.classifier import load_classifier
-from llmcore.cli import PRODUCED_BY, CliError, check_model_dir, tokenizer_for
+from llmcore.cli import DEFAULT_MODELS, CliError, check_model_dir, tokenizer_for
 from llmcore.tokenizer import get_tokenizer
 
 REGISTRY_SCHEME = "models:/"
@@ -78,7 +78,7 @@ def load_served(spec: str, kind: str, *, int8: bool = False, prompt_style: str |
         name = registry_name(spec)
         tokenizer = get_tokenizer(tokenizer_dir) if tokenizer_dir else tokenizer_for(directory)
     else:
-        if Path(spec).as_posix() not in PRODUCED_BY and not (Path(spec) / "config.json").is_file():
+        if Path(spec).as_posix() not in DEFAULT_MODELS and not (Path(spec) / "config.json").is_file():
             raise CliError(f"{spec} is not a checkpoint directory (it has no config.json)")
         directory = check_model_dir(spec)  # also names the stage that makes a default directory
         name = directory.resolve().name
