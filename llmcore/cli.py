@@ -29,12 +29,14 @@ from llmcore.tokenizer import ENCODING_DIR_ENV, ENDOFTEXT_ID, GPT2_FILES, Tokeni
 DEFAULT_MODELS = ("models/spam_classifier", "models/pretrained", "models/instruct", "models/gpt2")
 
 
-def produced_by(path: str, dvc_yaml: str = "dvc.yaml") -> str | None:
-    """The dvc.yaml stage whose outputs include ``path`` (read from the file, so it never goes stale)."""
+def produced_by(path: str) -> str | None:
+    """The dvc.yaml stage whose outputs include ``path``, read from the file (so it never goes stale):
+    the current directory's, else that of the checkout this package runs from."""
     import yaml  # only for the error message of a missing model
 
+    found = [f for f in (Path("dvc.yaml"), Path(__file__).resolve().parents[1] / "dvc.yaml") if f.is_file()]
     try:
-        stages = yaml.safe_load(Path(dvc_yaml).read_text()).get("stages", {})
+        stages = yaml.safe_load(found[0].read_text()).get("stages", {}) if found else {}
     except (OSError, yaml.YAMLError, AttributeError):
         return None
     for name, stage in stages.items():
