@@ -22,9 +22,12 @@ from llmcore.config import GPTConfig
 
 
 class LayerKV(Protocol):
-    """What attention needs from a cache: store this step's k/v, return all k/v so far."""
+    """What attention needs from a cache: store this step's k/v, return all k/v so far.
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    ``start_pos`` is an int, or a tensor of cache slots in a static-shape step (llmcore.generate).
+    """
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 IGNORE_INDEX = -100  # targets with this value are skipped, as in F.cross_entropy
@@ -135,7 +138,7 @@ class CausalSelfAttention(nn.Module):
         self,
         x: torch.Tensor,
         kv_cache: LayerKV | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, n_tokens, emb_dim = x.shape
@@ -213,7 +216,7 @@ class GPTModel(nn.Module):
         idx: torch.Tensor,
         *,
         kv_caches: list[LayerKV] | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         attn_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
