@@ -19,7 +19,7 @@ import time
 import torch
 from torch import nn
 
-from llmcore.precision import compute_dtype
+from llmcore.precision import compute_dtype, resolve_precision
 
 # Dense tensor-core peaks (FLOP/s, no sparsity) by a pattern of torch.cuda.get_device_name(), first
 # match wins. "fp32" is the TF32 rate: training turns TF32 on for CUDA (llmcore.precision).
@@ -89,6 +89,18 @@ def peak_memory_mb(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def run_summary(model: nn.Module, tokens_per_s: float, seq_len: int, device: torch.device, precision: str,
+                n_devices: int = 1) -> dict[str, float]:
+    """MFU of a whole run at ``tokens_per_s`` (over all devices), and peak memory where known."""
+    precision = resolve_precision(precision, device)
+    flops_per_s = tokens_per_s * training_flops_per_token(model, seq_len)
+    summary = {"mfu": flops_per_s / (peak_flops(device, precision) * n_devices)}
+    memory = peak_memory_mb(device)
+    if memory is not None:
+        summary["peak_memory_mb"] = memory
+    return summary
 
 
 def _synchronize(device: torch.device) -> None:

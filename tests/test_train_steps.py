@@ -97,7 +97,7 @@ def test_pretrain_writes_checkpoint_metrics_plots_and_cleans_its_state(pretraine
     assert json.loads(paths.metrics.read_text()) == metrics
     assert metrics["steps"] == 8 and metrics["tokens_seen"] == 8 * 4 * CONTEXT
     assert metrics["parameters"] == model.num_parameters()
-    assert metrics["tokens_per_s"] > 0 and metrics["wall_time_s"] > 0
+    assert metrics["tokens_per_s"] > 0 and metrics["wall_time_s"] > 0 and 0 < metrics["mfu"] < 1
     history = pd.read_csv(paths.history_csv)
     assert list(history.columns) == ["step", "epoch", "tokens_seen", "train_loss", "val_loss"]
     assert history["step"].tolist() == [2, 4, 6, 8]
@@ -121,7 +121,9 @@ def test_pretrain_mlflow_run_holds_params_curves_samples_plot_and_a_loadable_gen
     assert [m.step for m in val_curve] == [2 * 4 * CONTEXT * k for k in (1, 2, 3, 4)]  # against tokens seen
     assert len(client.get_metric_history(run.info.run_id, "lr")) == 8
     assert run.data.metrics["final_val_loss"] == pytest.approx(metrics["val_loss"])
-    assert run.data.metrics["tokens_per_s"] > 0
+    assert run.data.metrics["tokens_per_s"] > 0 and run.data.metrics["mfu"] > 0
+    # Each evaluation also logs the mean throughput since the previous one.
+    assert len(client.get_metric_history(run.info.run_id, "throughput_tokens_per_s")) == 4
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert artifacts == {"samples/epoch_001.txt", "samples/epoch_002.txt"}
     sample = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/samples/epoch_002.txt")
