@@ -30,9 +30,14 @@ class GPTConfig:
     # book's GPTModel does. On the book's tiny corpus only "torch" lets the 124M model memorise
     # it the way chapter 5 shows. Loaded weights replace either.
     init: str = "gpt2"
+    # Rows of the embedding and vocabulary head are rounded up to a multiple of this (64: 50,257
+    # becomes 50,304), for matmul shapes that GPUs (and CPUs) run faster. The extra rows are never
+    # predicted: the logits stop at vocab_size and the loss masks them. 1 (no padding) is GPT-2's
+    # and the book's layout.
+    pad_vocab_to_multiple: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "pad_vocab_to_multiple"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
@@ -53,6 +58,11 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and the head: vocab_size rounded up to pad_vocab_to_multiple."""
+        return -(-self.vocab_size // self.pad_vocab_to_multiple) * self.pad_vocab_to_multiple
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> GPTConfig:

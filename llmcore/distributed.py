@@ -12,9 +12,13 @@ import datetime
 import os
 import socket
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset, Subset
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -93,14 +97,6 @@ def all_reduce_sum(values: Sequence[float]) -> list[float]:
     return _all_reduce_sum(values) if is_distributed() else list(values)
 
 
-def all_reduce_mean(values: Sequence[float]) -> list[float]:
-    """Element-wise mean of ``values`` over all ranks, in one collective."""
-    if not is_distributed():
-        return list(values)
-    world = dist.get_world_size()
-    return [v / world for v in _all_reduce_sum(values)]
-
-
 def all_gather_object(obj: object) -> list[object]:
     """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` without a group."""
     if not is_distributed():
@@ -108,6 +104,38 @@ def all_gather_object(obj: object) -> list[object]:
     gathered: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+# ---- data parallelism for the training loop (llmcore.train)
+
+
+def local_batch_size(global_batch: int) -> int:
+    """This rank's share of a global batch, which must split evenly over the ranks."""
+    if global_batch % world_size():
+        raise ValueError(f"batch_size {global_batch} (global) does not split over {world_size()} processes")
+    return global_batch // world_size()
+
+
+def shard(data: Dataset, n: int) -> Dataset:
+    """This rank's share of the first ``n`` samples: every world_size-th, from its rank on, so that
+    rank batch k is this rank's share of the single-process batch k."""
+    return Subset(data, range(rank(), n, world_size()))
+
+
+def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` wrapped in DistributedDataParallel in a process group; as it is without one."""
+    if not is_distributed():
+        return module
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def gradient_sync(module: nn.Module, sync: bool) -> AbstractContextManager:
+    """Where a micro-batch's backward runs: DDP all-reduces the accumulated gradients only when
+    ``sync`` (a step's last micro-batch). Looks through torch.compile's wrapper."""
+    ddp = getattr(module, "_orig_mod", module)
+    if sync or not isinstance(ddp, DistributedDataParallel):
+        return nullcontext()
+    return ddp.no_sync()
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -5,7 +5,9 @@ fused Linear (GPT-2's ``c_attn`` layout, so GPT-2 weights map onto it by a trans
 ``scaled_dot_product_attention``. An optional per-layer KV cache (see ``llmcore.generate``) turns
 decoding into one new position per step instead of re-running the whole prefix. ``GPTModel.loss``
 computes the vocabulary head and cross-entropy a chunk of rows at a time, so training never holds
-the full (tokens x 50257) logits, their log-softmax and their gradient at once.
+the full (tokens x 50257) logits, their log-softmax and their gradient at once. The vocabulary
+rows may be padded (``GPTConfig.pad_vocab_to_multiple``) for faster matmuls; the padding is
+never predicted.
 """
 
 from __future__ import annotations
@@ -20,44 +22,54 @@ from llmcore.config import GPTConfig
 
 
 class LayerKV(Protocol):
-    """What attention needs from a cache: store this step's k/v, return all k/v so far."""
+    """What attention needs from a cache: store this step's k/v, return all k/v so far.
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    ``start_pos`` is an int, or a tensor of cache slots in a static-shape step (llmcore.generate).
+    """
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 IGNORE_INDEX = -100  # targets with this value are skipped, as in F.cross_entropy
-LOSS_CHUNK_ROWS = 256  # rows of logits alive at once: 256 x 50257 fp32 is 51 MB
+# Logits alive at once in the chunked loss: 2^25 fp32 values (128 MiB; 667 rows of 50,304). Fewer,
+# larger chunks keep the head's three matmuls efficient; the budget keeps their memory bounded.
+LOSS_CHUNK_ELEMENTS = 1 << 25
 
 
 class _ChunkedHeadCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, one chunk of rows at a time.
 
     The gradients are computed in the forward pass, while each chunk's logits are at hand
-    (softmax minus one-hot), so backward only scales them: the logits are never stored.
+    (softmax minus one-hot), so backward only scales them: the logits are never stored. The
+    matmuls run in ``matmul_dtype`` (bf16/fp16 under autocast); the softmax, the loss sum and the
+    weight gradient's accumulation over chunks stay fp32. Logit columns from ``n_classes`` on (a
+    padded head's extra rows) are masked out: they get probability 0 and no gradient.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, n_valid, chunk_rows, need_hidden, need_weight):
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.empty_like(weight) if need_weight else None
-        total = hidden.new_zeros((), dtype=torch.float32)
-        scale = 1.0 / n_valid
-        for start in range(0, hidden.shape[0], chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            h, t = hidden[rows], targets[rows]
-            valid = t != IGNORE_INDEX
-            safe_t = torch.where(valid, t, 0)[:, None]
-            log_probs = torch.log_softmax(h @ weight.T, dim=-1)
-            total -= log_probs.gather(1, safe_t).squeeze(1)[valid].sum()
-            if need_hidden or need_weight:
-                # d(loss)/d(logits) = (softmax - one_hot(target)) / n_valid; ignored rows get 0.
-                grad_logits = log_probs.exp_()
-                grad_logits.scatter_add_(1, safe_t, torch.full_like(safe_t, -1, dtype=grad_logits.dtype))
-                grad_logits.mul_(valid[:, None].to(grad_logits.dtype) * scale)
-                if need_hidden:
-                    torch.mm(grad_logits, weight, out=grad_hidden[rows])
-                if need_weight:
-                    grad_weight.addmm_(grad_logits.T, h, beta=0.0 if start == 0 else 1.0)
+    def forward(ctx, hidden, weight, targets, n_valid, n_classes, chunk_rows, need_hidden, need_weight, matmul_dtype):
+        with torch.autocast(hidden.device.type, enabled=False):  # every cast below is explicit
+            grad_hidden = torch.empty_like(hidden) if need_hidden else None
+            grad_weight = torch.empty_like(weight) if need_weight else None
+            w = weight.to(matmul_dtype)  # the weight itself in fp32
+            total = hidden.new_zeros((), dtype=torch.float32)
+            scale = 1.0 / n_valid
+            for start in range(0, hidden.shape[0], chunk_rows):
+                rows = slice(start, start + chunk_rows)
+                h, t = hidden[rows].to(matmul_dtype), targets[rows]
+                valid = t != IGNORE_INDEX
+                safe_t = torch.where(valid, t, 0)[:, None]
+                logits = (h @ w.T).float()
+                if n_classes < logits.shape[1]:
+                    logits[:, n_classes:] = float("-inf")
+                log_probs = torch.log_softmax(logits, dim=-1)
+                total -= log_probs.gather(1, safe_t).squeeze(1)[valid].sum()
+                if need_hidden or need_weight:
+                    # d(loss)/d(logits) = (softmax - one_hot(target)) / n_valid; ignored rows get 0.
+                    grad_logits = log_probs.exp_()
+                    grad_logits.scatter_add_(1, safe_t, torch.full_like(safe_t, -1, dtype=grad_logits.dtype))
+                    grad_logits.mul_(valid[:, None].to(grad_logits.dtype) * scale)
+                    _accumulate_grads(grad_logits.to(matmul_dtype), h, w, rows, grad_hidden, grad_weight, start == 0)
         ctx.grads = grad_hidden, grad_weight
         return total * scale
 
@@ -67,22 +79,50 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
         if bool(grad_loss != 1.0):
             grad_hidden = None if grad_hidden is None else grad_hidden * grad_loss
             grad_weight = None if grad_weight is None else grad_weight * grad_loss
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
+def _accumulate_grads(grad_logits, h, w, rows, grad_hidden, grad_weight, first: bool) -> None:
+    """One chunk's share of the head's gradients: its rows of grad_hidden, a sum into grad_weight."""
+    if grad_hidden is not None:
+        grad_hidden[rows] = grad_logits @ w
+    if grad_weight is None:
+        return
+    if grad_weight.dtype == grad_logits.dtype:  # fp32: accumulate inside the matmul, no temporary
+        grad_weight.addmm_(grad_logits.T, h, beta=0.0 if first else 1.0)
+    elif first:
+        grad_weight.copy_(grad_logits.T @ h)
+    else:
+        grad_weight += grad_logits.T @ h
+
+
+@torch.compiler.disable  # a Python loop with data-dependent checks: torch.compile runs it as is
 def head_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = LOSS_CHUNK_ROWS
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_rows: int | None = None,
+    n_classes: int | None = None,
 ) -> torch.Tensor:
-    """``F.cross_entropy(hidden @ weight.T, targets)`` (mean; IGNORE_INDEX skipped) in row chunks."""
+    """``F.cross_entropy(hidden @ weight.T, targets)`` (mean; IGNORE_INDEX skipped) in row chunks.
+
+    ``n_classes`` (default: every row of ``weight``) is the real vocabulary of a padded head.
+    Under autocast the matmuls run in the autocast dtype and the rest in fp32.
+    """
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    out_of_range = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= weight.shape[0]))
+    n_classes = weight.shape[0] if n_classes is None else n_classes
+    out_of_range = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= n_classes))
     if bool(out_of_range.any()):
-        raise ValueError(f"target id {targets[out_of_range][0].item()} is outside the vocabulary of {weight.shape[0]}")
+        raise ValueError(f"target id {targets[out_of_range][0].item()} is outside the vocabulary of {n_classes}")
     n_valid = int((targets != IGNORE_INDEX).sum())
+    device_type = hidden.device.type
+    autocasting = torch.is_autocast_enabled(device_type)
+    matmul_dtype = torch.get_autocast_dtype(device_type) if autocasting else weight.dtype
     grad = torch.is_grad_enabled()  # under no_grad (evaluation) no gradient work is done at all
     return _ChunkedHeadCrossEntropy.apply(
-        hidden, weight, targets, n_valid or float("nan"), chunk_rows,
-        grad and hidden.requires_grad, grad and weight.requires_grad,
+        hidden, weight, targets, n_valid or float("nan"), n_classes,
+        chunk_rows or max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0]),
+        grad and hidden.requires_grad, grad and weight.requires_grad, matmul_dtype,
     )
 
 
@@ -98,7 +138,7 @@ class CausalSelfAttention(nn.Module):
         self,
         x: torch.Tensor,
         kv_cache: LayerKV | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, n_tokens, emb_dim = x.shape
@@ -148,12 +188,12 @@ class GPTModel(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.emb_dim)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps)
-        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.padded_vocab_size, bias=False)
         if cfg.init == "gpt2":
             self.apply(self._init_weights)
         if cfg.tie_embeddings:
@@ -176,7 +216,7 @@ class GPTModel(nn.Module):
         idx: torch.Tensor,
         *,
         kv_caches: list[LayerKV] | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         attn_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -196,7 +236,12 @@ class GPTModel(nn.Module):
 
     def forward(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:
         """Logits (batch, tokens, vocab_size); keyword arguments as for ``hidden_states``."""
-        return self.out_head(self.hidden_states(idx, **kwargs))
+        return self.logits(self.hidden_states(idx, **kwargs))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The vocabulary head; a padded head's extra rows are cut off, so nothing can predict them."""
+        logits = self.out_head(hidden)
+        return logits if logits.shape[-1] == self.cfg.vocab_size else logits[..., : self.cfg.vocab_size]
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy, equal to ``F.cross_entropy`` of ``self(idx)``, but the
@@ -204,5 +249,5 @@ class GPTModel(nn.Module):
         hidden = self.hidden_states(idx)
         head = self.out_head
         if type(head) is nn.Linear and head.bias is None:
-            return head_cross_entropy(hidden, head.weight, targets)
-        return F.cross_entropy(head(hidden).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+            return head_cross_entropy(hidden, head.weight, targets, n_classes=self.cfg.vocab_size)
+        return F.cross_entropy(self.logits(hidden).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)

@@ -8,9 +8,14 @@ never interrupted. What differs between tasks is only the ``loss_fn`` (and optio
 evaluation metrics); steps observe progress through ``TrainCallback`` without llmcore knowing
 about MLflow.
 
+Speed switches (``TrainConfig``): ``precision`` (fp32 or autocast mixed precision over fp32
+weights, llmcore.precision) and ``compile`` (torch.compile of the loss, for training and
+evaluation). Every step reports tokens/s, MFU and peak memory (llmcore.throughput).
+
 Under torchrun (``llmcore.distributed.init_distributed``) the same loop runs data-parallel with
 PyTorch's DistributedDataParallel: ``batch_size`` stays the global micro-batch, split evenly over
 the ranks, so N processes follow the same schedule and sample order as one (docs/distributed.md).
+One process is the group of one: every collective below returns its input.
 """
 
 from __future__ import annotations
@@ -21,24 +26,35 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from llmcore import distributed
-from llmcore.checkpoint import unique_state_dict, load_state_strict
+from llmcore import distributed, precision as amp
 from llmcore.data import ResumableSampler
-from llmcore.fileio import atomic_path
 from llmcore.model import GPTModel
+from llmcore.throughput import Throughput
+from llmcore.train_state import (
+    STATE_DIR,
+    Resumable,
+    ResumeMismatchError,
+    TrainState,
+    found_by_all_ranks,
+    has_train_state,
+    load_train_state,
+    save_train_state,
+)
+
+__all__ = [
+    "STATE_DIR", "ResumeMismatchError", "TrainCallback", "TrainConfig", "TrainState", "TrainingDivergedError",
+    "build_optimizer", "evaluate_loss", "has_train_state", "lr_lambda", "next_token_loss", "train",
+]
 
 Batch = Sequence[torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -47,10 +63,6 @@ EvalFn = Callable[[nn.Module, DataLoader, int | None], dict[str, float]]
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-class ResumeMismatchError(ValueError):
-    """A saved training state was made with different settings than the run trying to resume it."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +84,8 @@ class TrainConfig:
     shuffle: bool = True
     seed: int = 123
     progress: bool = True
+    precision: str = "fp32"  # fp32 | bf16-mixed | fp16-mixed | auto (llmcore.precision)
+    compile: bool = False  # torch.compile the loss (training and evaluation)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.grad_accum_steps < 1:
@@ -83,20 +97,13 @@ class TrainConfig:
         # A negative interval would fire on every step; zero evaluation batches would log NaN losses.
         if self.eval_every < 0 or self.checkpoint_every < 0 or (self.eval_batches is not None and self.eval_batches < 1):
             raise ValueError("eval_every and checkpoint_every must be >= 0, eval_batches >= 1 or None")
+        if self.precision not in amp.PRECISIONS:
+            raise ValueError(f"precision must be one of {amp.PRECISIONS}, got {self.precision!r}")
 
     def fingerprint(self) -> str:
         """What must match for a saved state to be resumed (progress display may differ)."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "progress"}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-
-
-@dataclass
-class TrainState:
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # current epoch (0-based)
-    micro_batch: int = 0  # micro-batches of the current epoch already consumed
-    tokens_seen: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)  # one entry per evaluation
 
 
 class TrainCallback:
@@ -139,27 +146,6 @@ def evaluate_loss(model: nn.Module, loader: DataLoader, loss_fn: LossFn, max_bat
     return total / count if count else float("nan")
 
 
-@torch.no_grad()
-def _shard_loss_sum(model: nn.Module, loader: DataLoader, loss_fn: LossFn, n_samples: int, batch_size: int) -> float:
-    """This rank's part of ``evaluate_loss``: summed over ranks and divided by the number of
-    global batches, it is what one process computes over the same ``n_samples``.
-
-    Rank batch k holds this rank's share of the single-process batch k, so its loss is weighted by
-    its share of that batch's samples (exact when every sample weighs the same in the loss).
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total = 0.0
-    try:
-        for k, batch in enumerate(loader):
-            global_size = min(batch_size, n_samples - k * batch_size)
-            total += loss_fn(model, [t.to(device) for t in batch]).item() * len(batch[0]) / global_size
-    finally:
-        model.train(was_training)
-    return total
-
-
 def lr_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
     """Multiplier of ``lr`` at an optimizer step: linear warmup, then constant or cosine decay."""
 
@@ -192,88 +178,10 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, **implementation)
 
 
-STATE_DIR = "train_state"
-
-
-def _rank_rng(device: torch.device) -> dict[str, torch.Tensor | None]:
-    """This process's RNG state; under DDP only its own GPU's (not every visible GPU's)."""
-    return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def _restore_rank_rng(saved: list[dict] | None, device: torch.device, seed: int) -> None:
-    """Each rank continues its own RNG stream when the state was saved by as many ranks.
-
-    Otherwise rank 0 keeps the saved main stream and the other ranks start fresh ones: after a
-    change of world size only dropout masks can differ from an uninterrupted run.
-    """
-    rank = distributed.rank()
-    if saved is not None and len(saved) == distributed.world_size():
-        torch.set_rng_state(saved[rank]["cpu"])
-        if saved[rank]["cuda"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(saved[rank]["cuda"], device)
-    elif rank > 0:
-        torch.manual_seed(seed + rank)
-
-
-def _save_state(directory: Path, model, optimizer, scheduler, state: TrainState, fingerprint: str,
-                rank_rngs: list[dict] | None = None) -> Path:
-    target = directory / STATE_DIR
-    with atomic_path(target, is_dir=True) as tmp:
-        save_file(unique_state_dict(model), str(tmp / "model.safetensors"))
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and rank_rngs is None else [],
-                "fingerprint": fingerprint,
-                **({"rank_rngs": rank_rngs} if rank_rngs is not None else {}),
-            },
-            tmp / "optimizer.pt",
-        )
-        (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(state), indent=2))
-    return target
-
-
-def _load_state(directory: Path, model, optimizer, scheduler, fingerprint: str,
-                device: torch.device | None = None, seed: int = 0) -> TrainState:
-    source = directory / STATE_DIR
-    extra = torch.load(source / "optimizer.pt", map_location="cpu", weights_only=True)
-    if extra["fingerprint"] != fingerprint:
-        raise ResumeMismatchError(
-            f"{source} was saved with different training settings; delete it to start over"
-        )
-    load_state_strict(model, load_file(str(source / "model.safetensors")), str(source / "model.safetensors"))
-    optimizer.load_state_dict(extra["optimizer"])
-    scheduler.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["rng"])
-    if extra["cuda_rng"] and torch.cuda.is_available() and not distributed.is_distributed():
-        torch.cuda.set_rng_state_all(extra["cuda_rng"])
-    if distributed.is_distributed():
-        _restore_rank_rng(extra.get("rank_rngs"), device, seed)
-    return TrainState(**json.loads((source / "state.json").read_text()))
-
-
-def has_train_state(directory: str | Path | None) -> bool:
-    return directory is not None and (Path(directory) / STATE_DIR / "state.json").is_file()
-
-
-def _found_by_all_ranks(directory: str | Path | None) -> bool:
-    """``has_train_state`` that fails if only some ranks (nodes) can see the saved state."""
-    found = has_train_state(directory)
-    count = distributed.all_reduce_sum([float(found)])[0]
-    if 0 < count < distributed.world_size():
-        raise ResumeMismatchError(
-            f"{directory}/{STATE_DIR} is visible to {int(count)} of {distributed.world_size()} ranks: "
-            "put state_dir on storage every node can read"
-        )
-    return found
-
-
 class _LossModule(nn.Module):
-    """Runs ``loss_fn`` inside DistributedDataParallel's forward, so a loss_fn may call any method
-    of the model (``hidden_states``, ``cfg``) and still have its gradients synchronised."""
+    """``loss_fn`` as a module: what DistributedDataParallel wraps (so a loss_fn may call any method
+    of the model, ``hidden_states``, ``cfg``, and still have its gradients synchronised) and what
+    torch.compile compiles."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn):
         super().__init__()
@@ -281,6 +189,142 @@ class _LossModule(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.loss_fn(self.model, batch)
+
+
+@dataclass
+class _Loaders:
+    """The training batches of this rank and its share of every evaluated split."""
+
+    sampler: ResumableSampler
+    train: DataLoader
+    eval: dict[str, DataLoader]
+    eval_samples: dict[str, int]  # samples one evaluation covers, over all ranks
+
+    def epoch_batches(self, state: TrainState) -> Iterator[Batch]:
+        """The epoch's batches from where ``state`` stopped (exact resume)."""
+        self.sampler.set_epoch(state.epoch, state.micro_batch * self.train.batch_size)
+        return iter(self.train)
+
+
+def _make_loaders(train_data: Dataset, val_data: Dataset | None, config: TrainConfig,
+                  collate_fn: Callable | None, device: torch.device) -> _Loaders:
+    rank_batch = distributed.local_batch_size(config.batch_size)
+
+    def loader(data: Dataset, **kwargs) -> DataLoader:
+        # Its own generator: creating an iterator would otherwise draw from the global RNG
+        # (which dropout uses) and a resumed run would see different dropout masks.
+        return DataLoader(data, batch_size=rank_batch, collate_fn=collate_fn, pin_memory=device.type == "cuda",
+                          generator=torch.Generator().manual_seed(config.seed), **kwargs)
+
+    sampler = ResumableSampler(train_data, shuffle=config.shuffle, seed=config.seed, num_replicas=distributed.world_size(),
+                               rank=distributed.rank(), drop_last=config.drop_last)
+    train_loader = loader(train_data, sampler=sampler, drop_last=config.drop_last)
+    if len(train_loader) == 0:
+        raise ValueError(f"training data has {len(train_data)} samples: not one batch of {config.batch_size}")
+    splits = {"train": train_data} if val_data is None else {"train": train_data, "val": val_data}
+    samples = {split: len(data) if config.eval_batches is None else min(len(data), config.eval_batches * config.batch_size)
+               for split, data in splits.items()}
+    evals = {split: loader(distributed.shard(data, samples[split])) for split, data in splits.items()}
+    return _Loaders(sampler, train_loader, evals, samples)
+
+
+@dataclass
+class _Trainer:
+    """What one optimizer step, one evaluation and one checkpoint need, built once by ``train``."""
+
+    config: TrainConfig
+    parts: Resumable  # model, optimizer, schedule, loss scaler: what a saved state restores
+    precision: str
+    train_loss: nn.Module  # the loss as a module: DDP-wrapped and/or compiled
+    eval_loss: nn.Module  # the same, never DDP-wrapped (ranks evaluate different batch counts)
+    eval_model: nn.Module  # what eval_fn gets: the model, compiled when config.compile
+    eval_fn: EvalFn | None
+    loaders: _Loaders
+    throughput: Throughput
+    callbacks: Sequence[TrainCallback]
+    state_dir: Path | None
+    fingerprint: str
+
+    def step(self, batches: Iterator[Batch], n_micro: int, state: TrainState) -> dict[str, float]:
+        """One optimizer step over ``n_micro`` accumulated micro-batches; updates ``state``."""
+        started = time.perf_counter()
+        optimizer, scaler, device = self.parts.optimizer, self.parts.scaler, self.parts.device
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.zero_grad(set_to_none=True)
+        step_loss, tokens, flops = 0.0, 0, 0.0
+        for i in range(n_micro):
+            batch = [t.to(device, non_blocking=True) for t in next(batches)]
+            with distributed.gradient_sync(self.train_loss, sync=i == n_micro - 1):
+                with amp.autocast(self.precision, device):
+                    loss = self.train_loss(batch)
+                if not torch.isfinite(loss):
+                    raise TrainingDivergedError(f"loss became {loss.item()} at epoch {state.epoch + 1}, step {state.step + 1}")
+                scaler.scale(loss / n_micro).backward()
+            step_loss += loss.item() / n_micro
+            tokens += batch[0].numel()
+            flops += self.throughput.flops(batch[0])
+        if self.config.grad_clip:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16 loss-scaled ones
+            torch.nn.utils.clip_grad_norm_(self.parts.model.parameters(), self.config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        self.parts.scheduler.step()
+        loss_sum, tokens, flops = distributed.all_reduce_sum([step_loss, tokens, flops])  # over all ranks
+        state.step, state.micro_batch = state.step + 1, state.micro_batch + n_micro
+        state.tokens_seen += round(tokens)
+        return {"loss": loss_sum / distributed.world_size(), "lr": lr, "tokens_seen": state.tokens_seen,
+                **self.throughput.figures(round(tokens), flops, time.perf_counter() - started)}
+
+    @torch.no_grad()
+    def evaluate(self, state: TrainState) -> None:
+        """Loss (and eval_fn's metrics) of every split; each rank evaluates its share."""
+        metrics = {"step": state.step, "epoch": state.epoch, "tokens_seen": state.tokens_seen}
+        model = self.parts.model
+        model.eval()
+        try:
+            for split, loader in self.loaders.eval.items():
+                metrics.update(self._evaluate_split(split, loader))
+        finally:
+            model.train()
+        state.history.append(metrics)
+        for cb in self.callbacks:
+            cb.on_eval(state, metrics)
+
+    def _evaluate_split(self, split: str, loader: DataLoader) -> dict[str, float]:
+        """Summed over ranks, this rank's share gives what one process computes over the split:
+        rank batch k is its share of the global batch k, weighted by its share of the samples."""
+        n, shard_size, batch_size = self.loaders.eval_samples[split], len(loader.dataset), self.config.batch_size
+        loss_sum, extra = 0.0, {}
+        with amp.autocast(self.precision, self.parts.device):
+            for k, batch in enumerate(loader):
+                global_size = min(batch_size, n - k * batch_size)
+                loss = self.eval_loss([t.to(self.parts.device, non_blocking=True) for t in batch]).item()
+                loss_sum += loss * (len(batch[0]) / global_size)
+            if self.eval_fn is not None and shard_size:
+                extra = self.eval_fn(self.eval_model, loader, None)
+        shares = distributed.all_gather_object((loss_sum, shard_size, extra))
+        n_batches = math.ceil(n / batch_size)
+        metrics = {f"{split}_loss": sum(loss for loss, _, _ in shares) / n_batches if n_batches else float("nan")}
+        for name in shares[0][2]:
+            metrics[f"{split}_{name}"] = sum(size / n * values[name] for _, size, values in shares if size)
+        return metrics
+
+    def checkpoint(self, state: TrainState) -> None:
+        if self.state_dir is None:
+            return
+        path = save_train_state(self.state_dir, self.parts, state, self.fingerprint)
+        for cb in self.callbacks:
+            cb.on_checkpoint(state, path)
+
+
+def _loss_modules(model: nn.Module, loss_fn: LossFn, config: TrainConfig, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """The loss for training (DDP-wrapped in a process group) and for evaluation, compiled if asked."""
+    loss = _LossModule(model, loss_fn)
+    parallel = distributed.data_parallel(loss, device)
+    if not config.compile:
+        return parallel, loss
+    compiled = torch.compile(loss)
+    return (compiled if parallel is loss else torch.compile(parallel)), compiled
 
 
 def train(
@@ -308,139 +352,50 @@ def train(
     and writes the state.
     """
     device = next(model.parameters()).device
-    rank, world = distributed.rank(), distributed.world_size()
-    if config.batch_size % world:
-        raise ValueError(f"batch_size {config.batch_size} (global) does not split over {world} processes")
-    rank_batch = config.batch_size // world
-    callbacks = callbacks if rank == 0 else ()
-    torch.manual_seed(config.seed + rank)  # rank 0 draws what a single process draws
-    sampler = ResumableSampler(train_data, shuffle=config.shuffle, seed=config.seed,
-                               num_replicas=world, rank=rank, drop_last=config.drop_last)
-    # Each loader gets its own generator: creating an iterator would otherwise draw from the global
-    # RNG (which dropout uses) and a resumed run would see different dropout masks.
-    def make_loader(data: Dataset, **kwargs) -> DataLoader:
-        return DataLoader(data, batch_size=rank_batch, collate_fn=collate_fn,
-                          generator=torch.Generator().manual_seed(config.seed), **kwargs)
-
-    eval_data = {"train": train_data} if val_data is None else {"train": train_data, "val": val_data}
-    eval_sizes = {  # samples one evaluation covers
-        split: len(data) if config.eval_batches is None else min(len(data), config.eval_batches * config.batch_size)
-        for split, data in eval_data.items()
-    }
-
-    def make_eval_loader(split: str) -> DataLoader:
-        if world == 1:
-            return make_loader(eval_data[split])
-        # Every world-th sample: this rank's batch k is its share of the single-process batch k.
-        return make_loader(Subset(eval_data[split], range(rank, eval_sizes[split], world)))
-
-    eval_loaders = {split: make_eval_loader(split) for split in eval_data}
-    loader = make_loader(train_data, sampler=sampler, drop_last=config.drop_last)
-    micro_per_epoch = len(loader)
-    if micro_per_epoch == 0:
-        raise ValueError(
-            f"training data has {len(train_data)} samples: not one batch of {config.batch_size}"
-        )
-    steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum_steps)
-    total_steps = steps_per_epoch * config.epochs
+    precision = amp.resolve_precision(config.precision, device)
+    amp.enable_tf32(device)
+    main = distributed.is_main_process()
+    torch.manual_seed(config.seed + distributed.rank())  # rank 0 draws what a single process draws
+    loaders = _make_loaders(train_data, val_data, config, collate_fn, device)
+    micro_per_epoch = len(loaders.train)
+    total_steps = math.ceil(micro_per_epoch / config.grad_accum_steps) * config.epochs
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
+    parts = Resumable(model, optimizer, scheduler, amp.grad_scaler(precision, device))
     fingerprint = config.fingerprint() + fingerprint_extra
     state = TrainState()
-    if resume and _found_by_all_ranks(state_dir):
-        state = _load_state(Path(state_dir), model, optimizer, scheduler, fingerprint, device, config.seed)
-    ddp = None
-    if world > 1:
-        ddp = DistributedDataParallel(_LossModule(model, loss_fn),
-                                      device_ids=[device.index] if device.type == "cuda" else None)
+    if resume and found_by_all_ranks(state_dir):
+        state = load_train_state(Path(state_dir), parts, fingerprint, config.seed)
+    train_loss, eval_loss = _loss_modules(model, loss_fn, config, device)
+    trainer = _Trainer(
+        config=config, parts=parts, precision=precision, train_loss=train_loss, eval_loss=eval_loss,
+        eval_model=torch.compile(model) if config.compile and eval_fn else model, eval_fn=eval_fn,
+        loaders=loaders, throughput=Throughput(model, device, precision, distributed.world_size()),
+        callbacks=callbacks if main else (), state_dir=None if state_dir is None else Path(state_dir),
+        fingerprint=fingerprint,
+    )
 
-    def forward_loss(batch: Batch) -> torch.Tensor:
-        return loss_fn(model, batch) if ddp is None else ddp(batch)
-
-    def run_eval() -> None:
-        metrics = {"step": state.step, "epoch": state.epoch, "tokens_seen": state.tokens_seen}
-        for split, eval_loader in eval_loaders.items():
-            if world == 1:
-                metrics[f"{split}_loss"] = evaluate_loss(model, eval_loader, loss_fn, config.eval_batches)
-                extra = eval_fn(model, eval_loader, config.eval_batches) if eval_fn is not None else {}
-            else:  # each rank evaluates its share; eval_fn values are weighted by share size
-                n, shard = eval_sizes[split], len(eval_loader.dataset)
-                shares = distributed.all_gather_object((
-                    _shard_loss_sum(model, eval_loader, loss_fn, n, config.batch_size), shard,
-                    eval_fn(model, eval_loader, None) if eval_fn is not None and shard else {},
-                ))
-                metrics[f"{split}_loss"] = sum(loss for loss, _, _ in shares) / math.ceil(n / config.batch_size)
-                extra = {name: sum(size * values[name] for _, size, values in shares if size) / n
-                         for name in shares[0][2]}
-            for name, value in extra.items():
-                metrics[f"{split}_{name}"] = value
-        state.history.append(metrics)
-        for cb in callbacks:
-            cb.on_eval(state, metrics)
-
-    def save() -> None:
-        if state_dir is None:
-            return
-        rank_rngs = distributed.all_gather_object(_rank_rng(device)) if world > 1 else None
-        if rank == 0:
-            path = _save_state(Path(state_dir), model, optimizer, scheduler, state, fingerprint, rank_rngs)
-            for cb in callbacks:
-                cb.on_checkpoint(state, path)
-        distributed.barrier()  # no rank goes on (or ends) before the state is on disk
-
-    bar = tqdm(total=total_steps, initial=state.step, disable=not config.progress or rank != 0,
-               desc="train", unit="step")
+    bar = tqdm(total=total_steps, initial=state.step, disable=not (config.progress and main), desc="train", unit="step")
     model.train()
     try:
         while state.epoch < config.epochs:
-            sampler.set_epoch(state.epoch, state.micro_batch * rank_batch)
-            batches = iter(loader)
+            batches = loaders.epoch_batches(state)
             while state.micro_batch < micro_per_epoch:
-                started = time.perf_counter()
-                group = min(config.grad_accum_steps, micro_per_epoch - state.micro_batch)
-                optimizer.zero_grad(set_to_none=True)
-                step_loss, step_tokens = 0.0, 0
-                for i in range(group):
-                    batch = [t.to(device) for t in next(batches)]
-                    # Under DDP only the step's last backward all-reduces the accumulated gradients.
-                    with nullcontext() if ddp is None or i == group - 1 else ddp.no_sync():
-                        loss = forward_loss(batch)
-                        if not torch.isfinite(loss):
-                            raise TrainingDivergedError(
-                                f"loss became {loss.item()} at epoch {state.epoch + 1}, step {state.step + 1}"
-                            )
-                        (loss / group).backward()
-                    step_loss += loss.item() / group
-                    step_tokens += batch[0].numel()
-                if config.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                if world > 1:  # the step's mean loss and token count over all ranks
-                    loss_sum, tokens_sum = distributed.all_reduce_sum([step_loss, step_tokens])
-                    step_loss, step_tokens = loss_sum / world, round(tokens_sum)
-                state.step += 1
-                state.micro_batch += group
-                state.tokens_seen += step_tokens
-                elapsed = time.perf_counter() - started
-                step_metrics = {"loss": step_loss, "lr": lr, "tokens_seen": state.tokens_seen,
-                                "tokens_per_s": step_tokens / elapsed if elapsed > 0 else float("nan")}
+                metrics = trainer.step(batches, min(config.grad_accum_steps, micro_per_epoch - state.micro_batch), state)
                 bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}")
-                for cb in callbacks:
-                    cb.on_step_end(state, step_metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
+                for cb in trainer.callbacks:
+                    cb.on_step_end(state, metrics)
                 if config.eval_every and state.step % config.eval_every == 0:
-                    run_eval()
+                    trainer.evaluate(state)
                 if config.checkpoint_every and state.step % config.checkpoint_every == 0:
-                    save()
+                    trainer.checkpoint(state)
             if not config.eval_every or state.step % config.eval_every != 0:
-                run_eval()  # every epoch ends with an evaluation
-            for cb in callbacks:
+                trainer.evaluate(state)  # every epoch ends with an evaluation
+            for cb in trainer.callbacks:
                 cb.on_epoch_end(state, model)
-            state.epoch += 1
-            state.micro_batch = 0
-            save()
+            state.epoch, state.micro_batch = state.epoch + 1, 0
+            trainer.checkpoint(state)
     finally:
         bar.close()
     return state

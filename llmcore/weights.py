@@ -6,6 +6,7 @@ its projections as ``Conv1D`` (in_features, out_features), the transpose of ``nn
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -99,8 +100,8 @@ def hf_to_llmcore_state(hf_state: dict[str, torch.Tensor], cfg: GPTConfig) -> di
             continue
         state[name] = tensor
     out = {}
-    with torch.device("meta"):  # shapes only, nothing allocated
-        expected = {name: t.shape for name, t in GPTModel(cfg).state_dict().items()}
+    with torch.device("meta"):  # shapes only, nothing allocated; the file's layout has no padded rows
+        expected = {name: t.shape for name, t in GPTModel(dataclasses.replace(cfg, pad_vocab_to_multiple=1)).state_dict().items()}
 
     def take(hf_name: str, ours: str, transpose: bool = False) -> None:
         if hf_name not in state:
@@ -143,6 +144,9 @@ def hf_to_llmcore_state(hf_state: dict[str, torch.Tensor], cfg: GPTConfig) -> di
         out["out_head.weight"] = head
     if state:
         raise CheckpointError(f"GPT-2 checkpoint: unexpected tensor(s) {sorted(state)[:5]}")
+    for name in ("tok_emb.weight", "out_head.weight"):  # a padded vocabulary's extra rows: zeros, never predicted
+        if name in out and cfg.padded_vocab_size > cfg.vocab_size:
+            out[name] = torch.cat([out[name], out[name].new_zeros(cfg.padded_vocab_size - cfg.vocab_size, cfg.emb_dim)])
     return out
 
 

@@ -75,6 +75,8 @@ class FinetuneClassifierParams(StrictModel):
     eval_batches: int | None = Field(5, ge=1)  # None: whole splits
     seed: int = 123
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed"] = "fp32"  # llmcore.precision
+    compile: bool = False  # torch.compile the training and evaluation loss
 
 
 def classifier_signature():

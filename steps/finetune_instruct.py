@@ -58,6 +58,8 @@ class FinetuneInstructParams(StrictModel):
     sample_max_new_tokens: int = Field(50, ge=1)
     seed: int = 123
     device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed"] = "fp32"  # llmcore.precision
+    compile: bool = False  # torch.compile the training and evaluation loss
 
 
 def load_split(path: Path) -> list[dict]:

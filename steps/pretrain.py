@@ -33,9 +33,10 @@ from tqdm.auto import tqdm
 from llmcore.checkpoint import save_checkpoint
 from llmcore.config import PRESETS, GPTConfig
 from llmcore.device import resolve_device
-from llmcore.distributed import is_main_process
+from llmcore.distributed import is_main_process, world_size
 from llmcore.generate import generate_text
 from llmcore.model import GPTModel
+from llmcore.throughput import run_summary
 from llmcore.tokenizer import ENCODING_DIR_ENV, get_tokenizer
 from llmcore.train import STATE_DIR, TrainCallback, TrainConfig, TrainState, has_train_state, train
 from steps.common.cli import StageParams, run_stage
@@ -64,6 +65,7 @@ class ModelParams(StrictModel):
     qkv_bias: bool | None = None
     tie_embeddings: bool | None = None
     init: Literal["gpt2", "torch"] | None = None  # weight initialisation (llmcore.config.GPTConfig.init)
+    pad_vocab_to_multiple: int | None = Field(None, ge=1)  # 64: a 50,304-row head (faster matmuls)
 
     @field_validator("preset")
     @classmethod
@@ -104,6 +106,8 @@ class PretrainParams(StrictModel):
     checkpoint_every: int = Field(0, ge=0)  # optimizer steps; 0: at epoch ends only
     seed: int = 123
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed"] = "fp32"  # llmcore.precision
+    compile: bool = False  # torch.compile the training and evaluation loss
     sample: SampleParams = SampleParams()
 
     def train_config(self, progress: bool = True) -> TrainConfig:
@@ -113,7 +117,7 @@ class PretrainParams(StrictModel):
             lr=opt.lr, weight_decay=opt.weight_decay, warmup_steps=opt.warmup_steps, schedule=opt.schedule,
             min_lr_ratio=opt.min_lr_ratio, grad_clip=opt.grad_clip, eval_every=self.eval_every,
             eval_batches=self.eval_batches, checkpoint_every=self.checkpoint_every, seed=self.seed,
-            progress=progress,
+            progress=progress, precision=self.precision, compile=self.compile,
         )
 
 
@@ -225,6 +229,8 @@ def pretrain(
             "tokens_per_s": tokens_this_run / wall_time if wall_time > 0 else float("nan"),
             "wall_time_s": wall_time,
         }
+        metrics.update(run_summary(model, metrics["tokens_per_s"], cfg.context_length, device, config.precision,
+                                   world_size()))
         steps_per_epoch = math.ceil(len(train_data) // params.batch_size / params.grad_accum_steps)
         save_checkpoint(model, paths.model_out, extra={"stage": STAGE, "tokens_seen": state.tokens_seen})
         write_json(paths.metrics, metrics)

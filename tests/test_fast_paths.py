@@ -1,5 +1,6 @@
 """The speed paths must compute what the plain paths compute: the chunked LM-head loss against
-``F.cross_entropy`` of full logits (value and gradients), and int8 weights against fp32."""
+``F.cross_entropy`` of full logits (value and gradients, also under autocast), int8 weights against
+fp32, a padded vocabulary against none, compiled static-shape decoding against eager decoding."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from llmcore import cli
-from llmcore.checkpoint import save_checkpoint
+from llmcore.checkpoint import load_checkpoint, save_checkpoint
 from llmcore.config import GPTConfig
 from llmcore.generate import generate
 from llmcore.model import IGNORE_INDEX, GPTModel, head_cross_entropy
@@ -106,3 +107,69 @@ def test_cli_generate_with_int8_weights(tmp_path: Path, gpt2_encoding_dir: Path,
                      "--max-new-tokens", "5", "--int8"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Every effort moves you") and len(out) > len("Every effort moves you\n")
+
+
+# ---- mixed precision, a padded vocabulary, the compiled static-shape decoder
+
+
+def test_chunked_loss_under_autocast_matches_fp32_and_keeps_fp32_gradients() -> None:
+    torch.manual_seed(0)
+    hidden = torch.randn(24, 32, requires_grad=True)
+    weight = torch.randn(97, 32, requires_grad=True)
+    targets = torch.randint(0, 97, (24,))
+    reference = F.cross_entropy(hidden @ weight.T, targets)
+    ref_grads = torch.autograd.grad(reference, (hidden, weight))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head_cross_entropy(hidden, weight, targets, chunk_rows=7)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    torch.testing.assert_close(loss, reference, rtol=2e-2, atol=0)  # bf16 matmuls: ~3 significant digits
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-2 * want.abs().max().item())
+
+
+def padded_twin(model: GPTModel, multiple: int = 64) -> GPTModel:
+    """The same model with its vocabulary rows padded; the extra rows get huge weights, so any
+    leak of them into a softmax or an argmax would show."""
+    padded = GPTModel(GPTConfig(**{**model.cfg.to_dict(), "pad_vocab_to_multiple": multiple}))
+    state = dict(model.state_dict())
+    extra = padded.cfg.padded_vocab_size - model.cfg.vocab_size
+    for name in ("tok_emb.weight", "out_head.weight"):
+        state[name] = torch.cat([state[name], 50.0 * torch.randn(extra, model.cfg.emb_dim)])
+    padded.load_state_dict(state)
+    return padded
+
+
+def test_padded_vocabulary_changes_neither_logits_nor_loss_and_its_rows_get_no_gradient() -> None:
+    torch.manual_seed(2)
+    model = GPTModel(CFG)
+    padded = padded_twin(model)
+    assert padded.cfg.padded_vocab_size == 128 and padded.out_head.weight.shape == (128, 32)
+    idx, targets = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    torch.testing.assert_close(padded(idx), model(idx))  # (2, 16, 97): the padding is cut off
+    loss, padded_loss = model.loss(idx, targets), padded.loss(idx, targets)
+    torch.testing.assert_close(padded_loss, loss)
+    loss.backward()
+    padded_loss.backward()
+    assert torch.equal(padded.out_head.weight.grad[97:], torch.zeros(31, 32))
+    torch.testing.assert_close(padded.out_head.weight.grad[:97], model.out_head.weight.grad, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="target id 97 is outside the vocabulary of 97"):
+        padded.loss(idx, torch.full_like(targets, 97))
+
+
+def test_padded_vocabulary_is_never_sampled(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    padded = padded_twin(GPTModel(CFG))
+    prompts = torch.randint(0, 97, (4, 3))
+    for kwargs in ({}, {"temperature": 5.0, "seed": 1}, {"temperature": 1.0, "top_p": 0.99, "seed": 2}):
+        assert max(max(row) for row in generate(padded, prompts, 30, **kwargs)) < 97
+    reloaded = load_checkpoint(save_checkpoint(padded, tmp_path / "padded"))
+    assert reloaded.cfg.pad_vocab_to_multiple == 64 and torch.equal(reloaded.out_head.weight, padded.out_head.weight)
+
+
+def test_compiled_static_shape_decoding_matches_eager_decoding() -> None:
+    model = trained_tiny_model()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]  # left-padded; 20 new tokens run past the context
+    assert generate(model, prompts, 20, compile=True) == generate(model, prompts, 20)
+    sampled = dict(temperature=1.0, top_k=20, seed=5)
+    assert generate(model, prompts, 20, compile=True, **sampled) == generate(model, prompts, 20, **sampled)

@@ -98,7 +98,7 @@ def test_pretrain_writes_checkpoint_metrics_plots_and_cleans_its_state(pretraine
     assert json.loads(paths.metrics.read_text()) == metrics
     assert metrics["steps"] == 8 and metrics["tokens_seen"] == 8 * 4 * CONTEXT
     assert metrics["parameters"] == model.num_parameters()
-    assert metrics["tokens_per_s"] > 0 and metrics["wall_time_s"] > 0
+    assert metrics["tokens_per_s"] > 0 and metrics["wall_time_s"] > 0 and 0 < metrics["mfu"] < 1
     history = pd.read_csv(paths.history_csv)
     assert list(history.columns) == ["step", "epoch", "tokens_seen", "train_loss", "val_loss"]
     assert history["step"].tolist() == [2, 4, 6, 8]
@@ -124,7 +124,9 @@ def test_pretrain_mlflow_run_holds_params_curves_samples_plot_and_a_loadable_gen
     assert val_curve[-1].value == pytest.approx(metrics["val_loss"])  # the curve, no one-value final_* copy
     assert not any(key.startswith("final_") for key in run.data.metrics)
     assert params["steps"] == str(metrics["steps"]) and params["tokens_seen"] == str(metrics["tokens_seen"])
-    assert run.data.metrics["tokens_per_s"] > 0
+    assert run.data.metrics["tokens_per_s"] > 0 and run.data.metrics["mfu"] > 0
+    # Each evaluation also logs the mean throughput since the previous one.
+    assert len(client.get_metric_history(run.info.run_id, "throughput_tokens_per_s")) == 4
     # What it was trained on: each split file with its DVC hash (md5) as the dataset digest.
     inputs = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
     assert inputs == {f"windows/{split}.npy": file_digest(paths.windows / f"{split}.npy", "md5") for split in ("train", "val")}

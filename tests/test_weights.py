@@ -166,3 +166,15 @@ def test_config_of_another_architecture_is_refused(make_hf_gpt2) -> None:
     (directory / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     with pytest.raises(CheckpointError, match="no vocab_size, n_positions, n_embd, n_head, n_layer"):
         load_gpt2(directory)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_padded_vocabulary_loads_gpt2_weights_with_the_same_logits(make_hf_gpt2, tied: bool) -> None:
+    directory, hf_model = make_hf_gpt2(tie_word_embeddings=tied, initializer_range=0.2)
+    model = load_gpt2(directory, pad_vocab_to_multiple=64).eval()
+    vocab = hf_model.config.vocab_size
+    assert model.out_head.weight.shape[0] == model.cfg.padded_vocab_size > vocab
+    assert torch.equal(model.out_head.weight[vocab:], torch.zeros_like(model.out_head.weight[vocab:]))
+    idx = torch.randint(0, vocab, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (model(idx) - hf_model(idx).logits).abs().max().item() < 1e-4

@@ -134,20 +134,29 @@ def log_evaluation(run: Run, metrics: Mapping[str, float], artifacts: Iterator[P
 
 
 class MlflowCallback(TrainCallback):
-    """Logs training progress: step loss and lr by optimizer step, evaluations by tokens seen."""
+    """Logs training progress: step loss, lr and throughput by optimizer step; evaluations (with the
+    mean throughput since the previous one) by tokens seen."""
+
+    THROUGHPUT = ("tokens_per_s", "mfu", "peak_memory_mb")
 
     def __init__(self, log_every: int = 1):
         self.log_every = log_every
+        self.seconds = self.tokens = self.mfu_seconds = 0.0  # since the last evaluation
 
     def on_step_end(self, state: TrainState, metrics: dict[str, float]) -> None:
+        if metrics["step_time_s"] > 0:
+            self.seconds += metrics["step_time_s"]
+            self.tokens += metrics["tokens_per_s"] * metrics["step_time_s"]
+            self.mfu_seconds += metrics["mfu"] * metrics["step_time_s"]
         if state.step % self.log_every == 0:
-            mlflow.log_metrics(
-                {"step_loss": metrics["loss"], "lr": metrics["lr"], "tokens_per_s": metrics["tokens_per_s"]},
-                step=state.step,
-            )
+            throughput = {k: metrics[k] for k in self.THROUGHPUT if k in metrics}
+            mlflow.log_metrics({"step_loss": metrics["loss"], "lr": metrics["lr"], **throughput}, step=state.step)
 
     def on_eval(self, state: TrainState, metrics: dict[str, float]) -> None:
         values = {k: v for k, v in metrics.items() if k not in ("step", "tokens_seen")}
+        if self.seconds > 0:
+            values.update(throughput_tokens_per_s=self.tokens / self.seconds, throughput_mfu=self.mfu_seconds / self.seconds)
+        self.seconds = self.tokens = self.mfu_seconds = 0.0
         mlflow.log_metrics(values, step=state.tokens_seen)
 
 
