@@ -366,6 +366,7 @@ def train(
     state = TrainState()
     if resume and found_by_all_ranks(state_dir):
         state = load_train_state(Path(state_dir), parts, fingerprint, config.seed)
+    state.steps_per_epoch = total_steps // config.epochs
     train_loss, eval_loss = _loss_modules(model, loss_fn, config, device)
     trainer = _Trainer(
         config=config, parts=parts, precision=precision, train_loss=train_loss, eval_loss=eval_loss,

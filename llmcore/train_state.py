@@ -36,6 +36,7 @@ class TrainState:
     micro_batch: int = 0  # micro-batches of the current epoch already consumed
     tokens_seen: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # one entry per evaluation
+    steps_per_epoch: int = 0  # optimizer steps in one epoch (set by train, for plots against epochs)
 
 
 @dataclass(frozen=True)

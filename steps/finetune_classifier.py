@@ -13,9 +13,6 @@ moves ``champion``), so
 
 from __future__ import annotations
 
-import os
-import shutil
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -32,20 +29,18 @@ from llmcore.classifier import (
     save_classifier,
     set_trainable,
 )
-from llmcore.device import resolve_device
 from llmcore.lora import merge_lora
-from llmcore.tokenizer import ENCODING_DIR_ENV, get_tokenizer
-from llmcore.train import train
+from llmcore.tokenizer import get_tokenizer
 from steps.common.cli import StageParams, restart_option, run_stage
 from steps.common.data import TokenizerParams
 from steps.common.datasets import read_spam_split
-from steps.common.distributed import is_main_process, setup_distributed, stage_run_on_main
-from steps.common.io import resume_state_dir, sha256_file, write_json
+from steps.common.distributed import setup_distributed
+from steps.common.io import sha256_file
 from steps.common.models import BaseModelParams, load_base_model
-from steps.common.params import ParamsError, StrictModel
-from steps.common.plotting import plot_history, write_history_csv
+from steps.common.params import StrictModel
 from steps.common.registry import SPAM_CLASSIFIER
-from steps.common.training import TRAINING_ERRORS, train_config_from
+from steps.common.training import TRAINING_ERRORS, Pyfunc, TrainingJob, TrainingOutputs, TrainParams, run_training, \
+    stage_device
 
 STAGE = "finetune_classifier"
 EXPERIMENT = SPAM_CLASSIFIER  # the experiment is named after the model it registers
@@ -58,25 +53,17 @@ class LoraParams(StrictModel):
     alpha: float = Field(16.0, gt=0)
 
 
-class FinetuneClassifierParams(StrictModel):
+class FinetuneClassifierParams(TrainParams):
     trainable: Literal["last_layer", "last_block", "last_two_blocks", "all", "lora"] = "last_block"
     lora: LoraParams = LoraParams()
     token_position: Literal["last", "flexible", "mean"] = "last"
     max_length: int | None = Field(None, ge=1)  # None: the longest training message (capped at the context)
     drop_rate: float | None = Field(None, ge=0, lt=1)  # None: the base model's
-    epochs: int = Field(5, ge=1)
-    batch_size: int = Field(8, ge=1)
-    lr: float = Field(5e-5, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-    schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    grad_clip: float | None = Field(None, gt=0)
-    eval_every: int = Field(50, ge=0)  # optimizer steps; 0: at epoch ends only
-    eval_batches: int | None = Field(5, ge=1)  # None: whole splits
-    seed: int = 123
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed"] = "fp32"  # llmcore.precision
-    compile: bool = False  # torch.compile the training and evaluation loss
+
+
+def save_trained_classifier(model: GPTClassifier, out_dir: Path) -> None:
+    merge_lora(model)  # LoRA's adapters folded into the weights: the saved classifier is a plain one
+    save_classifier(model.cpu(), out_dir)
 
 
 def classifier_signature():
@@ -103,74 +90,36 @@ def finetune_classifier(
     cache_dir: Path = CACHE_DIR,
     resume: bool = True,
 ) -> dict:
-    """Train, write the classifier, metrics, history and plots, and log + register it in MLflow.
-
-    Under torchrun every rank trains; only rank 0 logs and writes (the others return {}).
-    """
-    from steps.common.mlflow_models import log_code_model  # mlflow imports take seconds: not at import
-    from steps.common.registry import register_candidate
-    from steps.common.tracking import MlflowCallback, log_data_files, tag_trained_model
-
-    started = time.perf_counter()
+    """Train, write the classifier, metrics, history and plots, and log + register it in MLflow."""
     train_df, val_df = (read_spam_split(data_dir / f"{split}.csv") for split in ("train", "validation"))
     tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
     base = load_base_model(base_dir, **({} if params.drop_rate is None else {"drop_rate": params.drop_rate}))
-    cfg = base.cfg
     train_data = SpamDataset(train_df["Text"].tolist(), train_df["Label"].tolist(), tokenizer,
-                             max_length=params.max_length, context_length=cfg.context_length)
+                             max_length=params.max_length, context_length=base.cfg.context_length)
     val_data = SpamDataset(val_df["Text"].tolist(), val_df["Label"].tolist(), tokenizer,
                            max_length=train_data.max_length)
-
     torch.manual_seed(params.seed)  # the new head's (and LoRA's) initialisation
     model = GPTClassifier.from_gpt(base, token_position=params.token_position, max_length=train_data.max_length)
     n_trainable = set_trainable(model, params.trainable, lora_rank=params.lora.rank, lora_alpha=params.lora.alpha)
-    try:
-        model.to(resolve_device(params.device))
-    except ValueError as exc:
-        raise ParamsError(f"{STAGE}.device: {exc}") from exc
-
-    config = train_config_from(params)
-    # A saved state resumes only for the same base weights, data and settings; others are stale.
-    inputs = [sha256_file(path) for path in (base_dir / "model.safetensors", data_dir / "train.csv", data_dir / "validation.csv")]
-    # Under torchrun only rank 0 touches files and MLflow.
-    state_dir = resume_state_dir(cache_dir, params.model_dump(mode="json"), inputs, prune=is_main_process())
-    with stage_run_on_main(STAGE, EXPERIMENT, params) as run:
-        if run is not None:
-            import mlflow
-
-            mlflow.log_params({"base_model": str(base_dir), "trainable_parameters": n_trainable,
-                               "max_length_tokens": train_data.max_length})
-            log_data_files({split: data_dir / f"{split}.csv" for split in ("train", "validation")})
-        state = train(model, train_data, val_data, config, loss_fn=classification_loss,
-                      eval_fn=classification_accuracy, collate_fn=collate_for(model),
-                      callbacks=[MlflowCallback(STEP_LOG_EVERY)], state_dir=state_dir, resume=resume,
-                      fingerprint_extra=state_dir.name)
-        if run is None:  # another rank of a torchrun: rank 0 writes and logs
-            return {}
-        merge_lora(model)
-        save_classifier(model.cpu(), out_dir)
-        final = state.history[-1]
-        metrics = {key: final[key] for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy")}
-        metrics.update(steps=state.step, trainable_parameters=n_trainable, max_length=train_data.max_length)
-        write_json(metrics_out, metrics)
-        write_history_csv(history_out, state.history)
-        steps_per_epoch = len(train_data) // params.batch_size
-        for metric in ("loss", "accuracy"):
-            plot = plots_dir / f"spam_training_{metric}.png"
-            plot_history(plot, state.history, steps_per_epoch, metric=metric)
-            mlflow.log_artifact(str(plot), "plots")
-        info = log_code_model(
-            "spam_classifier", "spam_classifier.py", out_dir,
-            encoding_dir=tokenizer_params.encoding_dir or os.environ.get(ENCODING_DIR_ENV),
-            signature=classifier_signature(), input_example=pd.DataFrame({"text": val_df["Text"].head(2).tolist()}),
-        )
-        tag_trained_model(out_dir, info)
-        version = register_candidate(info.model_uri, SPAM_CLASSIFIER)
-        mlflow.log_params({"steps": state.step, "wall_time_s": round(time.perf_counter() - started, 1)})
-        metrics["run_id"] = run.info.run_id
-        metrics["registered_version"] = version.version
-    shutil.rmtree(cache_dir, ignore_errors=True)  # the classifier is written: nothing left to resume
-    return metrics
+    model.to(stage_device(STAGE, params))
+    job = TrainingJob(
+        stage=STAGE, experiment=EXPERIMENT, registered_model=SPAM_CLASSIFIER, params=params, model=model,
+        train_data=train_data, val_data=val_data,
+        data_files={split: data_dir / f"{split}.csv" for split in ("train", "validation")},
+        save=save_trained_classifier,
+        pyfunc=Pyfunc("spam_classifier", "spam_classifier.py", classifier_signature(),
+                      pd.DataFrame({"text": val_df["Text"].head(2).tolist()})),
+        loss_fn=classification_loss, eval_fn=classification_accuracy, collate_fn=collate_for(model),
+        resume_settings={"base": sha256_file(base_dir / "model.safetensors")},
+        run_params={"base_model": str(base_dir), "trainable_parameters": n_trainable,
+                    "max_length_tokens": train_data.max_length},
+        final_keys=("train_loss", "val_loss", "train_accuracy", "val_accuracy"),
+        extra_metrics={"trainable_parameters": n_trainable, "max_length": train_data.max_length},
+        step_log_every=STEP_LOG_EVERY,
+    )
+    plots = {metric: plots_dir / f"spam_training_{metric}.png" for metric in ("loss", "accuracy")}
+    out = TrainingOutputs(out_dir, metrics_out, history_out, plots, cache_dir)
+    return run_training(job, out, encoding_dir=tokenizer_params.encoding_dir, resume=resume)
 
 
 def main(argv: list[str] | None = None) -> None:

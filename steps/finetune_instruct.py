@@ -10,56 +10,36 @@ a few validation prompts are answered and logged to MLflow, as the book prints t
 from __future__ import annotations
 
 import functools
-import os
-import shutil
-import time
 from pathlib import Path
-from typing import Literal
 
 import pandas as pd
 from pydantic import Field
 from torch import nn
 
 from llmcore.checkpoint import save_checkpoint
-from llmcore.device import resolve_device
 from llmcore.instruct import InstructionDataset, collate_instructions, generate_responses
-from llmcore.tokenizer import ENCODING_DIR_ENV, get_tokenizer
-from llmcore.train import TrainCallback, TrainState, train
+from llmcore.tokenizer import get_tokenizer
+from llmcore.train import TrainCallback, TrainState
 from steps.common.cli import StageParams, restart_option, run_stage
 from steps.common.data import DataError, TokenizerParams
 from steps.common.datasets import load_entries
-from steps.common.distributed import is_main_process, setup_distributed, stage_run_on_main
-from steps.common.io import resume_state_dir, sha256_file, write_json
+from steps.common.distributed import setup_distributed
+from steps.common.io import sha256_file
 from steps.common.models import BaseModelParams, load_base_model
-from steps.common.params import ParamsError, StrictModel
-from steps.common.plotting import plot_history, write_history_csv
 from steps.common.registry import INSTRUCT_MODEL
-from steps.common.training import TRAINING_ERRORS, train_config_from
+from steps.common.training import TRAINING_ERRORS, Pyfunc, TrainingJob, TrainingOutputs, TrainParams, run_training, \
+    stage_device
 
 STAGE = "finetune_instruct"
 EXPERIMENT = "instruction-sft"
 CACHE_DIR = Path(".cache/finetune_instruct")
 
 
-class FinetuneInstructParams(StrictModel):
-    epochs: int = Field(2, ge=1)
-    batch_size: int = Field(8, ge=1)
-    lr: float = Field(5e-5, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-    schedule: Literal["constant", "cosine"] = "constant"  # the book: plain AdamW, no schedule
-    warmup_steps: int = Field(0, ge=0)
-    grad_clip: float | None = None  # the book does not clip
+class FinetuneInstructParams(TrainParams):
     mask_prompt: bool = False  # true: no loss on instruction/input tokens (book exercise 7.2)
     max_length: int | None = Field(None, ge=2)  # tokens per example; null: the model's context
-    eval_every: int = Field(5, ge=0)
-    eval_batches: int | None = Field(5, ge=1)
-    checkpoint_every: int = Field(0, ge=0)  # optimizer steps between resumable states; 0: epochs
     sample_entries: int = Field(1, ge=0)  # validation prompts answered after each epoch (book: 1)
     sample_max_new_tokens: int = Field(50, ge=1)
-    seed: int = 123
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed"] = "fp32"  # llmcore.precision
-    compile: bool = False  # torch.compile the training and evaluation loss
 
 
 def load_split(path: Path) -> list[dict]:
@@ -121,69 +101,26 @@ def finetune_instruct(
     cache_dir: Path,
     resume: bool = True,
 ) -> dict:
-    """Fine-tune ``base_model`` on ``data_dir/train.json``; write the model, metrics and loss curve.
-
-    Under torchrun every rank trains; only rank 0 logs and writes (the others return {}).
-    """
-    from steps.common.mlflow_models import log_code_model  # mlflow imports take seconds: not at import
-    from steps.common.registry import register_candidate
-    from steps.common.tracking import MlflowCallback, log_data_files, tag_trained_model
-
+    """Fine-tune ``base_model`` on ``data_dir/train.json``; write the model, metrics and loss curve."""
     train_entries = load_split(data_dir / "train.json")
     val_entries = load_split(data_dir / "validation.json")
     tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
-    try:
-        device = resolve_device(params.device)
-    except ValueError as exc:
-        raise ParamsError(f"{STAGE}.device: {exc}") from exc
-    model = load_base_model(base_model).to(device)
-    context = model.cfg.context_length
-    max_length = min(params.max_length or context, context)
-    collate = functools.partial(collate_instructions, max_length=max_length, mask_prompt=params.mask_prompt)
-    config = train_config_from(params)
-    # Everything a saved state depends on besides the TrainConfig: base weights, data, collation.
-    state_dir = resume_state_dir(cache_dir, config.fingerprint(), {
-        "base": sha256_file(base_model / "model.safetensors"),
-        "train": sha256_file(data_dir / "train.json"),
-        "val": sha256_file(data_dir / "validation.json"),
-        "max_length": max_length, "mask_prompt": params.mask_prompt,
-    }, prune=is_main_process())
-    samples = SampleResponses(tokenizer, val_entries[: params.sample_entries], params.sample_max_new_tokens)
-    with stage_run_on_main(STAGE, EXPERIMENT, params) as run:
-        if run is not None:
-            import mlflow
-
-            mlflow.log_params({"base_model": str(base_model), "max_length_effective": max_length,
-                               "resolved_device": str(device)})
-            log_data_files({split: data_dir / f"{split}.json" for split in ("train", "validation")})
-        started = time.perf_counter()
-        state = train(
-            model, InstructionDataset(train_entries, tokenizer), InstructionDataset(val_entries, tokenizer),
-            config, collate_fn=collate, callbacks=[MlflowCallback(), samples], state_dir=state_dir,
-            resume=resume, fingerprint_extra=state_dir.name,
-        )
-        wall_time = time.perf_counter() - started
-        if run is None:
-            return {}
-        save_checkpoint(model, out_dir, extra={"stage": STAGE, "base_model": str(base_model)})
-        final = state.history[-1]
-        metrics = {"train_loss": final["train_loss"], "val_loss": final["val_loss"],
-                   "steps": state.step, "tokens_seen": state.tokens_seen}
-        write_json(metrics_out, metrics)
-        write_history_csv(history_out, state.history)
-        plot_history(plot_out, state.history, steps_per_epoch=max(1, len(train_entries) // params.batch_size))
-        mlflow.log_params({"steps": state.step, "tokens_seen": state.tokens_seen, "wall_time_s": round(wall_time, 1)})
-        mlflow.log_artifact(str(plot_out), "plots")
-        info = log_code_model(
-            "instruct_model", "instruct.py", out_dir,
-            encoding_dir=tokenizer_params.encoding_dir or os.environ.get(ENCODING_DIR_ENV),
-            signature=instruct_signature(),
-            input_example=pd.DataFrame([{k: e.get(k, "") for k in ("instruction", "input")} for e in val_entries[:2]]),
-        )
-        tag_trained_model(out_dir, info)
-        register_candidate(info.model_uri, INSTRUCT_MODEL)
-    shutil.rmtree(cache_dir, ignore_errors=True)  # the model is written: nothing left to resume
-    return {**metrics, "wall_time_s": wall_time}
+    model = load_base_model(base_model).to(stage_device(STAGE, params))
+    max_length = min(params.max_length or model.cfg.context_length, model.cfg.context_length)
+    job = TrainingJob(
+        stage=STAGE, experiment=EXPERIMENT, registered_model=INSTRUCT_MODEL, params=params, model=model,
+        train_data=InstructionDataset(train_entries, tokenizer), val_data=InstructionDataset(val_entries, tokenizer),
+        data_files={split: data_dir / f"{split}.json" for split in ("train", "validation")},
+        save=lambda trained, out: save_checkpoint(trained, out, extra={"stage": STAGE, "base_model": str(base_model)}),
+        pyfunc=Pyfunc("instruct_model", "instruct.py", instruct_signature(),
+                      pd.DataFrame([{k: e.get(k, "") for k in ("instruction", "input")} for e in val_entries[:2]])),
+        collate_fn=functools.partial(collate_instructions, max_length=max_length, mask_prompt=params.mask_prompt),
+        callbacks=[SampleResponses(tokenizer, val_entries[: params.sample_entries], params.sample_max_new_tokens)],
+        resume_settings={"base": sha256_file(base_model / "model.safetensors"), "max_length": max_length},
+        run_params={"base_model": str(base_model), "max_length_effective": max_length},
+    )
+    out = TrainingOutputs(out_dir, metrics_out, history_out, {"loss": plot_out}, cache_dir)
+    return run_training(job, out, encoding_dir=tokenizer_params.encoding_dir, resume=resume)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,15 +16,11 @@ a "models from code" pyfunc text generator (``steps/common/mlflow_models/generat
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field, field_validator
 from torch import nn
@@ -32,22 +28,18 @@ from tqdm.auto import tqdm
 
 from llmcore.checkpoint import save_checkpoint
 from llmcore.config import PRESETS, GPTConfig
-from llmcore.device import resolve_device
-from llmcore.distributed import is_main_process, world_size
 from llmcore.generate import generate_text
 from llmcore.model import GPTModel
-from llmcore.throughput import run_summary
-from llmcore.tokenizer import ENCODING_DIR_ENV, get_tokenizer
-from llmcore.train import STATE_DIR, TrainCallback, TrainConfig, TrainState, has_train_state, train
+from llmcore.tokenizer import get_tokenizer
+from llmcore.train import TrainCallback, TrainState
 from steps.common.cli import StageParams, run_stage
-from steps.common.data import TokenizerParams
+from steps.common.data import DataError, TokenizerParams
 from steps.common.datasets import load_windows
-from steps.common.distributed import setup_distributed, stage_run_on_main
-from steps.common.io import resume_state_dir, sha256_file, write_json
-from steps.common.params import ParamsError, StrictModel
-from steps.common.plotting import plot_history, write_history_csv
+from steps.common.distributed import setup_distributed
+from steps.common.params import StrictModel
 from steps.common.registry import PRETRAINED_MODEL
-from steps.common.training import TRAINING_ERRORS
+from steps.common.training import TRAINING_ERRORS, Pyfunc, TrainingJob, TrainingOutputs, TrainParams, run_training, \
+    stage_device
 
 STAGE = "pretrain"
 EXPERIMENT = "pretrain"
@@ -57,7 +49,6 @@ class ModelParams(StrictModel):
     """A preset from llmcore.config.PRESETS; every other field overrides it unless null."""
 
     preset: str = "cpu-small"
-    context_length: int | None = Field(None, gt=0)  # must equal the windows' context_length
     emb_dim: int | None = Field(None, gt=0)
     n_heads: int | None = Field(None, gt=0)
     n_layers: int | None = Field(None, gt=0)
@@ -74,18 +65,11 @@ class ModelParams(StrictModel):
             raise ValueError(f"unknown preset; choose one of {sorted(PRESETS)}")
         return name
 
-    def gpt_config(self) -> GPTConfig:
+    def gpt_config(self, context_length: int) -> GPTConfig:
+        """The preset with these overrides, at the context length of the windows it trains on
+        (``windows.context_length``: the one place it is stated)."""
         overrides = {k: v for k, v in self.model_dump().items() if k != "preset" and v is not None}
-        return GPTConfig.from_preset(self.preset, **overrides)
-
-
-class OptimizerParams(StrictModel):
-    lr: float = Field(4e-4, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
-    grad_clip: float | None = Field(1.0, gt=0)  # max gradient norm; null: no clipping
+        return GPTConfig.from_preset(self.preset, context_length=context_length, **overrides)
 
 
 class SampleParams(StrictModel):
@@ -95,30 +79,9 @@ class SampleParams(StrictModel):
     max_new_tokens: int = Field(50, ge=1)
 
 
-class PretrainParams(StrictModel):
+class PretrainParams(TrainParams):
     model: ModelParams = ModelParams()
-    optimizer: OptimizerParams = OptimizerParams()
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(2, ge=1)
-    grad_accum_steps: int = Field(1, ge=1)
-    eval_every: int = Field(5, ge=0)  # optimizer steps; 0: at epoch ends only
-    eval_batches: int | None = Field(5, ge=1)  # batches per evaluation; null: the whole splits
-    checkpoint_every: int = Field(0, ge=0)  # optimizer steps; 0: at epoch ends only
-    seed: int = 123
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed"] = "fp32"  # llmcore.precision
-    compile: bool = False  # torch.compile the training and evaluation loss
     sample: SampleParams = SampleParams()
-
-    def train_config(self, progress: bool = True) -> TrainConfig:
-        opt = self.optimizer
-        return TrainConfig(
-            epochs=self.epochs, batch_size=self.batch_size, grad_accum_steps=self.grad_accum_steps,
-            lr=opt.lr, weight_decay=opt.weight_decay, warmup_steps=opt.warmup_steps, schedule=opt.schedule,
-            min_lr_ratio=opt.min_lr_ratio, grad_clip=opt.grad_clip, eval_every=self.eval_every,
-            eval_batches=self.eval_batches, checkpoint_every=self.checkpoint_every, seed=self.seed,
-            progress=progress, precision=self.precision, compile=self.compile,
-        )
 
 
 @dataclass(frozen=True)
@@ -163,16 +126,12 @@ def generator_signature():
     )
 
 
-def _log_restored_history(state_dir: Path) -> dict:
-    """Re-log the evaluations of an interrupted run into this one; returns the saved progress."""
-    import mlflow
-
-    saved = json.loads((state_dir / STATE_DIR / "state.json").read_text())
-    for entry in saved["history"]:
-        mlflow.log_metrics({k: v for k, v in entry.items() if k not in ("step", "tokens_seen")},
-                           step=entry["tokens_seen"])
-    mlflow.set_tag("resumed_from_step", saved["step"])
-    return saved
+def window_context(windows_dir: Path) -> int:
+    """The context length of the windows in ``windows_dir`` (each row holds context + 1 tokens)."""
+    try:
+        return int(np.load(windows_dir / "train.npy", mmap_mode="r").shape[1]) - 1
+    except (OSError, ValueError, IndexError) as exc:
+        raise DataError(f"cannot read the windows in {windows_dir}: {exc}") from exc
 
 
 def pretrain(
@@ -184,73 +143,25 @@ def pretrain(
     progress: bool = True,
 ) -> dict[str, float]:
     """Train from scratch (or resume), write the outputs and log the run; returns the metrics."""
-    from steps.common.tracking import MlflowCallback, log_data_files  # mlflow imports take seconds: not at import
-
-    cfg = params.model.gpt_config()
+    cfg = params.model.gpt_config(window_context(paths.windows))
     train_data, val_data = (load_windows(paths.windows / f"{split}.npy", cfg) for split in ("train", "val"))
     tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
-    config = params.train_config(progress=progress)
-    # What a saved state must have been made with to be resumed: settings, model shape, data.
-    state_dir = resume_state_dir(paths.state_dir, config.fingerprint(), cfg.to_dict(),
-                                 [sha256_file(paths.windows / f"{split}.npy") for split in ("train", "val")],
-                                 prune=False)
-    try:
-        device = resolve_device(params.device)
-    except ValueError as exc:
-        raise ParamsError(f"pretrain.device: {exc}") from exc
-
+    device = stage_device(STAGE, params)
     torch.manual_seed(params.seed)
     model = GPTModel(cfg).to(device)
-    with stage_run_on_main(STAGE, EXPERIMENT, params) as run:
-        resumed = {"tokens_seen": 0}
-        if run is not None:
-            import mlflow
-
-            mlflow.log_params({"n_parameters": model.num_parameters(), "train_windows": len(train_data),
-                               "val_windows": len(val_data), "resolved_device": str(device)})
-            log_data_files({split: paths.windows / f"{split}.npy" for split in ("train", "val")})
-            if has_train_state(state_dir):
-                resumed = _log_restored_history(state_dir)
-        sample_cb = EpochSampleCallback(tokenizer, params.sample)
-        started = time.perf_counter()
-        state = train(model, train_data, val_data, config, state_dir=state_dir, fingerprint_extra=state_dir.name,
-                      callbacks=[MlflowCallback(), sample_cb, *callbacks])
-        wall_time = time.perf_counter() - started
-        if not is_main_process():
-            return {}
-        tokens_this_run = state.tokens_seen - resumed["tokens_seen"]
-        final = state.history[-1]
-        metrics = {
-            "train_loss": final["train_loss"],
-            "val_loss": final["val_loss"],
-            "steps": state.step,
-            "tokens_seen": state.tokens_seen,
-            "parameters": model.num_parameters(),
-            "tokens_per_s": tokens_this_run / wall_time if wall_time > 0 else float("nan"),
-            "wall_time_s": wall_time,
-        }
-        metrics.update(run_summary(model, metrics["tokens_per_s"], cfg.context_length, device, config.precision,
-                                   world_size()))
-        steps_per_epoch = math.ceil(len(train_data) // params.batch_size / params.grad_accum_steps)
-        save_checkpoint(model, paths.model_out, extra={"stage": STAGE, "tokens_seen": state.tokens_seen})
-        write_json(paths.metrics, metrics)
-        write_history_csv(paths.history_csv, state.history)
-        plot_history(paths.loss_plot, state.history, steps_per_epoch)
-
-        mlflow.log_params({k: metrics[k] for k in ("steps", "tokens_seen", "wall_time_s")})
-        mlflow.log_artifact(str(paths.loss_plot), "plots")
-        mlflow.log_artifact(str(paths.history_csv), "plots")
-        from steps.common.mlflow_models import log_code_model
-        from steps.common.registry import register_candidate
-        from steps.common.tracking import tag_trained_model
-
-        info = log_code_model("generator", "generator.py", paths.model_out,
-                              encoding_dir=tokenizer_params.encoding_dir or os.environ.get(ENCODING_DIR_ENV),
-                              signature=generator_signature())
-        tag_trained_model(paths.model_out, info)
-        register_candidate(info.model_uri, PRETRAINED_MODEL)
-    shutil.rmtree(paths.state_dir, ignore_errors=True)
-    return metrics
+    job = TrainingJob(
+        stage=STAGE, experiment=EXPERIMENT, registered_model=PRETRAINED_MODEL, params=params, model=model,
+        train_data=train_data, val_data=val_data,
+        data_files={split: paths.windows / f"{split}.npy" for split in ("train", "val")},
+        save=lambda trained, out: save_checkpoint(trained, out, extra={"stage": STAGE}),
+        pyfunc=Pyfunc("generator", "generator.py", generator_signature()),
+        callbacks=[EpochSampleCallback(tokenizer, params.sample), *callbacks],
+        resume_settings={"model": cfg.to_dict()},
+        run_params={"n_parameters": model.num_parameters(), "train_windows": len(train_data), "val_windows": len(val_data)},
+        extra_metrics={"parameters": model.num_parameters()},
+    )
+    out = TrainingOutputs(paths.model_out, paths.metrics, paths.history_csv, {"loss": paths.loss_plot}, paths.state_dir)
+    return run_training(job, out, encoding_dir=tokenizer_params.encoding_dir, progress=progress)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,7 +32,7 @@ TINY_PARAMS = {
     "spam_data": {"train_frac": 0.1, "validation_frac": 0.05},
     "instruction_data": {"train_frac": 0.05, "test_frac": 0.05},
     "pretrain": {
-        "model": {"preset": "cpu-tiny", "context_length": 32, "emb_dim": None, "n_heads": None, "n_layers": None},
+        "model": {"preset": "cpu-tiny", "emb_dim": None, "n_heads": None, "n_layers": None},
         "epochs": 1, "batch_size": 16, "eval_every": 0, "eval_batches": 1, "checkpoint_every": 0,
         "sample": {"max_new_tokens": 4},
     },

@@ -56,8 +56,35 @@ def test_book_params_are_the_books_settings(params_files: dict[str, dict]) -> No
     book = params_files["params-book.yaml"]
     model = book["pretrain"]["model"]
     assert (model["preset"], model["qkv_bias"], model["tie_embeddings"], model["drop_rate"]) == ("gpt2-small", False, False, 0.1)
-    assert (book["pretrain"]["epochs"], book["pretrain"]["batch_size"], book["pretrain"]["optimizer"]["lr"]) == (10, 2, 4e-4)
+    assert (book["pretrain"]["epochs"], book["pretrain"]["batch_size"], book["pretrain"]["lr"]) == (10, 2, 4e-4)
     assert book["base_model"]["dir"] == "models/gpt2" and book["load_gpt2"]["required"] is True
     spam = book["finetune_classifier"]
     assert (spam["trainable"], spam["token_position"], spam["lr"], spam["epochs"]) == ("last_block", "last", 5e-5, 5)
     assert (book["finetune_instruct"]["lr"], book["finetune_instruct"]["epochs"]) == (5e-5, 2)
+
+
+def field_paths(model: type, prefix: str = "") -> set[str]:
+    """Every field of a params model, nested models' fields as ``a.b``."""
+    paths = set()
+    for name, info in model.model_fields.items():
+        paths.add(prefix + name)
+        nested = info.annotation
+        if isinstance(nested, type) and hasattr(nested, "model_fields"):
+            paths |= field_paths(nested, f"{prefix}{name}.")
+    return paths
+
+
+@pytest.mark.parametrize("name", ["params.yaml", "params-book.yaml"])
+def test_no_silent_defaults_every_knob_is_written_in_the_params_files(name: str, params_files: dict[str, dict]) -> None:
+    for section, model in stage_sections().items():
+        written = key_paths(params_files[name][section])
+        missing = sorted(field_paths(model) - written)
+        assert not missing, f"{name}: section {section} leaves {missing} to code defaults"
+
+
+def test_params_are_strictly_typed(params_files: dict[str, dict]) -> None:
+    sections = stage_sections()
+    for key, bad in [("epochs", True), ("lr", "1e-3"), ("batch_size", 8.0)]:
+        data = {**params_files["params.yaml"], "pretrain": {**params_files["params.yaml"]["pretrain"], key: bad}}
+        with pytest.raises(ValueError, match=rf"pretrain\.{key}: "):
+            validate_section(data, "pretrain", sections["pretrain"], "params.yaml")

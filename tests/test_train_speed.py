@@ -19,7 +19,7 @@ from llmcore.data import SlidingWindowDataset
 from llmcore.precision import resolve_precision
 from llmcore.throughput import GPU_PEAK_FLOPS, peak_flops, training_flops_per_token
 from llmcore.train import TrainCallback, TrainConfig, train
-from steps.finetune_classifier import FinetuneClassifierParams, train_config_from
+from steps.finetune_classifier import FinetuneClassifierParams
 from steps.finetune_instruct import FinetuneInstructParams
 from steps.pretrain import PretrainParams
 
@@ -157,9 +157,9 @@ def test_classifier_loop_under_bf16_and_under_compile() -> None:
 
 def test_every_trainers_params_carry_precision_and_compile() -> None:
     switches = {"precision": "bf16-mixed", "compile": True}
-    configs = [PretrainParams(**switches).train_config(), train_config_from(FinetuneClassifierParams(**switches)),
-               train_config_from(FinetuneInstructParams(**switches))]
+    configs = [PretrainParams(**switches).train_config(), FinetuneClassifierParams(**switches).train_config(),
+               FinetuneInstructParams(**switches).train_config()]
     assert all((c.precision, c.compile) == ("bf16-mixed", True) for c in configs)
     assert (PretrainParams().precision, PretrainParams().compile) == ("fp32", False)  # the CPU defaults
-    model = PretrainParams(model={"preset": "cpu-tiny", "pad_vocab_to_multiple": 64}).model.gpt_config()
+    model = PretrainParams(model={"preset": "cpu-tiny", "pad_vocab_to_multiple": 64}).model.gpt_config(context_length=256)
     assert model.padded_vocab_size == 50304

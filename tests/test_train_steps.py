@@ -41,9 +41,9 @@ CONTEXT = 16
 pytestmark = pytest.mark.skipif(not MIRROR.is_dir(), reason=f"offline mirror {MIRROR} not found")
 
 TINY = {
-    "model": {"preset": "cpu-tiny", "context_length": CONTEXT, "emb_dim": 32, "n_heads": 2, "n_layers": 1,
+    "model": {"preset": "cpu-tiny", "emb_dim": 32, "n_heads": 2, "n_layers": 1,
               "drop_rate": 0.1},  # dropout on: resuming must also replay the dropout masks
-    "optimizer": {"lr": 1e-2, "warmup_steps": 2, "schedule": "cosine"},
+    "lr": 1e-2, "warmup_steps": 2, "schedule": "cosine", "grad_clip": 1.0,
     "epochs": 2, "batch_size": 4, "eval_every": 2, "eval_batches": None, "checkpoint_every": 2,
     "seed": 7, "device": "cpu", "sample": {"prompt": "Every effort moves you", "max_new_tokens": 5},
 }
@@ -95,7 +95,9 @@ def test_pretrain_writes_checkpoint_metrics_plots_and_cleans_its_state(pretraine
     paths, metrics = pretrained
     model = load_checkpoint(paths.model_out)
     assert model.cfg.context_length == CONTEXT and model.cfg.emb_dim == 32 and model.cfg.n_layers == 1
-    assert json.loads(paths.metrics.read_text()) == metrics
+    # The file holds what the run reached; its speed (different every run) goes to MLflow and the caller.
+    speed = {"tokens_per_s", "wall_time_s", "mfu", "run_id", "registered_version"}
+    assert json.loads(paths.metrics.read_text()) == {k: v for k, v in metrics.items() if k not in speed}
     assert metrics["steps"] == 8 and metrics["tokens_seen"] == 8 * 4 * CONTEXT
     assert metrics["parameters"] == model.num_parameters()
     assert metrics["tokens_per_s"] > 0 and metrics["wall_time_s"] > 0 and 0 < metrics["mfu"] < 1
@@ -115,7 +117,7 @@ def test_pretrain_mlflow_run_holds_params_curves_samples_plot_and_a_loadable_gen
     assert run.info.status == "FINISHED"
     assert run.data.tags["stage"] == "pretrain" and "git_commit" in run.data.tags
     params = run.data.params
-    assert params["model.preset"] == "cpu-tiny" and params["optimizer.lr"] == "0.01" and params["epochs"] == "2"
+    assert params["model.preset"] == "cpu-tiny" and params["lr"] == "0.01" and params["epochs"] == "2"
     assert params["sample.prompt"] == "Every effort moves you" and params["resolved_device"] == "cpu"
     client = mlflow.MlflowClient()
     val_curve = client.get_metric_history(run.info.run_id, "val_loss")
@@ -200,8 +202,8 @@ def test_pretrain_rejects_windows_of_another_context_length(workspace: Path) -> 
 def test_pretrain_params_name_the_bad_key() -> None:
     with pytest.raises(ParamsError, match=r"pretrain\.model\.preset: .*unknown preset"):
         validate_section({"pretrain": {**TINY, "model": {"preset": "gpt5"}}}, "pretrain", PretrainParams)
-    with pytest.raises(ParamsError, match=r"pretrain\.optimizer\.schedul"):
-        validate_section({"pretrain": {**TINY, "optimizer": {"schedul": "cosine"}}}, "pretrain", PretrainParams)
+    with pytest.raises(ParamsError, match=r"pretrain\.schedul"):
+        validate_section({"pretrain": {**TINY, "schedul": "cosine"}}, "pretrain", PretrainParams)
 
 
 # ---- evaluate

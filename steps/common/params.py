@@ -21,7 +21,7 @@ class ParamsError(ValueError):
 class StrictModel(BaseModel):
     """Base for params sections: unknown keys and wrong types are errors, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
 def read_params(path: str | os.PathLike = PARAMS_FILE) -> dict:

@@ -1,23 +1,221 @@
-"""What the training stages share around ``llmcore.train.train``."""
+"""The stage around ``llmcore.train.train``, written once for pretraining and both fine-tunes.
+
+A training stage builds what is its own (the data, the model, its loss/eval/collate, how to save
+it, the MLflow pyfunc that serves it) into a ``TrainingJob``; ``run_training`` does the rest the
+same way for all of them: the resume key and state directory, the MLflow run (params, the split
+files as datasets, curves through ``MlflowCallback``, the evaluations of an interrupted run
+logged again), the run itself, and on rank 0 the model, the metrics, the history CSV, the plots,
+the logged model registered as ``@candidate``, and the removal of the finished state.
+
+``TrainParams`` holds the fields every training section shares; ``train_config`` maps them to
+``llmcore.train.TrainConfig`` explicitly, one field at a time.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+from torch.utils.data import Dataset
 
 from llmcore.checkpoint import CheckpointError
 from llmcore.config import ConfigError
-from llmcore.tokenizer import TokenizerFilesError
-from llmcore.train import TrainConfig, TrainingDivergedError
+from llmcore.device import resolve_device
+from llmcore.distributed import is_main_process, world_size
+from llmcore.throughput import run_summary
+from llmcore.tokenizer import ENCODING_DIR_ENV, TokenizerFilesError
+from llmcore.train import STATE_DIR, TrainCallback, TrainConfig, TrainingDivergedError, TrainState, has_train_state, \
+    next_token_loss, train
+from steps.common.distributed import stage_run_on_main
+from steps.common.io import resume_state_dir, sha256_file, write_json
 from steps.common.models import BaseModelError
-from steps.common.params import StrictModel
+from steps.common.params import ParamsError, StrictModel
+from steps.common.plotting import plot_history, write_history_csv
 
 # What a training stage's CLI reports in one line (steps.common.cli.run_stage's ``errors``).
 TRAINING_ERRORS = (ConfigError, CheckpointError, TokenizerFilesError, TrainingDivergedError, BaseModelError)
 
 
-def train_config_from(params: StrictModel) -> TrainConfig:
-    """The TrainConfig of a fine-tuning params section: every field it shares by name with TrainConfig."""
-    shared = {f.name for f in dataclasses.fields(TrainConfig)} & set(type(params).model_fields)
-    return TrainConfig(**{name: getattr(params, name) for name in shared})
+class TrainParams(StrictModel):
+    """The knobs of ``llmcore.train.TrainConfig`` that every training section has (params.yaml
+    states each one: nothing changes a result silently)."""
+
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)  # the global batch: under DDP each rank takes its share
+    grad_accum_steps: int = Field(1, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # the cosine schedule ends at lr * min_lr_ratio
+    weight_decay: float = Field(0.1, ge=0)  # AdamW; not on biases and norms
+    betas: list[float] = Field([0.9, 0.999], min_length=2, max_length=2)  # AdamW
+    schedule: Literal["cosine", "constant"] = "constant"
+    warmup_steps: int = Field(0, ge=0)  # linear warmup, in optimizer steps
+    grad_clip: float | None = Field(None, gt=0)  # max gradient norm; null: no clipping
+    eval_every: int = Field(5, ge=0)  # optimizer steps; 0: at epoch ends only
+    eval_batches: int | None = Field(5, ge=1)  # batches per evaluation; null: the whole splits
+    checkpoint_every: int = Field(0, ge=0)  # optimizer steps between resumable states; 0: epoch ends
+    seed: int = 123
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed"] = "fp32"  # llmcore.precision
+    compile: bool = False  # torch.compile the training and evaluation loss
+
+    def train_config(self, progress: bool = True) -> TrainConfig:
+        return TrainConfig(
+            epochs=self.epochs, batch_size=self.batch_size, grad_accum_steps=self.grad_accum_steps, lr=self.lr,
+            min_lr_ratio=self.min_lr_ratio, weight_decay=self.weight_decay, betas=(self.betas[0], self.betas[1]),
+            schedule=self.schedule, warmup_steps=self.warmup_steps, grad_clip=self.grad_clip,
+            eval_every=self.eval_every, eval_batches=self.eval_batches, checkpoint_every=self.checkpoint_every,
+            seed=self.seed, progress=progress, precision=self.precision, compile=self.compile,
+        )
 
 
+def stage_device(stage: str, params: TrainParams) -> torch.device:
+    """The device ``params.device`` names, or a ParamsError naming ``<stage>.device``."""
+    try:
+        return resolve_device(params.device)
+    except ValueError as exc:
+        raise ParamsError(f"{stage}.device: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Pyfunc:
+    """How the trained model is logged to MLflow: a "models from code" file of
+    steps/common/mlflow_models and its signature (and an input example)."""
+
+    name: str
+    code_file: str
+    signature: Any
+    input_example: Any = None
+
+
+@dataclass
+class TrainingJob:
+    """What differs between the training stages; ``run_training`` does the rest."""
+
+    stage: str
+    experiment: str
+    registered_model: str
+    params: TrainParams  # the stage's whole section (logged as MLflow params)
+    model: nn.Module  # built and on its device
+    train_data: Dataset
+    val_data: Dataset
+    data_files: Mapping[str, Path]  # split -> file: MLflow dataset inputs; their digests key the resume state
+    save: Callable[[nn.Module, Path], None]  # writes the trained model's directory
+    pyfunc: Pyfunc
+    loss_fn: Callable = next_token_loss
+    eval_fn: Callable | None = None
+    collate_fn: Callable | None = None
+    callbacks: Sequence[TrainCallback] = ()
+    resume_settings: Mapping[str, Any] = field(default_factory=dict)  # what else a saved state depends on
+    # (besides the params section and the data files: the base model's digest, the model config, ...)
+    run_params: Mapping[str, Any] = field(default_factory=dict)  # more MLflow params
+    final_keys: Sequence[str] = ("train_loss", "val_loss")  # from the last evaluation into the metrics
+    extra_metrics: Mapping[str, Any] = field(default_factory=dict)
+    step_log_every: int = 1  # optimizer steps between MLflow step-loss points
+
+
+@dataclass(frozen=True)
+class TrainingOutputs:
+    model_dir: Path
+    metrics: Path  # reports/<stage>.json
+    history: Path  # the evaluations as CSV, for dvc plots
+    plots: Mapping[str, Path]  # metric ("loss", "accuracy") -> its PNG
+    state_dir: Path  # resumable states, outside DVC's outputs (DVC deletes outputs before a run)
+
+
+def run_training(job: TrainingJob, out: TrainingOutputs, *, encoding_dir: str | None = None, resume: bool = True,
+                 progress: bool = True) -> dict:
+    """Train ``job`` (resuming a saved state made with the same settings and data), write and log
+    everything; returns the metrics. Under torchrun every rank trains and only rank 0 writes and
+    logs (the others return {})."""
+    from steps.common.tracking import MlflowCallback  # mlflow imports take seconds: not at import
+
+    config = job.params.train_config(progress=progress)
+    digests = {split: sha256_file(path) for split, path in job.data_files.items()}
+    # A saved state is resumed only when made with the same section, settings and data.
+    state_dir = resume_state_dir(out.state_dir, config.fingerprint(), job.params.model_dump(mode="json"),
+                                 dict(job.resume_settings), digests, prune=is_main_process())
+    with stage_run_on_main(job.stage, job.experiment, job.params) as run:
+        resumed_tokens = _start_run(job, state_dir) if run is not None else 0
+        started = time.perf_counter()
+        state = train(job.model, job.train_data, job.val_data, config, loss_fn=job.loss_fn, eval_fn=job.eval_fn,
+                      collate_fn=job.collate_fn, callbacks=[MlflowCallback(job.step_log_every), *job.callbacks],
+                      state_dir=state_dir, resume=resume, fingerprint_extra=state_dir.name)
+        wall_time = time.perf_counter() - started
+        if run is None:  # another rank of a torchrun: rank 0 writes and logs
+            return {}
+        metrics = _final_metrics(job, state)
+        speed = _throughput(job.model, config, (state.tokens_seen - resumed_tokens) / wall_time, wall_time)
+        job.save(job.model, out.model_dir)
+        write_json(out.metrics, metrics)
+        write_history_csv(out.history, state.history)
+        for metric, path in out.plots.items():
+            plot_history(path, state.history, state.steps_per_epoch, metric=metric)
+        version = _log_model(job, out, encoding_dir, {**metrics, **speed})
+        metrics.update(speed, run_id=run.info.run_id, registered_version=str(version.version))
+    shutil.rmtree(out.state_dir, ignore_errors=True)  # the model is written: nothing left to resume
+    return metrics
+
+
+def _start_run(job: TrainingJob, state_dir: Path) -> int:
+    """Params and datasets of the new MLflow run, and the evaluations an interrupted run of the same
+    settings already made (re-logged, so the curves are whole); returns the tokens already seen."""
+    import mlflow
+
+    from steps.common.tracking import log_data_files
+
+    device = next(job.model.parameters()).device
+    mlflow.log_params({**job.run_params, "resolved_device": str(device)})
+    log_data_files(job.data_files)
+    if not has_train_state(state_dir):
+        return 0
+    saved = json.loads((state_dir / STATE_DIR / "state.json").read_text())
+    for entry in saved["history"]:
+        mlflow.log_metrics({k: v for k, v in entry.items() if k not in ("step", "tokens_seen")}, step=entry["tokens_seen"])
+    mlflow.set_tag("resumed_from_step", saved["step"])
+    return saved["tokens_seen"]
+
+
+def _final_metrics(job: TrainingJob, state: TrainState) -> dict:
+    """What the run reached: the same figures for the same params and seed (no timings)."""
+    final = state.history[-1]
+    return {**{key: final[key] for key in job.final_keys}, "steps": state.step, "tokens_seen": state.tokens_seen,
+            **job.extra_metrics}
+
+
+def _throughput(model: nn.Module, config: TrainConfig, tokens_per_s: float, wall_time: float) -> dict:
+    """This run's speed (tokens/s, MFU, peak memory, wall time): MLflow and the console, not the
+    metrics file, since it differs from run to run."""
+    sequence = getattr(getattr(model, "cfg", None), "context_length", 1)
+    speed = {"tokens_per_s": tokens_per_s, "wall_time_s": wall_time}
+    speed.update(run_summary(model, tokens_per_s, sequence, next(model.parameters()).device, config.precision,
+                             world_size()))
+    return speed
+
+
+def _log_model(job: TrainingJob, out: TrainingOutputs, encoding_dir: str | None, metrics: dict):
+    """Plots, curves and the pyfunc into the active run; the pyfunc registered as ``@candidate``."""
+    import mlflow
+
+    from steps.common.mlflow_models import log_code_model
+    from steps.common.registry import register_candidate
+    from steps.common.tracking import tag_trained_model
+
+    for path in (*out.plots.values(), out.history):
+        mlflow.log_artifact(str(path), "plots")
+    info = log_code_model(job.pyfunc.name, job.pyfunc.code_file, out.model_dir,
+                          encoding_dir=encoding_dir or os.environ.get(ENCODING_DIR_ENV),
+                          signature=job.pyfunc.signature, input_example=job.pyfunc.input_example)
+    tag_trained_model(out.model_dir, info)
+    mlflow.log_params({"steps": metrics["steps"], "tokens_seen": metrics["tokens_seen"],
+                       "wall_time_s": round(metrics["wall_time_s"], 1)})
+    mlflow.log_metrics({f"run_{key}": metrics[key] for key in ("tokens_per_s", "mfu", "peak_memory_mb") if key in metrics})
+    return register_candidate(info.model_uri, job.registered_model)
