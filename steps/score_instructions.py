@@ -123,6 +123,8 @@ def score_instructions(
         "judge_score": None if judged.mean_score is None else round(judged.mean_score, 4),
         "n_scored": judged.n_scored,
         "n_unscored": len(entries) - judged.n_scored,
+        "n_unscored_unreachable": judged.n_unreachable,  # the judge could not be asked
+        "n_unscored_unusable": judged.n_unusable,  # it answered, but never an integer 0..100
         "judge_available": judged.available,
     }
     write_json(metrics_out, metrics)

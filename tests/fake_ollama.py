@@ -26,7 +26,7 @@ class FakeOllama:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fake.requests.append({"path": self.path, **body})
+                fake.requests.append({"path": self.path, "authorization": self.headers.get("Authorization"), **body})
                 status, text = responder(len(fake.requests) - 1, body)
                 payload = text.encode()
                 self.send_response(status)

@@ -119,3 +119,35 @@ def test_client_retries_connection_errors_before_giving_up() -> None:
     with pytest.raises(JudgeUnavailableError):
         judge.ask("hi", seed=1)
     judge.close()
+
+
+def test_unusable_answers_are_counted_and_warned_with_an_example(fake_ollama) -> None:
+    server = fake_ollama(lambda n, body: ollama_reply("I would say 150 out of 100!"))
+    with pytest.warns(RuntimeWarning, match=r"2 of 2 responses unscored.*no integer 0\.\.100.*'I would say 150"):
+        result = judge_responses([ENTRY, ENTRY], ["Blue.", "Red."], params(server.url, retries=1))
+    assert result.scores == [None, None] and result.n_unusable == 2 and result.n_unreachable == 0
+    assert result.available and len(server.requests) == 4  # each asked 1 + retries times
+
+
+def test_a_required_judge_fails_on_any_unscored_response(fake_ollama) -> None:
+    server = fake_ollama(lambda n, body: ollama_reply("85" if n == 0 else "not a number"))
+    with pytest.raises(JudgeUnavailableError, match=r"1 of 2 responses unscored.*required is true"):
+        judge_responses([ENTRY, ENTRY], ["Red.", "Blue."], params(server.url, retries=0, required=True))
+
+
+def test_credentials_come_from_the_environment_and_urls_are_redacted(fake_ollama, monkeypatch) -> None:
+    from steps.common.secrets import redact
+
+    monkeypatch.setenv("LLMPIPE_JUDGE_API_KEY", "sk-planted-secret")
+    server = fake_ollama(lambda n, body: ollama_reply("90"))
+    assert judge_responses([ENTRY], ["Red."], params(server.url)).scores == [90]
+    assert server.requests[0]["authorization"] == "Bearer sk-planted-secret"
+    assert redact("http://user:KEY@host:1/api?x=1&api_key=KEY&token=KEY2") == "http://***@host:1/api?x=1&api_key=***&token=***"
+    from steps.common.tracking import flatten  # what every MLflow params dict goes through
+
+    assert flatten({"judge": {"url": "https://u:KEY@ollama.example/x"}}) == {"judge.url": "https://***@ollama.example/x"}
+    url = closed_port_url().replace("http://", "http://admin:hunter2@") + "/?token=hunter3"
+    with pytest.warns(RuntimeWarning) as caught:
+        judge_responses([ENTRY], ["Red."], params(url, connect_retries=0))
+    message = str(caught[0].message)
+    assert "hunter2" not in message and "hunter3" not in message and "***@127.0.0.1" in message

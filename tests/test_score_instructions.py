@@ -237,3 +237,16 @@ def test_score_without_a_model_names_the_stage(in_workspace: Path) -> None:
 )
 def test_rouge_l_f1_on_known_pairs(prediction: str, reference: str, expected: float) -> None:
     assert math.isclose(score.rouge_l_f1(prediction, reference), expected, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_a_secret_in_the_judge_url_reaches_no_store_log_or_file(finetuned: Path, in_workspace: Path, capfd) -> None:
+    url = closed_port_url().replace("http://", "http://admin:PLANTED-SECRET@") + "/?api_key=PLANTED-QUERY"
+    with pytest.warns(RuntimeWarning, match=r"\*\*\*@127\.0\.0\.1"):
+        score.main(score_argv(with_judge(in_workspace, "secret.yaml", url=url), metrics="out/secret.json",
+                              responses="out/secret_responses.json"))
+    printed = capfd.readouterr()
+    assert "PLANTED" not in printed.out + printed.err
+    written = [p for p in in_workspace.rglob("*") if p.is_file() and p.name != "secret.yaml"]
+    leaks = [str(p) for p in written if b"PLANTED" in p.read_bytes()]
+    assert leaks == []  # mlflow.db (params, tags), mlruns artifacts, metrics and responses included
+    assert (in_workspace / "mlflow.db") in written

@@ -3,9 +3,11 @@
 The book asks Llama 3 (through Ollama) to score each response against the reference and
 averages the integers it answers. Here the judge is optional: if the server cannot be reached
 (or stops answering) the scores so far are kept and the rest are unscored, so scoring still
-completes offline; ``required`` turns that into an error. An answer that is not an integer in
-0..100 is asked again (with another seed, since the judge is deterministic otherwise) and, if it
-never becomes one, that response is counted as unscored.
+completes offline. An answer that is not an integer in 0..100 is asked again (with another seed,
+since the judge is deterministic otherwise) and, if it never becomes one, that response is
+unscored: such answers are counted and warned about with an example. ``required`` makes any
+unscored response an error. Credentials come from ``$LLMPIPE_JUDGE_API_KEY`` (a bearer token),
+never from the URL in params; every URL in a message is written with its secrets redacted.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from urllib3.util.retry import Retry
 
 from llmcore.prompts import format_input
 from steps.common.params import StrictModel
+from steps.common.secrets import judge_api_key, redact
 
 _SCORE = re.compile(r"\s*(\d{1,3})\s*\.?\s*")
 
@@ -81,10 +84,14 @@ class OllamaJudge:
         )
         self.session.mount("http://", HTTPAdapter(max_retries=retry))
         self.session.mount("https://", HTTPAdapter(max_retries=retry))
+        if key := judge_api_key():
+            self.session.headers["Authorization"] = f"Bearer {key}"
+        self.last_unusable: str | None = None  # the last answer that was no score (for the warning)
 
     def ask(self, prompt: str, seed: int) -> str:
         """The judge's answer text; JudgeUnavailableError when there is no usable HTTP answer."""
         url = self.params.url.rstrip("/") + "/api/chat"
+        shown = redact(url)
         payload = {
             "model": self.params.model,
             "messages": [{"role": "user", "content": prompt}],
@@ -96,11 +103,11 @@ class OllamaJudge:
                 url, json=payload, timeout=(self.params.connect_timeout_s, self.params.read_timeout_s)
             )
         except requests.RequestException as exc:
-            raise JudgeUnavailableError(f"judge at {url} unreachable ({type(exc).__name__}: {exc})") from exc
+            raise JudgeUnavailableError(f"judge at {shown} unreachable ({type(exc).__name__}: {redact(str(exc))})") from exc
         if reply.status_code != 200:
             detail = reply.text[:200].strip()
             hint = f" (is it pulled? `ollama pull {self.params.model}`)" if reply.status_code == 404 else ""
-            raise JudgeUnavailableError(f"judge at {url} answered HTTP {reply.status_code}: {detail}{hint}")
+            raise JudgeUnavailableError(f"judge at {shown} answered HTTP {reply.status_code}: {detail}{hint}")
         try:
             content = reply.json()["message"]["content"]
         except (ValueError, KeyError, TypeError):
@@ -111,9 +118,11 @@ class OllamaJudge:
         """A score 0..100, asking up to ``1 + retries`` times; None when no answer parsed."""
         prompt = judge_prompt(entry, response)
         for attempt in range(1 + self.params.retries):
-            score = parse_score(self.ask(prompt, seed=self.params.seed + attempt))
+            answer = self.ask(prompt, seed=self.params.seed + attempt)
+            score = parse_score(answer)
             if score is not None:
                 return score
+        self.last_unusable = answer
         return None
 
     def close(self) -> None:
@@ -125,6 +134,13 @@ class JudgeResult:
     scores: list[int | None]  # per response; None = unscored
     available: bool = True  # False once the server could not be reached
     error: str | None = None
+    n_unusable: int = 0  # responses whose every answer was no integer 0..100
+    unusable_example: str | None = None
+
+    @property
+    def n_unreachable(self) -> int:
+        """Responses left unscored because the judge could not be asked."""
+        return len(self.scores) - self.n_scored - self.n_unusable
 
     @property
     def n_scored(self) -> int:
@@ -160,6 +176,22 @@ def judge_responses(
                 )
                 warnings.warn(message, RuntimeWarning, stacklevel=2)
                 break
+            if result.scores[i] is None:
+                result.n_unusable += 1
+                result.unusable_example = judge.last_unusable
     finally:
         judge.close()
+    _report_unusable(result, params)
     return result
+
+
+def _report_unusable(result: JudgeResult, params: JudgeParams) -> None:
+    """Answers that never became a score: a warning with an example, or an error when required."""
+    if not result.n_unusable:
+        return
+    message = (f"LLM judge {params.model}: {result.n_unusable} of {len(result.scores)} responses unscored, "
+               f"its answers were no integer 0..100 after {1 + params.retries} asks "
+               f"(e.g. {(result.unusable_example or '')[:120]!r})")
+    if params.required:
+        raise JudgeUnavailableError(f"{message} (score_instructions.judge.required is true)")
+    warnings.warn(message, RuntimeWarning, stacklevel=3)

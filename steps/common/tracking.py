@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from llmcore.checkpoint import WEIGHTS_FILE
 from llmcore.train import TrainCallback, TrainState
 from steps.common.io import file_digest
+from steps.common.secrets import redact
 
 PARENT_RUN_ENV = "LLMPIPE_MLFLOW_PARENT_RUN_ID"
 EXPERIMENT_ENV = "LLMPIPE_MLFLOW_EXPERIMENT"
@@ -58,7 +59,7 @@ def flatten(params: Mapping[str, Any] | BaseModel, prefix: str = "") -> dict[str
         if isinstance(value, Mapping):
             flat.update(flatten(value, prefix=f"{name}."))
         else:
-            flat[name] = value
+            flat[name] = redact(value) if isinstance(value, str) else value  # no credentials in MLflow
     return flat
 
 
