@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -15,10 +16,12 @@ def atomic_path(target: str | os.PathLike, *, is_dir: bool = False) -> Iterator[
     """Yield a temp path beside ``target``; on success rename it onto ``target``, else delete it.
 
     With ``is_dir`` the yielded path is an empty directory that replaces ``target`` whole, so a
-    reader never sees a half-written checkpoint directory.
+    reader never sees a half-written checkpoint directory. Temp paths a killed writer of the same
+    target left behind are removed first.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
     if is_dir:  # mkdtemp makes it owner-only; give the directory the usual umask-based mode
         umask = os.umask(0)
@@ -36,3 +39,11 @@ def atomic_path(target: str | os.PathLike, *, is_dir: bool = False) -> Iterator[
             os.replace(out, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temps(target: Path) -> None:
+    """Delete what an interrupted ``atomic_path`` of ``target`` left: its temp dirs and an old copy
+    set aside for a directory swap (one writer per target: the stage that owns it)."""
+    name = glob.escape(target.name)
+    for stale in [*target.parent.glob(f".{name}.tmp*"), *target.parent.glob(f".{name}.old*")]:
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)

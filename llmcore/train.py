@@ -26,6 +26,7 @@ import itertools
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +46,12 @@ from llmcore.train_state import (
     Resumable,
     ResumeMismatchError,
     TrainState,
+    UnreadableTrainState,
     found_by_all_ranks,
     has_train_state,
     load_train_state,
     save_train_state,
+    set_aside,
 )
 
 __all__ = [
@@ -327,6 +330,20 @@ def _loss_modules(model: nn.Module, loss_fn: LossFn, config: TrainConfig, device
     return (compiled if parallel is loss else torch.compile(parallel)), compiled
 
 
+def _resume_or_start_fresh(state_dir: Path, parts: Resumable, fingerprint: str, seed: int) -> TrainState:
+    """The saved state, or (when it cannot be read) a fresh start: the unreadable state is
+    reported once and moved aside, so the next run does not trip over it again."""
+    try:
+        return load_train_state(state_dir, parts, fingerprint, seed)
+    except UnreadableTrainState as exc:
+        distributed.barrier()  # every rank has tried to read it before rank 0 moves it
+        if distributed.is_main_process():
+            aside = set_aside(state_dir)
+            warnings.warn(f"cannot resume from {exc}; moved it to {aside} and starting over", RuntimeWarning,
+                          stacklevel=3)
+        return TrainState()
+
+
 def train(
     model: nn.Module,
     train_data: Dataset,
@@ -365,7 +382,7 @@ def train(
     fingerprint = config.fingerprint() + fingerprint_extra
     state = TrainState()
     if resume and found_by_all_ranks(state_dir):
-        state = load_train_state(Path(state_dir), parts, fingerprint, config.seed)
+        state = _resume_or_start_fresh(Path(state_dir), parts, fingerprint, config.seed)
     state.steps_per_epoch = total_steps // config.epochs
     train_loss, eval_loss = _loss_modules(model, loss_fn, config, device)
     trainer = _Trainer(

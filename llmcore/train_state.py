@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,17 +117,45 @@ def save_train_state(directory: Path, parts: Resumable, state: TrainState, finge
     return target
 
 
+class UnreadableTrainState(ValueError):
+    """A saved state that cannot be read (truncated, corrupt, from another version)."""
+
+
+def _read_saved(source: Path) -> tuple[dict, dict, TrainState]:
+    """Every file of a saved state, read before anything is restored from it (weights_only: no
+    pickled code runs)."""
+    try:
+        extra = torch.load(source / "optimizer.pt", map_location="cpu", weights_only=True)
+        weights = load_file(str(source / "model.safetensors"))
+        state = TrainState(**json.loads((source / "state.json").read_text()))
+        fingerprint = extra["fingerprint"]
+    except Exception as exc:  # any failure to read is the same case: the state is unusable
+        raise UnreadableTrainState(f"{source}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+    if not isinstance(fingerprint, str):
+        raise UnreadableTrainState(f"{source}: no fingerprint")
+    return extra, weights, state
+
+
 def load_train_state(directory: Path, parts: Resumable, fingerprint: str, seed: int) -> TrainState:
-    """Restore ``parts`` and the RNG from the saved state; refuses one made with other settings."""
+    """Restore ``parts`` and the RNG from the saved state; refuses one made with other settings
+    (ResumeMismatchError) and one that cannot be read (UnreadableTrainState, nothing restored)."""
     source = directory / STATE_DIR
-    extra = torch.load(source / "optimizer.pt", map_location="cpu", weights_only=True)
+    extra, weights, state = _read_saved(source)
     if extra["fingerprint"] != fingerprint:
         raise ResumeMismatchError(
             f"{source} was saved with different training settings; delete it to start over"
         )
-    load_state_strict(parts.model, load_file(str(source / "model.safetensors")), str(source / "model.safetensors"))
+    load_state_strict(parts.model, weights, str(source / "model.safetensors"))
     parts.optimizer.load_state_dict(extra["optimizer"])
     parts.scheduler.load_state_dict(extra["scheduler"])
     parts.scaler.load_state_dict(extra["scaler"])
     _restore_rng_state(extra["rng_states"], parts.device, seed)
-    return TrainState(**json.loads((source / "state.json").read_text()))
+    return state
+
+
+def set_aside(directory: Path) -> Path:
+    """Move an unreadable saved state out of the way (kept for a look, never deleted)."""
+    source = directory / STATE_DIR
+    aside = directory / f"{STATE_DIR}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.replace(source, aside)
+    return aside

@@ -149,6 +149,8 @@ def _retrieve(location: str, dest: Path, session: requests.Session, settings: Fe
         try:
             shutil.copyfile(location, dest)
         except OSError as exc:
+            if exc.filename is not None and Path(exc.filename) == Path(dest):
+                raise  # writing here failed (disk full, read-only): no other location would help
             raise FetchError(f"cannot read: {exc.strerror or exc}") from exc
         return
     try:

@@ -137,3 +137,16 @@ def test_invalid_config_and_missing_files_are_named(tmp_path: Path) -> None:
 def test_overrides_change_config_fields(tmp_path: Path) -> None:
     save_checkpoint(make_model(), tmp_path / "ckpt")
     assert load_checkpoint(tmp_path / "ckpt", drop_rate=0.0).cfg.drop_rate == 0.0
+
+
+def test_atomic_writes_remove_what_a_killed_writer_left(tmp_path: Path) -> None:
+    from llmcore.fileio import atomic_path
+
+    target = tmp_path / "model"
+    (tmp_path / ".model.tmpab12cd").mkdir()  # kill -9 in the middle of a write
+    (tmp_path / ".model.tmpab12cd" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".model.old4242").mkdir()  # ... or in the middle of a directory swap
+    (tmp_path / ".other.tmpzz").mkdir()  # another target's: not ours to remove
+    with atomic_path(target, is_dir=True) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmpzz", "model"]

@@ -300,3 +300,34 @@ def test_cli_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     params_file.write_text(yaml.safe_dump({"fetch": {**fast, "retries": -1}, "sources": {"corpus": source}}))
     with pytest.raises(SystemExit, match=r"fetch\.retries"):
         main(["--params", str(params_file)])
+
+
+def test_a_local_write_failure_stops_instead_of_trying_upstream(server: Server, verdict: bytes, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import errno
+    import shutil
+
+    upstream = server.serve("/upstream/the-verdict.txt", verdict)
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "the-verdict.txt").write_bytes(verdict)
+
+    def disk_full(src, dst, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(shutil, "copyfile", disk_full)
+    out = tmp_path / "raw" / "corpus.txt"
+    with pytest.raises(OSError, match="No space left"):
+        fetch_source("corpus", corpus_source(upstream, out), FAST, mirror=str(mirror))
+    assert server.hits == []  # the network was not tried for a local disk problem
+    assert_nothing_left(out)
+
+    from steps.common.cli import run_stage
+
+    def body(args, params):
+        fetch_source("corpus", corpus_source(upstream, out), FAST, mirror=str(mirror))
+
+    with pytest.raises(SystemExit) as exc:
+        run_stage("fetch", "test", body, paths={}, argv=["--params", str(tmp_path / "none.yaml")])
+    assert str(exc.value.code).startswith("fetch: error: ") and ": No space left on device" in str(exc.value.code)
+    assert ".corpus.txt.tmp" in str(exc.value.code) or "corpus.txt" in str(exc.value.code)

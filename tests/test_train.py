@@ -83,6 +83,25 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path: Path) -> Non
     assert [h["step"] for h in full.history] == [2, 4, 5, 6, 8, 10]  # every 2 steps + epoch ends
 
 
+@pytest.mark.parametrize("damage", ["optimizer.pt", "model.safetensors", "state.json"])
+def test_an_unreadable_state_is_set_aside_once_and_training_starts_over(tmp_path: Path, damage: str) -> None:
+    train_data = windows(20)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_model(), train_data, None, RESUME_CONFIG, callbacks=[Recorder(stop_after=4)], state_dir=tmp_path)
+    saved = tmp_path / "train_state" / damage
+    saved.write_bytes(saved.read_bytes()[: len(saved.read_bytes()) // 2])  # truncated, as by a full disk
+    fresh_model, log = make_model(), Recorder()
+    with pytest.warns(RuntimeWarning, match=rf"cannot resume from .*train_state.*moved it to .*unreadable"):
+        state = train(fresh_model, train_data, None, RESUME_CONFIG, callbacks=[log], state_dir=tmp_path)
+    assert log.steps[0][0] == 1 and state.step == 10  # started over from step 1 and finished
+    (aside,) = tmp_path.glob("train_state.unreadable-*")
+    assert (aside / damage).is_file()  # kept for a look, not deleted
+    reference = make_model()
+    train(reference, train_data, None, RESUME_CONFIG)
+    for (name, a), b in zip(reference.state_dict().items(), fresh_model.state_dict().values()):
+        assert torch.equal(a, b), name  # the fresh start is an ordinary run: same weights
+
+
 def test_resume_with_different_settings_is_refused(tmp_path: Path) -> None:
     config = TrainConfig(batch_size=2, eval_every=0, eval_batches=1, progress=False)
     train(make_model(), windows(4), None, config, state_dir=tmp_path)

@@ -4,13 +4,16 @@ sections on demand, runs, and turns an expected failure into one line naming the
 Expected failures are bad params and bad data, plus the error types a stage names (a missing or
 mismatched model, unusable tokenizer files, a diverged run: ``steps.common.training``'s
 ``TRAINING_ERRORS``, ...); they end with ``<stage>: error: <message>`` and exit status 1.
-Anything else is a bug and keeps its traceback. This module imports no model code, so a data
-stage's DVC deps stay free of it.
+An ``OSError`` (disk full, a read-only or missing directory) is reported the same way, with the
+path it concerns. Anything else is a bug and keeps its traceback; ``LLMPIPE_DEBUG=1`` shows the
+traceback of the expected failures too. This module imports no model code, so a data stage's DVC
+deps stay free of it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -21,7 +24,14 @@ from pydantic import BaseModel
 from steps.common.data import DataError
 from steps.common.params import PARAMS_FILE, ParamsError, read_params, validate_section
 
-EXPECTED_ERRORS: tuple[type[Exception], ...] = (ParamsError, DataError)
+DEBUG_ENV = "LLMPIPE_DEBUG"
+
+
+class StageError(RuntimeError):
+    """An expected failure of a service a stage needs (its message names the service and the fix)."""
+
+
+EXPECTED_ERRORS: tuple[type[Exception], ...] = (ParamsError, DataError, StageError)
 M = TypeVar("M", bound=BaseModel)
 # A path option: its default, or (default, help). None as default: the option is optional.
 PathOption = str | None | tuple[str | None, str]
@@ -63,8 +73,10 @@ def run_stage(
     args = parser.parse_args(argv)
     try:
         summary = body(args, StageParams(args.params))
-    except (*EXPECTED_ERRORS, *errors) as exc:
-        sys.exit(f"{stage}: error: {exc}")
+    except (*EXPECTED_ERRORS, *errors, OSError) as exc:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        sys.exit(f"{stage}: error: {describe_os_error(exc) if isinstance(exc, OSError) else exc}")
     if summary:
         print(f"{stage}: {summary}")
 
@@ -72,3 +84,11 @@ def run_stage(
 def restart_option(parser: argparse.ArgumentParser) -> None:
     """``--restart`` of the training stages: start over instead of resuming a saved state."""
     parser.add_argument("--restart", action="store_true", help="ignore a saved training state")
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``<path>: <what the OS said>`` (both paths of a failed rename), or the error itself."""
+    if exc.filename is None:
+        return str(exc)
+    paths = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else str(exc.filename)
+    return f"{paths}: {exc.strerror or exc}"
