@@ -85,6 +85,10 @@ def stream_text(tokenizer, token_steps: Iterable[int]) -> Iterator[str]:
 def stream_reply(model, tokenizer, prompt: str, args: argparse.Namespace) -> None:
     """Generate from ``prompt`` until <|endoftext|> or the token limit, printing text as it comes."""
     ids = encode(tokenizer, prompt) or [ENDOFTEXT_ID]  # an empty prompt starts from <|endoftext|>
+    context = model.cfg.context_length
+    if len(ids) >= context:
+        print(f"llm: the prompt is {len(ids)} tokens and the model's context {context}: it reads only the "
+              f"last {context - 1}", file=sys.stderr)
     steps = generate_stream(
         model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, eos_id=ENDOFTEXT_ID, seed=args.seed,
@@ -151,10 +155,11 @@ def cmd_serve(argv: Sequence[str]) -> int:
     return serve_main(argv, prog="llm serve")
 
 
-def _add_sampling(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+def _add_sampling(parser: argparse.ArgumentParser, max_new_tokens: int, temperature: float = 0.0,
+                  top_k: int | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=temperature, help="0: greedy (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=top_k, help="sample from the k likeliest (default: %(default)s)")
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
     parser.add_argument("--int8", action="store_true",
@@ -173,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="continue a prompt, streaming tokens")
     generate.add_argument("prompt")
     generate.add_argument("--model", default="models/pretrained")
-    _add_sampling(generate, max_new_tokens=50)
+    # Sampling by default: a small model's greedy continuation is mostly the same few tokens again.
+    _add_sampling(generate, max_new_tokens=50, temperature=0.8, top_k=40)
     generate.set_defaults(run=cmd_generate)
 
     chat = commands.add_parser("chat", help="answer instructions with the instruction-tuned model")
@@ -201,6 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `llm generate ... | head` closed the pipe: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     return 0
 
 

@@ -14,19 +14,18 @@ default pipeline runs without network) the stage then warns and writes only
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from pydantic import Field
 
 from llmcore.checkpoint import CheckpointError, save_checkpoint
-from llmcore.tokenizer import ENCODING_DIR_ENV, GPT2_FILE_SHA256, GPT2_FILES
+from llmcore.tokenizer import ENCODING_DIR_ENV
 from llmcore.weights import HF_REPOS, WeightsUnavailableError, load_gpt2
+from steps.common.models import find_encoding_files
 from steps.common.cli import StageParams, run_stage
 from steps.common.data import TokenizerParams
 from steps.common.io import atomic_path
@@ -35,8 +34,6 @@ from steps.common.params import StrictModel
 STAGE = "load_gpt2"
 EXPERIMENT = "load-gpt2"
 STATUS_FILE = "status.json"
-# Where tiktoken's get_encoding("gpt2") caches the BPE files: sha1 of the URL, in its cache dir.
-TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{}"
 HOW_TO_PROVIDE = (
     "To load GPT-2 offline, set load_gpt2.source to a local directory in the Hugging Face format "
     "(config.json + model.safetensors, e.g. a copy of the Hub repo {repo}), or pre-fill the Hugging "
@@ -47,21 +44,6 @@ HOW_TO_PROVIDE = (
 class LoadGPT2Params(StrictModel):
     source: str = Field("gpt2-small", min_length=1)  # a GPT-2 size, a Hub repo id, or a local HF-format dir
     required: bool = False  # false: unavailable weights give status.json loaded=false, not an error
-
-
-def find_encoding_files(encoding_dir: str | None) -> dict[str, Path] | None:
-    """GPT-2's encoder.json + vocab.bpe from ``encoding_dir`` or tiktoken's cache, if both are there."""
-    if encoding_dir:
-        candidates = {name: Path(encoding_dir) / name for name in GPT2_FILES}
-    else:
-        cache = Path(os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
-                     or Path(tempfile.gettempdir()) / "data-gym-cache")
-        candidates = {name: cache / hashlib.sha1(TIKTOKEN_URL.format(name).encode()).hexdigest()
-                      for name in GPT2_FILES}
-    for name, path in candidates.items():
-        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != GPT2_FILE_SHA256[name]:
-            return None
-    return candidates
 
 
 def load_gpt2_stage(params: LoadGPT2Params, out_dir: Path, tokenizer_params: TokenizerParams = TokenizerParams()) -> dict:

@@ -53,7 +53,8 @@ def test_gpt2_dir_without_weights_is_reported(tmp_path: Path, capsys) -> None:
 
 
 def test_generate_prints_the_prompt_and_its_greedy_continuation(gpt_dir: Path, offline_tokenizer, tokenizer, capsys) -> None:
-    assert cli.main(["generate", "Every effort moves you", "--model", str(gpt_dir), "--max-new-tokens", "12"]) == 0
+    assert cli.main(["generate", "Every effort moves you", "--model", str(gpt_dir), "--max-new-tokens", "12",
+                     "--temperature", "0"]) == 0
     model = cli.load_checkpoint(gpt_dir)
     expected = generate_text(model, tokenizer, "Every effort moves you", 12, eos_id=ENDOFTEXT_ID)
     assert capsys.readouterr().out == "Every effort moves you" + expected + "\n"
@@ -140,3 +141,21 @@ def test_serve_is_the_serving_package_imported_only_when_asked(capsys) -> None:
     assert exited.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: llm serve") and "--classifier" in out and "--int8" in out
+
+
+def test_generate_samples_by_default_and_reports_a_cropped_prompt(gpt_dir: Path, offline_tokenizer, capsys) -> None:
+    args = cli.build_parser().parse_args(["generate", "hi"])
+    assert (args.temperature, args.top_k) == (0.8, 40)  # readable sampling, not greedy repetition
+    context = cli.load_checkpoint(gpt_dir).cfg.context_length
+    long_prompt = "word" * (context + 10)
+    assert cli.main(["generate", long_prompt, "--model", str(gpt_dir), "--max-new-tokens", "2", "--seed", "1"]) == 0
+    assert f"tokens and the model's context {context}: it reads only the last {context - 1}" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_generate_quietly(gpt_dir: Path, gpt2_encoding_dir: Path) -> None:
+    command = (f"{sys.executable} -m llmcore.cli generate 'Every effort' --model {gpt_dir} --max-new-tokens 200 "
+               f"--seed 1 | head -c 5")
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", ENCODING_DIR_ENV: str(gpt2_encoding_dir)})
+    assert done.returncode == 0 and done.stdout == "Every"
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr

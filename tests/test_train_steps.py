@@ -109,6 +109,9 @@ def test_pretrain_writes_checkpoint_metrics_plots_and_cleans_its_state(pretraine
     assert history["train_loss"].iloc[-1] < math.log(50257) - 0.5
     assert paths.loss_plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not paths.state_dir.exists()
+    # The model carries its tokenizer files: `llm` and serving need no network or environment.
+    for name in ("encoder.json", "vocab.bpe"):
+        assert (paths.model_out / name).read_bytes() == (MIRROR / "gpt2" / name).read_bytes()
 
 
 def test_pretrain_mlflow_run_holds_params_curves_samples_plot_and_a_loadable_generator(pretrained) -> None:
@@ -193,10 +196,10 @@ def test_a_saved_state_with_other_settings_is_not_resumed(workspace: Path, pretr
     assert metrics["val_loss"] == reference["val_loss"] and metrics["train_loss"] == reference["train_loss"]
 
 
-def test_pretrain_rejects_windows_of_another_context_length(workspace: Path) -> None:
-    model = {**TINY["model"], "context_length": CONTEXT * 2}
-    with pytest.raises(DataError, match=r"train\.npy holds windows of context_length 16 .* pretrain\.model\.context_length"):
-        pretrain(tiny_params(model=model), paths_in(workspace / "bad"), TOKENIZER, progress=False)
+def test_the_context_length_is_stated_once_by_the_windows() -> None:
+    with pytest.raises(ParamsError, match=r"pretrain\.model\.context_length: Extra inputs are not permitted"):
+        validate_section({"pretrain": {**TINY, "model": {**TINY["model"], "context_length": 32}}}, "pretrain",
+                         PretrainParams)
 
 
 def test_pretrain_params_name_the_bad_key() -> None:

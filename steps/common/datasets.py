@@ -34,8 +34,8 @@ def load_windows(path: Path, cfg: GPTConfig, *, exact: bool = True) -> WindowArr
     if width > cfg.context_length or (exact and width != cfg.context_length):
         raise DataError(
             f"{path} holds windows of context_length {width} but the model's "
-            f"context_length is {cfg.context_length}: make pretrain.model.context_length equal "
-            "windows.context_length in params.yaml"
+            f"context_length is {cfg.context_length}: score the model on windows built with its "
+            "context (windows.context_length in params.yaml)"
         )
     if int(windows.max()) >= cfg.vocab_size:
         raise DataError(f"{path}: token id {int(windows.max())} is outside the model's vocabulary ({cfg.vocab_size})")

@@ -1,13 +1,23 @@
-"""The base model of the fine-tunes: an llmcore checkpoint that a training stage wrote."""
+"""Model directories: the base model of the fine-tunes (an llmcore checkpoint a stage wrote), and
+the GPT-2 BPE files every model directory carries, so ``llm`` and serving need no network."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from llmcore.checkpoint import load_checkpoint
 from llmcore.model import GPTModel
+from llmcore.tokenizer import ENCODING_DIR_ENV, GPT2_FILE_SHA256, GPT2_FILES
+from steps.common.io import atomic_path
 from steps.common.params import StrictModel
+
+# Where tiktoken's get_encoding("gpt2") caches the BPE files: sha1 of the URL, in its cache dir.
+TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{}"
 
 
 class BaseModelError(ValueError):
@@ -36,3 +46,29 @@ def load_base_model(base_dir: Path, **overrides) -> GPTModel:
     if not (base_dir / "config.json").is_file():
         raise BaseModelError(f"base model {base_dir} not found (no config.json): run its stage first (dvc repro)")
     return load_checkpoint(base_dir, **overrides)
+
+
+def find_encoding_files(encoding_dir: str | None) -> dict[str, Path] | None:
+    """GPT-2's encoder.json + vocab.bpe from ``encoding_dir`` or tiktoken's cache, if both are there."""
+    if encoding_dir:
+        candidates = {name: Path(encoding_dir) / name for name in GPT2_FILES}
+    else:
+        cache = Path(os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+                     or Path(tempfile.gettempdir()) / "data-gym-cache")
+        candidates = {name: cache / hashlib.sha1(TIKTOKEN_URL.format(name).encode()).hexdigest()
+                      for name in GPT2_FILES}
+    for name, path in candidates.items():
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != GPT2_FILE_SHA256[name]:
+            return None
+    return candidates
+
+
+def bundle_tokenizer(model_dir: Path, encoding_dir: str | None) -> bool:
+    """Copy GPT-2's encoder.json + vocab.bpe (checked) into ``model_dir``; False when none are at hand."""
+    files = find_encoding_files(encoding_dir or os.environ.get(ENCODING_DIR_ENV))
+    if files is None:
+        return False
+    for name, source in files.items():
+        with atomic_path(model_dir / name) as tmp:
+            shutil.copyfile(source, tmp)
+    return True

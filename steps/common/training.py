@@ -37,7 +37,7 @@ from llmcore.train import STATE_DIR, TrainCallback, TrainConfig, TrainingDiverge
     next_token_loss, train
 from steps.common.distributed import stage_run_on_main
 from steps.common.io import resume_state_dir, sha256_file, write_json
-from steps.common.models import BaseModelError
+from steps.common.models import BaseModelError, bundle_tokenizer
 from steps.common.params import ParamsError, StrictModel
 from steps.common.plotting import plot_history, write_history_csv
 
@@ -155,6 +155,7 @@ def run_training(job: TrainingJob, out: TrainingOutputs, *, encoding_dir: str | 
         metrics = _final_metrics(job, state)
         speed = _throughput(job.model, config, (state.tokens_seen - resumed_tokens) / wall_time, wall_time)
         job.save(job.model, out.model_dir)
+        bundle_tokenizer(out.model_dir, encoding_dir)  # so `llm` and serving work offline with it
         write_json(out.metrics, metrics)
         write_history_csv(out.history, state.history)
         for metric, path in out.plots.items():
