@@ -83,8 +83,9 @@ def evaluate(
 ) -> dict[str, dict[str, float]]:
     """Score ``model_dir`` on the windows, generate, write the outputs and log them; returns the metrics."""
     from steps.common.registry import PRETRAINED_MODEL
-    from steps.common.tracking import record_evaluation  # mlflow imports take seconds: not at import
+    from steps.common.tracking import check_store, record_evaluation  # mlflow imports take seconds
 
+    check_store("pretrain")  # before any work or output: fail early if the store cannot be written
     try:
         device = resolve_device(params.device)
     except ValueError as exc:
@@ -109,7 +110,8 @@ def evaluate(
     write_json(generations_out, generations)
     flat = {f"{split}_{name}": value for split, values in metrics.items() for name, value in values.items()}
     record_evaluation(STAGE, params, model_dir, flat, [position_csv, generations_out],
-                      registered_model=PRETRAINED_MODEL, champion_metric="val_loss", higher_is_better=False)
+                      registered_model=PRETRAINED_MODEL, champion_metric="val_loss", higher_is_better=False,
+                      outputs=[metrics_out, headline_out, position_csv, generations_out])
     return metrics
 
 

@@ -84,8 +84,9 @@ def score_instructions(
 ) -> dict:
     """Answer, save and score the test prompts; returns the metrics written to ``metrics_out``
     (ROUGE-L and the judge's score also to ``headline_out``); the scores go to the training run."""
-    from steps.common.tracking import record_evaluation  # mlflow imports take seconds: not at import
+    from steps.common.tracking import check_store, record_evaluation  # mlflow imports take seconds
 
+    check_store("instruction-sft")  # before any work or output: fail early if the store cannot be written
     entries = load_entries(test_file)[: params.max_entries]
     if not entries:
         raise DataError(f"{test_file}: no instruction entries")
@@ -131,7 +132,8 @@ def score_instructions(
     write_json(headline_out, {k: metrics[k] for k in ("rouge_l_f1", "judge_score") if metrics[k] is not None})
     tracked = {k: float(v) for k, v in metrics.items() if v is not None}
     record_evaluation(STAGE, params, model_dir, {**tracked, "generate_s": generate_s}, [responses_out],
-                      registered_model=INSTRUCT_MODEL, champion_metric=params.champion_metric)
+                      registered_model=INSTRUCT_MODEL, champion_metric=params.champion_metric,
+                      outputs=[responses_out, metrics_out, headline_out])
     return metrics
 
 

@@ -83,6 +83,10 @@ def score_spam(
     """Metrics per split (``metrics_out``), the test accuracy and F1 (``headline_out``), and
     ``spam_confusion.{png,csv}`` under ``plots_dir``; the scores go to the run that trained the model."""
 
+    from steps.common.registry import SPAM_CLASSIFIER
+    from steps.common.tracking import check_store, record_evaluation  # mlflow imports take seconds
+
+    check_store(SPAM_CLASSIFIER)  # before any work or output: fail early if the store cannot be written
     torch.manual_seed(params.seed)
     frames = {split: read_spam_split(data_dir / f"{split}.csv") for split in SPLITS}
     try:
@@ -108,12 +112,10 @@ def score_spam(
     accuracy = metrics[params.plot_split]["accuracy"]
     title = f"spam classifier, {params.plot_split} split (accuracy {accuracy:.2%})"
     save_confusion_png(png_path, actual, predicted, model.labels, title)
-    from steps.common.registry import SPAM_CLASSIFIER
-    from steps.common.tracking import record_evaluation  # mlflow imports take seconds: not at import
-
     flat = {f"{split}_{name}": value for split, values in metrics.items() for name, value in values.items()}
     record_evaluation(STAGE, params, model_dir, flat, [png_path, csv_path],
-                      registered_model=SPAM_CLASSIFIER, champion_metric=f"test_{params.champion_metric}")
+                      registered_model=SPAM_CLASSIFIER, champion_metric=f"test_{params.champion_metric}",
+                      outputs=[metrics_out, headline_out, png_path, csv_path])
     return metrics
 
 

@@ -217,3 +217,22 @@ def test_bad_spam_csv_is_named(tmp_path: Path) -> None:
     pd.DataFrame({"label": [0], "Text": ["a"]}).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(DataError, match=r"missing column\(s\) \['Label'\]"):
         datasets.read_spam_split(tmp_path / "bad.csv")
+
+
+def test_an_unusable_tracking_store_fails_in_one_line_before_any_output(workspace: Path, finetuned: dict, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    corrupt = tmp_path / "mlflow.db"
+    corrupt.write_bytes(b"this is not a database" * 100)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{corrupt}")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"score_spam": {"batch_size": 32, "champion_metric": "accuracy", "plot_split": "test",
+                                                     "seed": 123, "device": "cpu"}, "tokenizer": TOKENIZER.model_dump()}))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        score_spam.main(["--params", str(params), "--model", str(workspace / "clf"), "--data", str(workspace / "data"),
+                         "--metrics", str(out / "spam.json"), "--headline", str(out / "headline.json"),
+                         "--plots", str(out)])
+    message = str(exc.value.code)
+    assert message.startswith(f"score_spam: error: MLflow tracking store sqlite:///{corrupt} (MLFLOW_TRACKING_URI) failed")
+    assert "\n" not in message and "Traceback" not in message
+    assert not out.exists()  # nothing written, nothing complete-looking

@@ -12,9 +12,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shutil
 import subprocess
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from pydantic import BaseModel
 
 from llmcore.checkpoint import WEIGHTS_FILE
 from llmcore.train import TrainCallback, TrainState
+from steps.common.cli import StageError
 from steps.common.io import file_digest
 from steps.common.secrets import redact
 
@@ -38,6 +40,39 @@ def configure_tracking() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+class TrackingError(StageError):
+    """The MLflow tracking store cannot be used; the message names it and what to do."""
+
+
+@contextlib.contextmanager
+def tracking_errors() -> Iterator[None]:
+    """MLflow's and its store's failures (locked or corrupt sqlite, unreachable server) as one
+    ``TrackingError`` line that names the store, instead of a database traceback."""
+    import sqlite3
+
+    import requests
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except (MlflowException, sqlalchemy.exc.SQLAlchemyError, sqlite3.Error, requests.RequestException) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise TrackingError(
+            f"MLflow tracking store {redact(mlflow.get_tracking_uri())} (MLFLOW_TRACKING_URI) failed: {redact(first)}; "
+            "check that it is reachable and no other process holds it locked, or point MLFLOW_TRACKING_URI elsewhere"
+        ) from exc
+
+
+def check_store(experiment: str) -> None:
+    """Fail before any work or output when the store cannot take a write (a locked or corrupt
+    sqlite file, a server that is down): a stage either completes and is tracked, or fails early."""
+    configure_tracking()
+    with tracking_errors():
+        found = mlflow.set_experiment(os.environ.get(EXPERIMENT_ENV) or experiment)
+        mlflow.MlflowClient().set_experiment_tag(found.experiment_id, "llmpipe.store_checked", "true")
 
 
 @functools.lru_cache(maxsize=1)
@@ -81,10 +116,9 @@ def run_tags(stage: str) -> dict[str, str]:
 @contextlib.contextmanager
 def stage_run(stage: str, experiment: str, params: Mapping[str, Any] | BaseModel | None = None) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run for ``stage`` with its params logged and standard tags set."""
-    configure_tracking()
-    mlflow.set_experiment(os.environ.get(EXPERIMENT_ENV) or experiment)
+    check_store(experiment)
     parent = os.environ.get(PARENT_RUN_ENV) or None
-    with mlflow.start_run(run_name=run_name(stage), parent_run_id=parent, tags=run_tags(stage)) as run:
+    with tracking_errors(), mlflow.start_run(run_name=run_name(stage), parent_run_id=parent, tags=run_tags(stage)) as run:
         if params is not None:
             mlflow.log_params(flatten(params))
         yield run
@@ -171,11 +205,28 @@ def record_evaluation(
     registered_model: str,
     champion_metric: str,
     higher_is_better: bool = True,
+    outputs: Sequence[Path] = (),
 ) -> None:
     """A scoring stage's results go into the MLflow run that trained these weights (beside its
     lr, epochs, ...), and the registry's ``@champion`` moves if this version beats it on
     ``champion_metric``. Weights that no run of this store trained (trained elsewhere, or the
     store was reset) get a scoring run of their own in the model's experiment."""
+    try:
+        with tracking_errors():
+            _record_evaluation(stage, params, model_dir, metrics, artifacts, registered_model, champion_metric,
+                               higher_is_better)
+    except TrackingError:
+        remove_outputs(outputs)  # untracked results must not look complete
+        raise
+
+
+def remove_outputs(paths: Sequence[Path]) -> None:
+    for path in map(Path, paths):
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _record_evaluation(stage, params, model_dir, metrics, artifacts, registered_model, champion_metric,
+                       higher_is_better) -> None:
     from steps.common.registry import promote_if_better, version_of_run
 
     configure_tracking()

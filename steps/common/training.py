@@ -136,8 +136,10 @@ def run_training(job: TrainingJob, out: TrainingOutputs, *, encoding_dir: str | 
     """Train ``job`` (resuming a saved state made with the same settings and data), write and log
     everything; returns the metrics. Under torchrun every rank trains and only rank 0 writes and
     logs (the others return {})."""
-    from steps.common.tracking import MlflowCallback  # mlflow imports take seconds: not at import
+    from steps.common.tracking import MlflowCallback, check_store  # mlflow imports take seconds: not at import
 
+    if is_main_process():
+        check_store(job.experiment)  # a store that cannot be written fails the stage before training
     config = job.params.train_config(progress=progress)
     digests = {split: sha256_file(path) for split, path in job.data_files.items()}
     # A saved state is resumed only when made with the same section, settings and data.
@@ -160,7 +162,7 @@ def run_training(job: TrainingJob, out: TrainingOutputs, *, encoding_dir: str | 
         write_history_csv(out.history, state.history)
         for metric, path in out.plots.items():
             plot_history(path, state.history, state.steps_per_epoch, metric=metric)
-        version = _log_model(job, out, encoding_dir, {**metrics, **speed})
+        version = _log_model_or_remove_outputs(job, out, encoding_dir, {**metrics, **speed})
         metrics.update(speed, run_id=run.info.run_id, registered_version=str(version.version))
     shutil.rmtree(out.state_dir, ignore_errors=True)  # the model is written: nothing left to resume
     return metrics
@@ -200,6 +202,19 @@ def _throughput(model: nn.Module, config: TrainConfig, tokens_per_s: float, wall
     speed.update(run_summary(model, tokens_per_s, sequence, next(model.parameters()).device, config.precision,
                              world_size()))
     return speed
+
+
+def _log_model_or_remove_outputs(job: TrainingJob, out: TrainingOutputs, encoding_dir: str | None, metrics: dict):
+    """``_log_model``; when tracking fails, the outputs just written go (they must not look complete)
+    and the error names the store. The training state stays, so a re-run only logs again."""
+    from steps.common.tracking import TrackingError, remove_outputs, tracking_errors
+
+    try:
+        with tracking_errors():
+            return _log_model(job, out, encoding_dir, metrics)
+    except TrackingError:
+        remove_outputs([out.model_dir, out.metrics, out.history, *out.plots.values()])
+        raise
 
 
 def _log_model(job: TrainingJob, out: TrainingOutputs, encoding_dir: str | None, metrics: dict):
