@@ -1,30 +1,35 @@
 #!/usr/bin/env bash
-# Create .venv and install the project. Usage: scripts/setup.sh [dev]
+# Create .venv and install the project from its lock file. Usage: scripts/setup.sh [dev]
 #
-# PyPI's default torch wheel for Linux is a multi-GB CUDA build. On a machine without an NVIDIA
-# GPU we install the CPU build first (PyTorch's CPU index; its "+cpu" wheel sorts above the plain
-# version), so the project's own "torch" requirement is already satisfied. With a GPU, torch
-# comes from PyPI as usual. Override with TORCH_SPEC / TORCH_INDEX_URL.
+# Every package comes from requirements/<variant>.lock with its hash (pip --require-hashes), so a
+# fresh machine gets exactly the versions CI tested; scripts/lock.sh refreshes the locks. The
+# variant: on a machine without an NVIDIA GPU torch's CPU build (PyTorch's CPU index; PyPI's
+# default Linux wheel is a multi-GB CUDA build), with one (`nvidia-smi` works) PyPI's CUDA build.
+# TORCH_INDEX_URL overrides the CPU index; LLMPIPE_UNLOCKED=1 installs the newest allowed versions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extra=""
-[ "${1:-}" = "dev" ] && extra="[dev]"
+[ "${1:-}" = "dev" ] && extra="dev"
 python="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip --disable-pip-version-check)
 
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-        echo "setup: NVIDIA GPU found: installing torch from PyPI (CUDA build)"
-        "${pip[@]}" install "${TORCH_SPEC:-torch>=2.4,<2.15}"
-    else
-        echo "setup: no NVIDIA GPU: installing the CPU build of torch"
-        "${pip[@]}" install --retries 1 "${TORCH_SPEC:-torch==2.13.0}" \
-            --extra-index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
-    fi
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    variant=cuda index=()
+    echo "setup: NVIDIA GPU found: torch from PyPI (CUDA build)"
+else
+    variant=cpu index=(--extra-index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}")
+    echo "setup: no NVIDIA GPU: torch's CPU build"
 fi
-"${pip[@]}" install -e ".${extra}"
+if [ -n "${LLMPIPE_UNLOCKED:-}" ]; then
+    "${pip[@]}" install "${index[@]}" -e ".${extra:+[$extra]}"
+else
+    lock="requirements/${variant}${extra:+-$extra}.lock"
+    echo "setup: installing $lock (hash-checked)"
+    "${pip[@]}" install --retries 1 --require-hashes "${index[@]}" -r "$lock"
+    "${pip[@]}" install --no-deps -e .
+fi
 # `dvc plots show` offline: vega inlined into this clone's DVC page template (from the npm registry).
 .venv/bin/python -m scripts.offline_plots || true
 echo "setup: done ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
