@@ -27,8 +27,10 @@ if [ -n "${LLMPIPE_UNLOCKED:-}" ]; then
 else
     lock="requirements/${variant}${extra:+-$extra}.lock"
     echo "setup: installing $lock (hash-checked)"
-    "${pip[@]}" install --retries 1 --require-hashes "${index[@]}" -r "$lock"
+    # The lock is the whole dependency closure: nothing to resolve, every file checked.
+    "${pip[@]}" install --retries 1 --require-hashes --no-deps "${index[@]}" -r "$lock"
     "${pip[@]}" install --no-deps -e .
+    "${pip[@]}" check
 fi
 # `dvc plots show` offline: vega inlined into this clone's DVC page template (from the npm registry).
 .venv/bin/python -m scripts.offline_plots || true
