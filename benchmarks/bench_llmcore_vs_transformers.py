@@ -1,12 +1,11 @@
-"""llmcore vs Hugging Face transformers on the same GPT-2-small shape, fp32, on this CPU.
+"""llmcore vs Hugging Face transformers on the same GPT-2-small shape: generation, fp32, on this CPU.
 
+(Training speed, eager/compiled x fp32/bf16 with MFU, is ``benchmarks.bench_training_speed``.)
 One run measures, with random weights (the speed of a step does not depend on their values):
 
-* training tokens/s at context 256, batch 2: one step is what ``llmcore.train.train`` does
-  (zero_grad, loss, backward, clip to 1.0, AdamW step); transformers' ``GPT2LMHeadModel`` gets
-  the same step with its own loss (``labels=``) and the AdamW its Trainer uses by default;
 * greedy KV-cache generation, new tokens/s, 200 tokens from a 4-token prompt, batch 1:
-  transformers' ``model.generate`` against ``llmcore.generate`` in fp32 and with int8 weights
+  transformers' ``model.generate`` against ``llmcore.generate`` in fp32 (eager, and compiled:
+  the static-shape step of ``generate(..., compile=True)``) and with int8 weights
   (``llmcore.quantize.quantize_int8``);
 * peak memory of each phase, in a fresh child process (its peak RSS, ``VmHWM``, minus its RSS
   after imports);
@@ -14,11 +13,11 @@ One run measures, with random weights (the speed of a step does not depend on th
   int8 are compared by perplexity and greedy-token agreement (random weights would make both
   meaningless).
 
-The machine is shared and noisy, so the two libraries are measured alternately, step by step and
-generation by generation, and the best and median of the trials are reported.
+The machine is shared and noisy, so the libraries are measured alternately, generation by
+generation, and the best and median of the trials are reported.
 
     python -m benchmarks.bench_llmcore_vs_transformers              # everything, ~5 minutes
-    python -m benchmarks.bench_llmcore_vs_transformers --no-quality --no-memory --train-steps 3
+    python -m benchmarks.bench_llmcore_vs_transformers --no-quality --no-memory --gen-trials 2
 """
 
 from __future__ import annotations
@@ -42,24 +41,18 @@ from llmcore.data import SlidingWindowDataset
 from llmcore.generate import generate
 from llmcore.model import GPTModel
 from llmcore.quantize import quantize_int8
-from llmcore.train import TrainConfig, build_optimizer, next_token_loss, train
+from llmcore.train import TrainConfig, train
 
-LR, WEIGHT_DECAY, GRAD_CLIP = 4e-4, 0.1, 1.0
 VOCAB, EMB_DIM, N_LAYERS, N_HEADS, N_POSITIONS = 50257, 768, 12, 12, 1024
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--context", type=int, default=256, help="training sequence length")
-    parser.add_argument("--batch", type=int, default=2, help="training batch size")
-    parser.add_argument("--warmup-steps", type=int, default=2, help="untimed training steps per library")
-    parser.add_argument("--train-steps", type=int, default=6, help="timed training steps per library")
     parser.add_argument("--new-tokens", type=int, default=200, help="tokens generated per trial")
     parser.add_argument("--prompt-tokens", type=int, default=4)
     parser.add_argument("--gen-trials", type=int, default=3, help="timed generations per variant")
-    parser.add_argument("--hf-optimizer", choices=("fused", "foreach", "for-loop"), default="fused",
-                        help="AdamW implementation for transformers (its Trainer defaults to fused on torch>=2.8)")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd llmcore training")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time llmcore's compiled static-shape decoding")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quality", action=argparse.BooleanOptionalAction, default=True,
                         help="train a cpu-small model on the-verdict and compare fp32 and int8")
@@ -89,43 +82,6 @@ def hf_model():
     return GPT2LMHeadModel(config)
 
 
-def hf_optimizer(model, kind: str) -> torch.optim.AdamW:
-    """AdamW as transformers' Trainer builds it: no decay on biases and LayerNorm weights."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    impl = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[kind]
-    return torch.optim.AdamW(groups, lr=LR, **impl)
-
-
-def make_train_step(lib: str, model, optimizer, batch: tuple[torch.Tensor, torch.Tensor]):
-    inputs, targets = batch
-
-    def loss_llmcore() -> torch.Tensor:
-        return next_token_loss(model, (inputs, targets))
-
-    def loss_hf() -> torch.Tensor:
-        # shift_labels: the targets are already shifted, so both predict the same 256 tokens a row.
-        return model(input_ids=inputs, labels=targets, shift_labels=targets).loss
-
-    loss_fn = loss_llmcore if lib.startswith("llmcore") else loss_hf
-
-    def step() -> float:
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        optimizer.step()
-        return loss.item()
-
-    return step
-
-
-def random_batch(args) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = torch.randint(0, VOCAB, (args.batch, args.context + 1), generator=torch.Generator().manual_seed(args.seed))
-    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
-
-
 def hf_generate(model, prompt: torch.Tensor, n: int) -> list[int]:
     with torch.no_grad():
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, use_cache=True,
@@ -133,8 +89,8 @@ def hf_generate(model, prompt: torch.Tensor, n: int) -> list[int]:
     return out[0, prompt.shape[1]:].tolist()
 
 
-def llmcore_generate(model, prompt: torch.Tensor, n: int) -> list[int]:
-    return generate(model, prompt, n)[0]
+def llmcore_generate(model, prompt: torch.Tensor, n: int, compile: bool = False) -> list[int]:
+    return generate(model, prompt, n, compile=compile)[0]
 
 
 # --- timing -----------------------------------------------------------------------------------
@@ -157,32 +113,6 @@ def summarise(times: list[float], units_per_call: int) -> dict[str, float]:
     return {"best": max(rates), "median": statistics.median(rates), "trials": len(rates)}
 
 
-def bench_training(args) -> dict:
-    batch = random_batch(args)
-    torch.manual_seed(args.seed)
-    ours = llmcore_model()
-    theirs = hf_model()
-    steps = {
-        "llmcore": make_train_step("llmcore", ours, build_optimizer(ours, TrainConfig(lr=LR, weight_decay=WEIGHT_DECAY)), batch),
-        "transformers": make_train_step("hf", theirs, hf_optimizer(theirs, args.hf_optimizer), batch),
-    }
-    result: dict = {}
-    if args.compile:
-        compiled = torch.compile(ours)
-        step = make_train_step("llmcore", compiled, build_optimizer(ours, TrainConfig(lr=LR, weight_decay=WEIGHT_DECAY)), batch)
-        started = time.perf_counter()
-        step()
-        result["compile_s"] = time.perf_counter() - started
-        steps["llmcore+compile"] = step
-    for step in steps.values():
-        for _ in range(args.warmup_steps):
-            step()
-    times = interleaved(steps, args.train_steps)
-    tokens = args.batch * args.context
-    result.update({name: summarise(t, tokens) for name, t in times.items()})
-    return result
-
-
 def bench_generation(args) -> dict:
     torch.manual_seed(args.seed)
     ours = llmcore_model().eval()
@@ -196,12 +126,16 @@ def bench_generation(args) -> dict:
         "llmcore": lambda: outputs.__setitem__("llmcore", llmcore_generate(ours, prompt, n)),
         "llmcore_int8": lambda: outputs.__setitem__("llmcore_int8", llmcore_generate(ours_int8, prompt, n)),
     }
-    for fn in fns.values():  # warm-up (allocations, first-call dispatch)
+    if args.compile:
+        fns["llmcore+compile"] = lambda: outputs.__setitem__("llmcore+compile", llmcore_generate(ours, prompt, n, True))
+    for fn in fns.values():  # warm-up (allocations, first-call dispatch, compilation)
         fn()
     times = interleaved(fns, args.gen_trials)
     result = {name: summarise(t, n) for name, t in times.items()}
     assert all(len(tokens) == n for tokens in outputs.values()), "a generation stopped early"
     result["int8_vs_fp32_token_agreement_random_weights"] = agreement(outputs["llmcore"], outputs["llmcore_int8"])
+    if args.compile:
+        result["compiled_vs_eager_same_tokens"] = outputs["llmcore+compile"] == outputs["llmcore"]
     with torch.no_grad():
         idx = torch.randint(0, VOCAB, (1, 64), generator=torch.Generator().manual_seed(args.seed + 1))
         ref, q = ours(idx), ours_int8(idx)
@@ -285,33 +219,24 @@ def run_probe(args) -> None:
     import transformers  # noqa: F401  (imported in every probe, so the baselines match)
 
     baseline = proc_status_bytes("VmRSS")
-    kind, lib = args.probe.split(":")
+    lib = args.probe
     torch.manual_seed(args.seed)
-    if kind == "train":
-        model = llmcore_model() if lib == "llmcore" else hf_model()
-        opt = build_optimizer(model, TrainConfig(lr=LR, weight_decay=WEIGHT_DECAY)) if lib == "llmcore" \
-            else hf_optimizer(model, args.hf_optimizer)
-        step = make_train_step(lib, model, opt, random_batch(args))
-        step()
-        step()
+    prompt = torch.randint(0, VOCAB, (1, args.prompt_tokens))
+    if lib == "transformers":
+        hf_generate(hf_model().eval(), prompt, args.new_tokens)
     else:
-        prompt = torch.randint(0, VOCAB, (1, args.prompt_tokens))
-        if lib == "transformers":
-            hf_generate(hf_model().eval(), prompt, args.new_tokens)
-        else:
-            model = llmcore_model().eval()
-            if lib == "llmcore_int8":
-                model = quantize_int8(model, inplace=True)
-            llmcore_generate(model, prompt, args.new_tokens)
+        model = llmcore_model().eval()
+        if lib == "llmcore_int8":
+            model = quantize_int8(model, inplace=True)
+        llmcore_generate(model, prompt, args.new_tokens)
     print(json.dumps({"peak_rss_above_imports_mb": (proc_status_bytes("VmHWM") - baseline) / 2**20}))
 
 
 def bench_memory(args) -> dict:
     result = {}
-    for probe in ("train:llmcore", "train:transformers", "generate:llmcore", "generate:llmcore_int8", "generate:transformers"):
+    for probe in ("llmcore", "llmcore_int8", "transformers"):
         cmd = [sys.executable, "-m", "benchmarks.bench_llmcore_vs_transformers", "--probe", probe,
-               "--context", str(args.context), "--batch", str(args.batch), "--new-tokens", str(args.new_tokens),
-               "--hf-optimizer", args.hf_optimizer, "--threads", str(args.threads)]
+               "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         result[probe] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_above_imports_mb"]
     return result
@@ -322,30 +247,22 @@ def bench_memory(args) -> dict:
 
 def report(results: dict) -> None:
     print(f"\n== {results['environment']}")
-    if "training" in results:
-        t = results["training"]
-        print(f"\ntraining tokens/s (context {results['args']['context']}, batch {results['args']['batch']}, fp32, AdamW):")
-        for name in ("transformers", "llmcore", "llmcore+compile"):
-            if name in t:
-                print(f"  {name:16s} best {t[name]['best']:7.1f}   median {t[name]['median']:7.1f}   ({t[name]['trials']} steps)")
-        for name in ("llmcore", "llmcore+compile"):
-            if name in t:
-                print(f"  ratio {name}/transformers: best {t[name]['best'] / t['transformers']['best']:.2f}x, "
-                      f"median {t[name]['median'] / t['transformers']['median']:.2f}x")
-        if "compile_s" in t:
-            print(f"  torch.compile: first step (compile) took {t['compile_s']:.0f} s")
     if "generation" in results:
         g = results["generation"]
         print(f"\ngreedy KV-cache generation, new tokens/s (batch 1, {results['args']['new_tokens']} new tokens):")
-        for name in ("transformers", "llmcore", "llmcore_int8"):
+        for name in ("transformers", "llmcore", "llmcore+compile", "llmcore_int8"):
+            if name not in g:
+                continue
             print(f"  {name:16s} best {g[name]['best']:7.1f}   median {g[name]['median']:7.1f}   ({g[name]['trials']} runs)")
-        for name in ("llmcore", "llmcore_int8"):
+        for name in (n for n in ("llmcore", "llmcore+compile", "llmcore_int8") if n in g):
             print(f"  ratio {name}/transformers: best {g[name]['best'] / g['transformers']['best']:.2f}x, "
                   f"median {g[name]['median'] / g['transformers']['median']:.2f}x")
         print(f"  int8 vs fp32 (random weights): logits rel. error {g['int8_logits_rel_error']:.4f}, "
               f"same greedy tokens {g['int8_vs_fp32_token_agreement_random_weights']['same_fraction']:.0%}")
+        if "compiled_vs_eager_same_tokens" in g:
+            print(f"  compiled decoding gives the eager tokens: {g['compiled_vs_eager_same_tokens']}")
     if "memory" in results:
-        print("\npeak memory: peak RSS (VmHWM) of a fresh process running the phase, minus its RSS after imports (MiB):")
+        print("\npeak memory of generation: peak RSS (VmHWM) of a fresh process, minus its RSS after imports (MiB):")
         for probe, mb in results["memory"].items():
             print(f"  {probe:24s} {mb:8.0f}")
     if "quality" in results:
@@ -375,7 +292,6 @@ def main(argv: list[str] | None = None) -> None:
                        f"{args.threads} threads, load average at start {os.getloadavg()[0]:.1f}",
     }
     started = time.perf_counter()
-    results["training"] = bench_training(args)
     results["generation"] = bench_generation(args)
     if args.memory:
         results["memory"] = bench_memory(args)

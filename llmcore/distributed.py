@@ -4,6 +4,8 @@ torchrun (``python -m torch.distributed.run``) starts the processes and sets ``R
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; ``init_distributed`` joins
 them into one process group. Without a process group every helper here answers as a group of
 one (rank 0 of 1, reductions return their input), so single-process code needs no branches.
+The data-parallel pieces of the training loop (the local batch, evaluation shards, the DDP wrapper
+and its no_sync for gradient accumulation) are here too, so llmcore.train reads as one process.
 """
 
 from __future__ import annotations

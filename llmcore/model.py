@@ -51,7 +51,7 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):  # every cast below is explicit
             grad_hidden = torch.empty_like(hidden) if need_hidden else None
             grad_weight = torch.empty_like(weight) if need_weight else None
-            w = weight.to(matmul_dtype)  # the weight itself in fp32
+            w = weight.to(matmul_dtype)  # a 16-bit copy under autocast, else the weight itself
             total = hidden.new_zeros((), dtype=torch.float32)
             scale = 1.0 / n_valid
             for start in range(0, hidden.shape[0], chunk_rows):

@@ -53,23 +53,24 @@ def _flops_per_token(weights: int, cfg, seq_len: int) -> float:
     return 6.0 * weights + attention
 
 
+def matmul_seconds(n: int, dtype: torch.dtype, device: torch.device) -> float:
+    """Seconds one (n x n) @ (n x n) matmul takes, the device synchronised around it."""
+    a = torch.full((n, n), 0.01, dtype=dtype, device=device)  # no RNG draw: resume stays exact
+    _synchronize(device)
+    started = time.perf_counter()
+    a @ a
+    _synchronize(device)
+    return time.perf_counter() - started
+
+
 @functools.lru_cache(maxsize=None)
 def measured_matmul_flops(device_type: str, dtype: torch.dtype) -> float:
     """The best FLOP/s of a square matmul on this device, growing it until one takes >= 50 ms."""
-    device = torch.device(device_type)
-    n, best = 256, 0.0
+    device, n = torch.device(device_type), 256
     while True:
-        a = torch.full((n, n), 0.01, dtype=dtype, device=device)  # no RNG draw: resume stays exact
-        times = []
-        for _ in range(4):
-            _synchronize(device)
-            started = time.perf_counter()
-            a @ a
-            _synchronize(device)
-            times.append(time.perf_counter() - started)
-        best = max(best, 2 * n**3 / min(times[1:]))
-        if min(times[1:]) >= 0.05 or n >= 8192:
-            return best
+        seconds = min(matmul_seconds(n, dtype, device) for _ in range(5))  # the first call warms up
+        if seconds >= 0.05 or n >= 8192:
+            return 2 * n**3 / seconds
         n *= 2
 
 

@@ -182,9 +182,8 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
 
 
 class _LossModule(nn.Module):
-    """``loss_fn`` as a module: what DistributedDataParallel wraps (so a loss_fn may call any method
-    of the model, ``hidden_states``, ``cfg``, and still have its gradients synchronised) and what
-    torch.compile compiles."""
+    """``loss_fn`` as a module, what DDP wraps (a loss_fn may call any model method and still have
+    its gradients synchronised) and torch.compile compiles."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn):
         super().__init__()
