@@ -74,17 +74,14 @@ class SampleResponses(TrainCallback):
 def instruct_signature():
     """An instruction (and optional input) in; the response out; generation options per call."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types import ColSpec, Schema
+
+    from steps.common.mlflow_models import generation_param_schema
 
     return ModelSignature(
         inputs=Schema([ColSpec("string", "instruction"), ColSpec("string", "input", required=False)]),
         outputs=Schema([ColSpec("string", "response")]),
-        params=ParamSchema([
-            ParamSpec("max_new_tokens", "long", 128),
-            ParamSpec("temperature", "double", 0.0),
-            ParamSpec("top_k", "long", 0),
-            ParamSpec("seed", "long", 123),
-        ]),
+        params=generation_param_schema(128),
     )
 
 

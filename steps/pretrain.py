@@ -112,17 +112,14 @@ class EpochSampleCallback(TrainCallback):
 def generator_signature():
     """Prompts in, completions out; generation options as optional per-call params."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types import ColSpec, Schema
+
+    from steps.common.mlflow_models import generation_param_schema
 
     return ModelSignature(
         inputs=Schema([ColSpec("string", "prompt")]),
         outputs=Schema([ColSpec("string", "completion")]),
-        params=ParamSchema([
-            ParamSpec("max_new_tokens", "long", 50),
-            ParamSpec("temperature", "double", 0.0),
-            ParamSpec("top_k", "long", 0),
-            ParamSpec("seed", "long", 123),
-        ]),
+        params=generation_param_schema(50),
     )
 
 

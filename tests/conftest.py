@@ -62,3 +62,18 @@ def make_hf_gpt2(tmp_path: Path) -> Callable[..., tuple[Path, torch.nn.Module]]:
         return directory, model
 
     return make
+
+
+def spread_out_model(cfg):
+    """A random GPTModel with large weights (std 0.3), so logits are spread out and greedy decoding
+    has no near-ties for float noise to flip."""
+    from torch import nn
+
+    from llmcore.model import GPTModel
+
+    torch.manual_seed(0)
+    model = GPTModel(cfg).eval()
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.3)
+    return model

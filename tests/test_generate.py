@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from llmcore import GPTConfig, GPTModel
 from llmcore import generate as gen
 from llmcore.generate import generate, generate_stream, generate_text, sample_next_token
+from tests.conftest import spread_out_model
 
 CFG = GPTConfig(vocab_size=50, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11, 30, 12, 41, 13, 7, 14, 2, 15, 9, 16, 22]]
@@ -16,13 +16,7 @@ PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11, 30, 12, 41, 13, 7, 14, 2, 15,
 
 @pytest.fixture(scope="module")
 def model() -> GPTModel:
-    """A random model with large weights, so logits are spread out and greedy has no near-ties."""
-    torch.manual_seed(0)
-    model = GPTModel(CFG).eval()
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.3)
-    return model
+    return spread_out_model(CFG)
 
 
 @torch.no_grad()

@@ -6,14 +6,13 @@ import asyncio
 import time
 
 import pytest
-import torch
-from torch import nn
 
 from llmcore.config import GPTConfig
 from llmcore.generate import generate
 from llmcore.instruct import response_prompt
 from llmcore.model import GPTModel
 from llmcore.tokenizer import encode
+from tests.conftest import spread_out_model
 from serving.engine import Engine, EngineBusy, PromptTooLong, SamplingParams
 from serving.text import PromptError, TextStream, render_chat
 
@@ -23,13 +22,7 @@ PROMPTS = [[1, 2, 3], [40, 50, 60, 70, 80, 90, 100], [11, 30, 12, 41, 13, 7, 14,
 
 @pytest.fixture(scope="module")
 def model() -> GPTModel:
-    """Large random weights: logits are spread out, so greedy has no near-ties to flip."""
-    torch.manual_seed(0)
-    model = GPTModel(CFG).eval()
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.3)
-    return model
+    return spread_out_model(CFG)
 
 
 async def collect(request) -> tuple[str, str, int]:

@@ -45,3 +45,15 @@ def log_code_model(
         pip_requirements=[f"{package}=={version(package).split('+')[0]}" for package in REQUIREMENTS],
         **log_model_kwargs,
     )
+
+
+def generation_param_schema(max_new_tokens: int):
+    """The per-call generation options of the text pyfuncs (generator.py, instruct.py)."""
+    from mlflow.types import ParamSchema, ParamSpec
+
+    return ParamSchema([
+        ParamSpec("max_new_tokens", "long", max_new_tokens),
+        ParamSpec("temperature", "double", 0.0),
+        ParamSpec("top_k", "long", 0),
+        ParamSpec("seed", "long", 123),
+    ])
