@@ -15,9 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from pipelines.dag import PIPELINES
+from steps.common.params import load_yaml
 
 START = time.perf_counter()
 
@@ -55,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         key, sep, value = item.partition("=")
         if not sep or not key:
             parser.error(f"-S {item!r}: expected KEY=VALUE, e.g. -S finetune_classifier.lr=5e-4")
-        args.params[key] = yaml.safe_load(value)
+        args.params[key] = load_yaml(value)
     return args
 
 

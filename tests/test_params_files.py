@@ -88,3 +88,11 @@ def test_params_are_strictly_typed(params_files: dict[str, dict]) -> None:
         data = {**params_files["params.yaml"], "pretrain": {**params_files["params.yaml"]["pretrain"], key: bad}}
         with pytest.raises(ValueError, match=rf"pretrain\.{key}: "):
             validate_section(data, "pretrain", sections["pretrain"], "params.yaml")
+
+
+def test_params_read_as_dvc_writes_them() -> None:
+    """`dvc exp run -S finetune_classifier.lr=2e-3` writes 2e-3, a number in YAML 1.2 (DVC's YAML)."""
+    from steps.common.params import load_yaml
+
+    data = load_yaml("finetune_classifier:\n  lr: 2e-3\n  epochs: 5\n  mask: true\n")
+    assert data == {"finetune_classifier": {"lr": 0.002, "epochs": 5, "mask": True}}

@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 from typing import TypeVar
 
-import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 PARAMS_FILE = Path(os.environ.get("LLMPIPE_PARAMS", "params.yaml"))
@@ -24,13 +25,19 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+def load_yaml(text: str):
+    """YAML 1.2, as DVC reads and writes params.yaml: ``2e-3`` is a number (YAML 1.1 loaders such as
+    PyYAML's read it as a string, so ``dvc exp run -S lr=2e-3`` would fail strict validation)."""
+    return YAML(typ="safe", pure=True).load(text)
+
+
 def read_params(path: str | os.PathLike = PARAMS_FILE) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"params file {path} not found (run from the repository root)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+        data = load_yaml(path.read_text()) or {}
+    except YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: top level must be a mapping, got {type(data).__name__}")
