@@ -26,6 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 from pydantic import Field
 
 from pipelines.dag import PIPELINES, execution_order, read_dag
@@ -155,7 +156,9 @@ def run_stages(order: list[str], settings: OrchestrationParams, env: dict[str, s
     results: list[StageResult] = []
     for stage in order:
         upstream = [futures[name] for name in dag.predecessors(stage) if name in futures]
-        futures[stage] = stage_task(stage, settings).submit(stage, env, wait_for=upstream)
+        # quote(): the stage name and env are plain values, not data flowing from the planning and
+        # parent-run tasks; only wait_for draws edges, so the graph is dvc.yaml's.
+        futures[stage] = stage_task(stage, settings).submit(quote(stage), quote(env), wait_for=upstream)
         try:
             results.append(futures[stage].result())
         except Exception as exc:  # reported in the summary and the parent run, then re-raised
@@ -179,7 +182,7 @@ def run_pipeline(pipeline: PipelineName, params: dict[str, Any], experiment: str
         # Nothing to run: no MLflow run (an empty one per scheduled no-op would bury the real runs).
         report = PipelineReport(flow=pipeline, results=[StageResult(stage, "skipped", 0.0) for stage in order],
                                 not_run=[], wall_s=time.perf_counter() - start, metrics={}, mlflow_run_id="", mlflow_url="")
-        return publish_summary(report)
+        return publish_summary(quote(report))
     parent = start_parent_run(pipeline, settings, experiment or os.environ.get(DVC_EXP_ENV, ""))
     env = {**parent.stage_env, **({DVC_EXP_ENV: experiment} if experiment else {})}
     results, failure = run_stages(order, settings, env)
@@ -198,7 +201,7 @@ def run_pipeline(pipeline: PipelineName, params: dict[str, Any], experiment: str
         failure=str(failure) if failure else None,
         experiment=experiment,
     )
-    report = publish_summary(report)
+    report = publish_summary(quote(report))
     if failure:
         raise failure
     return report
