@@ -1,9 +1,10 @@
 """Pretrain the GPT on the corpus windows (book chapter 5) and log it to MLflow.
 
-``llmcore.train.train`` — the one training loop — runs next-token prediction over
-``data/windows/{train,val}.npy``. Its resumable state lives in ``.cache/pretrain/<key>/``,
-outside DVC's outputs (DVC deletes a stage's outputs before running it), keyed by everything that
-must match to resume (training and model settings, the windows' bytes): after ``kill -9``,
+``llmcore.train.train`` — the one training loop — runs next-token prediction over the windows
+of ``data/windows`` (views over the token shards). Its resumable state lives in
+``.cache/pretrain/<key>/``, outside DVC's outputs (DVC deletes a stage's outputs before running
+it), keyed by everything that must match to resume (training and model settings, the digests of
+the windows and token shards): after ``kill -9``,
 running the stage again continues from the last checkpoint and ends with the same weights and
 metrics as an uninterrupted run. The state is deleted once the outputs are written.
 
@@ -40,7 +41,7 @@ from llmcore.tokenizer import ENCODING_DIR_ENV, get_tokenizer
 from llmcore.train import STATE_DIR, TrainCallback, TrainConfig, TrainState, has_train_state, train
 from steps.common.cli import StageParams, run_stage
 from steps.common.data import TokenizerParams
-from steps.common.datasets import load_windows
+from steps.common.windows import load_windows, window_files
 from steps.common.distributed import setup_distributed, stage_run_on_main
 from steps.common.io import resume_state_dir, sha256_file, write_json
 from steps.common.params import ParamsError, StrictModel
@@ -183,12 +184,13 @@ def pretrain(
     from steps.common.tracking import MlflowCallback, log_data_files  # mlflow imports take seconds: not at import
 
     cfg = params.model.gpt_config()
-    train_data, val_data = (load_windows(paths.windows / f"{split}.npy", cfg) for split in ("train", "val"))
+    windows = load_windows(paths.windows, cfg)
+    train_data, val_data = windows["train"], windows["val"]
     tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
     config = params.train_config(progress=progress)
     # What a saved state must have been made with to be resumed: settings, model shape, data.
     state_dir = resume_state_dir(paths.state_dir, config.fingerprint(), cfg.to_dict(),
-                                 [sha256_file(paths.windows / f"{split}.npy") for split in ("train", "val")],
+                                 [sha256_file(path) for path in window_files(paths.windows).values()],
                                  prune=False)
     try:
         device = resolve_device(params.device)
@@ -204,7 +206,7 @@ def pretrain(
 
             mlflow.log_params({"n_parameters": model.num_parameters(), "train_windows": len(train_data),
                                "val_windows": len(val_data), "resolved_device": str(device)})
-            log_data_files({split: paths.windows / f"{split}.npy" for split in ("train", "val")})
+            log_data_files(window_files(paths.windows))
             if has_train_state(state_dir):
                 resumed = _log_restored_history(state_dir)
         sample_cb = EpochSampleCallback(tokenizer, params.sample)
@@ -260,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     defaults = PretrainPaths()
     run_stage(STAGE, "Pretrain the GPT on the corpus windows (book chapter 5).", body, argv=argv,
               errors=TRAINING_ERRORS, paths={
-                  "windows": (str(defaults.windows), "dir with train.npy, val.npy"),
+                  "windows": (str(defaults.windows), "windows' meta.json (over the token shards)"),
                   "out": (str(defaults.model_out), "checkpoint directory"),
                   "metrics": str(defaults.metrics), "history": str(defaults.history_csv),
                   "plot": str(defaults.loss_plot), "state-dir": (str(defaults.state_dir), "resumable training state"),
