@@ -1,14 +1,15 @@
 """Fine-tune a pretrained GPT as a spam classifier (book chapter 6) and register it in MLflow.
 
 The base model (``base_model.dir``: the project's own pretrained model or GPT-2's weights) gets
-a 2-class head; ``llmcore.train.train`` — the one training loop — runs with a cross-entropy
-loss on the chosen position's logits and logs train/val loss and accuracy to MLflow. The state
+a head with one output per class of the data (``labels.json``: ham/spam by default);
+``llmcore.train.train`` — the one training loop — runs with a cross-entropy loss on the chosen
+position's logits and logs train/val loss and accuracy to MLflow. The state
 under ``.cache/finetune_classifier/<settings key>/`` (outside DVC's outputs) lets an interrupted
 run resume; it is deleted once the classifier is written. The classifier is logged as an MLflow pyfunc
 (``steps/common/mlflow_models/spam_classifier.py``) and registered as a new ``spam-classifier`` version with alias ``candidate`` (score_spam
 moves ``champion``), so
 ``mlflow models serve -m models:/spam-classifier@champion`` answers ``text`` → ``label``,
-``spam_probability``.
+``spam_probability`` (``<label>_probability`` per class for more than two).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from llmcore.classifier import (
     classification_accuracy,
     classification_loss,
     collate_for,
+    probability_columns,
     save_classifier,
     set_trainable,
 )
@@ -37,8 +39,8 @@ from llmcore.lora import merge_lora
 from llmcore.tokenizer import ENCODING_DIR_ENV, get_tokenizer
 from llmcore.train import train
 from steps.common.cli import StageParams, restart_option, run_stage
-from steps.common.data import TokenizerParams
-from steps.common.datasets import read_spam_split
+from steps.common.data import LABELS_FILE, TokenizerParams
+from steps.common.datasets import read_labels, read_spam_split
 from steps.common.distributed import is_main_process, setup_distributed, stage_run_on_main
 from steps.common.io import resume_state_dir, sha256_file, write_json
 from steps.common.models import BaseModelParams, load_base_model
@@ -77,14 +79,15 @@ class FinetuneClassifierParams(StrictModel):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
 
 
-def classifier_signature():
-    """Texts in; a label and the spam probability out."""
+def classifier_signature(labels: list[str]):
+    """Texts in; a label and the class probabilities (the spam probability for spam) out."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
+    probabilities = [ColSpec("double", name) for name, _ in probability_columns(labels)]
     return ModelSignature(
         inputs=Schema([ColSpec("string", "text")]),
-        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "spam_probability")]),
+        outputs=Schema([ColSpec("string", "label"), *probabilities]),
     )
 
 
@@ -110,7 +113,8 @@ def finetune_classifier(
     from steps.common.tracking import MlflowCallback, log_data_files, tag_trained_model
 
     started = time.perf_counter()
-    train_df, val_df = (read_spam_split(data_dir / f"{split}.csv") for split in ("train", "validation"))
+    labels = read_labels(data_dir)
+    train_df, val_df = (read_spam_split(data_dir / f"{split}.csv", len(labels)) for split in ("train", "validation"))
     tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
     base = load_base_model(base_dir, **({} if params.drop_rate is None else {"drop_rate": params.drop_rate}))
     cfg = base.cfg
@@ -120,7 +124,8 @@ def finetune_classifier(
                            max_length=train_data.max_length)
 
     torch.manual_seed(params.seed)  # the new head's (and LoRA's) initialisation
-    model = GPTClassifier.from_gpt(base, token_position=params.token_position, max_length=train_data.max_length)
+    model = GPTClassifier.from_gpt(base, len(labels), labels=labels, token_position=params.token_position,
+                                   max_length=train_data.max_length)
     n_trainable = set_trainable(model, params.trainable, lora_rank=params.lora.rank, lora_alpha=params.lora.alpha)
     try:
         model.to(resolve_device(params.device))
@@ -129,7 +134,8 @@ def finetune_classifier(
 
     config = train_config_from(params)
     # A saved state resumes only for the same base weights, data and settings; others are stale.
-    inputs = [sha256_file(path) for path in (base_dir / "model.safetensors", data_dir / "train.csv", data_dir / "validation.csv")]
+    inputs = [sha256_file(path) for path in (base_dir / "model.safetensors", data_dir / "train.csv",
+                                             data_dir / "validation.csv", data_dir / LABELS_FILE)]
     # Under torchrun only rank 0 touches files and MLflow.
     state_dir = resume_state_dir(cache_dir, params.model_dump(mode="json"), inputs, prune=is_main_process())
     with stage_run_on_main(STAGE, EXPERIMENT, params) as run:
@@ -160,7 +166,8 @@ def finetune_classifier(
         info = log_code_model(
             "spam_classifier", "spam_classifier.py", out_dir,
             encoding_dir=tokenizer_params.encoding_dir or os.environ.get(ENCODING_DIR_ENV),
-            signature=classifier_signature(), input_example=pd.DataFrame({"text": val_df["Text"].head(2).tolist()}),
+            signature=classifier_signature(labels),
+            input_example=pd.DataFrame({"text": val_df["Text"].head(2).tolist()}),
         )
         tag_trained_model(out_dir, info)
         version = register_candidate(info.model_uri, SPAM_CLASSIFIER)
