@@ -1,4 +1,7 @@
-"""Instruction fine-tuning (book chapter 7): the base model learns to answer Alpaca-style prompts.
+"""Instruction fine-tuning (book chapter 7): the base model learns to answer prompts in a style.
+
+The entries (Alpaca-style or chats) are rendered in the prompt style of ``data/instructions``
+(``meta.json``: ``alpaca`` by default), which the checkpoint records for scoring and serving.
 
 Runs the one training loop (``llmcore.train.train``) with ``collate_instructions`` as its
 collate function and the plain next-token loss (which skips the -100 targets). The training state
@@ -23,11 +26,12 @@ from torch import nn
 from llmcore.checkpoint import save_checkpoint
 from llmcore.device import resolve_device
 from llmcore.instruct import InstructionDataset, collate_instructions, generate_responses
+from llmcore.prompts import as_instruction, prompt_text, reference
 from llmcore.tokenizer import ENCODING_DIR_ENV, get_tokenizer
 from llmcore.train import TrainCallback, TrainState, train
 from steps.common.cli import StageParams, restart_option, run_stage
 from steps.common.data import DataError, TokenizerParams
-from steps.common.datasets import load_entries
+from steps.common.datasets import load_entries, read_prompt_style
 from steps.common.distributed import is_main_process, setup_distributed, stage_run_on_main
 from steps.common.io import resume_state_dir, sha256_file, write_json
 from steps.common.models import BaseModelParams, load_base_model
@@ -71,18 +75,18 @@ def load_split(path: Path) -> list[dict]:
 class SampleResponses(TrainCallback):
     """Answers a few validation prompts after each epoch and logs them to MLflow (and stdout)."""
 
-    def __init__(self, tokenizer, entries: list[dict], max_new_tokens: int):
-        self.tokenizer, self.entries, self.max_new_tokens = tokenizer, entries, max_new_tokens
+    def __init__(self, tokenizer, entries: list[dict], max_new_tokens: int, style: str = "alpaca"):
+        self.tokenizer, self.entries, self.max_new_tokens, self.style = tokenizer, entries, max_new_tokens, style
 
     def on_epoch_end(self, state: TrainState, model: nn.Module) -> None:
         if not self.entries:
             return
         import mlflow
 
-        answers = generate_responses(model, self.tokenizer, self.entries, max_new_tokens=self.max_new_tokens)
+        answers = generate_responses(model, self.tokenizer, self.entries, max_new_tokens=self.max_new_tokens,
+                                     style=self.style)
         text = "\n\n".join(
-            f"### Instruction:\n{e['instruction']}\n\n### Input:\n{e.get('input', '')}\n\n"
-            f"### Reference:\n{e['output']}\n\n### Model:\n{answer}"
+            f"### Prompt:\n{prompt_text(e)}\n\n### Reference:\n{reference(e)}\n\n### Model:\n{answer}"
             for e, answer in zip(self.entries, answers)
         )
         print(f"\n--- sample responses after epoch {state.epoch + 1} ---\n{text}\n")
@@ -129,6 +133,7 @@ def finetune_instruct(
 
     train_entries = load_split(data_dir / "train.json")
     val_entries = load_split(data_dir / "validation.json")
+    style = read_prompt_style(data_dir)
     tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
     try:
         device = resolve_device(params.device)
@@ -144,9 +149,9 @@ def finetune_instruct(
         "base": sha256_file(base_model / "model.safetensors"),
         "train": sha256_file(data_dir / "train.json"),
         "val": sha256_file(data_dir / "validation.json"),
-        "max_length": max_length, "mask_prompt": params.mask_prompt,
+        "max_length": max_length, "mask_prompt": params.mask_prompt, "prompt_style": style,
     }, prune=is_main_process())
-    samples = SampleResponses(tokenizer, val_entries[: params.sample_entries], params.sample_max_new_tokens)
+    samples = SampleResponses(tokenizer, val_entries[: params.sample_entries], params.sample_max_new_tokens, style)
     with stage_run_on_main(STAGE, EXPERIMENT, params) as run:
         if run is not None:
             import mlflow
@@ -156,14 +161,15 @@ def finetune_instruct(
             log_data_files({split: data_dir / f"{split}.json" for split in ("train", "validation")})
         started = time.perf_counter()
         state = train(
-            model, InstructionDataset(train_entries, tokenizer), InstructionDataset(val_entries, tokenizer),
+            model, InstructionDataset(train_entries, tokenizer, style),
+            InstructionDataset(val_entries, tokenizer, style),
             config, collate_fn=collate, callbacks=[MlflowCallback(), samples], state_dir=state_dir,
             resume=resume, fingerprint_extra=state_dir.name,
         )
         wall_time = time.perf_counter() - started
         if run is None:
             return {}
-        save_checkpoint(model, out_dir, extra={"stage": STAGE, "base_model": str(base_model)})
+        save_checkpoint(model, out_dir, extra={"stage": STAGE, "base_model": str(base_model), "prompt_style": style})
         final = state.history[-1]
         metrics = {"train_loss": final["train_loss"], "val_loss": final["val_loss"],
                    "steps": state.step, "tokens_seen": state.tokens_seen}
@@ -176,7 +182,7 @@ def finetune_instruct(
             "instruct_model", "instruct.py", out_dir,
             encoding_dir=tokenizer_params.encoding_dir or os.environ.get(ENCODING_DIR_ENV),
             signature=instruct_signature(),
-            input_example=pd.DataFrame([{k: e.get(k, "") for k in ("instruction", "input")} for e in val_entries[:2]]),
+            input_example=pd.DataFrame([as_instruction(e) for e in val_entries[:2]]),
         )
         tag_trained_model(out_dir, info)
         register_candidate(info.model_uri, INSTRUCT_MODEL)
