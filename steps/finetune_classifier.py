@@ -40,7 +40,7 @@ from llmcore.tokenizer import ENCODING_DIR_ENV, get_tokenizer
 from llmcore.train import train
 from steps.common.cli import StageParams, restart_option, run_stage
 from steps.common.data import LABELS_FILE, TokenizerParams
-from steps.common.datasets import read_labels, read_spam_split
+from steps.common.datasets import read_splits
 from steps.common.distributed import is_main_process, setup_distributed, stage_run_on_main
 from steps.common.io import resume_state_dir, sha256_file, write_json
 from steps.common.models import BaseModelParams, load_base_model
@@ -52,6 +52,7 @@ from steps.common.training import TRAINING_ERRORS, train_config_from
 STAGE = "finetune_classifier"
 EXPERIMENT = SPAM_CLASSIFIER  # the experiment is named after the model it registers
 CACHE_DIR = Path(".cache/finetune_classifier")
+SPLIT_FILES = ("train.csv", "validation.csv", LABELS_FILE)  # the data a saved state was trained on
 STEP_LOG_EVERY = 5  # optimizer steps between MLflow step-loss points (each is a database write)
 
 
@@ -113,8 +114,7 @@ def finetune_classifier(
     from steps.common.tracking import MlflowCallback, log_data_files, tag_trained_model
 
     started = time.perf_counter()
-    labels = read_labels(data_dir)
-    train_df, val_df = (read_spam_split(data_dir / f"{split}.csv", len(labels)) for split in ("train", "validation"))
+    labels, (train_df, val_df) = read_splits(data_dir, ("train", "validation"))
     tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
     base = load_base_model(base_dir, **({} if params.drop_rate is None else {"drop_rate": params.drop_rate}))
     cfg = base.cfg
@@ -134,8 +134,7 @@ def finetune_classifier(
 
     config = train_config_from(params)
     # A saved state resumes only for the same base weights, data and settings; others are stale.
-    inputs = [sha256_file(path) for path in (base_dir / "model.safetensors", data_dir / "train.csv",
-                                             data_dir / "validation.csv", data_dir / LABELS_FILE)]
+    inputs = [sha256_file(p) for p in (base_dir / "model.safetensors", *(data_dir / f for f in SPLIT_FILES))]
     # Under torchrun only rank 0 touches files and MLflow.
     state_dir = resume_state_dir(cache_dir, params.model_dump(mode="json"), inputs, prune=is_main_process())
     with stage_run_on_main(STAGE, EXPERIMENT, params) as run:
@@ -166,8 +165,7 @@ def finetune_classifier(
         info = log_code_model(
             "spam_classifier", "spam_classifier.py", out_dir,
             encoding_dir=tokenizer_params.encoding_dir or os.environ.get(ENCODING_DIR_ENV),
-            signature=classifier_signature(labels),
-            input_example=pd.DataFrame({"text": val_df["Text"].head(2).tolist()}),
+            signature=classifier_signature(labels), input_example=pd.DataFrame({"text": val_df["Text"].head(2).tolist()}),
         )
         tag_trained_model(out_dir, info)
         version = register_candidate(info.model_uri, SPAM_CLASSIFIER)

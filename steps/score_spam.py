@@ -30,7 +30,7 @@ from llmcore.device import resolve_device
 from llmcore.tokenizer import TokenizerFilesError, get_tokenizer
 from steps.common.cli import StageParams, run_stage
 from steps.common.data import DataError, TokenizerParams
-from steps.common.datasets import read_labels, read_spam_split
+from steps.common.datasets import read_splits
 from steps.common.io import atomic_path, write_json
 from steps.common.params import ParamsError, StrictModel
 
@@ -117,8 +117,8 @@ def score_spam(
     ``spam_confusion.{png,csv}`` under ``plots_dir``; the scores go to the run that trained the model."""
 
     torch.manual_seed(params.seed)
-    data_labels = read_labels(data_dir)
-    frames = {split: read_spam_split(data_dir / f"{split}.csv", len(data_labels)) for split in SPLITS}
+    data_labels, split_frames = read_splits(data_dir, SPLITS)
+    frames = dict(zip(SPLITS, split_frames))
     try:
         device = resolve_device(params.device)
     except ValueError as exc:

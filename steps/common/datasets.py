@@ -31,6 +31,12 @@ def read_labels(data_dir: Path) -> list[str]:
     return labels
 
 
+def read_splits(data_dir: Path, splits: tuple[str, ...]) -> tuple[list[str], list[pd.DataFrame]]:
+    """The class names and the named split CSVs of a classification dataset."""
+    labels = read_labels(data_dir)
+    return labels, [read_spam_split(data_dir / f"{split}.csv", len(labels)) for split in splits]
+
+
 def read_spam_split(path: Path, n_classes: int = 2) -> pd.DataFrame:
     """A split CSV from build_spam_dataset: ``Label`` (a class id below ``n_classes``) and ``Text``."""
     try:
