@@ -289,6 +289,15 @@ def predict_proba(
 def classify_texts(
     model: GPTClassifier, tokenizer: tiktoken.Encoding, texts: Sequence[str], batch_size: int = 32
 ) -> list[tuple[str, float]]:
-    """(label, probability of class 1 — "spam") for each text."""
+    """(label, probability) for each text: of class 1 (the positive class, "spam") for a two-class
+    model, of the predicted label for more classes."""
     probs = predict_proba(model, tokenizer, texts, batch_size)
-    return [(model.labels[int(p.argmax())], float(p[1])) for p in probs]
+    binary = model.num_classes == 2
+    return [(model.labels[int(p.argmax())], float(p[1] if binary else p.max())) for p in probs]
+
+
+def probability_columns(labels: Sequence[str]) -> list[tuple[str, int]]:
+    """(column name, class id) of the probabilities a prediction reports: the positive class's
+    (id 1, ``spam_probability`` for spam) for two classes, every class's for more."""
+    ids = [1] if len(labels) == 2 else range(len(labels))
+    return [(f"{labels[i]}_probability", i) for i in ids]

@@ -1,4 +1,5 @@
-"""The ``llm`` command: classify a text as spam, continue a prompt, or chat with the instruction model.
+"""The ``llm`` command: classify a text (spam or ham, or your own labels), continue a prompt, or chat
+with the instruction model.
 
     llm classify "You won a prize! Call now"        # spam (0.97)
     llm generate "Every effort moves you" --max-new-tokens 40 --temperature 0.8 --top-k 40
@@ -21,7 +22,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from llmcore.checkpoint import CheckpointError, load_checkpoint
+from llmcore.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_meta
 from llmcore.generate import generate_stream
 from llmcore.instruct import response_prompt
 from llmcore.tokenizer import ENCODING_DIR_ENV, ENDOFTEXT_ID, GPT2_FILES, TokenizerFilesError, encode, get_tokenizer
@@ -103,9 +104,11 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
     model_dir = check_model_dir(args.model)
     model = load_classifier(model_dir)
-    for text, (label, spam_probability) in zip(args.text, classify_texts(model, tokenizer_for(model_dir), args.text)):
+    # Two classes: the positive class's probability ("spam probability"); more: the label's own.
+    of = f"{model.labels[1]} probability" if model.num_classes == 2 else "probability"
+    for text, (label, probability) in zip(args.text, classify_texts(model, tokenizer_for(model_dir), args.text)):
         prefix = f"{text!r}: " if len(args.text) > 1 else ""
-        print(f"{prefix}{label} (spam probability {spam_probability:.3f})")
+        print(f"{prefix}{label} ({of} {probability:.3f})")
 
 
 def load_generator(args: argparse.Namespace) -> tuple[Path, object]:
@@ -130,6 +133,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     model_dir, model = load_generator(args)
     tokenizer = tokenizer_for(model_dir)
+    style = read_checkpoint_meta(model_dir).get("prompt_style", "alpaca")  # the style it was fine-tuned in
     print(f"Chatting with {model_dir}. Type an instruction (\"exit\" or Ctrl-D to quit).")
     while True:
         try:
@@ -142,7 +146,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         except EOFError:
             break
         print("Response: ", end="", flush=True)
-        stream_reply(model, tokenizer, response_prompt({"instruction": instruction, "input": extra}), args)
+        stream_reply(model, tokenizer, response_prompt({"instruction": instruction, "input": extra}, style), args)
         print()
     print()
 
@@ -170,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm", description="Use the pipeline's models from the terminal.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    classify = commands.add_parser("classify", help="spam or ham, with the spam probability")
+    classify = commands.add_parser("classify", help="each text's label (spam or ham by default) and probability")
     classify.add_argument("text", nargs="+", help="one or more texts")
     classify.add_argument("--model", default="models/spam_classifier")
     classify.set_defaults(run=cmd_classify)

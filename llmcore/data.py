@@ -1,37 +1,102 @@
-"""Next-token datasets over token-id arrays, and a seeded sampler that can resume mid-epoch."""
+"""Next-token datasets over token-id arrays, and a seeded sampler that can resume mid-epoch.
+
+Windows are views: a dataset holds the token array (or ``TokenShards``, several memory-mapped
+arrays read as one) and slices a window when asked, so memory and time per sample do not depend
+on the corpus's size.
+"""
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Iterator, Sized
+from collections.abc import Iterator, Sequence, Sized
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 
+class TokenShards:
+    """Several 1-D token arrays (e.g. memory-mapped shard files) read as one sequence, uncopied.
+
+    ``tokens[a:b]`` returns that range as a new array (joining shards where it crosses one);
+    ``view(a, b)`` returns a ``TokenShards`` over the range, copying nothing.
+    """
+
+    ndim = 1
+
+    def __init__(self, arrays: Sequence[np.ndarray], start: int = 0, stop: int | None = None):
+        self.arrays = [a for a in arrays if len(a)]
+        if any(a.ndim != 1 for a in self.arrays):
+            raise ValueError("token shards must be 1-D arrays")
+        self.offsets = [0]
+        for array in self.arrays:
+            self.offsets.append(self.offsets[-1] + len(array))
+        total = self.offsets[-1]
+        self.start, self.stop = start, total if stop is None else stop
+        if not 0 <= self.start <= self.stop <= total:
+            raise ValueError(f"range [{start}, {stop}) is outside the {total} tokens")
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def view(self, start: int, stop: int) -> TokenShards:
+        if not 0 <= start <= stop <= len(self):
+            raise ValueError(f"range [{start}, {stop}) is outside the {len(self)} tokens")
+        return TokenShards(self.arrays, self.start + start, self.start + stop)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("TokenShards supports contiguous slices only")
+        first, last, _ = key.indices(len(self))
+        first, last = self.start + first, self.start + max(first, last)
+        parts = []
+        shard = bisect.bisect_right(self.offsets, first) - 1
+        while first < last:
+            base = self.offsets[shard]
+            end = min(last, self.offsets[shard + 1])
+            parts.append(self.arrays[shard][first - base : end - base])
+            first, shard = end, shard + 1
+        if not parts:
+            return np.empty(0, dtype=self.arrays[0].dtype if self.arrays else np.int64)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+TokenIds = np.ndarray | TokenShards
+
+
+def _as_token_ids(token_ids: TokenIds | torch.Tensor | list[int]) -> TokenIds:
+    if isinstance(token_ids, torch.Tensor):
+        token_ids = token_ids.cpu().numpy()
+    ids = token_ids if isinstance(token_ids, (np.ndarray, TokenShards)) else np.asarray(token_ids)
+    if ids.ndim != 1:
+        raise ValueError(f"token_ids must be 1-D, got shape {ids.shape}")
+    return ids
+
+
+def _window(token_ids: TokenIds, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    chunk = torch.from_numpy(np.asarray(token_ids[start : start + length + 1], dtype=np.int64))
+    return chunk[:-1], chunk[1:]
+
+
 class SlidingWindowDataset(Dataset):
     """Windows of ``max_length`` tokens every ``stride`` tokens; targets are inputs shifted by one.
 
     ``token_ids`` may be any 1-D integer array, including a ``numpy.memmap`` of a corpus larger
-    than RAM: windows are sliced on demand, never materialised.
+    than RAM, or ``TokenShards``: windows are sliced on demand, never materialised.
     """
 
-    def __init__(self, token_ids: np.ndarray | torch.Tensor | list[int], max_length: int, stride: int):
+    def __init__(self, token_ids: TokenIds | torch.Tensor | list[int], max_length: int, stride: int):
         if max_length <= 0 or stride <= 0:
             raise ValueError(f"max_length and stride must be positive, got {max_length} and {stride}")
-        if isinstance(token_ids, torch.Tensor):
-            token_ids = token_ids.cpu().numpy()
-        self.token_ids = token_ids if isinstance(token_ids, np.ndarray) else np.asarray(token_ids)
-        if self.token_ids.ndim != 1:
-            raise ValueError(f"token_ids must be 1-D, got shape {self.token_ids.shape}")
+        self.token_ids = _as_token_ids(token_ids)
         n_tokens = len(self.token_ids)
         if n_tokens < max_length + 1:
             raise ValueError(
                 f"token array has {n_tokens} tokens; one window of max_length={max_length} "
                 f"needs at least {max_length + 1}"
             )
-        self.max_length = max_length
+        self.max_length = self.context_length = max_length
         self.stride = stride
         # Same windows as the book: starts at 0, stride, ... while start < n_tokens - max_length.
         self._n_windows = math.ceil((n_tokens - max_length) / stride)
@@ -42,31 +107,38 @@ class SlidingWindowDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= index < self._n_windows:
             raise IndexError(f"window {index} out of range [0, {self._n_windows})")
-        start = index * self.stride
-        chunk = np.asarray(self.token_ids[start : start + self.max_length + 1], dtype=np.int64)
-        chunk_t = torch.from_numpy(chunk)
-        return chunk_t[:-1], chunk_t[1:]
+        return _window(self.token_ids, index * self.stride, self.max_length)
 
 
-class WindowArrayDataset(Dataset):
-    """Pre-cut windows: each row of a 2-D array holds ``context_length + 1`` token ids.
+class RandomWindowDataset(Dataset):
+    """``n_samples`` windows at seeded random offsets (nanoGPT's sampling), sliced on demand.
 
-    The pipeline stores windows this way (``data/windows/*.npy``, uint16); a row gives inputs
-    ``row[:-1]`` and targets ``row[1:]`` as int64, like ``SlidingWindowDataset``.
+    Sample ``i`` starts at an offset hashed from ``(seed, i)``, so it is the same window whenever
+    it is asked for: a resumed run (``ResumableSampler``) sees exactly the windows it would have.
     """
 
-    def __init__(self, windows: np.ndarray):
-        if windows.ndim != 2 or windows.shape[1] < 2:
-            raise ValueError(f"windows must be 2-D with at least 2 tokens per row, got shape {windows.shape}")
-        self.windows = windows
-        self.context_length = windows.shape[1] - 1
+    def __init__(self, token_ids: TokenIds | torch.Tensor | list[int], max_length: int, n_samples: int, seed: int):
+        if max_length <= 0 or n_samples <= 0:
+            raise ValueError(f"max_length and n_samples must be positive, got {max_length} and {n_samples}")
+        self.token_ids = _as_token_ids(token_ids)
+        self.positions = len(self.token_ids) - max_length  # valid starts: [0, positions)
+        if self.positions < 1:
+            raise ValueError(f"token array has {len(self.token_ids)} tokens; one window of "
+                             f"max_length={max_length} needs at least {max_length + 1}")
+        self.max_length = self.context_length = max_length
+        self.n_samples, self.seed = n_samples, seed
 
     def __len__(self) -> int:
-        return len(self.windows)
+        return self.n_samples
+
+    def offset(self, index: int) -> int:
+        state = np.random.SeedSequence([self.seed, index]).generate_state(1, np.uint64)[0]
+        return int(state) % self.positions
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        row = torch.from_numpy(np.asarray(self.windows[index], dtype=np.int64))
-        return row[:-1], row[1:]
+        if not 0 <= index < self.n_samples:
+            raise IndexError(f"sample {index} out of range [0, {self.n_samples})")
+        return _window(self.token_ids, self.offset(index), self.max_length)
 
 
 class ResumableSampler(Sampler[int]):

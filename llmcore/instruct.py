@@ -1,10 +1,11 @@
-"""Instruction fine-tuning data (book chapter 7): encoded Alpaca-style examples, their collate,
-and the two measurements scoring needs (answers to prompts, loss on reference responses).
+"""Instruction fine-tuning data (book chapter 7): encoded examples, their collate, and the two
+measurements scoring needs (answers to prompts, loss on reference responses).
 
-Each example is the whole training text, ``format_input(entry) + format_response(entry)``,
-encoded once, together with how many of its leading tokens are the prompt; ``collate_instructions``
-pads a batch the way the book's ``custom_collate_fn`` does, optionally hiding the prompt from
-the loss.
+Each example is an entry's whole training text in a prompt style (``llmcore.prompts``: the book's
+``format_input(entry) + format_response(entry)`` for an Alpaca entry in the default style),
+encoded once, together with which of its tokens are answers; ``collate_instructions`` pads a batch
+the way the book's ``custom_collate_fn`` does, optionally hiding everything but the answers (the
+prompt; in a chat, the system and user turns) from the loss.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch.utils.data import Dataset
 
 from llmcore.generate import generate
 from llmcore.model import IGNORE_INDEX
-from llmcore.prompts import extract_response, format_input, format_response
+from llmcore.prompts import extract_response, segments
 from llmcore.tokenizer import ENDOFTEXT_ID, encode
 
 
@@ -27,15 +28,26 @@ from llmcore.tokenizer import ENDOFTEXT_ID, encode
 class InstructionExample(NamedTuple):
     token_ids: list[int]
     prompt_length: int  # leading tokens that are prompt only (masked when mask_prompt is set)
+    # Token ranges [start, end) that are answers; () means one answer, from prompt_length to the end.
+    response_spans: tuple[tuple[int, int], ...] = ()
 
 
-def response_prompt(entry: Mapping[str, str]) -> str:
-    """The prompt up to and including the response marker line, so the model answers right away.
+def response_prompt(entry: Mapping, style: str = "alpaca") -> str:
+    """The prompt up to and including the last answer's marker, so the model answers right away.
 
-    Same text as the training example minus the output, so generation and the response-only loss
-    see exactly the tokens the model was trained on.
+    Same text as the training example minus the last answer, so generation and the response-only
+    loss see exactly the tokens the model was trained on.
     """
-    return format_input(entry) + format_response({**entry, "output": ""})
+    return "".join(text for text, _ in segments(entry, style)[:-1])
+
+
+def _shared(ids: list[int], prefix_ids: list[int]) -> int:
+    shared = 0
+    for a, b in zip(ids, prefix_ids):
+        if a != b:
+            break
+        shared += 1
+    return shared
 
 
 def encode_example(tokenizer, prompt: str, completion: str) -> InstructionExample:
@@ -45,21 +57,34 @@ def encode_example(tokenizer, prompt: str, completion: str) -> InstructionExampl
     the prompt alone, so a masked prompt never hides a completion token.
     """
     token_ids = encode(tokenizer, prompt + completion)
-    prompt_ids = encode(tokenizer, prompt)
-    shared = 0
-    for a, b in zip(token_ids, prompt_ids):
-        if a != b:
-            break
-        shared += 1
-    return InstructionExample(token_ids, shared)
+    return InstructionExample(token_ids, _shared(token_ids, encode(tokenizer, prompt)))
+
+
+def encode_entry(tokenizer, entry: Mapping, style: str = "alpaca") -> InstructionExample:
+    """Encode an entry's whole text once; each answer (a run of answer pieces) is the tokens past the
+    prefix shared with the text before it, up to the prefix shared with the text through it (as
+    ``encode_example`` counts the prompt)."""
+    parts = segments(entry, style)
+    token_ids = encode(tokenizer, "".join(piece for piece, _ in parts))
+    spans, done, start = [], "", None
+    for i, (piece, is_answer) in enumerate(parts):
+        if is_answer and start is None:
+            start = _shared(token_ids, encode(tokenizer, done))
+        done += piece
+        if start is not None and (i + 1 == len(parts) or not parts[i + 1][1]):
+            spans.append((start, _shared(token_ids, encode(tokenizer, done))))
+            start = None
+    if len(spans) == 1 and spans[0][1] == len(token_ids):  # one answer at the end: encode_example's example
+        return InstructionExample(token_ids, spans[0][0])
+    return InstructionExample(token_ids, spans[0][0], tuple(spans))
 
 
 class InstructionDataset(Dataset):
-    """The book's InstructionDataset: entries pre-encoded as prompt (instruction + input) + response."""
+    """The book's InstructionDataset: entries pre-encoded in a prompt style (the book's: ``alpaca``)."""
 
-    def __init__(self, entries: Sequence[Mapping[str, str]], tokenizer):
+    def __init__(self, entries: Sequence[Mapping], tokenizer, style: str = "alpaca"):
         self.entries = list(entries)
-        self.examples = [encode_example(tokenizer, format_input(e), format_response(e)) for e in self.entries]
+        self.examples = [encode_entry(tokenizer, e, style) for e in self.entries]
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -81,7 +106,7 @@ def collate_instructions(
     Every item gets one ``pad_id`` (<|endoftext|>) appended and is padded with it to the longest
     item + 1; inputs are ``seq[:-1]``, targets ``seq[1:]``. In the targets, padding after the first
     <|endoftext|> becomes ``ignore_index``: the first one stays, so the model learns to stop. With
-    ``mask_prompt`` the targets that are prompt tokens are ignored too (the book's exercise 7.2).
+    ``mask_prompt`` the targets that are not answer tokens are ignored too (the book's exercise 7.2).
     Both tensors are then cut to ``max_length`` columns.
     """
     if not batch:
@@ -99,7 +124,10 @@ def collate_instructions(
         targets[row, : n - 1] = ids[1:]
         targets[row, n - 1] = pad_id  # the end-of-text target; later padding stays ignored
         if mask_prompt:
-            targets[row, : max(0, ex.prompt_length - 1)] = ignore_index
+            answer = torch.zeros(n, dtype=torch.bool)
+            for start, end in ex.response_spans or ((ex.prompt_length, n),):
+                answer[start:end] = True
+            targets[row, : n - 1][~answer[1:]] = ignore_index
     if max_length is not None:
         inputs, targets = inputs[:, :max_length], targets[:, :max_length]
     return inputs.to(device), targets.to(device)
@@ -108,17 +136,18 @@ def collate_instructions(
 def generate_responses(
     model: nn.Module,
     tokenizer,
-    entries: Sequence[Mapping[str, str]],
+    entries: Sequence[Mapping],
     *,
     max_new_tokens: int,
     batch_size: int = 8,
+    style: str = "alpaca",
     **generate_kwargs,
 ) -> list[str]:
     """The model's answer to each entry: greedy (by default) KV-cache decoding until <|endoftext|>.
 
     Prompts are batched by length (less left padding) and the answers returned in entry order.
     """
-    prompts = [response_prompt(e) for e in entries]
+    prompts = [response_prompt(e, style) for e in entries]
     encoded = [encode(tokenizer, p) for p in prompts]
     order = sorted(range(len(entries)), key=lambda i: len(encoded[i]))
     answers: list[str] = [""] * len(entries)
@@ -128,7 +157,7 @@ def generate_responses(
             model, [encoded[i] for i in rows], max_new_tokens, eos_id=ENDOFTEXT_ID, **generate_kwargs
         )
         for i, tokens in zip(rows, new_tokens):
-            answers[i] = extract_response(prompts[i] + tokenizer.decode(tokens), prompts[i])
+            answers[i] = extract_response(prompts[i] + tokenizer.decode(tokens), prompts[i], style)
     return answers
 
 

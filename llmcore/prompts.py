@@ -1,18 +1,36 @@
-"""The book's Alpaca-style prompt format for instruction fine-tuning, and reading a response back.
+"""Prompt formats for instruction fine-tuning, and reading a response back.
 
 Data preparation, fine-tuning and evaluation must agree on this text to the character, so it
-lives in one place.
+lives in one place. An entry is Alpaca-style (``instruction``, ``input``, ``output``) or a chat
+(``messages``: an optional ``system`` turn, then ``user`` and ``assistant`` turns, ending with the
+answer). A prompt style renders either:
+
+- ``alpaca`` (the book): the preamble (or the system message), ``### Instruction:`` for user turns
+  (plus ``### Input:`` for an Alpaca entry's input), ``### Response:`` before each answer;
+- ``phi3``: Phi-3's turn markers ``<|system|>``, ``<|user|>``, ``<|assistant|>`` (book exercise 7.1).
+
+A single-turn chat in ``alpaca`` style is exactly the book's prompt with an empty input. Every
+answer but the last ends with ``<|endoftext|>``, so a model learns to stop after each of its turns.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+
+from llmcore.tokenizer import ENDOFTEXT
 
 PREAMBLE = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request."
 )
 RESPONSE_MARKER = "### Response:"
+PROMPT_STYLES = ("alpaca", "phi3")
+# What precedes a turn's content, per style and role.
+_HEADERS = {
+    "alpaca": {"system": "", "user": "\n\n### Instruction:\n", "assistant": f"\n\n{RESPONSE_MARKER}\n"},
+    "phi3": {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"},
+}
+_ANSWER_MARKERS = {"alpaca": RESPONSE_MARKER, "phi3": "<|assistant|>"}
 
 
 def format_input(entry: Mapping[str, str]) -> str:
@@ -28,8 +46,80 @@ def format_response(entry: Mapping[str, str]) -> str:
     return f"\n\n{RESPONSE_MARKER}\n{entry['output']}"
 
 
-def extract_response(generated_text: str, prompt: str) -> str:
-    """The model's answer: what follows the prompt and the response marker, stripped."""
+def turns(entry: Mapping) -> list[tuple[str, str]]:
+    """(role, content) of each turn; an Alpaca entry is one user turn (instruction, then its input)
+    and the answer (empty when the entry has no ``output`` yet)."""
+    if "messages" in entry:
+        return [(m["role"], m["content"]) for m in entry["messages"]]
+    user = entry["instruction"] + (f"\n{entry['input']}" if entry.get("input") else "")
+    return [("user", user), ("assistant", entry.get("output", ""))]
+
+
+def check_style(style: str) -> str:
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
+    return style
+
+
+def segments(entry: Mapping, style: str = "alpaca") -> list[tuple[str, bool]]:
+    """The entry's whole training text as (text, is_answer) pieces, in order; the last is the last
+    answer's content. An answer's marker (``### Response:``) counts as answer, as in the book's
+    training text (``format_input`` is the prompt, ``format_response`` the target)."""
+    headers = _HEADERS[check_style(style)]
+    if style == "alpaca" and "messages" not in entry:
+        return [(format_input(entry), False), (headers["assistant"], True), (entry.get("output", ""), True)]
+    conversation = turns(entry)
+    parts: list[tuple[str, bool]] = []
+    if style == "alpaca" and conversation[0][0] != "system":
+        parts.append((PREAMBLE, False))
+    for i, (role, content) in enumerate(conversation):
+        header = headers[role] if style == "alpaca" or i == 0 else "\n" + headers[role]
+        if role != "assistant":
+            parts.append((header + content, False))
+            continue
+        parts.append((header, True))
+        parts.append((content + ("" if i == len(conversation) - 1 else ENDOFTEXT), True))
+    return parts
+
+
+def reference(entry: Mapping) -> str:
+    """The answer the entry expects: the last assistant turn (an Alpaca entry's ``output``)."""
+    return turns(entry)[-1][1]
+
+
+def prompt_text(entry: Mapping) -> str:
+    """The question as a person reads it (for a judge or a log): the book's prompt for an Alpaca
+    entry, ``role: content`` lines of the turns before the answer for a chat."""
+    if "messages" not in entry:
+        return format_input(entry)
+    return "\n".join(f"{role}: {content}" for role, content in turns(entry)[:-1])
+
+
+def extract_response(generated_text: str, prompt: str, style: str = "alpaca") -> str:
+    """The model's answer: what follows the prompt and the style's answer marker, stripped."""
     answer = generated_text[len(prompt) :] if generated_text.startswith(prompt) else generated_text
-    _, marker, after = answer.partition(RESPONSE_MARKER)
+    _, marker, after = answer.partition(_ANSWER_MARKERS[check_style(style)])
     return (after if marker else answer).strip()
+
+
+def as_instruction(entry: Mapping) -> dict[str, str]:
+    """An Alpaca-style ``instruction``/``input`` pair for an entry (a chat: its last user turn)."""
+    if "messages" not in entry:
+        return {"instruction": entry["instruction"], "input": entry.get("input", "")}
+    last_user = [content for role, content in turns(entry) if role == "user"][-1]
+    return {"instruction": last_user, "input": ""}
+
+
+def chat_roles_error(roles: Sequence[str]) -> str | None:
+    """Why a chat's roles are out of order (None when they are fine): an optional system turn,
+    then user and assistant turns in alternation, ending with an assistant turn."""
+    expected = "user"
+    for i, role in enumerate(roles):
+        if i == 0 and role == "system":
+            continue
+        if role != expected:
+            return f"message {i} has role {role!r} where {expected!r} was expected"
+        expected = "assistant" if role == "user" else "user"
+    if not roles or roles[-1] != "assistant":
+        return "the last message must be the assistant's answer"
+    return None

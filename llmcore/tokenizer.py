@@ -8,6 +8,8 @@ builds the identical encoding with no network access.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -67,3 +69,16 @@ def _encoding_from_dir(directory: str) -> tiktoken.Encoding:
 def encode(tokenizer: tiktoken.Encoding, text: str) -> list[int]:
     """Encode text, letting ``<|endoftext|>`` through as its special id (as the book does)."""
     return tokenizer.encode(text, allowed_special={ENDOFTEXT})
+
+
+def tokenizer_digest(tokenizer: tiktoken.Encoding) -> str:
+    """sha256 of what fixes the token ids: the encoding's name, every token's bytes in id order
+    (tiktoken merges by rank, which is the id) and the special tokens."""
+    digest = hashlib.sha256(tokenizer.name.encode())
+    for token in range(tokenizer.n_vocab):
+        try:
+            digest.update(len(piece := tokenizer.decode_single_token_bytes(token)).to_bytes(4, "little") + piece)
+        except KeyError:  # an id without a token (a gap some encodings have)
+            digest.update(b"\xff\xff\xff\xff")
+    digest.update(json.dumps(sorted(tokenizer.special_tokens_set)).encode())
+    return digest.hexdigest()

@@ -1,9 +1,13 @@
 """Validate the instruction data (book chapter 7), split it, and measure its prompt lengths.
 
-The book slices the entries in file order (85% train, 10% test, the rest validation); that
-stays the default, with an optional seeded shuffle. Token lengths are of the full training
-text (``format_input`` + ``format_response``), which bounds the context length fine-tuning
-needs.
+The input is a JSON list or a JSONL file of entries, each Alpaca-style (``instruction``, ``input``,
+``output``) or a chat (``messages`` with ``system``/``user``/``assistant`` turns), checked entry by
+entry (errors name the entry or line and the field). The book slices the entries in file order
+(85% train, 10% test, the rest validation); that stays the default, with an optional seeded
+shuffle. The splits keep the entries as they are; ``meta.json`` records the prompt style
+(``prompt_style``, ``llmcore.prompts``) that fine-tuning and scoring render them in. Token
+lengths are of the full training text in that style, which bounds the context length
+fine-tuning needs.
 """
 
 from __future__ import annotations
@@ -11,14 +15,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from typing import Literal
+
 import numpy as np
 from pydantic import Field, model_validator
 
-from llmcore.prompts import format_input, format_response
+from llmcore.prompts import segments
 from llmcore.tokenizer import TokenizerFilesError, encode, get_tokenizer
 from steps.common.cli import StageParams, run_stage
 from steps.common.data import DataError, TokenizerParams
-from steps.common.datasets import load_entries
+from steps.common.datasets import INSTRUCTIONS_META, load_entries
 from steps.common.io import atomic_path, write_json
 from steps.common.params import StrictModel
 
@@ -26,6 +32,8 @@ SPLITS = ("train", "test", "validation")
 
 
 class InstructionDataParams(StrictModel):
+    input: str = "data/raw/instruction-data.json"  # .json list or .jsonl (DVC's dependency of this stage)
+    prompt_style: Literal["alpaca", "phi3"] = "alpaca"  # how entries become text (llmcore.prompts)
     train_frac: float = Field(0.85, gt=0, lt=1)
     test_frac: float = Field(0.10, gt=0, lt=1)
     shuffle: bool = False
@@ -69,27 +77,29 @@ def build_instruction_dataset(
     """Write ``train.json``, ``test.json``, ``validation.json`` and per-split token-length stats."""
     splits = split_entries(load_entries(source), params)
     tok = get_tokenizer(tokenizer.encoding_dir)
+    style = params.prompt_style
     metrics = {
-        name: length_stats([len(encode(tok, format_input(e) + format_response(e))) for e in part])
+        name: length_stats([len(encode(tok, "".join(text for text, _ in segments(e, style)))) for e in part])
         for name, part in splits.items()
     }
     with atomic_path(out_dir, is_dir=True) as tmp:
         for name, part in splits.items():
             (tmp / f"{name}.json").write_text(json.dumps(part, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_json(tmp / INSTRUCTIONS_META, {"prompt_style": style})
     write_json(metrics_out, metrics)
     return metrics
 
 
 def main(argv: list[str] | None = None) -> None:
     def body(args, params: StageParams) -> str:
-        metrics = build_instruction_dataset(args.input, args.out, args.metrics,
-                                            params.section("instruction_data", InstructionDataParams),
+        settings = params.section("instruction_data", InstructionDataParams)
+        metrics = build_instruction_dataset(args.input or Path(settings.input), args.out, args.metrics, settings,
                                             params.section("tokenizer", TokenizerParams))
         return ", ".join(f"{name} {metrics[name]['entries']}" for name in SPLITS) + f" in {args.out}"
 
     run_stage("build_instruction_dataset", "Validate and split the instruction data; report prompt token lengths.",
               body, errors=(TokenizerFilesError,), argv=argv, paths={
-                  "input": "data/raw/instruction-data.json", "out": "data/instructions",
+                  "input": (None, "entries (default: params instruction_data.input)"), "out": "data/instructions",
                   "metrics": "reports/instruction_data.json"})
 
 

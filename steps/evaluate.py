@@ -20,14 +20,14 @@ from pydantic import Field
 from torch.utils.data import DataLoader
 
 from llmcore.checkpoint import CheckpointError, load_checkpoint
-from llmcore.data import WindowArrayDataset
+from llmcore.data import SlidingWindowDataset
 from llmcore.device import resolve_device
 from llmcore.generate import generate
 from llmcore.model import GPTModel
 from llmcore.tokenizer import TokenizerFilesError, encode, get_tokenizer
 from steps.common.cli import StageParams, run_stage
 from steps.common.data import TokenizerParams
-from steps.common.datasets import load_windows
+from steps.common.windows import load_windows
 from steps.common.io import atomic_path, write_json
 from steps.common.params import ParamsError, StrictModel
 
@@ -50,7 +50,7 @@ class EvaluateParams(StrictModel):
 
 
 @torch.no_grad()
-def position_losses(model: GPTModel, data: WindowArrayDataset, batch_size: int) -> torch.Tensor:
+def position_losses(model: GPTModel, data: SlidingWindowDataset, batch_size: int) -> torch.Tensor:
     """Mean next-token loss at each position of the window, over every window of ``data``."""
     model.eval()
     device = next(model.parameters()).device
@@ -93,8 +93,9 @@ def evaluate(
     model = load_checkpoint(model_dir, map_location=device)
     tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
     metrics, curves = {}, {}
+    windows = load_windows(windows_dir, model.cfg, exact=False, sampled=False)  # fixed windows: the same every time
     for split in SPLITS:
-        data = load_windows(windows_dir / f"{split}.npy", model.cfg, exact=False)
+        data = windows[split]
         curves[split] = position_losses(model, data, params.batch_size)
         loss = curves[split].mean().item()  # every window has the same length: the mean over tokens
         metrics[split] = {"loss": loss, "perplexity": math.exp(loss), "tokens": len(data) * data.context_length}

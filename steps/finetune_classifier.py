@@ -1,14 +1,15 @@
 """Fine-tune a pretrained GPT as a spam classifier (book chapter 6) and register it in MLflow.
 
 The base model (``base_model.dir``: the project's own pretrained model or GPT-2's weights) gets
-a 2-class head; ``llmcore.train.train`` — the one training loop — runs with a cross-entropy
-loss on the chosen position's logits and logs train/val loss and accuracy to MLflow. The state
+a head with one output per class of the data (``labels.json``: ham/spam by default);
+``llmcore.train.train`` — the one training loop — runs with a cross-entropy loss on the chosen
+position's logits and logs train/val loss and accuracy to MLflow. The state
 under ``.cache/finetune_classifier/<settings key>/`` (outside DVC's outputs) lets an interrupted
 run resume; it is deleted once the classifier is written. The classifier is logged as an MLflow pyfunc
 (``steps/common/mlflow_models/spam_classifier.py``) and registered as a new ``spam-classifier`` version with alias ``candidate`` (score_spam
 moves ``champion``), so
 ``mlflow models serve -m models:/spam-classifier@champion`` answers ``text`` → ``label``,
-``spam_probability``.
+``spam_probability`` (``<label>_probability`` per class for more than two).
 """
 
 from __future__ import annotations
@@ -26,14 +27,15 @@ from llmcore.classifier import (
     classification_accuracy,
     classification_loss,
     collate_for,
+    probability_columns,
     save_classifier,
     set_trainable,
 )
 from llmcore.lora import merge_lora
 from llmcore.tokenizer import get_tokenizer
 from steps.common.cli import StageParams, restart_option, run_stage
-from steps.common.data import TokenizerParams
-from steps.common.datasets import read_spam_split
+from steps.common.data import LABELS_FILE, TokenizerParams
+from steps.common.datasets import read_splits
 from steps.common.distributed import setup_distributed
 from steps.common.io import sha256_file
 from steps.common.models import BaseModelParams, load_base_model
@@ -66,14 +68,15 @@ def save_trained_classifier(model: GPTClassifier, out_dir: Path) -> None:
     save_classifier(model.cpu(), out_dir)
 
 
-def classifier_signature():
-    """Texts in; a label and the spam probability out."""
+def classifier_signature(labels: list[str]):
+    """Texts in; a label and the class probabilities (the spam probability for spam) out."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
+    probabilities = [ColSpec("double", name) for name, _ in probability_columns(labels)]
     return ModelSignature(
         inputs=Schema([ColSpec("string", "text")]),
-        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "spam_probability")]),
+        outputs=Schema([ColSpec("string", "label"), *probabilities]),
     )
 
 
@@ -91,7 +94,7 @@ def finetune_classifier(
     resume: bool = True,
 ) -> dict:
     """Train, write the classifier, metrics, history and plots, and log + register it in MLflow."""
-    train_df, val_df = (read_spam_split(data_dir / f"{split}.csv") for split in ("train", "validation"))
+    labels, (train_df, val_df) = read_splits(data_dir, ("train", "validation"))
     tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
     base = load_base_model(base_dir, **({} if params.drop_rate is None else {"drop_rate": params.drop_rate}))
     train_data = SpamDataset(train_df["Text"].tolist(), train_df["Label"].tolist(), tokenizer,
@@ -99,7 +102,8 @@ def finetune_classifier(
     val_data = SpamDataset(val_df["Text"].tolist(), val_df["Label"].tolist(), tokenizer,
                            max_length=train_data.max_length)
     torch.manual_seed(params.seed)  # the new head's (and LoRA's) initialisation
-    model = GPTClassifier.from_gpt(base, token_position=params.token_position, max_length=train_data.max_length)
+    model = GPTClassifier.from_gpt(base, len(labels), labels=labels, token_position=params.token_position,
+                                   max_length=train_data.max_length)
     n_trainable = set_trainable(model, params.trainable, lora_rank=params.lora.rank, lora_alpha=params.lora.alpha)
     model.to(stage_device(STAGE, params))
     job = TrainingJob(
@@ -107,10 +111,11 @@ def finetune_classifier(
         train_data=train_data, val_data=val_data,
         data_files={split: data_dir / f"{split}.csv" for split in ("train", "validation")},
         save=save_trained_classifier,
-        pyfunc=Pyfunc("spam_classifier", "spam_classifier.py", classifier_signature(),
+        pyfunc=Pyfunc("spam_classifier", "spam_classifier.py", classifier_signature(labels),
                       pd.DataFrame({"text": val_df["Text"].head(2).tolist()})),
         loss_fn=classification_loss, eval_fn=classification_accuracy, collate_fn=collate_for(model),
-        resume_settings={"base": sha256_file(base_dir / "model.safetensors")},
+        resume_settings={"base": sha256_file(base_dir / "model.safetensors"),
+                         "labels": sha256_file(data_dir / LABELS_FILE)},
         run_params={"base_model": str(base_dir), "trainable_parameters": n_trainable,
                     "max_length_tokens": train_data.max_length},
         final_keys=("train_loss", "val_loss", "train_accuracy", "val_accuracy"),

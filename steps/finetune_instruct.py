@@ -1,4 +1,7 @@
-"""Instruction fine-tuning (book chapter 7): the base model learns to answer Alpaca-style prompts.
+"""Instruction fine-tuning (book chapter 7): the base model learns to answer prompts in a style.
+
+The entries (Alpaca-style or chats) are rendered in the prompt style of ``data/instructions``
+(``meta.json``: ``alpaca`` by default), which the checkpoint records for scoring and serving.
 
 Runs the one training loop (``llmcore.train.train``) with ``collate_instructions`` as its
 collate function and the plain next-token loss (which skips the -100 targets). The training state
@@ -18,11 +21,12 @@ from torch import nn
 
 from llmcore.checkpoint import save_checkpoint
 from llmcore.instruct import InstructionDataset, collate_instructions, generate_responses
+from llmcore.prompts import as_instruction, prompt_text, reference
 from llmcore.tokenizer import get_tokenizer
 from llmcore.train import TrainCallback, TrainState
 from steps.common.cli import StageParams, restart_option, run_stage
 from steps.common.data import DataError, TokenizerParams
-from steps.common.datasets import load_entries
+from steps.common.datasets import load_entries, read_prompt_style
 from steps.common.distributed import setup_distributed
 from steps.common.io import sha256_file
 from steps.common.models import BaseModelParams, load_base_model
@@ -53,18 +57,18 @@ def load_split(path: Path) -> list[dict]:
 class SampleResponses(TrainCallback):
     """Answers a few validation prompts after each epoch and logs them to MLflow (and stdout)."""
 
-    def __init__(self, tokenizer, entries: list[dict], max_new_tokens: int):
-        self.tokenizer, self.entries, self.max_new_tokens = tokenizer, entries, max_new_tokens
+    def __init__(self, tokenizer, entries: list[dict], max_new_tokens: int, style: str = "alpaca"):
+        self.tokenizer, self.entries, self.max_new_tokens, self.style = tokenizer, entries, max_new_tokens, style
 
     def on_epoch_end(self, state: TrainState, model: nn.Module) -> None:
         if not self.entries:
             return
         import mlflow
 
-        answers = generate_responses(model, self.tokenizer, self.entries, max_new_tokens=self.max_new_tokens)
+        answers = generate_responses(model, self.tokenizer, self.entries, max_new_tokens=self.max_new_tokens,
+                                     style=self.style)
         text = "\n\n".join(
-            f"### Instruction:\n{e['instruction']}\n\n### Input:\n{e.get('input', '')}\n\n"
-            f"### Reference:\n{e['output']}\n\n### Model:\n{answer}"
+            f"### Prompt:\n{prompt_text(e)}\n\n### Reference:\n{reference(e)}\n\n### Model:\n{answer}"
             for e, answer in zip(self.entries, answers)
         )
         print(f"\n--- sample responses after epoch {state.epoch + 1} ---\n{text}\n")
@@ -101,19 +105,23 @@ def finetune_instruct(
     """Fine-tune ``base_model`` on ``data_dir/train.json``; write the model, metrics and loss curve."""
     train_entries = load_split(data_dir / "train.json")
     val_entries = load_split(data_dir / "validation.json")
+    style = read_prompt_style(data_dir)
     tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
     model = load_base_model(base_model).to(stage_device(STAGE, params))
     max_length = min(params.max_length or model.cfg.context_length, model.cfg.context_length)
     job = TrainingJob(
         stage=STAGE, experiment=EXPERIMENT, registered_model=INSTRUCT_MODEL, params=params, model=model,
-        train_data=InstructionDataset(train_entries, tokenizer), val_data=InstructionDataset(val_entries, tokenizer),
+        train_data=InstructionDataset(train_entries, tokenizer, style), val_data=InstructionDataset(val_entries, tokenizer, style),
         data_files={split: data_dir / f"{split}.json" for split in ("train", "validation")},
-        save=lambda trained, out: save_checkpoint(trained, out, extra={"stage": STAGE, "base_model": str(base_model)}),
+        save=lambda trained, out: save_checkpoint(trained, out, extra={"stage": STAGE, "base_model": str(base_model),
+                                                                        "prompt_style": style}),
         pyfunc=Pyfunc("instruct_model", "instruct.py", instruct_signature(),
-                      pd.DataFrame([{k: e.get(k, "") for k in ("instruction", "input")} for e in val_entries[:2]])),
+                      pd.DataFrame([as_instruction(e) for e in val_entries[:2]])),
         collate_fn=functools.partial(collate_instructions, max_length=max_length, mask_prompt=params.mask_prompt),
-        callbacks=[SampleResponses(tokenizer, val_entries[: params.sample_entries], params.sample_max_new_tokens)],
-        resume_settings={"base": sha256_file(base_model / "model.safetensors"), "max_length": max_length},
+        callbacks=[SampleResponses(tokenizer, val_entries[: params.sample_entries], params.sample_max_new_tokens,
+                                   style)],
+        resume_settings={"base": sha256_file(base_model / "model.safetensors"), "max_length": max_length,
+                         "prompt_style": style},
         run_params={"base_model": str(base_model), "max_length_effective": max_length},
     )
     out = TrainingOutputs(out_dir, metrics_out, history_out, {"loss": plot_out}, cache_dir)

@@ -1,9 +1,10 @@
 """Pretrain the GPT on the corpus windows (book chapter 5) and log it to MLflow.
 
-``llmcore.train.train`` — the one training loop — runs next-token prediction over
-``data/windows/{train,val}.npy``. Its resumable state lives in ``.cache/pretrain/<key>/``,
-outside DVC's outputs (DVC deletes a stage's outputs before running it), keyed by everything that
-must match to resume (training and model settings, the windows' bytes): after ``kill -9``,
+``llmcore.train.train`` — the one training loop — runs next-token prediction over the windows
+of ``data/windows`` (views over the token shards). Its resumable state lives in
+``.cache/pretrain/<key>/``, outside DVC's outputs (DVC deletes a stage's outputs before running
+it), keyed by everything that must match to resume (training and model settings, the digests of
+the windows and token shards): after ``kill -9``,
 running the stage again continues from the last checkpoint and ends with the same weights and
 metrics as an uninterrupted run. The state is deleted once the outputs are written.
 
@@ -20,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import Field, field_validator
 from torch import nn
@@ -33,8 +33,8 @@ from llmcore.model import GPTModel
 from llmcore.tokenizer import get_tokenizer
 from llmcore.train import TrainCallback, TrainState
 from steps.common.cli import StageParams, run_stage
-from steps.common.data import DataError, TokenizerParams
-from steps.common.datasets import load_windows
+from steps.common.data import TokenizerParams
+from steps.common.windows import load_windows, read_windows_meta, window_files
 from steps.common.distributed import setup_distributed
 from steps.common.params import StrictModel
 from steps.common.registry import PRETRAINED_MODEL
@@ -123,14 +123,6 @@ def generator_signature():
     )
 
 
-def window_context(windows_dir: Path) -> int:
-    """The context length of the windows in ``windows_dir`` (each row holds context + 1 tokens)."""
-    try:
-        return int(np.load(windows_dir / "train.npy", mmap_mode="r").shape[1]) - 1
-    except (OSError, ValueError, IndexError) as exc:
-        raise DataError(f"cannot read the windows in {windows_dir}: {exc}") from exc
-
-
 def pretrain(
     params: PretrainParams,
     paths: PretrainPaths = PretrainPaths(),
@@ -140,8 +132,9 @@ def pretrain(
     progress: bool = True,
 ) -> dict[str, float]:
     """Train from scratch (or resume), write the outputs and log the run; returns the metrics."""
-    cfg = params.model.gpt_config(window_context(paths.windows))
-    train_data, val_data = (load_windows(paths.windows / f"{split}.npy", cfg) for split in ("train", "val"))
+    cfg = params.model.gpt_config(read_windows_meta(paths.windows)["context_length"])
+    windows = load_windows(paths.windows, cfg)
+    train_data, val_data = windows["train"], windows["val"]
     tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
     device = stage_device(STAGE, params)
     torch.manual_seed(params.seed)
@@ -149,7 +142,7 @@ def pretrain(
     job = TrainingJob(
         stage=STAGE, experiment=EXPERIMENT, registered_model=PRETRAINED_MODEL, params=params, model=model,
         train_data=train_data, val_data=val_data,
-        data_files={split: paths.windows / f"{split}.npy" for split in ("train", "val")},
+        data_files=window_files(paths.windows),
         save=lambda trained, out: save_checkpoint(trained, out, extra={"stage": STAGE}),
         pyfunc=Pyfunc("generator", "generator.py", generator_signature()),
         callbacks=[EpochSampleCallback(tokenizer, params.sample), *callbacks],
@@ -174,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     defaults = PretrainPaths()
     run_stage(STAGE, "Pretrain the GPT on the corpus windows (book chapter 5).", body, argv=argv,
               errors=TRAINING_ERRORS, paths={
-                  "windows": (str(defaults.windows), "dir with train.npy, val.npy"),
+                  "windows": (str(defaults.windows), "windows' meta.json (over the token shards)"),
                   "out": (str(defaults.model_out), "checkpoint directory"),
                   "metrics": str(defaults.metrics), "history": str(defaults.history_csv),
                   "plot": str(defaults.loss_plot), "state-dir": (str(defaults.state_dir), "resumable training state"),

@@ -16,9 +16,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from llmcore.checkpoint import CheckpointError, load_checkpoint
+from llmcore.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_meta
 from llmcore.device import resolve_device
 from llmcore.instruct import encode_example, generate_responses, response_loss, response_prompt
+from llmcore.prompts import reference
 from llmcore.tokenizer import TokenizerFilesError, get_tokenizer
 from steps.common.cli import StageParams, run_stage
 from steps.common.data import DataError, TokenizerParams
@@ -97,20 +98,21 @@ def score_instructions(
     except ValueError as exc:
         raise ParamsError(f"{STAGE}.device: {exc}") from exc
     model = load_checkpoint(model_dir).to(device)
+    style = read_checkpoint_meta(model_dir).get("prompt_style", "alpaca")  # what the model was trained on
     tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
     started = time.perf_counter()
     answers = generate_responses(
         model, tokenizer, entries, max_new_tokens=params.max_new_tokens,
-        batch_size=params.batch_size, seed=params.seed,
+        batch_size=params.batch_size, style=style, seed=params.seed,
     )
     generate_s = time.perf_counter() - started
-    examples = [encode_example(tokenizer, response_prompt(e), e["output"]) for e in entries]
+    examples = [encode_example(tokenizer, response_prompt(e, style), reference(e)) for e in entries]
     loss, n_tokens = response_loss(model, examples, batch_size=params.batch_size)
-    rouge = [rouge_l_f1(a, e["output"]) for a, e in zip(answers, entries)]
+    rouge = [rouge_l_f1(a, reference(e)) for a, e in zip(answers, entries)]
     judged = judge_responses(entries, answers, params.judge)
     records = [
-        {"instruction": e["instruction"], "input": e.get("input", ""), "output": e["output"],
-         "model_response": a, "rouge_l_f1": round(r, 6), "judge_score": s}
+        {**question_fields(e), "output": reference(e), "model_response": a, "rouge_l_f1": round(r, 6),
+         "judge_score": s}
         for e, a, r, s in zip(entries, answers, rouge, judged.scores)
     ]
     write_json(responses_out, records)
@@ -135,6 +137,13 @@ def score_instructions(
                       registered_model=INSTRUCT_MODEL, champion_metric=params.champion_metric,
                       outputs=[responses_out, metrics_out, headline_out])
     return metrics
+
+
+def question_fields(entry: dict) -> dict:
+    """What an answer record shows of the question: instruction and input, or a chat's earlier turns."""
+    if "messages" in entry:
+        return {"messages": entry["messages"][:-1]}
+    return {"instruction": entry["instruction"], "input": entry.get("input", "")}
 
 
 def format_summary(metrics: dict, judge_model: str) -> str:

@@ -1,13 +1,16 @@
-"""Score the spam classifier on every split: accuracy, precision, recall, F1, confusion matrix.
+"""Score the classifier on every split: accuracy, per-class precision/recall/F1, confusion matrix.
 
 Writes every split's metrics (``reports/spam.json``), the headline test accuracy and F1 as DVC
 metrics (``metrics/spam.json``), MLflow metrics in the training run, the test split's
 confusion matrix as a PNG (scikit-learn's ``ConfusionMatrixDisplay``) and as a CSV of
-actual/predicted labels for DVC's ``confusion`` plot template. Spam (1) is the positive class.
+actual/predicted labels for DVC's ``confusion`` plot template. With two classes the headline F1
+is the positive class's (id 1: spam), as the book's; with more, the macro F1 (the unweighted mean
+of the classes' F1). The data's labels are matched to the classifier's by name.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -26,8 +29,8 @@ from llmcore.classifier import load_classifier, predict_proba
 from llmcore.device import resolve_device
 from llmcore.tokenizer import TokenizerFilesError, get_tokenizer
 from steps.common.cli import StageParams, run_stage
-from steps.common.data import TokenizerParams
-from steps.common.datasets import read_spam_split
+from steps.common.data import DataError, TokenizerParams
+from steps.common.datasets import read_splits
 from steps.common.io import atomic_path, write_json
 from steps.common.params import ParamsError, StrictModel
 
@@ -43,19 +46,49 @@ class ScoreSpamParams(StrictModel):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
 
 
-def classification_metrics(actual: Sequence[int], predicted: Sequence[int]) -> dict[str, float | int]:
-    """Accuracy, spam precision/recall/F1 and the confusion counts (tn, fp, fn, tp)."""
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        actual, predicted, average="binary", pos_label=1, zero_division=0
-    )
-    tn, fp, fn, tp = confusion_matrix(actual, predicted, labels=[0, 1]).ravel()
-    return {
+def classification_metrics(actual: Sequence[int], predicted: Sequence[int], labels: Sequence[str]) -> dict:
+    """Accuracy, macro F1, per-class precision/recall/F1/support and the confusion matrix (rows:
+    actual, columns: predicted). ``precision``/``recall``/``f1``: of the positive class (id 1, spam)
+    for two classes, with its counts (tn, fp, fn, tp); macro averages for more."""
+    ids = list(range(len(labels)))
+    precision, recall, f1, support = precision_recall_fscore_support(actual, predicted, labels=ids, zero_division=0)
+    matrix = confusion_matrix(actual, predicted, labels=ids)
+    metrics: dict = {
         "accuracy": float(accuracy_score(actual, predicted)),
-        "precision": float(precision),
-        "recall": float(recall),
-        "f1": float(f1),
-        "tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp),
+        "macro_f1": float(f1.mean()),
+        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                             "support": int(support[i])} for i, name in enumerate(labels)},
+        "confusion": matrix.tolist(),
     }
+    if len(labels) == 2:
+        tn, fp, fn, tp = matrix.ravel()
+        metrics.update(precision=float(precision[1]), recall=float(recall[1]), f1=float(f1[1]),
+                       tn=int(tn), fp=int(fp), fn=int(fn), tp=int(tp))
+    else:
+        metrics.update(precision=float(precision.mean()), recall=float(recall.mean()), f1=float(f1.mean()))
+    return metrics
+
+
+def model_label_ids(frame: pd.DataFrame, data_labels: list[str], model_labels: list[str], path: Path) -> list[int]:
+    """The rows' classes as the model's class ids; a label the model was not trained on is an error."""
+    names = [data_labels[i] for i in frame["Label"]]
+    unknown = [(row, name) for row, name in enumerate(names) if name not in model_labels]
+    if unknown:
+        row, name = unknown[0]
+        raise DataError(f"{path} row {row + 1}: label {name!r} is not one the classifier knows ({model_labels}); "
+                        f"{len(unknown)} such row(s): retrain it on this data")
+    return [model_labels.index(name) for name in names]
+
+
+def flat_metrics(metrics: dict[str, dict]) -> dict[str, float]:
+    """``<split>_<name>`` and ``<split>_<label>_<name>`` numbers for MLflow."""
+    flat = {}
+    for split, values in metrics.items():
+        flat.update({f"{split}_{k}": v for k, v in values.items() if isinstance(v, (int, float))})
+        for label, scores in values["per_class"].items():
+            name = re.sub(r"[^\w\-. /]", "_", label)  # the characters MLflow allows in a metric name
+            flat.update({f"{split}_{name}_{k}": v for k, v in scores.items()})
+    return flat
 
 
 def save_confusion_png(
@@ -88,32 +121,34 @@ def score_spam(
 
     check_store(SPAM_CLASSIFIER)  # before any work or output: fail early if the store cannot be written
     torch.manual_seed(params.seed)
-    frames = {split: read_spam_split(data_dir / f"{split}.csv") for split in SPLITS}
+    data_labels, split_frames = read_splits(data_dir, SPLITS)
+    frames = dict(zip(SPLITS, split_frames))
     try:
         device = resolve_device(params.device)
     except ValueError as exc:
         raise ParamsError(f"{STAGE}.device: {exc}") from exc
     model = load_classifier(model_dir, map_location=device)
     tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
+    actuals = {split: model_label_ids(frame, data_labels, model.labels, data_dir / f"{split}.csv")
+               for split, frame in frames.items()}
     metrics, predictions = {}, {}
     for split, frame in frames.items():
         probs = predict_proba(model, tokenizer, frame["Text"].tolist(), params.batch_size)
         predictions[split] = probs.argmax(dim=1).tolist()
-        metrics[split] = classification_metrics(frame["Label"].tolist(), predictions[split])
+        metrics[split] = classification_metrics(actuals[split], predictions[split], model.labels)
     write_json(metrics_out, metrics)
     write_json(headline_out, {"test_accuracy": metrics["test"]["accuracy"], "test_f1": metrics["test"]["f1"]})
 
-    actual, predicted = frames[params.plot_split]["Label"].tolist(), predictions[params.plot_split]
+    actual, predicted = actuals[params.plot_split], predictions[params.plot_split]
     csv_path, png_path = plots_dir / "spam_confusion.csv", plots_dir / "spam_confusion.png"
     table = pd.DataFrame({"actual": [model.labels[i] for i in actual],
                           "predicted": [model.labels[i] for i in predicted]})
     with atomic_path(csv_path) as tmp:
         table.to_csv(tmp, index=False)
     accuracy = metrics[params.plot_split]["accuracy"]
-    title = f"spam classifier, {params.plot_split} split (accuracy {accuracy:.2%})"
+    title = f"classifier, {params.plot_split} split (accuracy {accuracy:.2%})"
     save_confusion_png(png_path, actual, predicted, model.labels, title)
-    flat = {f"{split}_{name}": value for split, values in metrics.items() for name, value in values.items()}
-    record_evaluation(STAGE, params, model_dir, flat, [png_path, csv_path],
+    record_evaluation(STAGE, params, model_dir, flat_metrics(metrics), [png_path, csv_path],
                       registered_model=SPAM_CLASSIFIER, champion_metric=f"test_{params.champion_metric}",
                       outputs=[metrics_out, headline_out, png_path, csv_path])
     return metrics

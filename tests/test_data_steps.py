@@ -12,16 +12,18 @@ import pandas as pd
 import pytest
 import yaml
 
-from llmcore.data import SlidingWindowDataset
 from llmcore.prompts import RESPONSE_MARKER, extract_response, format_input, format_response
 from steps import build_instruction_dataset as instr
 from steps.common import datasets
 from steps import build_spam_dataset as spam
 from steps import build_windows as windows
 from steps import tokenize
-from steps.common.data import DataError, TokenizerParams, save_npy, to_token_array
-from steps.fetch import FetchSettings, Source
+from llmcore.config import GPTConfig
+from llmcore.tokenizer import encode, get_tokenizer, tokenizer_digest
+from steps.common.data import DataError, TokenizerParams, read_text
 from steps.common.params import ParamsError, read_params, validate_section
+from steps.common.windows import load_token_shards, load_windows
+from steps.fetch import FetchSettings, Source
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("LLMPIPE_MIRROR") or REPO.parent / "shared" / "data")
@@ -40,87 +42,106 @@ def write_params(path: Path, **sections: dict) -> Path:
 
 @pytest.fixture(scope="module")
 def verdict_tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tokens") / "corpus.npy"
-    tokenize.tokenize_corpus(MIRROR / "the-verdict.txt", out, out.with_suffix(".json"), TOKENIZER)
-    return out
+    root = tmp_path_factory.mktemp("tokens")
+    tokenize.tokenize_corpus(MIRROR / "the-verdict.txt", root / "tokens", root / "tokenize.json",
+                             tokenize.CorpusParams(), TOKENIZER, root / "state")
+    return root / "tokens"
+
+
+def verdict_ids() -> np.ndarray:
+    """Today's tokenization of the book's corpus: the whole file encoded in one call."""
+    return np.asarray(encode(get_tokenizer(TOKENIZER.encoding_dir), read_text(MIRROR / "the-verdict.txt")))
 
 
 def test_tokenize_the_verdict(verdict_tokens: Path) -> None:
-    tokens = np.load(verdict_tokens)
-    assert tokens.dtype == np.uint16 and tokens.shape == (5145,)
-    assert tokens[:4].tolist() == [40, 367, 2885, 1464]  # "I HAD always"
-    assert json.loads(verdict_tokens.with_suffix(".json").read_text()) == {"characters": 20479, "tokens": 5145}
+    tokens, meta = load_token_shards(verdict_tokens)
+    assert len(tokens) == 5145 and tokens[:4].tolist() == [40, 367, 2885, 1464]  # "I HAD always"
+    assert np.array_equal(tokens[0:len(tokens)], verdict_ids())  # no <|endoftext|> added to one document
+    assert (meta["dtype"], meta["vocab_size"], meta["tokens"], len(meta["shards"])) == ("uint16", 50257, 5145, 1)
+    assert meta["tokenizer"]["sha256"] == tokenizer_digest(get_tokenizer(TOKENIZER.encoding_dir))
+    assert json.loads((verdict_tokens.parent / "tokenize.json").read_text()) == {
+        "files": 1, "documents": 1, "empty_documents": 0, "bytes": 20479, "characters": 20479,
+        "tokens": 5145, "shards": 1,
+    }
+    assert not (verdict_tokens.parent / "state").exists() or not any((verdict_tokens.parent / "state").iterdir())
 
 
 def test_tokenize_rejects_missing_and_empty_corpora(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="cannot read .*missing.txt"):
-        tokenize.tokenize_corpus(tmp_path / "missing.txt", tmp_path / "t.npy", tmp_path / "m.json", TOKENIZER)
+    with pytest.raises(DataError, match="corpus .*missing.txt does not exist"):
+        tokenize.tokenize_corpus(tmp_path / "missing.txt", tmp_path / "t", tmp_path / "m.json",
+                                 tokenize.CorpusParams(), TOKENIZER, tmp_path / "state")
     (tmp_path / "empty.txt").write_text("")
-    with pytest.raises(DataError, match="is empty"):
-        tokenize.tokenize_corpus(tmp_path / "empty.txt", tmp_path / "t.npy", tmp_path / "m.json", TOKENIZER)
-    assert not (tmp_path / "t.npy").exists()
-
-
-def test_token_ids_must_fit_uint16() -> None:
-    assert to_token_array([0, 50256]).dtype == np.uint16
-    with pytest.raises(DataError, match="outside uint16"):
-        to_token_array([1, 70000])
+    with pytest.raises(DataError, match="has no text"):
+        tokenize.tokenize_corpus(tmp_path / "empty.txt", tmp_path / "t", tmp_path / "m.json",
+                                 tokenize.CorpusParams(), TOKENIZER, tmp_path / "state")
+    assert not (tmp_path / "t").exists() and not (tmp_path / "m.json").exists()
 
 
 def test_tokenize_cli_reports_a_bad_tokenizer_dir(tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"tokenizer": {"encoding_dir": str(tmp_path)}}))
+    params.write_text(yaml.safe_dump({"tokenizer": {"encoding_dir": str(tmp_path)}, "corpus": {}}))
     with pytest.raises(SystemExit, match=r"^tokenize: error: .*lacks encoder.json"):
         tokenize.main(["--params", str(params), "--corpus", str(MIRROR / "the-verdict.txt"),
-                       "--tokens", str(tmp_path / "t.npy"), "--metrics", str(tmp_path / "m.json")])
+                       "--tokens", str(tmp_path / "t"), "--metrics", str(tmp_path / "m.json"),
+                       "--state-dir", str(tmp_path / "state")])
 
 
 # ---- build_windows
 
 
-def test_windows_match_the_book(verdict_tokens: Path, tmp_path: Path) -> None:
+def todays_windows(tokens: np.ndarray, context_length: int, stride: int) -> np.ndarray:
+    """The rows the previous build_windows materialised (its make_windows), to compare the views with."""
+    return np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(tokens, context_length + 1)[::stride])
+
+
+def assert_windows_equal(dataset, rows: np.ndarray) -> None:
+    assert len(dataset) == len(rows)
+    for row, (inputs, targets) in zip(rows, dataset):
+        assert np.array_equal(row[:-1], inputs.numpy()) and np.array_equal(row[1:], targets.numpy())
+
+
+def test_windows_match_the_book_and_todays_output(verdict_tokens: Path, tmp_path: Path) -> None:
     meta = windows.build_windows(verdict_tokens, tmp_path / "windows", tmp_path / "m.json", windows.WindowParams())
     # The book: 9 train batches of 2 (drop_last) and 1 validation batch of 2.
-    assert meta == {
-        "context_length": 256, "stride": 256, "train_ratio": 0.9,
-        "n_train_windows": 18, "n_val_windows": 2, "train_tokens": 4630, "val_tokens": 515,
-    }
+    assert {k: meta[k] for k in ("n_train_windows", "n_val_windows", "train_tokens", "val_tokens")} == {
+        "n_train_windows": 18, "n_val_windows": 2, "train_tokens": 4630, "val_tokens": 515}
     assert json.loads((tmp_path / "windows" / "meta.json").read_text()) == meta
-    tokens = np.load(verdict_tokens)
-    for split, part in (("train", tokens[:4630]), ("val", tokens[4630:])):
-        rows = np.load(tmp_path / "windows" / f"{split}.npy")
-        assert rows.dtype == np.uint16 and rows.shape == (meta[f"n_{split}_windows"], 257)
-        dataset = SlidingWindowDataset(part, max_length=256, stride=256)
-        assert len(dataset) == len(rows)
-        for row, (inputs, targets) in zip(rows, dataset):
-            assert np.array_equal(row[:-1], inputs.numpy()) and np.array_equal(row[1:], targets.numpy())
+    assert json.loads((tmp_path / "m.json").read_text()) == meta
+    assert sorted(p.name for p in (tmp_path / "windows").iterdir()) == ["meta.json"]  # views: no window copies
+    views = load_windows(tmp_path / "windows", GPTConfig.from_preset("cpu-tiny", context_length=256))
+    ids = verdict_ids()
+    for split, part in (("train", ids[:4630]), ("val", ids[4630:])):
+        assert_windows_equal(views[split], todays_windows(part, 256, 256))
 
 
-def test_overlapping_windows(verdict_tokens: Path, tmp_path: Path) -> None:
+def test_overlapping_windows_equal_todays(verdict_tokens: Path, tmp_path: Path) -> None:
     params = windows.WindowParams(context_length=4, stride=1, train_ratio=0.5)
     meta = windows.build_windows(verdict_tokens, tmp_path / "w", tmp_path / "m.json", params)
-    assert meta["n_train_windows"] == len(SlidingWindowDataset(np.load(verdict_tokens)[:2572], 4, 1)) == 2568
+    assert meta["n_train_windows"] == 2568
+    views = load_windows(tmp_path / "w", GPTConfig.from_preset("cpu-tiny", context_length=4))
+    assert_windows_equal(views["train"], todays_windows(verdict_ids()[:2572], 4, 1))
 
 
 def test_a_split_shorter_than_a_window_is_an_error(tmp_path: Path) -> None:
-    save_npy(tmp_path / "t.npy", np.arange(300, dtype=np.uint16))
+    (tmp_path / "short.txt").write_text(" ".join(["word"] * 300))  # 300 tokens
+    tokenize.tokenize_corpus(tmp_path / "short.txt", tmp_path / "t", tmp_path / "tm.json", tokenize.CorpusParams(),
+                             TOKENIZER, tmp_path / "state")
     with pytest.raises(DataError, match="val split has 30 tokens; one window of context_length=256 needs at least 257"):
-        windows.build_windows(tmp_path / "t.npy", tmp_path / "w", tmp_path / "m.json", windows.WindowParams())
+        windows.build_windows(tmp_path / "t", tmp_path / "w", tmp_path / "m.json", windows.WindowParams())
     assert not (tmp_path / "w").exists()
 
 
-def test_windows_reject_a_non_token_array(tmp_path: Path) -> None:
-    np.save(tmp_path / "t.npy", np.zeros((2, 3), dtype=np.int64))
-    with pytest.raises(SystemExit, match=r"^build_windows: error: .*expected a 1-D uint16 token array"):
+def test_windows_reject_a_missing_token_dir(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=r"^build_windows: error: cannot read token shards .*meta.json"):
         windows.main(["--params", str(write_params(tmp_path / "p.yaml", windows={})),
-                      "--tokens", str(tmp_path / "t.npy"), "--out", str(tmp_path / "w"),
+                      "--tokens", str(tmp_path / "t"), "--out", str(tmp_path / "w"),
                       "--metrics", str(tmp_path / "m.json")])
 
 
 @pytest.mark.parametrize(
     ("section", "pattern"),
     [({"train_ratio": 1.5}, r"windows\.train_ratio"), ({"stride": 0}, r"windows\.stride"),
-     ({"context": 256}, r"windows\.context")],
+     ({"context": 256}, r"windows\.context"), ({"sampling": "shuffled"}, r"windows\.sampling")],
 )
 def test_window_params_are_validated(section: dict, pattern: str) -> None:
     with pytest.raises(ParamsError, match=pattern):
@@ -170,7 +191,7 @@ def small_tsv(path: Path, extra_lines: list[str]) -> Path:
 )
 def test_malformed_lines_name_the_line(tmp_path: Path, bad_line: str, reason: str) -> None:
     tsv = small_tsv(tmp_path / "sms.tsv", [bad_line])
-    with pytest.raises(DataError, match=f"sms.tsv line 3: {reason} \\(1 malformed line"):
+    with pytest.raises(DataError, match=f"sms.tsv line 3: {reason} \\(1 malformed row"):
         spam.build_spam_dataset(tsv, tmp_path / "out", tmp_path / "m.json", spam.SpamDataParams())
     assert not (tmp_path / "out").exists()
 
@@ -277,6 +298,7 @@ def test_params_yaml_validates_and_dvc_yaml_declares_existing_params() -> None:
     for name in data["sources"]:
         validate_section(data, f"sources.{name}", Source)
     validate_section(data, "tokenizer", TokenizerParams)
+    validate_section(data, "corpus", tokenize.CorpusParams)
     validate_section(data, "windows", windows.WindowParams)
     validate_section(data, "spam_data", spam.SpamDataParams)
     validate_section(data, "instruction_data", instr.InstructionDataParams)

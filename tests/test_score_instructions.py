@@ -35,6 +35,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> Path:
     (root / "data").mkdir()
     for name, part in {"train": entries[:8], "validation": entries[8:10], "test": entries[10:14]}.items():
         (root / "data" / f"{name}.json").write_text(json.dumps(part))
+    (root / "data" / "meta.json").write_text(json.dumps({"prompt_style": "alpaca"}))
     params = {
         "tokenizer": {"encoding_dir": str(mirror / "gpt2")},
         "base_model": {"dir": str(root / "base")},

@@ -47,6 +47,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_split(root / "data" / "train.csv", HAM, SPAM)
     write_split(root / "data" / "validation.csv", HAM[:2], SPAM[:2])
     write_split(root / "data" / "test.csv", HAM[2:5], SPAM[2:5])
+    (root / "data" / "labels.json").write_text(json.dumps({"labels": ["ham", "spam"]}))
     return root
 
 
@@ -176,7 +177,8 @@ def test_score_spam_writes_metrics_and_confusion_plots(workspace: Path, finetune
     assert float(champion.tags["test_accuracy"]) == pytest.approx(metrics["test"]["accuracy"])
     test = pd.read_csv(workspace / "data" / "test.csv")
     predicted = classify_texts(load_classifier(workspace / "clf"), get_tokenizer(TOKENIZER.encoding_dir), test["Text"].tolist())
-    assert metrics["test"] == score_spam.classification_metrics(test["Label"].tolist(), [int(label == "spam") for label, _ in predicted])
+    assert metrics["test"] == score_spam.classification_metrics(test["Label"].tolist(), [int(label == "spam") for label, _ in predicted],
+                                                                ["ham", "spam"])
     assert sum(metrics["train"][k] for k in ("tn", "fp", "fn", "tp")) == 12
     table = pd.read_csv(workspace / "plots" / "spam_confusion.csv")
     assert table["actual"].tolist() == ["ham"] * 3 + ["spam"] * 3
@@ -184,14 +186,30 @@ def test_score_spam_writes_metrics_and_confusion_plots(workspace: Path, finetune
     assert (workspace / "plots" / "spam_confusion.png").read_bytes()[:4] == b"\x89PNG"
 
 
+BINARY = ["ham", "spam"]
+
+
 def test_classification_metrics_match_hand_counts() -> None:
-    metrics = score_spam.classification_metrics([0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 1, 0])
-    assert metrics == {"accuracy": pytest.approx(4 / 6), "precision": pytest.approx(2 / 3), "recall": pytest.approx(2 / 3),
-                       "f1": pytest.approx(2 / 3), "tn": 2, "fp": 1, "fn": 1, "tp": 2}
-    none_flagged = score_spam.classification_metrics([1, 0, 1, 0], [0, 0, 0, 0])
-    assert none_flagged == {"accuracy": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0, "tn": 2, "fp": 0, "fn": 2, "tp": 0}
-    precise = score_spam.classification_metrics([1, 1, 1, 0], [1, 0, 0, 0])
+    metrics = score_spam.classification_metrics([0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 1, 0], BINARY)
+    headline = {k: metrics[k] for k in ("accuracy", "precision", "recall", "f1", "tn", "fp", "fn", "tp")}
+    assert headline == {"accuracy": pytest.approx(4 / 6), "precision": pytest.approx(2 / 3), "recall": pytest.approx(2 / 3),
+                        "f1": pytest.approx(2 / 3), "tn": 2, "fp": 1, "fn": 1, "tp": 2}
+    assert metrics["confusion"] == [[2, 1], [1, 2]] and metrics["per_class"]["spam"]["support"] == 3
+    none_flagged = score_spam.classification_metrics([1, 0, 1, 0], [0, 0, 0, 0], BINARY)
+    assert {k: none_flagged[k] for k in headline} == {"accuracy": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0,
+                                                      "tn": 2, "fp": 0, "fn": 2, "tp": 0}
+    assert none_flagged["per_class"]["ham"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3), "support": 2}
+    assert none_flagged["macro_f1"] == pytest.approx(1 / 3)
+    precise = score_spam.classification_metrics([1, 1, 1, 0], [1, 0, 0, 0], BINARY)
     assert (precise["precision"], precise["recall"], precise["f1"]) == (1.0, pytest.approx(1 / 3), pytest.approx(0.5))
+
+
+def test_multiclass_metrics_are_per_class_and_macro() -> None:
+    metrics = score_spam.classification_metrics([0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2, 0], ["a", "b", "c"])
+    assert metrics["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert metrics["per_class"]["b"] == {"precision": pytest.approx(2 / 3), "recall": 1.0, "f1": pytest.approx(0.8), "support": 2}
+    assert metrics["f1"] == metrics["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    assert metrics["accuracy"] == pytest.approx(4 / 6) and "tp" not in metrics
 
 
 def test_base_without_gpt2_weights_fails_clearly(workspace: Path, tmp_path: Path, capsys) -> None:
@@ -212,7 +230,7 @@ def test_base_without_gpt2_weights_fails_clearly(workspace: Path, tmp_path: Path
 
 def test_bad_spam_csv_is_named(tmp_path: Path) -> None:
     pd.DataFrame({"Label": [0, 2], "Text": ["a", "b"]}).to_csv(tmp_path / "train.csv", index=False)
-    with pytest.raises(DataError, match=r"train.csv row 2: Label must be 0 or 1"):
+    with pytest.raises(DataError, match=r"train.csv row 2: Label must be a class id in \[0, 2\), got 2"):
         datasets.read_spam_split(tmp_path / "train.csv")
     pd.DataFrame({"label": [0], "Text": ["a"]}).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(DataError, match=r"missing column\(s\) \['Label'\]"):

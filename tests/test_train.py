@@ -91,7 +91,7 @@ def test_an_unreadable_state_is_set_aside_once_and_training_starts_over(tmp_path
     saved = tmp_path / "train_state" / damage
     saved.write_bytes(saved.read_bytes()[: len(saved.read_bytes()) // 2])  # truncated, as by a full disk
     fresh_model, log = make_model(), Recorder()
-    with pytest.warns(RuntimeWarning, match=rf"cannot resume from .*train_state.*moved it to .*unreadable"):
+    with pytest.warns(RuntimeWarning, match=r"cannot resume from .*train_state.*moved it to .*unreadable"):
         state = train(fresh_model, train_data, None, RESUME_CONFIG, callbacks=[log], state_dir=tmp_path)
     assert log.steps[0][0] == 1 and state.step == 10  # started over from step 1 and finished
     (aside,) = tmp_path.glob("train_state.unreadable-*")

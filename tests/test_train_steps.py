@@ -8,6 +8,7 @@ transformers checkpoint plus the offline (weights unavailable) behaviours.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,9 +29,11 @@ from llmcore.train import STATE_DIR, TrainCallback
 from llmcore.weights import WeightsUnavailableError
 from steps import evaluate as evaluate_step
 from steps import load_gpt2 as load_gpt2_step
-from steps.common.data import DataError, TokenizerParams
-from steps.common.params import ParamsError, validate_section
+from steps.build_windows import WindowParams, build_windows
+from steps.common.data import TokenizerParams
 from steps.common.io import file_digest
+from steps.common.params import ParamsError, validate_section
+from steps.common.shards import ShardWriter
 from steps.pretrain import PretrainParams, PretrainPaths, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,11 +60,13 @@ def tiny_params(**changes) -> PretrainParams:
 def workspace(tmp_path_factory: pytest.TempPathFactory):
     """A tmp dir with tiny windows, that is the cwd and holds the MLflow store for this module."""
     root = tmp_path_factory.mktemp("train_steps")
-    windows = root / "windows"
-    windows.mkdir()
-    rng = np.random.default_rng(0)
-    for split, n_windows in (("train", 16), ("val", 4)):  # 4 training steps per epoch
-        np.save(windows / f"{split}.npy", rng.integers(0, 50257, (n_windows, CONTEXT + 1), dtype=np.uint16))
+    writer = ShardWriter(root / "work", np.uint16)  # 322 random tokens: 257 train (16 windows), 65 val (4)
+    writer.write(np.random.default_rng(0).integers(0, 50257, 322, dtype=np.uint16))
+    writer.commit(1, {})
+    writer.finish(root / "tokens", {"vocab_size": 50257})
+    meta = build_windows(root / "tokens", root / "windows", root / "windows.json",
+                         WindowParams(context_length=CONTEXT, stride=CONTEXT, train_ratio=0.8))
+    assert (meta["n_train_windows"], meta["n_val_windows"]) == (16, 4)  # 4 training steps per epoch
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         mp.delenv("LLMPIPE_MLFLOW_PARENT_RUN_ID", raising=False)
@@ -132,9 +137,10 @@ def test_pretrain_mlflow_run_holds_params_curves_samples_plot_and_a_loadable_gen
     assert run.data.metrics["tokens_per_s"] > 0 and run.data.metrics["mfu"] > 0
     # Each evaluation also logs the mean throughput since the previous one.
     assert len(client.get_metric_history(run.info.run_id, "throughput_tokens_per_s")) == 4
-    # What it was trained on: each split file with its DVC hash (md5) as the dataset digest.
+    # What it was trained on: the windows' definition and the token shards' index, with their DVC hash (md5).
     inputs = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
-    assert inputs == {f"windows/{split}.npy": file_digest(paths.windows / f"{split}.npy", "md5") for split in ("train", "val")}
+    assert inputs == {f"{name}/meta.json": file_digest(paths.windows.parent / name / "meta.json", "md5")
+                      for name in ("windows", "tokens")}
     # The weights it wrote are findable from the model directory, and registered as @candidate.
     assert run.data.tags["model_md5"] == file_digest(paths.model_out / "model.safetensors", "md5")
     candidate = client.get_model_version_by_alias("pretrained-gpt", "candidate")
@@ -185,6 +191,21 @@ def test_interrupted_pretraining_resumes_to_the_same_weights_and_metrics(workspa
     assert run.data.tags["resumed_from_step"] == "6"
     # The resumed run carries the whole curve: evaluations before the interruption are re-logged.
     assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")) == 4
+
+
+def test_random_offset_windows_pretrain_and_resume_exactly(workspace: Path) -> None:
+    random = WindowParams(context_length=CONTEXT, stride=CONTEXT, train_ratio=0.8, sampling="random", random_windows=12)
+    build_windows(workspace / "tokens", workspace / "random_windows", workspace / "random.json", random)
+    reference_paths, paths = (dataclasses.replace(paths_in(workspace / name), windows=workspace / "random_windows")
+                              for name in ("random", "random_resumed"))
+    reference = pretrain(tiny_params(), reference_paths, TOKENIZER, progress=False)
+    assert reference["steps"] == 6  # 12 windows at random offsets per epoch, batches of 4, 2 epochs
+    with pytest.raises(Interrupt):
+        pretrain(tiny_params(), paths, TOKENIZER, callbacks=(InterruptAtStep(5),), progress=False)
+    resumed = pretrain(tiny_params(), paths, TOKENIZER, progress=False)
+    assert (resumed["train_loss"], resumed["val_loss"]) == (reference["train_loss"], reference["val_loss"])
+    weights, expected = load_file(paths.model_out / "model.safetensors"), load_file(reference_paths.model_out / "model.safetensors")
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
 
 
 def test_a_saved_state_with_other_settings_is_not_resumed(workspace: Path, pretrained) -> None:

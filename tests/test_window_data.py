@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmcore.data import ResumableSampler, SlidingWindowDataset, WindowArrayDataset, create_dataloader
+from llmcore.data import RandomWindowDataset, ResumableSampler, SlidingWindowDataset, TokenShards, create_dataloader
 
 
 def test_book_example_stride_equals_length(tokenizer, mirror: Path) -> None:
@@ -116,13 +116,56 @@ def test_sampler_skipping_past_a_partial_last_batch_is_empty() -> None:
     assert list(sampler) == [] and len(sampler) == 0
 
 
-def test_window_array_rows_give_shifted_inputs_and_targets(tmp_path: Path) -> None:
-    rows = np.arange(30, dtype=np.uint16).reshape(3, 10)
-    np.save(tmp_path / "windows.npy", rows)
-    dataset = WindowArrayDataset(np.load(tmp_path / "windows.npy", mmap_mode="r"))
-    assert len(dataset) == 3 and dataset.context_length == 9
-    x, y = dataset[1]
-    assert x.dtype == y.dtype == torch.long
-    assert x.tolist() == list(range(10, 19)) and y.tolist() == list(range(11, 20))
-    with pytest.raises(ValueError, match="2-D"):
-        WindowArrayDataset(np.arange(10))
+def test_token_shards_read_as_one_array_without_copying(tmp_path: Path) -> None:
+    whole = np.arange(100, dtype=np.uint16)
+    for name, part in (("a", whole[:30]), ("b", whole[30:31]), ("c", whole[31:])):
+        part.tofile(tmp_path / f"{name}.bin")
+    maps = [np.memmap(tmp_path / f"{name}.bin", dtype=np.uint16, mode="r") for name in "abc"]
+    shards = TokenShards(maps)
+    assert len(shards) == 100 and shards.arrays[0] is maps[0]
+    for first, last in ((0, 100), (25, 35), (29, 32), (30, 31), (99, 100), (40, 40)):
+        assert np.array_equal(shards[first:last], whole[first:last])
+    view = shards.view(28, 90)
+    assert len(view) == 62 and np.array_equal(view[0:5], whole[28:33]) and np.array_equal(view[-3:], whole[87:90])
+    assert np.array_equal(view.view(2, 4)[0:2], whole[30:32])
+    with pytest.raises(ValueError, match="outside"):
+        shards.view(10, 101)
+    with pytest.raises(TypeError, match="contiguous"):
+        shards[::2]
+
+
+def test_windows_over_shards_equal_windows_over_the_concatenation() -> None:
+    whole = np.arange(1000, dtype=np.uint16) * 7
+    shards = TokenShards([whole[:333], whole[333:334], whole[334:700], whole[700:]])
+    for length, stride in ((16, 16), (16, 5), (4, 1)):
+        over_shards, over_array = SlidingWindowDataset(shards, length, stride), SlidingWindowDataset(whole, length, stride)
+        assert len(over_shards) == len(over_array)
+        for i in range(len(over_array)):
+            assert all(torch.equal(a, b) for a, b in zip(over_shards[i], over_array[i]))
+
+
+def test_random_windows_are_seeded_in_range_and_the_same_when_asked_again() -> None:
+    tokens = np.arange(500, dtype=np.uint16)
+    data = RandomWindowDataset(TokenShards([tokens[:100], tokens[100:]]), max_length=16, n_samples=200, seed=3)
+    assert len(data) == 200 and data.context_length == 16
+    offsets = [data.offset(i) for i in range(200)]
+    assert all(0 <= o <= 500 - 17 for o in offsets) and len(set(offsets)) > 150  # not the stride grid
+    assert any(o % 16 for o in offsets)
+    x, y = data[7]
+    assert x.tolist() == list(range(offsets[7], offsets[7] + 16)) and y.tolist() == list(range(offsets[7] + 1, offsets[7] + 17))
+    again = RandomWindowDataset(tokens, max_length=16, n_samples=200, seed=3)
+    assert [again.offset(i) for i in range(200)] == offsets  # a function of (seed, index): resume replays it
+    assert [RandomWindowDataset(tokens, 16, 200, seed=4).offset(i) for i in range(200)] != offsets
+    with pytest.raises(IndexError):
+        data[200]
+    with pytest.raises(ValueError, match="at least 17"):
+        RandomWindowDataset(tokens[:16], 16, 10, seed=0)
+
+
+def test_random_windows_resume_mid_epoch_exactly() -> None:
+    data = RandomWindowDataset(np.arange(2000), max_length=8, n_samples=64, seed=1)
+    loader = torch.utils.data.DataLoader(data, batch_size=4, sampler=ResumableSampler(data, seed=5))
+    loader.sampler.set_epoch(2)
+    batches = [x for x, _ in loader]
+    loader.sampler.set_epoch(2, 5 * 4)
+    assert all(torch.equal(a, b) for a, b in zip([x for x, _ in loader], batches[5:]))

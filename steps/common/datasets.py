@@ -1,4 +1,5 @@
-"""Reading the datasets the data stages write, for the stages that train on or score them.
+"""Reading the fine-tuning datasets the data stages write, for the stages that train on or score them
+(and the instruction entries build_instruction_dataset reads).
 
 Each reader checks what it reads again (an input may have been edited by hand) and reports a
 problem as a ``DataError`` naming the file and the row, entry or field.
@@ -8,42 +9,36 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
-import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from llmcore.config import GPTConfig
-from llmcore.data import WindowArrayDataset
-from steps.common.data import DataError, read_text
+from llmcore.prompts import chat_roles_error, check_style
+from steps.common.data import LABELS_FILE, DataError, read_text
+from steps.common.readers import jsonl_records
 
 
-def load_windows(path: Path, cfg: GPTConfig, *, exact: bool = True) -> WindowArrayDataset:
-    """The windows in ``path`` as a dataset over a memory map (never read into RAM at once).
-
-    Training needs windows exactly as long as the model's context; scoring (``exact=False``)
-    accepts shorter ones.
-    """
+def read_labels(data_dir: Path) -> list[str]:
+    """The class names, in class-id order, of the splits build_spam_dataset wrote to ``data_dir``."""
+    path = data_dir / LABELS_FILE
     try:
-        windows = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot load windows {path}: {exc}") from exc
-    if windows.ndim != 2 or windows.dtype != np.uint16 or len(windows) == 0:
-        raise DataError(f"{path}: expected a non-empty 2-D uint16 array of windows, got {windows.dtype} {windows.shape}")
-    width = windows.shape[1] - 1
-    if width > cfg.context_length or (exact and width != cfg.context_length):
-        raise DataError(
-            f"{path} holds windows of context_length {width} but the model's "
-            f"context_length is {cfg.context_length}: score the model on windows built with its "
-            "context (windows.context_length in params.yaml)"
-        )
-    if int(windows.max()) >= cfg.vocab_size:
-        raise DataError(f"{path}: token id {int(windows.max())} is outside the model's vocabulary ({cfg.vocab_size})")
-    return WindowArrayDataset(windows)
+        labels = json.loads(read_text(path))["labels"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: expected {{\"labels\": [names...]}}: {exc}") from exc
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+        raise DataError(f"{path}: labels must be a list of at least two names, got {labels!r}")
+    return labels
 
 
-def read_spam_split(path: Path) -> pd.DataFrame:
-    """A split CSV from build_spam_dataset: ``Label`` 0 (ham) / 1 (spam) and ``Text``."""
+def read_splits(data_dir: Path, splits: tuple[str, ...]) -> tuple[list[str], list[pd.DataFrame]]:
+    """The class names and the named split CSVs of a classification dataset."""
+    labels = read_labels(data_dir)
+    return labels, [read_spam_split(data_dir / f"{split}.csv", len(labels)) for split in splits]
+
+
+def read_spam_split(path: Path, n_classes: int = 2) -> pd.DataFrame:
+    """A split CSV from build_spam_dataset: ``Label`` (a class id below ``n_classes``) and ``Text``."""
     try:
         df = pd.read_csv(path, dtype={"Text": str}, keep_default_na=False)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
@@ -51,16 +46,18 @@ def read_spam_split(path: Path) -> pd.DataFrame:
     missing = {"Label", "Text"} - set(df.columns)
     if missing:
         raise DataError(f"{path}: missing column(s) {sorted(missing)}")
-    bad = ~df["Label"].isin([0, 1])
+    bad = ~df["Label"].isin(list(range(n_classes)))
     if bad.any():
-        raise DataError(f"{path} row {int(bad.idxmax()) + 1}: Label must be 0 or 1, got {df['Label'][bad.idxmax()]!r}")
+        row = int(bad.idxmax())
+        raise DataError(f"{path} row {row + 1}: Label must be a class id in [0, {n_classes}), "
+                        f"got {df['Label'].tolist()[row]!r}")
     if df.empty:
         raise DataError(f"{path}: no rows")
     return df
 
 
 class InstructionEntry(BaseModel):
-    """One entry; strict, so a number is not silently taken for a string. Extra keys are kept."""
+    """An Alpaca-style entry; strict, so a number is not silently taken for a string. Extra keys are kept."""
 
     model_config = ConfigDict(strict=True, extra="allow")
 
@@ -69,27 +66,74 @@ class InstructionEntry(BaseModel):
     output: str = Field(min_length=1)
 
 
-_ENTRIES = TypeAdapter(list[InstructionEntry])
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(min_length=1)
+
+
+class ChatEntry(BaseModel):
+    """A chat: an optional system turn, user and assistant turns in turn, ending with the answer."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    messages: list[Message] = Field(min_length=2)
+
+    @field_validator("messages")
+    @classmethod
+    def _in_order(cls, messages: list[Message]) -> list[Message]:
+        if problem := chat_roles_error([m.role for m in messages]):
+            raise ValueError(problem)
+        return messages
+
+
+INSTRUCTIONS_META = "meta.json"
+
+
+def read_prompt_style(data_dir: Path) -> str:
+    """The prompt style build_instruction_dataset wrote its splits for (``meta.json``)."""
+    path = data_dir / INSTRUCTIONS_META
+    try:
+        style = json.loads(read_text(path))["prompt_style"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: expected {{\"prompt_style\": ...}}: {exc}") from exc
+    try:
+        return check_style(style)
+    except ValueError as exc:
+        raise DataError(f"{path}: {exc}") from None
 
 
 def load_entries(path: Path) -> list[dict]:
-    """The raw entries of a JSON list, after checking each one's fields."""
-    try:
-        data = json.loads(read_text(path))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not valid JSON: {exc}") from exc
-    try:
-        _ENTRIES.validate_python(data)
-    except ValidationError as exc:
-        problems = [_describe(err) for err in exc.errors()]
+    """The raw entries of a JSON list or a JSONL file (one entry per line, optionally gzipped),
+    Alpaca-style or chats, after checking each one's fields."""
+    if path.name.lower().endswith((".jsonl", ".jsonl.gz", ".ndjson")):
+        items = [(f"line {n}", record) for n, record in jsonl_records(path, path.name.lower().endswith(".gz"))]
+    else:
+        try:
+            data = json.loads(read_text(path))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} is not valid JSON: {exc}") from exc
+        if not isinstance(data, list):
+            raise DataError(f"{path}: top level: Input should be a valid list of entries")
+        items = [(f"entry {i}", entry) for i, entry in enumerate(data)]
+    problems = []
+    for where, entry in items:
+        model = ChatEntry if isinstance(entry, dict) and "messages" in entry else InstructionEntry
+        try:
+            model.model_validate(entry)
+        except ValidationError as exc:
+            problems += [_describe(where, err) for err in exc.errors()]
+    if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise DataError(f"{path}: " + "; ".join(problems[:3]) + more) from None
-    return data
+        raise DataError(f"{path}: " + "; ".join(problems[:3]) + more)
+    return [entry for _, entry in items]
 
 
-def _describe(err: dict) -> str:
+def _describe(where: str, err: dict) -> str:
+    """``entry 3 field 'messages[1].role': ...``"""
     loc = err["loc"]
     if not loc:
-        return f"top level: {err['msg']}"
-    where = f"entry {loc[0]}" + (f" field {loc[1]!r}" if len(loc) > 1 else "")
-    return f"{where}: {err['msg']}"
+        return f"{where}: {err['msg']}"
+    field = str(loc[0]) + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc[1:])
+    return f"{where} field {field!r}: {err['msg']}"

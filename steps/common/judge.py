@@ -22,7 +22,7 @@ from pydantic import Field
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from llmcore.prompts import format_input
+from llmcore.prompts import prompt_text, reference
 from steps.common.params import StrictModel
 from steps.common.secrets import judge_api_key, redact
 
@@ -46,11 +46,11 @@ class JudgeUnavailableError(RuntimeError):
     """The judge server could not be reached or refused the request."""
 
 
-def judge_prompt(entry: Mapping[str, str], response: str) -> str:
-    """The book's scoring prompt."""
+def judge_prompt(entry: Mapping, response: str) -> str:
+    """The book's scoring prompt (a chat's input: its turns before the answer)."""
     return (
-        f"Given the input `{format_input(entry)}` "
-        f"and correct output `{entry['output']}`, "
+        f"Given the input `{prompt_text(entry)}` "
+        f"and correct output `{reference(entry)}`, "
         f"score the model response `{response}`"
         f" on a scale from 0 to 100, where 100 is the best score. "
         f"Respond with the integer number only."

@@ -1,7 +1,8 @@
 """MLflow pyfunc for the instruction-tuned GPT ("models from code", logged by steps/finetune_instruct.py).
 
-Input: a DataFrame with an ``instruction`` column and an optional ``input`` column (Alpaca style,
-rendered with the prompt the model was trained on). Output: a DataFrame with each ``response``.
+Input: a DataFrame with an ``instruction`` column and an optional ``input`` column, rendered in the
+prompt style the model was trained on (the checkpoint's ``prompt_style``: ``alpaca`` by default).
+Output: a DataFrame with each ``response``.
 Params (optional, per call): ``max_new_tokens``, ``temperature`` (0: greedy), ``top_k`` (0: off),
 ``seed``. Artifacts: ``checkpoint`` and, when the pipeline had one, ``tokenizer``.
 """
@@ -17,10 +18,11 @@ DEFAULT_PARAMS = {"max_new_tokens": 128, "temperature": 0.0, "top_k": 0, "seed":
 
 class InstructionModel(PythonModel):
     def load_context(self, context) -> None:
-        from llmcore.checkpoint import load_checkpoint
+        from llmcore.checkpoint import load_checkpoint, read_checkpoint_meta
         from llmcore.tokenizer import get_tokenizer
 
         self.model = load_checkpoint(context.artifacts["checkpoint"]).eval()
+        self.style = read_checkpoint_meta(context.artifacts["checkpoint"]).get("prompt_style", "alpaca")
         self.tokenizer = get_tokenizer(context.artifacts.get("tokenizer"))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
@@ -33,7 +35,7 @@ class InstructionModel(PythonModel):
                    for i, x in zip(model_input["instruction"], inputs)]
         options = {**DEFAULT_PARAMS, **(params or {})}
         answers = generate_responses(
-            self.model, self.tokenizer, entries, max_new_tokens=int(options["max_new_tokens"]),
+            self.model, self.tokenizer, entries, max_new_tokens=int(options["max_new_tokens"]), style=self.style,
             temperature=float(options["temperature"]), top_k=int(options["top_k"]) or None, seed=int(options["seed"]),
         )
         return pd.DataFrame({"response": answers})

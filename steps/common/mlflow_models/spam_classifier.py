@@ -1,8 +1,10 @@
-"""MLflow pyfunc for the spam classifier ("models from code", logged by steps/finetune_classifier.py).
+"""MLflow pyfunc for the text classifier ("models from code", logged by steps/finetune_classifier.py).
 
-Input: a DataFrame with a ``text`` column. Output: a DataFrame with ``label`` ("ham"/"spam") and
-``spam_probability``. Artifacts: ``checkpoint`` (the llmcore classifier directory) and, when the
-pipeline had one, ``tokenizer`` (GPT-2's encoder.json + vocab.bpe, so serving works offline).
+Input: a DataFrame with a ``text`` column. Output: a DataFrame with ``label`` (one of the data's
+labels, "ham"/"spam" by default) and ``<label>_probability``: the positive class's for two classes
+(``spam_probability``), every class's for more. Artifacts: ``checkpoint`` (the llmcore classifier
+directory) and, when the pipeline had one, ``tokenizer`` (GPT-2's encoder.json + vocab.bpe, so
+serving works offline).
 """
 
 from __future__ import annotations
@@ -21,12 +23,15 @@ class SpamClassifierModel(PythonModel):
         self.tokenizer = get_tokenizer(context.artifacts.get("tokenizer"))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from llmcore.classifier import classify_texts
+        from llmcore.classifier import predict_proba, probability_columns
 
         if "text" not in model_input.columns:
             raise ValueError(f"spam-classifier input needs a 'text' column, got columns {list(model_input.columns)}")
-        results = classify_texts(self.model, self.tokenizer, model_input["text"].astype(str).tolist())
-        return pd.DataFrame(results, columns=["label", "spam_probability"])
+        probs = predict_proba(self.model, self.tokenizer, model_input["text"].astype(str).tolist())
+        labels = self.model.labels
+        columns = {"label": [labels[i] for i in probs.argmax(dim=1).tolist()]}
+        columns.update({name: probs[:, i].tolist() for name, i in probability_columns(labels)})
+        return pd.DataFrame(columns)
 
 
 mlflow.models.set_model(SpamClassifierModel())
