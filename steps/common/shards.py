@@ -38,6 +38,8 @@ class ShardWriter:
         self.work_dir, self.dtype = work_dir, np.dtype(dtype)
         try:
             self.state = json.loads((work_dir / STATE_FILE).read_text())
+            if not all((work_dir / shard["file"]).is_file() for shard in self.state["shards"]):
+                raise ValueError("a committed shard is gone")  # a run killed while cleaning up
         except (OSError, ValueError):
             shutil.rmtree(work_dir, ignore_errors=True)
             self.state = {"next_file": 0, "shards": [], "counts": {}, "max_token_id": -1}
