@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,11 @@ def test_chat_page_streams_an_answer_offline(browser, tmp_path: Path, monkeypatc
     expected = tokenizer.decode(generate(load_checkpoint(model_dir), [encode(tokenizer, prompt)], 40,
                                          eos_id=ENDOFTEXT_ID)[0])
     # The page leaves max_tokens to the server: its cap is the answer's length.
-    app = create_app(load_served(str(model_dir), GENERATOR), None, ServeConfig(max_tokens=40))
+    served = load_served(str(model_dir), GENERATOR)
+    # Tokens 20 ms apart: on a loaded CI box a fast tiny model can otherwise deliver the whole answer
+    # in one network chunk, and the test could not tell a stream from a single update.
+    served.model.register_forward_pre_hook(lambda module, args: time.sleep(0.02))
+    app = create_app(served, None, ServeConfig(max_tokens=40))
     with app_server(app) as url:
         page = browser.new_page()
         outside: list[str] = []
