@@ -17,7 +17,7 @@ import networkx as nx
 PIPELINES: dict[str, list[str] | None] = {
     "all": None,  # every stage in dvc.yaml
     "pretrain": ["evaluate"],
-    "spam": ["score_spam"],
+    "spam": ["score_spam", "baseline_spam"],  # the GPT classifier and its baseline, on the same split
     "instructions": ["score_instructions"],
 }
 

@@ -32,7 +32,8 @@ from pydantic import Field
 from pipelines.dag import PIPELINES, execution_order, read_dag
 from pipelines import experiments
 from pipelines.stages import StageResult, dvc_status, repro_stage
-from pipelines.summary import PipelineReport, read_metrics, render_markdown
+from pipelines.summary import DIFFERENCE_METRIC, PipelineReport, baseline_difference, baseline_line, read_metrics, \
+    render_markdown
 from steps.common.params import StrictModel, load_section, read_params
 from steps.common.tracking import EXPERIMENT_ENV, PARENT_RUN_ENV, configure_tracking, flatten, git_commit
 
@@ -123,7 +124,11 @@ def publish_summary(report: PipelineReport) -> PipelineReport:
     if report.mlflow_run_id:
         client = mlflow.MlflowClient()
         now = int(time.time() * 1000)
-        client.log_batch(report.mlflow_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in report.metrics.items()])
+        difference = baseline_difference(report.metrics)  # LLM − baseline, test accuracy points
+        metrics = {**report.metrics, **({DIFFERENCE_METRIC: difference} if difference is not None else {})}
+        client.log_batch(report.mlflow_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        if difference is not None:
+            client.set_tag(report.mlflow_run_id, "llm_vs_baseline", baseline_line(report.metrics))
         client.log_text(report.mlflow_run_id, markdown, "pipeline_summary.md")
         client.set_terminated(report.mlflow_run_id, "FAILED" if report.failure else "FINISHED")
     create_markdown_artifact(markdown, key=f"pipeline-{report.flow}", description=f"DVC stages and metrics of pipeline {report.flow}")

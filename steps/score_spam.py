@@ -10,7 +10,6 @@ of the classes' F1). The data's labels are matched to the classifier's by name.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -22,7 +21,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 from pydantic import Field
-from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, confusion_matrix, precision_recall_fscore_support
+from sklearn.metrics import ConfusionMatrixDisplay
 
 from llmcore.checkpoint import CheckpointError
 from llmcore.classifier import load_classifier, predict_proba
@@ -33,6 +32,7 @@ from steps.common.data import DataError, TokenizerParams
 from steps.common.datasets import read_splits
 from steps.common.io import atomic_path, write_json
 from steps.common.params import ParamsError, StrictModel
+from steps.common.scoring import classification_metrics, flat_metrics
 
 STAGE = "score_spam"
 SPLITS = ("train", "validation", "test")
@@ -46,29 +46,6 @@ class ScoreSpamParams(StrictModel):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
 
 
-def classification_metrics(actual: Sequence[int], predicted: Sequence[int], labels: Sequence[str]) -> dict:
-    """Accuracy, macro F1, per-class precision/recall/F1/support and the confusion matrix (rows:
-    actual, columns: predicted). ``precision``/``recall``/``f1``: of the positive class (id 1, spam)
-    for two classes, with its counts (tn, fp, fn, tp); macro averages for more."""
-    ids = list(range(len(labels)))
-    precision, recall, f1, support = precision_recall_fscore_support(actual, predicted, labels=ids, zero_division=0)
-    matrix = confusion_matrix(actual, predicted, labels=ids)
-    metrics: dict = {
-        "accuracy": float(accuracy_score(actual, predicted)),
-        "macro_f1": float(f1.mean()),
-        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                             "support": int(support[i])} for i, name in enumerate(labels)},
-        "confusion": matrix.tolist(),
-    }
-    if len(labels) == 2:
-        tn, fp, fn, tp = matrix.ravel()
-        metrics.update(precision=float(precision[1]), recall=float(recall[1]), f1=float(f1[1]),
-                       tn=int(tn), fp=int(fp), fn=int(fn), tp=int(tp))
-    else:
-        metrics.update(precision=float(precision.mean()), recall=float(recall.mean()), f1=float(f1.mean()))
-    return metrics
-
-
 def model_label_ids(frame: pd.DataFrame, data_labels: list[str], model_labels: list[str], path: Path) -> list[int]:
     """The rows' classes as the model's class ids; a label the model was not trained on is an error."""
     names = [data_labels[i] for i in frame["Label"]]
@@ -78,17 +55,6 @@ def model_label_ids(frame: pd.DataFrame, data_labels: list[str], model_labels: l
         raise DataError(f"{path} row {row + 1}: label {name!r} is not one the classifier knows ({model_labels}); "
                         f"{len(unknown)} such row(s): retrain it on this data")
     return [model_labels.index(name) for name in names]
-
-
-def flat_metrics(metrics: dict[str, dict]) -> dict[str, float]:
-    """``<split>_<name>`` and ``<split>_<label>_<name>`` numbers for MLflow."""
-    flat = {}
-    for split, values in metrics.items():
-        flat.update({f"{split}_{k}": v for k, v in values.items() if isinstance(v, (int, float))})
-        for label, scores in values["per_class"].items():
-            name = re.sub(r"[^\w\-. /]", "_", label)  # the characters MLflow allows in a metric name
-            flat.update({f"{split}_{name}_{k}": v for k, v in scores.items()})
-    return flat
 
 
 def save_confusion_png(

@@ -14,7 +14,7 @@ import yaml
 
 from pipelines.dag import PipelineError, execution_order, read_dag
 from pipelines.stages import StageFailed, StageResult, dvc_status, repro_stage, stage_status
-from pipelines.summary import PipelineReport, read_metrics, render_markdown
+from pipelines.summary import PipelineReport, baseline_difference, read_metrics, render_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,6 +121,17 @@ def test_summary_markdown_lists_stages_timing_metrics_and_the_mlflow_link() -> N
     assert "Ran: finetune_classifier. Up to date: 1, restored from run cache: 1." in text
     assert "orchestration overhead 8.0 s (20.0%)" in text
     assert "| score_spam.test_accuracy | 0.9533 |" in text and "| spam_data.train_rows | 1045 |" in text
+
+
+def test_summary_states_the_llm_minus_baseline_difference_when_both_headlines_exist() -> None:
+    both = {"spam.test_accuracy": 0.96, "baseline.baseline_test_accuracy": 0.9733333}
+    assert baseline_difference(both) == pytest.approx(-1.33)
+    text = render_markdown(make_report(metrics=both))
+    assert "**LLM − baseline: −1.3 points (test accuracy: GPT classifier 96.00%, TF-IDF baseline 97.33%)**" in text
+    ahead = render_markdown(make_report(metrics={**both, "spam.test_accuracy": 0.99}))
+    assert "LLM − baseline: +1.7 points" in ahead
+    alone = render_markdown(make_report(metrics={"spam.test_accuracy": 0.96}))
+    assert baseline_difference({"spam.test_accuracy": 0.96}) is None and "baseline" not in alone
 
 
 def test_summary_markdown_of_a_failed_run_shows_the_error_and_what_did_not_run() -> None:

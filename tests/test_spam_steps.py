@@ -20,6 +20,7 @@ from steps import finetune_classifier as ft
 from steps.common import datasets, models
 from steps import score_spam
 from steps.common.data import DataError, TokenizerParams
+from steps.common.scoring import classification_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("LLMPIPE_MIRROR") or REPO.parent / "shared" / "data")
@@ -177,7 +178,7 @@ def test_score_spam_writes_metrics_and_confusion_plots(workspace: Path, finetune
     assert float(champion.tags["test_accuracy"]) == pytest.approx(metrics["test"]["accuracy"])
     test = pd.read_csv(workspace / "data" / "test.csv")
     predicted = classify_texts(load_classifier(workspace / "clf"), get_tokenizer(TOKENIZER.encoding_dir), test["Text"].tolist())
-    assert metrics["test"] == score_spam.classification_metrics(test["Label"].tolist(), [int(label == "spam") for label, _ in predicted],
+    assert metrics["test"] == classification_metrics(test["Label"].tolist(), [int(label == "spam") for label, _ in predicted],
                                                                 ["ham", "spam"])
     assert sum(metrics["train"][k] for k in ("tn", "fp", "fn", "tp")) == 12
     table = pd.read_csv(workspace / "plots" / "spam_confusion.csv")
@@ -190,22 +191,22 @@ BINARY = ["ham", "spam"]
 
 
 def test_classification_metrics_match_hand_counts() -> None:
-    metrics = score_spam.classification_metrics([0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 1, 0], BINARY)
+    metrics = classification_metrics([0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 1, 0], BINARY)
     headline = {k: metrics[k] for k in ("accuracy", "precision", "recall", "f1", "tn", "fp", "fn", "tp")}
     assert headline == {"accuracy": pytest.approx(4 / 6), "precision": pytest.approx(2 / 3), "recall": pytest.approx(2 / 3),
                         "f1": pytest.approx(2 / 3), "tn": 2, "fp": 1, "fn": 1, "tp": 2}
     assert metrics["confusion"] == [[2, 1], [1, 2]] and metrics["per_class"]["spam"]["support"] == 3
-    none_flagged = score_spam.classification_metrics([1, 0, 1, 0], [0, 0, 0, 0], BINARY)
+    none_flagged = classification_metrics([1, 0, 1, 0], [0, 0, 0, 0], BINARY)
     assert {k: none_flagged[k] for k in headline} == {"accuracy": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0,
                                                       "tn": 2, "fp": 0, "fn": 2, "tp": 0}
     assert none_flagged["per_class"]["ham"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3), "support": 2}
     assert none_flagged["macro_f1"] == pytest.approx(1 / 3)
-    precise = score_spam.classification_metrics([1, 1, 1, 0], [1, 0, 0, 0], BINARY)
+    precise = classification_metrics([1, 1, 1, 0], [1, 0, 0, 0], BINARY)
     assert (precise["precision"], precise["recall"], precise["f1"]) == (1.0, pytest.approx(1 / 3), pytest.approx(0.5))
 
 
 def test_multiclass_metrics_are_per_class_and_macro() -> None:
-    metrics = score_spam.classification_metrics([0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2, 0], ["a", "b", "c"])
+    metrics = classification_metrics([0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2, 0], ["a", "b", "c"])
     assert metrics["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
     assert metrics["per_class"]["b"] == {"precision": pytest.approx(2 / 3), "recall": 1.0, "f1": pytest.approx(0.8), "support": 2}
     assert metrics["f1"] == metrics["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
