@@ -10,8 +10,10 @@ with another label is malformed); null takes the labels the data has.
 Splits (``split``): ``balanced`` undersamples every class to the smallest one's count with a seed,
 shuffles with the same seed and cuts train/validation/test, as the book does for spam;
 ``stratified`` keeps every row and each class's share in each split (scikit-learn, seeded).
-Outputs: ``{train,validation,test}.csv`` with ``Label`` (the class id) and ``Text``, and
-``labels.json`` (the class names in id order).
+Outputs: ``{train,validation,test}.csv`` with ``Label`` (the class id) and ``Text``,
+``labels.json`` (the class names in id order), and ``discarded.csv``: the ``Text`` of the rows no
+split holds (for the SMS data, the 4,080 ham messages balancing drops), which adapt_pretrain may
+read as unlabeled text.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import pandas as pd
 from pydantic import Field, model_validator
 
 from steps.common.cli import StageParams, run_stage
-from steps.common.data import LABELS_FILE, DataError
+from steps.common.data import DISCARDED, LABELS_FILE, DataError
 from steps.common.io import atomic_path, write_json
 from steps.common.params import StrictModel
 from steps.common.readers import jsonl_records, parquet_columns
@@ -142,8 +144,9 @@ def _cut(rows: pd.DataFrame, params: SpamDataParams) -> dict[str, pd.DataFrame]:
     return dict(zip(SPLITS, (rows[:train_end], rows[train_end:validation_end], rows[validation_end:])))
 
 
-def split_rows(df: pd.DataFrame, labels: list[str], params: SpamDataParams) -> dict[str, pd.DataFrame]:
-    """Label names become ids; then the ``split`` policy cuts train/validation/test."""
+def split_rows(df: pd.DataFrame, labels: list[str], params: SpamDataParams) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
+    """Label names become ids; then the ``split`` policy cuts train/validation/test. Also returns
+    the rows no split holds (what ``balanced`` undersampled away)."""
     by_class = {label: df[df["Label"] == label] for label in labels}
     if params.split == "balanced":
         smallest = min(len(part) for part in by_class.values())
@@ -151,11 +154,13 @@ def split_rows(df: pd.DataFrame, labels: list[str], params: SpamDataParams) -> d
             raise DataError(f"cannot balance: class {min(by_class, key=lambda k: len(by_class[k]))!r} has no rows")
         balanced = pd.concat([part if len(part) == smallest else part.sample(smallest, random_state=params.seed)
                               for part in by_class.values()])
+        discarded = df.drop(index=balanced.index)
         balanced["Label"] = balanced["Label"].map({label: i for i, label in enumerate(labels)})
         splits = _cut(balanced.sample(frac=1, random_state=params.seed).reset_index(drop=True), params)
     else:
         from sklearn.model_selection import train_test_split
 
+        discarded = df.iloc[:0]
         rows = df.assign(Label=df["Label"].map({label: i for i, label in enumerate(labels)}))
         rest_frac = params.train_frac + params.validation_frac
         try:
@@ -168,20 +173,23 @@ def split_rows(df: pd.DataFrame, labels: list[str], params: SpamDataParams) -> d
     empty = [name for name, part in splits.items() if part.empty]
     if empty:
         raise DataError(f"{sum(map(len, splits.values()))} rows leave the {', '.join(empty)} split(s) empty")
-    return splits
+    return splits, discarded
 
 
 def build_spam_dataset(source: Path, out_dir: Path, metrics_out: Path, params: SpamDataParams) -> dict:
-    """Write ``train.csv``, ``validation.csv``, ``test.csv`` (Label id, Text), ``labels.json``, and class counts."""
+    """Write ``train.csv``, ``validation.csv``, ``test.csv`` (Label id, Text), ``labels.json``,
+    ``discarded.csv`` (Text) and class counts."""
     df, labels, skipped = check_rows(source, read_rows(source, params), params)
-    splits = split_rows(df, labels, params)
+    splits, discarded = split_rows(df, labels, params)
     metrics: dict = {"labels": labels, "source": {label: int((df["Label"] == label).sum()) for label in labels}}
     metrics["source"]["malformed_skipped"] = skipped
     for name, part in splits.items():
         metrics[name] = {label: int((part["Label"] == code).sum()) for code, label in enumerate(labels)}
+    metrics[DISCARDED] = {label: int((discarded["Label"] == label).sum()) for label in labels}
     with atomic_path(out_dir, is_dir=True) as tmp:
         for name, part in splits.items():
             part[["Label", "Text"]].to_csv(tmp / f"{name}.csv", index=False)
+        discarded[["Text"]].to_csv(tmp / f"{DISCARDED}.csv", index=False)
         write_json(tmp / LABELS_FILE, {"labels": labels})
     write_json(metrics_out, metrics)
     return metrics

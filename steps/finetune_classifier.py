@@ -1,9 +1,10 @@
 """Fine-tune a pretrained GPT as a spam classifier (book chapter 6) and register it in MLflow.
 
-The base model (``base_model.dir``: the project's own pretrained model or GPT-2's weights) gets
-a head with one output per class of the data (``labels.json``: ham/spam by default);
-``llmcore.train.train`` — the one training loop — runs with a cross-entropy loss on the chosen
-position's logits and logs train/val loss and accuracy to MLflow. The state
+The base model (``classifier_base.dir``: the own pretrained model, the same adapted to the task's
+text by adapt_pretrain, or GPT-2's weights) gets a head with one output per class of the data
+(``labels.json``: ham/spam by default); ``llmcore.train.train`` — the one training loop — runs
+with a cross-entropy loss on the chosen position's logits and logs train/val loss and accuracy to
+MLflow. The state
 under ``.cache/finetune_classifier/<settings key>/`` (outside DVC's outputs) lets an interrupted
 run resume; it is deleted once the classifier is written. The classifier is logged as an MLflow pyfunc
 (``steps/common/mlflow_models/spam_classifier.py``) and registered as a new ``spam-classifier`` version with alias ``candidate`` (score_spam
@@ -130,7 +131,7 @@ def finetune_classifier(
 def main(argv: list[str] | None = None) -> None:
     def body(args, params: StageParams) -> str | None:
         setup_distributed("steps.finetune_classifier", args.params, argv)  # under torchrun when params ask for processes
-        base_dir = args.base or Path(params.section("base_model", BaseModelParams).dir)
+        base_dir = args.base or Path(params.section("classifier_base", BaseModelParams).dir)
         metrics = finetune_classifier(params.section(STAGE, FinetuneClassifierParams), base_dir=base_dir,
                                       data_dir=args.data, out_dir=args.out, metrics_out=args.metrics,
                                       history_out=args.history, plots_dir=args.plots,
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
 
     run_stage(STAGE, "Fine-tune a pretrained GPT as a spam classifier (book chapter 6).", body, argv=argv,
               errors=TRAINING_ERRORS, options=restart_option, paths={
-                  "base": (None, "base llmcore checkpoint (default: params base_model.dir)"),
+                  "base": (None, "base llmcore checkpoint (default: params classifier_base.dir)"),
                   "data": "data/spam", "out": "models/spam_classifier",
                   "metrics": "reports/finetune_classifier.json", "history": "plots/spam_training.csv",
                   "plots": ("plots", "where the loss/accuracy PNGs go"),

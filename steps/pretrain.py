@@ -36,6 +36,7 @@ from steps.common.cli import StageParams, run_stage
 from steps.common.data import TokenizerParams
 from steps.common.windows import load_windows, read_windows_meta, window_files
 from steps.common.distributed import setup_distributed
+from steps.common.mlflow_models import generator_signature
 from steps.common.params import StrictModel
 from steps.common.registry import PRETRAINED_MODEL
 from steps.common.training import TRAINING_ERRORS, Pyfunc, TrainingJob, TrainingOutputs, TrainParams, run_training, \
@@ -109,18 +110,6 @@ class EpochSampleCallback(TrainCallback):
         tqdm.write(f"epoch {state.epoch + 1}: {text!r}")
 
 
-def generator_signature():
-    """Prompts in, completions out; generation options as optional per-call params."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-
-    from steps.common.mlflow_models import generation_param_schema
-
-    return ModelSignature(
-        inputs=Schema([ColSpec("string", "prompt")]),
-        outputs=Schema([ColSpec("string", "completion")]),
-        params=generation_param_schema(50),
-    )
 
 
 def pretrain(

@@ -37,6 +37,9 @@ TINY_PARAMS = {
         "sample": {"max_new_tokens": 4},
     },
     "evaluate": {"batch_size": 32, "generation": {"max_new_tokens": 4}},
+    # A quarter of the corpus's windows (stride 4x the context), one epoch.
+    "adapt_pretrain": {"stride": 128, "epochs": 1, "batch_size": 16, "eval_batches": 1, "checkpoint_every": 0},
+    "baseline_spam": {"grid": {"classifier": ["logistic_regression"], "C": [1.0]}},
     "finetune_classifier": {"epochs": 1, "batch_size": 16, "max_length": 32, "eval_every": 0, "eval_batches": 1},
     "finetune_instruct": {"epochs": 1, "batch_size": 16, "max_length": 32, "eval_every": 0, "eval_batches": 1,
                           "checkpoint_every": 0, "sample_entries": 1, "sample_max_new_tokens": 4},
@@ -47,7 +50,8 @@ TINY_PARAMS = {
 }
 
 
-MODEL_STAGES = {"pretrain", "evaluate", "load_gpt2", "finetune_classifier", "score_spam", "finetune_instruct", "score_instructions"}
+MODEL_STAGES = {"pretrain", "evaluate", "load_gpt2", "adapt_pretrain", "finetune_classifier", "score_spam", "finetune_instruct",
+                "score_instructions"}
 
 
 def override(params: dict, tiny: dict, where: str = "") -> None:

@@ -110,8 +110,9 @@ def test_a_failed_stage_fails_the_flow_with_its_output_after_download_retries(fl
     assert f"(http://mlflow.test/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id})" in summary
 
 
-# The stages that train or load a model log a run; evaluate and the scorers log into those runs.
-TRAINING_STAGES = {"pretrain", "load_gpt2", "finetune_classifier", "finetune_instruct"}
+# The stages that train or load a model (and the baseline) log a run; evaluate and the scorers log
+# into those runs.
+TRAINING_STAGES = {"pretrain", "load_gpt2", "adapt_pretrain", "finetune_classifier", "finetune_instruct", "baseline_spam"}
 
 
 def test_pipeline_runs_every_stage_then_skips_then_reruns_only_downstream(pipeline_repo: Path) -> None:
@@ -141,6 +142,7 @@ def test_pipeline_runs_every_stage_then_skips_then_reruns_only_downstream(pipeli
     (workspace,) = shown.values()  # keyed "workspace" or "" depending on DVC's version
     headline = {path: entry["data"] for path, entry in workspace["data"].items()}
     assert set(headline["metrics/spam.json"]) == {"test_accuracy", "test_f1"}
+    assert set(headline["metrics/baseline.json"]) == {"baseline_test_accuracy", "baseline_test_f1"}
     assert set(headline["metrics/pretrain.json"]) == {"val_loss", "val_perplexity"}
     assert "rouge_l_f1" in headline["metrics/instructions.json"]
     assert report.metrics and all(isinstance(v, (int, float)) for v in report.metrics.values())
@@ -155,7 +157,10 @@ def test_pipeline_runs_every_stage_then_skips_then_reruns_only_downstream(pipeli
     # The spam fine-tune's run holds its lr and, logged by score_spam, its test accuracy.
     spam_run = children["finetune_classifier"]
     assert spam_run.data.metrics["test_accuracy"] == headline["metrics/spam.json"]["test_accuracy"]
-    assert report.mlflow_url in summary_artifact(state.state_details.flow_run_id, "pipeline-all")
+    summary = summary_artifact(state.state_details.flow_run_id, "pipeline-all")
+    assert report.mlflow_url in summary and "LLM − baseline: " in summary
+    difference = 100 * (headline["metrics/spam.json"]["test_accuracy"] - headline["metrics/baseline.json"]["baseline_test_accuracy"])
+    assert parent.data.metrics["llm_minus_baseline_test_accuracy_points"] == pytest.approx(difference, abs=0.01)
 
     # 2. Nothing changed: DVC skips every stage, and no MLflow run is made.
     runs_before = len(client.search_runs([parent.info.experiment_id]))

@@ -221,7 +221,7 @@ def test_base_without_gpt2_weights_fails_clearly(workspace: Path, tmp_path: Path
         models.load_base_model(gpt2)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"finetune_classifier": {}, "tokenizer": TOKENIZER.model_dump(),
-                                      "base_model": {"dir": str(gpt2)}}))
+                                      "classifier_base": {"dir": str(gpt2)}}))
     with pytest.raises(SystemExit, match=r"finetune_classifier: error: base model .*gpt2 has no weights"):
         ft.main(["--params", str(params), "--data", str(workspace / "data"), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()

@@ -9,6 +9,7 @@ from steps.common.params import StrictModel
 
 # The class names (in class-id order) beside a classification dataset's split CSVs.
 LABELS_FILE = "labels.json"
+DISCARDED = "discarded"  # build_spam_dataset's rows no split holds: discarded.csv (Text only)
 
 
 class DataError(ValueError):

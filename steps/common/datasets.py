@@ -15,7 +15,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from llmcore.prompts import chat_roles_error, check_style
-from steps.common.data import LABELS_FILE, DataError, read_text
+from steps.common.data import DISCARDED, LABELS_FILE, DataError, read_text
 from steps.common.readers import jsonl_records
 
 
@@ -54,6 +54,18 @@ def read_spam_split(path: Path, n_classes: int = 2) -> pd.DataFrame:
     if df.empty:
         raise DataError(f"{path}: no rows")
     return df
+
+
+def read_discarded(data_dir: Path) -> list[str]:
+    """The texts of build_spam_dataset's ``discarded.csv``: source rows that no split holds."""
+    path = data_dir / f"{DISCARDED}.csv"
+    try:
+        df = pd.read_csv(path, dtype={"Text": str}, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise DataError(f"cannot read {path}: {exc} (build_spam_dataset writes it)") from exc
+    if "Text" not in df.columns:
+        raise DataError(f"{path}: missing column 'Text'")
+    return df["Text"].tolist()
 
 
 class InstructionEntry(BaseModel):

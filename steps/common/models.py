@@ -25,7 +25,7 @@ class BaseModelError(ValueError):
 
 
 class BaseModelParams(StrictModel):
-    dir: str  # an llmcore checkpoint: models/pretrained (own) or models/gpt2 (GPT-2's weights)
+    dir: str  # an llmcore checkpoint: models/pretrained (own), models/adapted (adapt_pretrain) or models/gpt2
 
 
 def load_base_model(base_dir: Path, **overrides) -> GPTModel:
@@ -41,7 +41,8 @@ def load_base_model(base_dir: Path, **overrides) -> GPTModel:
             raise BaseModelError(
                 f"base model {base_dir} has no weights ({status_path}: loaded=false {details}); "
                 "GPT-2 weights were unavailable to load_gpt2. Provide them, or set base_model.dir "
-                "to the project's own pretrained model (models/pretrained)"
+                "(classifier_base.dir for the spam classifier) to the project's own pretrained model "
+                "(models/pretrained)"
             )
     if not (base_dir / "config.json").is_file():
         raise BaseModelError(f"base model {base_dir} not found (no config.json): run its stage first (dvc repro)")

@@ -57,3 +57,16 @@ def generation_param_schema(max_new_tokens: int):
         ParamSpec("top_k", "long", 0),
         ParamSpec("seed", "long", 123),
     ])
+
+
+def generator_signature():
+    """The signature of ``generator.py`` (pretrain, adapt_pretrain): prompts in, completions out;
+    generation options as optional per-call params."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt")]),
+        outputs=Schema([ColSpec("string", "completion")]),
+        params=generation_param_schema(50),
+    )

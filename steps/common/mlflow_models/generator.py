@@ -1,4 +1,5 @@
-"""MLflow pyfunc for a pretrained GPT as a text generator ("models from code", logged by steps/pretrain.py).
+"""MLflow pyfunc for a pretrained GPT as a text generator ("models from code", logged by steps/pretrain.py
+and steps/adapt_pretrain.py).
 
 Input: a DataFrame with a ``prompt`` column (or a list of prompts). Output: a DataFrame with the
 ``completion`` of each prompt (the prompt itself not repeated). Params (optional, per call):
