@@ -58,6 +58,7 @@ def test_book_params_are_the_books_settings(params_files: dict[str, dict]) -> No
     assert (model["preset"], model["qkv_bias"], model["tie_embeddings"], model["drop_rate"]) == ("gpt2-small", False, False, 0.1)
     assert (book["pretrain"]["epochs"], book["pretrain"]["batch_size"], book["pretrain"]["lr"]) == (10, 2, 4e-4)
     assert book["base_model"]["dir"] == "models/gpt2" and book["load_gpt2"]["required"] is True
+    assert book["classifier_base"]["dir"] == "models/gpt2"  # the book's classifier: GPT-2, no adaptation
     spam = book["finetune_classifier"]
     assert (spam["trainable"], spam["token_position"], spam["lr"], spam["epochs"]) == ("last_block", "last", 5e-5, 5)
     assert (book["finetune_instruct"]["lr"], book["finetune_instruct"]["epochs"]) == (5e-5, 2)
