@@ -40,7 +40,7 @@ from steps.common.distributed import setup_distributed
 from steps.common.io import atomic_path, sha256_file, write_json
 from steps.common.mlflow_models import generator_signature
 from steps.common.models import BaseModelParams, load_base_model
-from steps.common.params import StrictModel
+from steps.common.params import ParamsError, StrictModel
 from steps.common.registry import ADAPTED_MODEL
 from steps.common.training import TRAINING_ERRORS, Pyfunc, TrainingJob, TrainingOutputs, TrainParams, run_training, \
     stage_device
@@ -59,7 +59,8 @@ class CorpusParams(StrictModel):
 
 class AdaptPretrainParams(TrainParams):
     corpus: CorpusParams = CorpusParams()
-    stride: int | None = Field(None, ge=1)  # tokens between window starts; null: the context (no overlap)
+    window_length: int | None = Field(None, ge=1)  # tokens per window (at most the base's context); null: the context
+    stride: int | None = Field(None, ge=1)  # tokens between window starts; null: the window length (no overlap)
     loss_vocab: Literal["corpus", "full"] = "corpus"  # softmax over the corpus's token ids, or all of them
 
 
@@ -157,7 +158,10 @@ def adapt_pretrain(
     tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
     ids = {split: tokenize_corpus(texts, tokenizer) for split, texts in corpus.items()}
     base = load_base_model(base_dir)
-    context = base.cfg.context_length
+    context = params.window_length or base.cfg.context_length
+    if context > base.cfg.context_length:
+        raise ParamsError(f"{STAGE}.window_length: {context} is longer than the base model's context "
+                          f"({base.cfg.context_length})")
     data = {split: windows(split_ids, context, params.stride or context, split) for split, split_ids in ids.items()}
     loss_fn = CorpusVocabLoss(np.concatenate(list(ids.values())), base.cfg.padded_vocab_size) \
         if params.loss_vocab == "corpus" else None

@@ -130,3 +130,15 @@ def test_main_names_a_bad_discarded_file_and_writes_no_model(tmp_path: Path) -> 
         ap.main(["--params", str(params), "--base", str(tmp_path / "base"), "--data", str(data),
                  "--out", str(tmp_path / "adapted"), "--corpus", str(tmp_path / "corpus")])
     assert not (tmp_path / "adapted").exists() and not (tmp_path / "corpus").exists()
+
+
+@pytest.mark.skipif(not MIRROR.is_dir(), reason=f"offline mirror {MIRROR} not found")
+def test_windows_longer_than_the_base_context_are_a_params_error(tmp_path: Path) -> None:
+    data = write_task(tmp_path)
+    save_checkpoint(GPTModel(GPTConfig.from_preset("cpu-tiny", context_length=4)), tmp_path / "base")
+    out = TrainingOutputs(tmp_path / "adapted", tmp_path / "report.json", tmp_path / "hist.csv",
+                          {"loss": tmp_path / "loss.png"}, tmp_path / ".cache")
+    with pytest.raises(ap.ParamsError, match=r"adapt_pretrain.window_length: 8 is longer than the base model's context \(4\)"):
+        ap.adapt_pretrain(ap.AdaptPretrainParams(window_length=8, device="cpu"), base_dir=tmp_path / "base",
+                          data_dir=data, corpus_dir=tmp_path / "corpus", out=out, tokenizer_params=TOKENIZER)
+    assert not (tmp_path / "adapted").exists()
