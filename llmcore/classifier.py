@@ -41,7 +41,7 @@ from llmcore.tokenizer import ENDOFTEXT_ID, encode
 CLASSIFIER_FORMAT = "llmcore-gpt-classifier"
 SPAM_LABELS = ("ham", "spam")  # class index 0, 1: the data's Label column
 TOKEN_POSITIONS = ("last", "flexible", "mean")
-TRAINABLE_MODES = ("last_layer", "last_block", "last_two_blocks", "all", "lora")
+TRAINABLE_MODES = ("last_layer", "last_block", "last_two_blocks", "all_but_embeddings", "all", "lora")
 
 
 class GPTClassifier(GPTModel):
@@ -118,8 +118,10 @@ def set_trainable(
     """Choose what fine-tuning updates; returns the number of trainable parameters.
 
     ``last_layer``: the head; ``last_block`` (the book): the last transformer block, the final
-    norm and the head; ``last_two_blocks``: one block more; ``all``: everything; ``lora``: LoRA
-    adapters on every Linear of the blocks, plus the (new) head.
+    norm and the head; ``last_two_blocks``: one block more; ``all_but_embeddings``: every block,
+    the norm and the head, the token and position embeddings kept as pretraining left them (so
+    tokens the fine-tuning data lacks keep their place among the rest); ``all``: everything;
+    ``lora``: LoRA adapters on every Linear of the blocks, plus the (new) head.
     """
     if mode not in TRAINABLE_MODES:
         raise ValueError(f"trainable must be one of {TRAINABLE_MODES}, got {mode!r}")
@@ -128,7 +130,8 @@ def set_trainable(
         unfrozen: list[nn.Module] = [model.out_head]
     else:
         model.requires_grad_(mode == "all")
-        blocks = {"last_layer": 0, "last_block": 1, "last_two_blocks": 2, "all": 0}[mode]
+        blocks = {"last_layer": 0, "last_block": 1, "last_two_blocks": 2, "all_but_embeddings": len(model.trf_blocks),
+                  "all": 0}[mode]
         unfrozen = [model.out_head] if mode == "last_layer" else [model.out_head, model.final_norm]
         unfrozen += list(model.trf_blocks)[len(model.trf_blocks) - blocks :] if blocks else []
     for module in unfrozen:

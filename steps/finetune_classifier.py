@@ -57,7 +57,7 @@ class LoraParams(StrictModel):
 
 
 class FinetuneClassifierParams(TrainParams):
-    trainable: Literal["last_layer", "last_block", "last_two_blocks", "all", "lora"] = "last_block"
+    trainable: Literal["last_layer", "last_block", "last_two_blocks", "all_but_embeddings", "all", "lora"] = "last_block"
     lora: LoraParams = LoraParams()
     token_position: Literal["last", "flexible", "mean"] = "last"
     max_length: int | None = Field(None, ge=1)  # None: the longest training message (capped at the context)

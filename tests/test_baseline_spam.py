@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -84,16 +83,19 @@ def test_ties_keep_the_earlier_grid_point(tmp_path: Path) -> None:
     assert report["selected"] == {"classifier": "linear_svm", "C": 10.0}
 
 
-def test_more_than_two_classes() -> None:
+def test_more_than_two_classes(tmp_path: Path) -> None:
     other = ["meeting moved to room four", "agenda for the board meeting", "board meeting minutes attached",
              "the meeting starts at nine"]
-    texts = {"train": HAM[:3] + SPAM[:3] + other[:3], "validation": [HAM[3], SPAM[3], other[3]], "test": [HAM[4], other[0]]}
-    labels = {"train": np.array([0] * 3 + [1] * 3 + [2] * 3), "validation": np.array([0, 1, 2]), "test": np.array([0, 2])}
-    report = bl.fit_and_score(PARAMS, texts, labels, ["ham", "spam", "work"])
+    data_dir = write_splits(tmp_path / "data", {"train": ([0] * 3 + [1] * 3 + [2] * 3, HAM[:3] + SPAM[:3] + other[:3]),
+                                                "validation": ([0, 1, 2], [HAM[3], SPAM[3], other[3]]),
+                                                "test": ([0, 2], [HAM[4], other[0]])})
+    (data_dir / "labels.json").write_text(json.dumps({"labels": ["ham", "spam", "work"]}))
+    report, headline = run(tmp_path, data_dir)
     assert set(report["test"]["per_class"]) == {"ham", "spam", "work"} and "tp" not in report["test"]
     confusion = report["validation"]["confusion"]
     assert len(confusion) == 3 and all(len(row) == 3 for row in confusion) and sum(map(sum, confusion)) == 3
     assert report["train"]["accuracy"] == 1.0 and report["train"]["f1"] == report["train"]["macro_f1"]
+    assert headline["baseline_test_f1"] == report["test"]["macro_f1"]
 
 
 def test_a_bad_split_is_one_line_and_writes_nothing(tmp_path: Path) -> None:

@@ -77,6 +77,8 @@ def test_set_trainable_selects_exact_parameters(gpt: GPTModel) -> None:
     assert trainable_names(model) == head | norm | block_params(model, 2)
     set_trainable(model, "last_two_blocks")
     assert trainable_names(model) == head | norm | block_params(model, 1) | block_params(model, 2)
+    set_trainable(model, "all_but_embeddings")
+    assert trainable_names(model) == head | norm | set().union(*(block_params(model, i) for i in range(3)))
     assert set_trainable(model, "all") == sum(p.numel() for p in model.parameters())
     assert trainable_names(model) == {name for name, _ in model.named_parameters()}
 
