@@ -130,6 +130,7 @@ def publish_summary(report: PipelineReport) -> PipelineReport:
         if difference is not None:
             client.set_tag(report.mlflow_run_id, "llm_vs_baseline", baseline_line(report.metrics))
         client.log_text(report.mlflow_run_id, markdown, "pipeline_summary.md")
+        client.set_tag(report.mlflow_run_id, "mlflow.note.content", markdown)  # the run page's Description
         client.set_terminated(report.mlflow_run_id, "FAILED" if report.failure else "FINISHED")
     create_markdown_artifact(markdown, key=f"pipeline-{report.flow}", description=f"DVC stages and metrics of pipeline {report.flow}")
     return report

@@ -161,6 +161,7 @@ def test_pipeline_runs_every_stage_then_skips_then_reruns_only_downstream(pipeli
     assert report.mlflow_url in summary and "LLM − baseline: " in summary
     difference = 100 * (headline["metrics/spam.json"]["test_accuracy"] - headline["metrics/baseline.json"]["baseline_test_accuracy"])
     assert parent.data.metrics["llm_minus_baseline_test_accuracy_points"] == pytest.approx(difference, abs=0.01)
+    assert parent.data.tags["mlflow.note.content"] == summary  # the MLflow run page's Description
 
     # 2. Nothing changed: DVC skips every stage, and no MLflow run is made.
     runs_before = len(client.search_runs([parent.info.experiment_id]))
