@@ -37,8 +37,8 @@ TINY_PARAMS = {
         "sample": {"max_new_tokens": 4},
     },
     "evaluate": {"batch_size": 32, "generation": {"max_new_tokens": 4}},
-    # A quarter of the corpus's windows (stride 4x the context), one epoch.
-    "adapt_pretrain": {"stride": 128, "epochs": 1, "batch_size": 16, "eval_batches": 1, "checkpoint_every": 0},
+    # Windows of the tiny base's context, a quarter of them (stride 4x), one epoch.
+    "adapt_pretrain": {"window_length": 32, "stride": 128, "epochs": 1, "batch_size": 16, "eval_batches": 1, "checkpoint_every": 0},
     "baseline_spam": {"grid": {"classifier": ["logistic_regression"], "C": [1.0]}},
     "finetune_classifier": {"epochs": 1, "batch_size": 16, "max_length": 32, "eval_every": 0, "eval_batches": 1},
     "finetune_instruct": {"epochs": 1, "batch_size": 16, "max_length": 32, "eval_every": 0, "eval_batches": 1,
