@@ -23,6 +23,7 @@ import torch
 from pydantic import Field
 
 from llmcore.classifier import (
+    TRAINABLE_MODES,
     GPTClassifier,
     SpamDataset,
     classification_accuracy,
@@ -57,7 +58,7 @@ class LoraParams(StrictModel):
 
 
 class FinetuneClassifierParams(TrainParams):
-    trainable: Literal["last_layer", "last_block", "last_two_blocks", "all_but_embeddings", "all", "lora"] = "last_block"
+    trainable: Literal[TRAINABLE_MODES] = "last_block"  # llmcore.classifier.set_trainable's modes
     lora: LoraParams = LoraParams()
     token_position: Literal["last", "flexible", "mean"] = "last"
     max_length: int | None = Field(None, ge=1)  # None: the longest training message (capped at the context)

@@ -37,12 +37,17 @@ def read_splits(data_dir: Path, splits: tuple[str, ...]) -> tuple[list[str], lis
     return labels, [read_spam_split(data_dir / f"{split}.csv", len(labels)) for split in splits]
 
 
-def read_spam_split(path: Path, n_classes: int = 2) -> pd.DataFrame:
-    """A split CSV from build_spam_dataset: ``Label`` (a class id below ``n_classes``) and ``Text``."""
+def read_text_csv(path: Path) -> pd.DataFrame:
+    """A CSV that build_spam_dataset wrote, its ``Text`` column as strings ("NA" is a message)."""
     try:
-        df = pd.read_csv(path, dtype={"Text": str}, keep_default_na=False)
+        return pd.read_csv(path, dtype={"Text": str}, keep_default_na=False)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from exc
+
+
+def read_spam_split(path: Path, n_classes: int = 2) -> pd.DataFrame:
+    """A split CSV from build_spam_dataset: ``Label`` (a class id below ``n_classes``) and ``Text``."""
+    df = read_text_csv(path)
     missing = {"Label", "Text"} - set(df.columns)
     if missing:
         raise DataError(f"{path}: missing column(s) {sorted(missing)}")
@@ -59,10 +64,7 @@ def read_spam_split(path: Path, n_classes: int = 2) -> pd.DataFrame:
 def read_discarded(data_dir: Path) -> list[str]:
     """The texts of build_spam_dataset's ``discarded.csv``: source rows that no split holds."""
     path = data_dir / f"{DISCARDED}.csv"
-    try:
-        df = pd.read_csv(path, dtype={"Text": str}, keep_default_na=False)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise DataError(f"cannot read {path}: {exc} (build_spam_dataset writes it)") from exc
+    df = read_text_csv(path)
     if "Text" not in df.columns:
         raise DataError(f"{path}: missing column 'Text'")
     return df["Text"].tolist()
