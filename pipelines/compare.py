@@ -177,18 +177,28 @@ def format_difference(result: PairedResult, *, short: bool = False) -> str:
     return text.replace("-", "−")
 
 
-def report(a: Examples, b: Examples, result: PairedResult, split: str) -> list[str]:
-    scale, unit = _scale(result.metric)
+def side_line(side: Examples, value: float, metric: str, params: ComparisonParams) -> str:
+    """``A lr-2e-3: 96.00% (95% CI 93.19–97.70%)``: one model's value and its own interval."""
+    from steps.common.stats import bootstrap_interval, wilson_interval
+
+    kept = side.values[~np.isnan(side.values)]
+    if side.binary:
+        ci = wilson_interval(int(kept.sum()), len(kept), params.confidence)
+        return f"{side.label}: {value:.2%} ({params.confidence:.0%} CI {ci.low:.2%}–{ci.high:.2%})"
+    ci = bootstrap_interval(kept, np.mean, params)
+    return f"{side.label}: {value:.4f} ({params.confidence:.0%} CI {ci.low:.4f}–{ci.high:.4f})"
+
+
+def report(a: Examples, b: Examples, result: PairedResult, split: str, params: ComparisonParams) -> list[str]:
+    """What ``llm compare`` prints. ``result`` came from paired(): its "a" side is B, its "b" side A."""
     better = "lower" if result.metric in LOWER_IS_BETTER else "higher"
-    lines = [f"{result.metric} on the {split} split, {result.n} paired examples ({better} is better):"]
-    for side, value in ((a, result.value_b), (b, result.value_a)):  # paired() passed (B, A)
-        lines.append(f"  {side.label}: {scale * value:.{1 if scale == 100 else 4}f}{unit if scale == 100 else ''}"
-                     .replace(" points", "%"))
-    lines.append(f"  A − B: {format_difference(result)}")
+    lines = [f"{result.metric} on the {split} split, {result.n} paired examples ({better} is better):",
+             f"  A {side_line(a, result.value_b, result.metric, params)}",
+             f"  B {side_line(b, result.value_a, result.metric, params)}",
+             f"  A − B: {format_difference(result)}"]
     if result.table is not None:
-        _, only_b, only_a, _ = result.table  # counted as (B, A)
-        lines.append(f"  discordant examples: only A right {only_a}, only B right {only_b} "
-                     f"(both right {result.table[0]}, both wrong {result.table[3]})")
+        both, only_b, only_a, neither = result.table
+        lines.append(f"  messages only A gets right: {only_a}, only B: {only_b} (both right {both}, both wrong {neither})")
     return lines
 
 
@@ -200,7 +210,7 @@ def compare(a_spec: str, b_spec: str, *, task: str = "spam", split: str = "test"
     a = load_examples(a_spec, task, split, metric, data_dir)
     b = load_examples(b_spec, task if task != "baseline" else "spam", split, metric, data_dir)
     result = paired(a, b, metric, params)
-    return result, report(a, b, result, split)
+    return result, report(a, b, result, split, params)
 
 
 def comparison_params() -> ComparisonParams:
@@ -227,9 +237,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "llm compare") -> int:
         _, lines = compare(args.a, args.b, task=args.task, split=args.split, metric=args.metric,
                            data_dir=args.data, params=comparison_params())
     except Exception as exc:  # noqa: BLE001 - sorted below: expected ones are one line
+        from llmcore.checkpoint import CheckpointError
+        from llmcore.cli import CliError
         from steps.common.cli import EXPECTED_ERRORS
 
-        if not isinstance(exc, (CompareError, *EXPECTED_ERRORS, ValueError, OSError)):
+        if not isinstance(exc, (CompareError, CliError, CheckpointError, *EXPECTED_ERRORS, ValueError, OSError)):
             raise
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1

@@ -114,6 +114,18 @@ def _number(value: float) -> str:
     return str(value) if isinstance(value, int) else f"{value:.4g}"
 
 
+def metric_rows(metrics: dict[str, float]) -> list[str]:
+    """One row per metric, its ``<key>_ci_low``/``<key>_ci_high`` (if any) in the interval column."""
+    rows = []
+    for key, value in metrics.items():
+        if key.endswith(("_ci_low", "_ci_high")):
+            continue
+        low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+        interval = f"[{_number(low)}, {_number(high)}]" if low is not None and high is not None else ""
+        rows.append(f"| {key} | {_number(value)} | {interval} |".replace("|  |", "| |"))
+    return rows
+
+
 def render_markdown(report: PipelineReport) -> str:
     outcome = f"failed: {report.failure.splitlines()[0]}" if report.failure else "completed"
     tracking = (f"MLflow parent run: [{report.mlflow_run_id}]({report.mlflow_url}) (one child run per stage that ran)."
@@ -143,6 +155,6 @@ def render_markdown(report: PipelineReport) -> str:
         lines += ["", "## Metrics", ""]
         comparison = baseline_line(report.metrics, report.baseline)
         lines += [f"**{comparison}**", ""] if comparison else []
-        lines += ["| metric | value |", "| --- | ---: |"]
-        lines += [f"| {key} | {_number(value)} |" for key, value in report.metrics.items()]
+        lines += ["| metric | value | interval (comparison.confidence) |", "| --- | ---: | ---: |"]
+        lines += metric_rows(report.metrics)
     return "\n".join(lines) + "\n"

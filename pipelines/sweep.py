@@ -5,7 +5,8 @@ show`` lists them side by side, grouped by name). Every stage's MLflow run gets 
 ``sweep=NAME`` (filter the compare view with ``tags.sweep = 'NAME'``), and a summary run tagged
 the same holds each headline metric's mean and sd across the seeds. The table printed at the end
 shows each seed's headline metrics and mean ± sd, so a difference between two configurations can
-be read against the seed-to-seed spread.
+be read against the seed-to-seed spread. Afterwards params.yaml is put back as it was (and
+``dvc checkout`` restores its outputs); ``dvc exp apply NAME-s<seed>`` brings one seed back.
 """
 
 from __future__ import annotations
@@ -108,9 +109,16 @@ def sweep(overrides: Sequence[str], seeds: Sequence[int], *, name: str | None = 
 
     base = name or sweep_name(overrides)
     rows: dict[int, dict[str, float]] = {}
-    for seed in seeds:
-        run_seed(f"{base}-s{seed}", overrides, seed_key, seed, base)
-        rows[seed] = read_metrics(metrics_dir)  # the workspace holds the experiment just run
+    params_file = Path("params.yaml")
+    before = params_file.read_text() if params_file.is_file() else None
+    try:
+        for seed in seeds:
+            run_seed(f"{base}-s{seed}", overrides, seed_key, seed, base)
+            rows[seed] = read_metrics(metrics_dir)  # the workspace holds the experiment just run
+    finally:
+        if before is not None and params_file.read_text() != before:  # the workspace as it was, not the last seed's
+            params_file.write_text(before)
+            subprocess.run(["dvc", "checkout", "--quiet"], check=False)
     keys = headline_keys(rows, metrics)
     lines = table(base, rows, keys)
     run_id = log_summary(base, rows, keys, overrides)

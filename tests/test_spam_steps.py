@@ -215,8 +215,10 @@ def test_score_spam_writes_metrics_and_confusion_plots(workspace: Path, finetune
     assert float(champion.tags[key.replace(".accuracy", ".test_accuracy")]) == pytest.approx(metrics["test"]["accuracy"])
     test = pd.read_csv(workspace / "data" / "test.csv")
     predicted = classify_texts(load_classifier(workspace / "clf"), get_tokenizer(TOKENIZER.encoding_dir), test["Text"].tolist())
-    assert metrics["test"] == classification_metrics(test["Label"].tolist(), [int(label == "spam") for label, _ in predicted],
-                                                                ["ham", "spam"])
+    intervals = {k: v for k, v in metrics["test"].items() if "_ci_" in k}
+    assert set(intervals) == {"accuracy_ci_low", "accuracy_ci_high", "f1_ci_low", "f1_ci_high"}
+    assert {k: v for k, v in metrics["test"].items() if k not in intervals} == classification_metrics(
+        test["Label"].tolist(), [int(label == "spam") for label, _ in predicted], ["ham", "spam"])
     assert sum(metrics["train"][k] for k in ("tn", "fp", "fn", "tp")) == 12
     table = pd.read_csv(workspace / "plots" / "spam_confusion.csv")
     assert table["actual"].tolist() == ["ham"] * 3 + ["spam"] * 3
@@ -282,7 +284,8 @@ def test_an_unusable_tracking_store_fails_in_one_line_before_any_output(workspac
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{corrupt}")
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"score_spam": {"batch_size": 32, "plot_split": "test",
-                                                     "seed": 123, "device": "cpu"}, "tokenizer": TOKENIZER.model_dump()}))
+                                                     "seed": 123, "device": "cpu"}, "tokenizer": TOKENIZER.model_dump(),
+                                      "comparison": {}}))
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exc:
         score_spam.main(["--params", str(params), "--model", str(workspace / "clf"), "--data", str(workspace / "data"),
