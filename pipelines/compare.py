@@ -97,17 +97,19 @@ def parse_results(text: str, task: str, split: str, label: str, metric: str) -> 
     return Examples(label, keys, rows["correct"].to_numpy(float), binary=True)
 
 
-def score_classifier(model_dir: Path, data_dir: Path, split: str, label: str) -> Examples:
+def score_classifier(model_dir: Path, data_dir: Path, split: str, label: str, tokenizer_dir: Path | None = None) -> Examples:
     """Score a classifier directory on ``data_dir``'s split (what score_spam does, for one split)."""
     from llmcore.classifier import load_classifier, predict_proba
     from llmcore.cli import tokenizer_for
+    from llmcore.tokenizer import get_tokenizer
     from steps.common.datasets import read_splits
     from steps.score_spam import model_label_ids
 
     names, (frame,) = read_splits(data_dir, (split,))
     model = load_classifier(model_dir)
     actual = model_label_ids(frame, names, model.labels, data_dir / f"{split}.csv")
-    predicted = predict_proba(model, tokenizer_for(model_dir), frame["Text"].tolist()).argmax(dim=1).tolist()
+    tokenizer = get_tokenizer(tokenizer_dir) if tokenizer_dir else tokenizer_for(model_dir)
+    predicted = predict_proba(model, tokenizer, frame["Text"].tolist()).argmax(dim=1).tolist()
     from steps.common.scoring import write_predictions  # the same table the stage keeps
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,8 +126,8 @@ def load_examples(spec: str, task: str, split: str, metric: str, data_dir: Path)
 
         if task not in ("spam", "baseline"):
             raise CompareError(f"{spec}: registry models are scored here for the spam task only")
-        directory, _ = download_registered(spec)
-        return score_classifier(directory, data_dir, split, spec)
+        directory, tokenizer_dir = download_registered(spec)
+        return score_classifier(directory, data_dir, split, spec, tokenizer_dir)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise CompareError(f"{spec}: a directory without config.json is no model")

@@ -2,7 +2,7 @@
 
 Real models on the real SMS data (the mirror's, split as the pipeline splits it): the TF-IDF
 baseline trained with two seeds of one configuration is "not significant", the same model with a
-deliberately broken configuration (C = 1e-5: every message the majority class) is flagged as
+deliberately broken configuration (C = 1e-5: almost no fit; 94% instead of 97%) is flagged as
 significantly worse; the printed figures equal statsmodels' McNemar test on the same table.
 """
 
@@ -60,7 +60,7 @@ def test_two_seeds_of_one_configuration_are_not_significant(runs: dict[str, Path
 
 def test_a_broken_configuration_is_significantly_worse_and_the_p_value_is_mcnemars(runs: dict[str, Path]) -> None:
     result, lines = compare.compare(str(runs["broken"]), str(runs["seed1"]), params=ComparisonParams())
-    assert result.significant() and result.difference < -0.3 and result.interval.high < 0
+    assert result.significant() and result.difference < 0 and result.interval.high < 0
     assert "A − B: −" in lines[3] and ": significant at 5%" in lines[3] and "McNemar p = " in lines[3]
     a = pd.read_csv(runs["broken"]).query("split == 'test'")["correct"].to_numpy()
     b = pd.read_csv(runs["seed1"]).query("split == 'test'")["correct"].to_numpy()

@@ -132,8 +132,8 @@ def test_interrupted_finetune_resumes_to_the_same_weights(workspace: Path, finet
     assert json.loads((out / "ft.json").read_text()) == json.loads((workspace / "reports" / "ft.json").read_text())
 
 
-def test_the_same_params_and_seed_give_identical_weights_and_metrics(workspace: Path, finetuned: dict,
-                                                                    mlflow_uri: str) -> None:
+def test_the_same_params_and_seed_give_identical_weights_and_metrics(workspace: Path, finetuned: dict, mlflow_uri: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Determinism on one machine: the fine-tune run again from scratch gives the same bytes and
     metrics; another seed gives other ones (so the check can fail)."""
     from safetensors.torch import load_file
@@ -153,6 +153,12 @@ def test_the_same_params_and_seed_give_identical_weights_and_metrics(workspace: 
         torch.testing.assert_close(again_weights[name], tensor, rtol=0, atol=0, msg=name)
     other, other_weights = run("other_seed", PARAMS.model_copy(update={"seed": PARAMS.seed + 1}))
     assert any(not torch.equal(other_weights[name], tensor) for name, tensor in weights.items())
+    # `llm compare` on two model directories scores both on the same split: identical models, no gap.
+    from pipelines.compare import compare
+
+    monkeypatch.setenv("LLMCORE_GPT2_ENCODING_DIR", TOKENIZER.encoding_dir)
+    same, lines = compare(str(workspace / "clf"), str(workspace / "again" / "clf"), data_dir=workspace / "data")
+    assert same.n == 6 and same.difference == 0 and same.p_value == 1.0 and "not significant at 5%" in lines[3]
 
 
 def test_finetune_logs_and_registers_a_servable_pyfunc(workspace: Path, finetuned: dict, mlflow_uri: str) -> None:
