@@ -6,6 +6,8 @@ with the instruction model.
     llm chat                                          # instruction (+ optional input), answer streams
     llm chat --int8                                   # int8 Linear weights: faster CPU decoding
     llm serve                                         # HTTP: OpenAI-compatible API + chat page (serving/)
+    llm compare lr-2e-3 lr-3e-4                       # paired: difference, 95% CI, McNemar p (pipelines/compare.py)
+    llm sweep -S finetune_classifier.lr=2e-3 --seeds 123,124,125   # mean ± sd over seeds (pipelines/sweep.py)
 
 Models are the pipeline's outputs (``models/...``); a missing one is reported with the DVC stage
 that produces it. Text is printed as tokens arrive: a token may be part of a multi-byte character,
@@ -159,6 +161,14 @@ def cmd_serve(argv: Sequence[str]) -> int:
     return serve_main(argv, prog="llm serve")
 
 
+def cmd_pipeline_tool(command: str, argv: Sequence[str]) -> int:
+    # `llm compare` and `llm sweep` read DVC experiments, MLflow and scipy: their logic lives in the
+    # pipelines package, imported here and only here (llmcore stays pure PyTorch + tiktoken).
+    import importlib
+
+    return importlib.import_module(f"pipelines.{command}").main(argv, prog=f"llm {command}")
+
+
 def _add_sampling(parser: argparse.ArgumentParser, max_new_tokens: int, temperature: float = 0.0,
                   top_k: int | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
@@ -193,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Its options are serving's own (`llm serve --help`): they are passed through unparsed.
     commands.add_parser("serve", help="serve the models over HTTP (OpenAI-compatible API, chat page)", add_help=False)
+    commands.add_parser("compare", help="two models on the same examples: difference, interval, paired test",
+                        add_help=False)
+    commands.add_parser("sweep", help="one configuration over several seeds (dvc exp run): mean ± sd", add_help=False)
     return parser
 
 
@@ -201,6 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command == "serve":
         return cmd_serve(rest)
+    if args.command in ("compare", "sweep"):
+        return cmd_pipeline_tool(args.command, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:

@@ -170,10 +170,21 @@ def response_loss(
     Token-weighted over the whole set, so batching does not change it; examples are cut to the
     model's context length.
     """
+    per_example = response_losses(model, examples, batch_size=batch_size)
+    total, count = sum(s for s, _ in per_example), sum(n for _, n in per_example)
+    return (total / count if count else float("nan")), count
+
+
+@torch.no_grad()
+def response_losses(
+    model: nn.Module, examples: Sequence[InstructionExample], *, batch_size: int = 8
+) -> list[tuple[float, int]]:
+    """Per example: the summed cross-entropy of its response tokens (prompt masked) and their count
+    (0 when the context cuts the response off)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    out: list[tuple[float, int]] = []
     try:
         for start in range(0, len(examples), batch_size):
             inputs, targets = collate_instructions(
@@ -183,10 +194,11 @@ def response_loss(
                 device=device,
             )
             logits = model(inputs)
-            total += F.cross_entropy(
-                logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-            ).item()
-            count += int((targets != IGNORE_INDEX).sum())
+            losses = F.cross_entropy(
+                logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+            ).view(targets.shape)
+            counts = (targets != IGNORE_INDEX).sum(dim=1)
+            out += [(float(s), int(n)) for s, n in zip(losses.double().sum(dim=1).tolist(), counts.tolist())]
     finally:
         model.train(was_training)
-    return (total / count if count else float("nan")), count
+    return out

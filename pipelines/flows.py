@@ -32,7 +32,7 @@ from pydantic import Field
 from pipelines.dag import PIPELINES, execution_order, read_dag
 from pipelines import experiments
 from pipelines.stages import StageResult, dvc_status, repro_stage
-from pipelines.summary import DIFFERENCE_METRIC, PipelineReport, baseline_difference, baseline_line, read_metrics, \
+from pipelines.summary import PipelineReport, baseline_comparison, baseline_line, baseline_metrics, read_metrics, \
     render_markdown
 from steps.common.params import StrictModel, load_section, read_params
 from steps.common.tracking import EXPERIMENT_ENV, PARENT_RUN_ENV, configure_tracking, flatten, git_commit
@@ -120,15 +120,16 @@ def run_stage(stage: str, extra_env: dict[str, str]) -> StageResult:
 def publish_summary(report: PipelineReport) -> PipelineReport:
     """The run's Markdown summary as a Prefect artifact; metrics and summary on the parent run."""
     report.metrics = read_metrics("metrics")
+    report.baseline = baseline_comparison(".")  # paired, from both stages' per-example predictions
     markdown = render_markdown(report)
     if report.mlflow_run_id:
         client = mlflow.MlflowClient()
         now = int(time.time() * 1000)
-        difference = baseline_difference(report.metrics)  # LLM − baseline, test accuracy points
-        metrics = {**report.metrics, **({DIFFERENCE_METRIC: difference} if difference is not None else {})}
+        difference = baseline_metrics(report.metrics, report.baseline)  # LLM − baseline: points, CI, McNemar p
+        metrics = {**report.metrics, **difference}
         client.log_batch(report.mlflow_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
-        if difference is not None:
-            client.set_tag(report.mlflow_run_id, "llm_vs_baseline", baseline_line(report.metrics))
+        if difference:
+            client.set_tag(report.mlflow_run_id, "llm_vs_baseline", baseline_line(report.metrics, report.baseline))
         client.log_text(report.mlflow_run_id, markdown, "pipeline_summary.md")
         client.set_tag(report.mlflow_run_id, "mlflow.note.content", markdown)  # the run page's Description
         client.set_terminated(report.mlflow_run_id, "FAILED" if report.failure else "FINISHED")

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         f"pipeline {args.flow}: ran {len(report.stages_by_status['ran'])} of {len(report.results)} stages; "
         f"{total:.1f} s in all, {report.stage_s:.1f} s inside dvc repro, "
         f"orchestration overhead {overhead:.1f} s ({overhead / total:.1%})"
-        + (f"\n{comparison}" if (comparison := baseline_line(report.metrics)) else "")
+        + (f"\n{comparison}" if (comparison := baseline_line(report.metrics, report.baseline)) else "")
         + (f"\nDVC experiment: {report.experiment}" if report.experiment else "")
         + (f"\nMLflow: {report.mlflow_url}" if report.mlflow_url else "\nMLflow: nothing ran, no run logged")
     )

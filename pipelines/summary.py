@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.stages import StageResult
+from steps.common.stats import PairedResult
 from steps.common.tracking import flatten
 
 STATUS_TEXT = {"ran": "ran", "cached": "restored from DVC run cache", "skipped": "up to date, skipped"}
@@ -23,6 +24,7 @@ class PipelineReport:
     mlflow_url: str  # both "" when nothing ran (no MLflow run is made)
     failure: str | None = None
     experiment: str | None = None  # the DVC experiment the run was saved as
+    baseline: PairedResult | None = None  # LLM − baseline on the test messages, paired (baseline_comparison)
     stages_by_status: dict[str, list[str]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -68,17 +70,60 @@ def baseline_difference(metrics: dict[str, float]) -> float | None:
     return round(100 * (metrics[LLM_ACCURACY] - metrics[BASELINE_ACCURACY]), 2)
 
 
-def baseline_line(metrics: dict[str, float]) -> str | None:
-    """``LLM − baseline: −1.3 points (test accuracy 96.33% vs 97.67%)``, or None."""
+def baseline_comparison(root: str | Path = ".") -> PairedResult | None:
+    """LLM − baseline on the same test messages, paired (McNemar), from both stages' per-example
+    predictions under ``root/reports``; None when either is missing or they are not on the same messages."""
+    from pipelines.compare import RESULTS, CompareError, comparison_params, compare
+
+    llm, baseline = Path(root) / RESULTS["spam"], Path(root) / RESULTS["baseline"]
+    if not (llm.is_file() and baseline.is_file()):
+        return None
+    try:
+        result, _ = compare(str(llm), str(baseline), params=comparison_params())
+    except (CompareError, ValueError, KeyError):
+        return None
+    return result
+
+
+def baseline_metrics(metrics: dict[str, float], paired: PairedResult | None) -> dict[str, float]:
+    """The difference (points) and, when paired, its interval and McNemar's p, as MLflow metrics."""
+    difference = baseline_difference(metrics)
+    if difference is None:
+        return {}
+    extra = {} if paired is None else {f"{DIFFERENCE_METRIC}_ci_low": 100 * paired.interval.low,
+                                       f"{DIFFERENCE_METRIC}_ci_high": 100 * paired.interval.high,
+                                       "llm_minus_baseline_mcnemar_p": paired.p_value}
+    return {DIFFERENCE_METRIC: difference, **extra}
+
+
+def baseline_line(metrics: dict[str, float], paired: PairedResult | None = None) -> str | None:
+    """``LLM − baseline: −1.7 points, 95% CI [−3.9, +0.5], McNemar p = 0.15 (not significant)
+    (test accuracy: ...)``; without the paired predictions, the difference alone. None without both."""
+    from pipelines.compare import format_difference
+
     difference = baseline_difference(metrics)
     if difference is None:
         return None
-    return (f"LLM − baseline: {difference:+.1f} points".replace("-", "−") + f" (test accuracy: GPT classifier "
+    head = (format_difference(paired, short=True) if paired is not None
+            else f"{difference:+.1f} points".replace("-", "−") + " (no per-example predictions: no interval)")
+    return (f"LLM − baseline: {head} (test accuracy: GPT classifier "
             f"{metrics[LLM_ACCURACY]:.2%}, TF-IDF baseline {metrics[BASELINE_ACCURACY]:.2%})")
 
 
 def _number(value: float) -> str:
     return str(value) if isinstance(value, int) else f"{value:.4g}"
+
+
+def metric_rows(metrics: dict[str, float]) -> list[str]:
+    """One row per metric, its ``<key>_ci_low``/``<key>_ci_high`` (if any) in the interval column."""
+    rows = []
+    for key, value in metrics.items():
+        if key.endswith(("_ci_low", "_ci_high")):
+            continue
+        low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+        interval = f"[{_number(low)}, {_number(high)}]" if low is not None and high is not None else ""
+        rows.append(f"| {key} | {_number(value)} | {interval} |".replace("|  |", "| |"))
+    return rows
 
 
 def render_markdown(report: PipelineReport) -> str:
@@ -108,8 +153,8 @@ def render_markdown(report: PipelineReport) -> str:
         lines += ["", "## Failure", "", "```", report.failure, "```"]
     if report.metrics:
         lines += ["", "## Metrics", ""]
-        comparison = baseline_line(report.metrics)
+        comparison = baseline_line(report.metrics, report.baseline)
         lines += [f"**{comparison}**", ""] if comparison else []
-        lines += ["| metric | value |", "| --- | ---: |"]
-        lines += [f"| {key} | {_number(value)} |" for key, value in report.metrics.items()]
+        lines += ["| metric | value | interval (comparison.confidence) |", "| --- | ---: | ---: |"]
+        lines += metric_rows(report.metrics)
     return "\n".join(lines) + "\n"

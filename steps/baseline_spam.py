@@ -27,7 +27,8 @@ from steps.common.io import write_json
 from steps.common.data import DataError
 from steps.common.params import StrictModel
 from steps.common.registry import SPAM_CLASSIFIER
-from steps.common.scoring import classification_metrics, flat_metrics
+from steps.common.scoring import classification_metrics, flat_metrics, split_intervals, write_predictions
+from steps.common.stats import ComparisonParams
 
 STAGE = "baseline_spam"
 EXPERIMENT = SPAM_CLASSIFIER  # beside the GPT classifier's runs, tagged model_family=baseline
@@ -97,18 +98,22 @@ def select_on_validation(params: BaselineParams, features: dict, labels: dict, n
 
 
 def fit_and_score(params: BaselineParams, texts: dict[str, list[str]], labels: dict[str, np.ndarray],
-                  names: list[str]) -> dict:
-    """Features fitted on train, the grid tried on validation, every split scored: the report."""
+                  names: list[str]) -> tuple[dict, dict[str, list[int]]]:
+    """Features fitted on train, the grid tried on validation, every split scored: the report and
+    every example's prediction."""
     vectorizer = make_features(params)
     features = {"train": vectorizer.fit_transform(texts["train"])}
     features.update({split: vectorizer.transform(texts[split]) for split in SPLITS if split != "train"})
     model, selected, table = select_on_validation(params, features, labels, names)
-    metrics = {split: classification_metrics(labels[split], model.predict(features[split]), names) for split in SPLITS}
-    return {**metrics, "selected": selected, "grid": table, "features": int(features["train"].shape[1])}
+    predicted = {split: model.predict(features[split]).tolist() for split in SPLITS}
+    metrics = {split: classification_metrics(labels[split], predicted[split], names) for split in SPLITS}
+    return {**metrics, "selected": selected, "grid": table, "features": int(features["train"].shape[1])}, predicted
 
 
-def baseline_spam(params: BaselineParams, *, data_dir: Path, metrics_out: Path, headline_out: Path) -> dict:
-    """Select on validation, score every split; write the report and the headline, log an MLflow run."""
+def baseline_spam(params: BaselineParams, *, data_dir: Path, metrics_out: Path, headline_out: Path,
+                  predictions_out: Path, comparison: ComparisonParams = ComparisonParams()) -> dict:
+    """Select on validation, score every split (with intervals); write the report, the headline and
+    every example's prediction (what ``llm compare`` pairs with the GPT classifier's), log an MLflow run."""
     from steps.common.tracking import check_store  # mlflow imports take seconds: not at import
 
     check_store(EXPERIMENT)  # before any work or output: fail early if the store cannot be written
@@ -117,15 +122,20 @@ def baseline_spam(params: BaselineParams, *, data_dir: Path, metrics_out: Path, 
     if len(np.unique(labels["train"])) < 2:
         raise DataError(f"{data_dir / 'train.csv'}: the training split has one class only")
     texts = {split: frame["Text"].tolist() for split, frame in zip(SPLITS, frames)}
-    report = fit_and_score(params, texts, labels, names)
+    report, predicted = fit_and_score(params, texts, labels, names)
+    for split in SPLITS:
+        report[split].update(split_intervals(labels[split], predicted[split], names, comparison))
+    write_predictions(predictions_out, dict(zip(SPLITS, frames)), labels, predicted, names)
+    test = report["test"]
+    keys = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "f1", "f1_ci_low", "f1_ci_high")
     write_json(metrics_out, report)
-    write_json(headline_out, {"baseline_test_accuracy": report["test"]["accuracy"],
-                              "baseline_test_f1": report["test"]["f1"]})
-    _log_run(params, data_dir, {split: report[split] for split in SPLITS}, report["selected"], metrics_out)
+    write_json(headline_out, {f"baseline_test_{k}": test[k] for k in keys if k in test})
+    _log_run(params, data_dir, {split: report[split] for split in SPLITS}, report["selected"],
+             [metrics_out, predictions_out])
     return report
 
 
-def _log_run(params: BaselineParams, data_dir: Path, metrics: dict, selected: dict, report: Path) -> None:
+def _log_run(params: BaselineParams, data_dir: Path, metrics: dict, selected: dict, reports: list[Path]) -> None:
     import mlflow  # mlflow imports take seconds: not at import
 
     from steps.common.tracking import log_data_files, stage_run
@@ -135,13 +145,15 @@ def _log_run(params: BaselineParams, data_dir: Path, metrics: dict, selected: di
         mlflow.log_params({f"selected.{key}": value for key, value in selected.items()})
         log_data_files({split: data_dir / f"{split}.csv" for split in SPLITS})
         mlflow.log_metrics(flat_metrics(metrics))
-        mlflow.log_artifact(str(report), "evaluation")
+        for report in reports:
+            mlflow.log_artifact(str(report), "evaluation")
 
 
 def main(argv: list[str] | None = None) -> None:
     def body(args, params: StageParams) -> str:
         report = baseline_spam(params.section(STAGE, BaselineParams), data_dir=args.data,
-                               metrics_out=args.metrics, headline_out=args.headline)
+                               metrics_out=args.metrics, headline_out=args.headline, predictions_out=args.predictions,
+                               comparison=params.section("comparison", ComparisonParams))
         chosen = report["selected"]
         return (f"TF-IDF + {chosen['classifier']} (C={chosen['C']:g}, chosen on validation): "
                 + ", ".join(f"{split} accuracy {report[split]['accuracy']:.4f}" for split in SPLITS))
@@ -150,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
               body, argv=argv, paths={
                   "data": "data/spam", "metrics": ("reports/baseline.json", "every split's metrics and the grid"),
                   "headline": ("metrics/baseline.json", "the baseline's test accuracy and F1"),
+                  "predictions": ("reports/baseline_predictions.csv", "every example's prediction"),
               })
 
 

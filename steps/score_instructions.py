@@ -12,13 +12,13 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
+import numpy as np
 from pydantic import Field
 
 from llmcore.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_meta
 from llmcore.device import resolve_device
-from llmcore.instruct import encode_example, generate_responses, response_loss, response_prompt
+from llmcore.instruct import encode_example, generate_responses, response_losses, response_prompt
 from llmcore.prompts import reference
 from llmcore.tokenizer import TokenizerFilesError, get_tokenizer
 from steps.common.cli import StageParams, run_stage
@@ -27,7 +27,8 @@ from steps.common.datasets import load_entries
 from steps.common.io import write_json
 from steps.common.judge import JudgeParams, JudgeUnavailableError, judge_responses
 from steps.common.params import ParamsError, StrictModel
-from steps.common.registry import INSTRUCT_MODEL
+from steps.common.registry import INSTRUCT_MODEL, Scoring
+from steps.common.stats import ComparisonParams, bootstrap_interval, examples_digest
 
 STAGE = "score_instructions"
 
@@ -42,7 +43,6 @@ class ScoreInstructionsParams(StrictModel):
     max_entries: int | None = Field(None, ge=1)  # null: the whole test split
     seed: int = 123
     device: str = "auto"
-    champion_metric: Literal["rouge_l_f1", "judge_score"] = "rouge_l_f1"  # the registry's test metric
     judge: JudgeParams = JudgeParams()
 
 
@@ -82,9 +82,13 @@ def score_instructions(
     responses_out: Path,
     metrics_out: Path,
     headline_out: Path,
+    validation_file: Path | None = None,
+    comparison: ComparisonParams = ComparisonParams(),
 ) -> dict:
     """Answer, save and score the test prompts; returns the metrics written to ``metrics_out``
-    (ROUGE-L and the judge's score also to ``headline_out``); the scores go to the training run."""
+    (ROUGE-L and the judge's score with their intervals also to ``headline_out``); the scores go to
+    the training run. The registry chooses on the validation split's response loss (the file beside
+    ``test_file`` unless given), paired per example: no test score chooses."""
     from steps.common.tracking import check_store, record_evaluation  # mlflow imports take seconds
 
     check_store("instruction-sft")  # before any work or output: fail early if the store cannot be written
@@ -107,13 +111,15 @@ def score_instructions(
     )
     generate_s = time.perf_counter() - started
     examples = [encode_example(tokenizer, response_prompt(e, style), reference(e)) for e in entries]
-    loss, n_tokens = response_loss(model, examples, batch_size=params.batch_size)
+    losses = response_losses(model, examples, batch_size=params.batch_size)
+    n_tokens = sum(n for _, n in losses)
+    loss = sum(s for s, _ in losses) / n_tokens if n_tokens else math.nan
     rouge = [rouge_l_f1(a, reference(e)) for a, e in zip(answers, entries)]
     judged = judge_responses(entries, answers, params.judge)
     records = [
         {**question_fields(e), "output": reference(e), "model_response": a, "rouge_l_f1": round(r, 6),
-         "judge_score": s}
-        for e, a, r, s in zip(entries, answers, rouge, judged.scores)
+         "judge_score": s, "response_loss_sum": round(ls, 6), "response_tokens": n}
+        for e, a, r, s, (ls, n) in zip(entries, answers, rouge, judged.scores, losses)
     ]
     write_json(responses_out, records)
     metrics = {
@@ -129,14 +135,56 @@ def score_instructions(
         "n_unscored_unreachable": judged.n_unreachable,  # the judge could not be asked
         "n_unscored_unusable": judged.n_unusable,  # it answered, but never an integer 0..100
         "judge_available": judged.available,
+        **test_intervals(rouge, judged.scores, losses, comparison),
     }
+    validation_file = validation_file or test_file.parent / "validation.json"
+    selection = validation_scoring(model, tokenizer, style, validation_file, params.batch_size, metrics)
+    if selection is not None:
+        metrics["validation_response_loss"] = round(selection.value, 6)
     write_json(metrics_out, metrics)
-    write_json(headline_out, {k: metrics[k] for k in ("rouge_l_f1", "judge_score") if metrics[k] is not None})
+    headline = ("rouge_l_f1", "rouge_l_f1_ci_low", "rouge_l_f1_ci_high", "judge_score", "judge_score_ci_low",
+                "judge_score_ci_high", "validation_response_loss")
+    write_json(headline_out, {k: metrics[k] for k in headline if metrics.get(k) is not None})
     tracked = {k: float(v) for k, v in metrics.items() if v is not None}
     record_evaluation(STAGE, params, model_dir, {**tracked, "generate_s": generate_s}, [responses_out],
-                      registered_model=INSTRUCT_MODEL, champion_metric=params.champion_metric,
+                      registered_model=INSTRUCT_MODEL, selection=selection, comparison=comparison,
                       outputs=[responses_out, metrics_out, headline_out])
     return metrics
+
+
+def test_intervals(rouge: list[float], judge: list[int | None], losses: list[tuple[float, int]],
+                   comparison: ComparisonParams) -> dict[str, float | None]:
+    """Bootstrap intervals over the test examples: ROUGE-L, the judge's score (the judged ones)
+    and the token-weighted response loss."""
+    def ratio(sums, counts, axis=-1):
+        return sums.sum(axis=axis) / np.maximum(counts.sum(axis=axis), 1)
+
+    fields: dict[str, float | None] = dict(bootstrap_interval(rouge, np.mean, comparison).fields("rouge_l_f1"))
+    scored = [s for s in judge if s is not None]
+    judge_ci = bootstrap_interval(scored, np.mean, comparison) if scored else None
+    fields.update(judge_score_ci_low=judge_ci and judge_ci.low, judge_score_ci_high=judge_ci and judge_ci.high)
+    if sum(n for _, n in losses):
+        sums, counts = zip(*losses)
+        fields.update(bootstrap_interval((sums, counts), ratio, comparison, paired=True).fields("response_loss"))
+    return fields
+
+
+def validation_scoring(model, tokenizer, style: str, validation_file: Path, batch_size: int,
+                       test_metrics: dict) -> Scoring | None:
+    """The registry's selection scoring: each validation example's mean response loss (lower is
+    better; paired bootstrap), with the test's ROUGE-L and judge score recorded beside."""
+    if not validation_file.is_file():
+        print(f"{STAGE}: no validation split at {validation_file}: the registry's @champion is not moved")
+        return None
+    entries = load_entries(validation_file)
+    examples = [encode_example(tokenizer, response_prompt(e, style), reference(e)) for e in entries]
+    losses = response_losses(model, examples, batch_size=batch_size)
+    n_tokens = sum(n for _, n in losses)
+    per_example = [s / n if n else math.nan for s, n in losses]
+    keys = [response_prompt(e, style) + "\0" + reference(e) for e in entries]
+    beside = {f"test_{k}": test_metrics[k] for k in ("rouge_l_f1", "judge_score") if test_metrics.get(k) is not None}
+    return Scoring("validation", "response_loss", sum(s for s, _ in losses) / n_tokens if n_tokens else math.nan,
+                   per_example, examples_digest(keys), higher_is_better=False, others=beside)
 
 
 def question_fields(entry: dict) -> dict:
@@ -164,12 +212,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         metrics = score_instructions(
             settings, params.section("tokenizer", TokenizerParams), model_dir=args.model, test_file=args.test,
             responses_out=args.responses, metrics_out=args.metrics, headline_out=args.headline,
+            validation_file=args.validation, comparison=params.section("comparison", ComparisonParams),
         )
         return format_summary(metrics, settings.judge.model)
 
     run_stage(STAGE, "Generate answers for the instruction test split and score them.", body, argv=argv,
               errors=(ModelNotFoundError, JudgeUnavailableError, CheckpointError, TokenizerFilesError), paths={
                   "model": "models/instruct", "test": "data/instructions/test.json",
+                  "validation": (None, "the validation split the registry chooses on (default: beside --test)"),
                   "responses": "data/scores/instruction_responses.json",
                   "metrics": ("reports/instructions.json", "every score"),
                   "headline": ("metrics/instructions.json", "ROUGE-L, judge score"),

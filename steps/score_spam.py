@@ -32,7 +32,10 @@ from steps.common.data import DataError, TokenizerParams
 from steps.common.datasets import read_splits
 from steps.common.io import atomic_path, write_json
 from steps.common.params import ParamsError, StrictModel
-from steps.common.scoring import classification_metrics, flat_metrics
+from steps.common.scoring import (
+    classification_metrics, flat_metrics, selection_scoring, split_intervals, write_predictions,
+)
+from steps.common.stats import ComparisonParams
 
 STAGE = "score_spam"
 SPLITS = ("train", "validation", "test")
@@ -40,7 +43,6 @@ SPLITS = ("train", "validation", "test")
 
 class ScoreSpamParams(StrictModel):
     batch_size: int = Field(32, ge=1)
-    champion_metric: Literal["accuracy", "f1", "precision", "recall"] = "accuracy"  # on the test split
     plot_split: Literal["train", "validation", "test"] = "test"  # the split drawn as the confusion-matrix plots
     seed: int = 123  # inference draws no random numbers; seeded for the stage convention
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -77,10 +79,14 @@ def score_spam(
     metrics_out: Path,
     headline_out: Path,
     plots_dir: Path,
+    predictions_out: Path,
     tokenizer_params: TokenizerParams = TokenizerParams(),
+    comparison: ComparisonParams = ComparisonParams(),
 ) -> dict[str, dict]:
-    """Metrics per split (``metrics_out``), the test accuracy and F1 (``headline_out``), and
-    ``spam_confusion.{png,csv}`` under ``plots_dir``; the scores go to the run that trained the model."""
+    """Metrics per split with intervals (``metrics_out``), the test accuracy and F1 with theirs
+    (``headline_out``), every example's prediction (``predictions_out``: what ``llm compare`` pairs),
+    and ``spam_confusion.{png,csv}`` under ``plots_dir``; the scores go to the run that trained the
+    model, and the registry chooses on the validation split (steps/common/registry.py)."""
 
     from steps.common.registry import SPAM_CLASSIFIER
     from steps.common.tracking import check_store, record_evaluation  # mlflow imports take seconds
@@ -97,13 +103,16 @@ def score_spam(
     tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
     actuals = {split: model_label_ids(frame, data_labels, model.labels, data_dir / f"{split}.csv")
                for split, frame in frames.items()}
-    metrics, predictions = {}, {}
+    metrics, predictions, probabilities = {}, {}, {}
     for split, frame in frames.items():
         probs = predict_proba(model, tokenizer, frame["Text"].tolist(), params.batch_size)
         predictions[split] = probs.argmax(dim=1).tolist()
+        probabilities[split] = probs.max(dim=1).values.tolist()
         metrics[split] = classification_metrics(actuals[split], predictions[split], model.labels)
+        metrics[split].update(split_intervals(actuals[split], predictions[split], model.labels, comparison))
+    write_predictions(predictions_out, frames, actuals, predictions, model.labels, probabilities)
     write_json(metrics_out, metrics)
-    write_json(headline_out, {"test_accuracy": metrics["test"]["accuracy"], "test_f1": metrics["test"]["f1"]})
+    write_json(headline_out, headline(metrics, "test_"))
 
     actual, predicted = actuals[params.plot_split], predictions[params.plot_split]
     csv_path, png_path = plots_dir / "spam_confusion.csv", plots_dir / "spam_confusion.png"
@@ -114,24 +123,39 @@ def score_spam(
     accuracy = metrics[params.plot_split]["accuracy"]
     title = f"classifier, {params.plot_split} split (accuracy {accuracy:.2%})"
     save_confusion_png(png_path, actual, predicted, model.labels, title)
-    record_evaluation(STAGE, params, model_dir, flat_metrics(metrics), [png_path, csv_path],
-                      registered_model=SPAM_CLASSIFIER, champion_metric=f"test_{params.champion_metric}",
-                      outputs=[metrics_out, headline_out, png_path, csv_path])
+    selection = selection_scoring(frames["validation"], actuals["validation"], predictions["validation"],
+                                  metrics["test"])
+    record_evaluation(STAGE, params, model_dir, flat_metrics(metrics), [png_path, csv_path, predictions_out],
+                      registered_model=SPAM_CLASSIFIER, selection=selection, comparison=comparison,
+                      outputs=[metrics_out, headline_out, png_path, csv_path, predictions_out])
     return metrics
+
+
+def headline(metrics: dict[str, dict], prefix: str) -> dict[str, float]:
+    """The test accuracy and F1 with their intervals (``<prefix>accuracy_ci_low`` ...), and the
+    validation accuracy the registry selects on."""
+    test = metrics["test"]
+    keys = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "f1", "f1_ci_low", "f1_ci_high")
+    return {**{f"{prefix}{k}": test[k] for k in keys if k in test},
+            f"{prefix.replace('test_', 'validation_')}accuracy": metrics["validation"]["accuracy"]}
 
 
 def main(argv: list[str] | None = None) -> None:
     def body(args, params: StageParams) -> str:
         metrics = score_spam(params.section(STAGE, ScoreSpamParams), model_dir=args.model, data_dir=args.data,
                              metrics_out=args.metrics, headline_out=args.headline, plots_dir=args.plots,
-                             tokenizer_params=params.section("tokenizer", TokenizerParams))
-        return ", ".join(f"{split} accuracy {m['accuracy']:.4f}" for split, m in metrics.items())
+                             predictions_out=args.predictions,
+                             tokenizer_params=params.section("tokenizer", TokenizerParams),
+                             comparison=params.section("comparison", ComparisonParams))
+        return ", ".join(f"{split} accuracy {m['accuracy']:.4f} [{m['accuracy_ci_low']:.4f}, {m['accuracy_ci_high']:.4f}]"
+                         for split, m in metrics.items())
 
     run_stage(STAGE, "Score the spam classifier on the train/validation/test splits.", body, argv=argv,
               errors=(CheckpointError, TokenizerFilesError), paths={
         "model": "models/spam_classifier", "data": "data/spam",
         "metrics": ("reports/spam.json", "every split's metrics"),
         "headline": ("metrics/spam.json", "test accuracy and F1"), "plots": "plots",
+        "predictions": ("reports/spam_predictions.csv", "every example's prediction"),
     })
 
 

@@ -47,7 +47,8 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 def run(tmp_path: Path, data_dir: Path, params: bl.BaselineParams = PARAMS, name: str = "out") -> tuple[dict, dict]:
     report = bl.baseline_spam(params, data_dir=data_dir, metrics_out=tmp_path / name / "baseline.json",
-                              headline_out=tmp_path / name / "headline.json")
+                              headline_out=tmp_path / name / "headline.json",
+                              predictions_out=tmp_path / name / "predictions.csv")
     return report, json.loads((tmp_path / name / "headline.json").read_text())
 
 
@@ -59,7 +60,12 @@ def test_the_baseline_is_chosen_on_validation_and_scored_like_score_spam(tmp_pat
     best = max(grid, key=lambda row: (row["validation_accuracy"], row["validation_f1"]))  # max keeps the first of ties
     assert report["selected"] == {"classifier": best["classifier"], "C": best["C"]}
     assert report["validation"]["accuracy"] == best["validation_accuracy"]
-    assert headline == {"baseline_test_accuracy": report["test"]["accuracy"], "baseline_test_f1": report["test"]["f1"]}
+    test = report["test"]
+    assert headline == {f"baseline_test_{k}": test[k] for k in ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "f1",
+                                                                "f1_ci_low", "f1_ci_high")}
+    assert test["accuracy_ci_low"] <= test["accuracy"] <= test["accuracy_ci_high"]
+    predictions = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    assert predictions[predictions["split"] == "test"]["correct"].mean() == pytest.approx(test["accuracy"])
     assert report["test"]["accuracy"] == 1.0 and report["train"]["accuracy"] == 1.0  # separable words
     assert set(report["test"]) >= {"precision", "recall", "tn", "fp", "fn", "tp", "per_class", "confusion"}
     assert json.loads((tmp_path / "out" / "baseline.json").read_text()) == report
@@ -101,9 +107,10 @@ def test_more_than_two_classes(tmp_path: Path) -> None:
 def test_a_bad_split_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     data_dir = write_splits(tmp_path / "data", spam_rows())
     (data_dir / "validation.csv").write_text("label,Text\n0,hello\n")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({bl.STAGE: PARAMS.model_dump()}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({bl.STAGE: PARAMS.model_dump(), "comparison": {}}))
     with pytest.raises(SystemExit, match=r"baseline_spam: error: .*validation.csv: missing column\(s\) \['Label'\]"):
-        bl.main(["--params", str(tmp_path / "params.yaml"), "--data", str(data_dir), "--metrics", str(tmp_path / "r.json"), "--headline", str(tmp_path / "h.json")])
+        bl.main(["--params", str(tmp_path / "params.yaml"), "--data", str(data_dir), "--metrics", str(tmp_path / "r.json"), "--headline", str(tmp_path / "h.json"),
+                 "--predictions", str(tmp_path / "p.csv")])
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "h.json").exists()
 
 

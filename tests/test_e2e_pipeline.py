@@ -141,9 +141,11 @@ def test_pipeline_runs_every_stage_then_skips_then_reruns_only_downstream(pipeli
                                       capture_output=True, text=True, check=True).stdout)
     (workspace,) = shown.values()  # keyed "workspace" or "" depending on DVC's version
     headline = {path: entry["data"] for path, entry in workspace["data"].items()}
-    assert set(headline["metrics/spam.json"]) == {"test_accuracy", "test_f1"}
-    assert set(headline["metrics/baseline.json"]) == {"baseline_test_accuracy", "baseline_test_f1"}
-    assert set(headline["metrics/pretrain.json"]) == {"val_loss", "val_perplexity"}
+    ci = ("", "_ci_low", "_ci_high")
+    assert set(headline["metrics/spam.json"]) == {f"test_{m}{c}" for m in ("accuracy", "f1") for c in ci} | {
+        "validation_accuracy"}
+    assert set(headline["metrics/baseline.json"]) == {f"baseline_test_{m}{c}" for m in ("accuracy", "f1") for c in ci}
+    assert set(headline["metrics/pretrain.json"]) == {f"val_{m}{c}" for m in ("loss", "perplexity") for c in ci}
     assert "rouge_l_f1" in headline["metrics/instructions.json"]
     assert report.metrics and all(isinstance(v, (int, float)) for v in report.metrics.values())
 
@@ -161,6 +163,8 @@ def test_pipeline_runs_every_stage_then_skips_then_reruns_only_downstream(pipeli
     assert report.mlflow_url in summary and "LLM − baseline: " in summary
     difference = 100 * (headline["metrics/spam.json"]["test_accuracy"] - headline["metrics/baseline.json"]["baseline_test_accuracy"])
     assert parent.data.metrics["llm_minus_baseline_test_accuracy_points"] == pytest.approx(difference, abs=0.01)
+    assert 0 < parent.data.metrics["llm_minus_baseline_mcnemar_p"] <= 1  # paired on the same test messages
+    assert "McNemar p = " in summary and "% CI [" in summary
     assert parent.data.tags["mlflow.note.content"] == summary  # the MLflow run page's Description
 
     # 2. Nothing changed: DVC skips every stage, and no MLflow run is made.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,12 +66,23 @@ def experiment_metrics(repo: Path) -> dict[str, dict]:
 
 
 def test_two_experiments_compare_in_dvc_and_the_registry_keeps_the_better(baseline: Path) -> None:
-    dvc(baseline, "exp", "run", "-n", "lr-fast", "-S", "finetune_classifier.lr=3e-3", "score_spam")
-    dvc(baseline, "exp", "run", "-n", "lr-slow", "-S", "finetune_classifier.lr=1e-4", "score_spam")
+    logs = [dvc(baseline, "exp", "run", "-n", "lr-fast", "-S", "finetune_classifier.lr=3e-3", "score_spam"),
+            dvc(baseline, "exp", "run", "-n", "lr-slow", "-S", "finetune_classifier.lr=1e-4", "score_spam")]
     shown = experiment_metrics(baseline)
     fast, slow = shown["lr-fast"], shown["lr-slow"]
-    assert all(isinstance(m[k], float) for m in (fast, slow) for k in ("test_accuracy", "test_f1"))
+    keys = ("test_accuracy", "test_f1", "test_accuracy_ci_low", "test_accuracy_ci_high", "validation_accuracy")
+    assert all(isinstance(m[k], float) for m in (fast, slow) for k in keys)  # dvc exp show carries the intervals
     assert fast["test_accuracy"] != slow["test_accuracy"]
+    assert fast["test_accuracy_ci_low"] <= fast["test_accuracy"] <= fast["test_accuracy_ci_high"]
+
+    # llm compare reads both experiments' per-example predictions at their revisions (dvc.api).
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
+    compared = subprocess.run([sys.executable, "-m", "llmcore.cli", "compare", "lr-fast", "lr-slow"], cwd=baseline,
+                              env=env, capture_output=True, text=True)
+    assert compared.returncode == 0, compared.stderr
+    points = 100 * (fast["test_accuracy"] - slow["test_accuracy"])
+    assert f"A − B: {points:+.1f} points".replace("-", "−") in compared.stdout and "McNemar p = " in compared.stdout
+    assert "significant at 5%" in compared.stdout
 
     diff = dvc(baseline, "metrics", "diff", "lr-fast", "lr-slow")
     assert "metrics/spam.json" in diff and "test_accuracy" in diff
@@ -84,9 +96,13 @@ def test_two_experiments_compare_in_dvc_and_the_registry_keeps_the_better(baseli
         [client.get_experiment_by_name("spam-classifier").experiment_id], filter_string="tags.stage = 'finetune_classifier'")}
     assert runs["lr-fast"].data.params["lr"] == "0.003" and runs["lr-slow"].data.params["lr"] == "0.0001"
     assert runs["lr-fast"].data.metrics["test_accuracy"] == pytest.approx(fast["test_accuracy"])
+    # @champion moved only on validation and beyond noise: every promotion the stages printed names
+    # McNemar's p below 0.05 (or there was no champion before); the test accuracy never decided.
+    for promoted in re.findall(r"is now @champion: validation accuracy [0-9.]+ \(([^)]*)\)", "\n".join(logs)):
+        p_value = re.search(r"McNemar exact p = ([0-9.e-]+)", promoted)
+        assert p_value and float(p_value.group(1)) < 0.05, promoted
     champion = client.get_model_version_by_alias("spam-classifier", "champion")
-    best = max(runs.values(), key=lambda run: run.data.metrics["test_accuracy"])
-    assert champion.run_id == best.info.run_id
+    assert any(k.startswith("eval.validation.") for k in champion.tags)
 
 
 def test_back_to_params_that_ran_restores_from_the_run_cache(baseline: Path) -> None:

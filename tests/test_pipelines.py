@@ -120,14 +120,18 @@ def test_summary_markdown_lists_stages_timing_metrics_and_the_mlflow_link() -> N
     assert "| finetune_classifier | ran | 30.0 |" in text
     assert "Ran: finetune_classifier. Up to date: 1, restored from run cache: 1." in text
     assert "orchestration overhead 8.0 s (20.0%)" in text
-    assert "| score_spam.test_accuracy | 0.9533 |" in text and "| spam_data.train_rows | 1045 |" in text
+    assert "| score_spam.test_accuracy | 0.9533 | |" in text and "| spam_data.train_rows | 1045 | |" in text
+    with_ci = render_markdown(make_report(metrics={"spam.test_accuracy": 0.96, "spam.test_accuracy_ci_low": 0.93139,
+                                                   "spam.test_accuracy_ci_high": 0.97697}))
+    assert "| spam.test_accuracy | 0.96 | [0.9314, 0.977] |" in with_ci and "ci_low" not in with_ci
 
 
 def test_summary_states_the_llm_minus_baseline_difference_when_both_headlines_exist() -> None:
     both = {"spam.test_accuracy": 0.96, "baseline.baseline_test_accuracy": 0.9733333}
     assert baseline_difference(both) == pytest.approx(-1.33)
     text = render_markdown(make_report(metrics=both))
-    assert "**LLM − baseline: −1.3 points (test accuracy: GPT classifier 96.00%, TF-IDF baseline 97.33%)**" in text
+    assert ("**LLM − baseline: −1.3 points (no per-example predictions: no interval) (test accuracy: GPT classifier "
+            "96.00%, TF-IDF baseline 97.33%)**") in text
     ahead = render_markdown(make_report(metrics={**both, "spam.test_accuracy": 0.99}))
     assert "LLM − baseline: +1.7 points" in ahead
     alone = render_markdown(make_report(metrics={"spam.test_accuracy": 0.96}))

@@ -43,6 +43,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> Path:
                               "sample_entries": 1, "sample_max_new_tokens": 4, "device": "cpu"},
         "score_instructions": {"max_new_tokens": 6, "batch_size": 3, "device": "cpu",
                                "judge": {"url": closed_port_url(), "connect_retries": 0, "backoff_factor": 0}},
+        "comparison": {"bootstrap_samples": 200},
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
@@ -178,8 +179,13 @@ def test_score_with_a_judge_saves_responses_and_all_metrics(finetuned: Path, in_
         (e["instruction"], e["input"], e["output"]) for e in test]
     assert [r["judge_score"] for r in records] == [70, 80, 70, 80]
     assert len(server.requests) == 4
-    assert json.loads((in_workspace / "out" / "headline.json").read_text()) == {
-        "rouge_l_f1": metrics["rouge_l_f1"], "judge_score": 75.0}
+    headline = json.loads((in_workspace / "out" / "headline.json").read_text())
+    assert headline == {k: metrics[k] for k in ("rouge_l_f1", "rouge_l_f1_ci_low", "rouge_l_f1_ci_high", "judge_score",
+                                                "judge_score_ci_low", "judge_score_ci_high", "validation_response_loss")}
+    assert headline["judge_score_ci_low"] == 70.0 and headline["judge_score_ci_high"] == 80.0  # 4 scores of 70 or 80
+    assert headline["rouge_l_f1_ci_low"] <= metrics["rouge_l_f1"] <= headline["rouge_l_f1_ci_high"]
+    assert metrics["response_loss_ci_low"] <= metrics["response_loss"] <= metrics["response_loss_ci_high"]
+    assert [r["response_tokens"] for r in records] and sum(r["response_tokens"] for r in records) == metrics["response_tokens"]
     # The scores go into the fine-tune's MLflow run; the first scored version becomes @champion.
     import mlflow
 
@@ -188,6 +194,10 @@ def test_score_with_a_judge_saves_responses_and_all_metrics(finetuned: Path, in_
     training = client.get_run(champion.run_id)
     assert training.data.tags["stage"] == "finetune_instruct"
     assert training.data.metrics["judge_score"] == 75.0 and training.data.metrics["rouge_l_f1"] == metrics["rouge_l_f1"]
+    # Chosen on the validation split's response loss (2 entries); the test scores recorded beside.
+    (key,) = [k for k in champion.tags if k.startswith("eval.validation.n2.") and k.endswith(".response_loss")]
+    assert float(champion.tags[key]) == pytest.approx(metrics["validation_response_loss"], rel=1e-5)
+    assert float(champion.tags[key.replace(".response_loss", ".test_judge_score")]) == 75.0
 
 
 def test_score_without_a_judge_completes_with_offline_metrics(finetuned: Path, in_workspace: Path) -> None:

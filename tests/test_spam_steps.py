@@ -132,6 +132,35 @@ def test_interrupted_finetune_resumes_to_the_same_weights(workspace: Path, finet
     assert json.loads((out / "ft.json").read_text()) == json.loads((workspace / "reports" / "ft.json").read_text())
 
 
+def test_the_same_params_and_seed_give_identical_weights_and_metrics(workspace: Path, finetuned: dict, mlflow_uri: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Determinism on one machine: the fine-tune run again from scratch gives the same bytes and
+    metrics; another seed gives other ones (so the check can fail)."""
+    from safetensors.torch import load_file
+
+    def run(name: str, params: ft.FinetuneClassifierParams) -> tuple[dict, dict]:
+        out = workspace / name
+        ft.finetune_classifier(params, base_dir=workspace / "base", data_dir=workspace / "data", out_dir=out / "clf",
+                               metrics_out=out / "ft.json", history_out=out / "hist.csv", plots_dir=out,
+                               tokenizer_params=TOKENIZER, cache_dir=workspace / ".cache" / name)
+        return json.loads((out / "ft.json").read_text()), load_file(out / "clf" / "model.safetensors")
+
+    first, weights = json.loads((workspace / "reports" / "ft.json").read_text()), load_file(workspace / "clf" / "model.safetensors")
+    again, again_weights = run("again", PARAMS)
+    volatile = {"run_id", "registered_version", "train_s", "tokens_per_s", "mfu"}
+    assert {k: v for k, v in again.items() if k not in volatile} == {k: v for k, v in first.items() if k not in volatile}
+    for name, tensor in weights.items():
+        torch.testing.assert_close(again_weights[name], tensor, rtol=0, atol=0, msg=name)
+    other, other_weights = run("other_seed", PARAMS.model_copy(update={"seed": PARAMS.seed + 1}))
+    assert any(not torch.equal(other_weights[name], tensor) for name, tensor in weights.items())
+    # `llm compare` on two model directories scores both on the same split: identical models, no gap.
+    from pipelines.compare import compare
+
+    monkeypatch.setenv("LLMCORE_GPT2_ENCODING_DIR", TOKENIZER.encoding_dir)
+    same, lines = compare(str(workspace / "clf"), str(workspace / "again" / "clf"), data_dir=workspace / "data")
+    assert same.n == 6 and same.difference == 0 and same.p_value == 1.0 and "not significant at 5%" in lines[3]
+
+
 def test_finetune_logs_and_registers_a_servable_pyfunc(workspace: Path, finetuned: dict, mlflow_uri: str) -> None:
     import mlflow
 
@@ -163,11 +192,21 @@ def test_score_spam_writes_metrics_and_confusion_plots(workspace: Path, finetune
     metrics = score_spam.score_spam(
         score_spam.ScoreSpamParams(device="cpu"), model_dir=workspace / "clf", data_dir=workspace / "data",
         metrics_out=workspace / "reports" / "spam.json", headline_out=workspace / "metrics" / "spam.json",
-        plots_dir=workspace / "plots", tokenizer_params=TOKENIZER,
+        plots_dir=workspace / "plots", predictions_out=workspace / "reports" / "predictions.csv", tokenizer_params=TOKENIZER,
     )
     assert json.loads((workspace / "reports" / "spam.json").read_text()) == metrics
     headline = json.loads((workspace / "metrics" / "spam.json").read_text())
-    assert headline == {"test_accuracy": metrics["test"]["accuracy"], "test_f1": metrics["test"]["f1"]}
+    test = metrics["test"]
+    assert headline == {"test_accuracy": test["accuracy"], "test_f1": test["f1"],
+                        "test_accuracy_ci_low": test["accuracy_ci_low"], "test_accuracy_ci_high": test["accuracy_ci_high"],
+                        "test_f1_ci_low": test["f1_ci_low"], "test_f1_ci_high": test["f1_ci_high"],
+                        "validation_accuracy": metrics["validation"]["accuracy"]}
+    # 6 test messages: the Wilson interval is wide and holds the accuracy.
+    assert test["accuracy_ci_low"] <= test["accuracy"] <= test["accuracy_ci_high"]
+    assert test["accuracy_ci_high"] - test["accuracy_ci_low"] > 0.4
+    predictions = pd.read_csv(workspace / "reports" / "predictions.csv")
+    assert predictions.groupby("split").size().to_dict() == {"test": 6, "train": 12, "validation": 4}
+    assert predictions[predictions["split"] == "test"]["correct"].mean() == pytest.approx(test["accuracy"])
     # Scores sit in the run that trained these weights (the newest: the resume test wrote the same
     # bytes again), beside its lr; that run's version, the first scored, becomes @champion.
     client = mlflow.MlflowClient(mlflow_uri)
@@ -175,11 +214,17 @@ def test_score_spam_writes_metrics_and_confusion_plots(workspace: Path, finetune
     training = client.get_run(champion.run_id)
     assert training.data.tags["stage"] == "finetune_classifier" and training.data.params["lr"] == str(PARAMS.lr)
     assert training.data.metrics["test_accuracy"] == metrics["test"]["accuracy"]
-    assert float(champion.tags["test_accuracy"]) == pytest.approx(metrics["test"]["accuracy"])
+    assert training.data.metrics["test_accuracy_ci_low"] == metrics["test"]["accuracy_ci_low"]
+    # The registry chose on validation (4 messages); the test accuracy is recorded beside.
+    (key,) = [k for k in champion.tags if k.startswith("eval.validation.n4.") and k.endswith(".accuracy")]
+    assert float(champion.tags[key]) == pytest.approx(metrics["validation"]["accuracy"])
+    assert float(champion.tags[key.replace(".accuracy", ".test_accuracy")]) == pytest.approx(metrics["test"]["accuracy"])
     test = pd.read_csv(workspace / "data" / "test.csv")
     predicted = classify_texts(load_classifier(workspace / "clf"), get_tokenizer(TOKENIZER.encoding_dir), test["Text"].tolist())
-    assert metrics["test"] == classification_metrics(test["Label"].tolist(), [int(label == "spam") for label, _ in predicted],
-                                                                ["ham", "spam"])
+    intervals = {k: v for k, v in metrics["test"].items() if "_ci_" in k}
+    assert set(intervals) == {"accuracy_ci_low", "accuracy_ci_high", "f1_ci_low", "f1_ci_high"}
+    assert {k: v for k, v in metrics["test"].items() if k not in intervals} == classification_metrics(
+        test["Label"].tolist(), [int(label == "spam") for label, _ in predicted], ["ham", "spam"])
     assert sum(metrics["train"][k] for k in ("tn", "fp", "fn", "tp")) == 12
     table = pd.read_csv(workspace / "plots" / "spam_confusion.csv")
     assert table["actual"].tolist() == ["ham"] * 3 + ["spam"] * 3
@@ -244,13 +289,14 @@ def test_an_unusable_tracking_store_fails_in_one_line_before_any_output(workspac
     corrupt.write_bytes(b"this is not a database" * 100)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{corrupt}")
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"score_spam": {"batch_size": 32, "champion_metric": "accuracy", "plot_split": "test",
-                                                     "seed": 123, "device": "cpu"}, "tokenizer": TOKENIZER.model_dump()}))
+    params.write_text(yaml.safe_dump({"score_spam": {"batch_size": 32, "plot_split": "test",
+                                                     "seed": 123, "device": "cpu"}, "tokenizer": TOKENIZER.model_dump(),
+                                      "comparison": {}}))
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exc:
         score_spam.main(["--params", str(params), "--model", str(workspace / "clf"), "--data", str(workspace / "data"),
                          "--metrics", str(out / "spam.json"), "--headline", str(out / "headline.json"),
-                         "--plots", str(out)])
+                         "--plots", str(out), "--predictions", str(out / "predictions.csv")])
     message = str(exc.value.code)
     assert message.startswith(f"score_spam: error: MLflow tracking store sqlite:///{corrupt} (MLFLOW_TRACKING_URI) failed")
     assert "\n" not in message and "Traceback" not in message

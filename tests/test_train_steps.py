@@ -245,7 +245,7 @@ def test_evaluate_scores_whole_splits_and_generates_reproducibly(workspace: Path
     def run(name: str) -> dict:
         return evaluate_step.evaluate(params, model_dir=paths.model_out, windows_dir=paths.windows,
                                       metrics_out=out / "metrics.json", headline_out=out / "headline.json",
-                                      position_csv=out / "position.csv",
+                                      position_csv=out / "position.csv", windows_out=out / "windows.csv",
                                       generations_out=out / name, tokenizer_params=TOKENIZER)
 
     metrics = run("generations.json")
@@ -262,14 +262,23 @@ def test_evaluate_scores_whole_splits_and_generates_reproducibly(workspace: Path
     assert all(g["completion"] for g in generations)
     run("again.json")
     assert json.loads((out / "again.json").read_text()) == generations  # fixed seed
-    assert json.loads((out / "headline.json").read_text()) == {"val_loss": metrics["val"]["loss"],
-                                                               "val_perplexity": metrics["val"]["perplexity"]}
+    val = metrics["val"]
+    assert json.loads((out / "headline.json").read_text()) == {
+        f"val_{k}": val[k] for k in ("loss", "loss_ci_low", "loss_ci_high", "perplexity", "perplexity_ci_low",
+                                     "perplexity_ci_high")}
+    # The interval is the t interval over the 4 val windows, whose losses are kept per window.
+    windows = pd.read_csv(out / "windows.csv")
+    assert val["windows"] == 4 and windows.query("split == 'val'")["loss"].mean() == pytest.approx(val["loss"], rel=1e-5)
+    assert val["loss_ci_low"] < val["loss"] < val["loss_ci_high"]
+    assert val["perplexity_ci_low"] == pytest.approx(math.exp(val["loss_ci_low"]))
     # The scores land in the run that trained these weights, beside its params.
     training_run = last_run("pretrain")
     assert training_run.data.tags["stage"] == "pretrain"
     assert training_run.data.metrics["val_perplexity"] == pytest.approx(metrics["val"]["perplexity"])
     champion = mlflow.MlflowClient().get_model_version_by_alias("pretrained-gpt", "champion")
-    assert champion.run_id == training_run.info.run_id and float(champion.tags["val_loss"]) == pytest.approx(metrics["val"]["loss"], rel=1e-5)
+    assert champion.run_id == training_run.info.run_id
+    (key,) = [k for k in champion.tags if k.startswith("eval.validation.n4.") and k.endswith(".loss")]
+    assert float(champion.tags[key]) == pytest.approx(metrics["val"]["loss"], rel=1e-5)
 
 
 # ---- load_gpt2

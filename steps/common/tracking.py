@@ -17,7 +17,7 @@ import subprocess
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 from mlflow.entities import Run
@@ -28,6 +28,10 @@ from llmcore.train import TrainCallback, TrainState
 from steps.common.cli import StageError
 from steps.common.io import file_digest
 from steps.common.secrets import redact
+
+if TYPE_CHECKING:
+    from steps.common.registry import Scoring
+    from steps.common.stats import ComparisonParams
 
 PARENT_RUN_ENV = "LLMPIPE_MLFLOW_PARENT_RUN_ID"
 EXPERIMENT_ENV = "LLMPIPE_MLFLOW_EXPERIMENT"
@@ -109,8 +113,12 @@ def run_name(stage: str) -> str:
     return dvc_experiment() or f"{stage}@{git_commit()[:7]}"
 
 
+SWEEP_ENV = "LLMPIPE_SWEEP"  # set by `llm sweep` (pipelines/sweep.py): the seeds of one configuration
+
+
 def run_tags(stage: str) -> dict[str, str]:
-    return {"stage": stage, "git_commit": git_commit(), "dvc_experiment": dvc_experiment()}
+    sweep = {"sweep": os.environ[SWEEP_ENV]} if os.environ.get(SWEEP_ENV) else {}
+    return {"stage": stage, "git_commit": git_commit(), "dvc_experiment": dvc_experiment(), **sweep}
 
 
 @contextlib.contextmanager
@@ -203,18 +211,18 @@ def record_evaluation(
     artifacts: list[Path],
     *,
     registered_model: str,
-    champion_metric: str,
-    higher_is_better: bool = True,
+    selection: Scoring | None = None,
+    comparison: ComparisonParams | None = None,
     outputs: Sequence[Path] = (),
 ) -> None:
     """A scoring stage's results go into the MLflow run that trained these weights (beside its
-    lr, epochs, ...), and the registry's ``@champion`` moves if this version beats it on
-    ``champion_metric``. Weights that no run of this store trained (trained elsewhere, or the
-    store was reset) get a scoring run of their own in the model's experiment."""
+    lr, epochs, ...), and the registry's ``@champion`` moves if this version beats it on the
+    ``selection`` scoring (validation, paired, beyond noise: steps/common/registry.py). Weights that
+    no run of this store trained (trained elsewhere, or the store was reset) get a scoring run of
+    their own in the model's experiment."""
     try:
         with tracking_errors():
-            _record_evaluation(stage, params, model_dir, metrics, artifacts, registered_model, champion_metric,
-                               higher_is_better)
+            _record_evaluation(stage, params, model_dir, metrics, artifacts, registered_model, selection, comparison)
     except TrackingError:
         remove_outputs(outputs)  # untracked results must not look complete
         raise
@@ -225,9 +233,9 @@ def remove_outputs(paths: Sequence[Path]) -> None:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
-def _record_evaluation(stage, params, model_dir, metrics, artifacts, registered_model, champion_metric,
-                       higher_is_better) -> None:
+def _record_evaluation(stage, params, model_dir, metrics, artifacts, registered_model, selection, comparison) -> None:
     from steps.common.registry import promote_if_better, version_of_run
+    from steps.common.stats import ComparisonParams
 
     configure_tracking()
     run = training_run_of(model_dir)
@@ -240,7 +248,7 @@ def _record_evaluation(stage, params, model_dir, metrics, artifacts, registered_
         return
     log_evaluation(run, metrics, artifacts)
     version = version_of_run(registered_model, run)
-    if version is not None and metrics.get(champion_metric) is not None:
-        decision = promote_if_better(registered_model, version.version, champion_metric, metrics[champion_metric],
-                                     higher_is_better=higher_is_better)
-        print(f"{stage}: {decision.describe(registered_model, champion_metric)}")
+    if version is not None and selection is not None:
+        decision = promote_if_better(registered_model, version.version, run.info.run_id, selection,
+                                     comparison or ComparisonParams())
+        print(f"{stage}: {decision.describe(registered_model, selection.metric)}")
