@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from steps.common.data import DataError
+from steps.common.io import OutputWriteError, writing
 
 BLOCK_CHARS = 1 << 20  # characters per read of a text file
 PARQUET_BATCH_ROWS = 1024
@@ -51,6 +52,8 @@ def _reading(path: Path) -> Iterator[None]:
         yield
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not valid UTF-8: {exc}") from exc
+    except OutputWriteError:
+        raise  # a scratch copy could not be written: not this file's fault
     except (OSError, EOFError) as exc:  # gzip's BadGzipFile is an OSError
         raise DataError(f"cannot read {path}: {exc}") from exc
 
@@ -97,7 +100,7 @@ def parquet_columns(path: Path, columns: list[str], *, strings: tuple[str, ...] 
     if path.name.lower().endswith(".gz"):
         with tempfile.TemporaryDirectory(dir=scratch) as tmp:
             unpacked = Path(tmp) / path.name[:-3]
-            with _reading(path), gzip.open(path, "rb") as src, open(unpacked, "wb") as dst:
+            with _reading(path), writing(unpacked), gzip.open(path, "rb") as src, open(unpacked, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
             yield from parquet_columns(unpacked, columns, strings=strings)
         return
