@@ -189,6 +189,7 @@ class MlflowCallback(TrainCallback):
 
     def on_eval(self, state: TrainState, metrics: dict[str, float]) -> None:
         values = {k: v for k, v in metrics.items() if k not in ("step", "tokens_seen")}
+        values["scaler_skipped_steps"] = state.skipped_steps  # fp16: steps whose gradients overflowed
         if self.seconds > 0:
             values.update(throughput_tokens_per_s=self.tokens / self.seconds, throughput_mfu=self.mfu_seconds / self.seconds)
         self.seconds = self.tokens = self.mfu_seconds = 0.0
