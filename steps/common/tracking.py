@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import shutil
 import subprocess
@@ -25,7 +26,7 @@ from pydantic import BaseModel
 
 from llmcore.checkpoint import WEIGHTS_FILE
 from llmcore.train import TrainCallback, TrainState
-from steps.common.cli import StageError
+from steps.common.cli import DEBUG_ENV, StageError
 from steps.common.io import file_digest
 from steps.common.secrets import redact
 
@@ -36,9 +37,17 @@ MODEL_DIGEST_TAG = "model_md5"  # md5 of the weights a training run wrote
 LOGGED_MODEL_TAG = "logged_model_id"
 
 
+# Loggers that print a store's failure as tracebacks with SQL (a locked sqlite file: one per retry);
+# tracking_errors reports it in one line instead. LLMPIPE_DEBUG=1 keeps them.
+STORE_LOGGERS = ("mlflow.store", "sqlalchemy", "alembic")
+
+
 def configure_tracking() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     mlflow.set_tracking_uri(uri)
+    if not os.environ.get(DEBUG_ENV):
+        for name in STORE_LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     return uri
 
 
