@@ -246,3 +246,46 @@ def test_safe_cuts_split_where_bpe_splits_anyway() -> None:
         assert ids(text[:i]) + ids(text[i:]) == whole
         assert corpus.safe_cut(text[: i + 1]) == i
     assert corpus.safe_cut("nospace") == 0 and corpus.safe_cut("   ") == 0
+
+
+@pytest.mark.parametrize("block", [16, 17, 64, 1 << 20])
+def test_long_jsonl_records_stream_in_blocks_to_the_same_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               block: int) -> None:
+    """Records longer than a block are read a block at a time; escapes (\\n, \\", \\\\, \\u, surrogate
+    pairs) cut anywhere decode to the text json.loads gives, other fields before and after skipped."""
+    import random
+
+    from steps.common import readers
+
+    monkeypatch.setattr(readers, "BLOCK_CHARS", block)
+    rng = random.Random(block)
+    alphabet = ["a", " ", "\n", '"', "\\", "é", "😀", "\t", "\u2028", "x" * 5, "\\u00e9"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 200))) for _ in range(12)]
+    lines = []
+    for i, text in enumerate(texts):
+        record = {"id": i, "meta": {"tags": ["a", "b"], "n": None}, "text": text, "after": [1, 2.5, "z"]}
+        if i % 3 == 0:
+            record = {"text": text, "id": i}
+        lines.append(json.dumps(record, ensure_ascii=i % 2 == 0))
+    path = write(tmp_path / "c.jsonl", "\n".join(lines[:6]) + "\n\n" + "\n".join(lines[6:]))  # a blank line, no final \n
+    got = ["".join(blocks) for blocks in readers.jsonl_texts(path, False, "text")]
+    assert got == texts
+
+
+@pytest.mark.parametrize(("line", "pattern"), [
+    ('{"id": 1, "text": "' + "a" * 40, r"c\.jsonl line 1: the line ends inside a string"),
+    ('{"id": 1, "body": "abc", "more": [1, 2, 3], "x": "yy"}', r"c\.jsonl line 1: no field 'text'"),
+    ('{"id": 1, "body": "' + "a" * 40 + '", "text": "a"}',
+     r"c\.jsonl line 1: not valid JSON, or a value other than the text over 32 characters"),
+    ('{"text": "a\tb' + "a" * 40 + '"}', r"c\.jsonl line 1: a control character is inside a string"),
+    ('{"text": 12345, "id": "' + "a" * 20 + '", "x": 1}', r"c\.jsonl line 1: field 'text' is int, expected a string"),
+    ('["text", "' + "a" * 40 + '"]', r"c\.jsonl line 1: expected a JSON object"),
+    ('{"text": "' + "a" * 40 + '"} trailing', r"c\.jsonl line 1: not valid JSON \(text after the object\)"),
+])
+def test_a_bad_long_record_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, line: str, pattern: str) -> None:
+    from steps.common import readers
+
+    monkeypatch.setattr(readers, "BLOCK_CHARS", 8)
+    path = write(tmp_path / "c.jsonl", line + "\n")
+    with pytest.raises(DataError, match=pattern):
+        ["".join(blocks) for blocks in readers.jsonl_texts(path, False, "text")]

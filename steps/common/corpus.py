@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 from llmcore.tokenizer import ENDOFTEXT
 from steps.common.data import DataError
-from steps.common.readers import file_format, jsonl_records, parquet_columns, record_text, text_blocks
+from steps.common.readers import file_format, jsonl_texts, parquet_columns, text_blocks
 
 PIECE_CHARS = 1 << 20  # characters per encoding task
 
@@ -106,8 +106,7 @@ def documents(path: Path, text_field: str, scratch: Path) -> Iterator[Iterable[s
     if kind == "text":
         yield text_blocks(path, gzipped)
     elif kind == "jsonl":
-        for line_no, record in jsonl_records(path, gzipped):
-            yield (record_text(record, text_field, f"{path} line {line_no}"),)
+        yield from jsonl_texts(path, gzipped, text_field)  # a record of any length, in bounded memory
     else:
         for batch in parquet_columns(path, [text_field], strings=(text_field,), scratch=scratch):
             yield from ((text or "",) for text in batch[text_field])
