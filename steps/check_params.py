@@ -30,6 +30,10 @@ from steps.common.params import STATE_RECORD, ParamsError, load_yaml, read_param
 from steps.common.secrets import redact
 
 SCHEMA_FILE = Path(__file__).with_name("params_schema.json")
+# As pydantic's strict mode: 8.0 is no integer (JSON Schema's "integer" takes it).
+_STRICT = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=jsonschema.Draft202012Validator.
+                                       TYPE_CHECKER.redefine("integer", lambda _, value: isinstance(value, int)
+                                                             and not isinstance(value, bool)))
 OUTPUT = "reports/params_check.json"
 
 
@@ -88,7 +92,7 @@ def check_params(data: dict, schema: dict, source: str = "params.yaml") -> list[
                 problems.append(f"missing section {name!r}")
                 continue
             checked.append(name)
-            validator = jsonschema.Draft202012Validator({**section_schema, "$defs": schema["$defs"]})
+            validator = _STRICT({**section_schema, "$defs": schema["$defs"]})
             errors = sorted(validator.iter_errors(value), key=lambda e: [str(p) for p in e.absolute_path])
             problems += [_problem(name, error) for error in errors]
     if problems:

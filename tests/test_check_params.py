@@ -64,6 +64,7 @@ def test_the_shipped_params_files_pass(name: str) -> None:
     ("pretrain.epochss", 3, "params.yaml: pretrain.epochss: unknown key (did you mean 'epochs'?)"),
     ("pretrain.epochs", "ten", "params.yaml: pretrain.epochs: 'ten' is not of type 'integer'"),
     ("pretrain.epochs", True, "params.yaml: pretrain.epochs: True is not of type 'integer'"),
+    ("pretrain.batch_size", 8.0, "params.yaml: pretrain.batch_size: 8.0 is not of type 'integer'"),
     ("finetune_classifier.lr", "1e-3", "params.yaml: finetune_classifier.lr: '1e-3' is not of type 'number'"),
     ("pretrain.epochs", 0, "params.yaml: pretrain.epochs: 0 is less than the minimum of 1"),
     ("pretrain.precision", "fp8", "params.yaml: pretrain.precision: 'fp8' is not one of"),
