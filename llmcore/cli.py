@@ -67,10 +67,16 @@ def check_model_dir(directory: str) -> Path:
 
 
 def tokenizer_for(model_dir: Path):
-    """$LLMCORE_GPT2_ENCODING_DIR, else BPE files saved beside the model, else tiktoken's download."""
-    if not os.environ.get(ENCODING_DIR_ENV) and all((model_dir / name).is_file() for name in GPT2_FILES):
-        return get_tokenizer(model_dir)
-    return get_tokenizer()
+    """$LLMCORE_GPT2_ENCODING_DIR, else the BPE files saved beside the model (checked by content).
+    Never tiktoken's download: a model directory without its files is an error naming the file."""
+    if os.environ.get(ENCODING_DIR_ENV):
+        return get_tokenizer()
+    missing = [name for name in GPT2_FILES if not (model_dir / name).is_file()]
+    if missing:
+        raise TokenizerFilesError(f"{model_dir / missing[0]} not found: a model directory carries the GPT-2 "
+                                  f"files it was trained with ({' and '.join(GPT2_FILES)}); copy them there or "
+                                  f"set {ENCODING_DIR_ENV} to a directory holding them")
+    return get_tokenizer(model_dir)
 
 
 def stream_text(tokenizer, token_steps: Iterable[int]) -> Iterator[str]:
@@ -132,21 +138,41 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print()
 
 
+def chat_turns(stream, separator: str, interactive: bool) -> Iterator[tuple[str, str]]:
+    """(instruction, input) pairs. At a terminal: an instruction prompt, then an optional input
+    prompt. Piped: one line per instruction, its optional input after ``separator`` on the same
+    line (a tab by default: ``printf 'Summarize\tThe text' | llm chat``). "exit" or the end stops."""
+    while True:
+        if interactive:
+            try:
+                instruction = input("\nInstruction: ").strip()
+                if instruction.lower() in ("exit", "quit"):
+                    return
+                extra = input("Input (optional, Enter to skip): ").strip() if instruction else ""
+            except EOFError:
+                return
+        else:
+            line = stream.readline()
+            if not line:
+                return
+            instruction, _, extra = line.rstrip("\r\n").partition(separator)
+            instruction, extra = instruction.strip(), extra.strip()
+            if instruction.lower() in ("exit", "quit"):
+                return
+            if instruction:
+                print(f"\nInstruction: {instruction}" + (f"\nInput: {extra}" if extra else ""))
+        if instruction:
+            yield instruction, extra
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     model_dir, model = load_generator(args)
     tokenizer = tokenizer_for(model_dir)
     style = read_checkpoint_meta(model_dir).get("prompt_style", "alpaca")  # the style it was fine-tuned in
-    print(f"Chatting with {model_dir}. Type an instruction (\"exit\" or Ctrl-D to quit).")
-    while True:
-        try:
-            instruction = input("\nInstruction: ").strip()
-            if instruction.lower() in ("exit", "quit"):
-                break
-            if not instruction:
-                continue
-            extra = input("Input (optional, Enter to skip): ").strip()
-        except EOFError:
-            break
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"Chatting with {model_dir}. Type an instruction (\"exit\" or Ctrl-D to quit).")
+    for instruction, extra in chat_turns(sys.stdin, args.input_separator, interactive):
         print("Response: ", end="", flush=True)
         stream_reply(model, tokenizer, response_prompt({"instruction": instruction, "input": extra}, style), args)
         print()
@@ -198,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = commands.add_parser("chat", help="answer instructions with the instruction-tuned model")
     chat.add_argument("--model", default="models/instruct")
+    chat.add_argument("--input-separator", default="\t", metavar="SEP",
+                      help="piped input: one instruction per line, its optional input after SEP (default: a tab)")
     _add_sampling(chat, max_new_tokens=256)
     chat.set_defaults(run=cmd_chat)
 

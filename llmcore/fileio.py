@@ -1,14 +1,39 @@
-"""Atomic writes: outputs go to a temp path beside the target and are renamed into place."""
+"""Atomic writes: outputs go to a temp path beside the target and are renamed into place; a full
+or read-only disk is reported naming the path being written (``writing``)."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+# What only a write can fail with: disk full, quota, file too large, read-only filesystem.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+class OutputWriteError(OSError):
+    """Writing an output failed for want of space or a writable filesystem; ``filename`` is the
+    output (never an input being read), ``strerror`` says what the OS said."""
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Report a write failure (``WRITE_ERRNOS``) inside the block as an OutputWriteError naming
+    ``path``: ``file.write`` raises them with no file name, ``shutil.copyfile`` with the source's."""
+    try:
+        yield
+    except OutputWriteError:
+        raise
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        raise OutputWriteError(exc.errno, f"cannot write: {os.strerror(exc.errno)}", os.fspath(path)) from exc
 
 
 @contextlib.contextmanager
@@ -20,16 +45,18 @@ def atomic_path(target: str | os.PathLike, *, is_dir: bool = False) -> Iterator[
     target left behind are removed first.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
     if is_dir:  # mkdtemp makes it owner-only; give the directory the usual umask-based mode
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)
     out = tmp if is_dir else tmp / target.name
     try:
-        yield out
+        with writing(target):
+            yield out
         if is_dir and target.exists():
             old = target.with_name(f".{target.name}.old{os.getpid()}")
             os.replace(target, old)

@@ -25,12 +25,32 @@ GPT2_FILE_SHA256 = {
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
 }
+GPT2_FILE_BYTES = {"vocab.bpe": 456_318, "encoder.json": 1_042_301}
 # GPT-2's pre-tokenisation pattern (the same string tiktoken uses for "gpt2"/"r50k_base").
 _GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 
 class TokenizerFilesError(FileNotFoundError):
-    """The encoding directory lacks a file the GPT-2 encoding needs."""
+    """The encoding directory lacks a file the GPT-2 encoding needs, or holds one that is not GPT-2's."""
+
+
+def check_gpt2_files(root: Path) -> None:
+    """Each GPT-2 file in ``root`` present and byte-identical to OpenAI's (size, then sha256), else
+    a TokenizerFilesError naming the file: tiktoken would call a truncated copy a corrupted download."""
+    if not root.is_dir():
+        raise TokenizerFilesError(f"GPT-2 encoding directory {root} does not exist")
+    for name in GPT2_FILES:
+        path = root / name
+        if not path.is_file():
+            raise TokenizerFilesError(f"{path} not found: the GPT-2 encoding needs {' and '.join(GPT2_FILES)} in {root}")
+        size = path.stat().st_size
+        if size != GPT2_FILE_BYTES[name]:
+            raise TokenizerFilesError(f"{path} is {size:,} bytes, GPT-2's {name} is {GPT2_FILE_BYTES[name]:,} "
+                                      "(truncated or another file): copy it again")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != GPT2_FILE_SHA256[name]:
+            raise TokenizerFilesError(f"{path} has sha256 {digest[:16]}..., not GPT-2's {name} "
+                                      f"({GPT2_FILE_SHA256[name][:16]}...): copy it again")
 
 
 def get_tokenizer(encoding_dir: str | os.PathLike | None = None) -> tiktoken.Encoding:
@@ -44,13 +64,7 @@ def get_tokenizer(encoding_dir: str | os.PathLike | None = None) -> tiktoken.Enc
 @functools.lru_cache(maxsize=4)
 def _encoding_from_dir(directory: str) -> tiktoken.Encoding:
     root = Path(directory)
-    if not root.is_dir():
-        raise TokenizerFilesError(f"GPT-2 encoding directory {root} does not exist")
-    for name in GPT2_FILES:
-        if not (root / name).is_file():
-            raise TokenizerFilesError(
-                f"GPT-2 encoding directory {root} lacks {name} (it needs {', '.join(GPT2_FILES)})"
-            )
+    check_gpt2_files(root)
     ranks = data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=str(root / "vocab.bpe"),
         encoder_json_file=str(root / "encoder.json"),

@@ -41,18 +41,8 @@ from llmcore import distributed, precision as amp
 from llmcore.data import ResumableSampler
 from llmcore.model import GPTModel
 from llmcore.throughput import Throughput
-from llmcore.train_state import (
-    STATE_DIR,
-    Resumable,
-    ResumeMismatchError,
-    TrainState,
-    UnreadableTrainState,
-    found_by_all_ranks,
-    has_train_state,
-    load_train_state,
-    save_train_state,
-    set_aside,
-)
+from llmcore.train_state import (STATE_DIR, Resumable, ResumeMismatchError, TrainState, UnreadableTrainState,
+                                 found_by_all_ranks, has_train_state, load_train_state, save_train_state, set_aside)
 
 __all__ = [
     "STATE_DIR", "ResumeMismatchError", "TrainCallback", "TrainConfig", "TrainState", "TrainingDivergedError",
@@ -268,14 +258,16 @@ class _Trainer:
         if self.config.grad_clip:
             scaler.unscale_(optimizer)  # clip the true gradients, not the fp16 loss-scaled ones
             torch.nn.utils.clip_grad_norm_(self.parts.model.parameters(), self.config.grad_clip)
-        scaler.step(optimizer)
+        scale = scaler.get_scale() if scaler.is_enabled() else 0.0
+        scaler.step(optimizer)  # fp16: skipped (and the scale lowered) when a gradient is inf/NaN
         scaler.update()
+        state.skipped_steps += int(scaler.is_enabled() and scaler.get_scale() < scale)
         self.parts.scheduler.step()
         loss_sum, tokens, flops = distributed.all_reduce_sum([step_loss, tokens, flops])  # over all ranks
         state.step, state.micro_batch = state.step + 1, state.micro_batch + n_micro
         state.tokens_seen += round(tokens)
         return {"loss": loss_sum / distributed.world_size(), "lr": lr, "tokens_seen": state.tokens_seen,
-                **self.throughput.figures(round(tokens), flops, time.perf_counter() - started)}
+                "skipped_steps": state.skipped_steps, **self.throughput.figures(round(tokens), flops, time.perf_counter() - started)}
 
     @torch.no_grad()
     def evaluate(self, state: TrainState) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ class TrainState:
     tokens_seen: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # one entry per evaluation
     steps_per_epoch: int = 0  # optimizer steps in one epoch (set by train, for plots against epochs)
+    skipped_steps: int = 0  # optimizer steps fp16's GradScaler skipped (inf/NaN gradients; 0 unless fp16-mixed)
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,10 @@ def _read_saved(source: Path) -> tuple[dict, dict, TrainState]:
         state = TrainState(**json.loads((source / "state.json").read_text()))
         fingerprint = extra["fingerprint"]
     except Exception as exc:  # any failure to read is the same case: the state is unusable
+        if isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower():
+            # Not torch's advice (load it unsafely): that is not for us to repeat.
+            raise UnreadableTrainState(f"{source / 'optimizer.pt'}: not a state this code wrote (it holds pickled "
+                                       "objects beyond tensors and plain values, which are never unpickled)") from exc
         raise UnreadableTrainState(f"{source}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
     if not isinstance(fingerprint, str):
         raise UnreadableTrainState(f"{source}: no fingerprint")

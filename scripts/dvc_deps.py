@@ -6,7 +6,8 @@ The import closure is read from the source (every ``import``/``from ... import``
 ``__init__.py`` files without code and the MLflow "models from code" files (logged by path, never
 imported: list them by hand) are not required. ``--write`` rewrites the ``.py`` deps of every
 stage in place (comments kept); without it, the differences are printed and the exit code is 1.
-tests/test_dvc_deps.py fails while they differ.
+tests/test_dvc_deps.py fails while they differ. ``--write`` also regenerates steps/params_schema.json
+(scripts/params_schema.py), the params models as the ``check_params`` stage reads them.
 """
 
 from __future__ import annotations
@@ -120,7 +121,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help="rewrite dvc.yaml's code deps in place")
     if parser.parse_args().write:
+        from scripts.params_schema import write_schema  # check_params's copy of the params models
+
         write_code_deps()
+        write_schema()
     drift = {name: code_deps_drift(name, stage) for name, stage in stages().items()}
     drift = {name: d for name, d in drift.items() if d[0] or d[1]}
     for name, (missing, stale) in drift.items():

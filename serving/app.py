@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from llmcore.classifier import predict_proba
 from serving.engine import Engine
 from serving.errors import APIError, install_error_handlers
+from serving.limits import DEFAULT_MAX_BODY_MB, BodyLimit
 from serving.models import CLASSIFIER, GENERATOR, Served
 from serving.openai_api import openai_router
 from serving.schemas import ClassifyRequest
@@ -36,6 +37,7 @@ class ServeConfig:
     max_queue: int = 64  # generations waiting for a free row; more are refused with 429
     max_tokens: int = 1024  # the largest max_tokens a request may ask for
     max_texts: int = 256  # texts per classification request
+    max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 1e6)  # larger request bodies get a 413 unread
 
 
 class ServeState:
@@ -88,6 +90,7 @@ def create_app(generator: Served | None, classifier: Served | None, config: Serv
                 state.engine.close()
 
     app = FastAPI(title="llmpipe serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.state.serve = state
     install_error_handlers(app)
     auth = [Depends(bearer_auth(config.api_key))]

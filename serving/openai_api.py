@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from llmcore.tokenizer import ENDOFTEXT_ID, encode
 from serving.engine import EngineBusy, Request, SamplingParams
@@ -38,8 +39,9 @@ def openai_router(state: ServeState) -> APIRouter:
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
         served = state.lookup(GENERATOR, body.model)
-        try:
-            prompt = render_chat([(m.role, m.text()) for m in body.messages], served.prompt_style)
+        try:  # CPU work (a long conversation): off the event loop, like the tokenization below
+            prompt = await run_in_threadpool(render_chat, [(m.role, m.text()) for m in body.messages],
+                                             served.prompt_style)
         except PromptError as exc:
             raise APIError(400, str(exc), param="messages") from exc
         return await answer(state, served, Reply(True, served.name), prompt, body, body.budget(), "messages")
@@ -67,7 +69,8 @@ def completion_budget(requested: int | None, prompt_tokens: int, context: int, c
 async def answer(state: ServeState, served: Served, reply: Reply, prompt: str, body: SamplingRequest,
                  requested: int | None, param: str):
     """Submit one generation and answer it whole or as a stream."""
-    ids = encode(served.tokenizer, prompt) or [ENDOFTEXT_ID]  # an empty prompt starts from <|endoftext|>
+    # Tokenizing a long prompt takes a while: a worker thread does it, so /health and streams keep going.
+    ids = await run_in_threadpool(encode, served.tokenizer, prompt) or [ENDOFTEXT_ID]  # empty: <|endoftext|>
     context, cap = served.model.cfg.context_length, state.config.max_tokens
     params = SamplingParams(
         max_tokens=completion_budget(requested, len(ids), context, cap, param),

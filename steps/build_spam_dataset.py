@@ -144,14 +144,38 @@ def _cut(rows: pd.DataFrame, params: SpamDataParams) -> dict[str, pd.DataFrame]:
     return dict(zip(SPLITS, (rows[:train_end], rows[train_end:validation_end], rows[validation_end:])))
 
 
-def split_rows(df: pd.DataFrame, labels: list[str], params: SpamDataParams) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
+def check_stratifiable(df: pd.DataFrame, labels: list[str], params: SpamDataParams, where: str) -> None:
+    """A stratified split gives every split at least one row of each class: scikit-learn's own
+    refusal names neither the file nor the column, so the counts are checked here first."""
+    counts = df["Label"].value_counts()
+    n, k = len(df), len(labels)
+    rest_frac = params.train_frac + params.validation_frac
+    test_rows = n - int(n * rest_frac)
+    validation_rows = (n - test_rows) - int((n - test_rows) * params.train_frac / rest_frac)
+    for split, rows, knob in (("test", test_rows, "train_frac + validation_frac"),
+                              ("validation", validation_rows, "validation_frac")):
+        if rows < k:
+            raise DataError(f"{where} has {k} classes over {n} rows: the {split} split would get {rows} rows, "
+                            f"fewer than one per class (split: stratified); merge classes, add rows or change "
+                            f"spam_data.{knob}")
+    rare = counts[counts < 3]
+    if len(rare):
+        raise DataError(f"{where}: {len(rare)} of {k} classes have fewer than 3 rows (e.g. {rare.index[0]!r}: "
+                        f"{int(rare.iloc[0])}); a stratified split needs one per split")
+
+
+def split_rows(df: pd.DataFrame, labels: list[str], params: SpamDataParams,
+               source: Path | str = "the data") -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
     """Label names become ids; then the ``split`` policy cuts train/validation/test. Also returns
     the rows no split holds (what ``balanced`` undersampled away)."""
+    where = f"{source} label column {params.label_column!r}"
     by_class = {label: df[df["Label"] == label] for label in labels}
     if params.split == "balanced":
         smallest = min(len(part) for part in by_class.values())
         if smallest == 0:
-            raise DataError(f"cannot balance: class {min(by_class, key=lambda k: len(by_class[k]))!r} has no rows")
+            empty = [label for label, part in by_class.items() if part.empty]
+            raise DataError(f"{where}: cannot balance: {len(empty)} of {len(labels)} classes have no rows "
+                            f"(e.g. {empty[0]!r})")
         balanced = pd.concat([part if len(part) == smallest else part.sample(smallest, random_state=params.seed)
                               for part in by_class.values()])
         discarded = df.drop(index=balanced.index)
@@ -160,6 +184,7 @@ def split_rows(df: pd.DataFrame, labels: list[str], params: SpamDataParams) -> t
     else:
         from sklearn.model_selection import train_test_split
 
+        check_stratifiable(df, labels, params, where)
         discarded = df.iloc[:0]
         rows = df.assign(Label=df["Label"].map({label: i for i, label in enumerate(labels)}))
         rest_frac = params.train_frac + params.validation_frac
@@ -168,11 +193,13 @@ def split_rows(df: pd.DataFrame, labels: list[str], params: SpamDataParams) -> t
             train, validation = train_test_split(rest, train_size=params.train_frac / rest_frac,
                                                  stratify=rest["Label"], random_state=params.seed)
         except ValueError as exc:
-            raise DataError(f"cannot stratify {len(rows)} rows into train/validation/test: {exc}") from None
+            raise DataError(f"{where}: cannot stratify {len(rows)} rows of {len(labels)} classes into "
+                            f"train/validation/test: {exc}") from None
         splits = {name: part.reset_index(drop=True) for name, part in zip(SPLITS, (train, validation, test))}
     empty = [name for name, part in splits.items() if part.empty]
     if empty:
-        raise DataError(f"{sum(map(len, splits.values()))} rows leave the {', '.join(empty)} split(s) empty")
+        raise DataError(f"{where}: {sum(map(len, splits.values()))} rows of {len(labels)} classes leave the "
+                        f"{', '.join(empty)} split(s) empty (split: {params.split})")
     return splits, discarded
 
 
@@ -180,7 +207,7 @@ def build_spam_dataset(source: Path, out_dir: Path, metrics_out: Path, params: S
     """Write ``train.csv``, ``validation.csv``, ``test.csv`` (Label id, Text), ``labels.json``,
     ``discarded.csv`` (Text) and class counts."""
     df, labels, skipped = check_rows(source, read_rows(source, params), params)
-    splits, discarded = split_rows(df, labels, params)
+    splits, discarded = split_rows(df, labels, params, source)
     metrics: dict = {"labels": labels, "source": {label: int((df["Label"] == label).sum()) for label in labels}}
     metrics["source"]["malformed_skipped"] = skipped
     for name, part in splits.items():

@@ -146,12 +146,7 @@ def _verify(path: Path, expected: str | None, what: str) -> None:
 def _retrieve(location: str, dest: Path, session: requests.Session, settings: FetchSettings) -> None:
     """Copy a local file, or stream a URL, to ``dest``; urllib3 raises if the body is short."""
     if location_kind(location) == "path":
-        try:
-            shutil.copyfile(location, dest)
-        except OSError as exc:
-            if exc.filename is not None and Path(exc.filename) == Path(dest):
-                raise  # writing here failed (disk full, read-only): no other location would help
-            raise FetchError(f"cannot read: {exc.strerror or exc}") from exc
+        _copy_local(location, dest)
         return
     try:
         timeout = (settings.connect_timeout_s, settings.read_timeout_s)
@@ -162,6 +157,24 @@ def _retrieve(location: str, dest: Path, session: requests.Session, settings: Fe
                     handle.write(chunk)
     except requests.RequestException as exc:
         raise FetchError(str(exc)) from exc
+
+
+def _copy_local(location: str, dest: Path) -> None:
+    """Copy a mirror file: a failed read is this location's FetchError (the next one is tried); a
+    failed write is an OSError of the output (atomic_path names it): no other location would help."""
+    try:
+        source = open(location, "rb")
+    except OSError as exc:
+        raise FetchError(f"cannot read: {exc.strerror or exc}") from exc
+    with source, open(dest, "wb") as out:
+        while True:
+            try:
+                block = source.read(_CHUNK)
+            except OSError as exc:
+                raise FetchError(f"cannot read: {exc.strerror or exc}") from exc
+            if not block:
+                return
+            out.write(block)
 
 
 def extract_member(archive: Path, spec: ZipMember, dest: Path) -> None:

@@ -26,9 +26,9 @@ from pydantic import Field, field_validator
 
 from llmcore.tokenizer import ENDOFTEXT, ENDOFTEXT_ID, TokenizerFilesError, get_tokenizer, tokenizer_digest
 from steps.common.cli import StageParams, run_stage
-from steps.common.corpus import Counts, Pieces, check_pattern, corpus_files, documents
+from steps.common.corpus import Counts, Pieces, Skipped, check_pattern, corpus_files, documents
 from steps.common.data import DataError, TokenizerParams
-from steps.common.io import resume_state_dir, write_json
+from steps.common.io import record_state_params, resume_state_dir, write_json
 from steps.common.params import StrictModel
 from steps.common.shards import ShardWriter
 
@@ -78,7 +78,8 @@ def work_items(files: list[Path], start: int, params: CorpusParams, counts: Coun
 def tokenize_corpus(root: Path, out_dir: Path, metrics_out: Path, params: CorpusParams,
                     tokenizer_params: TokenizerParams, state_dir: Path = STATE_DIR) -> dict:
     """Write the corpus's token shards to ``out_dir`` and its counts to ``metrics_out``."""
-    files = corpus_files(root, params.include)
+    skipped: list[Skipped] = []
+    files = corpus_files(root, params.include, skipped)  # warns about each entry it skips
     tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
     dtype = np.uint16 if tokenizer.n_vocab <= 1 << 16 else np.uint32
     digest = tokenizer_digest(tokenizer)
@@ -86,6 +87,7 @@ def tokenize_corpus(root: Path, out_dir: Path, metrics_out: Path, params: Corpus
               for p in files]
     work_dir = resume_state_dir(state_dir, str(root), params.model_dump(exclude={"workers"}), digest, inputs)
     writer = ShardWriter(work_dir, dtype)
+    record_state_params(work_dir, "corpus", params.model_dump(mode="json"))
     counts = Counts(**writer.state["counts"])
     allowed = {ENDOFTEXT}
 
@@ -106,7 +108,8 @@ def tokenize_corpus(root: Path, out_dir: Path, metrics_out: Path, params: Corpus
         "vocab_size": tokenizer.n_vocab, "endoftext_id": ENDOFTEXT_ID,
         "tokenizer": {"name": tokenizer.name, "sha256": digest},
     })
-    metrics = {**asdict(counts), "tokens": meta["tokens"], "shards": len(meta["shards"])}
+    metrics = {**asdict(counts), "tokens": meta["tokens"], "shards": len(meta["shards"]),
+               "skipped_entries": len(skipped), "skipped": [asdict(s) for s in skipped[:100]]}
     write_json(metrics_out, metrics)
     return metrics
 
@@ -120,7 +123,9 @@ def main(argv: list[str] | None = None) -> None:
         seconds = time.perf_counter() - started
         return (f"{metrics['files']} file(s), {metrics['documents']} document(s), {metrics['bytes'] / 1e6:.1f} MB -> "
                 f"{metrics['tokens']} tokens in {metrics['shards']} shard(s) in {args.tokens} "
-                f"({metrics['bytes'] / 1e6 / max(seconds, 1e-9):.1f} MB/s)")
+                f"({metrics['bytes'] / 1e6 / max(seconds, 1e-9):.1f} MB/s)"
+                + (f"; {metrics['skipped_entries']} corpus entr(y/ies) skipped (warned above)"
+                   if metrics["skipped_entries"] else ""))
 
     run_stage("tokenize", "Tokenize the corpus into GPT-2 token shards (streaming, parallel, resumable).", body,
               argv=argv, errors=(TokenizerFilesError,), paths={

@@ -119,6 +119,35 @@ def test_bad_classification_data_is_named_and_nothing_written(tmp_path: Path, wr
     assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()
 
 
+def many_classes(path: Path, classes: int, rows_per_class: int) -> Path:
+    pd.DataFrame([{"review": f"text {c} {i}", "topic": f"class{c}"} for c in range(classes)
+                  for i in range(rows_per_class)]).to_csv(path, index=False)
+    return path
+
+
+def test_too_many_classes_for_the_rows_are_named_with_file_column_and_counts(tmp_path: Path) -> None:
+    """500 classes over 2,000 rows: the 20% test split (401 rows, as scikit-learn rounds) cannot hold one of each."""
+    source = many_classes(tmp_path / "d.csv", 500, 4)
+    with pytest.raises(DataError) as caught:
+        build(tmp_path, source, params())
+    assert str(caught.value) == (f"{source} label column 'topic' has 500 classes over 2000 rows: the test split "
+                                 "would get 401 rows, fewer than one per class (split: stratified); merge classes, "
+                                 "add rows or change spam_data.train_frac + validation_frac")
+    with pytest.raises(DataError, match="has 300 classes over 3000 rows: the validation split would get 60 rows"):
+        build(tmp_path, many_classes(tmp_path / "d.csv", 300, 10), params(train_frac=0.6, validation_frac=0.02))
+    rare = many_classes(tmp_path / "d.csv", 5, 10)
+    with rare.open("a") as handle:
+        handle.write("one more,lonely\nand another,lonely\n")
+    with pytest.raises(DataError, match=rf"^{rare} label column 'topic': 1 of 6 classes have fewer than 3 rows "
+                                        r"\(e\.g\. 'lonely': 2\); a stratified split needs one per split$"):
+        build(tmp_path, rare, params(train_frac=0.4, validation_frac=0.3))
+    three = many_classes(tmp_path / "d.csv", 3, 10)
+    with pytest.raises(DataError, match=rf"^{three} label column 'topic': cannot balance: 1 of 4 classes have no rows "
+                                        r"\(e\.g\. 'absent'\)$"):
+        build(tmp_path, three, params(split="balanced", labels=["class0", "class1", "class2", "absent"]))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()
+
+
 def test_unknown_labels_can_be_skipped_and_counted(tmp_path: Path) -> None:
     rows(repeat=5).to_csv(tmp_path / "d.csv", index=False)
     metrics = build(tmp_path, tmp_path / "d.csv", params(labels=["sport", "food"], on_malformed="skip"))

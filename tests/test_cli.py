@@ -19,7 +19,7 @@ from llmcore.config import GPTConfig
 from llmcore.generate import generate, generate_text
 from llmcore.instruct import response_prompt
 from llmcore.model import GPTModel
-from llmcore.tokenizer import ENCODING_DIR_ENV, ENDOFTEXT_ID, encode
+from llmcore.tokenizer import ENCODING_DIR_ENV, ENDOFTEXT_ID, TokenizerFilesError, encode
 
 
 @pytest.fixture
@@ -90,20 +90,51 @@ def test_stream_text_keeps_multibyte_characters_whole(tokenizer) -> None:
     assert len(pieces) > 1
 
 
-def test_chat_answers_instructions_until_exit(gpt_dir: Path, offline_tokenizer, tokenizer, monkeypatch, capsys) -> None:
-    monkeypatch.setattr("sys.stdin", io.StringIO("Name a color.\n\nTranslate to German.\nGood morning\nexit\nnever read\n"))
+def expected_replies(gpt_dir: Path, tokenizer, entries) -> list[str]:
+    model = cli.load_checkpoint(gpt_dir)
+    return [f"Response: {tokenizer.decode(generate(model, [encode(tokenizer, response_prompt(e))], 6, eos_id=ENDOFTEXT_ID)[0])}\n"
+            for e in entries]
+
+
+def test_chat_at_a_terminal_asks_for_the_instruction_then_its_input(gpt_dir: Path, offline_tokenizer, tokenizer,
+                                                                    monkeypatch, capsys) -> None:
+    stdin = io.StringIO("Name a color.\n\nTranslate to German.\nGood morning\nexit\nnever read\n")
+    stdin.isatty = lambda: True
+    monkeypatch.setattr("sys.stdin", stdin)
     assert cli.main(["chat", "--model", str(gpt_dir), "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
-    model = cli.load_checkpoint(gpt_dir)
-    for entry in ({"instruction": "Name a color.", "input": ""},
-                  {"instruction": "Translate to German.", "input": "Good morning"}):
-        ids = generate(model, [encode(tokenizer, response_prompt(entry))], 6, eos_id=ENDOFTEXT_ID)[0]
-        assert f"Response: {tokenizer.decode(ids)}\n" in out
+    for reply in expected_replies(gpt_dir, tokenizer, ({"instruction": "Name a color.", "input": ""},
+                                                       {"instruction": "Translate to German.", "input": "Good morning"})):
+        assert reply in out
     assert out.count("Response: ") == 2
 
 
+def test_piped_chat_takes_one_instruction_per_line_and_input_after_a_tab(gpt_dir: Path, offline_tokenizer, tokenizer,
+                                                                         monkeypatch, capsys) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("Name a color.\nTranslate to German.\tGood morning\n"
+                                                 "Name a fruit.\n\nexit\nnever read\n"))
+    assert cli.main(["chat", "--model", str(gpt_dir), "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    entries = ({"instruction": "Name a color.", "input": ""}, {"instruction": "Translate to German.", "input": "Good morning"},
+               {"instruction": "Name a fruit.", "input": ""})
+    blocks = out.split("\nInstruction: ")[1:]  # one per line read, in order
+    assert len(blocks) == 3 and "never read" not in out
+    for block, entry, reply in zip(blocks, entries, expected_replies(gpt_dir, tokenizer, entries)):
+        assert block.startswith(entry["instruction"] + ("\nInput: Good morning" if entry["input"] else "") + "\n")
+        assert reply in block
+
+
+def test_piped_chat_separator_is_an_option(gpt_dir: Path, offline_tokenizer, tokenizer, monkeypatch, capsys) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("Translate to German. || Good morning\n"))
+    assert cli.main(["chat", "--model", str(gpt_dir), "--max-new-tokens", "6", "--input-separator", "||"]) == 0
+    out = capsys.readouterr().out
+    assert expected_replies(gpt_dir, tokenizer, [{"instruction": "Translate to German.", "input": "Good morning"}])[0] in out
+
+
 def test_chat_exits_cleanly_at_end_of_input(gpt_dir: Path, offline_tokenizer, monkeypatch, capsys) -> None:
-    monkeypatch.setattr("sys.stdin", io.StringIO("Name a color.\n"))  # EOF while asking for the input
+    stdin = io.StringIO("Name a color.\n")  # EOF while asking for the input, at a terminal
+    stdin.isatty = lambda: True
+    monkeypatch.setattr("sys.stdin", stdin)
     assert cli.main(["chat", "--model", str(gpt_dir)]) == 0
     assert "Response:" not in capsys.readouterr().out
 
@@ -129,8 +160,27 @@ def test_tokenizer_files_beside_the_model_are_used_without_the_env(
     asked: list = []
     monkeypatch.setattr(cli, "get_tokenizer", lambda directory=None: asked.append(directory) or "tok")
     assert cli.tokenizer_for(model_dir) == "tok" and asked == [model_dir]
-    cli.tokenizer_for(gpt_dir)  # no files there: tiktoken's own (None)
-    assert asked[-1] is None
+    (model_dir / "vocab.bpe").unlink()  # no download attempt: the missing file is named
+    with pytest.raises(TokenizerFilesError, match=rf"^{model_dir / 'vocab.bpe'} not found: a model directory carries"):
+        cli.tokenizer_for(model_dir)
+    assert asked == [model_dir]
+
+
+def test_generate_with_a_model_dir_lacking_its_bpe_file_is_one_line(
+    gpt_dir: Path, gpt2_encoding_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    model_dir = Path(shutil.copytree(gpt_dir, tmp_path / "m"))
+    shutil.copy(gpt2_encoding_dir / "encoder.json", model_dir / "encoder.json")
+    monkeypatch.delenv(ENCODING_DIR_ENV, raising=False)
+    monkeypatch.setattr("tiktoken.get_encoding", lambda name: pytest.fail("tried tiktoken's download"))
+    assert cli.main(["generate", "Hi", "--model", str(model_dir), "--max-new-tokens", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"llm generate: error: {model_dir / 'vocab.bpe'} not found") and "\n" not in err
+    (model_dir / "vocab.bpe").write_bytes((gpt2_encoding_dir / "vocab.bpe").read_bytes()[:1000])  # truncated
+    assert cli.main(["generate", "Hi", "--model", str(model_dir), "--max-new-tokens", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"llm generate: error: {model_dir / 'vocab.bpe'} is 1,000 bytes, GPT-2's vocab.bpe is 456,318 "
+                   "(truncated or another file): copy it again")
 
 
 def test_serve_is_the_serving_package_imported_only_when_asked(capsys) -> None:

@@ -64,7 +64,7 @@ def test_every_format_gives_the_same_documents(tmp_path: Path) -> None:
     assert tokens == joined(order)
     assert metrics == {"files": 6, "documents": 7, "empty_documents": 1, "characters": sum(map(len, order)),
                        "bytes": sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.name[0] != "."),
-                       "tokens": len(tokens), "shards": 1}
+                       "tokens": len(tokens), "shards": 1, "skipped_entries": 0, "skipped": []}
     assert meta["max_token_id"] == max(tokens) and meta["dtype"] == "uint16"
 
 
@@ -148,8 +148,8 @@ def write(path: Path, content: str | bytes) -> Path:
 @pytest.mark.parametrize(
     ("files", "params", "pattern"),
     [
-        ({}, {}, r"no files in directory .*corpus"),
-        ({"a.txt": "x"}, {"include": ["*.jsonl"]}, r"glob '\*\.jsonl' matches no file under .*corpus"),
+        ({}, {}, r"no readable files in directory .*corpus"),
+        ({"a.txt": "x"}, {"include": ["*.jsonl"]}, r"glob '\*\.jsonl' matches no readable file under .*corpus"),
         ({"a.jsonl": '{"text": "ok"}\n{"text": "unfinished\n'}, {}, r"a\.jsonl line 2: not valid JSON"),
         ({"a.jsonl": '{"text": "ok"}\n\n{"body": "no text"}\n'}, {}, r"a\.jsonl line 3: no field 'text' \(fields: \['body'\]\)"),
         ({"a.jsonl": '{"text": 5}\n'}, {}, r"a\.jsonl line 1: field 'text' is int, expected a string"),
@@ -181,6 +181,50 @@ def test_a_parquet_without_the_column_or_with_numbers_is_named(tmp_path: Path) -
         run(root, tmp_path, text_field="body")
 
 
+def test_every_skipped_entry_is_warned_about_and_counted(tmp_path: Path) -> None:
+    """A symlink loop, a broken link, a binary .txt and an unreadable file: each skipped with a
+    warning naming it and why; the report counts and lists them; the rest is tokenized."""
+    root = tmp_path / "corpus"
+    write(root / "good.txt", DOCS[0])
+    write(root / "binary.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (root / "loop.txt").symlink_to("loop.txt")
+    (root / "gone.txt").symlink_to("nowhere.txt")
+    unreadable = write(root / "secret.txt", "private")
+    unreadable.chmod(0)
+    readable_anyway = os.access(unreadable, os.R_OK)  # root reads every file
+    with pytest.warns(RuntimeWarning) as caught:
+        tokens, _, metrics = run(root, tmp_path)
+    messages = sorted(str(w.message) for w in caught)
+    expected = [f"corpus: skipped {root / 'binary.txt'}: binary (NUL bytes in its first 8 KB), not text",
+                f"corpus: skipped {root / 'gone.txt'}: broken symlink (-> nowhere.txt)",
+                f"corpus: skipped {root / 'loop.txt'}: symlink loop"]
+    if not readable_anyway:
+        expected.append(f"corpus: skipped {root / 'secret.txt'}: unreadable: Permission denied")
+    assert messages == sorted(expected)
+    assert metrics["skipped_entries"] == len(expected) and len(metrics["skipped"]) == len(expected)
+    assert {entry["reason"] for entry in metrics["skipped"]} >= {"symlink loop", "broken symlink (-> nowhere.txt)"}
+    assert metrics["files"] == (2 if readable_anyway else 1)
+    assert tokens[: len(ids(DOCS[0]))] == ids(DOCS[0])
+
+
+def test_the_stage_prints_each_skip_as_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = tmp_path / "corpus"
+    write(root / "good.txt", DOCS[0])
+    (root / "loop.txt").symlink_to("loop.txt")
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"tokenizer": TOKENIZER.model_dump(), "corpus": {"root": str(root)}}))
+    done = subprocess.run([sys.executable, "-m", "steps.tokenize", "--params", str(params), "--tokens", str(tmp_path / "t"),
+                           "--metrics", str(tmp_path / "m.json"), "--state-dir", str(tmp_path / "state")],
+                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "LLMPIPE_DEBUG": ""})
+    assert done.returncode == 0, done.stderr
+    assert f"tokenize: warning: corpus: skipped {root / 'loop.txt'}: symlink loop\n" in done.stderr
+    assert "1 corpus entr(y/ies) skipped" in done.stdout
+    assert json.loads((tmp_path / "m.json").read_text())["skipped_entries"] == 1
+
+
 def test_corpus_params_and_cli(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="relative glob"):
         tokenize.CorpusParams(include=["../elsewhere/*.txt"])
@@ -202,3 +246,46 @@ def test_safe_cuts_split_where_bpe_splits_anyway() -> None:
         assert ids(text[:i]) + ids(text[i:]) == whole
         assert corpus.safe_cut(text[: i + 1]) == i
     assert corpus.safe_cut("nospace") == 0 and corpus.safe_cut("   ") == 0
+
+
+@pytest.mark.parametrize("block", [16, 17, 64, 1 << 20])
+def test_long_jsonl_records_stream_in_blocks_to_the_same_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               block: int) -> None:
+    """Records longer than a block are read a block at a time; escapes (\\n, \\", \\\\, \\u, surrogate
+    pairs) cut anywhere decode to the text json.loads gives, other fields before and after skipped."""
+    import random
+
+    from steps.common import readers
+
+    monkeypatch.setattr(readers, "BLOCK_CHARS", block)
+    rng = random.Random(block)
+    alphabet = ["a", " ", "\n", '"', "\\", "é", "😀", "\t", "\u2028", "x" * 5, "\\u00e9"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 200))) for _ in range(12)]
+    lines = []
+    for i, text in enumerate(texts):
+        record = {"id": i, "meta": {"tags": ["a", "b"], "n": None}, "text": text, "after": [1, 2.5, "z"]}
+        if i % 3 == 0:
+            record = {"text": text, "id": i}
+        lines.append(json.dumps(record, ensure_ascii=i % 2 == 0))
+    path = write(tmp_path / "c.jsonl", "\n".join(lines[:6]) + "\n\n" + "\n".join(lines[6:]))  # a blank line, no final \n
+    got = ["".join(blocks) for blocks in readers.jsonl_texts(path, False, "text")]
+    assert got == texts
+
+
+@pytest.mark.parametrize(("line", "pattern"), [
+    ('{"id": 1, "text": "' + "a" * 40, r"c\.jsonl line 1: the line ends inside a string"),
+    ('{"id": 1, "body": "abc", "more": [1, 2, 3], "x": "yy"}', r"c\.jsonl line 1: no field 'text'"),
+    ('{"id": 1, "body": "' + "a" * 40 + '", "text": "a"}',
+     r"c\.jsonl line 1: not valid JSON, or a value other than the text over 32 characters"),
+    ('{"text": "a\tb' + "a" * 40 + '"}', r"c\.jsonl line 1: a control character is inside a string"),
+    ('{"text": 12345, "id": "' + "a" * 20 + '", "x": 1}', r"c\.jsonl line 1: field 'text' is int, expected a string"),
+    ('["text", "' + "a" * 40 + '"]', r"c\.jsonl line 1: expected a JSON object"),
+    ('{"text": "' + "a" * 40 + '"} trailing', r"c\.jsonl line 1: not valid JSON \(text after the object\)"),
+])
+def test_a_bad_long_record_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, line: str, pattern: str) -> None:
+    from steps.common import readers
+
+    monkeypatch.setattr(readers, "BLOCK_CHARS", 8)
+    path = write(tmp_path / "c.jsonl", line + "\n")
+    with pytest.raises(DataError, match=pattern):
+        ["".join(blocks) for blocks in readers.jsonl_texts(path, False, "text")]

@@ -304,21 +304,42 @@ def test_cli_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_a_local_write_failure_stops_instead_of_trying_upstream(server: Server, verdict: bytes, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Disk full while copying the mirror's file: the error names the output (never the mirror file
+    being read), and neither the upstream URL nor anything half-written is left to chance."""
+    import builtins
     import errno
-    import shutil
 
     upstream = server.serve("/upstream/the-verdict.txt", verdict)
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     (mirror / "the-verdict.txt").write_bytes(verdict)
+    real_open = builtins.open
 
-    def disk_full(src, dst, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+    class FullDisk:
+        def __init__(self, handle):
+            self.handle = handle
 
-    monkeypatch.setattr(shutil, "copyfile", disk_full)
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")  # as file.write raises it: no file name
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    def full_disk_open(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        return FullDisk(handle) if "w" in mode and "raw" in str(file) else handle
+
+    monkeypatch.setattr(builtins, "open", full_disk_open)
     out = tmp_path / "raw" / "corpus.txt"
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="No space left") as caught:
         fetch_source("corpus", corpus_source(upstream, out), FAST, mirror=str(mirror))
+    assert caught.value.filename == str(out)  # the output, not the mirror's file
     assert server.hits == []  # the network was not tried for a local disk problem
     assert_nothing_left(out)
 
@@ -329,5 +350,18 @@ def test_a_local_write_failure_stops_instead_of_trying_upstream(server: Server, 
 
     with pytest.raises(SystemExit) as exc:
         run_stage("fetch", "test", body, paths={}, argv=["--params", str(tmp_path / "none.yaml")])
-    assert str(exc.value.code).startswith("fetch: error: ") and ": No space left on device" in str(exc.value.code)
-    assert ".corpus.txt.tmp" in str(exc.value.code) or "corpus.txt" in str(exc.value.code)
+    assert str(exc.value.code) == f"fetch: error: {out}: cannot write: No space left on device"
+
+
+def test_a_full_disk_for_real_names_the_output(small_disk: Path, server: Server, verdict: bytes, tmp_path: Path) -> None:
+    """A 64 KiB tmpfs (needs root): a 200 KB file cannot fit."""
+    upstream = server.serve("/upstream/the-verdict.txt", verdict * 10)
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "the-verdict.txt").write_bytes(verdict * 10)
+    out = small_disk / "raw" / "corpus.txt"
+    source = Source(url=upstream, sha256=hashlib.sha256(verdict * 10).hexdigest(), out=str(out))
+    with pytest.raises(OSError) as caught:
+        fetch_source("corpus", source, FAST, mirror=str(mirror))
+    assert caught.value.filename == str(out) and "No space left on device" in caught.value.strerror
+    assert server.hits == [] and list(small_disk.rglob("*.txt")) == []

@@ -146,8 +146,32 @@ def test_credentials_come_from_the_environment_and_urls_are_redacted(fake_ollama
     from steps.common.tracking import flatten  # what every MLflow params dict goes through
 
     assert flatten({"judge": {"url": "https://u:KEY@ollama.example/x"}}) == {"judge.url": "https://***@ollama.example/x"}
-    url = closed_port_url().replace("http://", "http://admin:hunter2@") + "/?token=hunter3"
+    url = closed_port_url() + "/?token=hunter3"
     with pytest.warns(RuntimeWarning) as caught:
         judge_responses([ENTRY], ["Red."], params(url, connect_retries=0))
     message = str(caught[0].message)
-    assert "hunter2" not in message and "hunter3" not in message and "***@127.0.0.1" in message
+    assert "hunter3" not in message and "token=***" in message
+
+
+def test_url_credentials_are_refused_in_one_line_that_does_not_show_them() -> None:
+    from steps.common.params import ParamsError, validate_section
+
+    data = {"judge": {"url": "http://admin:hunter2@ollama.example:11434"}}
+    with pytest.raises(ParamsError) as caught:
+        validate_section(data, "judge", JudgeParams, "params.yaml")
+    message = str(caught.value)
+    assert "judge.url: Value error, holds credentials (user:password@): remove them and put the key in " \
+           "LLMPIPE_JUDGE_API_KEY (sent as a bearer token)" in message
+    assert "hunter2" not in message and "http://***@ollama.example:11434" in message
+
+
+def test_the_bearer_key_is_sent_and_the_api_path_goes_before_the_query(fake_ollama, monkeypatch) -> None:
+    from steps.common.judge import chat_url
+
+    assert chat_url("http://h:1/ollama/?tenant=a") == "http://h:1/ollama/api/chat?tenant=a"
+    assert chat_url("http://h:1") == "http://h:1/api/chat" and chat_url("https://h/x/") == "https://h/x/api/chat"
+    monkeypatch.setenv("LLMPIPE_JUDGE_API_KEY", "sk-planted-secret")
+    server = fake_ollama(lambda n, body: ollama_reply("70"))
+    assert judge_responses([ENTRY], ["Red."], params(server.url + "/?tenant=a")).scores == [70]
+    assert server.requests[0]["authorization"] == "Bearer sk-planted-secret"
+    assert server.requests[0]["path"] == "/api/chat?tenant=a"

@@ -251,13 +251,19 @@ def test_rouge_l_f1_on_known_pairs(prediction: str, reference: str, expected: fl
 
 
 def test_a_secret_in_the_judge_url_reaches_no_store_log_or_file(finetuned: Path, in_workspace: Path, capfd) -> None:
-    url = closed_port_url().replace("http://", "http://admin:PLANTED-SECRET@") + "/?api_key=PLANTED-QUERY"
-    with pytest.warns(RuntimeWarning, match=r"\*\*\*@127\.0\.0\.1"):
+    credentials = closed_port_url().replace("http://", "http://admin:PLANTED-SECRET@")
+    with pytest.raises(SystemExit) as refused:  # user:password@ is refused: the key comes from the environment
+        score.main(score_argv(with_judge(in_workspace, "creds.yaml", url=credentials), metrics="out/creds.json",
+                              responses="out/creds_responses.json"))
+    assert "score_instructions.judge.url: Value error, holds credentials" in str(refused.value.code)
+    assert "PLANTED" not in str(refused.value.code) and not (in_workspace / "out" / "creds.json").exists()
+    url = closed_port_url() + "/?api_key=PLANTED-QUERY"
+    with pytest.warns(RuntimeWarning, match=r"api_key=\*\*\*"):
         score.main(score_argv(with_judge(in_workspace, "secret.yaml", url=url), metrics="out/secret.json",
                               responses="out/secret_responses.json"))
     printed = capfd.readouterr()
     assert "PLANTED" not in printed.out + printed.err
-    written = [p for p in in_workspace.rglob("*") if p.is_file() and p.name != "secret.yaml"]
+    written = [p for p in in_workspace.rglob("*") if p.is_file() and p.name not in ("secret.yaml", "creds.yaml")]
     leaks = [str(p) for p in written if b"PLANTED" in p.read_bytes()]
     assert leaks == []  # mlflow.db (params, tags), mlruns artifacts, metrics and responses included
     assert (in_workspace / "mlflow.db") in written

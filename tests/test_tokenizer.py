@@ -47,8 +47,24 @@ def test_missing_directory_from_environment_is_named(monkeypatch: pytest.MonkeyP
         get_tokenizer()
 
 
-def test_tampered_vocab_is_rejected_by_checksum(tmp_path: Path, gpt2_encoding_dir: Path) -> None:
+def test_tampered_vocab_is_rejected_by_size(tmp_path: Path, gpt2_encoding_dir: Path) -> None:
     shutil.copy(gpt2_encoding_dir / "encoder.json", tmp_path / "encoder.json")
     (tmp_path / "vocab.bpe").write_text("#version: 0.2\nĠ t\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="vocab.bpe"):
+    with pytest.raises(TokenizerFilesError, match=rf"^{tmp_path / 'vocab.bpe'} is 19 bytes, GPT-2's vocab.bpe is "
+                                                  r"456,318 \(truncated or another file\): copy it again$"):
+        get_tokenizer(tmp_path)
+
+
+def test_a_truncated_or_altered_file_is_named_not_called_a_download(tmp_path: Path, gpt2_encoding_dir: Path) -> None:
+    shutil.copy(gpt2_encoding_dir / "encoder.json", tmp_path / "encoder.json")
+    data = (gpt2_encoding_dir / "vocab.bpe").read_bytes()
+    (tmp_path / "vocab.bpe").write_bytes(data[: len(data) // 2])
+    with pytest.raises(TokenizerFilesError) as caught:
+        get_tokenizer(tmp_path)
+    assert str(caught.value).startswith(f"{tmp_path / 'vocab.bpe'} is 228,159 bytes") and "download" not in str(caught.value)
+    (tmp_path / "vocab.bpe").write_bytes(data[:-2] + b"xx")  # same size, other bytes
+    from llmcore.tokenizer import _encoding_from_dir
+
+    _encoding_from_dir.cache_clear()
+    with pytest.raises(TokenizerFilesError, match=r"vocab\.bpe has sha256 [0-9a-f]{16}\.\.\., not GPT-2's vocab\.bpe"):
         get_tokenizer(tmp_path)

@@ -102,6 +102,24 @@ def test_an_unreadable_state_is_set_aside_once_and_training_starts_over(tmp_path
         assert torch.equal(a, b), name  # the fresh start is an ordinary run: same weights
 
 
+class Planted:
+    """Not a tensor nor a plain value: what a planted pickle would carry (never instantiated on load)."""
+
+
+def test_a_planted_pickle_is_set_aside_in_our_words(tmp_path: Path) -> None:
+    train_data = windows(20)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_model(), train_data, None, RESUME_CONFIG, callbacks=[Recorder(stop_after=4)], state_dir=tmp_path)
+    torch.save({"fingerprint": "x", "payload": Planted()}, tmp_path / "train_state" / "optimizer.pt")
+    with pytest.warns(RuntimeWarning) as caught:
+        train(make_model(), train_data, None, RESUME_CONFIG, state_dir=tmp_path)
+    (message,) = [str(w.message) for w in caught if "cannot resume" in str(w.message)]
+    assert message.startswith(f"cannot resume from {tmp_path / 'train_state' / 'optimizer.pt'}: not a state this code "
+                              "wrote (it holds pickled objects beyond tensors and plain values, which are never "
+                              "unpickled); moved it to ")
+    assert "weights_only" not in message and "Re-running" not in message
+
+
 def test_resume_with_different_settings_is_refused(tmp_path: Path) -> None:
     config = TrainConfig(batch_size=2, eval_every=0, eval_batches=1, progress=False)
     train(make_model(), windows(4), None, config, state_dir=tmp_path)

@@ -88,6 +88,23 @@ def test_resume_under_mixed_precision_is_exact(precision: str, tmp_path: Path) -
     assert_resumes_exactly(dataclasses.replace(CONFIG, precision=precision), tmp_path, {"drop_rate": 0.1})
 
 
+def test_fp16_steps_the_grad_scaler_skips_are_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loss scale of 2**60 overflows fp16 on every step of this short run: each step is skipped
+    (the weights never move), and the count reaches the step metrics and the final state."""
+    from llmcore import precision as amp
+
+    monkeypatch.setattr(amp, "grad_scaler", lambda precision, device: torch.amp.GradScaler(
+        device.type, init_scale=2.0 ** 60, enabled=precision == "fp16-mixed"))
+    start = make_model().state_dict()
+    model, state, log = run(dataclasses.replace(CONFIG, precision="fp16-mixed", grad_clip=None))
+    assert state.skipped_steps == state.step == 6
+    assert [m["skipped_steps"] for m in log.steps] == [1, 2, 3, 4, 5, 6]
+    for name, weight in model.state_dict().items():
+        assert torch.equal(weight, start[name]), name
+    _, fp32, fp32_log = run(CONFIG)
+    assert fp32.skipped_steps == 0 and fp32_log.steps[-1]["skipped_steps"] == 0
+
+
 def test_compiled_training_matches_eager() -> None:
     eager_model, eager, eager_log = run(CONFIG)
     compiled_model, compiled, compiled_log = run(dataclasses.replace(CONFIG, compile=True))

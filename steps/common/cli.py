@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -71,6 +72,8 @@ def run_stage(
     if options is not None:
         options(parser)
     args = parser.parse_args(argv)
+    if not os.environ.get(DEBUG_ENV):  # a warning is one line naming the stage, not the code that warned
+        warnings.formatwarning = lambda message, category, *_, **__: f"{stage}: warning: {message}\n"
     try:
         summary = body(args, StageParams(args.params))
     except (*EXPECTED_ERRORS, *errors, OSError) as exc:

@@ -11,13 +11,17 @@ or newline (no pre-token spans that point, see ``safe_cut``), or at ``<|endoftex
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from llmcore.tokenizer import ENDOFTEXT
 from steps.common.data import DataError
-from steps.common.readers import file_format, jsonl_records, parquet_columns, record_text, text_blocks
+from steps.common.readers import file_format, jsonl_texts, parquet_columns, text_blocks
 
 PIECE_CHARS = 1 << 20  # characters per encoding task
 
@@ -30,14 +34,46 @@ def check_pattern(pattern: str) -> str:
     return pattern
 
 
-def _visible(path: Path, root: Path) -> bool:
-    return path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts)
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def corpus_files(root: Path, include: Iterable[str] = ()) -> list[Path]:
+def skip_reason(path: Path) -> str | None:
+    """Why a corpus entry is not read (a symlink loop or a broken link, not a regular file,
+    unreadable, binary text), or None for a file to read. Directories are not entries: ''."""
+    try:
+        mode = path.stat().st_mode  # follows symlinks
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop"
+        return f"broken symlink (-> {os.readlink(path)})" if path.is_symlink() else f"cannot stat: {exc.strerror}"
+    if stat.S_ISDIR(mode):
+        return ""
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8192)
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    kind, gzipped = file_format(path)  # an unsupported file type is an error, not a skip
+    if kind != "parquet" and not gzipped and b"\0" in head:
+        return "binary (NUL bytes in its first 8 KB), not text"
+    return None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    reason: str
+
+
+def corpus_files(root: Path, include: Iterable[str] = (), skipped: list[Skipped] | None = None) -> list[Path]:
     """The corpus's files in a fixed order: ``root`` itself, or the files under it (hidden ones
-    skipped) matching ``include`` (every file when empty), each glob's matches sorted."""
+    ignored) matching ``include`` (every file when empty), each glob's matches sorted. An entry
+    that cannot be read (``skip_reason``) is warned about, appended to ``skipped`` and left out."""
     include = list(include)
+    skipped = [] if skipped is None else skipped
     if root.is_file():
         if include:
             raise DataError(f"corpus.include {include} needs a directory, but corpus.root {root} is a file")
@@ -45,10 +81,17 @@ def corpus_files(root: Path, include: Iterable[str] = ()) -> list[Path]:
     elif root.is_dir():
         files = []
         for pattern in include or ["**/*"]:
-            matches = sorted(p for p in root.glob(pattern) if _visible(p, root))
+            matches = []
+            for path in sorted(p for p in root.glob(pattern) if not _hidden(p, root)):
+                reason = skip_reason(path)
+                if reason is None:
+                    matches.append(path)
+                elif reason and path.as_posix() not in {s.path for s in skipped}:
+                    skipped.append(Skipped(path.as_posix(), reason))
+                    warnings.warn(f"corpus: skipped {path}: {reason}", RuntimeWarning, stacklevel=2)
             if not matches:
-                what = f"glob {pattern!r} matches no file under" if include else "no files in directory"
-                raise DataError(f"corpus: {what} {root}")
+                what = f"glob {pattern!r} matches no readable file under" if include else "no readable files in directory"
+                raise DataError(f"corpus: {what} {root}" + (f" ({len(skipped)} skipped)" if skipped else ""))
             files += [p for p in matches if p not in files]
     else:
         raise DataError(f"corpus {root} does not exist")
@@ -63,8 +106,7 @@ def documents(path: Path, text_field: str, scratch: Path) -> Iterator[Iterable[s
     if kind == "text":
         yield text_blocks(path, gzipped)
     elif kind == "jsonl":
-        for line_no, record in jsonl_records(path, gzipped):
-            yield (record_text(record, text_field, f"{path} line {line_no}"),)
+        yield from jsonl_texts(path, gzipped, text_field)  # a record of any length, in bounded memory
     else:
         for batch in parquet_columns(path, [text_field], strings=(text_field,), scratch=scratch):
             yield from ((text or "",) for text in batch[text_field])

@@ -10,9 +10,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from llmcore.fileio import atomic_path
+from llmcore.fileio import OutputWriteError, atomic_path, writing
+from steps.common.params import STATE_RECORD
 
-__all__ = ["atomic_path", "file_digest", "resume_state_dir", "sha256_file", "write_json"]
+__all__ = ["OutputWriteError", "atomic_path", "file_digest", "record_state_params", "resume_state_dir", "sha256_file",
+           "write_json", "writing"]
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
@@ -46,3 +48,11 @@ def resume_state_dir(cache_dir: Path, *settings: Any, prune: bool = True) -> Pat
             if stale.name != key:
                 shutil.rmtree(stale, ignore_errors=True)
     return cache_dir / key
+
+
+def record_state_params(state_dir: Path, section: str, params: Any) -> None:
+    """Write ``section``'s params (a JSON-able dict) beside a resumable state: once dvc.lock records
+    a finished run with the same values (the outputs came from the run cache, or another run), the
+    state can never be needed again and the check_params stage removes it."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    write_json(state_dir / STATE_RECORD, {"section": section, "params": params})

@@ -18,7 +18,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import requests
-from pydantic import Field
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, field_validator
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
@@ -29,8 +31,14 @@ from steps.common.secrets import judge_api_key, redact
 _SCORE = re.compile(r"\s*(\d{1,3})\s*\.?\s*")
 
 
+# A URL without user:password@ (requests would send Basic auth instead of the bearer key): checked
+# by the validator below, and written into the JSON Schema so the check_params stage refuses it too.
+_NO_USERINFO = {"pattern": r"^[Hh][Tt][Tt][Pp][Ss]?://[^@/?#]*([/?#].*)?$",
+                "description": "an http(s) URL with no user:password@ in it (the key comes from LLMPIPE_JUDGE_API_KEY)"}
+
+
 class JudgeParams(StrictModel):
-    url: str = "http://localhost:11434"  # Ollama's default address
+    url: str = Field("http://localhost:11434", json_schema_extra=_NO_USERINFO)  # Ollama's default address
     model: str = "llama3"  # the book used Llama 3 8B
     required: bool = False  # true: an unreachable judge fails the stage
     retries: int = Field(2, ge=0)  # extra asks when an answer is not an integer 0..100
@@ -40,6 +48,16 @@ class JudgeParams(StrictModel):
     read_timeout_s: float = Field(120.0, gt=0)
     seed: int = 123
     num_ctx: int = Field(2048, gt=0)
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _no_credentials(cls, url: object) -> object:
+        if isinstance(url, str) and urlsplit(url).scheme.lower() not in ("http", "https"):
+            raise ValueError("must be an http(s) URL")
+        if isinstance(url, str) and urlsplit(url).username is not None:
+            raise ValueError("holds credentials (user:password@): remove them and put the key in "
+                             "LLMPIPE_JUDGE_API_KEY (sent as a bearer token)")
+        return url
 
 
 class JudgeUnavailableError(RuntimeError):
@@ -66,6 +84,12 @@ def parse_score(answer: str) -> int | None:
     return value if value <= 100 else None
 
 
+def chat_url(base: str) -> str:
+    """``base`` with ``/api/chat`` appended to its path (its query string, if any, kept after it)."""
+    parts = urlsplit(base)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/api/chat"))
+
+
 class OllamaJudge:
     """``POST {url}/api/chat`` with deterministic options; one pooled session with retries."""
 
@@ -90,7 +114,7 @@ class OllamaJudge:
 
     def ask(self, prompt: str, seed: int) -> str:
         """The judge's answer text; JudgeUnavailableError when there is no usable HTTP answer."""
-        url = self.params.url.rstrip("/") + "/api/chat"
+        url = chat_url(self.params.url)
         shown = redact(url)
         payload = {
             "model": self.params.model,

@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 PARAMS_FILE = Path(os.environ.get("LLMPIPE_PARAMS", "params.yaml"))
 
 M = TypeVar("M", bound=BaseModel)
+# Beside a resumable state (.cache/<stage>/<key>/): the params section it was made with, so the
+# check_params stage can remove a state whose outputs DVC already has (steps.check_params).
+STATE_RECORD = "params_record.json"
 
 
 class ParamsError(ValueError):
@@ -57,8 +60,15 @@ def validate_section(data: dict, section: str, model: type[M], source: str = "pa
         problems = []
         for err in exc.errors():
             key = ".".join([section, *(str(p) for p in err["loc"])])
-            problems.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+            problems.append(f"{key}: {err['msg']} (got {_shown(err.get('input'))})")
         raise ParamsError(f"{source}: invalid params:\n  " + "\n  ".join(problems)) from None
+
+
+def _shown(value: object) -> str:
+    """A bad value as an error shows it: URLs with their credentials and secret query values as ***."""
+    from steps.common.secrets import redact
+
+    return redact(repr(value))
 
 
 def load_section(section: str, model: type[M], path: str | os.PathLike = PARAMS_FILE) -> M:

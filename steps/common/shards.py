@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from steps.common.data import DataError
-from steps.common.io import atomic_path, write_json
+from steps.common.io import atomic_path, write_json, writing
 
 SHARD_FORMAT = "llmpipe-token-shards/1"
 META_FILE = "meta.json"
@@ -60,10 +60,12 @@ class ShardWriter:
     def write(self, tokens: np.ndarray) -> None:
         if not len(tokens):
             return
-        if self._handle is None:
-            self._handle = open(self.work_dir / (self._shard_name() + ".partial"), "wb")
+        path = self.work_dir / (self._shard_name() + ".partial")
         data = np.ascontiguousarray(tokens, dtype=self.dtype.newbyteorder("<")).data
-        self._handle.write(data)
+        with writing(path):  # disk full: an error naming the shard, not a bare errno
+            if self._handle is None:
+                self._handle = open(path, "wb")
+            self._handle.write(data)
         self._digest.update(data)
         self.open_tokens += len(tokens)
         self._open_max = max(self._open_max, int(tokens.max()))
@@ -71,9 +73,10 @@ class ShardWriter:
     def commit(self, next_file: int, counts: dict[str, int]) -> None:
         """Make everything written so far durable and resumable from corpus file ``next_file``."""
         if self._handle is not None:
-            self._handle.flush()
-            os.fsync(self._handle.fileno())
-            self._handle.close()
+            with writing(Path(self._handle.name)):
+                self._handle.flush()
+                os.fsync(self._handle.fileno())
+                self._handle.close()
             name = self._shard_name()
             os.replace(self.work_dir / (name + ".partial"), self.work_dir / name)
             self.state["shards"].append({"file": name, "tokens": self.open_tokens, "sha256": self._digest.hexdigest()})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import shutil
 import subprocess
@@ -25,7 +26,7 @@ from pydantic import BaseModel
 
 from llmcore.checkpoint import WEIGHTS_FILE
 from llmcore.train import TrainCallback, TrainState
-from steps.common.cli import StageError
+from steps.common.cli import DEBUG_ENV, StageError
 from steps.common.io import file_digest
 from steps.common.secrets import redact
 
@@ -40,9 +41,17 @@ MODEL_DIGEST_TAG = "model_md5"  # md5 of the weights a training run wrote
 LOGGED_MODEL_TAG = "logged_model_id"
 
 
+# Loggers that print a store's failure as tracebacks with SQL (a locked sqlite file: one per retry);
+# tracking_errors reports it in one line instead. LLMPIPE_DEBUG=1 keeps them.
+STORE_LOGGERS = ("mlflow.store", "sqlalchemy", "alembic")
+
+
 def configure_tracking() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     mlflow.set_tracking_uri(uri)
+    if not os.environ.get(DEBUG_ENV):
+        for name in STORE_LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     return uri
 
 
@@ -197,6 +206,7 @@ class MlflowCallback(TrainCallback):
 
     def on_eval(self, state: TrainState, metrics: dict[str, float]) -> None:
         values = {k: v for k, v in metrics.items() if k not in ("step", "tokens_seen")}
+        values["scaler_skipped_steps"] = state.skipped_steps  # fp16: steps whose gradients overflowed
         if self.seconds > 0:
             values.update(throughput_tokens_per_s=self.tokens / self.seconds, throughput_mfu=self.mfu_seconds / self.seconds)
         self.seconds = self.tokens = self.mfu_seconds = 0.0

@@ -36,7 +36,7 @@ from llmcore.tokenizer import ENCODING_DIR_ENV, TokenizerFilesError
 from llmcore.train import STATE_DIR, TrainCallback, TrainConfig, TrainingDivergedError, TrainState, has_train_state, \
     next_token_loss, train
 from steps.common.distributed import stage_run_on_main
-from steps.common.io import resume_state_dir, sha256_file, write_json
+from steps.common.io import record_state_params, resume_state_dir, sha256_file, write_json
 from steps.common.models import BaseModelError, bundle_tokenizer
 from steps.common.params import ParamsError, StrictModel
 from steps.common.plotting import plot_history, write_history_csv
@@ -145,6 +145,8 @@ def run_training(job: TrainingJob, out: TrainingOutputs, *, encoding_dir: str | 
     # A saved state is resumed only when made with the same section, settings and data.
     state_dir = resume_state_dir(out.state_dir, config.fingerprint(), job.params.model_dump(mode="json"),
                                  dict(job.resume_settings), digests, prune=is_main_process())
+    if is_main_process():
+        record_state_params(state_dir, job.stage, job.params.model_dump(mode="json"))
     with stage_run_on_main(job.stage, job.experiment, job.params) as run:
         resumed_tokens = _start_run(job, state_dir) if run is not None else 0
         started = time.perf_counter()
@@ -155,6 +157,9 @@ def run_training(job: TrainingJob, out: TrainingOutputs, *, encoding_dir: str | 
         if run is None:  # another rank of a torchrun: rank 0 writes and logs
             return {}
         metrics = _final_metrics(job, state)
+        if state.skipped_steps:  # fp16: steps whose gradients overflowed did not update the weights
+            print(f"{job.stage}: fp16's GradScaler skipped {state.skipped_steps} of {state.step} optimizer steps "
+                  "(inf/NaN gradients; see scaler_skipped_steps in the report)", flush=True)
         speed = _throughput(job.model, config, (state.tokens_seen - resumed_tokens) / wall_time, wall_time)
         job.save(job.model, out.model_dir)
         bundle_tokenizer(out.model_dir, encoding_dir)  # so `llm` and serving work offline with it
@@ -191,7 +196,7 @@ def _final_metrics(job: TrainingJob, state: TrainState) -> dict:
     """What the run reached: the same figures for the same params and seed (no timings)."""
     final = state.history[-1]
     return {**{key: final[key] for key in job.final_keys}, "steps": state.step, "tokens_seen": state.tokens_seen,
-            **job.extra_metrics}
+            "scaler_skipped_steps": state.skipped_steps, **job.extra_metrics}
 
 
 def _throughput(model: nn.Module, config: TrainConfig, tokens_per_s: float, wall_time: float) -> dict:
