@@ -12,7 +12,8 @@ averaged over the pairs. A completion's log-probability is the **mean** log-prob
 scored tokens, as the book's ``compute_logprobs`` averages over the masked response tokens (not the
 sum of the DPO paper): the prompt (up to and including the answer marker, ``### Response:``) and the
 padding are never scored; the completion's tokens and the ``<|endoftext|>`` after it are (the book
-scores no end token; the instruction model here learned to stop with one, and DPO keeps that).
+scores no end token; the instruction model here learned to stop with one, and DPO keeps that). A
+pair longer than the context loses the start of its prompt (``truncate_pair``), not its answers.
 
 The rewards are the book's: ``policy - reference`` log-probability of each completion, detached
 (the paper's implicit reward is ``beta`` times this). Reward margin = chosen - rejected reward;
@@ -59,9 +60,17 @@ def encode_pair(tokenizer, entry: Mapping, style: str = "alpaca") -> PreferenceP
     return PreferencePair(encode_example(tokenizer, prompt, chosen), encode_example(tokenizer, prompt, rejected))
 
 
-def fits(pair: PreferencePair, max_length: int) -> bool:
-    """Whether both completions keep at least one scored token within ``max_length`` columns."""
-    return pair.chosen.prompt_length <= max_length and pair.rejected.prompt_length <= max_length
+def truncate_pair(pair: PreferencePair, max_length: int) -> PreferencePair:
+    """The pair fitted to ``max_length`` tokens: when a completion with its prompt is longer, the
+    same leading prompt tokens are cut from both (one prompt token always stays, so each answer keeps
+    its first token scored); what is still too long loses its end in ``collate_pairs`` (as the
+    book's ``allowed_max_length`` cuts)."""
+    longest = max(len(pair.chosen.token_ids), len(pair.rejected.token_ids))
+    cut = min(longest - max_length, pair.chosen.prompt_length - 1, pair.rejected.prompt_length - 1)
+    if cut <= 0:
+        return pair
+    chosen, rejected = (InstructionExample(ex.token_ids[cut:], ex.prompt_length - cut) for ex in pair[:2])
+    return pair._replace(chosen=chosen, rejected=rejected)
 
 
 def collate_pairs(batch: Sequence[PreferencePair], max_length: int | None = None,

@@ -89,7 +89,7 @@ def preference_tune(params: PreferenceTuneParams, tokenizer_params: TokenizerPar
     style = read_checkpoint_meta(instruct_dir).get("prompt_style", "alpaca")
     max_length = min(params.max_length or reference.cfg.context_length, reference.cfg.context_length)
     tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
-    (train_pairs, _, train_dropped), (val_pairs, val_entries, val_dropped) = (
+    (train_pairs, _, train_cut), (val_pairs, val_entries, val_cut) = (
         load_pairs(data_dir / f"{split}.json", tokenizer, style, max_length) for split in ("train", "validation"))
     train_pairs, val_pairs = (add_reference(p, reference, params, max_length) for p in (train_pairs, val_pairs))
     del reference  # its log-probs are all it was needed for
@@ -110,7 +110,7 @@ def preference_tune(params: PreferenceTuneParams, tokenizer_params: TokenizerPar
                     "trainable_parameters": n_trainable, "prompt_style": style},
         final_keys=tuple(f"{split}_{key}" for key in FINAL for split in ("train", "val")),
         extra_metrics={"train_pairs": len(train_pairs), "val_pairs": len(val_pairs),
-                       "pairs_cut_off": train_dropped + val_dropped, "trainable_parameters": n_trainable},
+                       "pairs_prompt_cut": train_cut + val_cut, "trainable_parameters": n_trainable},
     )
     plots = {curve: plots_dir / f"preference_training_{curve}.png" for curve in CURVES}
     out = TrainingOutputs(out_dir, metrics_out, history_out, plots, cache_dir)

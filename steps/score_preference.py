@@ -73,9 +73,9 @@ def score_preference(params: ScorePreferenceParams, tokenizer_params: TokenizerP
     tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
     report = {"beta": dpo_meta.get("beta"), "prompt_style": style, "max_length": max_length}
     for short, split in SPLITS.items():
-        pairs, _, cut_off = load_pairs(data_dir / f"{split}.json", tokenizer, style, max_length)
+        pairs, _, cut = load_pairs(data_dir / f"{split}.json", tokenizer, style, max_length)
         report[short] = {**score_pairs(sft, dpo, pairs, dpo_meta.get("beta", 0.1), params, max_length),
-                         "pairs_cut_off": cut_off}
+                         "pairs_prompt_cut": cut}
     headline = {model: {f"{short}_{key}": round(report[short][model][key], 6) for short in SPLITS for key in keys}
                 for model, keys in HEADLINE.items()}
     write_json(metrics_out, report)

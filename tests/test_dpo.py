@@ -14,12 +14,12 @@ from llmcore.dpo import (
     dpo_batch_loss,
     dpo_loss,
     encode_pair,
-    fits,
     pair_logprobs,
     pair_summary,
     policy_logprobs,
     preference_metrics,
     sequence_logprobs,
+    truncate_pair,
     with_reference,
 )
 from llmcore.model import GPTModel
@@ -115,9 +115,17 @@ def test_a_chat_prompt_scores_the_same_answer_tokens_as_its_alpaca_twin(tokenize
     assert chatted == alpaca  # a one-turn chat renders as the book's prompt with an empty input
 
 
-def test_fits_needs_an_answer_token_within_max_length(tokenizer) -> None:
-    pair = encode_pair(tokenizer, PAIRS[0])
-    assert fits(pair, pair.chosen.prompt_length) and not fits(pair, pair.chosen.prompt_length - 1)
+def test_a_long_pair_loses_the_same_prompt_start_never_its_answers(tokenizer) -> None:
+    pair = encode_pair(tokenizer, PAIRS[1])
+    longest = max(len(pair.chosen.token_ids), len(pair.rejected.token_ids))
+    assert truncate_pair(pair, longest) is pair
+    cut = truncate_pair(pair, longest - 5)
+    for before, after in zip(pair, cut[:2]):
+        assert after.token_ids == before.token_ids[5:] and after.prompt_length == before.prompt_length - 5
+    tiny = truncate_pair(pair, 3)  # shorter than the answers: one prompt token stays before each
+    assert tiny.chosen.prompt_length == 1 and tiny.rejected.prompt_length == 1
+    _, targets, _ = collate_pairs([tiny], max_length=3)
+    assert (targets != -100).sum(-1).min() >= 1  # every answer keeps a scored token
 
 
 def test_a_tiny_dpo_run_raises_preference_accuracy_on_its_pairs(tokenizer) -> None:

@@ -288,3 +288,11 @@ def test_score_preference_without_a_dpo_model_says_so(prepared: Path, in_workspa
     assert str(exc.value.code).startswith("score_preference: error: base model models/missing not found")
     assert not (in_workspace / "metrics" / "x.json").exists()
 
+
+
+def test_the_dpo_model_is_served_as_an_instruction_model(tuned: Path) -> None:
+    from serving.models import GENERATOR, load_served
+
+    served = load_served(str(tuned), GENERATOR)
+    assert served.prompt_style == read_checkpoint_meta(tuned)["prompt_style"] == "alpaca"
+    assert served.card()["context_length"] == 128
