@@ -29,7 +29,7 @@ from llmcore.generate import generate_stream
 from llmcore.instruct import response_prompt
 from llmcore.tokenizer import ENCODING_DIR_ENV, ENDOFTEXT_ID, GPT2_FILES, TokenizerFilesError, encode, get_tokenizer
 
-DEFAULT_MODELS = ("models/spam_classifier", "models/pretrained", "models/instruct", "models/gpt2")
+DEFAULT_MODELS = ("models/spam_classifier", "models/pretrained", "models/instruct", "models/preference", "models/gpt2")
 
 
 def produced_by(path: str) -> str | None:

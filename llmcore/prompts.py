@@ -123,3 +123,21 @@ def chat_roles_error(roles: Sequence[str]) -> str | None:
     if not roles or roles[-1] != "assistant":
         return "the last message must be the assistant's answer"
     return None
+
+
+def completion_text(completion) -> str:
+    """A preference completion's text: a string, or a chat's one assistant message
+    (``[{"role": "assistant", "content": ...}]``)."""
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
+def preference_parts(entry: Mapping) -> tuple[dict, str, str]:
+    """(the prompt as an instruction entry, chosen, rejected) of a preference entry: Alpaca-style
+    (``instruction``, ``input``, ``chosen``, ``rejected``) or a chat (``prompt`` messages ending with
+    the user's turn, ``chosen``/``rejected`` completions). The prompt entry renders like any
+    instruction entry (``segments``: a chat's answer slot holds the chosen text)."""
+    chosen, rejected = completion_text(entry["chosen"]), completion_text(entry["rejected"])
+    if "prompt" in entry:
+        messages = [{"role": m["role"], "content": m["content"]} for m in entry["prompt"]]
+        return {"messages": [*messages, {"role": "assistant", "content": chosen}]}, chosen, rejected
+    return {"instruction": entry["instruction"], "input": entry.get("input", "")}, chosen, rejected

@@ -18,7 +18,7 @@ PIPELINES: dict[str, list[str] | None] = {
     "all": None,  # every stage in dvc.yaml
     "pretrain": ["evaluate"],
     "spam": ["score_spam", "baseline_spam"],  # the GPT classifier and its baseline, on the same split
-    "instructions": ["score_instructions"],
+    "instructions": ["score_instructions", "score_preference", "score_instructions_dpo"],  # SFT -> DPO -> scoring
 }
 
 

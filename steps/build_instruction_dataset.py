@@ -12,63 +12,20 @@ fine-tuning needs.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
 from typing import Literal
-
-import numpy as np
-from pydantic import Field, model_validator
 
 from llmcore.prompts import segments
 from llmcore.tokenizer import TokenizerFilesError, encode, get_tokenizer
 from steps.common.cli import StageParams, run_stage
-from steps.common.data import DataError, TokenizerParams
-from steps.common.datasets import INSTRUCTIONS_META, load_entries
-from steps.common.io import atomic_path, write_json
-from steps.common.params import StrictModel
-
-SPLITS = ("train", "test", "validation")
+from steps.common.data import TokenizerParams
+from steps.common.datasets import SPLITS, SplitParams, length_stats, load_entries, split_entries, write_splits
+from steps.common.io import write_json
 
 
-class InstructionDataParams(StrictModel):
+class InstructionDataParams(SplitParams):
     input: str = "data/raw/instruction-data.json"  # .json list or .jsonl (DVC's dependency of this stage)
     prompt_style: Literal["alpaca", "phi3"] = "alpaca"  # how entries become text (llmcore.prompts)
-    train_frac: float = Field(0.85, gt=0, lt=1)
-    test_frac: float = Field(0.10, gt=0, lt=1)
-    shuffle: bool = False
-    seed: int = 123
-
-    @model_validator(mode="after")
-    def _leaves_validation(self) -> InstructionDataParams:
-        if self.train_frac + self.test_frac >= 1:
-            raise ValueError("train_frac + test_frac must be < 1 to leave a validation split")
-        return self
-
-
-def split_entries(entries: list[dict], params: InstructionDataParams) -> dict[str, list[dict]]:
-    """Train, test and validation slices, in file order unless ``shuffle`` is set."""
-    if params.shuffle:
-        order = np.random.default_rng(params.seed).permutation(len(entries))
-        entries = [entries[i] for i in order]
-    train_end = int(len(entries) * params.train_frac)
-    test_end = train_end + int(len(entries) * params.test_frac)
-    splits = dict(zip(SPLITS, (entries[:train_end], entries[train_end:test_end], entries[test_end:])))
-    empty = [name for name, part in splits.items() if not part]
-    if empty:
-        raise DataError(f"{len(entries)} entries leave the {', '.join(empty)} split(s) empty")
-    return splits
-
-
-def length_stats(lengths: list[int]) -> dict[str, int | float]:
-    values = np.asarray(lengths)
-    return {
-        "entries": len(values),
-        "tokens_min": int(values.min()),
-        "tokens_mean": round(float(values.mean()), 2),
-        "tokens_max": int(values.max()),
-        "tokens_p95": round(float(np.percentile(values, 95)), 2),
-    }
 
 
 def build_instruction_dataset(
@@ -82,10 +39,7 @@ def build_instruction_dataset(
         name: length_stats([len(encode(tok, "".join(text for text, _ in segments(e, style)))) for e in part])
         for name, part in splits.items()
     }
-    with atomic_path(out_dir, is_dir=True) as tmp:
-        for name, part in splits.items():
-            (tmp / f"{name}.json").write_text(json.dumps(part, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        write_json(tmp / INSTRUCTIONS_META, {"prompt_style": style})
+    write_splits(out_dir, splits, {"prompt_style": style})
     write_json(metrics_out, metrics)
     return metrics
 

@@ -40,8 +40,7 @@ from steps.common.data import LABELS_FILE, TokenizerParams
 from steps.common.datasets import read_splits
 from steps.common.distributed import setup_distributed
 from steps.common.io import sha256_file
-from steps.common.models import BaseModelParams, load_base_model
-from steps.common.params import StrictModel
+from steps.common.models import BaseModelParams, LoraParams, load_base_model
 from steps.common.registry import SPAM_CLASSIFIER
 from steps.common.training import TRAINING_ERRORS, Pyfunc, TrainingJob, TrainingOutputs, TrainParams, run_training, \
     stage_device
@@ -50,11 +49,6 @@ STAGE = "finetune_classifier"
 EXPERIMENT = SPAM_CLASSIFIER  # the experiment is named after the model it registers
 CACHE_DIR = Path(".cache/finetune_classifier")
 STEP_LOG_EVERY = 5  # optimizer steps between MLflow step-loss points (each is a database write)
-
-
-class LoraParams(StrictModel):
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
 
 
 class FinetuneClassifierParams(TrainParams):

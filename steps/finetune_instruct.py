@@ -29,6 +29,7 @@ from steps.common.data import DataError, TokenizerParams
 from steps.common.datasets import load_entries, read_prompt_style
 from steps.common.distributed import setup_distributed
 from steps.common.io import sha256_file
+from steps.common.mlflow_models import instruct_signature
 from steps.common.models import BaseModelParams, load_base_model
 from steps.common.registry import INSTRUCT_MODEL
 from steps.common.training import TRAINING_ERRORS, Pyfunc, TrainingJob, TrainingOutputs, TrainParams, run_training, \
@@ -73,20 +74,6 @@ class SampleResponses(TrainCallback):
         )
         print(f"\n--- sample responses after epoch {state.epoch + 1} ---\n{text}\n")
         mlflow.log_text(text, f"samples/epoch_{state.epoch + 1:02d}.md")
-
-
-def instruct_signature():
-    """An instruction (and optional input) in; the response out; generation options per call."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-
-    from steps.common.mlflow_models import generation_param_schema
-
-    return ModelSignature(
-        inputs=Schema([ColSpec("string", "instruction"), ColSpec("string", "input", required=False)]),
-        outputs=Schema([ColSpec("string", "response")]),
-        params=generation_param_schema(128),
-    )
 
 
 def finetune_instruct(

@@ -46,11 +46,15 @@ TINY_PARAMS = {
     "score_instructions": {"max_new_tokens": 4, "max_entries": 4,
                            "judge": {"url": f"http://127.0.0.1:{closed_port()}", "required": False, "connect_retries": 0,
                                      "connect_timeout_s": 1}},
+    "preference_data": {"train_frac": 0.05, "test_frac": 0.05},
+    "preference_tune": {"epochs": 1, "batch_size": 16, "eval_every": 0, "eval_batches": 1, "checkpoint_every": 0},
+    "score_preference": {"batch_size": 64},
     "orchestration": {"mlflow_experiment": "e2e", "download_retry_delays_s": [1]},
 }
 
 
 MODEL_STAGES = {"pretrain", "evaluate", "load_gpt2", "adapt_pretrain", "finetune_classifier", "score_spam", "finetune_instruct",
+                "preference_tune", "score_preference", "score_instructions_dpo",
                 "score_instructions"}
 
 

@@ -112,7 +112,8 @@ def test_a_failed_stage_fails_the_flow_with_its_output_after_download_retries(fl
 
 # The stages that train or load a model (and the baseline) log a run; evaluate and the scorers log
 # into those runs.
-TRAINING_STAGES = {"pretrain", "load_gpt2", "adapt_pretrain", "finetune_classifier", "finetune_instruct", "baseline_spam"}
+TRAINING_STAGES = {"pretrain", "load_gpt2", "adapt_pretrain", "finetune_classifier", "finetune_instruct", "baseline_spam",
+                   "preference_tune"}
 
 
 def test_pipeline_runs_every_stage_then_skips_then_reruns_only_downstream(pipeline_repo: Path) -> None:
@@ -147,6 +148,8 @@ def test_pipeline_runs_every_stage_then_skips_then_reruns_only_downstream(pipeli
     assert set(headline["metrics/baseline.json"]) == {f"baseline_test_{m}{c}" for m in ("accuracy", "f1") for c in ci}
     assert set(headline["metrics/pretrain.json"]) == {f"val_{m}{c}" for m in ("loss", "perplexity") for c in ci}
     assert "rouge_l_f1" in headline["metrics/instructions.json"]
+    assert "rouge_l_f1" in headline["metrics/instructions_dpo.json"]
+    assert set(headline["metrics/preference.json"]) == {"sft", "dpo"}  # preference accuracy before and after DPO
     assert report.metrics and all(isinstance(v, (int, float)) for v in report.metrics.values())
 
     client = mlflow.MlflowClient()

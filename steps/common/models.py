@@ -10,6 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from pydantic import Field
+
 from llmcore.checkpoint import load_checkpoint
 from llmcore.model import GPTModel
 from llmcore.tokenizer import ENCODING_DIR_ENV, GPT2_FILE_SHA256, GPT2_FILES
@@ -26,6 +28,13 @@ class BaseModelError(ValueError):
 
 class BaseModelParams(StrictModel):
     dir: str  # an llmcore checkpoint: models/pretrained (own), models/adapted (adapt_pretrain) or models/gpt2
+
+
+class LoraParams(StrictModel):
+    """LoRA adapters (llmcore.lora) of a fine-tune that trains them only."""
+
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
 
 
 def load_base_model(base_dir: Path, **overrides) -> GPTModel:

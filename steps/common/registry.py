@@ -49,6 +49,7 @@ CHAMPION = "champion"
 PRETRAINED_MODEL = "pretrained-gpt"
 SPAM_CLASSIFIER = "spam-classifier"
 INSTRUCT_MODEL = "instruct-gpt"
+PREFERENCE_MODEL = "preference-gpt"  # the instruction model after DPO (preference_tune)
 ADAPTED_MODEL = "adapted-gpt"  # the base after domain-adaptive pretraining (adapt_pretrain): @candidate only
 
 LOCK_SUFFIX = ".promotion-lock"

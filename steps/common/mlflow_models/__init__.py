@@ -70,3 +70,16 @@ def generator_signature():
         outputs=Schema([ColSpec("string", "completion")]),
         params=generation_param_schema(50),
     )
+
+
+def instruct_signature():
+    """The signature of ``instruct.py`` (finetune_instruct, preference_tune): an instruction (and
+    optional input) in, the response out; generation options per call."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "instruction"), ColSpec("string", "input", required=False)]),
+        outputs=Schema([ColSpec("string", "response")]),
+        params=generation_param_schema(128),
+    )

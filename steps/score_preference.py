@@ -1,0 +1,115 @@
+"""Score preference tuning on held-out pairs: the instruction model (SFT, before DPO) and the DPO
+model on the same validation and test pairs of ``data/preferences``.
+
+For each model: the preference accuracy (share of pairs whose chosen answer the model itself gives
+the higher mean log-probability; ``llmcore.dpo``) and the mean log-prob margin. For the DPO model,
+against the SFT model as its reference: the DPO loss (the model's beta), the chosen and rejected
+rewards, the reward margin and the reward accuracy. ``metrics/preference.json`` holds the headline
+(``dvc exp show``: before and after DPO side by side), ``reports/preference.json`` everything. The
+scores go into the MLflow run that trained the DPO model, and ``preference-gpt``'s ``@champion``
+moves to this version when it beats the champion on ``champion_metric`` (the registry's policy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from llmcore.checkpoint import CheckpointError, read_checkpoint_meta
+from llmcore.dpo import PreferencePair, pair_logprobs, pair_summary
+from llmcore.device import resolve_device
+from llmcore.model import GPTModel
+from llmcore.tokenizer import TokenizerFilesError, get_tokenizer
+from steps.common.cli import StageParams, run_stage
+from steps.common.data import DataError, TokenizerParams
+from steps.common.io import write_json
+from steps.common.models import BaseModelError, load_base_model
+from steps.common.params import ParamsError, StrictModel
+from steps.common.preferences import load_pairs
+from steps.common.registry import PREFERENCE_MODEL
+
+STAGE = "score_preference"
+SPLITS = {"val": "validation", "test": "test"}
+HEADLINE = {"sft": ("preference_accuracy",),
+            "dpo": ("preference_accuracy", "reward_margin", "reward_accuracy")}
+
+
+class ScorePreferenceParams(StrictModel):
+    batch_size: int = Field(8, ge=1)  # pairs scored together
+    max_length: int | None = Field(None, ge=2)  # tokens per answer with its prompt; null: the model's context
+    device: str = "auto"
+    champion_metric: Literal["test_preference_accuracy", "test_reward_margin"] = "test_preference_accuracy"
+
+
+def score_pairs(sft: GPTModel, dpo: GPTModel, pairs: list[PreferencePair], beta: float, params: ScorePreferenceParams,
+                max_length: int) -> dict:
+    """Both models' summaries of one split's pairs."""
+    sft_lp = pair_logprobs(sft, pairs, batch_size=params.batch_size, max_length=max_length)
+    dpo_lp = pair_logprobs(dpo, pairs, batch_size=params.batch_size, max_length=max_length)
+    return {"pairs": len(pairs), "sft": pair_summary(*sft_lp),
+            "dpo": pair_summary(*dpo_lp, reference=torch.stack(sft_lp), beta=beta)}
+
+
+def score_preference(params: ScorePreferenceParams, tokenizer_params: TokenizerParams, *, sft_dir: Path,
+                     model_dir: Path, data_dir: Path, metrics_out: Path, headline_out: Path) -> dict:
+    """Score both models on the validation and test pairs; write and record the results."""
+    from steps.common.tracking import check_store, record_evaluation  # mlflow imports take seconds
+
+    check_store(PREFERENCE_MODEL)  # before any work or output: fail early if the store cannot be written
+    try:
+        device = resolve_device(params.device)
+    except ValueError as exc:
+        raise ParamsError(f"{STAGE}.device: {exc}") from exc
+    sft, dpo = (load_base_model(path).to(device).eval() for path in (sft_dir, model_dir))
+    style, dpo_meta = read_checkpoint_meta(sft_dir).get("prompt_style", "alpaca"), read_checkpoint_meta(model_dir)
+    if dpo_meta.get("prompt_style", "alpaca") != style:
+        raise DataError(f"{model_dir} was tuned in prompt style {dpo_meta.get('prompt_style')!r}, "
+                        f"{sft_dir} in {style!r}: run `dvc repro preference_tune`")
+    max_length = min(params.max_length or sft.cfg.context_length, sft.cfg.context_length, dpo.cfg.context_length)
+    tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
+    report = {"beta": dpo_meta.get("beta"), "prompt_style": style, "max_length": max_length}
+    for short, split in SPLITS.items():
+        pairs, _, cut = load_pairs(data_dir / f"{split}.json", tokenizer, style, max_length)
+        report[short] = {**score_pairs(sft, dpo, pairs, dpo_meta.get("beta", 0.1), params, max_length),
+                         "pairs_prompt_cut": cut}
+    headline = {model: {f"{short}_{key}": round(report[short][model][key], 6) for short in SPLITS for key in keys}
+                for model, keys in HEADLINE.items()}
+    write_json(metrics_out, report)
+    write_json(headline_out, headline)
+    tracked = {**headline["dpo"], **{f"sft_{key}": value for key, value in headline["sft"].items()}}
+    record_evaluation(STAGE, params, model_dir, tracked, [metrics_out], registered_model=PREFERENCE_MODEL,
+                      champion_metric=params.champion_metric, outputs=[metrics_out, headline_out])
+    return report
+
+
+def format_summary(report: dict) -> str:
+    test = report["test"]
+    return (f"{test['pairs']} test pairs: preference accuracy SFT {test['sft']['preference_accuracy']:.3f} -> DPO "
+            f"{test['dpo']['preference_accuracy']:.3f}, reward margin {test['dpo']['reward_margin']:.4f}, "
+            f"reward accuracy {test['dpo']['reward_accuracy']:.3f}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    def body(args, params: StageParams) -> str:
+        report = score_preference(
+            params.section(STAGE, ScorePreferenceParams), params.section("tokenizer", TokenizerParams),
+            sft_dir=args.sft, model_dir=args.model, data_dir=args.data, metrics_out=args.metrics,
+            headline_out=args.headline,
+        )
+        return format_summary(report)
+
+    run_stage(STAGE, "Preference accuracy of the instruction model before and after DPO.", body, argv=argv,
+              errors=(CheckpointError, TokenizerFilesError, BaseModelError), paths={
+                  "sft": ("models/instruct", "the instruction model (before DPO)"),
+                  "model": ("models/preference", "the DPO model"), "data": "data/preferences",
+                  "metrics": ("reports/preference.json", "every score"),
+                  "headline": ("metrics/preference.json", "preference accuracy before and after, reward margin"),
+              })
+
+
+if __name__ == "__main__":
+    main()
