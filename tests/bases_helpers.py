@@ -13,10 +13,10 @@ import torch
 VOCAB = 96
 
 
-def hf_config(family: str):
+def hf_config(family: str, vocab: int = VOCAB):
     import transformers as tf
 
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, max_position_embeddings=64,
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, max_position_embeddings=64,
                   eos_token_id=None, bos_token_id=None, pad_token_id=None)
     if family == "llama":
         # llama3 RoPE scaling with an original context of 16: with head_dim 8 one frequency falls in
@@ -39,12 +39,12 @@ def hf_config(family: str):
     raise ValueError(family)
 
 
-def hf_model(family: str, seed: int = 0):
+def hf_model(family: str, seed: int = 0, vocab: int = VOCAB):
     import transformers as tf
 
     torch.manual_seed(seed)
     classes = {"llama": tf.LlamaForCausalLM, "qwen3": tf.Qwen3ForCausalLM, "gemma3": tf.Gemma3ForCausalLM}
-    model = classes[family](hf_config(family)).eval()
+    model = classes[family](hf_config(family, vocab)).eval()
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0.0, 0.3)
@@ -58,3 +58,34 @@ def save_hf(model, directory: Path, *, shard: bool = False, dtype: torch.dtype |
         model = model.to(dtype)
     model.save_pretrained(directory, max_shard_size="20KB" if shard else "5GB")
     return directory
+
+
+TOKENIZER_TEXT = ["The quick brown fox jumps over the lazy dog.", "Spam: win a free prize now! Reply YES.",
+                  "Hello there, how are you today? Fine, thanks; and you?", "Numbers 12345 and ünïcödé text."] * 20
+SPECIAL_TOKENS = ["<|begin_of_text|>", "<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>",
+                  "<|eot_id|>"]
+# Qwen3's ChatML shape (system prompt optional, generation prompt opens the assistant turn).
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def train_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained with Hugging Face `tokenizers` on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TOKENIZER_TEXT, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
+def save_chatml_tokenizer(directory: Path):
+    """transformers' fast tokenizer around ``train_tokenizer``, ChatML template, eos <|im_end|>."""
+    import transformers as tf
+
+    hf = tf.PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(), eos_token="<|im_end|>")
+    hf.chat_template = CHATML
+    hf.save_pretrained(directory)
+    return hf

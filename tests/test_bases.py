@@ -152,3 +152,27 @@ def test_missing_directory_and_weights(tmp_path):
     (tmp_path / "empty" / "config.json").write_text(json.dumps(hf_model("qwen3").config.to_dict()))
     with pytest.raises(CheckpointError, match="neither model.safetensors nor"):
         load_hf_model(tmp_path / "empty")
+
+
+def test_lora_trains_adapters_and_merged_weights_equal_unmerged(pair):
+    import copy
+
+    from llmcore.lora import apply_lora, merge_lora
+
+    family, _, ours = pair
+    model = copy.deepcopy(ours).train()
+    names = apply_lora(model, rank=4, alpha=8.0)
+    assert {n.rsplit(".", 1)[-1] for n in names} == {"q_proj", "k_proj", "v_proj", "out_proj", "gate", "up", "down"}
+    ids = _ids(2, 10, seed=7)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        model.loss(ids[:, :-1], ids[:, 1:]).backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        unmerged = model(ids)
+        assert (unmerged - ours(ids)).abs().max().item() > 1e-4  # the adapters learned something
+        merge_lora(model)
+        assert (model(ids) - unmerged).abs().max().item() <= 1e-5, family
+    assert torch.equal(model.tok_emb.weight, ours.tok_emb.weight)  # only adapted Linears changed

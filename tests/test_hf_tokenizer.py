@@ -7,35 +7,24 @@ import json
 import pytest
 
 from llmcore.hf_tokenizer import HFTokenizer, TokenizerConfigError
+from tests.bases_helpers import CHATML, train_tokenizer
 
 tf = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-TEXT = ["The quick brown fox jumps over the lazy dog.", "Spam: win a free prize now! Reply YES.",
-        "Hello there, how are you today? Fine, thanks; and you?", "Numbers 12345 and ünïcödé text."] * 20
-# Qwen3's ChatML shape (system prompt optional, generation prompt opens the assistant turn).
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 # Llama 3's shape: bos_token first, header ids, trimmed content, a date from strftime_now, a tojson filter.
 LLAMA3 = ("{{ bos_token }}{% set date = strftime_now('%Y') %}{% for message in messages %}"
           "{% if loop.first and message['role'] != 'system' %}{{ '<|start_header_id|>system<|end_header_id|>\n\n' }}"
           "{{ 'Year ' + date + ' ' + ({'k': 'ü'} | tojson) + '<|eot_id|>' }}{% endif %}"
           "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
-SPECIALS = ["<|begin_of_text|>", "<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "  Is this spam? Win now!  "},
             {"role": "assistant", "content": "Yes."}, {"role": "user", "content": "And this: see you at 5?"}]
 
 
 @pytest.fixture(scope="module", params=["chatml", "llama3"])
 def saved(request, tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS,
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = train_tokenizer()
     chatml = request.param == "chatml"
     hf = tf.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>" if chatml else "<|eot_id|>",
                                     bos_token=None if chatml else "<|begin_of_text|>")

@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 from llmcore.checkpoint import load_checkpoint
 from llmcore.model import GPTModel
@@ -26,6 +27,15 @@ class BaseModelError(ValueError):
 
 class BaseModelParams(StrictModel):
     dir: str  # an llmcore checkpoint: models/pretrained (own), models/adapted (adapt_pretrain) or models/gpt2
+
+
+class BaseModelSectionParams(BaseModelParams):
+    """params.yaml's base_model section: the fine-tunes' base, and what load_base converts."""
+
+    # A Hugging Face Llama 3.2 / Qwen3 / Gemma 3 directory or Hub id that load_base converts to
+    # models/base; "" (the default): no such base, load_base writes only status.json (loaded=false).
+    source: str = ""
+    dtype: Literal["float32", "bfloat16"] = "float32"  # the converted weights' dtype
 
 
 def load_base_model(base_dir: Path, **overrides) -> GPTModel:

@@ -1,0 +1,94 @@
+"""load_base: a Hugging Face base (tiny random Qwen3 + tokenizer) -> models/base, usable offline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llmcore.checkpoint import load_checkpoint
+from llmcore.generate import generate
+from llmcore.hf_tokenizer import HFTokenizer
+from steps.common.models import BaseModelError, BaseModelSectionParams, load_base_model
+from steps.load_base import load_base_stage
+from tests.bases_helpers import hf_model, save_chatml_tokenizer, save_hf
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def mlflow_env(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:  # one store for the module: creating one takes seconds
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}")
+        yield
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("qwen3") / "hf"
+    hf = hf_model("qwen3", vocab=320)
+    save_hf(hf, directory)
+    save_chatml_tokenizer(directory)
+    return directory, hf
+
+
+def test_stage_converts_model_and_tokenizer(hf_dir, tmp_path, mlflow_env):
+    directory, hf = hf_dir
+    status = load_base_stage(BaseModelSectionParams(dir="models/base", source=str(directory)), tmp_path / "base")
+    assert status["loaded"] and status["family"] == "qwen3" and status["chat_template"]
+    out = tmp_path / "base"
+    assert {"tokenizer.json", "tokenizer_config.json", "status.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
+    model = load_base_model(out).eval()
+    tokenizer = HFTokenizer(out)
+    assert status["eos_ids"] == [tokenizer.eos_id] == [tokenizer.token_to_id("<|im_end|>")]
+    ids = tokenizer.chat_ids([{"role": "user", "content": "Win a free prize?"}])
+    expected = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                           max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+    assert generate(model, [ids], 8) == [expected]  # the converted checkpoint decodes as transformers
+    assert isinstance(tokenizer.decode(expected), str)
+
+
+def test_bfloat16_conversion(hf_dir, tmp_path, mlflow_env):
+    directory, _ = hf_dir
+    from safetensors import safe_open
+
+    load_base_stage(BaseModelSectionParams(dir="x", source=str(directory), dtype="bfloat16"), tmp_path / "base")
+    with safe_open(tmp_path / "base" / "model.safetensors", framework="pt") as f:
+        assert f.get_tensor("tok_emb.weight").dtype == torch.bfloat16  # stored at half the size
+    assert load_checkpoint(tmp_path / "base").tok_emb.weight.dtype == torch.float32  # trained in fp32, as any checkpoint
+
+
+def test_empty_source_writes_status_only_and_fine_tunes_refuse_it(tmp_path, mlflow_env):
+    status = load_base_stage(BaseModelSectionParams(dir="models/base"), tmp_path / "base")
+    assert status["loaded"] is False and [p.name for p in (tmp_path / "base").iterdir()] == ["status.json"]
+    with pytest.raises(BaseModelError, match="base_model.source is empty"):
+        load_base_model(tmp_path / "base")
+
+
+def test_bad_source_is_a_one_line_error_and_writes_nothing(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(f"base_model:\n  dir: models/base\n  source: {tmp_path / 'missing'}\n  dtype: float32\n")
+    result = subprocess.run([sys.executable, "-m", "steps.load_base", "--params", str(params), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}",
+                                                                 "PATH": "/usr/bin:/bin"})
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0 and "load_base: error:" in result.stderr and "missing" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_architecture_through_the_stage(hf_dir, tmp_path, mlflow_env):
+    import shutil
+
+    directory = tmp_path / "hf"
+    shutil.copytree(hf_dir[0], directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["architectures"] = ["Phi3ForCausalLM"]
+    (directory / "config.json").write_text(json.dumps(config))
+    from llmcore.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="Phi3ForCausalLM"):
+        load_base_stage(BaseModelSectionParams(dir="x", source=str(directory)), tmp_path / "base")
+    assert not (tmp_path / "base").exists()
