@@ -65,7 +65,12 @@ def check_model_dir(directory: str) -> Path:
 
 
 def tokenizer_for(model_dir: Path):
-    """$LLMCORE_GPT2_ENCODING_DIR, else BPE files saved beside the model, else tiktoken's download."""
+    """A Llama/Qwen3/Gemma base's own tokenizer.json, else $LLMCORE_GPT2_ENCODING_DIR, else BPE files
+    saved beside the model, else tiktoken's download."""
+    if (model_dir / "tokenizer.json").is_file():
+        from llmcore.hf_tokenizer import HFTokenizer  # deferred: GPT-2 models never need `tokenizers`
+
+        return HFTokenizer(model_dir)
     if not os.environ.get(ENCODING_DIR_ENV) and all((model_dir / name).is_file() for name in GPT2_FILES):
         return get_tokenizer(model_dir)
     return get_tokenizer()
@@ -83,8 +88,16 @@ def stream_text(tokenizer, token_steps: Iterable[int]) -> Iterator[str]:
         yield tail
 
 
-def stream_reply(model, tokenizer, prompt: str, args: argparse.Namespace) -> None:
-    """Generate from ``prompt`` until <|endoftext|> or the token limit, printing text as it comes."""
+def stream_reply(model, tokenizer, prompt: str | list[int], args: argparse.Namespace) -> None:
+    """Generate from ``prompt`` (text, or ids) until the end-of-text token or the token limit,
+    printing text as it comes."""
+    if not hasattr(tokenizer, "decode_single_token_bytes"):  # a Hugging Face tokenizer (llmcore.hf_tokenizer)
+        ids = prompt if isinstance(prompt, list) else tokenizer.encode(prompt, add_special_tokens=True)
+        steps = generate_stream(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, eos_id=tokenizer.eos_id, seed=args.seed)
+        for piece in tokenizer.stream_decode(int(s[0]) for s in steps if int(s[0]) not in tokenizer.eos_ids):
+            print(piece, end="", flush=True)
+        return
     ids = encode(tokenizer, prompt) or [ENDOFTEXT_ID]  # an empty prompt starts from <|endoftext|>
     context = model.cfg.context_length
     if len(ids) >= context:
@@ -146,7 +159,11 @@ def cmd_chat(args: argparse.Namespace) -> None:
         except EOFError:
             break
         print("Response: ", end="", flush=True)
-        stream_reply(model, tokenizer, response_prompt({"instruction": instruction, "input": extra}, style), args)
+        if getattr(tokenizer, "chat_template", None):  # a base with a chat template: the model's own format
+            content = f"{instruction}\n\n{extra}" if extra else instruction
+            stream_reply(model, tokenizer, tokenizer.chat_ids([{"role": "user", "content": content}]), args)
+        else:
+            stream_reply(model, tokenizer, response_prompt({"instruction": instruction, "input": extra}, style), args)
         print()
     print()
 

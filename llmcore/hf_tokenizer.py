@@ -19,6 +19,7 @@ import functools
 import json
 import os
 from datetime import datetime
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -149,3 +150,21 @@ class HFTokenizer:
         """The rendered conversation's token ids (as ``apply_chat_template(tokenize=True)``: the
         template writes the special tokens itself, none are added)."""
         return self.encode(self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt))
+
+    def stream_decode(self, token_ids) -> Iterator[str]:
+        """Text pieces as token ids arrive (special tokens skipped); a piece that ends inside a
+        multi-byte character (decoded as U+FFFD) waits for the next token."""
+        ids: list[int] = []
+        shown = ""
+        for token in token_ids:
+            ids.append(int(token))
+            text = self.decode(ids)
+            if text.endswith("\ufffd"):
+                continue
+            if text.startswith(shown):
+                piece, shown = text[len(shown):], text
+                if piece:
+                    yield piece
+        text = self.decode(ids)
+        if text.startswith(shown) and text[len(shown):]:
+            yield text[len(shown):]

@@ -77,3 +77,11 @@ def test_template_errors_are_named(saved, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(TokenizerConfigError, match="no chat_template"):
         HFTokenizer(tmp_path).apply_chat_template(MESSAGES)
+
+
+def test_stream_decode_pieces_join_to_the_decoded_text(saved):
+    _, ours = saved
+    ids = ours.encode("Numbers 12345 and ünïcödé text.<|im_end|> fox")
+    pieces = list(ours.stream_decode(ids))
+    assert "".join(pieces) == ours.decode(ids) and len(pieces) > 1
+    assert not any("\ufffd" in piece for piece in pieces)

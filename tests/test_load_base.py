@@ -92,3 +92,27 @@ def test_unknown_architecture_through_the_stage(hf_dir, tmp_path, mlflow_env):
     with pytest.raises(CheckpointError, match="Phi3ForCausalLM"):
         load_base_stage(BaseModelSectionParams(dir="x", source=str(directory)), tmp_path / "base")
     assert not (tmp_path / "base").exists()
+
+
+def test_llm_generate_and_chat_use_the_base_tokenizer_and_template(hf_dir, tmp_path, mlflow_env, monkeypatch, capsys):
+    from llmcore import cli
+
+    directory, hf = hf_dir
+    load_base_stage(BaseModelSectionParams(dir="x", source=str(directory)), tmp_path / "base")
+    tokenizer = HFTokenizer(tmp_path / "base")
+
+    def hf_reply(ids: list[int]) -> str:
+        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                          max_new_tokens=6, do_sample=False)[0, len(ids):].tolist()
+        if tokenizer.eos_id in out:
+            out = out[: out.index(tokenizer.eos_id)]
+        return tokenizer.decode(out)
+
+    args = ["--model", str(tmp_path / "base"), "--max-new-tokens", "6", "--temperature", "0"]
+    assert cli.main(["generate", "Win a free prize", *args]) == 0
+    assert capsys.readouterr().out == "Win a free prize" + hf_reply(tokenizer.encode("Win a free prize")) + "\n"
+    answers = iter(["Is this spam?", "", "exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    assert cli.main(["chat", *args]) == 0
+    expected = hf_reply(tokenizer.chat_ids([{"role": "user", "content": "Is this spam?"}]))
+    assert f"Response: {expected}\n" in capsys.readouterr().out
