@@ -41,7 +41,9 @@ def test_stage_converts_model_and_tokenizer(hf_dir, tmp_path, mlflow_env):
     assert status["loaded"] and status["family"] == "qwen3" and status["chat_template"]
     out = tmp_path / "base"
     assert {"tokenizer.json", "tokenizer_config.json", "status.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
-    model = load_base_model(out).eval()
+    model = load_checkpoint(out).eval()
+    with pytest.raises(BaseModelError, match="fine-tuning stages do not support it yet"):
+        load_base_model(out)  # GPT-2-tokenized fine-tunes refuse it rather than train on meaningless ids
     tokenizer = HFTokenizer(out)
     assert status["eos_ids"] == [tokenizer.eos_id] == [tokenizer.token_to_id("<|im_end|>")]
     ids = tokenizer.chat_ids([{"role": "user", "content": "Win a free prize?"}])

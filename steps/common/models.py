@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from llmcore.checkpoint import load_checkpoint
+from llmcore.checkpoint import DECODER_FORMAT, load_checkpoint, read_checkpoint_meta
 from llmcore.model import GPTModel
 from llmcore.tokenizer import ENCODING_DIR_ENV, GPT2_FILE_SHA256, GPT2_FILES
 from steps.common.io import atomic_path
@@ -56,6 +56,11 @@ def load_base_model(base_dir: Path, **overrides) -> GPTModel:
             )
     if not (base_dir / "config.json").is_file():
         raise BaseModelError(f"base model {base_dir} not found (no config.json): run its stage first (dvc repro)")
+    if read_checkpoint_meta(base_dir).get("format") == DECODER_FORMAT:
+        # The fine-tunes tokenize with GPT-2's BPE: ids that mean nothing to a Llama/Qwen3/Gemma base.
+        raise BaseModelError(f"base model {base_dir} is a Hugging Face base (format {DECODER_FORMAT}); the "
+                             "fine-tuning stages do not support it yet (they tokenize with GPT-2's BPE): use it "
+                             "with `llm generate/chat`, or set base_model.dir to a GPT checkpoint")
     return load_checkpoint(base_dir, **overrides)
 
 
