@@ -26,6 +26,22 @@ from typing import Any
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet reversed: the printable character standing for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+_BYTE_DECODER = _byte_decoder()
+
+
 class TokenizerConfigError(ValueError):
     """A model directory's tokenizer files are missing or unreadable (names the file)."""
 
@@ -91,6 +107,8 @@ class HFTokenizer:
         self.chat_template = self._find_template(root, config)
         self.name = root.name
         self.eos_ids = self._eos_ids(root)
+        self._added = {i: t.content for i, t in self._tok.get_added_tokens_decoder().items()}
+        self._byte_level = "ByteLevel" in json.dumps(json.loads(path.read_text(encoding="utf-8")).get("decoder"))
 
     @staticmethod
     def _find_template(root: Path, config: dict[str, Any]) -> str | None:
@@ -121,13 +139,33 @@ class HFTokenizer:
         """The first end-of-sequence id (generation stops on it)."""
         return self.eos_ids[0] if self.eos_ids else None
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False, allowed_special=None) -> list[int]:
         """Token ids; special-token text (``<|im_end|>``) maps to its id. ``add_special_tokens``
-        applies the tokenizer's post-processor (e.g. Llama's leading <|begin_of_text|>)."""
+        applies the tokenizer's post-processor (e.g. Llama's leading <|begin_of_text|>).
+        ``allowed_special`` (tiktoken's keyword, which llmcore.tokenizer.encode passes) is accepted
+        and has no effect: every special token's text is always its id here."""
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def decode_single_token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for (as tiktoken's method of that name), so byte-wise UTF-8
+        streaming works: byte-level BPE pieces (Llama 3, Qwen3) map back through GPT-2's byte
+        alphabet; SentencePiece-style pieces (Gemma) turn ``▁`` into a space and ``<0xNN>`` into
+        that byte; added (special) tokens are their text; an id the tokenizer lacks, nothing (as
+        ``decode`` skips it)."""
+        added = self._added.get(token)
+        if added is not None:
+            return added.encode("utf-8")
+        piece = self._tok.id_to_token(token)
+        if piece is None:  # a model's padded vocabulary rows (Qwen3: 151,936 > the tokenizer's 151,669)
+            return b""
+        if self._byte_level:
+            return bytes(_BYTE_DECODER[ch] for ch in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

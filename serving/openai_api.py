@@ -39,7 +39,7 @@ def openai_router(state: ServeState) -> APIRouter:
     async def chat_completions(body: ChatRequest):
         served = state.lookup(GENERATOR, body.model)
         try:
-            prompt = render_chat([(m.role, m.text()) for m in body.messages], served.prompt_style)
+            prompt = render_chat([(m.role, m.text()) for m in body.messages], served.prompt_style, served.tokenizer)
         except PromptError as exc:
             raise APIError(400, str(exc), param="messages") from exc
         return await answer(state, served, Reply(True, served.name), prompt, body, body.budget(), "messages")

@@ -85,3 +85,10 @@ def test_stream_decode_pieces_join_to_the_decoded_text(saved):
     pieces = list(ours.stream_decode(ids))
     assert "".join(pieces) == ours.decode(ids) and len(pieces) > 1
     assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_token_bytes_concatenate_to_the_text(saved):
+    _, ours = saved
+    text = "Numbers 12345 and ünïcödé text.<|im_end|> fox"
+    ids = ours.encode(text)
+    assert b"".join(ours.decode_single_token_bytes(t) for t in ids).decode("utf-8") == text

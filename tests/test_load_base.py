@@ -118,3 +118,28 @@ def test_llm_generate_and_chat_use_the_base_tokenizer_and_template(hf_dir, tmp_p
     assert cli.main(["chat", *args]) == 0
     expected = hf_reply(tokenizer.chat_ids([{"role": "user", "content": "Is this spam?"}]))
     assert f"Response: {expected}\n" in capsys.readouterr().out
+
+
+def test_served_over_the_openai_api_with_the_base_chat_template(hf_dir, tmp_path, mlflow_env):
+    openai = pytest.importorskip("openai")
+    from serving.app import create_app
+    from serving.models import GENERATOR, load_served
+    from tests.serve_helpers import app_server
+
+    directory, hf = hf_dir
+    load_base_stage(BaseModelSectionParams(dir="x", source=str(directory)), tmp_path / "base")
+    served = load_served(str(tmp_path / "base"), GENERATOR)
+    assert served.prompt_style == "template"
+    tokenizer = served.tokenizer
+    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Win a free prize?"}]
+    ids = tokenizer.chat_ids(messages)
+    out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                      max_new_tokens=6, do_sample=False)[0, len(ids):].tolist()
+    finish = "stop" if tokenizer.eos_id in out else "length"
+    out = out[: out.index(tokenizer.eos_id)] if tokenizer.eos_id in out else out
+    expected = b"".join(tokenizer.decode_single_token_bytes(t) for t in out).decode("utf-8", errors="replace")
+    with app_server(create_app(served, None)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        reply = client.chat.completions.create(model=served.name, messages=messages, max_tokens=6, temperature=0)
+    assert reply.choices[0].message.content == expected and reply.choices[0].finish_reason == finish
+    assert reply.usage.prompt_tokens == len(ids)
