@@ -91,7 +91,7 @@ def stream_text(tokenizer, token_steps: Iterable[int]) -> Iterator[str]:
 def stream_reply(model, tokenizer, prompt: str | list[int], args: argparse.Namespace) -> None:
     """Generate from ``prompt`` (text, or ids) until the end-of-text token or the token limit,
     printing text as it comes."""
-    if not hasattr(tokenizer, "decode_single_token_bytes"):  # a Hugging Face tokenizer (llmcore.hf_tokenizer)
+    if hasattr(tokenizer, "eos_ids"):  # a Hugging Face base's tokenizer (llmcore.hf_tokenizer)
         ids = prompt if isinstance(prompt, list) else tokenizer.encode(prompt, add_special_tokens=True)
         steps = generate_stream(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, eos_id=tokenizer.eos_id, seed=args.seed)
