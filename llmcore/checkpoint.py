@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,12 +20,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llmcore.config import ConfigError, GPTConfig
+from llmcore.decoder import DecoderModel
+from llmcore.decoder_config import DecoderConfig
 from llmcore.fileio import atomic_path
 from llmcore.model import GPTModel
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT = "llmcore-gpt"
+# A Llama / Qwen3 / Gemma 3 model (llmcore.decoder); its config names the family.
+DECODER_FORMAT = "llmcore-decoder"
 
 
 class CheckpointError(ValueError):
@@ -67,15 +72,21 @@ def save_checkpoint(
     model: nn.Module,
     directory: str | os.PathLike,
     *,
-    kind: str = FORMAT,
+    kind: str | None = None,
     extra: dict[str, Any] | None = None,
+    files: Callable[[Path], Any] | None = None,
 ) -> Path:
-    """Write ``model`` (whose ``cfg`` is a GPTConfig) atomically as safetensors + JSON config."""
+    """Write ``model`` (whose ``cfg`` is a GPTConfig or DecoderConfig) atomically as safetensors +
+    JSON config; ``files(tmp_dir)`` may add files (a tokenizer) before the directory appears."""
     directory = Path(directory)
+    if kind is None:
+        kind = DECODER_FORMAT if isinstance(model.cfg, DecoderConfig) else FORMAT
     meta = {"format": kind, "config": model.cfg.to_dict(), **(extra or {})}
     with atomic_path(directory, is_dir=True) as tmp:
         save_file(unique_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": kind})
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if files is not None:
+            files(tmp)
     return directory
 
 
@@ -102,15 +113,18 @@ def read_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: unreadable safetensors file: {exc}") from exc
 
 
-def load_checkpoint(directory: str | os.PathLike, *, map_location: str | torch.device = "cpu", **overrides) -> GPTModel:
-    """Rebuild the GPTModel saved in ``directory``; ``overrides`` change config fields (drop_rate)."""
+def load_checkpoint(directory: str | os.PathLike, *, map_location: str | torch.device = "cpu", **overrides) -> nn.Module:
+    """Rebuild the GPTModel (or, format llmcore-decoder, the DecoderModel) saved in ``directory``;
+    ``overrides`` change config fields (drop_rate)."""
     meta = read_checkpoint_meta(directory)
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {directory}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    kinds = {FORMAT: (GPTConfig, GPTModel), DECODER_FORMAT: (DecoderConfig, DecoderModel)}
+    if meta.get("format") not in kinds:
+        raise CheckpointError(f"checkpoint {directory}: format {meta.get('format')!r}, expected one of {sorted(kinds)}")
+    config_cls, model_cls = kinds[meta["format"]]
     try:
-        cfg = GPTConfig.from_dict({**meta["config"], **overrides})
+        cfg = config_cls.from_dict({**meta["config"], **overrides})
     except (ConfigError, TypeError) as exc:
         raise CheckpointError(f"{Path(directory) / CONFIG_FILE}: invalid config: {exc}") from exc
-    model = GPTModel(cfg)
+    model = model_cls(cfg)
     load_state_strict(model, read_weights(directory), str(Path(directory) / WEIGHTS_FILE))
     return model.to(map_location)

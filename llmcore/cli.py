@@ -67,8 +67,13 @@ def check_model_dir(directory: str) -> Path:
 
 
 def tokenizer_for(model_dir: Path):
-    """$LLMCORE_GPT2_ENCODING_DIR, else the BPE files saved beside the model (checked by content).
-    Never tiktoken's download: a model directory without its files is an error naming the file."""
+    """A Llama/Qwen3/Gemma base's own tokenizer.json; else $LLMCORE_GPT2_ENCODING_DIR, else the BPE
+    files saved beside the model (checked by content). Never tiktoken's download: a model directory
+    without its files is an error naming the file."""
+    if (model_dir / "tokenizer.json").is_file():
+        from llmcore.hf_tokenizer import HFTokenizer  # deferred: GPT-2 models never need `tokenizers`
+
+        return HFTokenizer(model_dir)
     if os.environ.get(ENCODING_DIR_ENV):
         return get_tokenizer()
     missing = [name for name in GPT2_FILES if not (model_dir / name).is_file()]
@@ -91,8 +96,16 @@ def stream_text(tokenizer, token_steps: Iterable[int]) -> Iterator[str]:
         yield tail
 
 
-def stream_reply(model, tokenizer, prompt: str, args: argparse.Namespace) -> None:
-    """Generate from ``prompt`` until <|endoftext|> or the token limit, printing text as it comes."""
+def stream_reply(model, tokenizer, prompt: str | list[int], args: argparse.Namespace) -> None:
+    """Generate from ``prompt`` (text, or ids) until the end-of-text token or the token limit,
+    printing text as it comes."""
+    if hasattr(tokenizer, "eos_ids"):  # a Hugging Face base's tokenizer (llmcore.hf_tokenizer)
+        ids = prompt if isinstance(prompt, list) else tokenizer.encode(prompt, add_special_tokens=True)
+        steps = generate_stream(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, eos_id=tokenizer.eos_id, seed=args.seed)
+        for piece in tokenizer.stream_decode(int(s[0]) for s in steps if int(s[0]) not in tokenizer.eos_ids):
+            print(piece, end="", flush=True)
+        return
     ids = encode(tokenizer, prompt) or [ENDOFTEXT_ID]  # an empty prompt starts from <|endoftext|>
     context = model.cfg.context_length
     if len(ids) >= context:
@@ -174,7 +187,11 @@ def cmd_chat(args: argparse.Namespace) -> None:
         print(f"Chatting with {model_dir}. Type an instruction (\"exit\" or Ctrl-D to quit).")
     for instruction, extra in chat_turns(sys.stdin, args.input_separator, interactive):
         print("Response: ", end="", flush=True)
-        stream_reply(model, tokenizer, response_prompt({"instruction": instruction, "input": extra}, style), args)
+        if getattr(tokenizer, "chat_template", None):  # a base with a chat template: the model's own format
+            content = f"{instruction}\n\n{extra}" if extra else instruction
+            stream_reply(model, tokenizer, tokenizer.chat_ids([{"role": "user", "content": content}]), args)
+        else:
+            stream_reply(model, tokenizer, response_prompt({"instruction": instruction, "input": extra}, style), args)
         print()
     print()
 

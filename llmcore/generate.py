@@ -50,11 +50,16 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+def _kv_heads(cfg) -> int:
+    """Key/value heads per layer: fewer than the query heads under grouped-query attention."""
+    return getattr(cfg, "n_kv_heads", cfg.n_heads)
+
+
 def new_kv_caches(model: nn.Module, batch: int, max_len: int) -> list[KVCache]:
     cfg = model.cfg
     param = next(model.parameters())
     return [
-        KVCache(batch, cfg.n_heads, max_len, cfg.head_dim, dtype=param.dtype, device=param.device)
+        KVCache(batch, _kv_heads(cfg), max_len, cfg.head_dim, dtype=param.dtype, device=param.device)
         for _ in range(cfg.n_layers)
     ]
 
@@ -255,7 +260,7 @@ class SlotKVCache:
     def __init__(self, model: nn.Module, slots: int, max_len: int | None = None):
         cfg, param = model.cfg, next(model.parameters())
         self.max_len = max_len or cfg.context_length
-        shape = (slots, cfg.n_heads, min(64, self.max_len), cfg.head_dim)
+        shape = (slots, _kv_heads(cfg), min(64, self.max_len), cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros_like(t) for t in self.k]
 
@@ -289,7 +294,8 @@ class SlotKVCache:
         lengths = lengths.to(device)
         mask = torch.arange(width, device=device)[None, :] <= lengths[:, None]
         views = [_StepWriter(k, v, lengths, width) for k, v in zip(self.k, self.v)]
-        return model(last_tokens.to(device)[:, None], kv_caches=views, position_ids=lengths[:, None],
+        # start_pos: each row's query column (a sliding-window layer measures distances from it).
+        return model(last_tokens.to(device)[:, None], kv_caches=views, start_pos=lengths, position_ids=lengths[:, None],
                      attn_mask=mask[:, None, None, :])[:, -1]
 
     def move(self, src: int, dst: int, length: int) -> None:

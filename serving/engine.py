@@ -94,10 +94,12 @@ class Engine:
     """Continuous batching for one generator model; ``start`` its worker, ``close`` at shutdown."""
 
     def __init__(self, model: nn.Module, tokenizer, *, max_batch: int = 16, max_queue: int = 64,
-                 eos_id: int = ENDOFTEXT_ID):
+                 eos_id: int | None = None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
-        self.model, self.tokenizer, self.eos_id = model.eval(), tokenizer, eos_id
+        # GPT-2's <|endoftext|> unless told, or unless the tokenizer names its own (a Hugging Face base's).
+        eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
+        self.model, self.tokenizer, self.eos_id = model.eval(), tokenizer, ENDOFTEXT_ID if eos_id is None else eos_id
         self.context = model.cfg.context_length
         self.max_batch, self.max_queue = max_batch, max_queue
         self.cache = SlotKVCache(model, max_batch)

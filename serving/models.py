@@ -23,7 +23,8 @@ GENERATOR, CLASSIFIER = "generator", "classifier"
 # The prompt format (serving.text.render_chat) of each stage's model, from its config.json's "stage";
 # a checkpoint that names no stage is taken for an instruction model.
 STAGE_PROMPT_STYLES = {"finetune_instruct": "alpaca", "preference_tune": "alpaca", "pretrain": "plain",
-                       "load_gpt2": "plain"}
+                       "load_gpt2": "plain",
+                       "load_base": "template"}  # template: the base's own chat template (tokenizer_config.json)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ def openai_router(state: ServeState) -> APIRouter:
         served = state.lookup(GENERATOR, body.model)
         try:  # CPU work (a long conversation): off the event loop, like the tokenization below
             prompt = await run_in_threadpool(render_chat, [(m.role, m.text()) for m in body.messages],
-                                             served.prompt_style)
+                                             served.prompt_style, served.tokenizer)
         except PromptError as exc:
             raise APIError(400, str(exc), param="messages") from exc
         return await answer(state, served, Reply(True, served.name), prompt, body, body.budget(), "messages")

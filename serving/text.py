@@ -13,23 +13,31 @@ from collections.abc import Sequence
 
 from llmcore.instruct import response_prompt
 
-PROMPT_STYLES = ("alpaca", "plain")
+PROMPT_STYLES = ("alpaca", "plain", "template")
 
 
 class PromptError(ValueError):
     """Chat messages that cannot be rendered as a prompt (answered as a 400)."""
 
 
-def render_chat(messages: Sequence[tuple[str, str]], style: str = "alpaca") -> str:
+def render_chat(messages: Sequence[tuple[str, str]], style: str = "alpaca", tokenizer=None) -> str:
     """The prompt for (role, content) messages in the model's training format.
 
     ``alpaca`` (the instruction model, book chapter 7): the last message, a user's, is the
     instruction; earlier messages, the system's included, become the input section as
     ``role: content`` lines, so a single question gives exactly the fine-tuning prompt.
     ``plain`` (a pretrained model): the contents joined by newlines, continued as text.
+    ``template`` (a Llama/Qwen3/Gemma base): the tokenizer's own chat template, generation prompt on.
     """
     if not messages:
         raise PromptError("messages must not be empty")
+    if style == "template":
+        if not getattr(tokenizer, "chat_template", None):
+            raise PromptError("this model's tokenizer has no chat template")
+        try:
+            return tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages])
+        except Exception as exc:  # a template's raise_exception (e.g. "roles must alternate") is the caller's error
+            raise PromptError(f"the chat template refused these messages: {exc}") from exc
     if style == "plain":
         return "\n".join(content for _, content in messages)
     if style != "alpaca":

@@ -39,7 +39,7 @@ from steps.common.datasets import read_discarded, read_splits
 from steps.common.distributed import setup_distributed
 from steps.common.io import atomic_path, sha256_file, write_json
 from steps.common.mlflow_models import generator_signature
-from steps.common.models import BaseModelParams, load_base_model
+from steps.common.models import BaseModelSectionParams, load_base_model
 from steps.common.params import ParamsError, StrictModel
 from steps.common.registry import ADAPTED_MODEL
 from steps.common.training import TRAINING_ERRORS, Pyfunc, TrainingJob, TrainingOutputs, TrainParams, run_training, \
@@ -185,7 +185,7 @@ def adapt_pretrain(
 def main(argv: list[str] | None = None) -> None:
     def body(args, params: StageParams) -> str | None:
         setup_distributed("steps.adapt_pretrain", args.params, argv)  # under torchrun when params ask for processes
-        base_dir = args.base or Path(params.section("base_model", BaseModelParams).dir)
+        base_dir = args.base or Path(params.section("base_model", BaseModelSectionParams).dir)
         out = TrainingOutputs(args.out, args.metrics, args.history, {"loss": args.plot}, args.cache)
         metrics = adapt_pretrain(params.section(STAGE, AdaptPretrainParams), base_dir=base_dir, data_dir=args.data,
                                  corpus_dir=args.corpus, out=out,

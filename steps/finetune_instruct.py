@@ -30,7 +30,7 @@ from steps.common.datasets import load_entries, read_prompt_style
 from steps.common.distributed import setup_distributed
 from steps.common.io import sha256_file
 from steps.common.mlflow_models import instruct_signature
-from steps.common.models import BaseModelParams, load_base_model
+from steps.common.models import BaseModelSectionParams, load_base_model
 from steps.common.registry import INSTRUCT_MODEL
 from steps.common.training import TRAINING_ERRORS, Pyfunc, TrainingJob, TrainingOutputs, TrainParams, run_training, \
     stage_device
@@ -118,7 +118,7 @@ def finetune_instruct(
 def main(argv: list[str] | None = None) -> None:
     def body(args, params: StageParams) -> str | None:
         setup_distributed("steps.finetune_instruct", args.params, argv)  # under torchrun when params ask for processes
-        base = args.base or Path(params.section("base_model", BaseModelParams).dir)
+        base = args.base or Path(params.section("base_model", BaseModelSectionParams).dir)
         metrics = finetune_instruct(
             params.section(STAGE, FinetuneInstructParams), params.section("tokenizer", TokenizerParams),
             base_model=base, data_dir=args.data, out_dir=args.out, metrics_out=args.metrics,

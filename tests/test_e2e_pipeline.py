@@ -112,8 +112,8 @@ def test_a_failed_stage_fails_the_flow_with_its_output_after_download_retries(fl
 
 # The stages that train or load a model (and the baseline) log a run; evaluate and the scorers log
 # into those runs.
-TRAINING_STAGES = {"pretrain", "load_gpt2", "adapt_pretrain", "finetune_classifier", "finetune_instruct", "baseline_spam",
-                   "preference_tune"}
+TRAINING_STAGES = {"pretrain", "load_gpt2", "load_base", "adapt_pretrain", "finetune_classifier", "finetune_instruct",
+                   "baseline_spam", "preference_tune"}
 
 
 def test_pipeline_runs_every_stage_then_skips_then_reruns_only_downstream(pipeline_repo: Path) -> None:

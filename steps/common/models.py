@@ -9,10 +9,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
-from llmcore.checkpoint import load_checkpoint
+from llmcore.checkpoint import DECODER_FORMAT, load_checkpoint, read_checkpoint_meta
 from llmcore.model import GPTModel
 from llmcore.tokenizer import ENCODING_DIR_ENV, GPT2_FILE_SHA256, GPT2_FILES
 from steps.common.io import atomic_path
@@ -37,6 +38,15 @@ class LoraParams(StrictModel):
     alpha: float = Field(16.0, gt=0)
 
 
+class BaseModelSectionParams(BaseModelParams):
+    """params.yaml's base_model section: the fine-tunes' base, and what load_base converts."""
+
+    # A Hugging Face Llama 3.2 / Qwen3 / Gemma 3 directory or Hub id that load_base converts to
+    # models/base; "" (the default): no such base, load_base writes only status.json (loaded=false).
+    source: str = ""
+    dtype: Literal["float32", "bfloat16"] = "float32"  # the converted weights' dtype
+
+
 def load_base_model(base_dir: Path, **overrides) -> GPTModel:
     """The llmcore checkpoint in ``base_dir`` (``overrides``: config fields such as drop_rate).
 
@@ -55,6 +65,11 @@ def load_base_model(base_dir: Path, **overrides) -> GPTModel:
             )
     if not (base_dir / "config.json").is_file():
         raise BaseModelError(f"base model {base_dir} not found (no config.json): run its stage first (dvc repro)")
+    if read_checkpoint_meta(base_dir).get("format") == DECODER_FORMAT:
+        # The fine-tunes tokenize with GPT-2's BPE: ids that mean nothing to a Llama/Qwen3/Gemma base.
+        raise BaseModelError(f"base model {base_dir} is a Hugging Face base (format {DECODER_FORMAT}); the "
+                             "fine-tuning stages do not support it yet (they tokenize with GPT-2's BPE): use it "
+                             "with `llm generate/chat`, or set base_model.dir to a GPT checkpoint")
     return load_checkpoint(base_dir, **overrides)
 
 
