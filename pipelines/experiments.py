@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from pipelines.dag import PipelineError
@@ -102,3 +103,25 @@ def auto_push(name: str, cwd: str | os.PathLike = ".") -> str | None:
         last = ((done.stderr or done.stdout).strip().splitlines() or [f"exit {done.returncode}"])[-1]
         raise PipelineError(f"dvc exp push {remote} {name} failed: {last}")
     return f"pushed experiment {name} to git remote {remote}"
+
+
+def snapshot_files(root: str | os.PathLike = ".") -> dict[Path, bytes]:
+    """The small git-tracked files an in-place run rewrites: params.yaml, dvc.lock, metrics/*.json."""
+    root = Path(root)
+    paths = [root / PARAMS_FILE, root / "dvc.lock", *sorted((root / METRICS_DIR).glob("*.json"))]
+    return {path: path.read_bytes() for path in paths if path.is_file()}
+
+
+def restore_files(saved: dict[Path, bytes], root: str | os.PathLike = ".") -> str:
+    """Put back what ``snapshot_files`` saw (and remove what did not exist then), then
+    ``dvc checkout`` the outputs that dvc.lock names from the cache: a failed in-place experiment
+    leaves the checkout as it was, models included."""
+    root = Path(root)
+    for path in [root / "dvc.lock", *(root / METRICS_DIR).glob("*.json")]:
+        if path not in saved:
+            path.unlink(missing_ok=True)
+    for path, content in saved.items():
+        path.write_bytes(content)
+    done = subprocess.run([sys.executable, "-m", "dvc", "checkout", "--allow-missing", "--quiet"], cwd=root,
+                          env=stage_env({}), capture_output=True, text=True)
+    return "checkout restored" if done.returncode == 0 else f"checkout restored, but dvc checkout said: {done.stderr.strip()[-500:]}"

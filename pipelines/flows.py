@@ -254,9 +254,22 @@ def run_checkout(pipeline: PipelineName, params: dict[str, Any], experiment: str
     settings = load_section("orchestration", OrchestrationParams, root / "params.yaml")
     if params or where.workspace:
         experiment = experiments.experiment_name(experiment, where.workspace.source if where.workspace else root)
+    # An in-place experiment that fails puts this checkout back as it was (a workspace is dropped).
+    saved = experiments.snapshot_files(root) if params and not where.workspace else None
     if params:
         experiments.set_params(params, root / "params.yaml")
         get_run_logger().info("DVC experiment %s: %s", experiment, params)
+    try:
+        return run_stages_and_publish(pipeline, experiment, where, settings, start)
+    except BaseException:
+        if saved is not None:
+            get_run_logger().info("the failed experiment is undone: %s", experiments.restore_files(saved, root))
+        raise
+
+
+def run_stages_and_publish(pipeline: PipelineName, experiment: str | None, where: Checkout,
+                           settings: OrchestrationParams, start: float) -> PipelineReport:
+    root = where.root
     order = plan_stages(PIPELINES[pipeline], root)
     if check_up_to_date(PIPELINES[pipeline], root):
         # Nothing to run: no MLflow run (an empty one per scheduled no-op would bury the real runs).

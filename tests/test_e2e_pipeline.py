@@ -18,7 +18,7 @@ import mlflow
 import pytest
 import yaml
 
-from tests.repo_copy import REPO, closed_port, copy_repo
+from tests.repo_copy import GIT, REPO, closed_port, copy_repo
 
 MIRROR = REPO.parent / "shared" / "data"
 
@@ -109,6 +109,33 @@ def test_a_failed_stage_fails_the_flow_with_its_output_after_download_retries(fl
     (parent,) = client.search_runs([client.get_experiment_by_name("e2e-flaky").experiment_id])
     assert parent.info.status == "FAILED"
     assert f"(http://mlflow.test/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id})" in summary
+
+
+TRAIN = ("python -c \"import sys, yaml; x = yaml.safe_load(open('params.yaml'))['train']['x']; "
+         "sys.exit('train: error: x must be positive') if x <= 0 else open('model.txt', 'w').write(str(x))\"")
+
+
+def test_a_failed_in_place_experiment_leaves_the_checkout_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   environment) -> None:
+    from pipelines.flows import llm_pipeline
+
+    repo = tmp_path / "inplace"
+    repo.mkdir()
+    monkeypatch.chdir(repo)
+    subprocess.run([*GIT, "init", "-q"], check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], check=True)
+    stage = {"cmd": TRAIN, "params": ["train.x"], "outs": ["model.txt"]}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}}))
+    (repo / "params.yaml").write_text("train:\n  x: 1  # a comment DVC's writer keeps\norchestration:\n  push: false\n")
+    assert llm_pipeline(where="in-place").stages_by_status["ran"] == ["train"]
+    subprocess.run([*GIT, "add", "-A"], check=True)
+    subprocess.run([*GIT, "commit", "-q", "-m", "trained"], check=True)
+    before = {name: (repo / name).read_text() for name in ("params.yaml", "dvc.lock", "model.txt")}
+
+    state = llm_pipeline(params={"train.x": -1}, experiment="negative", return_state=True)
+    assert state.is_failed() and "train: error: x must be positive" in state.message
+    assert {name: (repo / name).read_text() for name in before} == before  # params, lock and model as they were
+    assert subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout == ""
 
 
 def test_an_unreachable_mlflow_server_fails_the_flow_in_one_line_before_any_stage(flaky_repo: Path,
