@@ -166,10 +166,14 @@ def experiment_refs(repo: Path) -> set[str]:
     return set(git(repo, "for-each-ref", "--format=%(refname)", "refs/exps").split())
 
 
+STORE = {"mlflow.db", "mlruns"}  # the checkout's MLflow store (git-ignored): where every run must log
+
+
 def snapshot(repo: Path) -> tuple:
-    """What a run must never change in the checkout it was launched from."""
+    """What a run must never change in the checkout it was launched from: HEAD, git status (none
+    of its outputs: models/, data/, metrics/ ...), params.yaml, the files at its top."""
     return (git(repo, "rev-parse", "HEAD"), git(repo, "status", "--porcelain"), (repo / "params.yaml").read_text(),
-            sorted(p.name for p in repo.iterdir()))
+            sorted(p.name for p in repo.iterdir() if p.name not in STORE))
 
 
 def shown_experiments(repo: Path) -> dict[str, dict]:
@@ -240,6 +244,7 @@ def test_a_process_worker_runs_the_work_pool_deployment(api_url: str, source: Pa
     home = tmp_path_factory.mktemp("worker-home")
     deployed = subprocess.run([sys.executable, "-m", "pipelines.deploy", "--pool", "test-pool", "--flow", "spam"],
                               cwd=source, env=run_env(api_url, home), capture_output=True, text=True, timeout=300)
+    (home / "deploy.log").write_text(deployed.stdout + deployed.stderr)
     assert deployed.returncode == 0, deployed.stderr[-4000:]
     assert "worker env: LLMCORE_GPT2_ENCODING_DIR, LLMPIPE_MIRROR, MLFLOW_TRACKING_URI" in deployed.stdout
     log = home / "worker.log"
