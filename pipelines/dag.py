@@ -35,11 +35,21 @@ def read_dag(repo_dir: str | os.PathLike = ".") -> nx.DiGraph:
         dag = nx.DiGraph()
         for stage in stage_graph:  # dvc.yaml order
             if getattr(stage, "cmd", None):
-                dag.add_node(stage.addressing)
+                dag.add_node(address(stage, repo.root_dir))
         for dependent, dependency in stage_graph.edges:
-            if dependent.addressing in dag and dependency.addressing in dag:
-                dag.add_edge(dependency.addressing, dependent.addressing)
+            if address(dependent, repo.root_dir) in dag and address(dependency, repo.root_dir) in dag:
+                dag.add_edge(address(dependency, repo.root_dir), address(dependent, repo.root_dir))
     return dag
+
+
+def address(stage, root: str) -> str:
+    """The stage's address as ``dvc repro`` run in ``root`` takes it (DVC's own ``addressing`` is
+    relative to the current directory, which is not the repository for a run in a workspace)."""
+    where = os.path.relpath(stage.path, root)
+    name = getattr(stage, "name", None)
+    if not name:
+        return where
+    return name if where == "dvc.yaml" else f"{where}:{name}"
 
 
 def execution_order(dag: nx.DiGraph, targets: Iterable[str] | None = None) -> list[str]:

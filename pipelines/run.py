@@ -4,7 +4,10 @@ Runs the pipeline flow once, from the repository root. Without ``PREFECT_API_URL
 a temporary local server for this process (a few seconds); with it, the run appears in that
 server's UI. A second run with nothing changed is a no-op: DVC skips every stage.
 ``-S finetune_classifier.lr=5e-4 -n lr-5e-4`` makes the run a named DVC experiment, as
-``dvc exp run -S ... -n ...`` does.
+``dvc exp run -S ... -n ...`` does. It runs in this checkout (models/ and metrics/ are updated
+here); ``--workspace`` runs it in a clean checkout of ``--revision`` (default HEAD) of its own that
+shares this checkout's DVC cache, saved as an experiment (``dvc exp apply NAME && dvc checkout``
+brings its outputs here).
 """
 
 from __future__ import annotations
@@ -46,9 +49,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a params.yaml value (YAML syntax, as `dvc exp run -S`); makes the run a DVC experiment")
     parser.add_argument("-n", "--name", default=None, help="the DVC experiment's name (with -S; default: generated)")
+    parser.add_argument("--workspace", action="store_true",
+                        help="run in a clean checkout of its own (as runs from the Prefect UI do), saved as a DVC experiment; "
+                             "this checkout is left untouched")
+    parser.add_argument("--revision", default="", help="with --workspace: the git revision to check out (default: HEAD)")
     parser.add_argument("--offline", action="store_true",
                         help=f"use the input mirror {OFFLINE_MIRROR} (LLMPIPE_MIRROR, LLMCORE_GPT2_ENCODING_DIR)")
     args = parser.parse_args(argv)
+    if args.revision and not args.workspace:
+        parser.error("--revision needs --workspace (this checkout is never switched to another commit)")
     args.params = {}
     for item in args.overrides:
         key, sep, value = item.partition("=")
@@ -71,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     from pipelines.summary import baseline_line
 
     try:
-        report = llm_pipeline(pipeline=args.flow, params=args.params, experiment=args.name)
+        report = llm_pipeline(pipeline=args.flow, params=args.params, experiment=args.name,
+                              where="workspace" if args.workspace else "in-place", revision=args.revision)
     except Exception as exc:
         sys.exit(f"pipeline: error: {exc}")
     total = time.perf_counter() - START

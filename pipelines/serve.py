@@ -1,7 +1,9 @@
 """Serve a pipeline flow on a schedule: ``python -m pipelines.serve --cron "0 3 * * *"``.
 
 Creates a deployment on the Prefect server named by ``PREFECT_API_URL`` and runs its scheduled
-(and UI-triggered) runs from this process, in the current directory, until stopped. A real
+(and UI- or API-triggered) runs from this process until stopped. Each run works in a workspace of
+its own (a clean checkout of the commit this checkout is at when serving starts, sharing its DVC
+cache; ``pipelines/workspace.py``), so runs may overlap and none changes this checkout. A real
 server is required: Prefect's temporary per-process server runs no scheduler.
 """
 
@@ -25,6 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timezone", default="UTC", help="timezone of the cron schedule (default: %(default)s)")
     parser.add_argument("--name", default=None, help="deployment name (default: <flow>-scheduled)")
     parser.add_argument("--offline", action="store_true", help="runs use the input mirror ../shared/data")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many runs at once (default: no limit)")
     return parser.parse_args(argv)
 
 
@@ -37,16 +40,23 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("serve: error: no dvc.yaml here; run from the repository root")
     if args.offline:
         use_offline_mirror()
+    from pipelines.workspace import WorkspaceError, resolve_revision, source_repository
+
+    try:
+        commit = resolve_revision(source_repository(), "HEAD")
+    except WorkspaceError as exc:
+        sys.exit(f"serve: error: {exc}")
+    print(f"serve: runs check out commit {commit[:10]} (uncommitted changes here are not part of them)", file=sys.stderr)
 
     from prefect.schedules import Cron, Interval
 
     from pipelines.flows import llm_pipeline
 
     schedule = Cron(args.cron, timezone=args.timezone) if args.cron else Interval(args.interval)
-    # One run at a time: DVC locks the repository, so overlapping runs would fail. The UI's Run
-    # form offers the flow's parameters: pipeline, params overrides, experiment name.
-    llm_pipeline.serve(name=args.name or f"{args.flow}-scheduled", schedule=schedule, limit=1,
-                       parameters={"pipeline": args.flow})
+    # The UI's Run form offers the flow's parameters: pipeline, params overrides, experiment
+    # name, where (workspace) and revision (the commit served, by default).
+    llm_pipeline.serve(name=args.name or f"{args.flow}-scheduled", schedule=schedule, limit=args.limit,
+                       parameters={"pipeline": args.flow, "revision": commit})
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import mlflow
 import pytest
 import yaml
 
-from tests.repo_copy import REPO, copy_repo
+from tests.repo_copy import GIT, REPO, closed_port, copy_repo
 
 MIRROR = REPO.parent / "shared" / "data"
 
@@ -76,9 +76,10 @@ def flaky_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, environment) -> 
 
 
 def child_runs(client: mlflow.MlflowClient, parent_run_id: str) -> dict[str, mlflow.entities.Run]:
-    """The child runs of a pipeline run, by stage."""
-    experiment = client.get_run(parent_run_id).info.experiment_id
-    runs = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    """The stage runs of a pipeline run, by stage: each in its model's experiment (one naming rule
+    for every route), linked to the pipeline's run by tag ``pipeline_run_id``."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string=f"tags.pipeline_run_id = '{parent_run_id}'")
     return {run.data.tags["stage"]: run for run in runs}
 
 
@@ -108,6 +109,46 @@ def test_a_failed_stage_fails_the_flow_with_its_output_after_download_retries(fl
     (parent,) = client.search_runs([client.get_experiment_by_name("e2e-flaky").experiment_id])
     assert parent.info.status == "FAILED"
     assert f"(http://mlflow.test/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id})" in summary
+
+
+TRAIN = ("python -c \"import sys, yaml; x = yaml.safe_load(open('params.yaml'))['train']['x']; "
+         "sys.exit('train: error: x must be positive') if x <= 0 else open('model.txt', 'w').write(str(x))\"")
+
+
+def test_a_failed_in_place_experiment_leaves_the_checkout_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   environment) -> None:
+    from pipelines.flows import llm_pipeline
+
+    repo = tmp_path / "inplace"
+    repo.mkdir()
+    monkeypatch.chdir(repo)
+    subprocess.run([*GIT, "init", "-q"], check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], check=True)
+    stage = {"cmd": TRAIN, "params": ["train.x"], "outs": ["model.txt"]}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}}))
+    (repo / "params.yaml").write_text("train:\n  x: 1  # a comment DVC's writer keeps\norchestration:\n  push: false\n")
+    assert llm_pipeline(where="in-place").stages_by_status["ran"] == ["train"]
+    subprocess.run([*GIT, "add", "-A"], check=True)
+    subprocess.run([*GIT, "commit", "-q", "-m", "trained"], check=True)
+    before = {name: (repo / name).read_text() for name in ("params.yaml", "dvc.lock", "model.txt")}
+
+    state = llm_pipeline(params={"train.x": -1}, experiment="negative", return_state=True)
+    assert state.is_failed() and "train: error: x must be positive" in state.message
+    assert {name: (repo / name).read_text() for name in before} == before  # params, lock and model as they were
+    assert subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout == ""
+
+
+def test_an_unreachable_mlflow_server_fails_the_flow_in_one_line_before_any_stage(flaky_repo: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines.flows import llm_pipeline
+
+    url = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a closed port, no backoff to wait through
+    state = llm_pipeline(return_state=True)
+    assert state.is_failed()
+    assert f"MLflow tracking store {url} (MLFLOW_TRACKING_URI) failed" in state.message
+    assert "Traceback" not in state.message and not (flaky_repo / "raw.txt").exists()  # no stage ran
 
 
 # The stages that train or load a model (and the baseline) log a run; evaluate and the scorers log
@@ -161,6 +202,7 @@ def test_pipeline_runs_every_stage_then_skips_then_reruns_only_downstream(pipeli
     assert set(children) == TRAINING_STAGES
     # The spam fine-tune's run holds its lr and, logged by score_spam, its test accuracy.
     spam_run = children["finetune_classifier"]
+    assert client.get_experiment(spam_run.info.experiment_id).name == "spam-classifier"  # as from `dvc exp run`
     assert spam_run.data.metrics["test_accuracy"] == headline["metrics/spam.json"]["test_accuracy"]
     summary = summary_artifact(state.state_details.flow_run_id, "pipeline-all")
     assert report.mlflow_url in summary and "LLM − baseline: " in summary

@@ -51,6 +51,16 @@ def test_execution_order_is_topological_and_keeps_dvc_yaml_order_otherwise(dvc_r
         execution_order(dag, ["evaluate"])
 
 
+def test_stage_names_do_not_depend_on_the_current_directory(dvc_repo: Path, tmp_path_factory, monkeypatch) -> None:
+    """A flow run in a workspace reads the workspace's dvc.yaml from the launching checkout: the
+    stage names must be the ones ``dvc repro`` takes in the workspace, not paths from here."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    dag = read_dag(dvc_repo)
+    assert execution_order(dag, ["report"]) == ["download", "train", "extra", "report"]
+    result = repro_stage("download", {}, lambda line: None, cwd=dvc_repo)
+    assert result.status == "ran" and (dvc_repo / "raw.txt").is_file()
+
+
 def test_repro_stage_reports_what_dvc_did_and_fails_with_the_output_tail(dvc_repo: Path) -> None:
     lines: list[str] = []
     first = repro_stage("download", {}, lines.append)

@@ -1,10 +1,18 @@
-"""MLflow tracking for steps: one run per stage, nested under the pipeline's parent run if any.
+"""MLflow tracking for steps: one run per stage, in the experiment of the model it trains.
 
-The pipeline flow (pipelines/) starts a parent run and passes its id to each stage process
-through ``LLMPIPE_MLFLOW_PARENT_RUN_ID`` (and its experiment through
-``LLMPIPE_MLFLOW_EXPERIMENT``, so the UI nests the children under it). Run alone (``dvc repro``
-or ``python -m steps.x``), a stage logs to its own experiment, named after what it compares.
-The tracking store defaults to an embedded sqlite file; ``MLFLOW_TRACKING_URI`` overrides it.
+One naming rule, whatever launched the stage (the flow from the CLI, the Prefect UI or a worker,
+``dvc repro``, ``dvc exp run``, ``dvc queue``): a stage's run goes to its model's experiment
+(``pretrain``, ``load-gpt2``, ``adapt-pretrain``, ``spam-classifier``, ``instruction-sft``) and is
+named after its DVC experiment. The pipeline flow keeps one run per pipeline run in its own
+experiment (``orchestration.mlflow_experiment``) and hands its id to each stage process through
+``LLMPIPE_MLFLOW_PARENT_RUN_ID``: the stage's run carries it as tag ``pipeline_run_id``.
+
+The tracking store defaults to an embedded sqlite file, ``sqlite:///mlflow.db``;
+``MLFLOW_TRACKING_URI`` overrides it. A relative sqlite path is resolved against the project's
+checkout, not the current directory: DVC runs queued experiments (and the flow runs its
+workspaces) in copies under ``<repo>/.dvc/tmp/``, which are deleted afterwards, and their runs
+must land in ``<repo>/mlflow.db``. New experiments of a sqlite store keep their artifacts beside
+the database (``<db dir>/mlruns/<experiment>``), never in such a copy.
 """
 
 from __future__ import annotations
@@ -35,8 +43,10 @@ if TYPE_CHECKING:
     from steps.common.stats import ComparisonParams
 
 PARENT_RUN_ENV = "LLMPIPE_MLFLOW_PARENT_RUN_ID"
-EXPERIMENT_ENV = "LLMPIPE_MLFLOW_EXPERIMENT"
+PIPELINE_RUN_TAG = "pipeline_run_id"  # a stage run's link to the flow's run (another experiment)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+SQLITE_PREFIX = "sqlite:///"
+TEMPORARY_COPIES = (".dvc", "tmp")  # DVC's queued experiments and the flow's workspaces live under here
 MODEL_DIGEST_TAG = "model_md5"  # md5 of the weights a training run wrote
 LOGGED_MODEL_TAG = "logged_model_id"
 
@@ -46,13 +56,50 @@ LOGGED_MODEL_TAG = "logged_model_id"
 STORE_LOGGERS = ("mlflow.store", "sqlalchemy", "alembic")
 
 
+def project_root(cwd: str | os.PathLike | None = None) -> Path:
+    """The checkout a relative store path belongs to: ``cwd``, or the repository a temporary copy
+    under ``<repo>/.dvc/tmp/`` (a queued DVC experiment, a flow run's workspace) was made from."""
+    here = Path(cwd or os.getcwd()).resolve()
+    parts = here.parts
+    for i in range(len(parts) - 1):
+        if parts[i:i + 2] == TEMPORARY_COPIES:
+            return Path(*parts[:i])
+    return here
+
+
+def resolve_tracking_uri(uri: str, cwd: str | os.PathLike | None = None) -> str:
+    """``sqlite:///relative.db`` made absolute against ``project_root``; other URIs unchanged."""
+    if uri.startswith(SQLITE_PREFIX) and not uri.startswith(SQLITE_PREFIX + "/"):
+        relative = uri[len(SQLITE_PREFIX):]
+        if relative and not relative.startswith(":memory:"):
+            return SQLITE_PREFIX + str(project_root(cwd) / relative)
+    return uri
+
+
 def configure_tracking() -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    uri = resolve_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
     mlflow.set_tracking_uri(uri)
     if not os.environ.get(DEBUG_ENV):
         for name in STORE_LOGGERS:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     return uri
+
+
+def use_experiment(name: str):
+    """``mlflow.set_experiment(name)``; a new experiment of a sqlite store gets its artifacts beside
+    the database instead of MLflow's default ``./mlruns`` of the current (perhaps temporary) directory."""
+    from mlflow.exceptions import MlflowException
+
+    uri = mlflow.get_tracking_uri()
+    client = mlflow.MlflowClient()
+    if uri.startswith(SQLITE_PREFIX) and client.get_experiment_by_name(name) is None:
+        artifacts = Path(uri[len(SQLITE_PREFIX):]).parent / "mlruns" / name
+        try:
+            client.create_experiment(name, artifact_location=str(artifacts))
+        except MlflowException as exc:  # created meanwhile by a concurrent stage: use it
+            if client.get_experiment_by_name(name) is None:
+                raise exc
+    return mlflow.set_experiment(name)
 
 
 class TrackingError(StageError):
@@ -84,7 +131,7 @@ def check_store(experiment: str) -> None:
     sqlite file, a server that is down): a stage either completes and is tracked, or fails early."""
     configure_tracking()
     with tracking_errors():
-        found = mlflow.set_experiment(os.environ.get(EXPERIMENT_ENV) or experiment)
+        found = use_experiment(experiment)
         mlflow.MlflowClient().set_experiment_tag(found.experiment_id, "llmpipe.store_checked", "true")
 
 
@@ -127,15 +174,16 @@ SWEEP_ENV = "LLMPIPE_SWEEP"  # set by `llm sweep` (pipelines/sweep.py): the seed
 
 def run_tags(stage: str) -> dict[str, str]:
     sweep = {"sweep": os.environ[SWEEP_ENV]} if os.environ.get(SWEEP_ENV) else {}
-    return {"stage": stage, "git_commit": git_commit(), "dvc_experiment": dvc_experiment(), **sweep}
+    pipeline_run = os.environ.get(PARENT_RUN_ENV)
+    return {"stage": stage, "git_commit": git_commit(), "dvc_experiment": dvc_experiment(), **sweep,
+            **({PIPELINE_RUN_TAG: pipeline_run} if pipeline_run else {})}
 
 
 @contextlib.contextmanager
 def stage_run(stage: str, experiment: str, params: Mapping[str, Any] | BaseModel | None = None) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run for ``stage`` with its params logged and standard tags set."""
     check_store(experiment)
-    parent = os.environ.get(PARENT_RUN_ENV) or None
-    with tracking_errors(), mlflow.start_run(run_name=run_name(stage), parent_run_id=parent, tags=run_tags(stage)) as run:
+    with tracking_errors(), mlflow.start_run(run_name=run_name(stage), tags=run_tags(stage)) as run:
         if params is not None:
             mlflow.log_params(flatten(params))
         yield run
