@@ -6,6 +6,7 @@ with the instruction model.
     llm chat                                          # instruction (+ optional input), answer streams
     llm chat --int8                                   # int8 Linear weights: faster CPU decoding
     llm serve                                         # HTTP: OpenAI-compatible API + chat page (serving/)
+    llm stack up                                      # the team stack: PostgreSQL, S3, MLflow, Prefect (stack/)
 
 Models are the pipeline's outputs (``models/...``); a missing one is reported with the DVC stage
 that produces it. Text is printed as tokens arrive: a token may be part of a multi-byte character,
@@ -159,6 +160,13 @@ def cmd_serve(argv: Sequence[str]) -> int:
     return serve_main(argv, prog="llm serve")
 
 
+def cmd_stack(argv: Sequence[str]) -> int:
+    # Like `llm serve`: the stack package (servers, boto3, psycopg2) is imported here and only here.
+    from stack.cli import main as stack_main
+
+    return stack_main(argv, prog="llm stack")
+
+
 def _add_sampling(parser: argparse.ArgumentParser, max_new_tokens: int, temperature: float = 0.0,
                   top_k: int | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
@@ -193,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Its options are serving's own (`llm serve --help`): they are passed through unparsed.
     commands.add_parser("serve", help="serve the models over HTTP (OpenAI-compatible API, chat page)", add_help=False)
+    commands.add_parser("stack", help="the team stack: up | down | env | status | remote (stack/)", add_help=False)
     return parser
 
 
@@ -201,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command == "serve":
         return cmd_serve(rest)
+    if args.command == "stack":
+        return cmd_stack(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
