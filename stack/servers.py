@@ -41,7 +41,10 @@ def mlflow_command(config: StackConfig, creds: Secrets) -> tuple[list[str], dict
     environment (MLFLOW_BACKEND_STORE_URI), not on the command line, so `ps` does not show it."""
     argv = [bin_path("mlflow"), "server", "--host", HOST, "--port", str(config.ports["mlflow"]),
             "--artifacts-destination", f"s3://{config.mlflow_bucket}", "--serve-artifacts", "--workers", "1"]
-    env = {**base_env(), **s3_env(config, creds), "MLFLOW_BACKEND_STORE_URI": postgres.url(config, creds, "mlflow")}
+    env = {**base_env(), **s3_env(config, creds), "MLFLOW_BACKEND_STORE_URI": postgres.url(config, creds, "mlflow"),
+           # MLflow 3's job runner (GenAI scorers, prompt optimisation) is unused here and starts
+           # half a dozen ~200 MB huey consumers.
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     return argv, env
 
 
