@@ -142,7 +142,12 @@ def test_mlflow_server_down_when_a_stage_starts(stack: Stack, shared: dict, wind
 
 
 def test_postgres_down_when_a_stage_starts(stack: Stack, shared: dict, windows: Path) -> None:
+    """The database goes down under a running MLflow server (one that has served requests: a server
+    started while its database is down waits for it, and the stage reports a server that did not answer)."""
+    import mlflow
+
     config = load_config(stack.dir)
+    mlflow.MlflowClient(tracking_uri=stack.env["MLFLOW_TRACKING_URI"]).search_experiments(max_results=1)
     assert pg.stop(config)
     try:
         failed = dvc("repro", "pretrain", cwd=windows, env=shared["env_a"], check=False)

@@ -78,6 +78,9 @@ def probe_server(uri: str, timeout_s: float = 10.0) -> None:
     try:
         answer = requests.get(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name",
                               params={"experiment_name": "llmpipe-store-probe"}, timeout=timeout_s)
+    except requests.Timeout:
+        raise TrackingError(f"{name} did not answer within {timeout_s:.0f} s (still starting, or waiting for its "
+                            "database): check its log, or point MLFLOW_TRACKING_URI elsewhere") from None
     except requests.RequestException as exc:
         raise TrackingError(f"{name} is not reachable: {type(exc).__name__}; start it (`llm stack up`) or point "
                             "MLFLOW_TRACKING_URI elsewhere") from None
