@@ -8,6 +8,7 @@ with the instruction model.
     llm serve                                         # HTTP: OpenAI-compatible API + chat page (serving/)
     llm compare lr-2e-3 lr-3e-4                       # paired: difference, 95% CI, McNemar p (pipelines/compare.py)
     llm sweep -S finetune_classifier.lr=2e-3 --seeds 123,124,125   # mean ± sd over seeds (pipelines/sweep.py)
+    llm stack up                                      # the team stack: PostgreSQL, S3, MLflow, Prefect (stack/)
 
 Models are the pipeline's outputs (``models/...``); a missing one is reported with the DVC stage
 that produces it. Text is printed as tokens arrive: a token may be part of a multi-byte character,
@@ -212,6 +213,13 @@ def cmd_pipeline_tool(command: str, argv: Sequence[str]) -> int:
     return importlib.import_module(f"pipelines.{command}").main(argv, prog=f"llm {command}")
 
 
+def cmd_stack(argv: Sequence[str]) -> int:
+    # Like `llm serve`: the stack package (servers, boto3, psycopg2) is imported here and only here.
+    from stack.cli import main as stack_main
+
+    return stack_main(argv, prog="llm stack")
+
+
 def _add_sampling(parser: argparse.ArgumentParser, max_new_tokens: int, temperature: float = 0.0,
                   top_k: int | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
@@ -251,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("compare", help="two models on the same examples: difference, interval, paired test",
                         add_help=False)
     commands.add_parser("sweep", help="one configuration over several seeds (dvc exp run): mean ± sd", add_help=False)
+    commands.add_parser("stack", help="the team stack: up | down | env | status | remote (stack/)", add_help=False)
     return parser
 
 
@@ -261,6 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_serve(rest)
     if args.command in ("compare", "sweep"):
         return cmd_pipeline_tool(args.command, rest)
+    if args.command == "stack":
+        return cmd_stack(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:

@@ -126,10 +126,40 @@ def tracking_errors() -> Iterator[None]:
         ) from exc
 
 
+def probe_server(uri: str, timeout_s: float = 10.0) -> None:
+    """A tracking server (http/https URI) answers a read of its store, asked once without MLflow's
+    client retries (they back off for minutes): connection refused, or a server whose database is
+    down, is a TrackingError naming the server (and PostgreSQL when that is what failed)."""
+    import requests
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    name = f"MLflow tracking server {redact(uri)} (MLFLOW_TRACKING_URI)"
+    try:
+        answer = requests.get(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name",
+                              params={"experiment_name": "llmpipe-store-probe"}, timeout=timeout_s)
+    except requests.Timeout:
+        raise TrackingError(f"{name} did not answer within {timeout_s:.0f} s (still starting, or waiting for its "
+                            "database): check its log, or point MLFLOW_TRACKING_URI elsewhere") from None
+    except requests.RequestException as exc:
+        raise TrackingError(f"{name} is not reachable: {type(exc).__name__}; start it (`llm stack up`) or point "
+                            "MLFLOW_TRACKING_URI elsewhere") from None
+    if answer.status_code >= 500:
+        try:
+            body = str(answer.json().get("message") or answer.text)
+        except ValueError:
+            body = answer.text
+        store = "its backend store (PostgreSQL) failed" if "psycopg2" in body or "postgresql" in body.lower() \
+            else f"it answered HTTP {answer.status_code}"
+        detail = (body.strip().splitlines() or [""])[0]
+        raise TrackingError(f"{name}: {store}: {redact(detail[:300])}")
+
+
 def check_store(experiment: str) -> None:
     """Fail before any work or output when the store cannot take a write (a locked or corrupt
-    sqlite file, a server that is down): a stage either completes and is tracked, or fails early."""
-    configure_tracking()
+    sqlite file, a server or its database that is down): a stage either completes and is
+    tracked, or fails early."""
+    probe_server(configure_tracking())
     with tracking_errors():
         found = use_experiment(experiment)
         mlflow.MlflowClient().set_experiment_tag(found.experiment_id, "llmpipe.store_checked", "true")
