@@ -195,14 +195,19 @@ def test_a_three_class_model_scores_per_class_with_macro_f1(three_classes: Path)
     metrics = score_spam.score_spam(
         score_spam.ScoreSpamParams(device="cpu"), model_dir=three_classes / "clf", data_dir=three_classes / "data",
         metrics_out=three_classes / "spam.json", headline_out=three_classes / "headline.json",
-        plots_dir=three_classes / "plots", tokenizer_params=TOKENIZER)
+        plots_dir=three_classes / "plots", predictions_out=three_classes / "predictions.csv",
+        tokenizer_params=TOKENIZER)
     test = metrics["test"]
     assert set(test["per_class"]) == {"food", "sport", "weather"} and len(test["confusion"]) == 3
     n_test = len(pd.read_csv(three_classes / "data" / "test.csv"))
     assert sum(map(sum, test["confusion"])) == sum(c["support"] for c in test["per_class"].values()) == n_test
     assert test["f1"] == test["macro_f1"] == pytest.approx(sum(c["f1"] for c in test["per_class"].values()) / 3)
     headline = json.loads((three_classes / "headline.json").read_text())
-    assert headline == {"test_accuracy": test["accuracy"], "test_f1": test["macro_f1"]}
+    assert (headline["test_accuracy"], headline["test_f1"]) == (test["accuracy"], test["macro_f1"])
+    for key in ("test_accuracy", "test_f1"):  # each with its interval (comparison params)
+        assert headline[f"{key}_ci_low"] <= headline[key] <= headline[f"{key}_ci_high"]
+    predictions = pd.read_csv(three_classes / "predictions.csv")
+    assert (predictions["split"] == "test").sum() == n_test
     table = pd.read_csv(three_classes / "plots" / "spam_confusion.csv")
     assert set(table["actual"]) == {"food", "sport", "weather"}
 

@@ -15,6 +15,7 @@ from steps.common.stats import (
     compare_correct,
     compare_scores,
     f1_statistic,
+    macro_f1_statistic,
     mcnemar_exact,
     mean_interval,
     mean_sd,
@@ -77,6 +78,20 @@ def test_bootstrap_is_deterministic_for_a_seed_and_f1_matches_sklearn() -> None:
     f1 = f1_score(actual, predicted)
     assert float(f1_statistic(actual, predicted)) == pytest.approx(f1)
     assert first.low < f1 < first.high and first.high - first.low < 0.15
+
+
+def test_macro_f1_statistic_matches_sklearn_and_its_interval_covers_it() -> None:
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(5)
+    actual = rng.integers(0, 4, size=400)  # class 3 also predicted where it never occurs below
+    predicted = np.where(rng.random(400) < 0.8, actual, rng.integers(0, 4, size=400))
+    for a, p in ((actual, predicted), (np.minimum(actual, 2), predicted)):
+        macro = f1_score(a, p, labels=[0, 1, 2, 3], average="macro", zero_division=0)
+        statistic = macro_f1_statistic(4)
+        assert float(statistic(a, p)) == pytest.approx(macro)
+        interval = bootstrap_interval((a, p), statistic, ComparisonParams(), paired=True)
+        assert interval.low < macro < interval.high
 
 
 @pytest.mark.parametrize("table", [[[280, 3], [9, 8]], [[250, 0], [12, 38]], [[100, 20], [21, 5]], [[290, 1], [0, 9]]])

@@ -56,9 +56,9 @@ PREDICTION_COLUMNS = ("split", "row", "label", "predicted", "correct")
 
 def split_intervals(actual: Sequence[int], predicted: Sequence[int], labels: Sequence[str],
                     params: ComparisonParams) -> dict[str, float]:
-    """``accuracy_ci_low/high`` (Wilson) and, with two classes, ``f1_ci_low/high`` (bootstrap over
-    examples) at ``params.confidence``."""
-    return classification_intervals(actual, predicted, params, binary=len(labels) == 2)
+    """``accuracy_ci_low/high`` (Wilson) and ``f1_ci_low/high`` (bootstrap over examples: the positive
+    class's F1 with two classes, the macro F1 with more) at ``params.confidence``."""
+    return classification_intervals(actual, predicted, params, num_classes=len(labels))
 
 
 def write_predictions(path: Path, frames: Mapping[str, pd.DataFrame], actuals: Mapping[str, Sequence[int]],
