@@ -228,5 +228,5 @@ def test_a_label_the_classifier_does_not_know_fails_scoring(three_classes: Path,
     with pytest.raises(DataError, match=r"train\.csv row \d+: label 'travel' is not one the classifier knows"):
         score_spam.score_spam(score_spam.ScoreSpamParams(device="cpu"), model_dir=three_classes / "clf", data_dir=data,
                               metrics_out=tmp_path / "m.json", headline_out=tmp_path / "h.json", plots_dir=tmp_path,
-                              tokenizer_params=TOKENIZER)
-    assert not (tmp_path / "m.json").exists()
+                              predictions_out=tmp_path / "p.csv", tokenizer_params=TOKENIZER)
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "p.csv").exists()

@@ -140,6 +140,7 @@ def chat_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
                               "mask_prompt": True, "sample_entries": 1, "sample_max_new_tokens": 3, "device": "cpu"},
         "score_instructions": {"max_new_tokens": 4, "batch_size": 4, "device": "cpu",
                                "judge": {"url": closed_port_url(), "connect_retries": 0, "backoff_factor": 0}},
+        "comparison": {"confidence": 0.95, "bootstrap_samples": 200, "seed": 1, "promote_alpha": 0.05},
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     mp = pytest.MonkeyPatch()

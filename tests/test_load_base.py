@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -113,8 +114,7 @@ def test_llm_generate_and_chat_use_the_base_tokenizer_and_template(hf_dir, tmp_p
     args = ["--model", str(tmp_path / "base"), "--max-new-tokens", "6", "--temperature", "0"]
     assert cli.main(["generate", "Win a free prize", *args]) == 0
     assert capsys.readouterr().out == "Win a free prize" + hf_reply(tokenizer.encode("Win a free prize")) + "\n"
-    answers = iter(["Is this spam?", "", "exit"])
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    monkeypatch.setattr("sys.stdin", io.StringIO("Is this spam?\n"))  # piped: one instruction per line
     assert cli.main(["chat", *args]) == 0
     expected = hf_reply(tokenizer.chat_ids([{"role": "user", "content": "Is this spam?"}]))
     assert f"Response: {expected}\n" in capsys.readouterr().out
