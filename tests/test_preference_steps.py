@@ -48,6 +48,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> Path:
         "score_preference": {"batch_size": 3, "device": "cpu"},
         "score_instructions": {"max_new_tokens": 4, "batch_size": 3, "device": "cpu",
                                "judge": {"url": closed_port_url(), "connect_retries": 0, "backoff_factor": 0}},
+        "comparison": {"bootstrap_samples": 200},
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
@@ -247,10 +248,19 @@ def test_score_preference_compares_sft_and_dpo_on_the_same_pairs(tuned: Path, in
     report = json.loads((in_workspace / "reports" / "pref.json").read_text())
     headline = json.loads((in_workspace / "metrics" / "pref.json").read_text())
     assert report["test"]["pairs"] == 4 and report["val"]["pairs"] == 2 and report["beta"] == 0.5
-    assert set(headline) == {"sft", "dpo"}
-    assert set(headline["sft"]) == {"val_preference_accuracy", "test_preference_accuracy"}
+    assert set(headline) == {"sft", "dpo", "dpo_minus_sft"}
+    assert set(headline["sft"]) == {"val_preference_accuracy", "test_preference_accuracy",
+                                    "test_preference_accuracy_ci_low", "test_preference_accuracy_ci_high"}
     assert {"test_preference_accuracy", "test_reward_margin", "test_reward_accuracy"} <= set(headline["dpo"])
     assert headline["sft"]["test_preference_accuracy"] == round(report["test"]["sft"]["preference_accuracy"], 6)
+    for model in ("sft", "dpo"):  # Wilson's interval around each accuracy
+        low, high = (headline[model][f"test_preference_accuracy_ci_{b}"] for b in ("low", "high"))
+        assert 0 <= low <= headline[model]["test_preference_accuracy"] <= high <= 1 and high - low > 0.2  # 4 pairs
+    paired = headline["dpo_minus_sft"]  # on the same 4 test pairs
+    assert paired["test_preference_accuracy"] == pytest.approx(
+        headline["dpo"]["test_preference_accuracy"] - headline["sft"]["test_preference_accuracy"], abs=1e-5)
+    assert paired["test_preference_accuracy_ci_low"] <= paired["test_preference_accuracy"] <= \
+        paired["test_preference_accuracy_ci_high"] and 0 < paired["test_mcnemar_p"] <= 1
     # The DPO model against the SFT model it started from: rewards are their log-prob differences.
     test = report["test"]["dpo"]
     assert math.isclose(test["reward_margin"], test["chosen_reward"] - test["rejected_reward"], abs_tol=1e-6)
@@ -261,7 +271,10 @@ def test_score_preference_compares_sft_and_dpo_on_the_same_pairs(tuned: Path, in
     run = client.get_run(champion.run_id)
     assert run.data.tags["stage"] == "preference_tune"
     assert run.data.metrics["sft_test_preference_accuracy"] == headline["sft"]["test_preference_accuracy"]
-    assert champion.tags["test_preference_accuracy"] == f"{headline['dpo']['test_preference_accuracy']:.6g}"
+    # The registry chose on the validation pairs (n2), never on test.
+    (key,) = [k for k in champion.tags if k.startswith("eval.validation.n2.") and k.endswith(".preference_accuracy")]
+    assert champion.tags[key] == f"{report['val']['dpo']['preference_accuracy']:.6g}"
+    assert not any(k.startswith("eval.test") for k in champion.tags)
 
 
 def test_the_dpo_model_is_scored_by_the_instruction_scoring_into_its_own_run(tuned: Path, in_workspace: Path) -> None:
