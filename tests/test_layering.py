@@ -123,3 +123,29 @@ def test_llmcore_knows_nothing_of_the_pipeline() -> None:
 ])
 def test_the_rules_read_the_layers_right(source: str, name: str, allowed: bool) -> None:
     assert (layer(name) in ALLOWED[source]) is allowed
+
+
+# The stages that only read and write files: torch's import alone costs seconds a run.
+# (build_windows still does: it counts windows with llmcore.data's torch Datasets.)
+DATA_STAGES = ("fetch", "check_params", "build_spam_dataset", "build_instruction_dataset",
+               "build_preference_dataset", "tokenize", "baseline_spam")
+
+
+def test_data_stages_do_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    probe = ("import importlib, sys\n"
+             f"for stage in {DATA_STAGES!r}:\n"
+             "    importlib.import_module(f'steps.{stage}')\n"
+             "    assert 'torch' not in sys.modules, f'steps.{stage} imports torch'\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr.strip().splitlines()[-1]
+
+
+def test_project_code_imports_llmcores_classes_from_their_modules() -> None:
+    """``from llmcore import GPTModel`` works (lazily), but scripts/dvc_deps.py cannot follow it to
+    llmcore/model.py, so a stage importing it that way would miss a code dep."""
+    wrong = [f"{path.relative_to(ROOT)}:{line}: {name}" for path in project_modules()
+             for line, name in imported(path) if name in ("llmcore.GPTConfig", "llmcore.GPTModel", "llmcore.PRESETS")]
+    assert not wrong, "\n".join(wrong)
