@@ -115,6 +115,7 @@ def test_llm_generate_and_chat_use_the_base_tokenizer_and_template(hf_dir, tmp_p
     assert capsys.readouterr().out == "Win a free prize" + hf_reply(tokenizer.encode("Win a free prize")) + "\n"
     answers = iter(["Is this spam?", "", "exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)  # at a terminal: the answers come from input()
     assert cli.main(["chat", *args]) == 0
     expected = hf_reply(tokenizer.chat_ids([{"role": "user", "content": "Is this spam?"}]))
     assert f"Response: {expected}\n" in capsys.readouterr().out
