@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from llmcore.generate import generate
 from llmcore.model import IGNORE_INDEX
-from llmcore.prompts import extract_response, segments
+from llmcore.prompts import extract_response, response_prompt, segments
 from llmcore.tokenizer import ENDOFTEXT_ID, encode
 
 
@@ -30,15 +30,6 @@ class InstructionExample(NamedTuple):
     prompt_length: int  # leading tokens that are prompt only (masked when mask_prompt is set)
     # Token ranges [start, end) that are answers; () means one answer, from prompt_length to the end.
     response_spans: tuple[tuple[int, int], ...] = ()
-
-
-def response_prompt(entry: Mapping, style: str = "alpaca") -> str:
-    """The prompt up to and including the last answer's marker, so the model answers right away.
-
-    Same text as the training example minus the last answer, so generation and the response-only
-    loss see exactly the tokens the model was trained on.
-    """
-    return "".join(text for text, _ in segments(entry, style)[:-1])
 
 
 def _shared(ids: list[int], prefix_ids: list[int]) -> int:

@@ -9,6 +9,11 @@ answer). A prompt style renders either:
   (plus ``### Input:`` for an Alpaca entry's input), ``### Response:`` before each answer;
 - ``phi3``: Phi-3's turn markers ``<|system|>``, ``<|user|>``, ``<|assistant|>`` (book exercise 7.1).
 
+A model is prompted in one of those, or ``plain`` (a pretrained model: the text, continued) or
+``template`` (a Hugging Face base: its tokenizer's own chat template). Which one is the
+checkpoint's ``prompt_style``, read by ``checkpoint_prompt_style``: the one lookup ``llm chat``,
+serving, scoring and the MLflow pyfunc share.
+
 A single-turn chat in ``alpaca`` style is exactly the book's prompt with an empty input. Every
 answer but the last ends with ``<|endoftext|>``, so a model learns to stop after each of its turns.
 """
@@ -24,7 +29,11 @@ PREAMBLE = (
     "Write a response that appropriately completes the request."
 )
 RESPONSE_MARKER = "### Response:"
-PROMPT_STYLES = ("alpaca", "phi3")
+PROMPT_STYLES = ("alpaca", "phi3")  # what instruction data is rendered in for fine-tuning
+CHAT_STYLES = (*PROMPT_STYLES, "plain", "template")  # every style a model is prompted in
+# Checkpoints written before every stage recorded its ``prompt_style`` (issue 24): the style by the
+# ``stage`` their config.json names; one naming another stage, or none, was an instruction model.
+LEGACY_STAGE_STYLES = {"pretrain": "plain", "load_gpt2": "plain", "adapt_pretrain": "plain", "load_base": "template"}
 # What precedes a turn's content, per style and role.
 _HEADERS = {
     "alpaca": {"system": "", "user": "\n\n### Instruction:\n", "assistant": f"\n\n{RESPONSE_MARKER}\n"},
@@ -80,6 +89,54 @@ def segments(entry: Mapping, style: str = "alpaca") -> list[tuple[str, bool]]:
         parts.append((header, True))
         parts.append((content + ("" if i == len(conversation) - 1 else ENDOFTEXT), True))
     return parts
+
+
+def response_prompt(entry: Mapping, style: str = "alpaca") -> str:
+    """The prompt up to and including the last answer's marker, so the model answers right away.
+
+    Same text as the training example minus the last answer, so generation and the response-only
+    loss see exactly the tokens the model was trained on.
+    """
+    return "".join(text for text, _ in segments(entry, style)[:-1])
+
+
+def checkpoint_prompt_style(meta: Mapping) -> str:
+    """The style a checkpoint is prompted in, from its metadata (``llmcore.checkpoint.read_checkpoint_meta``):
+    its ``prompt_style``, which every stage writing a checkpoint records; for an older checkpoint
+    without one, ``LEGACY_STAGE_STYLES`` by its ``stage``, else ``alpaca``."""
+    style = meta.get("prompt_style") or LEGACY_STAGE_STYLES.get(meta.get("stage"), "alpaca")
+    if style not in CHAT_STYLES:
+        raise ValueError(f"the checkpoint's prompt_style must be one of {CHAT_STYLES}, got {style!r}")
+    return style
+
+
+def chat_prompt(messages: Sequence[tuple[str, str]], style: str = "alpaca") -> str:
+    """The prompt for (role, content) chat messages in ``style`` (``template`` is the tokenizer's own:
+    ``HFTokenizer.apply_chat_template``); ValueError for messages the style cannot render.
+
+    ``alpaca``: the last message, a user's, is the instruction; earlier ones, the system's included,
+    become the input section as ``role: content`` lines, so a single question gives exactly the
+    fine-tuning prompt. ``phi3``: the turns with their markers (an optional system turn, then user
+    and assistant turns in alternation, ending with the user's). ``plain``: the contents joined by
+    newlines, continued as text.
+    """
+    if not messages:
+        raise ValueError("messages must not be empty")
+    if style == "plain":
+        return "\n".join(content for _, content in messages)
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt style must be one of {CHAT_STYLES[:-1]} here, got {style!r}")
+    role, instruction = messages[-1]
+    if role != "user":
+        raise ValueError(f"the last message must be the user's, got role {role!r}")
+    if style == "alpaca":
+        context = "\n".join(f"{r}: {c}" for r, c in messages[:-1])
+        return response_prompt({"instruction": instruction, "input": context}, style)
+    chat = [{"role": r, "content": c} for r, c in messages] + [{"role": "assistant", "content": ""}]
+    problem = chat_roles_error([m["role"] for m in chat])
+    if problem:
+        raise ValueError(problem)
+    return response_prompt({"messages": chat}, style)
 
 
 def reference(entry: Mapping) -> str:

@@ -100,9 +100,9 @@ def parse_results(text: str, task: str, split: str, label: str, metric: str) -> 
 def score_classifier(model_dir: Path, data_dir: Path, split: str, label: str, tokenizer_dir: Path | None = None) -> Examples:
     """Score a classifier directory on ``data_dir``'s split (what score_spam does, for one split)."""
     from llmcore.classifier import load_classifier, predict_proba
-    from llmcore.cli import tokenizer_for
     from llmcore.tokenizer import get_tokenizer
     from steps.common.datasets import read_splits
+    from steps.common.model_dirs import tokenizer_for
     from steps.score_spam import model_label_ids
 
     names, (frame,) = read_splits(data_dir, (split,))
@@ -240,10 +240,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "llm compare") -> int:
                            data_dir=args.data, params=comparison_params())
     except Exception as exc:  # noqa: BLE001 - sorted below: expected ones are one line
         from llmcore.checkpoint import CheckpointError
-        from llmcore.cli import CliError
         from steps.common.cli import EXPECTED_ERRORS
+        from steps.common.model_dirs import UsageError
 
-        if not isinstance(exc, (CompareError, CliError, CheckpointError, *EXPECTED_ERRORS, ValueError, OSError)):
+        if not isinstance(exc, (CompareError, UsageError, CheckpointError, *EXPECTED_ERRORS, ValueError, OSError)):
             raise
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1

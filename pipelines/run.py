@@ -1,8 +1,10 @@
 """The one command: ``python -m pipelines.run [--flow all|pretrain|spam|instructions] [--offline]``.
 
 Runs the pipeline flow once, from the repository root. Without ``PREFECT_API_URL`` Prefect starts
-a temporary local server for this process (a few seconds); with it, the run appears in that
-server's UI. A second run with nothing changed is a no-op: DVC skips every stage.
+a temporary local server for this process (seconds); with it, the run appears in that server's UI.
+A second run with nothing changed is a no-op: DVC skips every stage. Without a Prefect server (and
+without -S or --workspace) a run with nothing to do is told by one ``dvc status`` and never starts
+Prefect: no temporary server for a run that would record nothing.
 ``-S finetune_classifier.lr=5e-4 -n lr-5e-4`` makes the run a named DVC experiment, as
 ``dvc exp run -S ... -n ...`` does. It runs in this checkout (models/ and metrics/ are updated
 here); ``--workspace`` runs it in a clean checkout of ``--revision`` (default HEAD) of its own that
@@ -76,18 +78,42 @@ def main(argv: list[str] | None = None) -> None:
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
 
-    from pipelines.flows import llm_pipeline  # imports prefect: after its settings are in the environment
-    from pipelines.summary import baseline_line
-
     try:
-        report = llm_pipeline(pipeline=args.flow, params=args.params, experiment=args.name,
-                              where="workspace" if args.workspace else "in-place", revision=args.revision)
+        report = None
+        if not (args.params or args.workspace or os.environ.get("PREFECT_API_URL")):
+            report = nothing_to_run(args.flow)
+        if report is None:
+            from pipelines.flows import llm_pipeline  # imports prefect: after its settings are in the environment
+
+            report = llm_pipeline(pipeline=args.flow, params=args.params, experiment=args.name,
+                                  where="workspace" if args.workspace else "in-place", revision=args.revision)
     except Exception as exc:
         sys.exit(f"pipeline: error: {exc}")
+    print_summary(args.flow, report)
+
+
+def nothing_to_run(pipeline: str):
+    """The report of a run of ``pipeline`` when DVC says every stage of it is up to date (what the
+    flow reports then: every stage skipped, the metrics, no MLflow run); None when any changed."""
+    from pipelines.dag import execution_order, read_dag
+    from pipelines.stages import StageResult, dvc_status
+    from pipelines.summary import PipelineReport, baseline_comparison, read_metrics
+
+    if dvc_status(PIPELINES[pipeline]):
+        return None
+    order = execution_order(read_dag("."), PIPELINES[pipeline])
+    return PipelineReport(flow=pipeline, results=[StageResult(stage, "skipped", 0.0) for stage in order], not_run=[],
+                          wall_s=time.perf_counter() - START, metrics=read_metrics("metrics"), mlflow_run_id="",
+                          mlflow_url="", baseline=baseline_comparison("."))
+
+
+def print_summary(flow: str, report) -> None:
+    from pipelines.summary import baseline_line
+
     total = time.perf_counter() - START
     overhead = total - report.stage_s
     print(
-        f"pipeline {args.flow}: ran {len(report.stages_by_status['ran'])} of {len(report.results)} stages; "
+        f"pipeline {flow}: ran {len(report.stages_by_status['ran'])} of {len(report.results)} stages; "
         f"{total:.1f} s in all, {report.stage_s:.1f} s inside dvc repro, "
         f"orchestration overhead {overhead:.1f} s ({overhead / total:.1%})"
         + (f"\n{comparison}" if (comparison := baseline_line(report.metrics, report.baseline)) else "")

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.stages import StageResult
+from steps.common.params import flatten
 from steps.common.stats import PairedResult
-from steps.common.tracking import flatten
 
 STATUS_TEXT = {"ran": "ran", "cached": "restored from DVC run cache", "skipped": "up to date, skipped"}
 

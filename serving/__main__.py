@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from llmcore.checkpoint import CheckpointError
-from llmcore.cli import CliError
 from llmcore.tokenizer import TokenizerFilesError
 from serving.limits import DEFAULT_MAX_BODY_MB
 from serving.text import PROMPT_STYLES
+from steps.common.model_dirs import UsageError
 
 API_KEY_ENV = "LLMPIPE_SERVE_API_KEY"
 DEFAULTS = {"model": "models/instruct", "classifier": "models/spam_classifier"}
@@ -38,8 +38,8 @@ def build_parser(prog: str = "python -m serving") -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--int8", action="store_true", help="int8 Linear weights (CPU; see llmcore.quantize)")
     parser.add_argument("--prompt-style", choices=PROMPT_STYLES,
-                        help="chat messages as the instruction prompt (alpaca) or plain text; default: the one "
-                        "the model's stage trained with (alpaca for finetune_instruct, plain for pretrain)")
+                        help="how chat messages become the prompt; default: the checkpoint's own prompt_style "
+                        "(its fine-tuning style, plain for a pretrained model, template for a Hugging Face base)")
     parser.add_argument("--max-batch", type=int, default=16, help="generations decoded together")
     parser.add_argument("--max-queue", type=int, default=64, help="generations waiting; more get 429")
     parser.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask")
@@ -71,11 +71,11 @@ def serve(args: argparse.Namespace) -> None:
 
     api_key = os.environ.get(API_KEY_ENV) or None
     if not is_loopback(args.host) and api_key is None:
-        raise CliError(f"--host {args.host} is reachable from other machines: set {API_KEY_ENV} to require a key")
+        raise UsageError(f"--host {args.host} is reachable from other machines: set {API_KEY_ENV} to require a key")
     specs = {GENERATOR: model_spec(args.model, DEFAULTS["model"]),
              CLASSIFIER: model_spec(args.classifier, DEFAULTS["classifier"])}
     if not any(specs.values()):
-        raise CliError(f"nothing to serve: pass --model and/or --classifier (the defaults {DEFAULTS['model']} and "
+        raise UsageError(f"nothing to serve: pass --model and/or --classifier (the defaults {DEFAULTS['model']} and "
                        f"{DEFAULTS['classifier']} come from `dvc repro finetune_instruct finetune_classifier`)")
     served = {kind: spec and load_served(spec, kind, int8=args.int8, prompt_style=args.prompt_style)
               for kind, spec in specs.items()}
@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m serving") -> 
         return 2
     try:
         serve(args)
-    except (CliError, CheckpointError, TokenizerFilesError) as exc:
+    except (UsageError, CheckpointError, TokenizerFilesError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header
 from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
-from llmcore.classifier import predict_proba
+from llmcore.classifier import predict_proba, probability_columns
 from serving.engine import Engine
 from serving.errors import APIError, install_error_handlers
 from serving.limits import DEFAULT_MAX_BODY_MB, BodyLimit
@@ -159,9 +159,13 @@ def classify_router(state: ServeState) -> APIRouter:
 
     @router.post("/invocations")
     async def invocations(body: ClassifyRequest) -> dict:
-        """MLflow's scoring-server answer, as the registered pyfunc gives it (label, spam_probability)."""
+        """MLflow's scoring-server answer, as the registered pyfunc gives it: the label and
+        ``<label>_probability`` (the positive class's for two classes, ``spam_probability`` for the
+        spam model; every class's for more)."""
         served, probs = await classify(state, body)
         labels = served.model.labels
-        return {"predictions": [{"label": labels[int(p.argmax())], "spam_probability": float(p[1])} for p in probs]}
+        columns = probability_columns(labels)
+        return {"predictions": [{"label": labels[int(p.argmax())], **{name: float(p[i]) for name, i in columns}}
+                                for p in probs]}
 
     return router

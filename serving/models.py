@@ -15,17 +15,12 @@ from torch import nn
 
 from llmcore.checkpoint import load_checkpoint, read_checkpoint_meta
 from llmcore.classifier import load_classifier
-from llmcore.cli import DEFAULT_MODELS, CliError, check_model_dir, tokenizer_for
+from llmcore.prompts import checkpoint_prompt_style
 from llmcore.tokenizer import get_tokenizer
+from steps.common.model_dirs import DEFAULT_MODELS, UsageError, check_model_dir, tokenizer_for
 
 REGISTRY_SCHEME = "models:/"
 GENERATOR, CLASSIFIER = "generator", "classifier"
-# The prompt format (serving.text.render_chat) of each stage's model, from its config.json's "stage";
-# a checkpoint that names no stage is taken for an instruction model.
-STAGE_PROMPT_STYLES = {"finetune_instruct": "alpaca", "preference_tune": "alpaca", "pretrain": "plain",
-                       "load_gpt2": "plain",
-                       "load_base": "template"}  # template: the base's own chat template (tokenizer_config.json)
-
 
 @dataclass(frozen=True)
 class Served:
@@ -62,26 +57,26 @@ def download_registered(uri: str) -> tuple[Path, Path | None]:
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except MlflowException as exc:
-        raise CliError(f"{uri}: {exc.message}") from exc
+        raise UsageError(f"{uri}: {exc.message}") from exc
     mlmodel = local / "MLmodel"
     meta = yaml.safe_load(mlmodel.read_text()) if mlmodel.is_file() else {}
     artifacts = meta.get("flavors", {}).get("python_function", {}).get("artifacts") or {}
     if "checkpoint" not in artifacts:
-        raise CliError(f"{uri} has no 'checkpoint' artifact: it was not logged by this pipeline")
+        raise UsageError(f"{uri} has no 'checkpoint' artifact: it was not logged by this pipeline")
     tokenizer = artifacts.get("tokenizer")
     return local / artifacts["checkpoint"]["path"], (local / tokenizer["path"] if tokenizer else None)
 
 
 def load_served(spec: str, kind: str, *, int8: bool = False, prompt_style: str | None = None) -> Served:
     """Load ``spec`` (directory or registry URI) as a generator or a classifier, int8 if asked;
-    the prompt style is the one its stage trained with unless given."""
+    the prompt style is the checkpoint's own (``llmcore.prompts.checkpoint_prompt_style``) unless given."""
     if spec.startswith(REGISTRY_SCHEME):
         directory, tokenizer_dir = download_registered(spec)
         name = registry_name(spec)
         tokenizer = get_tokenizer(tokenizer_dir) if tokenizer_dir else tokenizer_for(directory)
     else:
         if Path(spec).as_posix() not in DEFAULT_MODELS and not (Path(spec) / "config.json").is_file():
-            raise CliError(f"{spec} is not a checkpoint directory (it has no config.json)")
+            raise UsageError(f"{spec} is not a checkpoint directory (it has no config.json)")
         directory = check_model_dir(spec)  # also names the stage that makes a default directory
         name = directory.resolve().name
         tokenizer = tokenizer_for(directory)
@@ -90,5 +85,8 @@ def load_served(spec: str, kind: str, *, int8: bool = False, prompt_style: str |
         from llmcore.quantize import quantize_int8
 
         model = quantize_int8(model, inplace=True)
-    style = prompt_style or STAGE_PROMPT_STYLES.get(read_checkpoint_meta(directory).get("stage"), "alpaca")
+    try:
+        style = prompt_style or checkpoint_prompt_style(read_checkpoint_meta(directory))
+    except ValueError as exc:
+        raise UsageError(f"{directory / 'config.json'}: {exc}") from exc
     return Served(name, kind, spec, model, tokenizer, int8, style)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import codecs
 from collections.abc import Sequence
 
-from llmcore.instruct import response_prompt
+from llmcore.prompts import CHAT_STYLES, chat_prompt
 
-PROMPT_STYLES = ("alpaca", "plain", "template")
+PROMPT_STYLES = CHAT_STYLES  # every style llmcore prompts a model in
 
 
 class PromptError(ValueError):
@@ -21,14 +21,11 @@ class PromptError(ValueError):
 
 
 def render_chat(messages: Sequence[tuple[str, str]], style: str = "alpaca", tokenizer=None) -> str:
-    """The prompt for (role, content) messages in the model's training format.
-
-    ``alpaca`` (the instruction model, book chapter 7): the last message, a user's, is the
-    instruction; earlier messages, the system's included, become the input section as
-    ``role: content`` lines, so a single question gives exactly the fine-tuning prompt.
-    ``plain`` (a pretrained model): the contents joined by newlines, continued as text.
-    ``template`` (a Llama/Qwen3/Gemma base): the tokenizer's own chat template, generation prompt on.
-    """
+    """The prompt for (role, content) messages in the model's style (``llmcore.prompts.chat_prompt``:
+    alpaca, phi3, plain); ``template`` (a Llama/Qwen3/Gemma base): the tokenizer's own chat
+    template, generation prompt on."""
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
     if not messages:
         raise PromptError("messages must not be empty")
     if style == "template":
@@ -38,15 +35,10 @@ def render_chat(messages: Sequence[tuple[str, str]], style: str = "alpaca", toke
             return tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages])
         except Exception as exc:  # a template's raise_exception (e.g. "roles must alternate") is the caller's error
             raise PromptError(f"the chat template refused these messages: {exc}") from exc
-    if style == "plain":
-        return "\n".join(content for _, content in messages)
-    if style != "alpaca":
-        raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
-    role, instruction = messages[-1]
-    if role != "user":
-        raise PromptError(f"the last message must be the user's, got role {role!r}")
-    context = "\n".join(f"{r}: {c}" for r, c in messages[:-1])
-    return response_prompt({"instruction": instruction, "input": context})
+    try:
+        return chat_prompt(messages, style)
+    except ValueError as exc:
+        raise PromptError(str(exc)) from exc
 
 
 class TextStream:

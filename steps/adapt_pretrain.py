@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from llmcore.checkpoint import save_checkpoint
+from llmcore.checkpoint import read_checkpoint_meta, save_checkpoint
 from llmcore.data import SlidingWindowDataset
 from llmcore.model import IGNORE_INDEX, GPTModel, head_cross_entropy
+from llmcore.prompts import checkpoint_prompt_style
 from llmcore.tokenizer import ENDOFTEXT_ID, encode, get_tokenizer
 from steps.common.cli import StageParams, restart_option, run_stage
 from steps.common.data import DataError, TokenizerParams
@@ -42,8 +43,15 @@ from steps.common.mlflow_models import generator_signature
 from steps.common.models import BaseModelSectionParams, load_base_model
 from steps.common.params import ParamsError, StrictModel
 from steps.common.registry import ADAPTED_MODEL
-from steps.common.training import TRAINING_ERRORS, Pyfunc, TrainingJob, TrainingOutputs, TrainParams, run_training, \
-    stage_device
+from steps.common.training import (
+    TRAINING_ERRORS,
+    Pyfunc,
+    TrainingJob,
+    TrainingOutputs,
+    TrainParams,
+    run_training,
+    stage_device,
+)
 
 STAGE = "adapt_pretrain"
 EXPERIMENT = "adapt-pretrain"
@@ -159,6 +167,9 @@ def adapt_pretrain(
     tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
     ids = {split: tokenize_corpus(texts, tokenizer) for split, texts in corpus.items()}
     base = load_base_model(base_dir)
+    # Still prompted as its base is: the text continued, or a Hugging Face base's chat template.
+    extra = {"stage": STAGE, "base_model": str(base_dir),
+             "prompt_style": checkpoint_prompt_style(read_checkpoint_meta(base_dir))}
     context = params.window_length or base.cfg.context_length
     if context > base.cfg.context_length:
         raise ParamsError(f"{STAGE}.window_length: {context} is longer than the base model's context "
@@ -172,7 +183,7 @@ def adapt_pretrain(
     job = TrainingJob(
         stage=STAGE, experiment=EXPERIMENT, registered_model=ADAPTED_MODEL, params=params, model=base,
         train_data=data["train"], val_data=data["val"], data_files=files,
-        save=lambda trained, path: save_checkpoint(trained, path, extra={"stage": STAGE, "base_model": str(base_dir)}),
+        save=lambda trained, path: save_checkpoint(trained, path, extra=extra),
         pyfunc=Pyfunc("generator", "generator.py", generator_signature()),
         **({"loss_fn": loss_fn} if loss_fn is not None else {}),
         resume_settings={"base": sha256_file(base_dir / "model.safetensors")},

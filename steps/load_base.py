@@ -47,7 +47,9 @@ def load_base_stage(params: BaseModelSectionParams, out_dir: Path) -> dict:
               "eos_ids": tokenizer.eos_ids if tokenizer else []}
     # One atomic directory: readers never see weights without their tokenizer or status.json.
     with atomic_path(out_dir, is_dir=True) as tmp:
-        save_checkpoint(model, tmp, extra={"stage": STAGE, "source": params.source},
+        # A base is chatted with in its own chat template when it has one (llmcore.prompts).
+        style = "template" if status["chat_template"] else "plain"
+        save_checkpoint(model, tmp, extra={"stage": STAGE, "source": params.source, "prompt_style": style},
                         files=lambda target: copy_tokenizer_files(directory, target))
         (tmp / STATUS_FILE).write_text(_dumps(status))
     log_status(params, status)

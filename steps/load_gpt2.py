@@ -69,7 +69,7 @@ def load_gpt2_stage(params: LoadGPT2Params, out_dir: Path, tokenizer_params: Tok
               "tokenizer_files": encoding_files is not None}
     # One atomic directory: readers never see weights without status.json or the reverse.
     with atomic_path(out_dir, is_dir=True) as tmp:
-        save_checkpoint(model, tmp, extra={"stage": STAGE, "source": params.source})
+        save_checkpoint(model, tmp, extra={"stage": STAGE, "source": params.source, "prompt_style": "plain"})
         for name, path in (encoding_files or {}).items():
             shutil.copyfile(path, tmp / name)
         (tmp / STATUS_FILE).write_text(_dumps(status))

@@ -29,7 +29,7 @@ from llmcore.checkpoint import read_checkpoint_meta, save_checkpoint
 from llmcore.dpo import PreferencePair, collate_pairs, dpo_batch_loss, pair_logprobs, preference_metrics, with_reference
 from llmcore.lora import apply_lora, merge_lora
 from llmcore.model import GPTModel
-from llmcore.prompts import as_instruction, preference_parts
+from llmcore.prompts import as_instruction, checkpoint_prompt_style, preference_parts
 from llmcore.tokenizer import get_tokenizer
 from steps.common.cli import StageParams, restart_option, run_stage
 from steps.common.data import TokenizerParams
@@ -39,8 +39,15 @@ from steps.common.mlflow_models import instruct_signature
 from steps.common.models import LoraParams, load_base_model
 from steps.common.preferences import load_pairs
 from steps.common.registry import PREFERENCE_MODEL
-from steps.common.training import TRAINING_ERRORS, Pyfunc, TrainingJob, TrainingOutputs, TrainParams, run_training, \
-    stage_device
+from steps.common.training import (
+    TRAINING_ERRORS,
+    Pyfunc,
+    TrainingJob,
+    TrainingOutputs,
+    TrainParams,
+    run_training,
+    stage_device,
+)
 
 STAGE = "preference_tune"
 EXPERIMENT = "preference-dpo"
@@ -86,7 +93,7 @@ def preference_tune(params: PreferenceTuneParams, tokenizer_params: TokenizerPar
     """DPO of ``instruct_dir`` on ``data_dir``'s train split; writes the model, metrics, curves."""
     device = stage_device(STAGE, params)
     reference = load_base_model(instruct_dir).to(device).eval().requires_grad_(False)
-    style = read_checkpoint_meta(instruct_dir).get("prompt_style", "alpaca")
+    style = checkpoint_prompt_style(read_checkpoint_meta(instruct_dir))
     max_length = min(params.max_length or reference.cfg.context_length, reference.cfg.context_length)
     tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
     (train_pairs, _, train_cut), (val_pairs, val_entries, val_cut) = (

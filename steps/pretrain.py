@@ -132,7 +132,7 @@ def pretrain(
         stage=STAGE, experiment=EXPERIMENT, registered_model=PRETRAINED_MODEL, params=params, model=model,
         train_data=train_data, val_data=val_data,
         data_files=window_files(paths.windows),
-        save=lambda trained, out: save_checkpoint(trained, out, extra={"stage": STAGE}),
+        save=lambda trained, out: save_checkpoint(trained, out, extra={"stage": STAGE, "prompt_style": "plain"}),
         pyfunc=Pyfunc("generator", "generator.py", generator_signature()),
         callbacks=[EpochSampleCallback(tokenizer, params.sample), *callbacks],
         resume_settings={"model": cfg.to_dict()},

@@ -19,7 +19,7 @@ from pydantic import Field
 from llmcore.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_meta
 from llmcore.device import resolve_device
 from llmcore.instruct import encode_example, generate_responses, response_losses, response_prompt
-from llmcore.prompts import reference
+from llmcore.prompts import checkpoint_prompt_style, reference
 from llmcore.tokenizer import TokenizerFilesError, get_tokenizer
 from steps.common.cli import StageParams, run_stage
 from steps.common.data import DataError, TokenizerParams
@@ -102,7 +102,7 @@ def score_instructions(
     except ValueError as exc:
         raise ParamsError(f"{STAGE}.device: {exc}") from exc
     model = load_checkpoint(model_dir).to(device)
-    style = read_checkpoint_meta(model_dir).get("prompt_style", "alpaca")  # what the model was trained on
+    style = checkpoint_prompt_style(read_checkpoint_meta(model_dir))  # what the model was trained on
     tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
     started = time.perf_counter()
     answers = generate_responses(

@@ -23,6 +23,7 @@ from llmcore.checkpoint import CheckpointError, read_checkpoint_meta
 from llmcore.dpo import PreferencePair, pair_logprobs, pair_summary
 from llmcore.device import resolve_device
 from llmcore.model import GPTModel
+from llmcore.prompts import checkpoint_prompt_style
 from llmcore.tokenizer import TokenizerFilesError, get_tokenizer
 from steps.common.cli import StageParams, run_stage
 from steps.common.data import DataError, TokenizerParams
@@ -74,9 +75,9 @@ def score_preference(params: ScorePreferenceParams, tokenizer_params: TokenizerP
     except ValueError as exc:
         raise ParamsError(f"{STAGE}.device: {exc}") from exc
     sft, dpo = (load_base_model(path).to(device).eval() for path in (sft_dir, model_dir))
-    style, dpo_meta = read_checkpoint_meta(sft_dir).get("prompt_style", "alpaca"), read_checkpoint_meta(model_dir)
-    if dpo_meta.get("prompt_style", "alpaca") != style:
-        raise DataError(f"{model_dir} was tuned in prompt style {dpo_meta.get('prompt_style')!r}, "
+    style, dpo_meta = checkpoint_prompt_style(read_checkpoint_meta(sft_dir)), read_checkpoint_meta(model_dir)
+    if checkpoint_prompt_style(dpo_meta) != style:
+        raise DataError(f"{model_dir} was tuned in prompt style {checkpoint_prompt_style(dpo_meta)!r}, "
                         f"{sft_dir} in {style!r}: run `dvc repro preference_tune`")
     max_length = min(params.max_length or sft.cfg.context_length, sft.cfg.context_length, dpo.cfg.context_length)
     tokenizer = get_tokenizer(tokenizer_params.encoding_dir)

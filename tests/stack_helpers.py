@@ -36,7 +36,7 @@ def llm_stack(directory: Path, *args: str, check: bool = True, env: Mapping[str,
               timeout: float = 600) -> subprocess.CompletedProcess:
     """``llm stack --dir directory args...`` as a user runs it (a subprocess of this venv)."""
     base = {k: v for k, v in (env or os.environ).items() if k not in CLIENT_VARS}
-    done = subprocess.run([sys.executable, "-m", "llmcore.cli", "stack", "--dir", str(directory), *args],
+    done = subprocess.run([sys.executable, "-m", "cli.llm", "stack", "--dir", str(directory), *args],
                           cwd=REPO, env=base, capture_output=True, text=True, timeout=timeout)
     if check and done.returncode != 0:
         raise AssertionError(f"llm stack {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")

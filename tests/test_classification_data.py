@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from llmcore import cli
+from cli import llm as cli
 from llmcore.checkpoint import save_checkpoint
 from llmcore.classifier import load_classifier
 from llmcore.config import GPTConfig

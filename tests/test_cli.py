@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmcore import cli
+from cli import llm as cli
 from llmcore.checkpoint import save_checkpoint
 from llmcore.classifier import GPTClassifier, classify_texts, save_classifier
 from llmcore.config import GPTConfig
@@ -20,6 +20,7 @@ from llmcore.generate import generate, generate_text
 from llmcore.instruct import response_prompt
 from llmcore.model import GPTModel
 from llmcore.tokenizer import ENCODING_DIR_ENV, ENDOFTEXT_ID, TokenizerFilesError, encode
+from steps.common import model_dirs
 
 
 @pytest.fixture
@@ -131,6 +132,21 @@ def test_piped_chat_separator_is_an_option(gpt_dir: Path, offline_tokenizer, tok
     assert expected_replies(gpt_dir, tokenizer, [{"instruction": "Translate to German.", "input": "Good morning"}])[0] in out
 
 
+@pytest.mark.parametrize(("extra", "prompt"), [
+    ({"stage": "finetune_instruct", "prompt_style": "phi3"}, "<|user|>\nTranslate to German.\nGood morning\n<|assistant|>\n"),
+    ({"stage": "pretrain"}, "Translate to German.\nGood morning"),  # older checkpoint: style by its stage
+])
+def test_chat_prompts_in_the_style_the_checkpoint_records(extra: dict, prompt: str, tmp_path: Path, offline_tokenizer,
+                                                          tokenizer, monkeypatch, capsys) -> None:
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_preset("cpu-tiny"))
+    model_dir = save_checkpoint(model, tmp_path / "m", extra=extra)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Translate to German.\tGood morning\n"))
+    assert cli.main(["chat", "--model", str(model_dir), "--max-new-tokens", "6"]) == 0
+    answer = generate(model.eval(), [encode(tokenizer, prompt)], 6, eos_id=ENDOFTEXT_ID)[0]
+    assert f"Response: {tokenizer.decode(answer)}\n" in capsys.readouterr().out
+
+
 def test_chat_exits_cleanly_at_end_of_input(gpt_dir: Path, offline_tokenizer, monkeypatch, capsys) -> None:
     stdin = io.StringIO("Name a color.\n")  # EOF while asking for the input, at a terminal
     stdin.isatty = lambda: True
@@ -158,11 +174,11 @@ def test_tokenizer_files_beside_the_model_are_used_without_the_env(
         shutil.copy(gpt2_encoding_dir / name, model_dir / name)
     monkeypatch.delenv(ENCODING_DIR_ENV, raising=False)
     asked: list = []
-    monkeypatch.setattr(cli, "get_tokenizer", lambda directory=None: asked.append(directory) or "tok")
-    assert cli.tokenizer_for(model_dir) == "tok" and asked == [model_dir]
+    monkeypatch.setattr(model_dirs, "get_tokenizer", lambda directory=None: asked.append(directory) or "tok")
+    assert model_dirs.tokenizer_for(model_dir) == "tok" and asked == [model_dir]
     (model_dir / "vocab.bpe").unlink()  # no download attempt: the missing file is named
     with pytest.raises(TokenizerFilesError, match=rf"^{model_dir / 'vocab.bpe'} not found: a model directory carries"):
-        cli.tokenizer_for(model_dir)
+        model_dirs.tokenizer_for(model_dir)
     assert asked == [model_dir]
 
 
@@ -184,7 +200,7 @@ def test_generate_with_a_model_dir_lacking_its_bpe_file_is_one_line(
 
 
 def test_serve_is_the_serving_package_imported_only_when_asked(capsys) -> None:
-    probe = "import sys, llmcore.cli; print(sorted(m for m in ('fastapi', 'uvicorn', 'serving') if m in sys.modules))"
+    probe = "import sys, cli.llm; print(sorted(m for m in ('fastapi', 'uvicorn', 'serving') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "[]\n"
     with pytest.raises(SystemExit) as exited:
         cli.main(["serve", "--help"])
@@ -203,7 +219,7 @@ def test_generate_samples_by_default_and_reports_a_cropped_prompt(gpt_dir: Path,
 
 
 def test_a_closed_pipe_ends_generate_quietly(gpt_dir: Path, gpt2_encoding_dir: Path) -> None:
-    command = (f"{sys.executable} -m llmcore.cli generate 'Every effort' --model {gpt_dir} --max-new-tokens 200 "
+    command = (f"{sys.executable} -m cli.llm generate 'Every effort' --model {gpt_dir} --max-new-tokens 200 "
                f"--seed 1 | head -c 5")
     done = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True,
                           env={"PATH": "/usr/bin:/bin", ENCODING_DIR_ENV: str(gpt2_encoding_dir)})

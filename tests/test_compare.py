@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from statsmodels.stats.contingency_tables import mcnemar
 
-from llmcore import cli
+from cli import llm as cli
 from pipelines import compare
 from pipelines.summary import baseline_comparison, baseline_line
 from steps import baseline_spam as bl

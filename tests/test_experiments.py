@@ -77,7 +77,7 @@ def test_two_experiments_compare_in_dvc_and_the_registry_keeps_the_better(baseli
 
     # llm compare reads both experiments' per-example predictions at their revisions (dvc.api).
     env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
-    compared = subprocess.run([sys.executable, "-m", "llmcore.cli", "compare", "lr-fast", "lr-slow"], cwd=baseline,
+    compared = subprocess.run([sys.executable, "-m", "cli.llm", "compare", "lr-fast", "lr-slow"], cwd=baseline,
                               env=env, capture_output=True, text=True)
     assert compared.returncode == 0, compared.stderr
     points = 100 * (fast["test_accuracy"] - slow["test_accuracy"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmcore import cli
+from cli import llm as cli
 from llmcore.checkpoint import load_checkpoint, save_checkpoint
 from llmcore.config import GPTConfig
 from llmcore.generate import generate

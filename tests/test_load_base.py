@@ -98,7 +98,7 @@ def test_unknown_architecture_through_the_stage(hf_dir, tmp_path, mlflow_env):
 
 
 def test_llm_generate_and_chat_use_the_base_tokenizer_and_template(hf_dir, tmp_path, mlflow_env, monkeypatch, capsys):
-    from llmcore import cli
+    from cli import llm as cli
 
     directory, hf = hf_dir
     load_base_stage(BaseModelSectionParams(dir="x", source=str(directory)), tmp_path / "base")

@@ -185,3 +185,25 @@ def test_offline_mirror_is_used_only_when_present(tmp_path: Path, monkeypatch: p
     use_offline_mirror(tmp_path / "mirror")
     assert os.environ["LLMPIPE_MIRROR"] == str(tmp_path / "mirror")
     assert os.environ["LLMCORE_GPT2_ENCODING_DIR"] == str(tmp_path / "mirror" / "gpt2")
+
+
+def test_a_run_with_nothing_to_do_never_starts_prefect(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a Prefect server, an up-to-date pipeline is told by one `dvc status`: no temporary
+    server, no MLflow or torch import, the same summary as the flow's no-op run."""
+    from pipelines.run import nothing_to_run
+
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    stages = {"download": touch_stage("raw.txt"), "train": touch_stage("model.txt", "raw.txt")}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    assert nothing_to_run("all") is None  # nothing ran yet: the flow runs
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=tmp_path, check=True)
+    probe = ("import sys; from pipelines.run import main; main([])\n"
+             "print(sorted(m for m in ('prefect', 'mlflow', 'torch') if m in sys.modules))")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                          env={**env, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    summary, mlflow_line, imported = done.stdout.splitlines()
+    assert summary.startswith("pipeline all: ran 0 of 2 stages;") and "orchestration overhead" in summary
+    assert (mlflow_line, imported) == ("MLflow: nothing ran, no run logged", "[]")

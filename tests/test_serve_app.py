@@ -9,13 +9,16 @@ import httpx
 import pytest
 import torch
 
-from llmcore import cli
+from cli import llm as cli
 from llmcore.checkpoint import load_checkpoint, save_checkpoint
+from llmcore.classifier import GPTClassifier, predict_proba, save_classifier
 from llmcore.generate import generate
+from llmcore.instruct import response_prompt
 from llmcore.tokenizer import ENCODING_DIR_ENV, ENDOFTEXT_ID, encode
 from serving import __main__ as serve_cli
 from serving.app import ServeConfig, create_app
 from serving.models import CLASSIFIER, GENERATOR, load_served
+from steps.common.model_dirs import UsageError
 from tests.serve_helpers import app_server, tiny_classifier, tiny_generator, tiny_gpt
 
 CHAT = {"messages": [{"role": "user", "content": "Tell me a long story."}], "temperature": 0}
@@ -119,7 +122,7 @@ def test_registry_aliases_are_downloaded_and_served(tmp_path: Path, monkeypatch:
     for a, b in zip(generator.model.state_dict().values(), load_checkpoint(dirs["instruct-gpt"]).state_dict().values()):
         assert torch.equal(a, b)
     assert generator.tokenizer.encode("Hello world") == [15496, 995]
-    with pytest.raises(cli.CliError, match="models:/nope@champion"):
+    with pytest.raises(UsageError, match="models:/nope@champion"):
         load_served("models:/nope@champion", GENERATOR)
 
 
@@ -166,6 +169,41 @@ def test_chat_uses_the_prompt_style_of_the_models_stage(tmp_path: Path, monkeypa
         reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).json()
     expected = generate(tiny_gpt(), [encode(tokenizer, "Every effort moves you")], 8, eos_id=ENDOFTEXT_ID)[0]
     assert reply["choices"][0]["message"]["content"] == tokenizer.decode(expected)
+
+
+def test_chat_uses_the_prompt_style_the_checkpoint_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           gpt2_encoding_dir: Path, tokenizer) -> None:
+    """A phi3 fine-tune is chatted in phi3 (as llm chat, scoring and the pyfunc do), whatever its stage."""
+    monkeypatch.setenv(ENCODING_DIR_ENV, str(gpt2_encoding_dir))
+    phi3 = save_checkpoint(tiny_gpt(), tmp_path / "phi3", extra={"stage": "finetune_instruct", "prompt_style": "phi3"})
+    assert load_served(str(phi3), GENERATOR).prompt_style == "phi3"
+    with app_server(create_app(load_served(str(phi3), GENERATOR), None)) as url:
+        assert httpx.get(f"{url}/v1/models").json()["data"][0]["prompt_style"] == "phi3"
+        body = {"messages": [{"role": "user", "content": "Name a color."}], "max_tokens": 6, "temperature": 0}
+        reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).json()
+    prompt = response_prompt({"instruction": "Name a color.", "input": ""}, "phi3")
+    assert prompt == "<|user|>\nName a color.\n<|assistant|>\n"
+    expected = generate(tiny_gpt(), [encode(tokenizer, prompt)], 6, eos_id=ENDOFTEXT_ID)[0]
+    assert reply["choices"][0]["message"]["content"] == tokenizer.decode(expected)
+    bad = save_checkpoint(tiny_gpt(), tmp_path / "bad", extra={"prompt_style": "chatml"})
+    with pytest.raises(UsageError, match=r"bad/config.json: the checkpoint's prompt_style must be one of .* got 'chatml'"):
+        load_served(str(bad), GENERATOR)
+
+
+def test_invocations_names_the_positive_class_from_the_models_labels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     gpt2_encoding_dir: Path, tokenizer) -> None:
+    monkeypatch.setenv(ENCODING_DIR_ENV, str(gpt2_encoding_dir))
+    torch.manual_seed(2)
+    model = GPTClassifier.from_gpt(tiny_gpt(2, 64), max_length=32, labels=["routine", "urgent"])
+    served = load_served(str(save_classifier(model, tmp_path / "urgency")), CLASSIFIER)
+    texts = ["The server is down!", "lunch at noon"]
+    expected = predict_proba(served.model, tokenizer, texts)
+    with app_server(create_app(None, served)) as url:
+        answer = httpx.post(f"{url}/invocations", json={"inputs": {"text": texts}}, timeout=30).json()
+    assert [set(p) for p in answer["predictions"]] == [{"label", "urgent_probability"}] * 2
+    for prediction, probs in zip(answer["predictions"], expected.tolist()):
+        assert prediction["urgent_probability"] == pytest.approx(probs[1], abs=1e-5)
+        assert prediction["label"] == ["routine", "urgent"][probs.index(max(probs))]
 
 
 def test_int8_weights_are_served(generator_dir: Path) -> None:

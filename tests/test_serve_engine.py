@@ -10,6 +10,7 @@ import pytest
 from llmcore.config import GPTConfig
 from llmcore.generate import generate
 from llmcore.instruct import response_prompt
+from llmcore.prompts import segments
 from llmcore.model import GPTModel
 from llmcore.tokenizer import encode
 from tests.conftest import spread_out_model
@@ -172,3 +173,17 @@ def test_chat_messages_render_as_the_training_prompt() -> None:
     assert render_chat(history, "plain") == "Be brief.\nHi\nHello\nTranslate: good day"
     with pytest.raises(PromptError, match="last message must be the user's"):
         render_chat([("user", "Hi"), ("assistant", "Hello")])
+
+
+def test_chat_messages_render_in_phi3_as_the_fine_tune_was_trained() -> None:
+    """phi3 (llmcore.prompts): the chat's turns with their markers, the training text minus the answer."""
+    history = [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"), ("user", "Translate: good day")]
+    chat = [{"role": r, "content": c} for r, c in history] + [{"role": "assistant", "content": "Guten Tag"}]
+    training_text = "".join(text for text, _ in segments({"messages": chat}, "phi3"))
+    prompt = render_chat(history, "phi3")
+    assert training_text == prompt + "Guten Tag"
+    assert prompt.endswith("<|user|>\nTranslate: good day\n<|assistant|>\n") and "### Instruction" not in prompt
+    with pytest.raises(PromptError, match="role 'user' where 'assistant' was expected"):
+        render_chat([("user", "Hi"), ("user", "Hello")], "phi3")
+    with pytest.raises(ValueError, match="prompt style must be one of"):
+        render_chat([("user", "Hi")], "chatml")

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from llmcore import cli
+from cli import llm as cli
 from pipelines import sweep
 
 FAKE_DVC = """#!{python}

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from steps.common.secrets import redact
 
 PARAMS_FILE = Path(os.environ.get("LLMPIPE_PARAMS", "params.yaml"))
 
@@ -73,3 +76,17 @@ def _shown(value: object) -> str:
 
 def load_section(section: str, model: type[M], path: str | os.PathLike = PARAMS_FILE) -> M:
     return validate_section(read_params(path), section, model, source=str(path))
+
+
+def flatten(params: Mapping[str, Any] | BaseModel, prefix: str = "") -> dict[str, Any]:
+    """Nested params as MLflow's flat ``a.b.c`` keys."""
+    if isinstance(params, BaseModel):
+        params = params.model_dump(mode="json")
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = redact(value) if isinstance(value, str) else value  # no credentials in MLflow
+    return flat

@@ -36,6 +36,7 @@ from llmcore.checkpoint import WEIGHTS_FILE
 from llmcore.train import TrainCallback, TrainState
 from steps.common.cli import DEBUG_ENV, StageError
 from steps.common.io import file_digest
+from steps.common.params import flatten
 from steps.common.secrets import redact
 
 if TYPE_CHECKING:
@@ -172,20 +173,6 @@ def git_commit() -> str:
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def flatten(params: Mapping[str, Any] | BaseModel, prefix: str = "") -> dict[str, Any]:
-    """Nested params as MLflow's flat ``a.b.c`` keys."""
-    if isinstance(params, BaseModel):
-        params = params.model_dump(mode="json")
-    flat: dict[str, Any] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, prefix=f"{name}."))
-        else:
-            flat[name] = redact(value) if isinstance(value, str) else value  # no credentials in MLflow
-    return flat
 
 
 def dvc_experiment() -> str:

@@ -1,7 +1,7 @@
 """MLflow pyfunc for the instruction-tuned GPT ("models from code", logged by steps/finetune_instruct.py).
 
 Input: a DataFrame with an ``instruction`` column and an optional ``input`` column, rendered in the
-prompt style the model was trained on (the checkpoint's ``prompt_style``: ``alpaca`` by default).
+prompt style the model was trained on (``llmcore.prompts.checkpoint_prompt_style``: its ``prompt_style``).
 Output: a DataFrame with each ``response``.
 Params (optional, per call): ``max_new_tokens``, ``temperature`` (0: greedy), ``top_k`` (0: off),
 ``seed``. Artifacts: ``checkpoint`` and, when the pipeline had one, ``tokenizer``.
@@ -19,10 +19,11 @@ DEFAULT_PARAMS = {"max_new_tokens": 128, "temperature": 0.0, "top_k": 0, "seed":
 class InstructionModel(PythonModel):
     def load_context(self, context) -> None:
         from llmcore.checkpoint import load_checkpoint, read_checkpoint_meta
+        from llmcore.prompts import checkpoint_prompt_style
         from llmcore.tokenizer import get_tokenizer
 
         self.model = load_checkpoint(context.artifacts["checkpoint"]).eval()
-        self.style = read_checkpoint_meta(context.artifacts["checkpoint"]).get("prompt_style", "alpaca")
+        self.style = checkpoint_prompt_style(read_checkpoint_meta(context.artifacts["checkpoint"]))
         self.tokenizer = get_tokenizer(context.artifacts.get("tokenizer"))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import json
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -27,63 +26,9 @@ from pathlib import Path
 
 from llmcore.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_meta
 from llmcore.generate import generate_stream
-from llmcore.instruct import response_prompt
-from llmcore.tokenizer import ENCODING_DIR_ENV, ENDOFTEXT_ID, GPT2_FILES, TokenizerFilesError, encode, get_tokenizer
-
-DEFAULT_MODELS = ("models/spam_classifier", "models/pretrained", "models/instruct", "models/preference", "models/gpt2")
-
-
-def produced_by(path: str) -> str | None:
-    """The dvc.yaml stage whose outputs include ``path``, read from the file (so it never goes stale):
-    the current directory's, else that of the checkout this package runs from."""
-    import yaml  # only for the error message of a missing model
-
-    found = [f for f in (Path("dvc.yaml"), Path(__file__).resolve().parents[1] / "dvc.yaml") if f.is_file()]
-    try:
-        stages = yaml.safe_load(found[0].read_text()).get("stages", {}) if found else {}
-    except (OSError, yaml.YAMLError, AttributeError):
-        return None
-    for name, stage in stages.items():
-        outs = {next(iter(out)) if isinstance(out, dict) else out for out in stage.get("outs", [])}
-        if path in outs:
-            return name
-    return None
-
-
-class CliError(Exception):
-    """A problem the user can fix (missing model, bad option); printed without a traceback."""
-
-
-def check_model_dir(directory: str) -> Path:
-    """``directory`` if it holds a checkpoint, else a CliError saying which stage makes it."""
-    path = Path(directory)
-    status = path / "status.json"
-    if status.is_file() and not json.loads(status.read_text()).get("loaded", True):
-        raise CliError(f"{path} holds no weights (see {status}): provide GPT-2's, then `dvc repro -f load_gpt2`")
-    if not (path / "config.json").is_file():
-        stage = produced_by(path.as_posix())
-        fix = f"run `dvc repro {stage}`" if stage else "pass --model with a checkpoint directory"
-        raise CliError(f"{path} not found: {fix}")
-    return path
-
-
-def tokenizer_for(model_dir: Path):
-    """A Llama/Qwen3/Gemma base's own tokenizer.json; else $LLMCORE_GPT2_ENCODING_DIR, else the BPE
-    files saved beside the model (checked by content). Never tiktoken's download: a model directory
-    without its files is an error naming the file."""
-    if (model_dir / "tokenizer.json").is_file():
-        from llmcore.hf_tokenizer import HFTokenizer  # deferred: GPT-2 models never need `tokenizers`
-
-        return HFTokenizer(model_dir)
-    if os.environ.get(ENCODING_DIR_ENV):
-        return get_tokenizer()
-    missing = [name for name in GPT2_FILES if not (model_dir / name).is_file()]
-    if missing:
-        raise TokenizerFilesError(f"{model_dir / missing[0]} not found: a model directory carries the GPT-2 "
-                                  f"files it was trained with ({' and '.join(GPT2_FILES)}); copy them there or "
-                                  f"set {ENCODING_DIR_ENV} to a directory holding them")
-    return get_tokenizer(model_dir)
-
+from llmcore.prompts import checkpoint_prompt_style, response_prompt
+from llmcore.tokenizer import ENDOFTEXT_ID, TokenizerFilesError, encode
+from steps.common.model_dirs import UsageError, check_model_dir, tokenizer_for
 
 def stream_text(tokenizer, token_steps: Iterable[int]) -> Iterator[str]:
     """Text pieces as tokens arrive; bytes of an unfinished UTF-8 character wait for the next token."""
@@ -179,27 +124,35 @@ def chat_turns(stream, separator: str, interactive: bool) -> Iterator[tuple[str,
             yield instruction, extra
 
 
+def chat_prompt_for(tokenizer, style: str, instruction: str, extra: str) -> str | list[int]:
+    """One turn's prompt in the checkpoint's style (``llmcore.prompts``): its fine-tuning format, the
+    text itself for a pretrained model, a Hugging Face base's own chat template."""
+    if style == "template":
+        content = f"{instruction}\n\n{extra}" if extra else instruction
+        return tokenizer.chat_ids([{"role": "user", "content": content}])
+    if style == "plain":
+        return f"{instruction}\n{extra}" if extra else instruction
+    return response_prompt({"instruction": instruction, "input": extra}, style)
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     model_dir, model = load_generator(args)
     tokenizer = tokenizer_for(model_dir)
-    style = read_checkpoint_meta(model_dir).get("prompt_style", "alpaca")  # the style it was fine-tuned in
+    style = checkpoint_prompt_style(read_checkpoint_meta(model_dir))  # the style it was fine-tuned in
+    if style == "template" and not getattr(tokenizer, "chat_template", None):
+        raise UsageError(f"{model_dir} is prompted with its tokenizer's chat template, and its tokenizer has none")
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"Chatting with {model_dir}. Type an instruction (\"exit\" or Ctrl-D to quit).")
     for instruction, extra in chat_turns(sys.stdin, args.input_separator, interactive):
         print("Response: ", end="", flush=True)
-        if getattr(tokenizer, "chat_template", None):  # a base with a chat template: the model's own format
-            content = f"{instruction}\n\n{extra}" if extra else instruction
-            stream_reply(model, tokenizer, tokenizer.chat_ids([{"role": "user", "content": content}]), args)
-        else:
-            stream_reply(model, tokenizer, response_prompt({"instruction": instruction, "input": extra}, style), args)
+        stream_reply(model, tokenizer, chat_prompt_for(tokenizer, style, instruction, extra), args)
         print()
     print()
 
 
 def cmd_serve(argv: Sequence[str]) -> int:
-    # The one exception to llmcore importing nothing but torch and tiktoken: `llm serve` hands its
-    # arguments to the serving package (FastAPI, uvicorn), imported here and only here.
+    # `llm serve` hands its arguments to the serving package (FastAPI, uvicorn), imported only then.
     from serving.__main__ import main as serve_main
 
     return serve_main(argv, prog="llm serve")
@@ -207,14 +160,14 @@ def cmd_serve(argv: Sequence[str]) -> int:
 
 def cmd_pipeline_tool(command: str, argv: Sequence[str]) -> int:
     # `llm compare` and `llm sweep` read DVC experiments, MLflow and scipy: their logic lives in the
-    # pipelines package, imported here and only here (llmcore stays pure PyTorch + tiktoken).
+    # pipelines package, imported only then.
     import importlib
 
     return importlib.import_module(f"pipelines.{command}").main(argv, prog=f"llm {command}")
 
 
 def cmd_stack(argv: Sequence[str]) -> int:
-    # Like `llm serve`: the stack package (servers, boto3, psycopg2) is imported here and only here.
+    # Like `llm serve`: the stack package (servers, boto3, psycopg2) is imported only then.
     from stack.cli import main as stack_main
 
     return stack_main(argv, prog="llm stack")
@@ -276,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         args.run(args)
-    except (CliError, CheckpointError, TokenizerFilesError, ValueError) as exc:
+    except (UsageError, CheckpointError, TokenizerFilesError, ValueError) as exc:
         print(f"llm {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
