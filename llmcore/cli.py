@@ -28,7 +28,8 @@ from pathlib import Path
 from llmcore.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_meta
 from llmcore.generate import generate_stream
 from llmcore.instruct import response_prompt
-from llmcore.tokenizer import ENCODING_DIR_ENV, ENDOFTEXT_ID, GPT2_FILES, TokenizerFilesError, encode, get_tokenizer
+from llmcore.bpe import is_trained_dir
+from llmcore.tokenizer import ENCODING_DIR_ENV, GPT2_FILES, TokenizerFilesError, encode, eot_id, get_tokenizer
 
 DEFAULT_MODELS = ("models/spam_classifier", "models/pretrained", "models/instruct", "models/preference", "models/gpt2")
 
@@ -68,13 +69,16 @@ def check_model_dir(directory: str) -> Path:
 
 
 def tokenizer_for(model_dir: Path):
-    """A Llama/Qwen3/Gemma base's own tokenizer.json; else $LLMCORE_GPT2_ENCODING_DIR, else the BPE
+    """A Llama/Qwen3/Gemma base's own tokenizer.json; a trained BPE's files (llmcore.bpe) beside the
+    model; else $LLMCORE_GPT2_ENCODING_DIR, else the BPE
     files saved beside the model (checked by content). Never tiktoken's download: a model directory
     without its files is an error naming the file."""
     if (model_dir / "tokenizer.json").is_file():
         from llmcore.hf_tokenizer import HFTokenizer  # deferred: GPT-2 models never need `tokenizers`
 
         return HFTokenizer(model_dir)
+    if is_trained_dir(model_dir):  # a vocabulary trained by train_tokenizer: only its own files fit
+        return get_tokenizer(model_dir)
     if os.environ.get(ENCODING_DIR_ENV):
         return get_tokenizer()
     missing = [name for name in GPT2_FILES if not (model_dir / name).is_file()]
@@ -107,16 +111,17 @@ def stream_reply(model, tokenizer, prompt: str | list[int], args: argparse.Names
         for piece in tokenizer.stream_decode(int(s[0]) for s in steps if int(s[0]) not in tokenizer.eos_ids):
             print(piece, end="", flush=True)
         return
-    ids = encode(tokenizer, prompt) or [ENDOFTEXT_ID]  # an empty prompt starts from <|endoftext|>
+    eos = eot_id(tokenizer)
+    ids = encode(tokenizer, prompt) or [eos]  # an empty prompt starts from <|endoftext|>
     context = model.cfg.context_length
     if len(ids) >= context:
         print(f"llm: the prompt is {len(ids)} tokens and the model's context {context}: it reads only the "
               f"last {context - 1}", file=sys.stderr)
     steps = generate_stream(
         model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, eos_id=ENDOFTEXT_ID, seed=args.seed,
+        top_p=args.top_p, eos_id=eos, seed=args.seed,
     )
-    tokens = (int(step[0]) for step in steps if int(step[0]) != ENDOFTEXT_ID)
+    tokens = (int(step[0]) for step in steps if int(step[0]) != eos)
     for piece in stream_text(tokenizer, tokens):
         print(piece, end="", flush=True)
 

@@ -88,7 +88,7 @@ def preference_tune(params: PreferenceTuneParams, tokenizer_params: TokenizerPar
     reference = load_base_model(instruct_dir).to(device).eval().requires_grad_(False)
     style = read_checkpoint_meta(instruct_dir).get("prompt_style", "alpaca")
     max_length = min(params.max_length or reference.cfg.context_length, reference.cfg.context_length)
-    tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
+    tokenizer = get_tokenizer(tokenizer_params.directory)
     (train_pairs, _, train_cut), (val_pairs, val_entries, val_cut) = (
         load_pairs(data_dir / f"{split}.json", tokenizer, style, max_length) for split in ("train", "validation"))
     train_pairs, val_pairs = (add_reference(p, reference, params, max_length) for p in (train_pairs, val_pairs))
@@ -114,7 +114,7 @@ def preference_tune(params: PreferenceTuneParams, tokenizer_params: TokenizerPar
     )
     plots = {curve: plots_dir / f"preference_training_{curve}.png" for curve in CURVES}
     out = TrainingOutputs(out_dir, metrics_out, history_out, plots, cache_dir)
-    return run_training(job, out, encoding_dir=tokenizer_params.encoding_dir, resume=resume)
+    return run_training(job, out, encoding_dir=tokenizer_params.directory, resume=resume)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -70,7 +70,7 @@ def score_preference(params: ScorePreferenceParams, tokenizer_params: TokenizerP
         raise DataError(f"{model_dir} was tuned in prompt style {dpo_meta.get('prompt_style')!r}, "
                         f"{sft_dir} in {style!r}: run `dvc repro preference_tune`")
     max_length = min(params.max_length or sft.cfg.context_length, sft.cfg.context_length, dpo.cfg.context_length)
-    tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
+    tokenizer = get_tokenizer(tokenizer_params.directory)
     report = {"beta": dpo_meta.get("beta"), "prompt_style": style, "max_length": max_length}
     for short, split in SPLITS.items():
         pairs, _, cut = load_pairs(data_dir / f"{split}.json", tokenizer, style, max_length)
