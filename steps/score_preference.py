@@ -23,7 +23,7 @@ from llmcore.checkpoint import CheckpointError, read_checkpoint_meta
 from llmcore.dpo import PreferencePair, pair_logprobs, pair_summary
 from llmcore.device import resolve_device
 from llmcore.model import GPTModel
-from llmcore.tokenizer import TokenizerFilesError, get_tokenizer
+from llmcore.tokenizer import TokenizerFilesError, eot_id, get_tokenizer
 from steps.common.cli import StageParams, run_stage
 from steps.common.data import DataError, TokenizerParams
 from steps.common.io import write_json
@@ -46,10 +46,10 @@ class ScorePreferenceParams(StrictModel):
 
 
 def score_pairs(sft: GPTModel, dpo: GPTModel, pairs: list[PreferencePair], beta: float, params: ScorePreferenceParams,
-                max_length: int) -> dict:
+                max_length: int, pad_id: int) -> dict:
     """Both models' summaries of one split's pairs."""
-    sft_lp = pair_logprobs(sft, pairs, batch_size=params.batch_size, max_length=max_length)
-    dpo_lp = pair_logprobs(dpo, pairs, batch_size=params.batch_size, max_length=max_length)
+    sft_lp = pair_logprobs(sft, pairs, batch_size=params.batch_size, max_length=max_length, pad_id=pad_id)
+    dpo_lp = pair_logprobs(dpo, pairs, batch_size=params.batch_size, max_length=max_length, pad_id=pad_id)
     return {"pairs": len(pairs), "sft": pair_summary(*sft_lp),
             "dpo": pair_summary(*dpo_lp, reference=torch.stack(sft_lp), beta=beta)}
 
@@ -74,7 +74,8 @@ def score_preference(params: ScorePreferenceParams, tokenizer_params: TokenizerP
     report = {"beta": dpo_meta.get("beta"), "prompt_style": style, "max_length": max_length}
     for short, split in SPLITS.items():
         pairs, _, cut = load_pairs(data_dir / f"{split}.json", tokenizer, style, max_length)
-        report[short] = {**score_pairs(sft, dpo, pairs, dpo_meta.get("beta", 0.1), params, max_length),
+        report[short] = {**score_pairs(sft, dpo, pairs, dpo_meta.get("beta", 0.1), params, max_length,
+                                         eot_id(tokenizer)),
                          "pairs_prompt_cut": cut}
     headline = {model: {f"{short}_{key}": round(report[short][model][key], 6) for short in SPLITS for key in keys}
                 for model, keys in HEADLINE.items()}

@@ -75,3 +75,38 @@ def test_files_round_trip_and_are_checked(trained, tmp_path: Path, shakespeare: 
 def test_too_small_a_vocabulary_is_an_error():
     with pytest.raises(ValueError, match="at least 256"):
         train_bpe(["abc"], 258, "gpt2", SPECIALS)
+
+
+def test_a_base_model_must_share_the_pipelines_tokenizer(trained, tokenizer, tmp_path: Path):
+    """GPT-2's weights (no trained files beside them) with a trained vocabulary, a trained model
+    with GPT-2's BPE or with another trained vocabulary: each a one-line BaseModelError."""
+    from steps.common.models import BaseModelError, check_base_tokenizer
+
+    _, _, encoding = trained
+    gpt2_dir, ours = tmp_path / "gpt2", tmp_path / "ours"
+    gpt2_dir.mkdir(), ours.mkdir()
+    save_encoding(encoding, ours)
+    check_base_tokenizer(gpt2_dir, tokenizer, 50257)
+    check_base_tokenizer(ours, get_tokenizer(ours), 2048)
+    with pytest.raises(BaseModelError, match="GPT-2's BPE, but the pipeline encodes with a trained BPE"):
+        check_base_tokenizer(gpt2_dir, encoding, 50257)
+    with pytest.raises(BaseModelError, match="trained encoding .* but the pipeline encodes with GPT-2"):
+        check_base_tokenizer(ours, tokenizer, 50257)
+    other = to_tiktoken(train_bpe(["one two three " * 50], 300, "gpt2", SPECIALS), "gpt2")
+    with pytest.raises(BaseModelError, match="trained encoding"):
+        check_base_tokenizer(ours, other, 2048)
+    with pytest.raises(BaseModelError, match="1000 token rows, the tokenizer 2048"):
+        check_base_tokenizer(ours, encoding, 1000)
+
+
+def test_pretrain_sizes_the_vocabulary_from_a_trained_tokenizer(trained, tokenizer):
+    from llmcore.config import GPTConfig
+    from steps.pretrain import vocab_for
+
+    _, _, encoding = trained
+    preset = GPTConfig(context_length=32, emb_dim=64, n_heads=2, n_layers=2)
+    assert vocab_for(preset, tokenizer, None) == preset  # GPT-2's BPE: the book's 50,257 rows
+    ours = vocab_for(preset, encoding, None)
+    assert (ours.vocab_size, ours.padded_vocab_size) == (2048, 2048)
+    assert vocab_for(preset, to_tiktoken(train_bpe(["one two three " * 50], 300, "gpt2", SPECIALS), "gpt2"),
+                     None).padded_vocab_size == 320
