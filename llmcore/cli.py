@@ -25,10 +25,10 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from llmcore.bpe import is_trained_dir
 from llmcore.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_meta
 from llmcore.generate import generate_stream
 from llmcore.instruct import response_prompt
-from llmcore.bpe import is_trained_dir
 from llmcore.tokenizer import ENCODING_DIR_ENV, GPT2_FILES, TokenizerFilesError, encode, eot_id, get_tokenizer
 
 DEFAULT_MODELS = ("models/spam_classifier", "models/pretrained", "models/instruct", "models/preference", "models/gpt2")
@@ -70,9 +70,9 @@ def check_model_dir(directory: str) -> Path:
 
 def tokenizer_for(model_dir: Path):
     """A Llama/Qwen3/Gemma base's own tokenizer.json; a trained BPE's files (llmcore.bpe) beside the
-    model; else $LLMCORE_GPT2_ENCODING_DIR, else the BPE
-    files saved beside the model (checked by content). Never tiktoken's download: a model directory
-    without its files is an error naming the file."""
+    model; else $LLMCORE_GPT2_ENCODING_DIR, else GPT-2's BPE files saved beside the model (checked
+    by content). Never tiktoken's download: a model directory without its files is an error naming
+    the file."""
     if (model_dir / "tokenizer.json").is_file():
         from llmcore.hf_tokenizer import HFTokenizer  # deferred: GPT-2 models never need `tokenizers`
 

@@ -114,7 +114,9 @@ def eot_id(tokenizer) -> int:
 def encode(tokenizer: tiktoken.Encoding, text: str) -> list[int]:
     """Encode text, letting ``<|endoftext|>`` through as its special id (as the book does); a trained
     encoding's other special tokens (chat markers) in text are plain text, as they are to GPT-2."""
-    return tokenizer.encode(text, allowed_special={ENDOFTEXT}, disallowed_special=())
+    if isinstance(tokenizer, tiktoken.Encoding):
+        return tokenizer.encode(text, allowed_special={ENDOFTEXT}, disallowed_special=())
+    return tokenizer.encode(text, allowed_special={ENDOFTEXT})  # a Hugging Face base's (llmcore.hf_tokenizer)
 
 
 def tokenizer_digest(tokenizer: tiktoken.Encoding) -> str:
