@@ -27,8 +27,9 @@ from pathlib import Path
 from llmcore.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_meta
 from llmcore.generate import generate_stream
 from llmcore.prompts import checkpoint_prompt_style, response_prompt
-from llmcore.tokenizer import ENDOFTEXT_ID, TokenizerFilesError, encode
+from llmcore.tokenizer import TokenizerFilesError, encode, eot_id
 from steps.common.model_dirs import UsageError, check_model_dir, tokenizer_for
+
 
 def stream_text(tokenizer, token_steps: Iterable[int]) -> Iterator[str]:
     """Text pieces as tokens arrive; bytes of an unfinished UTF-8 character wait for the next token."""
@@ -52,16 +53,17 @@ def stream_reply(model, tokenizer, prompt: str | list[int], args: argparse.Names
         for piece in tokenizer.stream_decode(int(s[0]) for s in steps if int(s[0]) not in tokenizer.eos_ids):
             print(piece, end="", flush=True)
         return
-    ids = encode(tokenizer, prompt) or [ENDOFTEXT_ID]  # an empty prompt starts from <|endoftext|>
+    eos = eot_id(tokenizer)
+    ids = encode(tokenizer, prompt) or [eos]  # an empty prompt starts from <|endoftext|>
     context = model.cfg.context_length
     if len(ids) >= context:
         print(f"llm: the prompt is {len(ids)} tokens and the model's context {context}: it reads only the "
               f"last {context - 1}", file=sys.stderr)
     steps = generate_stream(
         model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, eos_id=ENDOFTEXT_ID, seed=args.seed,
+        top_p=args.top_p, eos_id=eos, seed=args.seed,
     )
-    tokens = (int(step[0]) for step in steps if int(step[0]) != ENDOFTEXT_ID)
+    tokens = (int(step[0]) for step in steps if int(step[0]) != eos)
     for piece in stream_text(tokenizer, tokens):
         print(piece, end="", flush=True)
 

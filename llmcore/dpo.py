@@ -38,6 +38,7 @@ from torch import nn
 from llmcore.instruct import InstructionExample, collate_instructions, encode_example, response_prompt
 from llmcore.model import IGNORE_INDEX, GPTModel
 from llmcore.prompts import preference_parts
+from llmcore.tokenizer import ENDOFTEXT_ID
 
 
 class PreferencePair(NamedTuple):
@@ -74,7 +75,8 @@ def truncate_pair(pair: PreferencePair, max_length: int) -> PreferencePair:
 
 
 def collate_pairs(batch: Sequence[PreferencePair], max_length: int | None = None,
-                  device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  device: str | torch.device = "cpu",
+                  pad_id: int = ENDOFTEXT_ID) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(inputs, targets, reference) of a batch of B pairs: inputs and targets (B, 2, tokens), the
     chosen completion at [:, 0] and the rejected at [:, 1], all padded together as
     ``collate_instructions`` pads with the prompt masked (-100 targets on prompt and padding);
@@ -82,7 +84,8 @@ def collate_pairs(batch: Sequence[PreferencePair], max_length: int | None = None
     if not batch:
         raise ValueError("cannot collate an empty batch")
     examples = [example for pair in batch for example in (pair.chosen, pair.rejected)]
-    inputs, targets = collate_instructions(examples, max_length=max_length, mask_prompt=True, device=device)
+    inputs, targets = collate_instructions(examples, max_length=max_length, mask_prompt=True, device=device,
+                                           pad_id=pad_id)
     nan = (float("nan"), float("nan"))
     reference = torch.tensor([pair.reference or nan for pair in batch], dtype=torch.float32, device=device)
     return inputs.view(len(batch), 2, -1), targets.view(len(batch), 2, -1), reference
@@ -164,7 +167,7 @@ def preference_metrics(model: nn.Module, loader, _max_batches: int | None = None
 
 @torch.no_grad()
 def pair_logprobs(model: nn.Module, pairs: Sequence[PreferencePair], *, batch_size: int = 8,
-                  max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  max_length: int | None = None, pad_id: int = ENDOFTEXT_ID) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's (chosen, rejected) log-probs of every pair, in eval mode, in order."""
     was_training = model.training
     model.eval()
@@ -172,7 +175,7 @@ def pair_logprobs(model: nn.Module, pairs: Sequence[PreferencePair], *, batch_si
     scores = []
     try:
         for start in range(0, len(pairs), batch_size):
-            inputs, targets, _ = collate_pairs(pairs[start:start + batch_size], max_length, device)
+            inputs, targets, _ = collate_pairs(pairs[start:start + batch_size], max_length, device, pad_id)
             scores.append(batch_logprobs(model, inputs, targets).float().cpu())
     finally:
         model.train(was_training)

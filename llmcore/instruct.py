@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from llmcore.generate import generate
 from llmcore.model import IGNORE_INDEX
 from llmcore.prompts import extract_response, response_prompt, segments
-from llmcore.tokenizer import ENDOFTEXT_ID, encode
+from llmcore.tokenizer import ENDOFTEXT_ID, encode, eot_id
 
 
 
@@ -145,7 +145,7 @@ def generate_responses(
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         new_tokens = generate(
-            model, [encoded[i] for i in rows], max_new_tokens, eos_id=ENDOFTEXT_ID, **generate_kwargs
+            model, [encoded[i] for i in rows], max_new_tokens, eos_id=eot_id(tokenizer), **generate_kwargs
         )
         for i, tokens in zip(rows, new_tokens):
             answers[i] = extract_response(prompts[i] + tokenizer.decode(tokens), prompts[i], style)

@@ -1,4 +1,5 @@
-"""GPT-2 BPE tokenizer through tiktoken, buildable offline from encoder.json + vocab.bpe.
+"""GPT-2 BPE tokenizer through tiktoken, buildable offline from encoder.json + vocab.bpe; or a
+BPE trained on your corpus (``llmcore.bpe``), from the directory holding its files.
 
 tiktoken's own ``get_encoding("gpt2")`` downloads both files on first use. Pointing
 ``LLMCORE_GPT2_ENCODING_DIR`` (or the ``encoding_dir`` argument) at a directory holding them
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+from llmcore.bpe import TRAINED_FILES, EncodingFileError, is_trained_dir, load_encoding
 
 ENCODING_DIR_ENV = "LLMCORE_GPT2_ENCODING_DIR"
 ENDOFTEXT = "<|endoftext|>"
@@ -54,11 +57,31 @@ def check_gpt2_files(root: Path) -> None:
 
 
 def get_tokenizer(encoding_dir: str | os.PathLike | None = None) -> tiktoken.Encoding:
-    """GPT-2's encoding: from ``encoding_dir``, else ``$LLMCORE_GPT2_ENCODING_DIR``, else tiktoken."""
+    """A trained encoding when ``encoding_dir`` holds one (``llmcore.bpe``: bpe.tiktoken +
+    encoding.json); else GPT-2's: from ``encoding_dir``, else ``$LLMCORE_GPT2_ENCODING_DIR``, else tiktoken."""
+    if is_trained_dir(encoding_dir):
+        root = Path(encoding_dir).resolve()
+        # cached per directory and file versions: rewritten files (a new training) are read again
+        stamp = tuple((s.st_mtime_ns, s.st_size) if (p := root / name).is_file() and (s := p.stat()) else None
+                      for name in TRAINED_FILES)
+        return _trained_from_dir(str(root), stamp)
     directory = encoding_dir if encoding_dir is not None else os.environ.get(ENCODING_DIR_ENV)
     if not directory:
         return tiktoken.get_encoding("gpt2")
     return _encoding_from_dir(str(Path(directory).resolve()))
+
+
+@functools.lru_cache(maxsize=4)
+def _trained_from_dir(directory: str, stamp: tuple) -> tiktoken.Encoding:
+    try:
+        return load_encoding(directory)
+    except EncodingFileError as exc:
+        raise TokenizerFilesError(str(exc)) from exc
+
+
+def is_gpt2(tokenizer) -> bool:
+    """Whether ``tokenizer`` is GPT-2's BPE (the ids of GPT-2's weights), not a trained vocabulary."""
+    return getattr(tokenizer, "name", None) in ("gpt2", "r50k_base")
 
 
 @functools.lru_cache(maxsize=4)
@@ -80,9 +103,20 @@ def _encoding_from_dir(directory: str) -> tiktoken.Encoding:
     )
 
 
+def eot_id(tokenizer) -> int:
+    """The id of ``<|endoftext|>`` in ``tokenizer`` (50256 in GPT-2's; after the merges in a trained one)."""
+    try:
+        return tokenizer.eot_token
+    except (AttributeError, KeyError):
+        return ENDOFTEXT_ID
+
+
 def encode(tokenizer: tiktoken.Encoding, text: str) -> list[int]:
-    """Encode text, letting ``<|endoftext|>`` through as its special id (as the book does)."""
-    return tokenizer.encode(text, allowed_special={ENDOFTEXT})
+    """Encode text, letting ``<|endoftext|>`` through as its special id (as the book does); a trained
+    encoding's other special tokens (chat markers) in text are plain text, as they are to GPT-2."""
+    if isinstance(tokenizer, tiktoken.Encoding):
+        return tokenizer.encode(text, allowed_special={ENDOFTEXT}, disallowed_special=())
+    return tokenizer.encode(text, allowed_special={ENDOFTEXT})  # a Hugging Face base's (llmcore.hf_tokenizer)
 
 
 def tokenizer_digest(tokenizer: tiktoken.Encoding) -> str:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from llmcore.generate import SlotKVCache, sample_next_token
-from llmcore.tokenizer import ENDOFTEXT_ID
+from llmcore.tokenizer import eot_id
 from serving.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class Engine:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         # GPT-2's <|endoftext|> unless told, or unless the tokenizer names its own (a Hugging Face base's).
         eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
-        self.model, self.tokenizer, self.eos_id = model.eval(), tokenizer, ENDOFTEXT_ID if eos_id is None else eos_id
+        self.model, self.tokenizer, self.eos_id = model.eval(), tokenizer, eot_id(tokenizer) if eos_id is None else eos_id
         self.context = model.cfg.context_length
         self.max_batch, self.max_queue = max_batch, max_queue
         self.cache = SlotKVCache(model, max_batch)

@@ -17,7 +17,7 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from llmcore.tokenizer import ENDOFTEXT_ID, encode
+from llmcore.tokenizer import encode, eot_id
 from serving.engine import EngineBusy, Request, SamplingParams
 from serving.errors import APIError, error_body
 from serving.models import GENERATOR, Served
@@ -70,7 +70,7 @@ async def answer(state: ServeState, served: Served, reply: Reply, prompt: str, b
                  requested: int | None, param: str):
     """Submit one generation and answer it whole or as a stream."""
     # Tokenizing a long prompt takes a while: a worker thread does it, so /health and streams keep going.
-    ids = await run_in_threadpool(encode, served.tokenizer, prompt) or [ENDOFTEXT_ID]  # empty: <|endoftext|>
+    ids = await run_in_threadpool(encode, served.tokenizer, prompt) or [eot_id(served.tokenizer)]  # empty: <|endoftext|>
     context, cap = served.model.cfg.context_length, state.config.max_tokens
     params = SamplingParams(
         max_tokens=completion_budget(requested, len(ids), context, cap, param),

@@ -33,7 +33,7 @@ from llmcore.checkpoint import read_checkpoint_meta, save_checkpoint
 from llmcore.data import SlidingWindowDataset
 from llmcore.model import IGNORE_INDEX, GPTModel, head_cross_entropy
 from llmcore.prompts import checkpoint_prompt_style
-from llmcore.tokenizer import ENDOFTEXT_ID, encode, get_tokenizer
+from llmcore.tokenizer import encode, eot_id, get_tokenizer
 from steps.common.cli import StageParams, restart_option, run_stage
 from steps.common.data import DataError, TokenizerParams
 from steps.common.datasets import read_discarded, read_splits
@@ -112,7 +112,7 @@ def build_corpus(data_dir: Path, params: CorpusParams) -> tuple[dict[str, list[s
 
 def tokenize_corpus(texts: list[str], tokenizer) -> np.ndarray:
     """Every message's tokens followed by ``<|endoftext|>``, concatenated."""
-    ids = [token for text in texts for token in (*encode(tokenizer, text), ENDOFTEXT_ID)]
+    ids = [token for text in texts for token in (*encode(tokenizer, text), eot_id(tokenizer))]
     return np.asarray(ids, dtype=np.int64)
 
 
@@ -164,9 +164,9 @@ def adapt_pretrain(
     """Build the corpus, continue pretraining ``base_dir`` on it, write ``out`` and log the run."""
     corpus, counts = build_corpus(data_dir, params.corpus)
     files = write_corpus(corpus_dir, corpus)
-    tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
+    tokenizer = get_tokenizer(tokenizer_params.directory)
     ids = {split: tokenize_corpus(texts, tokenizer) for split, texts in corpus.items()}
-    base = load_base_model(base_dir)
+    base = load_base_model(base_dir, tokenizer)
     # Still prompted as its base is: the text continued, or a Hugging Face base's chat template.
     extra = {"stage": STAGE, "base_model": str(base_dir),
              "prompt_style": checkpoint_prompt_style(read_checkpoint_meta(base_dir))}
@@ -190,7 +190,7 @@ def adapt_pretrain(
         run_params={"base_model": str(base_dir), **{f"corpus_{k}": v for k, v in counts.items()}},
         extra_metrics={"corpus": counts}, step_log_every=STEP_LOG_EVERY,
     )
-    return run_training(job, out, encoding_dir=tokenizer_params.encoding_dir, resume=resume)
+    return run_training(job, out, encoding_dir=tokenizer_params.directory, resume=resume)
 
 
 def main(argv: list[str] | None = None) -> None:

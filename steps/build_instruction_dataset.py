@@ -33,7 +33,7 @@ def build_instruction_dataset(
 ) -> dict:
     """Write ``train.json``, ``test.json``, ``validation.json`` and per-split token-length stats."""
     splits = split_entries(load_entries(source), params)
-    tok = get_tokenizer(tokenizer.encoding_dir)
+    tok = get_tokenizer(tokenizer.directory)
     style = params.prompt_style
     metrics = {
         name: length_stats([len(encode(tok, "".join(text for text, _ in segments(e, style)))) for e in part])

@@ -35,7 +35,7 @@ def build_preference_dataset(source: Path, out_dir: Path, metrics_out: Path, par
                              tokenizer: TokenizerParams) -> dict:
     """Write ``train.json``, ``test.json``, ``validation.json`` and per-split completion statistics."""
     splits = split_entries(load_preference_entries(source), params)
-    tok = get_tokenizer(tokenizer.encoding_dir)
+    tok = get_tokenizer(tokenizer.directory)
     metrics = {}
     for name, part in splits.items():
         parts = [preference_parts(entry) for entry in part]

@@ -121,7 +121,7 @@ def evaluate(
     except ValueError as exc:
         raise ParamsError(f"evaluate.device: {exc}") from exc
     model = load_checkpoint(model_dir, map_location=device)
-    tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
+    tokenizer = get_tokenizer(tokenizer_params.directory)
     metrics, curves, per_window = {}, {}, {}
     windows = load_windows(windows_dir, model.cfg, exact=False, sampled=False)  # fixed windows: the same every time
     for split in SPLITS:

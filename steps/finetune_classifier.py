@@ -34,7 +34,7 @@ from llmcore.classifier import (
     set_trainable,
 )
 from llmcore.lora import merge_lora
-from llmcore.tokenizer import get_tokenizer
+from llmcore.tokenizer import eot_id, get_tokenizer
 from steps.common.cli import StageParams, restart_option, run_stage
 from steps.common.data import LABELS_FILE, TokenizerParams
 from steps.common.datasets import read_splits
@@ -91,15 +91,16 @@ def finetune_classifier(
 ) -> dict:
     """Train, write the classifier, metrics, history and plots, and log + register it in MLflow."""
     labels, (train_df, val_df) = read_splits(data_dir, ("train", "validation"))
-    tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
-    base = load_base_model(base_dir, **({} if params.drop_rate is None else {"drop_rate": params.drop_rate}))
+    tokenizer = get_tokenizer(tokenizer_params.directory)
+    base = load_base_model(base_dir, tokenizer, **({} if params.drop_rate is None else {"drop_rate": params.drop_rate}))
     train_data = SpamDataset(train_df["Text"].tolist(), train_df["Label"].tolist(), tokenizer,
-                             max_length=params.max_length, context_length=base.cfg.context_length)
+                             max_length=params.max_length, context_length=base.cfg.context_length,
+                             pad_id=eot_id(tokenizer))
     val_data = SpamDataset(val_df["Text"].tolist(), val_df["Label"].tolist(), tokenizer,
-                           max_length=train_data.max_length)
+                           max_length=train_data.max_length, pad_id=eot_id(tokenizer))
     torch.manual_seed(params.seed)  # the new head's (and LoRA's) initialisation
     model = GPTClassifier.from_gpt(base, len(labels), labels=labels, token_position=params.token_position,
-                                   max_length=train_data.max_length)
+                                   max_length=train_data.max_length, pad_id=eot_id(tokenizer))
     n_trainable = set_trainable(model, params.trainable, lora_rank=params.lora.rank, lora_alpha=params.lora.alpha)
     model.to(stage_device(STAGE, params))
     job = TrainingJob(
@@ -120,7 +121,7 @@ def finetune_classifier(
     )
     plots = {metric: plots_dir / f"spam_training_{metric}.png" for metric in ("loss", "accuracy")}
     out = TrainingOutputs(out_dir, metrics_out, history_out, plots, cache_dir)
-    return run_training(job, out, encoding_dir=tokenizer_params.encoding_dir, resume=resume)
+    return run_training(job, out, encoding_dir=tokenizer_params.directory, resume=resume)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,7 +22,7 @@ from torch import nn
 from llmcore.checkpoint import save_checkpoint
 from llmcore.instruct import InstructionDataset, collate_instructions, generate_responses
 from llmcore.prompts import as_instruction, prompt_text, reference
-from llmcore.tokenizer import get_tokenizer
+from llmcore.tokenizer import eot_id, get_tokenizer
 from llmcore.train import TrainCallback, TrainState
 from steps.common.cli import StageParams, restart_option, run_stage
 from steps.common.data import DataError, TokenizerParams
@@ -93,8 +93,8 @@ def finetune_instruct(
     train_entries = load_split(data_dir / "train.json")
     val_entries = load_split(data_dir / "validation.json")
     style = read_prompt_style(data_dir)
-    tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
-    model = load_base_model(base_model).to(stage_device(STAGE, params))
+    tokenizer = get_tokenizer(tokenizer_params.directory)
+    model = load_base_model(base_model, tokenizer).to(stage_device(STAGE, params))
     max_length = min(params.max_length or model.cfg.context_length, model.cfg.context_length)
     job = TrainingJob(
         stage=STAGE, experiment=EXPERIMENT, registered_model=INSTRUCT_MODEL, params=params, model=model,
@@ -104,7 +104,8 @@ def finetune_instruct(
                                                                         "prompt_style": style}),
         pyfunc=Pyfunc("instruct_model", "instruct.py", instruct_signature(),
                       pd.DataFrame([as_instruction(e) for e in val_entries[:2]])),
-        collate_fn=functools.partial(collate_instructions, max_length=max_length, mask_prompt=params.mask_prompt),
+        collate_fn=functools.partial(collate_instructions, max_length=max_length, mask_prompt=params.mask_prompt,
+                                     pad_id=eot_id(tokenizer)),
         callbacks=[SampleResponses(tokenizer, val_entries[: params.sample_entries], params.sample_max_new_tokens,
                                    style)],
         resume_settings={"base": sha256_file(base_model / "model.safetensors"), "max_length": max_length,
@@ -112,7 +113,7 @@ def finetune_instruct(
         run_params={"base_model": str(base_model), "max_length_effective": max_length},
     )
     out = TrainingOutputs(out_dir, metrics_out, history_out, {"loss": plot_out}, cache_dir)
-    return run_training(job, out, encoding_dir=tokenizer_params.encoding_dir, resume=resume)
+    return run_training(job, out, encoding_dir=tokenizer_params.directory, resume=resume)
 
 
 def main(argv: list[str] | None = None) -> None:

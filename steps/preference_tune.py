@@ -30,7 +30,7 @@ from llmcore.dpo import PreferencePair, collate_pairs, dpo_batch_loss, pair_logp
 from llmcore.lora import apply_lora, merge_lora
 from llmcore.model import GPTModel
 from llmcore.prompts import as_instruction, checkpoint_prompt_style, preference_parts
-from llmcore.tokenizer import get_tokenizer
+from llmcore.tokenizer import eot_id, get_tokenizer
 from steps.common.cli import StageParams, restart_option, run_stage
 from steps.common.data import TokenizerParams
 from steps.common.distributed import setup_distributed
@@ -64,11 +64,12 @@ class PreferenceTuneParams(TrainParams):
 
 
 def add_reference(pairs: list[PreferencePair], reference: GPTModel, params: PreferenceTuneParams,
-                  max_length: int) -> list[PreferencePair]:
+                  max_length: int, pad_id: int) -> list[PreferencePair]:
     """The pairs carrying the frozen reference's log-probabilities (under the run's precision)."""
     device = next(reference.parameters()).device
     with amp.autocast(amp.resolve_precision(params.precision, device), device):
-        chosen, rejected = pair_logprobs(reference, pairs, batch_size=params.batch_size, max_length=max_length)
+        chosen, rejected = pair_logprobs(reference, pairs, batch_size=params.batch_size, max_length=max_length,
+                                         pad_id=pad_id)
     return with_reference(pairs, chosen, rejected)
 
 
@@ -95,10 +96,11 @@ def preference_tune(params: PreferenceTuneParams, tokenizer_params: TokenizerPar
     reference = load_base_model(instruct_dir).to(device).eval().requires_grad_(False)
     style = checkpoint_prompt_style(read_checkpoint_meta(instruct_dir))
     max_length = min(params.max_length or reference.cfg.context_length, reference.cfg.context_length)
-    tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
+    tokenizer = get_tokenizer(tokenizer_params.directory)
     (train_pairs, _, train_cut), (val_pairs, val_entries, val_cut) = (
         load_pairs(data_dir / f"{split}.json", tokenizer, style, max_length) for split in ("train", "validation"))
-    train_pairs, val_pairs = (add_reference(p, reference, params, max_length) for p in (train_pairs, val_pairs))
+    train_pairs, val_pairs = (add_reference(p, reference, params, max_length, eot_id(tokenizer))
+                              for p in (train_pairs, val_pairs))
     del reference  # its log-probs are all it was needed for
     model, n_trainable = build_policy(instruct_dir, params, device)
     extra = {"stage": STAGE, "base_model": str(instruct_dir), "prompt_style": style, "beta": params.beta}
@@ -110,7 +112,7 @@ def preference_tune(params: PreferenceTuneParams, tokenizer_params: TokenizerPar
         pyfunc=Pyfunc("instruct_model", "instruct.py", instruct_signature(),
                       pd.DataFrame([as_instruction(preference_parts(e)[0]) for e in val_entries[:2]])),
         loss_fn=functools.partial(dpo_batch_loss, beta=params.beta), eval_fn=preference_metrics,
-        collate_fn=functools.partial(collate_pairs, max_length=max_length),
+        collate_fn=functools.partial(collate_pairs, max_length=max_length, pad_id=eot_id(tokenizer)),
         resume_settings={"base": sha256_file(instruct_dir / "model.safetensors"), "max_length": max_length,
                          "prompt_style": style},
         run_params={"instruct_model": str(instruct_dir), "max_length_effective": max_length,
@@ -121,7 +123,7 @@ def preference_tune(params: PreferenceTuneParams, tokenizer_params: TokenizerPar
     )
     plots = {curve: plots_dir / f"preference_training_{curve}.png" for curve in CURVES}
     out = TrainingOutputs(out_dir, metrics_out, history_out, plots, cache_dir)
-    return run_training(job, out, encoding_dir=tokenizer_params.encoding_dir, resume=resume)
+    return run_training(job, out, encoding_dir=tokenizer_params.directory, resume=resume)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,7 @@ a "models from code" pyfunc text generator (``steps/common/mlflow_models/generat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -30,7 +30,7 @@ from llmcore.checkpoint import save_checkpoint
 from llmcore.config import PRESETS, GPTConfig
 from llmcore.generate import generate_text
 from llmcore.model import GPTModel
-from llmcore.tokenizer import get_tokenizer
+from llmcore.tokenizer import get_tokenizer, is_gpt2
 from llmcore.train import TrainCallback, TrainState
 from steps.common.cli import StageParams, run_stage
 from steps.common.data import TokenizerParams
@@ -112,6 +112,14 @@ class EpochSampleCallback(TrainCallback):
 
 
 
+def vocab_for(cfg: GPTConfig, tokenizer, pad_to: int | None) -> GPTConfig:
+    """GPT-2's BPE keeps the preset's vocabulary (50,257: the book's model); a trained one sets
+    ``vocab_size`` to its own, the embedding and head padded to ``pad_to`` rows (64 when null)."""
+    if is_gpt2(tokenizer):
+        return cfg
+    return replace(cfg, vocab_size=tokenizer.n_vocab, pad_vocab_to_multiple=pad_to or 64)
+
+
 def pretrain(
     params: PretrainParams,
     paths: PretrainPaths = PretrainPaths(),
@@ -121,10 +129,11 @@ def pretrain(
     progress: bool = True,
 ) -> dict[str, float]:
     """Train from scratch (or resume), write the outputs and log the run; returns the metrics."""
-    cfg = params.model.gpt_config(read_windows_meta(paths.windows)["context_length"])
+    tokenizer = get_tokenizer(tokenizer_params.directory)
+    cfg = vocab_for(params.model.gpt_config(read_windows_meta(paths.windows)["context_length"]), tokenizer,
+                    params.model.pad_vocab_to_multiple)
     windows = load_windows(paths.windows, cfg)
     train_data, val_data = windows["train"], windows["val"]
-    tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
     device = stage_device(STAGE, params)
     torch.manual_seed(params.seed)
     model = GPTModel(cfg).to(device)
@@ -140,7 +149,7 @@ def pretrain(
         extra_metrics={"parameters": model.num_parameters()},
     )
     out = TrainingOutputs(paths.model_out, paths.metrics, paths.history_csv, {"loss": paths.loss_plot}, paths.state_dir)
-    return run_training(job, out, encoding_dir=tokenizer_params.encoding_dir, progress=progress)
+    return run_training(job, out, encoding_dir=tokenizer_params.directory, progress=progress)
 
 
 def main(argv: list[str] | None = None) -> None:

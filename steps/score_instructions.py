@@ -103,7 +103,7 @@ def score_instructions(
         raise ParamsError(f"{STAGE}.device: {exc}") from exc
     model = load_checkpoint(model_dir).to(device)
     style = checkpoint_prompt_style(read_checkpoint_meta(model_dir))  # what the model was trained on
-    tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
+    tokenizer = get_tokenizer(tokenizer_params.directory)
     started = time.perf_counter()
     answers = generate_responses(
         model, tokenizer, entries, max_new_tokens=params.max_new_tokens,

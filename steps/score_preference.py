@@ -24,7 +24,7 @@ from llmcore.dpo import PreferencePair, pair_logprobs, pair_summary
 from llmcore.device import resolve_device
 from llmcore.model import GPTModel
 from llmcore.prompts import checkpoint_prompt_style
-from llmcore.tokenizer import TokenizerFilesError, get_tokenizer
+from llmcore.tokenizer import TokenizerFilesError, eot_id, get_tokenizer
 from steps.common.cli import StageParams, run_stage
 from steps.common.data import DataError, TokenizerParams
 from steps.common.io import write_json
@@ -47,11 +47,11 @@ class ScorePreferenceParams(StrictModel):
 
 
 def score_pairs(sft: GPTModel, dpo: GPTModel, pairs: list[PreferencePair], beta: float, params: ScorePreferenceParams,
-                max_length: int, comparison: ComparisonParams) -> tuple[dict, dict[str, list[bool]]]:
+                max_length: int, pad_id: int, comparison: ComparisonParams) -> tuple[dict, dict[str, list[bool]]]:
     """Both models' summaries of one split's pairs (preference accuracy with its Wilson interval,
     DPO − SFT paired), and each model's per-pair right/wrong (chosen log-prob above rejected)."""
-    sft_lp = pair_logprobs(sft, pairs, batch_size=params.batch_size, max_length=max_length)
-    dpo_lp = pair_logprobs(dpo, pairs, batch_size=params.batch_size, max_length=max_length)
+    sft_lp = pair_logprobs(sft, pairs, batch_size=params.batch_size, max_length=max_length, pad_id=pad_id)
+    dpo_lp = pair_logprobs(dpo, pairs, batch_size=params.batch_size, max_length=max_length, pad_id=pad_id)
     correct = {"sft": (sft_lp[0] > sft_lp[1]).tolist(), "dpo": (dpo_lp[0] > dpo_lp[1]).tolist()}
     summary = {"pairs": len(pairs), "sft": pair_summary(*sft_lp),
                "dpo": pair_summary(*dpo_lp, reference=torch.stack(sft_lp), beta=beta)}
@@ -80,12 +80,13 @@ def score_preference(params: ScorePreferenceParams, tokenizer_params: TokenizerP
         raise DataError(f"{model_dir} was tuned in prompt style {checkpoint_prompt_style(dpo_meta)!r}, "
                         f"{sft_dir} in {style!r}: run `dvc repro preference_tune`")
     max_length = min(params.max_length or sft.cfg.context_length, sft.cfg.context_length, dpo.cfg.context_length)
-    tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
+    tokenizer = get_tokenizer(tokenizer_params.directory)
     report = {"beta": dpo_meta.get("beta"), "prompt_style": style, "max_length": max_length}
     selection = None
     for short, split in SPLITS.items():
         pairs, entries, cut = load_pairs(data_dir / f"{split}.json", tokenizer, style, max_length)
-        summary, correct = score_pairs(sft, dpo, pairs, dpo_meta.get("beta", 0.1), params, max_length, comparison)
+        summary, correct = score_pairs(sft, dpo, pairs, dpo_meta.get("beta", 0.1), params, max_length,
+                                       eot_id(tokenizer), comparison)
         report[short] = {**summary, "pairs_prompt_cut": cut}
         if split == "validation":  # what the registry selects on: each pair right or wrong, paired by content
             keys = (f"{e.get('instruction', e.get('prompt'))}|{e.get('chosen')}|{e.get('rejected')}" for e in entries)

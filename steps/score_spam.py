@@ -100,7 +100,7 @@ def score_spam(
     except ValueError as exc:
         raise ParamsError(f"{STAGE}.device: {exc}") from exc
     model = load_classifier(model_dir, map_location=device)
-    tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
+    tokenizer = get_tokenizer(tokenizer_params.directory)
     actuals = {split: model_label_ids(frame, data_labels, model.labels, data_dir / f"{split}.csv")
                for split, frame in frames.items()}
     metrics, predictions, probabilities = {}, {}, {}

@@ -24,7 +24,7 @@ from typing import Literal, TypeVar
 import numpy as np
 from pydantic import Field, field_validator
 
-from llmcore.tokenizer import ENDOFTEXT, ENDOFTEXT_ID, TokenizerFilesError, get_tokenizer, tokenizer_digest
+from llmcore.tokenizer import ENDOFTEXT, TokenizerFilesError, eot_id, get_tokenizer, tokenizer_digest
 from steps.common.cli import StageParams, run_stage
 from steps.common.corpus import Counts, Pieces, Skipped, check_pattern, corpus_files, documents
 from steps.common.data import DataError, TokenizerParams
@@ -80,7 +80,7 @@ def tokenize_corpus(root: Path, out_dir: Path, metrics_out: Path, params: Corpus
     """Write the corpus's token shards to ``out_dir`` and its counts to ``metrics_out``."""
     skipped: list[Skipped] = []
     files = corpus_files(root, params.include, skipped)  # warns about each entry it skips
-    tokenizer = get_tokenizer(tokenizer_params.encoding_dir)
+    tokenizer = get_tokenizer(tokenizer_params.directory)
     dtype = np.uint16 if tokenizer.n_vocab <= 1 << 16 else np.uint32
     digest = tokenizer_digest(tokenizer)
     inputs = [(str(p.relative_to(root)) if p != root else p.name, p.stat().st_size, p.stat().st_mtime_ns)
@@ -93,7 +93,7 @@ def tokenize_corpus(root: Path, out_dir: Path, metrics_out: Path, params: Corpus
 
     def encode(item: tuple[str, tuple[int, dict] | None]) -> tuple[np.ndarray, tuple[int, dict] | None]:
         text, marker = item
-        return tokenizer.encode_to_numpy(text, allowed_special=allowed).astype(dtype), marker
+        return tokenizer.encode_to_numpy(text, allowed_special=allowed, disallowed_special=()).astype(dtype), marker
 
     workers = params.workers or len(os.sched_getaffinity(0))
     for tokens, marker in ordered_map(encode, work_items(files, writer.next_file, params, counts, work_dir),
@@ -105,7 +105,7 @@ def tokenize_corpus(root: Path, out_dir: Path, metrics_out: Path, params: Corpus
     if not writer.state["shards"]:
         raise DataError(f"corpus {root} has no text ({counts.empty_documents} empty document(s))")
     meta = writer.finish(out_dir, {
-        "vocab_size": tokenizer.n_vocab, "endoftext_id": ENDOFTEXT_ID,
+        "vocab_size": tokenizer.n_vocab, "endoftext_id": eot_id(tokenizer),
         "tokenizer": {"name": tokenizer.name, "sha256": digest},
     })
     metrics = {**asdict(counts), "tokens": meta["tokens"], "shards": len(meta["shards"]),

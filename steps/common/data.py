@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from steps.common.params import StrictModel
 
@@ -17,9 +18,17 @@ class DataError(ValueError):
 
 
 class TokenizerParams(StrictModel):
-    """Where the GPT-2 BPE files are; ``None`` falls back to ``$LLMCORE_GPT2_ENCODING_DIR``, then tiktoken."""
+    """Which BPE every stage encodes with: GPT-2's (its files in ``encoding_dir``; ``None`` falls back to
+    ``$LLMCORE_GPT2_ENCODING_DIR``, then tiktoken) or the one train_tokenizer wrote to ``trained_dir``."""
 
+    source: Literal["gpt2", "trained"] = "gpt2"
     encoding_dir: str | None = None
+    trained_dir: str = "models/tokenizer"
+
+    @property
+    def directory(self) -> str | None:
+        """What ``llmcore.tokenizer.get_tokenizer`` and the model directories' bundling take."""
+        return self.trained_dir if self.source == "trained" else self.encoding_dir
 
 
 def read_text(path: str | os.PathLike) -> str:

@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from llmcore.bpe import is_trained_dir
 from llmcore.tokenizer import ENCODING_DIR_ENV, GPT2_FILES, TokenizerFilesError, get_tokenizer
 
 DEFAULT_MODELS = ("models/spam_classifier", "models/pretrained", "models/instruct", "models/preference", "models/gpt2")
@@ -51,13 +52,16 @@ def check_model_dir(directory: str) -> Path:
 
 
 def tokenizer_for(model_dir: Path):
-    """A Llama/Qwen3/Gemma base's own tokenizer.json; else $LLMCORE_GPT2_ENCODING_DIR, else the BPE
-    files saved beside the model (checked by content). Never tiktoken's download: a model directory
-    without its files is an error naming the file."""
+    """A Llama/Qwen3/Gemma base's own tokenizer.json; a trained BPE's files (llmcore.bpe) beside the
+    model; else $LLMCORE_GPT2_ENCODING_DIR, else GPT-2's BPE files saved beside the model (checked
+    by content). Never tiktoken's download: a model directory without its files is an error naming
+    the file."""
     if (model_dir / "tokenizer.json").is_file():
         from llmcore.hf_tokenizer import HFTokenizer  # deferred: GPT-2 models never need `tokenizers`
 
         return HFTokenizer(model_dir)
+    if is_trained_dir(model_dir):  # a vocabulary trained by train_tokenizer: only its own files fit
+        return get_tokenizer(model_dir)
     if os.environ.get(ENCODING_DIR_ENV):
         return get_tokenizer()
     missing = [name for name in GPT2_FILES if not (model_dir / name).is_file()]

@@ -1,5 +1,5 @@
 """Model directories: the base model of the fine-tunes (an llmcore checkpoint a stage wrote), and
-the GPT-2 BPE files every model directory carries, so ``llm`` and serving need no network."""
+the BPE files (GPT-2's or a trained encoding's) every model directory carries, so ``llm`` and serving need no network."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from typing import Literal
 
 from pydantic import Field
 
+from llmcore.bpe import TRAINED_FILES, is_trained_dir, load_encoding
 from llmcore.checkpoint import DECODER_FORMAT, load_checkpoint, read_checkpoint_meta
 from llmcore.model import GPTModel
-from llmcore.tokenizer import ENCODING_DIR_ENV, GPT2_FILE_SHA256, GPT2_FILES
+from llmcore.tokenizer import ENCODING_DIR_ENV, GPT2_FILE_SHA256, GPT2_FILES, is_gpt2, tokenizer_digest
 from steps.common.io import atomic_path
 from steps.common.params import StrictModel
 
@@ -47,8 +48,27 @@ class BaseModelSectionParams(BaseModelParams):
     dtype: Literal["float32", "bfloat16"] = "float32"  # the converted weights' dtype
 
 
-def load_base_model(base_dir: Path, **overrides) -> GPTModel:
-    """The llmcore checkpoint in ``base_dir`` (``overrides``: config fields such as drop_rate).
+def check_base_tokenizer(base_dir: Path, tokenizer, vocab_size: int) -> None:
+    """A base model fine-tuned with ``tokenizer`` must have been trained with it: a model directory
+    carrying a trained encoding needs that encoding; one without (GPT-2's weights, a GPT-2-vocab
+    model) needs GPT-2's BPE. Else a BaseModelError naming both."""
+    if is_trained_dir(base_dir):
+        theirs = load_encoding(base_dir)
+        same = not is_gpt2(tokenizer) and tokenizer_digest(theirs) == tokenizer_digest(tokenizer)
+        what = f"the trained encoding in {base_dir / TRAINED_FILES[1]}"
+    else:
+        same, what = is_gpt2(tokenizer), "GPT-2's BPE"
+    if not same:
+        raise BaseModelError(f"base model {base_dir} was trained with {what}, but the pipeline encodes with "
+                             f"{'GPT-2' if is_gpt2(tokenizer) else 'a trained'} BPE ({tokenizer.name}, "
+                             f"{tokenizer.n_vocab} tokens): set tokenizer.source to match, or pick another base")
+    if tokenizer.n_vocab > vocab_size:
+        raise BaseModelError(f"base model {base_dir} has {vocab_size} token rows, the tokenizer {tokenizer.n_vocab}")
+
+
+def load_base_model(base_dir: Path, tokenizer=None, **overrides) -> GPTModel:
+    """The llmcore checkpoint in ``base_dir`` (``overrides``: config fields such as drop_rate),
+    checked against ``tokenizer`` (``check_base_tokenizer``) when one is given.
 
     A ``status.json`` saying ``loaded: false`` (load_gpt2 without GPT-2's weights) is an error.
     """
@@ -70,7 +90,10 @@ def load_base_model(base_dir: Path, **overrides) -> GPTModel:
         raise BaseModelError(f"base model {base_dir} is a Hugging Face base (format {DECODER_FORMAT}); the "
                              "fine-tuning stages do not support it yet (they tokenize with GPT-2's BPE): use it "
                              "with `llm generate/chat`, or set base_model.dir to a GPT checkpoint")
-    return load_checkpoint(base_dir, **overrides)
+    model = load_checkpoint(base_dir, **overrides)
+    if tokenizer is not None:
+        check_base_tokenizer(base_dir, tokenizer, model.cfg.vocab_size)
+    return model
 
 
 def find_encoding_files(encoding_dir: str | None) -> dict[str, Path] | None:
@@ -89,8 +112,14 @@ def find_encoding_files(encoding_dir: str | None) -> dict[str, Path] | None:
 
 
 def bundle_tokenizer(model_dir: Path, encoding_dir: str | None) -> bool:
-    """Copy GPT-2's encoder.json + vocab.bpe (checked) into ``model_dir``; False when none are at hand."""
-    files = find_encoding_files(encoding_dir or os.environ.get(ENCODING_DIR_ENV))
+    """Copy the tokenizer files the model was trained with into ``model_dir``: a trained encoding's
+    (``llmcore.bpe``: bpe.tiktoken + encoding.json, checked by loading), else GPT-2's encoder.json +
+    vocab.bpe (checked); False when GPT-2's are not at hand."""
+    if is_trained_dir(encoding_dir):
+        load_encoding(encoding_dir)  # an incomplete or altered pair is an error, not a copy
+        files = {name: Path(encoding_dir) / name for name in TRAINED_FILES}
+    else:
+        files = find_encoding_files(encoding_dir or os.environ.get(ENCODING_DIR_ENV))
     if files is None:
         return False
     for name, source in files.items():

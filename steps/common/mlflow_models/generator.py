@@ -26,7 +26,7 @@ class TextGenerator(PythonModel):
 
     def predict(self, context, model_input, params=None):
         from llmcore.generate import generate
-        from llmcore.tokenizer import ENDOFTEXT_ID, encode
+        from llmcore.tokenizer import encode, eot_id
 
         if isinstance(model_input, pd.DataFrame):
             if "prompt" not in model_input.columns:
@@ -42,7 +42,7 @@ class TextGenerator(PythonModel):
             temperature=float(options["temperature"]),
             top_k=int(options["top_k"]) or None,
             seed=int(options["seed"]),
-            eos_id=ENDOFTEXT_ID,
+            eos_id=eot_id(self.tokenizer),
         )
         return pd.DataFrame({"completion": [self.tokenizer.decode(ids) for ids in new_ids]})
 
