@@ -7,6 +7,9 @@ One run measures, with random weights (the speed of a step does not depend on th
   transformers' ``model.generate`` against ``llmcore.generate`` in fp32 (eager, and compiled:
   the static-shape step of ``generate(..., compile=True)``) and with int8 weights
   (``llmcore.quantize.quantize_int8``);
+* each variant against the memory-bandwidth limit: the machine's read bandwidth, measured in this
+  run (``benchmarks.bandwidth``, interleaved with the generations), over the bytes of weights a
+  token reads (fp32 ~500 MB, int8 ~a quarter of it); decoding one sequence cannot go faster;
 * peak memory of each phase, in a fresh child process (its peak RSS, ``VmHWM``, minus its RSS
   after imports);
 * int8 quality: a small model (cpu-small) is trained for a minute on the-verdict, then fp32 and
@@ -36,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.bandwidth import read_bandwidth, weight_bytes_per_token
 from llmcore.config import GPTConfig
 from llmcore.data import SlidingWindowDataset
 from llmcore.generate import generate
@@ -130,8 +134,18 @@ def bench_generation(args) -> dict:
         fns["llmcore+compile"] = lambda: outputs.__setitem__("llmcore+compile", llmcore_generate(ours, prompt, n, True))
     for fn in fns.values():  # warm-up (allocations, first-call dispatch, compilation)
         fn()
+    bandwidths: list[float] = []
+    fns["bandwidth"] = lambda: bandwidths.append(read_bandwidth(trials=3))
     times = interleaved(fns, args.gen_trials)
+    del times["bandwidth"]
     result = {name: summarise(t, n) for name, t in times.items()}
+    models = {"transformers": theirs, "llmcore": ours, "llmcore+compile": ours, "llmcore_int8": ours_int8}
+    result["bandwidth_gb_s"] = statistics.median(bandwidths) / 1e9
+    for name in times:
+        weight_bytes = weight_bytes_per_token(models[name])
+        limit = statistics.median(bandwidths) / weight_bytes
+        result[name].update(weight_mb=weight_bytes / 1e6, limit_tokens_per_s=limit,
+                            fraction_of_limit=result[name]["median"] / limit)
     assert all(len(tokens) == n for tokens in outputs.values()), "a generation stopped early"
     result["int8_vs_fp32_token_agreement_random_weights"] = agreement(outputs["llmcore"], outputs["llmcore_int8"])
     if args.compile:
@@ -250,10 +264,14 @@ def report(results: dict) -> None:
     if "generation" in results:
         g = results["generation"]
         print(f"\ngreedy KV-cache generation, new tokens/s (batch 1, {results['args']['new_tokens']} new tokens):")
+        print(f"  read bandwidth {g['bandwidth_gb_s']:.1f} GB/s (median, measured between the generations); "
+              "limit = bandwidth / weight bytes a token reads")
         for name in ("transformers", "llmcore", "llmcore+compile", "llmcore_int8"):
             if name not in g:
                 continue
-            print(f"  {name:16s} best {g[name]['best']:7.1f}   median {g[name]['median']:7.1f}   ({g[name]['trials']} runs)")
+            print(f"  {name:16s} best {g[name]['best']:7.1f}   median {g[name]['median']:7.1f}   ({g[name]['trials']} runs)"
+                  f"   weights {g[name]['weight_mb']:4.0f} MB, limit {g[name]['limit_tokens_per_s']:6.1f} tok/s, "
+                  f"median = {g[name]['fraction_of_limit']:.0%} of it")
         for name in (n for n in ("llmcore", "llmcore+compile", "llmcore_int8") if n in g):
             print(f"  ratio {name}/transformers: best {g[name]['best'] / g['transformers']['best']:.2f}x, "
                   f"median {g[name]['median'] / g['transformers']['median']:.2f}x")

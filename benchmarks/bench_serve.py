@@ -185,12 +185,17 @@ def bench_precision(args, model_dir: Path, int8: bool, tokenizer, env: dict[str,
     return {n: median_row(rows[n]) for n in args.levels}
 
 
+def use_offline_encoding() -> None:
+    """GPT-2's encoding from the offline mirror (as the tests), unless one is set already."""
+    mirror = Path(os.environ.get("LLMPIPE_MIRROR") or REPO.parent / "shared" / "data") / "gpt2"
+    if ENCODING_DIR_ENV not in os.environ and mirror.is_dir():
+        os.environ[ENCODING_DIR_ENV] = str(mirror)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.manual_seed(0)
-    mirror = Path(os.environ.get("LLMPIPE_MIRROR") or REPO.parent / "shared" / "data") / "gpt2"
-    if ENCODING_DIR_ENV not in os.environ and mirror.is_dir():
-        os.environ[ENCODING_DIR_ENV] = str(mirror)  # offline, as the tests
+    use_offline_encoding()
     torch.set_num_threads(args.threads)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     tokenizer = get_tokenizer()
