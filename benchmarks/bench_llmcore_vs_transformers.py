@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="also time llmcore's compiled static-shape decoding")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--generation", action=argparse.BooleanOptionalAction, default=True,
+                        help="time the generations (and the bandwidth limit)")
     parser.add_argument("--quality", action=argparse.BooleanOptionalAction, default=True,
                         help="train a cpu-small model on the-verdict and compare fp32 and int8")
     parser.add_argument("--quality-epochs", type=int, default=12)
@@ -184,8 +186,10 @@ def perplexity(model, data: SlidingWindowDataset) -> float:
 
 
 def bench_quality(args) -> dict:
+    from benchmarks.bench_serve import use_offline_encoding
     from llmcore.tokenizer import encode, get_tokenizer
 
+    use_offline_encoding()
     tokenizer = get_tokenizer()
     ids = encode(tokenizer, find_text(args.text).read_text(encoding="utf-8"))
     split = int(0.9 * len(ids))
@@ -310,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
                        f"{args.threads} threads, load average at start {os.getloadavg()[0]:.1f}",
     }
     started = time.perf_counter()
-    results["generation"] = bench_generation(args)
+    if args.generation:
+        results["generation"] = bench_generation(args)
     if args.memory:
         results["memory"] = bench_memory(args)
     if args.quality:
