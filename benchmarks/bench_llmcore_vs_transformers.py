@@ -316,13 +316,15 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     if args.generation:
         results["generation"] = bench_generation(args)
+        report(results)  # now, in case a later phase fails
+        sys.stdout.flush()
     if args.memory:
         results["memory"] = bench_memory(args)
     if args.quality:
         results["quality"] = bench_quality(args)
     results["seconds"] = time.perf_counter() - started
     results["environment"] += f", at end {os.getloadavg()[0]:.1f}; {results['seconds']:.0f} s"
-    report(results)
+    report({k: v for k, v in results.items() if k != "generation"})
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
