@@ -11,8 +11,8 @@
   The server decodes on the CPU (``serving`` has no CUDA path), so this row measures the host.
 
 Each section is timed and guarded: one that fails prints its error in the table and the others
-still run. ``--dry-run`` runs every section on the CPU with tiny shapes and a few steps (~1-2
-minutes on 2 cores), to check that the script works where no GPU is lent.
+still run. ``--dry-run`` runs every section on the CPU with tiny shapes and a few steps, to check
+that the script works where no GPU is lent (minutes on an idle 2-core box; ~10 on a loaded one).
 
     python -m benchmarks.gpu                 # on a CUDA machine
     python -m benchmarks.gpu --dry-run       # anywhere
