@@ -31,16 +31,18 @@ def read_bandwidth(device: str = "cpu", mbytes: int = 512, trials: int = 7) -> f
     return buffer.numel() * 4 / best
 
 
-def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
-    """The tensors a module itself holds: parameters, or a dynamically quantized Linear's packed weight."""
+def _own_tensors(module: nn.Module) -> tuple[list[torch.Tensor], int]:
+    """The tensors a module holds (parameters, buffers), and the bytes of a dynamically quantized
+    Linear's packed weight (int8 values, per-channel scales, bias), which are not tensors of it."""
     tensors = list(module.parameters(recurse=False))
+    tensors += [t for t in module.buffers(recurse=False) if t.dim() > 0 and t.dtype != torch.bool]
+    packed = 0
     weight = getattr(module, "weight", None)
-    if callable(weight) and not tensors:  # torch.ao dynamic quantized Linear: weight() unpacks
-        w = weight()
-        tensors = [w.int_repr(), w.q_per_channel_scales().float() if w.qscheme() != torch.per_tensor_affine else w]
-        bias = module.bias()
-        tensors += [bias] if bias is not None else []
-    return tensors + [t for t in module.buffers(recurse=False) if t.dim() > 0 and t.dtype != torch.bool]
+    if callable(weight) and not tensors:  # torch.ao dynamic quantized Linear: weight() unpacks a copy
+        w, bias = weight(), module.bias()
+        per_channel = w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+        packed = w.numel() + (8 * w.shape[0] if per_channel else 8) + (0 if bias is None else bias.numel() * 4)
+    return tensors, packed
 
 
 def weight_bytes_per_token(model: nn.Module) -> int:
@@ -49,9 +51,10 @@ def weight_bytes_per_token(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, nn.Embedding):
             continue
-        for tensor in _own_tensors(module):
-            key = (tensor.data_ptr(), tensor.numel())
-            if key not in seen:
-                seen.add(key)
+        tensors, packed = _own_tensors(module)
+        total += packed
+        for tensor in tensors:
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
                 total += tensor.numel() * tensor.element_size()
     return total
