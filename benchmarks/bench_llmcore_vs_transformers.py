@@ -7,6 +7,9 @@ One run measures, with random weights (the speed of a step does not depend on th
   transformers' ``model.generate`` against ``llmcore.generate`` in fp32 (eager, and compiled:
   the static-shape step of ``generate(..., compile=True)``) and with int8 weights
   (``llmcore.quantize.quantize_int8``);
+* each variant against the memory-bandwidth limit: the machine's read bandwidth, measured in this
+  run (``benchmarks.bandwidth``, interleaved with the generations), over the bytes of weights a
+  token reads (fp32 ~500 MB, int8 ~a quarter of it); decoding one sequence cannot go faster;
 * peak memory of each phase, in a fresh child process (its peak RSS, ``VmHWM``, minus its RSS
   after imports);
 * int8 quality: a small model (cpu-small) is trained for a minute on the-verdict, then fp32 and
@@ -36,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.bandwidth import read_bandwidth, weight_bytes_per_token
 from llmcore.config import GPTConfig
 from llmcore.data import SlidingWindowDataset
 from llmcore.generate import generate
@@ -54,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="also time llmcore's compiled static-shape decoding")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--generation", action=argparse.BooleanOptionalAction, default=True,
+                        help="time the generations (and the bandwidth limit)")
     parser.add_argument("--quality", action=argparse.BooleanOptionalAction, default=True,
                         help="train a cpu-small model on the-verdict and compare fp32 and int8")
     parser.add_argument("--quality-epochs", type=int, default=12)
@@ -130,8 +136,18 @@ def bench_generation(args) -> dict:
         fns["llmcore+compile"] = lambda: outputs.__setitem__("llmcore+compile", llmcore_generate(ours, prompt, n, True))
     for fn in fns.values():  # warm-up (allocations, first-call dispatch, compilation)
         fn()
+    bandwidths: list[float] = []
+    fns["bandwidth"] = lambda: bandwidths.append(read_bandwidth(trials=3))
     times = interleaved(fns, args.gen_trials)
+    del times["bandwidth"]
     result = {name: summarise(t, n) for name, t in times.items()}
+    models = {"transformers": theirs, "llmcore": ours, "llmcore+compile": ours, "llmcore_int8": ours_int8}
+    result["bandwidth_gb_s"] = statistics.median(bandwidths) / 1e9
+    for name in times:
+        weight_bytes = weight_bytes_per_token(models[name])
+        limit = statistics.median(bandwidths) / weight_bytes
+        result[name].update(weight_mb=weight_bytes / 1e6, limit_tokens_per_s=limit,
+                            fraction_of_limit=result[name]["median"] / limit)
     assert all(len(tokens) == n for tokens in outputs.values()), "a generation stopped early"
     result["int8_vs_fp32_token_agreement_random_weights"] = agreement(outputs["llmcore"], outputs["llmcore_int8"])
     if args.compile:
@@ -170,8 +186,10 @@ def perplexity(model, data: SlidingWindowDataset) -> float:
 
 
 def bench_quality(args) -> dict:
+    from benchmarks.bench_serve import use_offline_encoding
     from llmcore.tokenizer import encode, get_tokenizer
 
+    use_offline_encoding()
     tokenizer = get_tokenizer()
     ids = encode(tokenizer, find_text(args.text).read_text(encoding="utf-8"))
     split = int(0.9 * len(ids))
@@ -250,10 +268,14 @@ def report(results: dict) -> None:
     if "generation" in results:
         g = results["generation"]
         print(f"\ngreedy KV-cache generation, new tokens/s (batch 1, {results['args']['new_tokens']} new tokens):")
+        print(f"  read bandwidth {g['bandwidth_gb_s']:.1f} GB/s (median, measured between the generations); "
+              "limit = bandwidth / weight bytes a token reads")
         for name in ("transformers", "llmcore", "llmcore+compile", "llmcore_int8"):
             if name not in g:
                 continue
-            print(f"  {name:16s} best {g[name]['best']:7.1f}   median {g[name]['median']:7.1f}   ({g[name]['trials']} runs)")
+            print(f"  {name:16s} best {g[name]['best']:7.1f}   median {g[name]['median']:7.1f}   ({g[name]['trials']} runs)"
+                  f"   weights {g[name]['weight_mb']:4.0f} MB, limit {g[name]['limit_tokens_per_s']:6.1f} tok/s, "
+                  f"median = {g[name]['fraction_of_limit']:.0%} of it")
         for name in (n for n in ("llmcore", "llmcore+compile", "llmcore_int8") if n in g):
             print(f"  ratio {name}/transformers: best {g[name]['best'] / g['transformers']['best']:.2f}x, "
                   f"median {g[name]['median'] / g['transformers']['median']:.2f}x")
@@ -292,14 +314,17 @@ def main(argv: list[str] | None = None) -> None:
                        f"{args.threads} threads, load average at start {os.getloadavg()[0]:.1f}",
     }
     started = time.perf_counter()
-    results["generation"] = bench_generation(args)
+    if args.generation:
+        results["generation"] = bench_generation(args)
+        report(results)  # now, in case a later phase fails
+        sys.stdout.flush()
     if args.memory:
         results["memory"] = bench_memory(args)
     if args.quality:
         results["quality"] = bench_quality(args)
     results["seconds"] = time.perf_counter() - started
     results["environment"] += f", at end {os.getloadavg()[0]:.1f}; {results['seconds']:.0f} s"
-    report(results)
+    report({k: v for k, v in results.items() if k != "generation"})
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

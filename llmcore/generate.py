@@ -278,11 +278,27 @@ class SlotKVCache:
     @torch.no_grad()
     def prefill(self, model: nn.Module, row: int, ids: Sequence[int]) -> torch.Tensor:
         """Run a prompt into ``row`` (its previous content is overwritten); its last logits (vocab,)."""
-        self._ensure(len(ids))
+        return self.prefill_rows(model, row, [ids])[0]
+
+    @torch.no_grad()
+    def prefill_rows(self, model: nn.Module, first_row: int, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Run prompts into rows ``first_row, first_row + 1, ...`` in one forward; last logits (n, vocab).
+
+        The prompts are right-padded: under the causal mask a prompt's positions never see the
+        padding after them, and the cache columns the padding fills lie past the row's length,
+        where decoding masks them out and overwrites them. Only the last position of each prompt
+        goes through the vocabulary head.
+        """
+        lengths = [len(p) for p in prompts]
+        self._ensure(max(lengths))
         device = self.k[0].device
-        tokens = torch.as_tensor([list(ids)], dtype=torch.long, device=device)
-        views = [_RowWriter(k, v, row) for k, v in zip(self.k, self.v)]
-        return model(tokens, kv_caches=views, start_pos=0)[0, -1]
+        tokens = torch.zeros((len(prompts), max(lengths)), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            tokens[i, : lengths[i]] = torch.as_tensor(list(prompt), dtype=torch.long)
+        views = [_RowWriter(k, v, first_row) for k, v in zip(self.k, self.v)]
+        hidden = model.hidden_states(tokens.to(device), kv_caches=views, start_pos=0)
+        last = hidden[torch.arange(len(prompts), device=device), torch.tensor(lengths, device=device) - 1]
+        return model.logits(last)
 
     @torch.no_grad()
     def decode(self, model: nn.Module, last_tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -306,16 +322,16 @@ class SlotKVCache:
 
 
 class _RowWriter:
-    """LayerKV for a prefill: the prompt's keys and values go to one row, from column 0."""
+    """LayerKV for a prefill: the prompts' keys and values go to rows ``row, row + 1, ...`` from column 0."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, row: int):
         self.k, self.v, self.row = k, v, row
 
     def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start_pos + k.shape[2]
-        self.k[self.row, :, start_pos:end] = k[0]
-        self.v[self.row, :, start_pos:end] = v[0]
-        return self.k[self.row : self.row + 1, :, :end], self.v[self.row : self.row + 1, :, :end]
+        end, rows = start_pos + k.shape[2], slice(self.row, self.row + k.shape[0])
+        self.k[rows, :, start_pos:end] = k
+        self.v[rows, :, start_pos:end] = v
+        return self.k[rows, :, :end], self.v[rows, :, :end]
 
 
 class _StepWriter:

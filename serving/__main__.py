@@ -45,6 +45,9 @@ def build_parser(prog: str = "python -m serving") -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask")
     parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB,
                         help="larger request bodies are refused with a 413 before they are read (default: %(default)s)")
+    parser.add_argument("--stream-interval-ms", type=float, default=10.0,
+                        help="streamed text is sent at most this often, a request's first and last pieces at "
+                        "once; 0 sends every token as it comes (default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
@@ -80,7 +83,8 @@ def serve(args: argparse.Namespace) -> None:
     served = {kind: spec and load_served(spec, kind, int8=args.int8, prompt_style=args.prompt_style)
               for kind, spec in specs.items()}
     config = ServeConfig(api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-                         max_tokens=args.max_tokens, max_body_bytes=int(args.max_body_mb * 1e6))
+                         max_tokens=args.max_tokens, max_body_bytes=int(args.max_body_mb * 1e6),
+                         stream_interval_s=args.stream_interval_ms / 1e3)
     app = create_app(served[GENERATOR], served[CLASSIFIER], config)
     for kind, model in served.items():
         if model is not None:
@@ -92,8 +96,10 @@ def serve(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m serving") -> int:
     args = build_parser(prog).parse_args(argv)
-    if args.max_batch < 1 or args.max_queue < 0 or args.max_tokens < 1 or not args.max_body_mb > 0:
-        print(f"{prog}: error: --max-batch and --max-tokens must be >= 1, --max-queue >= 0, --max-body-mb > 0",
+    if (args.max_batch < 1 or args.max_queue < 0 or args.max_tokens < 1 or not args.max_body_mb > 0
+            or args.stream_interval_ms < 0):
+        print(f"{prog}: error: --max-batch and --max-tokens must be >= 1, --max-queue >= 0, --max-body-mb > 0, "
+              "--stream-interval-ms >= 0",
               file=sys.stderr)
         return 2
     try:

@@ -38,6 +38,7 @@ class ServeConfig:
     max_tokens: int = 1024  # the largest max_tokens a request may ask for
     max_texts: int = 256  # texts per classification request
     max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 1e6)  # larger request bodies get a 413 unread
+    stream_interval_s: float = 0.01  # streamed text goes out at most this often (first and last pieces at once)
 
 
 class ServeState:
@@ -47,7 +48,7 @@ class ServeState:
         self.models = {GENERATOR: generator, CLASSIFIER: classifier}
         self.config = config
         self.engine = generator and Engine(generator.model, generator.tokenizer, max_batch=config.max_batch,
-                                           max_queue=config.max_queue)
+                                           max_queue=config.max_queue, stream_interval=config.stream_interval_s)
         self.classifying = 0  # classification requests in flight (bounded like the engine's queue)
 
     def lookup(self, kind: str, requested: str | None) -> Served:

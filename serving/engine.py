@@ -6,7 +6,13 @@ never waits for a whole batch to end. A request ends at <|endoftext|>, a stop st
 ``max_tokens`` or the context, or when it is cancelled (its client went away). Beyond
 ``max_batch`` running, requests wait in a queue of ``max_queue``; past that ``submit`` refuses
 (the server answers 429) instead of queueing without limit. Events go back to each request's
-asyncio queue through ``call_soon_threadsafe``, so the event loop never waits on torch.
+asyncio queue, so the event loop never waits on torch.
+
+Per-token overhead is kept off the decoding path: the prompts that arrive together are prefilled
+in one forward; the events of a step are handed to the event loop in one ``call_soon_threadsafe``
+(not one per request), at most every ``stream_interval`` seconds (a request's first and last
+pieces go at once), and a stream that falls behind takes all its pending text as one event, so
+the event loop and the clients handle a few pieces per interval instead of one per token.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -69,20 +76,24 @@ class Request:
         self.length = 0  # tokens in the cache
         self.tokens = 0  # tokens generated (<|endoftext|> not counted)
         self.last = 0  # the newest token, fed at the next step
+        self.outbox: list[Event] = []  # events not yet handed to the event loop
+        self.streaming = False  # its first event has been handed over
 
     def emit(self, event: Event) -> None:
+        """Queue ``event`` for the event loop (engine thread); ``Engine._flush`` sends it."""
         if event.finish_reason or event.error:
             self.done = True
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the event loop is closed: nobody is listening
-            self.cancelled = True
+        self.outbox.append(event)
 
     async def stream(self) -> AsyncIterator[Event]:
-        """Events up to the last one; a consumer that stops early (client gone) cancels the request."""
+        """Events up to the last one; a consumer that stops early (client gone) cancels the request.
+
+        Events already waiting when the consumer asks come out merged, as one event."""
         try:
             while True:
                 event = await self.events.get()
+                while not (event.finish_reason or event.error) and not self.events.empty():
+                    event = merged(event, self.events.get_nowait())
                 yield event
                 if event.finish_reason or event.error:
                     return
@@ -90,18 +101,33 @@ class Request:
             self.cancelled = True
 
 
+def merged(first: Event, then: Event) -> Event:
+    """One event with the text of both; the later one's ending."""
+    return Event(first.text + then.text, then.finish_reason, then.completion_tokens, then.error)
+
+
+def _deliver(batch: list[tuple[Request, list[Event]]]) -> None:
+    """On the event loop: put a step's events into their requests' queues."""
+    for request, events in batch:
+        event = events[0]
+        for later in events[1:]:
+            event = merged(event, later)
+        request.events.put_nowait(event)
+
+
 class Engine:
     """Continuous batching for one generator model; ``start`` its worker, ``close`` at shutdown."""
 
     def __init__(self, model: nn.Module, tokenizer, *, max_batch: int = 16, max_queue: int = 64,
-                 eos_id: int | None = None):
+                 eos_id: int | None = None, stream_interval: float = 0.0):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         # GPT-2's <|endoftext|> unless told, or unless the tokenizer names its own (a Hugging Face base's).
         eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
         self.model, self.tokenizer, self.eos_id = model.eval(), tokenizer, eot_id(tokenizer) if eos_id is None else eos_id
         self.context = model.cfg.context_length
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.stream_interval = max_batch, max_queue, stream_interval
+        self._flushed = 0.0  # time.monotonic() of the last hand-over
         self.cache = SlotKVCache(model, max_batch)
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.active: list[Request] = []  # row i of the cache holds active[i]
@@ -140,32 +166,59 @@ class Engine:
         while not self._closing.is_set():
             try:
                 self._admit()
-                self._retire()  # answers finished by their first token
+                self._retire()  # first tokens out; answers finished by their first token
                 if self.active:
                     self._step()
             except Exception as exc:  # a bug: fail what is in flight, log it, keep serving
                 log.exception("generation step failed")
                 for request in self.active:
+                    request.outbox.clear()
                     request.emit(Event("", error=f"generation failed: {exc}"))
+                self._flush()
                 self.active.clear()
 
+    def _flush(self) -> None:
+        """Hand every queued event to its event loop, one ``call_soon_threadsafe`` per loop; wait for
+        ``stream_interval`` since the last time unless some request ends or has its first piece."""
+        now = time.monotonic()
+        if now - self._flushed < self.stream_interval and not any(
+                r.outbox and (r.done or not r.streaming) for r in self.active):
+            return
+        self._flushed = now
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[Request, list[Event]]]] = {}
+        for request in self.active:
+            if request.outbox:
+                batches.setdefault(request.loop, []).append((request, request.outbox))
+                request.outbox, request.streaming = [], True
+        for loop, batch in batches.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the event loop is closed: nobody is listening
+                for request, _ in batch:
+                    request.cancelled = True
+
     def _admit(self) -> None:
-        """Prefill waiting requests into free rows; wait briefly for one when nothing runs."""
-        block = not self.active
-        while len(self.active) < self.max_batch:
+        """Prefill waiting requests into free rows, in one forward; wait briefly for one when nothing runs."""
+        block, admitted = not self.active, []
+        while len(self.active) + len(admitted) < self.max_batch:
             try:
                 request = self.waiting.get(timeout=0.05) if block else self.waiting.get_nowait()
             except queue.Empty:
-                return
+                break
             block = False
             if request.cancelled:
                 self.counts["cancelled"] += 1
                 continue
-            self.active.append(request)  # first, so that a failing prefill is reported to it
-            logits = self.cache.prefill(self.model, len(self.active) - 1, request.prompt_ids)
+            admitted.append(request)
+        if not admitted:
+            return
+        first = len(self.active)
+        self.active.extend(admitted)  # first, so that a failing prefill is reported to them
+        logits = self.cache.prefill_rows(self.model, first, [r.prompt_ids for r in admitted])
+        self.counts["peak_batch"] = max(self.counts["peak_batch"], len(self.active))
+        for row, request in enumerate(admitted):
             request.length = len(request.prompt_ids)
-            self.counts["peak_batch"] = max(self.counts["peak_batch"], len(self.active))
-            self._advance(request, self._sample(request, logits[None]))
+            self._advance(request, self._sample(request, logits[row : row + 1]))
 
     def _step(self) -> None:
         lengths = torch.tensor([r.length for r in self.active])
@@ -202,6 +255,7 @@ class Engine:
 
     def _retire(self) -> None:
         """Drop finished and cancelled rows, moving the last active row into each gap."""
+        self._flush()  # their last events first
         for row in reversed(range(len(self.active))):
             request = self.active[row]
             if not (request.done or request.cancelled):

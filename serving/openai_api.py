@@ -2,7 +2,8 @@
 
 A request is validated (model, prompt length against the context, ``max_tokens`` against the
 server's cap) before it reaches the engine, so the engine only sees work it can finish. With
-``stream: true`` the answer is server-sent events, one chunk per piece of text, ending with
+``stream: true`` the answer is server-sent events, one chunk per piece of text (the text the
+engine made since the last chunk: a token, or several when the client reads slower), ending with
 ``data: [DONE]``; a client that disconnects cancels its generation (Starlette cancels the
 response, which closes the engine's event stream).
 """
@@ -106,11 +107,11 @@ async def events(reply: Reply, request: Request, prompt_tokens: int, include_usa
         if event.error:
             yield sse(error_body(500, event.error))
             return
-        if event.text:
-            yield sse(reply.chunk(event.text))
-        if event.finish_reason:
+        out = sse(reply.chunk(event.text)) if event.text else ""
+        if event.finish_reason:  # the last text and the finish chunk: one write
             completion_tokens = event.completion_tokens
-            yield sse(reply.chunk(None, event.finish_reason))
-    if include_usage:
-        yield sse(reply.usage_chunk(prompt_tokens, completion_tokens))
-    yield sse("[DONE]")
+            out += sse(reply.chunk(None, event.finish_reason))
+        if out:
+            yield out
+    tail = sse(reply.usage_chunk(prompt_tokens, completion_tokens)) if include_usage else ""
+    yield tail + sse("[DONE]")

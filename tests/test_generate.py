@@ -217,6 +217,24 @@ def test_slot_cache_decodes_sequences_that_join_and_leave_like_generate_alone(mo
     assert results == {i: generate(model, [PROMPTS[i]], n)[0] for i, n in wanted.items()}
 
 
+def test_slot_cache_prefills_prompts_of_different_lengths_together_like_each_alone(model: GPTModel) -> None:
+    """One right-padded prefill of three prompts into rows 1-3: each row's logits and the tokens
+    decoded after it are the ones the prompt gets alone."""
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2][:9]]
+    cache = gen.SlotKVCache(model, slots=4)
+    logits = cache.prefill_rows(model, 1, prompts)
+    alone = torch.stack([gen.SlotKVCache(model, slots=1).prefill(model, 0, p) for p in prompts])
+    torch.testing.assert_close(logits, alone, rtol=1e-4, atol=1e-5)
+    out = [[int(t)] for t in logits.argmax(-1)]
+    lengths = torch.tensor([0] + [len(p) for p in prompts])  # row 0: an idle row, decoded along
+    for _ in range(4):
+        step = cache.decode(model, torch.tensor([0] + [o[-1] for o in out]), lengths)[1:]
+        lengths[1:] += 1
+        for o, token in zip(out, step.argmax(-1).tolist()):
+            o.append(token)
+    assert out == [generate(model, [p], 5)[0] for p in prompts]
+
+
 def test_slot_cache_refuses_to_outgrow_its_length(model: GPTModel) -> None:
     cache = gen.SlotKVCache(model, slots=1)
     with pytest.raises(ValueError, match="exceeds the cache's 16"):

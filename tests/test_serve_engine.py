@@ -80,6 +80,20 @@ def test_batched_answers_equal_each_prompt_decoded_alone(model, tokenizer) -> No
     assert stats["peak_batch"] == 2 and stats["finished"] == 4
 
 
+def test_a_stream_interval_sends_fewer_longer_pieces_with_the_same_answer(model, tokenizer) -> None:
+    """Steps 5 ms apart, pieces at most every 40 ms: the first piece comes alone, later ones bundle
+    several tokens, and the text is the same as token by token."""
+    async def scenario(engine):
+        request = engine.submit(PROMPTS[2], SamplingParams(max_tokens=16))
+        return [(event.text, event.finish_reason) async for event in request.stream()]
+
+    events = run_engine(model, tokenizer, scenario, step_delay=0.005, eos_id=299, stream_interval=0.04)
+    expected = generate(model, [PROMPTS[2]], 16)[0]
+    assert "".join(text for text, _ in events) == tokenizer.decode(expected)
+    assert events[0][0] == tokenizer.decode(expected[:1]) and events[-1][1] == "length"
+    assert len(events) < 16
+
+
 def test_eos_ends_the_answer_without_being_sent(model, tokenizer) -> None:
     greedy = generate(model, [PROMPTS[1]], 12)[0]
     eos = greedy[4]
