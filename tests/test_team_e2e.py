@@ -198,7 +198,7 @@ def test_llm_serve_serves_the_champion_from_the_server_registry(team: Team, runs
     uri = team.stack.env["MLFLOW_TRACKING_URI"]
     champion = mlflow.MlflowClient(tracking_uri=uri).get_model_version_by_alias("spam-classifier", "champion")
     env = {**team.envs["c"], "MLFLOW_TRACKING_URI": uri}
-    with serve_process("--model", "", "--classifier", "models:/spam-classifier@champion",
+    with serve_process("--model", "models:/spam-classifier@champion",  # the command: served as the classifier
                        encoding_dir=MIRROR / "gpt2", env=env) as url:
         models = httpx.get(f"{url}/v1/models", timeout=30).json()
         answer = httpx.post(f"{url}/v1/classify", json={"input": "WINNER! Claim your free prize now"}, timeout=60)
