@@ -62,6 +62,13 @@ class StageFailed(PipelineError):
     """``dvc repro`` of a stage exited non-zero; the message carries the end of its output."""
 
 
+# MLflow's usage telemetry (on by default) starts a thread that, offline, fails and unsets its
+# session variable in os.environ while the stage's own thread iterates os.environ for an HTTP call:
+# seen as `API request ... failed with exception '_MLFLOW_TELEMETRY_SESSION_ID'` (a KeyError) in a
+# stage against the MLflow server. Off unless the environment turns it on.
+NO_TELEMETRY = {"MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
 def stage_env(extra: Mapping[str, str]) -> dict[str, str]:
     """The environment of a stage: ours, unbuffered, this interpreter's bin first, plus ``extra``.
 
@@ -72,7 +79,7 @@ def stage_env(extra: Mapping[str, str]) -> dict[str, str]:
     """
     bin_dir = str(Path(sys.executable).parent)
     path = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
-    return {"TQDM_MININTERVAL": "5", **os.environ, "PATH": path, "PYTHONUNBUFFERED": "1", **extra}
+    return {"TQDM_MININTERVAL": "5", **NO_TELEMETRY, **os.environ, "PATH": path, "PYTHONUNBUFFERED": "1", **extra}
 
 
 def stage_status(stage: str, lines: list[str]) -> str:

@@ -66,11 +66,27 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def load_all(specs: dict[str, str | None], args: argparse.Namespace) -> dict:
+    """Each model by the kind its checkpoint is: ``--model`` naming a classifier (``llm serve --model
+    models:/spam-classifier@champion``) serves it as the classifier, in place of the default one."""
+    from serving.models import CLASSIFIER, GENERATOR, load_served
+
+    served = {GENERATOR: None, CLASSIFIER: None}
+    for kind, spec in specs.items():
+        if not spec or (kind == CLASSIFIER and args.classifier is None and served[CLASSIFIER] is not None):
+            continue
+        model = load_served(spec, kind, int8=args.int8, prompt_style=args.prompt_style)
+        if served[model.kind] is not None:
+            raise CliError(f"two {model.kind}s: {served[model.kind].source} and {model.source}; pass one with --{model.kind}")
+        served[model.kind] = model
+    return served
+
+
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from serving.app import ServeConfig, create_app
-    from serving.models import CLASSIFIER, GENERATOR, load_served
+    from serving.models import CLASSIFIER, GENERATOR
 
     api_key = os.environ.get(API_KEY_ENV) or None
     if not is_loopback(args.host) and api_key is None:
@@ -80,8 +96,7 @@ def serve(args: argparse.Namespace) -> None:
     if not any(specs.values()):
         raise UsageError(f"nothing to serve: pass --model and/or --classifier (the defaults {DEFAULTS['model']} and "
                        f"{DEFAULTS['classifier']} come from `dvc repro finetune_instruct finetune_classifier`)")
-    served = {kind: spec and load_served(spec, kind, int8=args.int8, prompt_style=args.prompt_style)
-              for kind, spec in specs.items()}
+    served = load_all(specs, args)
     config = ServeConfig(api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                          max_tokens=args.max_tokens, max_body_bytes=int(args.max_body_mb * 1e6),
                          stream_interval_s=args.stream_interval_ms / 1e3)

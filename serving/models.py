@@ -14,7 +14,7 @@ import yaml
 from torch import nn
 
 from llmcore.checkpoint import load_checkpoint, read_checkpoint_meta
-from llmcore.classifier import load_classifier
+from llmcore.classifier import CLASSIFIER_FORMAT, load_classifier
 from llmcore.prompts import checkpoint_prompt_style
 from llmcore.tokenizer import get_tokenizer
 from steps.common.model_dirs import DEFAULT_MODELS, UsageError, check_model_dir, tokenizer_for
@@ -80,6 +80,8 @@ def load_served(spec: str, kind: str, *, int8: bool = False, prompt_style: str |
         directory = check_model_dir(spec)  # also names the stage that makes a default directory
         name = directory.resolve().name
         tokenizer = tokenizer_for(directory)
+    if kind == GENERATOR and read_checkpoint_meta(directory).get("format") == CLASSIFIER_FORMAT:
+        kind = CLASSIFIER  # `--model models:/spam-classifier@champion`: a classifier, served as one
     model = (load_checkpoint if kind == GENERATOR else load_classifier)(directory).eval()
     if int8:
         from llmcore.quantize import quantize_int8

@@ -69,9 +69,10 @@ def config_for_up(args: argparse.Namespace, directory: Path) -> StackConfig:
     if args.workdir:
         config.workdir = args.workdir.resolve()
     if args.offline:
-        mirror = (config.workdir / OFFLINE_MIRROR).resolve()
+        # LLMPIPE_MIRROR first (a workdir not beside ../shared, e.g. a clone elsewhere), as pipelines.run does.
+        mirror = Path(os.environ.get("LLMPIPE_MIRROR") or config.workdir / OFFLINE_MIRROR).resolve()
         if not mirror.is_dir():
-            raise StackError(f"--offline: no mirror at {mirror}")
+            raise StackError(f"--offline: no mirror at {mirror} (set LLMPIPE_MIRROR)")
         config.mirror = str(mirror)
         config.gpt2_dir = str(mirror / "gpt2") if (mirror / "gpt2").is_dir() else None
     return StackConfig.model_validate(config.model_dump())

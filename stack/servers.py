@@ -25,7 +25,8 @@ def base_env() -> dict[str, str]:
     """Our environment with this interpreter's bin first on PATH, minus what would point a server
     at another store (a client's MLFLOW_TRACKING_URI, PREFECT_API_URL, ...)."""
     drop = {"MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL", "MLFLOW_BACKEND_STORE_URI"}
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("LLM_STACK_")}
+    env = {"MLFLOW_DISABLE_TELEMETRY": "true",  # see pipelines/stages.py: NO_TELEMETRY
+           **{k: v for k, v in os.environ.items() if k not in drop and not k.startswith("LLM_STACK_")}}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 

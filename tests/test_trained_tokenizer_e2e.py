@@ -79,7 +79,7 @@ def test_pretrain_on_a_trained_vocabulary_and_generate_offline(tmp_path: Path, m
     # Offline and without GPT-2's files: the model directory's own encoding is all llm needs.
     env = {k: v for k, v in os.environ.items() if k != "LLMCORE_GPT2_ENCODING_DIR"}
     env |= {"TIKTOKEN_CACHE_DIR": str(tmp_path / "empty-cache"), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "llmcore.cli", "generate", "ROMEO:", "--model", str(model_dir),
+    done = subprocess.run([sys.executable, "-m", "cli.llm", "generate", "ROMEO:", "--model", str(model_dir),
                            "--max-new-tokens", "20", "--seed", "1"], cwd=repo, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("ROMEO:") and len(done.stdout.strip()) > len("ROMEO:")
