@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from steps.common.model_dirs import UsageError as CliError
+from steps.common.model_dirs import UsageError
 from serving.__main__ import build_parser, load_all
 from serving.models import CLASSIFIER, GENERATOR
 from tests.serve_helpers import tiny_classifier, tiny_generator
@@ -28,7 +28,7 @@ def test_a_classifier_given_as_model_is_served_as_the_classifier(dirs: dict[str,
 
 def test_two_classifiers_named_explicitly_are_one_line_error(dirs: dict[str, Path]) -> None:
     args = build_parser().parse_args(["--model", str(dirs["classifier"]), "--classifier", str(dirs["classifier"])])
-    with pytest.raises(CliError, match="two classifiers"):
+    with pytest.raises(UsageError, match="two classifiers"):
         load_all({GENERATOR: args.model, CLASSIFIER: args.classifier}, args)
 
 
