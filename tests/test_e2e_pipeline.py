@@ -190,7 +190,7 @@ def test_pipeline_runs_every_stage_then_skips_then_reruns_only_downstream(pipeli
     assert set(headline["metrics/pretrain.json"]) == {f"val_{m}{c}" for m in ("loss", "perplexity") for c in ci}
     assert "rouge_l_f1" in headline["metrics/instructions.json"]
     assert "rouge_l_f1" in headline["metrics/instructions_dpo.json"]
-    assert set(headline["metrics/preference.json"]) == {"sft", "dpo"}  # preference accuracy before and after DPO
+    assert set(headline["metrics/preference.json"]) == {"sft", "dpo", "dpo_minus_sft"}  # before and after DPO, paired
     assert report.metrics and all(isinstance(v, (int, float)) for v in report.metrics.values())
 
     client = mlflow.MlflowClient()
