@@ -151,10 +151,10 @@ def test_an_unreachable_mlflow_server_fails_the_flow_in_one_line_before_any_stag
     assert "Traceback" not in state.message and not (flaky_repo / "raw.txt").exists()  # no stage ran
 
 
-# The stages that train or load a model (and the baseline) log a run; evaluate and the scorers log
-# into those runs.
+# The stages that train or load a model (and the baseline, and train_tokenizer's report) log a run;
+# evaluate and the scorers log into those runs.
 TRAINING_STAGES = {"pretrain", "load_gpt2", "load_base", "adapt_pretrain", "finetune_classifier", "finetune_instruct",
-                   "baseline_spam", "preference_tune"}
+                   "baseline_spam", "preference_tune", "train_tokenizer"}
 
 
 def test_pipeline_runs_every_stage_then_skips_then_reruns_only_downstream(pipeline_repo: Path) -> None:
