@@ -70,10 +70,12 @@ def test_queued_experiments_log_into_the_checkouts_store(queue_repo: Path) -> No
     env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "LLMPIPE_", "DVC_"))}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     env["MLFLOW_TRACKING_URI"] = "sqlite:///mlflow.db"  # the default, spelled out: relative to the checkout
+    # DVC's queue worker runs `dvc` found on PATH (as an activated venv has it), not this interpreter's module.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", "q-two", "-S", "x=2"], cwd=queue_repo,
                    env=env, check=True, capture_output=True)
     done = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "--run-all"], cwd=queue_repo, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     with sqlite3.connect(queue_repo / "mlflow.db") as db:
