@@ -77,7 +77,7 @@ def load_all(specs: dict[str, str | None], args: argparse.Namespace) -> dict:
             continue
         model = load_served(spec, kind, int8=args.int8, prompt_style=args.prompt_style)
         if served[model.kind] is not None:
-            raise CliError(f"two {model.kind}s: {served[model.kind].source} and {model.source}; pass one with --{model.kind}")
+            raise UsageError(f"two {model.kind}s: {served[model.kind].source} and {model.source}; pass one with --{model.kind}")
         served[model.kind] = model
     return served
 

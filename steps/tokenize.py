@@ -19,36 +19,20 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import numpy as np
-from pydantic import Field, field_validator
 
 from llmcore.tokenizer import ENDOFTEXT, TokenizerFilesError, eot_id, get_tokenizer, tokenizer_digest
 from steps.common.cli import StageParams, run_stage
-from steps.common.corpus import Counts, Pieces, Skipped, check_pattern, corpus_files, documents
+from steps.common.corpus import CorpusParams, Counts, Pieces, Skipped, corpus_files, documents
 from steps.common.data import DataError, TokenizerParams
 from steps.common.io import record_state_params, resume_state_dir, write_json
-from steps.common.params import StrictModel
 from steps.common.shards import ShardWriter
 
 STATE_DIR = Path(".cache/tokenize")
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-class CorpusParams(StrictModel):
-    root: str = "data/raw/corpus.txt"  # a file or a directory (DVC's dependency of this stage)
-    include: list[str] = []  # globs under a directory root; empty: every file under it
-    text_field: str = Field("text", min_length=1)  # JSONL key / parquet column of a document's text
-    endoftext: Literal["between", "after_each"] = "between"  # where <|endoftext|> goes
-    shard_tokens: int = Field(100_000_000, ge=1)  # tokens per shard file, closed at a file boundary
-    workers: int | None = Field(None, ge=1)  # encoding threads; None: every available core
-
-    @field_validator("include")
-    @classmethod
-    def _relative(cls, patterns: list[str]) -> list[str]:
-        return [check_pattern(p) for p in patterns]
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:

@@ -27,11 +27,10 @@ from pydantic import Field, field_validator
 from llmcore.bpe import ENDOFTEXT, chunks, save_encoding, to_tiktoken, train_bpe
 from llmcore.tokenizer import TokenizerFilesError, get_tokenizer
 from steps.common.cli import StageParams, run_stage
-from steps.common.corpus import corpus_files, documents
+from steps.common.corpus import CorpusParams, corpus_files, documents
 from steps.common.data import DataError, TokenizerParams
 from steps.common.io import atomic_path, write_json
 from steps.common.params import StrictModel
-from steps.tokenize import CorpusParams
 
 STAGE = "train_tokenizer"
 EXPERIMENT = "tokenizer"

@@ -18,9 +18,13 @@ import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Literal
+
+from pydantic import Field, field_validator
 
 from llmcore.tokenizer import ENDOFTEXT
 from steps.common.data import DataError
+from steps.common.params import StrictModel
 from steps.common.readers import file_format, jsonl_texts, parquet_columns, text_blocks
 
 PIECE_CHARS = 1 << 20  # characters per encoding task
@@ -32,6 +36,22 @@ def check_pattern(pattern: str) -> str:
     if not pattern or path.is_absolute() or ".." in path.parts:
         raise ValueError(f"{pattern!r} must be a relative glob under corpus.root, without '..'")
     return pattern
+
+
+class CorpusParams(StrictModel):
+    """params.yaml's corpus section: the text the tokenize and train_tokenizer stages read."""
+
+    root: str = "data/raw/corpus.txt"  # a file or a directory (DVC's dependency of this stage)
+    include: list[str] = []  # globs under a directory root; empty: every file under it
+    text_field: str = Field("text", min_length=1)  # JSONL key / parquet column of a document's text
+    endoftext: Literal["between", "after_each"] = "between"  # where <|endoftext|> goes
+    shard_tokens: int = Field(100_000_000, ge=1)  # tokens per shard file, closed at a file boundary
+    workers: int | None = Field(None, ge=1)  # encoding threads; None: every available core
+
+    @field_validator("include")
+    @classmethod
+    def _relative(cls, patterns: list[str]) -> list[str]:
+        return [check_pattern(p) for p in patterns]
 
 
 def _hidden(path: Path, root: Path) -> bool:
