@@ -218,7 +218,8 @@ def test_two_custom_runs_at_once_both_complete_without_touching_the_checkout(ser
     ids = [create_run(prefect_client, DEPLOYMENT, {"params": {"finetune_classifier.lr": lr}, "experiment": name})
            for name, lr in lrs.items()]
     runs = wait_final(prefect_client, ids, served.log)
-    assert all(run.state.is_completed() for run in runs), [(run.state.type, run.state.message) for run in runs]
+    assert all(run.state.is_completed() for run in runs), "\n\n".join(
+        f"{run.name}: {run.state.type.value}: {run.state.message}" for run in runs)
     first, second = runs
     assert first.start_time < second.end_time and second.start_time < first.end_time  # they ran at the same time
     shown = shown_experiments(source)

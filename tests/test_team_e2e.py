@@ -137,8 +137,9 @@ def worker_logs(team: Team) -> str:
 
 def test_two_api_runs_on_two_workers_run_at_once_and_complete(team: Team, runs: list) -> None:
     assert f"code from {team.origin}" in team.deploy_output and "DVC_EXP_AUTO_PUSH" in team.deploy_output, team.deploy_output
-    assert all(run.state.is_completed() for run in runs), \
-        [(run.state.type, run.state.message) for run in runs] + [worker_logs(team)]
+    # A str message: pytest shortens any other object's repr, and with it the stage's error line.
+    assert all(run.state.is_completed() for run in runs), "\n\n".join(
+        [f"{run.name}: {run.state.type.value}: {run.state.message}" for run in runs] + [worker_logs(team)])
     first, second = runs
     assert first.start_time < second.end_time and second.start_time < first.end_time  # they ran at the same time
     # Each worker takes one run at a time (--limit 1): one run each, worker 1 on A, worker 2 on B.
