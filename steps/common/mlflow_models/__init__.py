@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 MODELS_DIR = Path(__file__).resolve().parent
-REQUIREMENTS = ("mlflow", "torch", "tiktoken", "safetensors", "numpy", "pandas")
+REQUIREMENTS = ("mlflow", "torch", "tiktoken", "safetensors", "numpy", "pandas", "tokenizers", "jinja2")
 
 
 def log_code_model(
