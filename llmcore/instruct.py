@@ -91,7 +91,7 @@ def render_template_entry(tokenizer, entry: Mapping) -> tuple[str, str, str]:
                                 "of the answer's turn in the full chat, so it cannot be trained as a prompt")
     rest, answer = full[len(prompt):], messages[-1]["content"]
     text = answer if answer in rest else answer.strip()  # templates may trim the content
-    start = rest.find(text) if text else 0
+    start = rest.rfind(text) if text else 0  # the last occurrence: the answer, not a lead that contains it
     end = _end_of_turn(tokenizer, rest, start + len(text)) if start >= 0 else -1
     if end < 0:
         raise ChatTemplateError(f"tokenizer {tokenizer.name}: the chat template does not render the answer verbatim "

@@ -41,11 +41,13 @@ FT_PARAMS = dict(epochs=1, batch_size=2, lr=1e-2, eval_every=0, eval_batches=1, 
 
 
 @pytest.fixture(scope="module")
-def mlflow_store(tmp_path_factory):
+def mlflow_store(tmp_path_factory, gpt2_encoding_dir):
     with pytest.MonkeyPatch.context() as patch:  # one store for the module: creating one takes seconds
         root = tmp_path_factory.mktemp("mlflow")
         patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        for name in ("LLMPIPE_MLFLOW_PARENT_RUN_ID", "LLMPIPE_MLFLOW_EXPERIMENT", "LLMCORE_GPT2_ENCODING_DIR"):
+        # As in the offline pipeline: GPT-2's files at hand, which a base's fine-tune must not pick up.
+        patch.setenv("LLMCORE_GPT2_ENCODING_DIR", str(gpt2_encoding_dir))
+        for name in ("LLMPIPE_MLFLOW_PARENT_RUN_ID", "LLMPIPE_MLFLOW_EXPERIMENT"):
             patch.delenv(name, raising=False)
         patch.chdir(root)  # MLflow's artifacts land there
         yield root
@@ -185,13 +187,17 @@ def test_served_and_chatted_with_the_chat_template(finetuned, monkeypatch, capsy
     from serving.models import GENERATOR, load_served
     from tests.serve_helpers import app_server
 
-    served = load_served(str(root / "instruct"), GENERATOR)
-    assert served.prompt_style == "template"
+    # What `llm serve --model models:/instruct-gpt@candidate` serves: the registered pyfunc's checkpoint,
+    # its own tokenizer, its chat template (in this process: a server process would spend ~15 s importing).
+    served = load_served("models:/instruct-gpt@candidate", GENERATOR)
+    assert served.prompt_style == "template" and served.tokenizer.eos_id == tokenizer.eos_id
     with app_server(create_app(served, None)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
         reply = client.chat.completions.create(model=served.name, messages=messages, max_tokens=5, temperature=0)
     expected = b"".join(tokenizer.decode_single_token_bytes(t) for t in expected_ids).decode("utf-8", "replace")
-    assert reply.choices[0].message.content == expected and reply.usage.prompt_tokens == len(ids)
+    finish = "stop" if len(expected_ids) < 5 else "length"
+    assert reply.choices[0].message.content == expected and reply.choices[0].finish_reason == finish
+    assert reply.usage.prompt_tokens == len(ids)
 
 
 def test_interrupted_lora_finetune_resumes_to_the_same_weights(finetuned, monkeypatch) -> None:
