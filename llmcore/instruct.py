@@ -73,9 +73,13 @@ def template_messages(entry: Mapping) -> list[dict[str, str]]:
 
 
 def _end_of_turn(tokenizer, rest: str, after: int) -> int:
-    """Where the first special token at or after ``after`` in ``rest`` starts; -1: none."""
-    hits = [i for text in tokenizer.special_ids if (i := rest.find(text, after)) >= 0]
-    return min(hits, default=-1)
+    """Where the first special token at or after ``after`` in ``rest`` starts (else the first added
+    token: a tokenizer that does not mark its turn tokens special); -1: none."""
+    for tokens in (tokenizer.special_ids, tokenizer.added_ids):
+        hits = [i for text in tokens if (i := rest.find(text, after)) >= 0]
+        if hits:
+            return min(hits)
+    return -1
 
 
 def render_template_entry(tokenizer, entry: Mapping) -> tuple[str, str, str]:
@@ -104,7 +108,7 @@ def template_end_id(tokenizer) -> int:
     prompt, completion, _ = render_template_entry(tokenizer, {"messages": _PROBE})
     full = tokenizer.apply_chat_template(_PROBE, add_generation_prompt=False)
     rest = full[len(prompt) + len(completion):]
-    return tokenizer.special_ids[next(t for t in tokenizer.special_ids if rest.startswith(t))]
+    return tokenizer.added_ids[max((t for t in tokenizer.added_ids if rest.startswith(t)), key=len)]
 
 
 def encode_template_entry(tokenizer, entry: Mapping) -> InstructionExample:

@@ -28,7 +28,7 @@ from torch import nn
 from llmcore.checkpoint import save_checkpoint
 from llmcore.hf_tokenizer import TokenizerConfigError
 from llmcore.instruct import TEMPLATE, ChatTemplateError, InstructionDataset, collate_instructions, end_id, \
-    generate_responses
+    generate_responses, render_template_entry
 from llmcore.lora import apply_lora, merge_lora
 from llmcore.prompts import as_instruction, prompt_text, reference
 from llmcore.tokenizer import get_tokenizer
@@ -72,6 +72,10 @@ class SampleResponses(TrainCallback):
     def __init__(self, tokenizer, entries: list[dict], max_new_tokens: int, style: str = "alpaca"):
         self.tokenizer, self.entries, self.max_new_tokens, self.style = tokenizer, entries, max_new_tokens, style
 
+    def shown(self, entry: dict) -> str:
+        """The prompt as the model saw it in a chat template, else as a person reads it."""
+        return render_template_entry(self.tokenizer, entry)[0] if self.style == TEMPLATE else prompt_text(entry)
+
     def on_epoch_end(self, state: TrainState, model: nn.Module) -> None:
         if not self.entries:
             return
@@ -80,7 +84,7 @@ class SampleResponses(TrainCallback):
         answers = generate_responses(model, self.tokenizer, self.entries, max_new_tokens=self.max_new_tokens,
                                      style=self.style)
         text = "\n\n".join(
-            f"### Prompt:\n{prompt_text(e)}\n\n### Reference:\n{reference(e)}\n\n### Model:\n{answer}"
+            f"### Prompt:\n{self.shown(e)}\n\n### Reference:\n{reference(e)}\n\n### Model:\n{answer}"
             for e, answer in zip(self.entries, answers)
         )
         print(f"\n--- sample responses after epoch {state.epoch + 1} ---\n{text}\n")

@@ -118,7 +118,7 @@ def base_tokenizer(base_dir: Path, tokenizer_source: str, stage: str):
     if not tokenizer.chat_template:
         raise BaseModelError(f"base model {base_dir}: its tokenizer_config.json has no chat_template to fine-tune in")
     print(f"{stage}: {base_dir} is a Hugging Face base's model: it tokenizes with its own tokenizer.json and chat template "
-          "(params tokenizer.* do not apply)", flush=True)
+          "(params tokenizer.* and the instruction data's prompt_style do not apply)", flush=True)
     return tokenizer
 
 
