@@ -230,3 +230,41 @@ def test_a_trained_tokenizer_setting_contradicting_the_base_is_a_one_line_error(
         ft.finetune_instruct(ft.FinetuneInstructParams(**FT_PARAMS), TokenizerParams(source="trained"),
                              **paths(root, "refused"))
     assert not (root / "refused").exists()
+
+
+SPAM = [("Win a free prize now! Reply YES.", 1), ("Hello there, how are you today?", 0),
+        ("Spam: win a prize", 1), ("Fine, thanks; and you?", 0)]
+
+
+def test_classifier_on_a_base_reads_its_last_token_and_answers_llm_classify(base, capsys) -> None:
+    """finetune_classifier (LoRA + head) on the base: the saved classifier carries the base's
+    tokenizer; `llm classify` gives the probabilities of the saved model on the base's token ids."""
+    from cli import llm as cli
+    from llmcore.classifier import DecoderClassifier, load_classifier, predict_proba
+    from steps import finetune_classifier as fc
+
+    family, root = base
+    data = root / "spam"
+    data.mkdir(exist_ok=True)
+    frame = pd.DataFrame({"Label": [label for _, label in SPAM], "Text": [text for text, _ in SPAM]})
+    for split in ("train", "validation"):
+        frame.to_csv(data / f"{split}.csv", index=False)
+    (data / "labels.json").write_text(json.dumps({"labels": ["ham", "spam"]}))
+    params = fc.FinetuneClassifierParams(trainable="lora", token_position="flexible", epochs=1, batch_size=2, lr=1e-2,
+                                         eval_every=0, eval_batches=1, device="cpu")
+    metrics = fc.finetune_classifier(params, base_dir=root / "base", data_dir=data, out_dir=root / "classifier",
+                                     metrics_out=root / "c.json", history_out=root / "c.csv", plots_dir=root / "plots",
+                                     cache_dir=root / ".cache" / "classifier")
+    assert metrics["steps"] == 2 and 0.0 <= metrics["val_accuracy"] <= 1.0
+    model = load_classifier(root / "classifier")
+    assert isinstance(model, DecoderClassifier) and model.cfg.family == family
+    tokenizer = HFTokenizer(root / "classifier")
+    assert model.pad_id == tokenizer.eos_id
+    base_model = load_checkpoint(root / "base")
+    head_free = {k for k in model.state_dict() if not k.startswith("out_head.")}
+    assert any(not torch.equal(model.state_dict()[k], base_model.state_dict()[k]) for k in head_free)  # LoRA merged
+    probs = predict_proba(model, tokenizer, [SPAM[0][0]])[0]
+    capsys.readouterr()
+    assert cli.main(["classify", SPAM[0][0], "--model", str(root / "classifier")]) == 0
+    label = model.labels[int(probs.argmax())]
+    assert capsys.readouterr().out.strip() == f"{label} (spam probability {float(probs[1]):.3f})"

@@ -97,7 +97,7 @@ def load_base_model(base_dir: Path, tokenizer=None, *, decoder_ok: bool = False,
             return load_checkpoint(base_dir, **overrides)
         # The other fine-tunes tokenize with GPT-2's BPE: ids that mean nothing to a Llama/Qwen3/Gemma base.
         raise BaseModelError(f"base model {base_dir} is a Hugging Face base (format {DECODER_FORMAT}); the "
-                             "classifier and preference fine-tunes do not support it yet (they tokenize with GPT-2's BPE): use it "
+                             "preference fine-tune and adapt_pretrain do not support it yet (they tokenize with GPT-2's BPE): use it "
                              "with `llm generate/chat`, or set base_model.dir to a GPT checkpoint")
     model = load_checkpoint(base_dir, **overrides)
     if tokenizer is not None:
@@ -105,20 +105,22 @@ def load_base_model(base_dir: Path, tokenizer=None, *, decoder_ok: bool = False,
     return model
 
 
-def base_tokenizer(base_dir: Path, tokenizer_source: str, stage: str):
+def base_tokenizer(base_dir: Path, tokenizer_source: str, stage: str, *, chat: bool = True):
     """A Hugging Face base's own tokenizer (tokenizer.json + chat template in ``base_dir``), which
     the stage uses instead of params ``tokenizer.*`` (said in one log line); ``tokenizer.source:
-    trained`` contradicts it: a BaseModelError."""
+    trained`` contradicts it: a BaseModelError, as a missing chat template where ``chat`` (SFT) needs one."""
     from llmcore.hf_tokenizer import HFTokenizer  # deferred: GPT-2 models never need `tokenizers`
 
     if tokenizer_source != "gpt2":
         raise BaseModelError(f"params tokenizer.source is {tokenizer_source!r}, but base model {base_dir} is a Hugging "
                              "Face base that tokenizes with its own tokenizer.json: set tokenizer.source: gpt2")
     tokenizer = HFTokenizer(base_dir)
-    if not tokenizer.chat_template:
+    if chat and not tokenizer.chat_template:
         raise BaseModelError(f"base model {base_dir}: its tokenizer_config.json has no chat_template to fine-tune in")
-    print(f"{stage}: {base_dir} is a Hugging Face base's model: it tokenizes with its own tokenizer.json and chat template "
-          "(params tokenizer.* and the instruction data's prompt_style do not apply)", flush=True)
+    what = "tokenizer.json and chat template (params tokenizer.* and the instruction data's prompt_style" \
+        if chat else "tokenizer.json (params tokenizer.*"
+    print(f"{stage}: {base_dir} is a Hugging Face base's model: it tokenizes with its own {what} do not apply)",
+          flush=True)
     return tokenizer
 
 
