@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from llmcore.checkpoint import (
+    DECODER_FORMAT,
     CheckpointError,
     load_state_strict,
     read_checkpoint_meta,
@@ -34,6 +35,8 @@ from llmcore.checkpoint import (
     unique_state_dict,
 )
 from llmcore.config import ConfigError, GPTConfig
+from llmcore.decoder import DecoderModel
+from llmcore.decoder_config import DecoderConfig
 from llmcore.lora import apply_lora, has_lora
 from llmcore.model import GPTModel
 from llmcore.tokenizer import ENDOFTEXT_ID, encode
@@ -44,20 +47,12 @@ TOKEN_POSITIONS = ("last", "flexible", "mean")
 TRAINABLE_MODES = ("last_layer", "last_block", "last_two_blocks", "all_but_embeddings", "all", "lora")
 
 
-class GPTClassifier(GPTModel):
-    """GPTModel whose output head maps one position's hidden state to ``num_classes`` logits."""
+class ClassHead:
+    """What a classifier adds to its model (GPTModel or DecoderModel): a head with one output per
+    class that reads one position's final hidden state (or their mean)."""
 
-    def __init__(
-        self,
-        cfg: GPTConfig,
-        num_classes: int = 2,
-        *,
-        labels: Sequence[str] = SPAM_LABELS,
-        token_position: str = "last",
-        pad_id: int = ENDOFTEXT_ID,
-        max_length: int | None = None,
-    ):
-        super().__init__(cfg)
+    def _init_head(self, cfg, num_classes: int, labels: Sequence[str], token_position: str, pad_id: int,
+                   max_length: int | None) -> None:
         if token_position not in TOKEN_POSITIONS:
             raise ValueError(f"token_position must be one of {TOKEN_POSITIONS}, got {token_position!r}")
         if len(labels) != num_classes:
@@ -69,7 +64,7 @@ class GPTClassifier(GPTModel):
         self.token_position, self.pad_id, self.max_length = token_position, pad_id, max_length
 
     @classmethod
-    def from_gpt(cls, gpt: GPTModel, num_classes: int = 2, **kwargs: Any) -> GPTClassifier:
+    def from_gpt(cls, gpt: nn.Module, num_classes: int = 2, **kwargs: Any):
         """A classifier with ``gpt``'s weights everywhere but the new, randomly initialised head."""
         model = cls(gpt.cfg, num_classes, **kwargs)
         state = {k: v for k, v in unique_state_dict(gpt).items() if not k.startswith("out_head.")}
@@ -112,6 +107,39 @@ class GPTClassifier(GPTModel):
         }
 
 
+class GPTClassifier(ClassHead, GPTModel):
+    """GPTModel whose output head maps one position's hidden state to ``num_classes`` logits."""
+
+    def __init__(
+        self,
+        cfg: GPTConfig,
+        num_classes: int = 2,
+        *,
+        labels: Sequence[str] = SPAM_LABELS,
+        token_position: str = "last",
+        pad_id: int = ENDOFTEXT_ID,
+        max_length: int | None = None,
+    ):
+        GPTModel.__init__(self, cfg)
+        self._init_head(cfg, num_classes, labels, token_position, pad_id, max_length)
+
+
+class DecoderClassifier(ClassHead, DecoderModel):
+    """A Llama / Qwen3 / Gemma 3 decoder (``llmcore.decoder``) with the class head: the same
+    positions as GPTClassifier (``"last"``, ``"flexible"``: each row's last real token, ``"mean"``)."""
+
+    def __init__(self, cfg: DecoderConfig, num_classes: int = 2, *, labels: Sequence[str] = SPAM_LABELS,
+                 token_position: str = "last", pad_id: int = ENDOFTEXT_ID, max_length: int | None = None):
+        DecoderModel.__init__(self, cfg)
+        self._init_head(cfg, num_classes, labels, token_position, pad_id, max_length)
+
+
+def classifier_from_base(base: nn.Module, num_classes: int = 2, **kwargs: Any) -> GPTClassifier | DecoderClassifier:
+    """``from_gpt`` of the classifier class that fits ``base`` (a GPTModel or a DecoderModel)."""
+    cls = DecoderClassifier if isinstance(base.cfg, DecoderConfig) else GPTClassifier
+    return cls.from_gpt(base, num_classes, **kwargs)
+
+
 def set_trainable(
     model: GPTClassifier, mode: str = "last_block", *, lora_rank: int = 8, lora_alpha: float = 16.0
 ) -> int:
@@ -142,14 +170,20 @@ def set_trainable(
 # ---- checkpoints
 
 
-def save_classifier(model: GPTClassifier, directory: str | os.PathLike) -> Path:
-    """Write the classifier as an llmcore checkpoint (LoRA must be merged: plain layout only)."""
+def save_classifier(model: GPTClassifier | DecoderClassifier, directory: str | os.PathLike, *, files=None) -> Path:
+    """Write the classifier as an llmcore checkpoint (LoRA must be merged: plain layout only); a
+    DecoderClassifier's config records ``base_format: llmcore-decoder``. ``files(tmp_dir)`` as
+    ``save_checkpoint``'s (a Hugging Face base's tokenizer)."""
     if has_lora(model):
         raise ValueError("the model still has LoRA adapters: call llmcore.lora.merge_lora(model) before saving")
-    return save_checkpoint(model, directory, kind=CLASSIFIER_FORMAT, extra=model.classifier_meta())
+    extra = model.classifier_meta()
+    if isinstance(model, DecoderClassifier):
+        extra["base_format"] = DECODER_FORMAT
+    return save_checkpoint(model, directory, kind=CLASSIFIER_FORMAT, extra=extra, files=files)
 
 
-def load_classifier(directory: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> GPTClassifier:
+def load_classifier(directory: str | os.PathLike, *,
+                    map_location: str | torch.device = "cpu") -> GPTClassifier | DecoderClassifier:
     meta = read_checkpoint_meta(directory)
     if meta.get("format") != CLASSIFIER_FORMAT:
         raise CheckpointError(f"checkpoint {directory}: format {meta.get('format')!r}, expected {CLASSIFIER_FORMAT!r}")
@@ -157,8 +191,9 @@ def load_classifier(directory: str | os.PathLike, *, map_location: str | torch.d
     if missing:
         raise CheckpointError(f"checkpoint {directory}: config.json lacks classifier field(s) {missing}")
     try:
-        model = GPTClassifier(
-            GPTConfig.from_dict(meta["config"]),
+        decoder = meta.get("base_format") == DECODER_FORMAT
+        model = (DecoderClassifier if decoder else GPTClassifier)(
+            (DecoderConfig if decoder else GPTConfig).from_dict(meta["config"]),
             meta["num_classes"],
             labels=meta["labels"],
             token_position=meta["token_position"],

@@ -107,7 +107,10 @@ class HFTokenizer:
         self.chat_template = self._find_template(root, config)
         self.name = root.name
         self.eos_ids = self._eos_ids(root)
-        self._added = {i: t.content for i, t in self._tok.get_added_tokens_decoder().items()}
+        added = self._tok.get_added_tokens_decoder()
+        self._added = {i: t.content for i, t in added.items()}
+        self.special_ids = {t.content: i for i, t in added.items() if t.special}  # control tokens (<|im_end|>)
+        self.added_ids = {t.content: i for i, t in added.items()}  # those and other added ones (Qwen3's <think>)
         self._byte_level = "ByteLevel" in json.dumps(json.loads(path.read_text(encoding="utf-8")).get("decoder"))
 
     @staticmethod

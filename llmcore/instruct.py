@@ -6,6 +6,15 @@ Each example is an entry's whole training text in a prompt style (``llmcore.prom
 encoded once, together with which of its tokens are answers; ``collate_instructions`` pads a batch
 the way the book's ``custom_collate_fn`` does, optionally hiding everything but the answers (the
 prompt; in a chat, the system and user turns) from the loss.
+
+A Hugging Face base (style ``template``) is trained in its tokenizer's own chat template
+(``render_template_entry``): the prompt is the template over the turns before the answer with the
+generation prompt on (what ``apply_chat_template(..., add_generation_prompt=True)`` gives and what
+serving sends); the completion is what the full chat's rendering adds after it, through the
+answer, whose end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``) is the
+target after the last token: ``collate_instructions`` appends its ``pad_id``, so a template
+example is collated with ``pad_id=template_end_id(tokenizer)``. Only the last answer is trained
+(earlier assistant turns are prompt).
 """
 
 from __future__ import annotations
@@ -20,9 +29,12 @@ from torch.utils.data import Dataset
 
 from llmcore.generate import generate
 from llmcore.model import IGNORE_INDEX
-from llmcore.prompts import extract_response, response_prompt, segments
+from llmcore.prompts import extract_response, reference, response_prompt, segments, turns
 from llmcore.tokenizer import ENDOFTEXT_ID, encode, eot_id
 
+TEMPLATE = "template"  # the prompt style of a Hugging Face base: its tokenizer's chat template
+_ANSWER_SLOT = {"role": "assistant", "content": "\u2063answer\u2063"}  # finds what precedes an answer
+_PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
 
 
 class InstructionExample(NamedTuple):
@@ -51,10 +63,82 @@ def encode_example(tokenizer, prompt: str, completion: str) -> InstructionExampl
     return InstructionExample(token_ids, _shared(token_ids, encode(tokenizer, prompt)))
 
 
+class ChatTemplateError(ValueError):
+    """A chat template that does not render an entry as prompt + answer + end-of-turn token."""
+
+
+def template_messages(entry: Mapping) -> list[dict[str, str]]:
+    """An entry's turns as chat messages (an Alpaca entry: one user turn, then the answer)."""
+    return [{"role": role, "content": content} for role, content in turns(entry)]
+
+
+def _end_of_turn(tokenizer, rest: str, after: int) -> int:
+    """Where the first special token at or after ``after`` in ``rest`` starts (else the first added
+    token: a tokenizer that does not mark its turn tokens special); -1: none."""
+    for tokens in (tokenizer.special_ids, tokenizer.added_ids):
+        hits = [i for text in tokens if (i := rest.find(text, after)) >= 0]
+        if hits:
+            return min(hits)
+    return -1
+
+
+def render_template_entry(tokenizer, entry: Mapping) -> tuple[str, str, str]:
+    """(prompt, completion, lead) of an entry in the tokenizer's chat template: the prompt is the
+    turns before the answer with the generation prompt; the completion what the full chat adds
+    after it up to the answer's end-of-turn token (excluded: it is the collate's end target);
+    ``lead`` its part before the answer (Qwen3's empty think block; usually "")."""
+    messages = template_messages(entry)
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+    if not full.startswith(prompt):
+        raise ChatTemplateError(f"tokenizer {tokenizer.name}: the chat template's generation prompt is not the start "
+                                "of the answer's turn in the full chat, so it cannot be trained as a prompt")
+    rest, answer = full[len(prompt):], messages[-1]["content"]
+    text = answer if answer in rest else answer.strip()  # templates may trim the content
+    start = rest.rfind(text) if text else 0  # the last occurrence: the answer, not a lead that contains it
+    end = _end_of_turn(tokenizer, rest, start + len(text)) if start >= 0 else -1
+    if end < 0:
+        raise ChatTemplateError(f"tokenizer {tokenizer.name}: the chat template does not render the answer verbatim "
+                                "followed by an end-of-turn special token")
+    return prompt, rest[:end], rest[:start]
+
+
+def template_end_id(tokenizer) -> int:
+    """The id of the special token that ends an assistant turn in the tokenizer's chat template."""
+    prompt, completion, _ = render_template_entry(tokenizer, {"messages": _PROBE})
+    full = tokenizer.apply_chat_template(_PROBE, add_generation_prompt=False)
+    rest = full[len(prompt) + len(completion):]
+    return tokenizer.added_ids[max((t for t in tokenizer.added_ids if rest.startswith(t)), key=len)]
+
+
+def encode_template_entry(tokenizer, entry: Mapping) -> InstructionExample:
+    """The entry in the chat template: prompt + completion encoded as one text (the end-of-turn
+    token follows as the collate's end target), the prompt length counted as ``encode_example``."""
+    prompt, completion, _ = render_template_entry(tokenizer, entry)
+    return encode_example(tokenizer, prompt, completion)
+
+
+def scored_example(tokenizer, entry: Mapping, style: str = "alpaca") -> tuple[str, InstructionExample]:
+    """(prompt, example) of an entry for the response loss: its prompt in ``style`` and the
+    reference answer (in a template: through the end of the answer)."""
+    if style == TEMPLATE:
+        prompt, completion, _ = render_template_entry(tokenizer, entry)
+        return prompt, encode_example(tokenizer, prompt, completion)
+    prompt = response_prompt(entry, style)
+    return prompt, encode_example(tokenizer, prompt, reference(entry))
+
+
+def end_id(tokenizer, style: str = "alpaca") -> int:
+    """The token an answer ends with: the template's end-of-turn token, else <|endoftext|>."""
+    return template_end_id(tokenizer) if style == TEMPLATE else eot_id(tokenizer)
+
+
 def encode_entry(tokenizer, entry: Mapping, style: str = "alpaca") -> InstructionExample:
     """Encode an entry's whole text once; each answer (a run of answer pieces) is the tokens past the
     prefix shared with the text before it, up to the prefix shared with the text through it (as
-    ``encode_example`` counts the prompt)."""
+    ``encode_example`` counts the prompt). Style ``template``: ``encode_template_entry``."""
+    if style == TEMPLATE:
+        return encode_template_entry(tokenizer, entry)
     parts = segments(entry, style)
     token_ids = encode(tokenizer, "".join(piece for piece, _ in parts))
     spans, done, start = [], "", None
@@ -75,7 +159,12 @@ class InstructionDataset(Dataset):
 
     def __init__(self, entries: Sequence[Mapping], tokenizer, style: str = "alpaca"):
         self.entries = list(entries)
-        self.examples = [encode_entry(tokenizer, e, style) for e in self.entries]
+        self.examples = []
+        for i, entry in enumerate(self.entries):
+            try:
+                self.examples.append(encode_entry(tokenizer, entry, style))
+            except ChatTemplateError as exc:
+                raise ChatTemplateError(f"entry {i}: {exc}") from exc
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -134,44 +223,55 @@ def generate_responses(
     style: str = "alpaca",
     **generate_kwargs,
 ) -> list[str]:
-    """The model's answer to each entry: greedy (by default) KV-cache decoding until <|endoftext|>.
+    """The model's answer to each entry: greedy (by default) KV-cache decoding until <|endoftext|>
+    (style ``template``: the chat template's prompt, until its end-of-turn token).
 
     Prompts are batched by length (less left padding) and the answers returned in entry order.
     """
-    prompts = [response_prompt(e, style) for e in entries]
+    if style == TEMPLATE:
+        rendered = [render_template_entry(tokenizer, {"messages": [*template_messages(e)[:-1], _ANSWER_SLOT]})
+                    for e in entries]
+        prompts, leads = [p for p, _, _ in rendered], [lead for _, _, lead in rendered]
+    else:
+        prompts = [response_prompt(e, style) for e in entries]
     encoded = [encode(tokenizer, p) for p in prompts]
+    stop = end_id(tokenizer, style)
     order = sorted(range(len(entries)), key=lambda i: len(encoded[i]))
     answers: list[str] = [""] * len(entries)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         new_tokens = generate(
-            model, [encoded[i] for i in rows], max_new_tokens, eos_id=eot_id(tokenizer), **generate_kwargs
+            model, [encoded[i] for i in rows], max_new_tokens, eos_id=stop, **generate_kwargs
         )
         for i, tokens in zip(rows, new_tokens):
-            answers[i] = extract_response(prompts[i] + tokenizer.decode(tokens), prompts[i], style)
+            if style == TEMPLATE:
+                text = tokenizer.decode(tokens)
+                answers[i] = text.removeprefix(leads[i]).strip()
+            else:
+                answers[i] = extract_response(prompts[i] + tokenizer.decode(tokens), prompts[i], style)
     return answers
 
 
 @torch.no_grad()
 def response_loss(
-    model: nn.Module, examples: Sequence[InstructionExample], *, batch_size: int = 8
+    model: nn.Module, examples: Sequence[InstructionExample], *, batch_size: int = 8, pad_id: int = ENDOFTEXT_ID
 ) -> tuple[float, int]:
     """Mean cross-entropy per response token (the prompt masked) and how many tokens it covers.
 
     Token-weighted over the whole set, so batching does not change it; examples are cut to the
     model's context length.
     """
-    per_example = response_losses(model, examples, batch_size=batch_size)
+    per_example = response_losses(model, examples, batch_size=batch_size, pad_id=pad_id)
     total, count = sum(s for s, _ in per_example), sum(n for _, n in per_example)
     return (total / count if count else float("nan")), count
 
 
 @torch.no_grad()
 def response_losses(
-    model: nn.Module, examples: Sequence[InstructionExample], *, batch_size: int = 8
+    model: nn.Module, examples: Sequence[InstructionExample], *, batch_size: int = 8, pad_id: int = ENDOFTEXT_ID
 ) -> list[tuple[float, int]]:
     """Per example: the summed cross-entropy of its response tokens (prompt masked) and their count
-    (0 when the context cuts the response off)."""
+    (0 when the context cuts the response off); ``pad_id`` is the end target (``end_id``)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -180,6 +280,7 @@ def response_losses(
         for start in range(0, len(examples), batch_size):
             inputs, targets = collate_instructions(
                 examples[start : start + batch_size],
+                pad_id=pad_id,
                 max_length=model.cfg.context_length,
                 mask_prompt=True,
                 device=device,

@@ -104,7 +104,10 @@ def _encoding_from_dir(directory: str) -> tiktoken.Encoding:
 
 
 def eot_id(tokenizer) -> int:
-    """The id of ``<|endoftext|>`` in ``tokenizer`` (50256 in GPT-2's; after the merges in a trained one)."""
+    """The id of ``<|endoftext|>`` in ``tokenizer`` (50256 in GPT-2's; after the merges in a trained one);
+    a Hugging Face base's tokenizer (``llmcore.hf_tokenizer``): its end-of-sequence id."""
+    if hasattr(tokenizer, "eos_ids") and tokenizer.eos_id is not None:
+        return tokenizer.eos_id
     try:
         return tokenizer.eot_token
     except (AttributeError, KeyError):

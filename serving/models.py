@@ -73,7 +73,9 @@ def load_served(spec: str, kind: str, *, int8: bool = False, prompt_style: str |
     if spec.startswith(REGISTRY_SCHEME):
         directory, tokenizer_dir = download_registered(spec)
         name = registry_name(spec)
-        tokenizer = get_tokenizer(tokenizer_dir) if tokenizer_dir else tokenizer_for(directory)
+        # A Hugging Face base's fine-tune carries its own tokenizer.json: that one, never GPT-2's.
+        own = (directory / "tokenizer.json").is_file() or not tokenizer_dir
+        tokenizer = tokenizer_for(directory) if own else get_tokenizer(tokenizer_dir)
     else:
         if Path(spec).as_posix() not in DEFAULT_MODELS and not (Path(spec) / "config.json").is_file():
             raise UsageError(f"{spec} is not a checkpoint directory (it has no config.json)")

@@ -11,10 +11,14 @@ run resume; it is deleted once the classifier is written. The classifier is logg
 moves ``champion``), so
 ``mlflow models serve -m models:/spam-classifier@champion`` answers ``text`` → ``label``,
 ``spam_probability`` (``<label>_probability`` per class for more than two).
+A Hugging Face base (load_base's ``models/base``) gets the same head on its hidden states
+(``llmcore.classifier.DecoderClassifier``), its own tokenizer (params ``tokenizer.*`` do not
+apply) padding with its eos id, and the classifier carries the tokenizer files.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +30,7 @@ from llmcore.classifier import (
     TRAINABLE_MODES,
     GPTClassifier,
     SpamDataset,
+    classifier_from_base,
     classification_accuracy,
     classification_loss,
     collate_for,
@@ -33,6 +38,8 @@ from llmcore.classifier import (
     save_classifier,
     set_trainable,
 )
+from llmcore.hf_checkpoint import copy_tokenizer_files
+from llmcore.hf_tokenizer import TokenizerConfigError
 from llmcore.lora import merge_lora
 from llmcore.tokenizer import eot_id, get_tokenizer
 from steps.common.cli import StageParams, restart_option, run_stage
@@ -40,7 +47,7 @@ from steps.common.data import LABELS_FILE, TokenizerParams
 from steps.common.datasets import read_splits
 from steps.common.distributed import setup_distributed
 from steps.common.io import sha256_file
-from steps.common.models import BaseModelParams, LoraParams, load_base_model
+from steps.common.models import BaseModelParams, LoraParams, base_tokenizer, is_decoder_base, load_base_model
 from steps.common.registry import SPAM_CLASSIFIER
 from steps.common.training import TRAINING_ERRORS, Pyfunc, TrainingJob, TrainingOutputs, TrainParams, run_training, \
     stage_device
@@ -59,9 +66,11 @@ class FinetuneClassifierParams(TrainParams):
     drop_rate: float | None = Field(None, ge=0, lt=1)  # None: the base model's
 
 
-def save_trained_classifier(model: GPTClassifier, out_dir: Path) -> None:
+def save_trained_classifier(model: GPTClassifier, out_dir: Path, base_dir: Path | None = None) -> None:
+    """LoRA merged, the classifier written; ``base_dir`` (a Hugging Face base): its tokenizer files too."""
     merge_lora(model)  # LoRA's adapters folded into the weights: the saved classifier is a plain one
-    save_classifier(model.cpu(), out_dir)
+    files = None if base_dir is None else (lambda tmp: copy_tokenizer_files(base_dir, tmp))
+    save_classifier(model.cpu(), out_dir, files=files)
 
 
 def classifier_signature(labels: list[str]):
@@ -91,23 +100,29 @@ def finetune_classifier(
 ) -> dict:
     """Train, write the classifier, metrics, history and plots, and log + register it in MLflow."""
     labels, (train_df, val_df) = read_splits(data_dir, ("train", "validation"))
-    tokenizer = get_tokenizer(tokenizer_params.directory)
-    base = load_base_model(base_dir, tokenizer, **({} if params.drop_rate is None else {"drop_rate": params.drop_rate}))
+    overrides = {} if params.drop_rate is None else {"drop_rate": params.drop_rate}
+    hf_base = is_decoder_base(base_dir)  # a Hugging Face base: its own tokenizer, a head on its hidden states
+    if hf_base:
+        tokenizer = base_tokenizer(base_dir, tokenizer_params.source, STAGE, chat=False)
+        base = load_base_model(base_dir, decoder_ok=True, **overrides)
+    else:
+        tokenizer = get_tokenizer(tokenizer_params.directory)
+        base = load_base_model(base_dir, tokenizer, **overrides)
     train_data = SpamDataset(train_df["Text"].tolist(), train_df["Label"].tolist(), tokenizer,
                              max_length=params.max_length, context_length=base.cfg.context_length,
                              pad_id=eot_id(tokenizer))
     val_data = SpamDataset(val_df["Text"].tolist(), val_df["Label"].tolist(), tokenizer,
                            max_length=train_data.max_length, pad_id=eot_id(tokenizer))
     torch.manual_seed(params.seed)  # the new head's (and LoRA's) initialisation
-    model = GPTClassifier.from_gpt(base, len(labels), labels=labels, token_position=params.token_position,
-                                   max_length=train_data.max_length, pad_id=eot_id(tokenizer))
+    model = classifier_from_base(base, len(labels), labels=labels, token_position=params.token_position,
+                                 max_length=train_data.max_length, pad_id=eot_id(tokenizer))
     n_trainable = set_trainable(model, params.trainable, lora_rank=params.lora.rank, lora_alpha=params.lora.alpha)
     model.to(stage_device(STAGE, params))
     job = TrainingJob(
         stage=STAGE, experiment=EXPERIMENT, registered_model=SPAM_CLASSIFIER, params=params, model=model,
         train_data=train_data, val_data=val_data,
         data_files={split: data_dir / f"{split}.csv" for split in ("train", "validation")},
-        save=save_trained_classifier,
+        save=functools.partial(save_trained_classifier, base_dir=base_dir if hf_base else None),
         pyfunc=Pyfunc("spam_classifier", "spam_classifier.py", classifier_signature(labels),
                       pd.DataFrame({"text": val_df["Text"].head(2).tolist()})),
         loss_fn=classification_loss, eval_fn=classification_accuracy, collate_fn=collate_for(model),
@@ -139,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{SPAM_CLASSIFIER} version {metrics['registered_version']} (@candidate) -> {args.out}")
 
     run_stage(STAGE, "Fine-tune a pretrained GPT as a spam classifier (book chapter 6).", body, argv=argv,
-              errors=TRAINING_ERRORS, options=restart_option, paths={
+              errors=(*TRAINING_ERRORS, TokenizerConfigError), options=restart_option, paths={
                   "base": (None, "base llmcore checkpoint (default: params classifier_base.dir)"),
                   "data": "data/spam", "out": "models/spam_classifier",
                   "metrics": "reports/finetune_classifier.json", "history": "plots/spam_training.csv",

@@ -18,7 +18,8 @@ from pydantic import Field
 
 from llmcore.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_meta
 from llmcore.device import resolve_device
-from llmcore.instruct import encode_example, generate_responses, response_losses, response_prompt
+from llmcore.hf_tokenizer import TokenizerConfigError
+from llmcore.instruct import TEMPLATE, ChatTemplateError, end_id, generate_responses, response_losses, scored_example
 from llmcore.prompts import checkpoint_prompt_style, reference
 from llmcore.tokenizer import TokenizerFilesError, get_tokenizer
 from steps.common.cli import StageParams, run_stage
@@ -26,6 +27,7 @@ from steps.common.data import DataError, TokenizerParams
 from steps.common.datasets import load_entries
 from steps.common.io import write_json
 from steps.common.judge import JudgeParams, JudgeUnavailableError, judge_responses
+from steps.common.models import BaseModelError, base_tokenizer
 from steps.common.params import ParamsError, StrictModel
 from steps.common.registry import INSTRUCT_MODEL, Scoring
 from steps.common.stats import ComparisonParams, bootstrap_interval, examples_digest
@@ -103,15 +105,17 @@ def score_instructions(
         raise ParamsError(f"{STAGE}.device: {exc}") from exc
     model = load_checkpoint(model_dir).to(device)
     style = checkpoint_prompt_style(read_checkpoint_meta(model_dir))  # what the model was trained on
-    tokenizer = get_tokenizer(tokenizer_params.directory)
+    # A Hugging Face base's fine-tune: its own tokenizer (in model_dir), its chat template and end-of-turn.
+    tokenizer = base_tokenizer(model_dir, tokenizer_params.source, STAGE) if style == TEMPLATE else \
+        get_tokenizer(tokenizer_params.directory)
     started = time.perf_counter()
     answers = generate_responses(
         model, tokenizer, entries, max_new_tokens=params.max_new_tokens,
         batch_size=params.batch_size, style=style, seed=params.seed,
     )
     generate_s = time.perf_counter() - started
-    examples = [encode_example(tokenizer, response_prompt(e, style), reference(e)) for e in entries]
-    losses = response_losses(model, examples, batch_size=params.batch_size)
+    examples = [scored_example(tokenizer, e, style)[1] for e in entries]
+    losses = response_losses(model, examples, batch_size=params.batch_size, pad_id=end_id(tokenizer, style))
     n_tokens = sum(n for _, n in losses)
     loss = sum(s for s, _ in losses) / n_tokens if n_tokens else math.nan
     rouge = [rouge_l_f1(a, reference(e)) for a, e in zip(answers, entries)]
@@ -177,11 +181,12 @@ def validation_scoring(model, tokenizer, style: str, validation_file: Path, batc
         print(f"{STAGE}: no validation split at {validation_file}: the registry's @champion is not moved")
         return None
     entries = load_entries(validation_file)
-    examples = [encode_example(tokenizer, response_prompt(e, style), reference(e)) for e in entries]
-    losses = response_losses(model, examples, batch_size=batch_size)
+    scored = [scored_example(tokenizer, e, style) for e in entries]
+    losses = response_losses(model, [example for _, example in scored], batch_size=batch_size,
+                             pad_id=end_id(tokenizer, style))
     n_tokens = sum(n for _, n in losses)
     per_example = [s / n if n else math.nan for s, n in losses]
-    keys = [response_prompt(e, style) + "\0" + reference(e) for e in entries]
+    keys = [prompt + "\0" + reference(e) for (prompt, _), e in zip(scored, entries)]
     beside = {f"test_{k}": test_metrics[k] for k in ("rouge_l_f1", "judge_score") if test_metrics.get(k) is not None}
     return Scoring("validation", "response_loss", sum(s for s, _ in losses) / n_tokens if n_tokens else math.nan,
                    per_example, examples_digest(keys), higher_is_better=False, others=beside)
@@ -217,7 +222,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         return format_summary(metrics, settings.judge.model)
 
     run_stage(STAGE, "Generate answers for the instruction test split and score them.", body, argv=argv,
-              errors=(ModelNotFoundError, JudgeUnavailableError, CheckpointError, TokenizerFilesError), paths={
+              errors=(ModelNotFoundError, JudgeUnavailableError, CheckpointError, TokenizerFilesError,
+                                             TokenizerConfigError, ChatTemplateError, BaseModelError), paths={
                   "model": "models/instruct", "test": "data/instructions/test.json",
                   "validation": (None, "the validation split the registry chooses on (default: beside --test)"),
                   "responses": "data/scores/instruction_responses.json",

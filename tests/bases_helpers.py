@@ -69,7 +69,30 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def train_tokenizer(vocab_size: int = 300):
+# Qwen3's shape for the final answer: an empty think block before it (the lead a prompt leaves out).
+CHATML_THINK = ("{% for message in messages %}{% if message['role'] == 'assistant' and loop.last %}"
+                "{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' + message['content'] + '<|im_end|>\n' }}"
+                "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# Llama 3's shape: a bos token, header ids, trimmed contents, <|eot_id|> ending each turn.
+LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+          " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+# Gemma 3's shape: the assistant is "model", <end_of_turn> and a newline end each turn.
+GEMMA3 = ("{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' "
+          "else message['role'] %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+# Per family: the template, the extra special tokens and the special-token settings of its tokenizer
+# (Llama 3.2's base ends text with <|end_of_text|>, not the turn's <|eot_id|>).
+CHAT_TOKENIZERS = {
+    "qwen3": (CHATML_THINK, ["<think>", "</think>"], {"eos_token": "<|im_end|>"}),
+    "llama": (LLAMA3, ["<|end_of_text|>"], {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}),
+    "gemma3": (GEMMA3, ["<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"],
+               {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}),
+}
+
+
+def train_tokenizer(vocab_size: int = 300, extra_special: tuple[str, ...] | list[str] = ()):
     """A byte-level BPE tokenizer trained with Hugging Face `tokenizers` on a few sentences."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -77,8 +100,20 @@ def train_tokenizer(vocab_size: int = 300):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(TOKENIZER_TEXT, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        vocab_size=vocab_size, special_tokens=[*SPECIAL_TOKENS, *extra_special],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return tok
+
+
+def save_family_tokenizer(directory: Path, family: str):
+    """transformers' fast tokenizer around ``train_tokenizer`` in the family's chat-template shape."""
+    import transformers as tf
+
+    template, extra, special = CHAT_TOKENIZERS[family]
+    hf = tf.PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(extra_special=extra), **special)
+    hf.chat_template = template
+    hf.save_pretrained(directory)
+    return hf
 
 
 def save_chatml_tokenizer(directory: Path):

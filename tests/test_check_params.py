@@ -53,7 +53,7 @@ def test_every_stage_depends_on_the_check_and_every_section_is_checked() -> None
             assert covered, f"stage {name} reads params {section!r} that check_params does not validate"
 
 
-@pytest.mark.parametrize("name", ["params.yaml", "params-book.yaml"])
+@pytest.mark.parametrize("name", ["params.yaml", "params-book.yaml", "params-qwen3.yaml"])
 def test_the_shipped_params_files_pass(name: str) -> None:
     data = yaml.safe_load((REPO / name).read_text())
     checked = check_params(data, load_schema(), name)

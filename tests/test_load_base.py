@@ -43,8 +43,8 @@ def test_stage_converts_model_and_tokenizer(hf_dir, tmp_path, mlflow_env):
     out = tmp_path / "base"
     assert {"tokenizer.json", "tokenizer_config.json", "status.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
     model = load_checkpoint(out).eval()
-    with pytest.raises(BaseModelError, match="fine-tuning stages do not support it yet"):
-        load_base_model(out)  # GPT-2-tokenized fine-tunes refuse it rather than train on meaningless ids
+    with pytest.raises(BaseModelError, match="do not support it yet"):
+        load_base_model(out)  # without decoder_ok (DPO, adapt_pretrain) it is refused: GPT-2 ids
     tokenizer = HFTokenizer(out)
     assert status["eos_ids"] == [tokenizer.eos_id] == [tokenizer.token_to_id("<|im_end|>")]
     ids = tokenizer.chat_ids([{"role": "user", "content": "Win a free prize?"}])

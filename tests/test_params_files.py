@@ -1,4 +1,5 @@
-"""params.yaml and params-book.yaml must stay interchangeable: same sections and keys, all valid."""
+"""params.yaml, params-book.yaml and params-qwen3.yaml must stay interchangeable: same sections and
+keys, all valid."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from scripts.dvc_deps import sections_read, stage_module, stages
 from steps.common.params import validate_section
 
 ROOT = Path(__file__).resolve().parents[1]
+PRESETS = ("params.yaml", "params-book.yaml", "params-qwen3.yaml")
 
 
 def stage_sections() -> dict[str, type]:
@@ -36,7 +38,7 @@ def key_paths(tree: dict, prefix: str = "") -> set[str]:
 
 @pytest.fixture(scope="module")
 def params_files() -> dict[str, dict]:
-    return {name: yaml.safe_load((ROOT / name).read_text()) for name in ("params.yaml", "params-book.yaml")}
+    return {name: yaml.safe_load((ROOT / name).read_text()) for name in PRESETS}
 
 
 def test_book_params_have_exactly_the_default_keys(params_files: dict[str, dict]) -> None:
@@ -44,7 +46,7 @@ def test_book_params_have_exactly_the_default_keys(params_files: dict[str, dict]
     assert sorted(default - book) == [] and sorted(book - default) == []
 
 
-@pytest.mark.parametrize("name", ["params.yaml", "params-book.yaml"])
+@pytest.mark.parametrize("name", PRESETS)
 def test_every_stage_section_validates(name: str, params_files: dict[str, dict]) -> None:
     sections = stage_sections()
     assert {"pretrain", "finetune_classifier", "score_spam", "windows", "tokenizer"} <= set(sections)
@@ -64,6 +66,17 @@ def test_book_params_are_the_books_settings(params_files: dict[str, dict]) -> No
     assert (book["finetune_instruct"]["lr"], book["finetune_instruct"]["epochs"]) == (5e-5, 2)
 
 
+def test_qwen3_preset_differs_only_where_it_fine_tunes_qwen3_with_lora(params_files: dict[str, dict]) -> None:
+    default, qwen3 = params_files["params.yaml"], params_files["params-qwen3.yaml"]
+    assert sorted(key_paths(qwen3) - key_paths(default)) == ["finetune_instruct.lora.alpha", "finetune_instruct.lora.rank"]
+    assert key_paths(default) <= key_paths(qwen3)
+    assert sorted(name for name in default if default[name] != qwen3[name]) == [
+        "base_model", "finetune_instruct", "score_instructions"]
+    assert qwen3["base_model"] == {"dir": "models/base", "source": "Qwen/Qwen3-0.6B", "dtype": "bfloat16"}
+    assert qwen3["finetune_instruct"]["lora"] == {"rank": 16, "alpha": 32.0}
+    assert qwen3["finetune_instruct"]["precision"] == "auto"  # bf16 autocast on a GPU, fp32 elsewhere
+
+
 def field_paths(model: type, prefix: str = "") -> set[str]:
     """Every field of a params model, nested models' fields as ``a.b``."""
     paths = set()
@@ -75,7 +88,7 @@ def field_paths(model: type, prefix: str = "") -> set[str]:
     return paths
 
 
-@pytest.mark.parametrize("name", ["params.yaml", "params-book.yaml"])
+@pytest.mark.parametrize("name", PRESETS)
 def test_no_silent_defaults_every_knob_is_written_in_the_params_files(name: str, params_files: dict[str, dict]) -> None:
     for section, model in stage_sections().items():
         written = key_paths(params_files[name][section])

@@ -66,9 +66,16 @@ def check_base_tokenizer(base_dir: Path, tokenizer, vocab_size: int) -> None:
         raise BaseModelError(f"base model {base_dir} has {vocab_size} token rows, the tokenizer {tokenizer.n_vocab}")
 
 
-def load_base_model(base_dir: Path, tokenizer=None, **overrides) -> GPTModel:
+def is_decoder_base(base_dir: Path) -> bool:
+    """Whether ``base_dir`` holds a Hugging Face base (a Llama / Qwen3 / Gemma 3 checkpoint)."""
+    return (base_dir / "config.json").is_file() and read_checkpoint_meta(base_dir).get("format") == DECODER_FORMAT
+
+
+def load_base_model(base_dir: Path, tokenizer=None, *, decoder_ok: bool = False, **overrides) -> GPTModel:
     """The llmcore checkpoint in ``base_dir`` (``overrides``: config fields such as drop_rate),
-    checked against ``tokenizer`` (``check_base_tokenizer``) when one is given.
+    checked against ``tokenizer`` (``check_base_tokenizer``) when one is given. A Hugging Face base
+    (format llmcore-decoder) only where the caller tokenizes with its own tokenizer
+    (``decoder_ok``: instruction SFT, ``base_tokenizer``); else a BaseModelError.
 
     A ``status.json`` saying ``loaded: false`` (load_gpt2 without GPT-2's weights) is an error.
     """
@@ -85,15 +92,60 @@ def load_base_model(base_dir: Path, tokenizer=None, **overrides) -> GPTModel:
             )
     if not (base_dir / "config.json").is_file():
         raise BaseModelError(f"base model {base_dir} not found (no config.json): run its stage first (dvc repro)")
-    if read_checkpoint_meta(base_dir).get("format") == DECODER_FORMAT:
-        # The fine-tunes tokenize with GPT-2's BPE: ids that mean nothing to a Llama/Qwen3/Gemma base.
+    if is_decoder_base(base_dir):
+        if decoder_ok:
+            return load_checkpoint(base_dir, **overrides)
+        # The other fine-tunes tokenize with GPT-2's BPE: ids that mean nothing to a Llama/Qwen3/Gemma base.
         raise BaseModelError(f"base model {base_dir} is a Hugging Face base (format {DECODER_FORMAT}); the "
-                             "fine-tuning stages do not support it yet (they tokenize with GPT-2's BPE): use it "
+                             "preference fine-tune and adapt_pretrain do not support it yet (they tokenize with GPT-2's BPE): use it "
                              "with `llm generate/chat`, or set base_model.dir to a GPT checkpoint")
     model = load_checkpoint(base_dir, **overrides)
     if tokenizer is not None:
         check_base_tokenizer(base_dir, tokenizer, model.cfg.vocab_size)
     return model
+
+
+def base_tokenizer(base_dir: Path, tokenizer_source: str, stage: str, *, chat: bool = True):
+    """A Hugging Face base's own tokenizer (tokenizer.json + chat template in ``base_dir``), which
+    the stage uses instead of params ``tokenizer.*`` (said in one log line); ``tokenizer.source:
+    trained`` contradicts it: a BaseModelError, as a missing chat template where ``chat`` (SFT) needs one."""
+    from llmcore.hf_tokenizer import HFTokenizer  # deferred: GPT-2 models never need `tokenizers`
+
+    if tokenizer_source != "gpt2":
+        raise BaseModelError(f"params tokenizer.source is {tokenizer_source!r}, but base model {base_dir} is a Hugging "
+                             "Face base that tokenizes with its own tokenizer.json: set tokenizer.source: gpt2")
+    tokenizer = HFTokenizer(base_dir)
+    if chat and not tokenizer.chat_template:
+        raise BaseModelError(f"base model {base_dir}: its tokenizer_config.json has no chat_template to fine-tune in")
+    what = "tokenizer.json and chat template (params tokenizer.* and the instruction data's prompt_style" \
+        if chat else "tokenizer.json (params tokenizer.*"
+    print(f"{stage}: {base_dir} is a Hugging Face base's model: it tokenizes with its own {what} do not apply)",
+          flush=True)
+    return tokenizer
+
+
+def bundle_base_tokenizer(base_dir: Path, model_dir: Path, end_token: str) -> None:
+    """Copy a Hugging Face base's tokenizer files into ``model_dir``; when the chat template's
+    end-of-turn token (``end_token``) is not the tokenizer's eos token, it becomes the eos token
+    (tokenizer_config.json, special_tokens_map.json) and the old one follows it in
+    generation_config.json's eos_token_id, so `llm`, serving and scoring stop at the turn's end."""
+    from llmcore.hf_checkpoint import copy_tokenizer_files
+    from llmcore.hf_tokenizer import HFTokenizer
+
+    copy_tokenizer_files(base_dir, model_dir)
+    tokenizer = HFTokenizer(model_dir)
+    if tokenizer.special_tokens.get("eos_token") == end_token:
+        return
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = model_dir / name
+        if path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            data["eos_token"] = end_token
+            path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    generation_path = model_dir / "generation_config.json"
+    generation = json.loads(generation_path.read_text()) if generation_path.is_file() else {}
+    eos_ids = [tokenizer.token_to_id(end_token), *[i for i in tokenizer.eos_ids if i != tokenizer.token_to_id(end_token)]]
+    generation_path.write_text(json.dumps({**generation, "eos_token_id": eos_ids}, indent=2) + "\n")
 
 
 def find_encoding_files(encoding_dir: str | None) -> dict[str, Path] | None:
@@ -114,7 +166,10 @@ def find_encoding_files(encoding_dir: str | None) -> dict[str, Path] | None:
 def bundle_tokenizer(model_dir: Path, encoding_dir: str | None) -> bool:
     """Copy the tokenizer files the model was trained with into ``model_dir``: a trained encoding's
     (``llmcore.bpe``: bpe.tiktoken + encoding.json, checked by loading), else GPT-2's encoder.json +
-    vocab.bpe (checked); False when GPT-2's are not at hand."""
+    vocab.bpe (checked); False when GPT-2's are not at hand. A directory already carrying a Hugging
+    Face tokenizer (tokenizer.json) is left alone: True."""
+    if (model_dir / "tokenizer.json").is_file():
+        return True
     if is_trained_dir(encoding_dir):
         load_encoding(encoding_dir)  # an incomplete or altered pair is an error, not a copy
         files = {name: Path(encoding_dir) / name for name in TRAINED_FILES}

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 MODELS_DIR = Path(__file__).resolve().parent
-REQUIREMENTS = ("mlflow", "torch", "tiktoken", "safetensors", "numpy", "pandas")
+REQUIREMENTS = ("mlflow", "torch", "tiktoken", "safetensors", "numpy", "pandas", "tokenizers", "jinja2")
 
 
 def log_code_model(
@@ -35,7 +35,7 @@ def log_code_model(
     import llmcore
 
     artifacts = {"checkpoint": str(checkpoint)}
-    if encoding_dir:
+    if encoding_dir and not (Path(checkpoint) / "tokenizer.json").is_file():  # a base's own tokenizer: no GPT-2 files
         artifacts["tokenizer"] = str(encoding_dir)
     return mlflow.pyfunc.log_model(
         name=name,

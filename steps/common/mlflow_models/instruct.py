@@ -1,13 +1,16 @@
 """MLflow pyfunc for the instruction-tuned GPT ("models from code", logged by steps/finetune_instruct.py).
 
 Input: a DataFrame with an ``instruction`` column and an optional ``input`` column, rendered in the
-prompt style the model was trained on (``llmcore.prompts.checkpoint_prompt_style``: its ``prompt_style``).
+prompt style the model was trained on (``llmcore.prompts.checkpoint_prompt_style``: its ``prompt_style``;
+``template``: the chat template of the tokenizer the checkpoint carries).
 Output: a DataFrame with each ``response``.
 Params (optional, per call): ``max_new_tokens``, ``temperature`` (0: greedy), ``top_k`` (0: off),
 ``seed``. Artifacts: ``checkpoint`` and, when the pipeline had one, ``tokenizer``.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -22,9 +25,15 @@ class InstructionModel(PythonModel):
         from llmcore.prompts import checkpoint_prompt_style
         from llmcore.tokenizer import get_tokenizer
 
-        self.model = load_checkpoint(context.artifacts["checkpoint"]).eval()
-        self.style = checkpoint_prompt_style(read_checkpoint_meta(context.artifacts["checkpoint"]))
-        self.tokenizer = get_tokenizer(context.artifacts.get("tokenizer"))
+        checkpoint = Path(context.artifacts["checkpoint"])
+        self.model = load_checkpoint(checkpoint).eval()
+        self.style = checkpoint_prompt_style(read_checkpoint_meta(checkpoint))
+        if (checkpoint / "tokenizer.json").is_file():  # a Hugging Face base's fine-tune carries its tokenizer
+            from llmcore.hf_tokenizer import HFTokenizer
+
+            self.tokenizer = HFTokenizer(checkpoint)
+        else:
+            self.tokenizer = get_tokenizer(context.artifacts.get("tokenizer"))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from llmcore.instruct import generate_responses

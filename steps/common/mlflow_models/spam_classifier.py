@@ -9,6 +9,8 @@ serving works offline).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
@@ -19,8 +21,14 @@ class SpamClassifierModel(PythonModel):
         from llmcore.classifier import load_classifier
         from llmcore.tokenizer import get_tokenizer
 
-        self.model = load_classifier(context.artifacts["checkpoint"])
-        self.tokenizer = get_tokenizer(context.artifacts.get("tokenizer"))
+        checkpoint = Path(context.artifacts["checkpoint"])
+        self.model = load_classifier(checkpoint)
+        if (checkpoint / "tokenizer.json").is_file():  # a Hugging Face base's classifier carries its tokenizer
+            from llmcore.hf_tokenizer import HFTokenizer
+
+            self.tokenizer = HFTokenizer(checkpoint)
+        else:
+            self.tokenizer = get_tokenizer(context.artifacts.get("tokenizer"))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from llmcore.classifier import predict_proba, probability_columns
