@@ -43,8 +43,7 @@ import torch
 from benchmarks.bench_llmcore_vs_transformers import interleaved, proc_status_bytes, summarise
 from llmcore.config import GPTConfig
 from llmcore.model import GPTModel
-from llmcore.precision import autocast, enable_tf32
-from llmcore.precision import compute_dtype
+from llmcore.precision import autocast, compute_dtype, enable_tf32
 from llmcore.throughput import peak_flops, training_flops_per_token
 from llmcore.train import TrainConfig, build_optimizer, next_token_loss
 

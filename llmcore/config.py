@@ -6,7 +6,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-
 INIT_SCHEMES = ("gpt2", "torch")
 
 

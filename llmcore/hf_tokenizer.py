@@ -18,8 +18,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-from datetime import datetime
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 

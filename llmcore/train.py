@@ -37,12 +37,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from llmcore import distributed, precision as amp
+from llmcore import distributed
+from llmcore import precision as amp
+from llmcore import train_state as states
 from llmcore.data import ResumableSampler
 from llmcore.model import GPTModel
 from llmcore.throughput import Throughput
-from llmcore.train_state import (STATE_DIR, Resumable, ResumeMismatchError, TrainState, UnreadableTrainState,
-                                 found_by_all_ranks, has_train_state, load_train_state, save_train_state, set_aside)
+from llmcore.train_state import STATE_DIR, Resumable, ResumeMismatchError, TrainState, has_train_state
 
 __all__ = [
     "STATE_DIR", "ResumeMismatchError", "TrainCallback", "TrainConfig", "TrainState", "TrainingDivergedError",
@@ -306,7 +307,7 @@ class _Trainer:
     def checkpoint(self, state: TrainState) -> None:
         if self.state_dir is None:
             return
-        path = save_train_state(self.state_dir, self.parts, state, self.fingerprint)
+        path = states.save_train_state(self.state_dir, self.parts, state, self.fingerprint)
         for cb in self.callbacks:
             cb.on_checkpoint(state, path)
 
@@ -325,11 +326,11 @@ def _resume_or_start_fresh(state_dir: Path, parts: Resumable, fingerprint: str, 
     """The saved state, or (when it cannot be read) a fresh start: the unreadable state is
     reported once and moved aside, so the next run does not trip over it again."""
     try:
-        return load_train_state(state_dir, parts, fingerprint, seed)
-    except UnreadableTrainState as exc:
+        return states.load_train_state(state_dir, parts, fingerprint, seed)
+    except states.UnreadableTrainState as exc:
         distributed.barrier()  # every rank has tried to read it before rank 0 moves it
         if distributed.is_main_process():
-            aside = set_aside(state_dir)
+            aside = states.set_aside(state_dir)
             warnings.warn(f"cannot resume from {exc}; moved it to {aside} and starting over", RuntimeWarning,
                           stacklevel=3)
         return TrainState()
@@ -372,7 +373,7 @@ def train(
     parts = Resumable(model, optimizer, scheduler, amp.grad_scaler(precision, device))
     fingerprint = config.fingerprint() + fingerprint_extra
     state = TrainState()
-    if resume and found_by_all_ranks(state_dir):
+    if resume and states.found_by_all_ranks(state_dir):
         state = _resume_or_start_fresh(Path(state_dir), parts, fingerprint, config.seed)
     state.steps_per_epoch = total_steps // config.epochs
     train_loss, eval_loss = _loss_modules(model, loss_fn, config, device)

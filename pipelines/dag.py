@@ -12,7 +12,6 @@ from collections.abc import Iterable
 
 import networkx as nx
 
-
 # Each named pipeline is its final stages plus everything upstream of them in dvc.yaml.
 PIPELINES: dict[str, list[str] | None] = {
     "all": None,  # every stage in dvc.yaml

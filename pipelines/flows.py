@@ -37,14 +37,27 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 from pydantic import Field
 
-from pipelines.dag import PIPELINES, PipelineError, execution_order, read_dag
 from pipelines import experiments, workspace
-from pipelines.workspace import Workspace
+from pipelines.dag import PIPELINES, PipelineError, execution_order, read_dag
 from pipelines.stages import StageResult, dvc_status, repro_stage
-from pipelines.summary import PipelineReport, baseline_comparison, baseline_line, baseline_metrics, read_metrics, \
-    render_markdown
+from pipelines.summary import (
+    PipelineReport,
+    baseline_comparison,
+    baseline_line,
+    baseline_metrics,
+    read_metrics,
+    render_markdown,
+)
+from pipelines.workspace import Workspace
 from steps.common.params import StrictModel, load_section, read_params
-from steps.common.tracking import PARENT_RUN_ENV, configure_tracking, flatten, git_commit, tracking_errors, use_experiment
+from steps.common.tracking import (
+    PARENT_RUN_ENV,
+    configure_tracking,
+    flatten,
+    git_commit,
+    tracking_errors,
+    use_experiment,
+)
 
 PipelineName = Literal["all", "pretrain", "spam", "instructions"]
 Where = Literal["auto", "workspace", "in-place"]

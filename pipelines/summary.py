@@ -73,7 +73,7 @@ def baseline_difference(metrics: dict[str, float]) -> float | None:
 def baseline_comparison(root: str | Path = ".") -> PairedResult | None:
     """LLM − baseline on the same test messages, paired (McNemar), from both stages' per-example
     predictions under ``root/reports``; None when either is missing or they are not on the same messages."""
-    from pipelines.compare import RESULTS, CompareError, comparison_params, compare
+    from pipelines.compare import RESULTS, CompareError, compare, comparison_params
 
     llm, baseline = Path(root) / RESULTS["spam"], Path(root) / RESULTS["baseline"]
     if not (llm.is_file() and baseline.is_file()):

@@ -17,8 +17,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from stack.settings import (DEFAULT_PORTS, ENV_PREFIX, StackConfig, StackError, client_env, default_dir, env_int,
-                            load_config, load_secrets)
+from stack.settings import (
+    DEFAULT_PORTS,
+    ENV_PREFIX,
+    StackConfig,
+    StackError,
+    client_env,
+    default_dir,
+    env_int,
+    load_config,
+    load_secrets,
+)
 
 DVC_REMOTE = "stack"
 OFFLINE_MIRROR = Path("..") / "shared" / "data"
@@ -82,7 +91,7 @@ def env_lines(config: StackConfig) -> list[str]:
     values = client_env(config, load_secrets(config.dir))
     lines = [f"export {key}={shlex.quote(value)}" for key, value in values.items()]
     lines += [
-        f"# DVC remote (credentials come from the AWS_* variables above, never from .dvc/config): `llm stack remote` runs",
+        "# DVC remote (credentials come from the AWS_* variables above, never from .dvc/config): `llm stack remote` runs",
         f"#   dvc remote add --local -f -d {DVC_REMOTE} {config.dvc_remote_url}",
         f"#   dvc remote modify --local {DVC_REMOTE} endpointurl {config.url('s3')}",
     ]

@@ -22,9 +22,9 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from steps.common.cli import StageParams, run_stage
+from steps.common.data import DataError
 from steps.common.datasets import read_splits
 from steps.common.io import write_json
-from steps.common.data import DataError
 from steps.common.params import StrictModel
 from steps.common.registry import SPAM_CLASSIFIER
 from steps.common.scoring import classification_metrics, flat_metrics, split_intervals, write_predictions

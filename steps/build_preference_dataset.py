@@ -20,8 +20,14 @@ from llmcore.prompts import preference_parts
 from llmcore.tokenizer import TokenizerFilesError, encode, get_tokenizer
 from steps.common.cli import StageParams, run_stage
 from steps.common.data import TokenizerParams
-from steps.common.datasets import SPLITS, SplitParams, length_stats, load_preference_entries, split_entries, \
-    write_splits
+from steps.common.datasets import (
+    SPLITS,
+    SplitParams,
+    length_stats,
+    load_preference_entries,
+    split_entries,
+    write_splits,
+)
 from steps.common.io import write_json
 
 STAGE = "build_preference_dataset"

@@ -27,11 +27,11 @@ from llmcore.model import GPTModel
 from llmcore.tokenizer import TokenizerFilesError, encode, get_tokenizer
 from steps.common.cli import StageParams, run_stage
 from steps.common.data import TokenizerParams
-from steps.common.windows import load_windows
 from steps.common.io import atomic_path, write_json
 from steps.common.params import ParamsError, StrictModel
 from steps.common.registry import Scoring
 from steps.common.stats import ComparisonParams, examples_digest, mean_interval
+from steps.common.windows import load_windows
 
 STAGE = "evaluate"
 SPLITS = ("train", "val")

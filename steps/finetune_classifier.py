@@ -30,9 +30,9 @@ from llmcore.classifier import (
     TRAINABLE_MODES,
     GPTClassifier,
     SpamDataset,
-    classifier_from_base,
     classification_accuracy,
     classification_loss,
+    classifier_from_base,
     collate_for,
     probability_columns,
     save_classifier,
@@ -49,8 +49,15 @@ from steps.common.distributed import setup_distributed
 from steps.common.io import sha256_file
 from steps.common.models import BaseModelParams, LoraParams, base_tokenizer, is_decoder_base, load_base_model
 from steps.common.registry import SPAM_CLASSIFIER
-from steps.common.training import TRAINING_ERRORS, Pyfunc, TrainingJob, TrainingOutputs, TrainParams, run_training, \
-    stage_device
+from steps.common.training import (
+    TRAINING_ERRORS,
+    Pyfunc,
+    TrainingJob,
+    TrainingOutputs,
+    TrainParams,
+    run_training,
+    stage_device,
+)
 
 STAGE = "finetune_classifier"
 EXPERIMENT = SPAM_CLASSIFIER  # the experiment is named after the model it registers

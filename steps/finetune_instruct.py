@@ -27,8 +27,15 @@ from torch import nn
 
 from llmcore.checkpoint import save_checkpoint
 from llmcore.hf_tokenizer import TokenizerConfigError
-from llmcore.instruct import TEMPLATE, ChatTemplateError, InstructionDataset, collate_instructions, end_id, \
-    generate_responses, render_template_entry
+from llmcore.instruct import (
+    TEMPLATE,
+    ChatTemplateError,
+    InstructionDataset,
+    collate_instructions,
+    end_id,
+    generate_responses,
+    render_template_entry,
+)
 from llmcore.lora import apply_lora, merge_lora
 from llmcore.prompts import as_instruction, prompt_text, reference
 from llmcore.tokenizer import get_tokenizer
@@ -39,11 +46,24 @@ from steps.common.datasets import load_entries, read_prompt_style
 from steps.common.distributed import setup_distributed
 from steps.common.io import sha256_file
 from steps.common.mlflow_models import instruct_signature
-from steps.common.models import BaseModelSectionParams, LoraParams, base_tokenizer, bundle_base_tokenizer, \
-    is_decoder_base, load_base_model
+from steps.common.models import (
+    BaseModelSectionParams,
+    LoraParams,
+    base_tokenizer,
+    bundle_base_tokenizer,
+    is_decoder_base,
+    load_base_model,
+)
 from steps.common.registry import INSTRUCT_MODEL
-from steps.common.training import TRAINING_ERRORS, Pyfunc, TrainingJob, TrainingOutputs, TrainParams, run_training, \
-    stage_device
+from steps.common.training import (
+    TRAINING_ERRORS,
+    Pyfunc,
+    TrainingJob,
+    TrainingOutputs,
+    TrainParams,
+    run_training,
+    stage_device,
+)
 
 STAGE = "finetune_instruct"
 EXPERIMENT = "instruction-sft"

@@ -25,10 +25,10 @@ from pydantic import Field
 from llmcore.checkpoint import CheckpointError, save_checkpoint
 from llmcore.tokenizer import ENCODING_DIR_ENV
 from llmcore.weights import HF_REPOS, WeightsUnavailableError, load_gpt2
-from steps.common.models import find_encoding_files
 from steps.common.cli import StageParams, run_stage
 from steps.common.data import TokenizerParams
 from steps.common.io import atomic_path
+from steps.common.models import find_encoding_files
 from steps.common.params import StrictModel
 
 STAGE = "load_gpt2"

@@ -34,13 +34,20 @@ from llmcore.tokenizer import get_tokenizer, is_gpt2
 from llmcore.train import TrainCallback, TrainState
 from steps.common.cli import StageParams, run_stage
 from steps.common.data import TokenizerParams
-from steps.common.windows import load_windows, read_windows_meta, window_files
 from steps.common.distributed import setup_distributed
 from steps.common.mlflow_models import generator_signature
 from steps.common.params import StrictModel
 from steps.common.registry import PRETRAINED_MODEL
-from steps.common.training import TRAINING_ERRORS, Pyfunc, TrainingJob, TrainingOutputs, TrainParams, run_training, \
-    stage_device
+from steps.common.training import (
+    TRAINING_ERRORS,
+    Pyfunc,
+    TrainingJob,
+    TrainingOutputs,
+    TrainParams,
+    run_training,
+    stage_device,
+)
+from steps.common.windows import load_windows, read_windows_meta, window_files
 
 STAGE = "pretrain"
 EXPERIMENT = "pretrain"

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+
 import torch
 from pydantic import Field
 
 from llmcore.checkpoint import CheckpointError, read_checkpoint_meta
-from llmcore.dpo import PreferencePair, pair_logprobs, pair_summary
 from llmcore.device import resolve_device
+from llmcore.dpo import PreferencePair, pair_logprobs, pair_summary
 from llmcore.model import GPTModel
 from llmcore.prompts import checkpoint_prompt_style
 from llmcore.tokenizer import TokenizerFilesError, eot_id, get_tokenizer

@@ -33,7 +33,11 @@ from steps.common.datasets import read_splits
 from steps.common.io import atomic_path, write_json
 from steps.common.params import ParamsError, StrictModel
 from steps.common.scoring import (
-    classification_metrics, flat_metrics, selection_scoring, split_intervals, write_predictions,
+    classification_metrics,
+    flat_metrics,
+    selection_scoring,
+    split_intervals,
+    write_predictions,
 )
 from steps.common.stats import ComparisonParams
 

@@ -33,6 +33,13 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"skipped in CI (LLMPIPE_NO_SKIPS=1), which installs what tests need: {reason}"
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """End-to-end files first (a stable sort: files keep their order otherwise). pytest-xdist
+    (``-n``, ``--dist loadfile``) hands files to workers in this order, so the few long ones start
+    at once instead of forming a tail after the many short ones."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

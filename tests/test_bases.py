@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from tests.bases_helpers import VOCAB, hf_model, save_hf
 from llmcore.checkpoint import CheckpointError, load_checkpoint
 from llmcore.decoder import DecoderModel
 from llmcore.generate import SlotKVCache, generate
 from llmcore.hf_checkpoint import convert_hf, load_hf_model
+from tests.bases_helpers import VOCAB, hf_model, save_hf
 
 pytest.importorskip("transformers")
 FAMILIES = ("llama", "qwen3", "gemma3")

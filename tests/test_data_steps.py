@@ -12,14 +12,14 @@ import pandas as pd
 import pytest
 import yaml
 
+from llmcore.config import GPTConfig
 from llmcore.prompts import RESPONSE_MARKER, extract_response, format_input, format_response
+from llmcore.tokenizer import encode, get_tokenizer, tokenizer_digest
 from steps import build_instruction_dataset as instr
-from steps.common import datasets
 from steps import build_spam_dataset as spam
 from steps import build_windows as windows
 from steps import tokenize
-from llmcore.config import GPTConfig
-from llmcore.tokenizer import encode, get_tokenizer, tokenizer_digest
+from steps.common import datasets
 from steps.common.data import DataError, TokenizerParams, read_text
 from steps.common.params import ParamsError, read_params, validate_section
 from steps.common.windows import load_token_shards, load_windows

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from steps.common.params import ParamsError, validate_section
 from steps.fetch import (
     FetchError,
     FetchSettings,
@@ -23,7 +24,6 @@ from steps.fetch import (
     location_kind,
     main,
 )
-from steps.common.params import ParamsError, validate_section
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("LLMPIPE_MIRROR") or REPO.parent / "shared" / "data")

@@ -20,8 +20,8 @@ from llmcore.lora import apply_lora, merge_lora
 from steps import finetune_instruct as ft
 from steps import score_instructions as score
 from steps.common.data import TokenizerParams
-from steps.common.models import BaseModelError, BaseModelSectionParams
 from steps.common.judge import JudgeParams
+from steps.common.models import BaseModelError, BaseModelSectionParams
 from steps.common.stats import ComparisonParams
 from steps.load_base import load_base_stage
 from tests.bases_helpers import hf_model, save_family_tokenizer, save_hf

@@ -7,7 +7,14 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from steps.common.judge import JudgeParams, JudgeUnavailableError, OllamaJudge, judge_prompt, judge_responses, parse_score
+from steps.common.judge import (
+    JudgeParams,
+    JudgeUnavailableError,
+    OllamaJudge,
+    judge_prompt,
+    judge_responses,
+    parse_score,
+)
 from tests.fake_ollama import FakeOllama, Responder, closed_port_url, ollama_reply
 
 ENTRY = {"instruction": "Name a primary color.", "input": "", "output": "Red."}

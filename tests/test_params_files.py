@@ -3,12 +3,11 @@ keys, all valid."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
 import yaml
-
-import importlib
 
 from scripts.dvc_deps import sections_read, stage_module, stages
 from steps.common.params import validate_section

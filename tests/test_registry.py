@@ -16,7 +16,13 @@ import mlflow
 import pytest
 
 from steps.common.registry import (
-    CANDIDATE, CHAMPION, Scoring, promote_if_better, promotion_lock, register_candidate, version_of_run,
+    CANDIDATE,
+    CHAMPION,
+    Scoring,
+    promote_if_better,
+    promotion_lock,
+    register_candidate,
+    version_of_run,
 )
 from steps.common.stats import ComparisonParams
 from tests.repo_copy import closed_port

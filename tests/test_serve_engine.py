@@ -10,12 +10,12 @@ import pytest
 from llmcore.config import GPTConfig
 from llmcore.generate import generate
 from llmcore.instruct import response_prompt
-from llmcore.prompts import segments
 from llmcore.model import GPTModel
+from llmcore.prompts import segments
 from llmcore.tokenizer import encode
-from tests.conftest import spread_out_model
 from serving.engine import Engine, EngineBusy, PromptTooLong, SamplingParams
 from serving.text import PromptError, TextStream, render_chat
+from tests.conftest import spread_out_model
 
 CFG = GPTConfig(vocab_size=300, context_length=32, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
 PROMPTS = [[1, 2, 3], [40, 50, 60, 70, 80, 90, 100], [11, 30, 12, 41, 13, 7, 14, 2, 15, 9, 16, 22], [5]]

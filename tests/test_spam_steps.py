@@ -17,8 +17,8 @@ from llmcore.config import GPTConfig
 from llmcore.model import GPTModel
 from llmcore.tokenizer import get_tokenizer
 from steps import finetune_classifier as ft
-from steps.common import datasets, models
 from steps import score_spam
+from steps.common import datasets, models
 from steps.common.data import DataError, TokenizerParams
 from steps.common.scoring import classification_metrics
 

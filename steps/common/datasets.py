@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
-import pandas as pd
 import numpy as np
+import pandas as pd
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmcore.prompts import chat_roles_error, check_style

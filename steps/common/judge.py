@@ -16,10 +16,9 @@ import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-import requests
 from urllib.parse import urlsplit, urlunsplit
 
+import requests
 from pydantic import Field, field_validator
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry

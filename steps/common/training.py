@@ -33,8 +33,16 @@ from llmcore.device import resolve_device
 from llmcore.distributed import is_main_process, world_size
 from llmcore.throughput import run_summary
 from llmcore.tokenizer import ENCODING_DIR_ENV, TokenizerFilesError
-from llmcore.train import STATE_DIR, TrainCallback, TrainConfig, TrainingDivergedError, TrainState, has_train_state, \
-    next_token_loss, train
+from llmcore.train import (
+    STATE_DIR,
+    TrainCallback,
+    TrainConfig,
+    TrainingDivergedError,
+    TrainState,
+    has_train_state,
+    next_token_loss,
+    train,
+)
 from steps.common.distributed import stage_run_on_main
 from steps.common.io import record_state_params, resume_state_dir, sha256_file, write_json
 from steps.common.models import BaseModelError, bundle_tokenizer
