@@ -72,8 +72,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, pattern: str = "gpt2",
     return tok
 
 
-def _byte_decoder() -> dict[str, int]:
-    """The byte-level alphabet's characters back to their bytes (GPT-2's bytes_to_unicode, inverted)."""
+def byte_decoder() -> dict[str, int]:
+    """The byte-level alphabet's characters back to their bytes (GPT-2's bytes_to_unicode, inverted):
+    how byte-level BPE vocabularies (a trained one, a Hugging Face tokenizer.json) spell bytes."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = {}, 0
     for byte in range(256):
@@ -87,7 +88,7 @@ def _byte_decoder() -> dict[str, int]:
 
 def to_tiktoken(tok, pattern: str, name: str = "trained") -> tiktoken.Encoding:
     """The trained ``tokenizers`` BPE as a tiktoken encoding with the same ids."""
-    decoder = _byte_decoder()
+    decoder = byte_decoder()
     specials = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
     ranks = {bytes(decoder[c] for c in piece): i for piece, i in tok.get_vocab(with_added_tokens=False).items()}
     if len(ranks) != len(tok.get_vocab(with_added_tokens=False)):

@@ -23,23 +23,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from llmcore.bpe import byte_decoder
+
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet reversed: the printable character standing for each byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            chars[chr(byte)] = byte
-        else:
-            chars[chr(256 + extra)] = byte
-            extra += 1
-    return chars
-
-
-_BYTE_DECODER = _byte_decoder()
+_BYTE_DECODER = byte_decoder()
 
 
 class TokenizerConfigError(ValueError):

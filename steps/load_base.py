@@ -13,7 +13,6 @@ fine-tune whose ``base_model.dir`` is ``models/base`` then fails with a clear me
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -23,11 +22,10 @@ from llmcore.hf_checkpoint import BaseUnavailableError, copy_tokenizer_files, lo
 from llmcore.hf_tokenizer import HFTokenizer, TokenizerConfigError
 from steps.common.cli import StageParams, run_stage
 from steps.common.io import atomic_path
-from steps.common.models import BaseModelSectionParams
+from steps.common.models import STATUS_FILE, BaseModelSectionParams, log_status, write_status
 
 STAGE = "load_base"
 EXPERIMENT = "load-base"
-STATUS_FILE = "status.json"
 
 
 def load_base_stage(params: BaseModelSectionParams, out_dir: Path) -> dict:
@@ -35,8 +33,8 @@ def load_base_stage(params: BaseModelSectionParams, out_dir: Path) -> dict:
     if not params.source:
         status = {"loaded": False, "source": "", "reason": "base_model.source is empty (no Hugging Face base chosen)"}
         with atomic_path(out_dir, is_dir=True) as tmp:
-            (tmp / STATUS_FILE).write_text(_dumps(status))
-        log_status(params, status)
+            write_status(tmp, status)
+        log_status(STAGE, EXPERIMENT, params, status)
         return status
     directory = resolve_hf_source(params.source)
     model = load_hf_model(directory, dtype=getattr(torch, params.dtype))
@@ -51,23 +49,9 @@ def load_base_stage(params: BaseModelSectionParams, out_dir: Path) -> dict:
         style = "template" if status["chat_template"] else "plain"
         save_checkpoint(model, tmp, extra={"stage": STAGE, "source": params.source, "prompt_style": style},
                         files=lambda target: copy_tokenizer_files(directory, target))
-        (tmp / STATUS_FILE).write_text(_dumps(status))
-    log_status(params, status)
+        write_status(tmp, status)
+    log_status(STAGE, EXPERIMENT, params, status)
     return status
-
-
-def _dumps(data: dict) -> str:
-    return json.dumps(data, indent=2, sort_keys=True) + "\n"
-
-
-def log_status(params: BaseModelSectionParams, status: dict) -> None:
-    from steps.common.tracking import stage_run  # mlflow imports take seconds: not at import
-
-    with stage_run(STAGE, EXPERIMENT, params):
-        import mlflow
-
-        mlflow.set_tag("loaded", status["loaded"])
-        mlflow.log_dict(status, STATUS_FILE)
 
 
 def main(argv: list[str] | None = None) -> None:

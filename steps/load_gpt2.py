@@ -14,7 +14,6 @@ default pipeline runs without network) the stage then warns and writes only
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -28,12 +27,11 @@ from llmcore.weights import HF_REPOS, WeightsUnavailableError, load_gpt2
 from steps.common.cli import StageParams, run_stage
 from steps.common.data import TokenizerParams
 from steps.common.io import atomic_path
-from steps.common.models import find_encoding_files
+from steps.common.models import STATUS_FILE, find_encoding_files, log_status, write_status
 from steps.common.params import StrictModel
 
 STAGE = "load_gpt2"
 EXPERIMENT = "load-gpt2"
-STATUS_FILE = "status.json"
 HOW_TO_PROVIDE = (
     "To load GPT-2 offline, set load_gpt2.source to a local directory in the Hugging Face format "
     "(config.json + model.safetensors, e.g. a copy of the Hub repo {repo}), or pre-fill the Hugging "
@@ -56,12 +54,12 @@ def load_gpt2_stage(params: LoadGPT2Params, out_dir: Path, tokenizer_params: Tok
             raise WeightsUnavailableError(f"{exc}\n{HOW_TO_PROVIDE.format(repo=repo)}") from exc
         status = {"loaded": False, "source": params.source, "reason": str(exc)}
         with atomic_path(out_dir, is_dir=True) as tmp:
-            (tmp / STATUS_FILE).write_text(_dumps(status))
+            write_status(tmp, status)
         print(f"{STAGE}: WARNING: GPT-2 weights {params.source!r} are unavailable; wrote only "
               f"{out_dir / STATUS_FILE} (loaded=false). Fine-tunes with base_model.dir={out_dir} will fail. "
               f"{HOW_TO_PROVIDE.format(repo=repo)}, and set load_gpt2.required: true to make this an error.",
               file=sys.stderr)
-        log_status(params, status)
+        log_status(STAGE, EXPERIMENT, params, status)
         return status
 
     encoding_files = find_encoding_files(tokenizer_params.encoding_dir or os.environ.get(ENCODING_DIR_ENV))
@@ -72,23 +70,9 @@ def load_gpt2_stage(params: LoadGPT2Params, out_dir: Path, tokenizer_params: Tok
         save_checkpoint(model, tmp, extra={"stage": STAGE, "source": params.source, "prompt_style": "plain"})
         for name, path in (encoding_files or {}).items():
             shutil.copyfile(path, tmp / name)
-        (tmp / STATUS_FILE).write_text(_dumps(status))
-    log_status(params, status)
+        write_status(tmp, status)
+    log_status(STAGE, EXPERIMENT, params, status)
     return status
-
-
-def _dumps(data: dict) -> str:
-    return json.dumps(data, indent=2, sort_keys=True) + "\n"
-
-
-def log_status(params: LoadGPT2Params, status: dict) -> None:
-    from steps.common.tracking import stage_run  # mlflow imports take seconds: not at import
-
-    with stage_run(STAGE, EXPERIMENT, params):
-        import mlflow
-
-        mlflow.set_tag("loaded", status["loaded"])
-        mlflow.log_dict(status, STATUS_FILE)
 
 
 def main(argv: list[str] | None = None) -> None:

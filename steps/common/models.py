@@ -24,6 +24,10 @@ from steps.common.params import StrictModel
 TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{}"
 
 
+# What a loading stage (load_gpt2, load_base) writes beside the weights: whether it loaded, and from where.
+STATUS_FILE = "status.json"
+
+
 class BaseModelError(ValueError):
     """The base model directory holds no usable weights (e.g. GPT-2's could not be downloaded)."""
 
@@ -79,7 +83,7 @@ def load_base_model(base_dir: Path, tokenizer=None, *, decoder_ok: bool = False,
 
     A ``status.json`` saying ``loaded: false`` (load_gpt2 without GPT-2's weights) is an error.
     """
-    status_path = base_dir / "status.json"
+    status_path = base_dir / STATUS_FILE
     if status_path.is_file():
         status = json.loads(status_path.read_text())
         if not status.get("loaded", True):
@@ -181,3 +185,19 @@ def bundle_tokenizer(model_dir: Path, encoding_dir: str | None) -> bool:
         with atomic_path(model_dir / name) as tmp:
             shutil.copyfile(source, tmp)
     return True
+
+
+def write_status(model_dir: Path, status: dict) -> None:
+    """A loading stage's ``status.json`` in ``model_dir`` (the stage's atomic output directory)."""
+    (model_dir / STATUS_FILE).write_text(json.dumps(status, indent=2, sort_keys=True) + "\n")
+
+
+def log_status(stage: str, experiment: str, params, status: dict) -> None:
+    """A loading stage's MLflow run: its params, a ``loaded`` tag and the status as an artifact."""
+    from steps.common.tracking import stage_run  # mlflow imports take seconds: not at import
+
+    with stage_run(stage, experiment, params):
+        import mlflow
+
+        mlflow.set_tag("loaded", status["loaded"])
+        mlflow.log_dict(status, STATUS_FILE)
