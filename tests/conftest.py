@@ -115,3 +115,20 @@ def small_disk(tmp_path: Path):
         yield mount_point
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def in_stage_workspace(workspace: Path):
+    """A module's stage tests run from ``workspace`` with its own MLflow store (artifacts land in
+    ./mlruns there) and none of a surrounding pipeline run's variables; a generator for a fixture."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
+    for name in ("LLMPIPE_MLFLOW_PARENT_RUN_ID", "LLMPIPE_MLFLOW_EXPERIMENT", "LLMCORE_GPT2_ENCODING_DIR"):
+        mp.delenv(name, raising=False)
+    mp.chdir(workspace)
+    yield workspace
+    mp.undo()
+
+
+def stage_argv(defaults: dict[str, str], **paths: str) -> list[str]:
+    """``--key value`` options of a stage's command line: ``defaults`` overridden by ``paths``."""
+    return [arg for key, value in {**defaults, **paths}.items() for arg in (f"--{key}", value)]

@@ -25,6 +25,7 @@ from steps.common.data import DataError, TokenizerParams
 from steps.common.datasets import load_preference_entries
 from steps.common.params import read_params, validate_section
 from steps.common.preferences import load_pairs
+from tests.conftest import in_stage_workspace, stage_argv
 from tests.fake_ollama import closed_port_url
 
 
@@ -56,19 +57,13 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def in_workspace(workspace: Path):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
-    for name in ("LLMPIPE_MLFLOW_PARENT_RUN_ID", "LLMPIPE_MLFLOW_EXPERIMENT", "LLMCORE_GPT2_ENCODING_DIR"):
-        mp.delenv(name, raising=False)
-    mp.chdir(workspace)
-    yield workspace
-    mp.undo()
+    yield from in_stage_workspace(workspace)
 
 
 def tune_argv(**paths: str) -> list[str]:
     defaults = {"params": "params.yaml", "out": "models/preference", "metrics": "reports/tune.json",
                 "history": "plots/tune.csv", "plots": "plots", "cache": ".cache/tune"}
-    return [arg for key, value in {**defaults, **paths}.items() for arg in (f"--{key}", value)]
+    return stage_argv(defaults, **paths)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from steps import finetune_instruct as ft
 from steps import score_instructions as score
 from steps.common.data import TokenizerParams
 from steps.common.params import read_params, validate_section
+from tests.conftest import in_stage_workspace, stage_argv
 from tests.fake_ollama import FakeOllama, closed_port_url, ollama_reply
 
 
@@ -51,20 +52,13 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def in_workspace(workspace: Path):
-    """Run from the workspace with its own MLflow store (artifacts land in ./mlruns there)."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
-    for name in ("LLMPIPE_MLFLOW_PARENT_RUN_ID", "LLMPIPE_MLFLOW_EXPERIMENT", "LLMCORE_GPT2_ENCODING_DIR"):
-        mp.delenv(name, raising=False)
-    mp.chdir(workspace)
-    yield workspace
-    mp.undo()
+    yield from in_stage_workspace(workspace)
 
 
 def finetune_argv(**paths: str) -> list[str]:
     defaults = {"params": "params.yaml", "out": "models/instruct", "metrics": "metrics/ft.json",
                 "history": "plots/ft.csv", "plot": "plots/ft.png", "cache": ".cache/ft"}
-    return [arg for key, value in {**defaults, **paths}.items() for arg in (f"--{key}", value)] + ["--data", "data"]
+    return stage_argv(defaults, **paths) + ["--data", "data"]
 
 
 @pytest.fixture(scope="module")
