@@ -154,24 +154,25 @@ def generate_responses(
 
 @torch.no_grad()
 def response_loss(
-    model: nn.Module, examples: Sequence[InstructionExample], *, batch_size: int = 8
+    model: nn.Module, examples: Sequence[InstructionExample], *, batch_size: int = 8, pad_id: int = ENDOFTEXT_ID
 ) -> tuple[float, int]:
     """Mean cross-entropy per response token (the prompt masked) and how many tokens it covers.
 
     Token-weighted over the whole set, so batching does not change it; examples are cut to the
     model's context length.
     """
-    per_example = response_losses(model, examples, batch_size=batch_size)
+    per_example = response_losses(model, examples, batch_size=batch_size, pad_id=pad_id)
     total, count = sum(s for s, _ in per_example), sum(n for _, n in per_example)
     return (total / count if count else float("nan")), count
 
 
 @torch.no_grad()
 def response_losses(
-    model: nn.Module, examples: Sequence[InstructionExample], *, batch_size: int = 8
+    model: nn.Module, examples: Sequence[InstructionExample], *, batch_size: int = 8, pad_id: int = ENDOFTEXT_ID
 ) -> list[tuple[float, int]]:
     """Per example: the summed cross-entropy of its response tokens (prompt masked) and their count
-    (0 when the context cuts the response off)."""
+    (0 when the context cuts the response off). ``pad_id``: the tokenizer's <|endoftext|>
+    (``eot_id``), the closing target every response is scored on."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -180,6 +181,7 @@ def response_losses(
         for start in range(0, len(examples), batch_size):
             inputs, targets = collate_instructions(
                 examples[start : start + batch_size],
+                pad_id=pad_id,
                 max_length=model.cfg.context_length,
                 mask_prompt=True,
                 device=device,

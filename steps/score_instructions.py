@@ -20,7 +20,7 @@ from llmcore.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from llmcore.device import resolve_device
 from llmcore.instruct import encode_example, generate_responses, response_losses, response_prompt
 from llmcore.prompts import checkpoint_prompt_style, reference
-from llmcore.tokenizer import TokenizerFilesError, get_tokenizer
+from llmcore.tokenizer import TokenizerFilesError, eot_id, get_tokenizer
 from steps.common.cli import StageParams, run_stage
 from steps.common.data import DataError, TokenizerParams
 from steps.common.datasets import load_entries
@@ -111,7 +111,7 @@ def score_instructions(
     )
     generate_s = time.perf_counter() - started
     examples = [encode_example(tokenizer, response_prompt(e, style), reference(e)) for e in entries]
-    losses = response_losses(model, examples, batch_size=params.batch_size)
+    losses = response_losses(model, examples, batch_size=params.batch_size, pad_id=eot_id(tokenizer))
     n_tokens = sum(n for _, n in losses)
     loss = sum(s for s, _ in losses) / n_tokens if n_tokens else math.nan
     rouge = [rouge_l_f1(a, reference(e)) for a, e in zip(answers, entries)]
