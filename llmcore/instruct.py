@@ -84,6 +84,13 @@ class InstructionDataset(Dataset):
         return self.examples[index]
 
 
+def answers_cut_off(examples: Sequence[InstructionExample], max_length: int) -> int:
+    """How many ``examples`` keep no answer token within ``max_length`` columns of
+    ``collate_instructions``: their prompt alone fills them, so with ``mask_prompt`` they teach nothing
+    (a batch of only those has no target, and its loss is NaN)."""
+    return sum(1 for ex in examples if min((start for start, _ in ex.response_spans), default=ex.prompt_length) > max_length)
+
+
 def collate_instructions(
     batch: Sequence[InstructionExample | Sequence[int]],
     pad_id: int = ENDOFTEXT_ID,

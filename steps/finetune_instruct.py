@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from llmcore.checkpoint import save_checkpoint
-from llmcore.instruct import InstructionDataset, collate_instructions, generate_responses
+from llmcore.instruct import InstructionDataset, answers_cut_off, collate_instructions, generate_responses
 from llmcore.prompts import as_instruction, prompt_text, reference
 from llmcore.tokenizer import eot_id, get_tokenizer
 from llmcore.train import TrainCallback, TrainState
@@ -31,6 +31,7 @@ from steps.common.distributed import setup_distributed
 from steps.common.io import sha256_file
 from steps.common.mlflow_models import instruct_signature
 from steps.common.models import BaseModelSectionParams, load_base_model
+from steps.common.params import ParamsError
 from steps.common.registry import INSTRUCT_MODEL
 from steps.common.training import TRAINING_ERRORS, Pyfunc, TrainingJob, TrainingOutputs, TrainParams, run_training, \
     stage_device
@@ -96,9 +97,14 @@ def finetune_instruct(
     tokenizer = get_tokenizer(tokenizer_params.directory)
     model = load_base_model(base_model, tokenizer).to(stage_device(STAGE, params))
     max_length = min(params.max_length or model.cfg.context_length, model.cfg.context_length)
+    train_data = InstructionDataset(train_entries, tokenizer, style)
+    if params.mask_prompt and answers_cut_off(train_data.examples, max_length) == len(train_data) > 0:
+        raise ParamsError(f"{STAGE}.max_length: every training prompt fills the {max_length} tokens (max_length or the "
+                          "base's context), no answer token is left to learn; raise them (a trained tokenizer's prompts "
+                          "take more tokens than GPT-2's)")
     job = TrainingJob(
         stage=STAGE, experiment=EXPERIMENT, registered_model=INSTRUCT_MODEL, params=params, model=model,
-        train_data=InstructionDataset(train_entries, tokenizer, style), val_data=InstructionDataset(val_entries, tokenizer, style),
+        train_data=train_data, val_data=InstructionDataset(val_entries, tokenizer, style),
         data_files={split: data_dir / f"{split}.json" for split in ("train", "validation")},
         save=lambda trained, out: save_checkpoint(trained, out, extra={"stage": STAGE, "base_model": str(base_model),
                                                                         "prompt_style": style}),

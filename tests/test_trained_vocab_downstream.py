@@ -8,7 +8,15 @@ import torch.nn.functional as F
 
 from llmcore.bpe import ENDOFTEXT, chunks, to_tiktoken, train_bpe
 from llmcore.config import GPTConfig
-from llmcore.instruct import encode_example, response_loss, response_losses, response_prompt
+from llmcore.instruct import (
+    IGNORE_INDEX,
+    answers_cut_off,
+    collate_instructions,
+    encode_example,
+    response_loss,
+    response_losses,
+    response_prompt,
+)
 from llmcore.model import GPTModel
 from llmcore.tokenizer import ENDOFTEXT_ID, eot_id
 
@@ -43,3 +51,19 @@ def test_response_loss_scores_the_closing_endoftext_of_a_trained_vocabulary():
     assert abs(losses[0][0] - by_hand.item()) < 1e-4
     loss, count = response_loss(model, examples, batch_size=1, pad_id=eot)
     assert count == sum(n for _, n in losses) and abs(loss - sum(s for s, _ in losses) / count) < 1e-5
+
+
+def test_answers_cut_off_counts_examples_whose_prompt_fills_the_columns():
+    encoding = small_encoding()
+    examples = [encode_example(encoding, response_prompt(e), e["output"]) for e in ENTRIES]
+    shortest = min(ex.prompt_length for ex in examples)
+    longest = max(ex.prompt_length for ex in examples)
+    assert shortest < longest
+    assert answers_cut_off(examples, longest) == 0  # the first answer token is the last column's target
+    assert answers_cut_off(examples, shortest) == 1
+    assert answers_cut_off(examples, shortest - 1) == len(examples)
+    # ... as collate_instructions sees it: no target left once every prompt fills max_length
+    _, targets = collate_instructions(examples, pad_id=eot_id(encoding), max_length=shortest - 1, mask_prompt=True)
+    assert bool((targets == IGNORE_INDEX).all())
+    _, targets = collate_instructions(examples, pad_id=eot_id(encoding), max_length=longest, mask_prompt=True)
+    assert bool((targets != IGNORE_INDEX).any(dim=1).all())
