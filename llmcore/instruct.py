@@ -161,7 +161,7 @@ def generate_responses(
 
 @torch.no_grad()
 def response_loss(
-    model: nn.Module, examples: Sequence[InstructionExample], *, batch_size: int = 8, pad_id: int = ENDOFTEXT_ID
+    model: nn.Module, examples: Sequence[InstructionExample], *, pad_id: int, batch_size: int = 8
 ) -> tuple[float, int]:
     """Mean cross-entropy per response token (the prompt masked) and how many tokens it covers.
 
@@ -175,11 +175,11 @@ def response_loss(
 
 @torch.no_grad()
 def response_losses(
-    model: nn.Module, examples: Sequence[InstructionExample], *, batch_size: int = 8, pad_id: int = ENDOFTEXT_ID
+    model: nn.Module, examples: Sequence[InstructionExample], *, pad_id: int, batch_size: int = 8
 ) -> list[tuple[float, int]]:
     """Per example: the summed cross-entropy of its response tokens (prompt masked) and their count
-    (0 when the context cuts the response off). ``pad_id``: the tokenizer's <|endoftext|>
-    (``eot_id``), the closing target every response is scored on."""
+    (0 when the context cuts the response off). ``pad_id`` (required: no GPT-2 default) is the
+    tokenizer's <|endoftext|> (``eot_id``), the closing target every response is scored on."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

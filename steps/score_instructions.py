@@ -178,7 +178,7 @@ def validation_scoring(model, tokenizer, style: str, validation_file: Path, batc
         return None
     entries = load_entries(validation_file)
     examples = [encode_example(tokenizer, response_prompt(e, style), reference(e)) for e in entries]
-    losses = response_losses(model, examples, batch_size=batch_size)
+    losses = response_losses(model, examples, batch_size=batch_size, pad_id=eot_id(tokenizer))
     n_tokens = sum(n for _, n in losses)
     per_example = [s / n if n else math.nan for s, n in losses]
     keys = [response_prompt(e, style) + "\0" + reference(e) for e in entries]
