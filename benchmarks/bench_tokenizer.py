@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -32,6 +31,15 @@ from benchmarks.bench_tokenize import MIRROR, make_corpus
 from llmcore.tokenizer import get_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
+# The stage's own peak RSS: VmHWM of its process image (a child's ru_maxrss also counts the
+# parent's RSS when the child was forked or vforked from it).
+CHILD = """
+import re, sys
+from pathlib import Path
+from steps import train_tokenizer
+train_tokenizer.main(sys.argv[1:])
+print("VmHWM_kB", re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
+"""
 
 
 def run_stage(corpus: Path, work: Path, vocab: int, sample_mb: float) -> dict:
@@ -43,11 +51,13 @@ def run_stage(corpus: Path, work: Path, vocab: int, sample_mb: float) -> dict:
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "steps.train_tokenizer", "--params", str(work / "params.yaml"),
-                    "--out", str(work / "tokenizer"), "--report", str(work / "report.json"),
-                    "--metrics", str(work / "metrics.json")], cwd=REPO, env=env, check=True)
+    done = subprocess.run([sys.executable, "-c", CHILD, "--params", str(work / "params.yaml"),
+                           "--out", str(work / "tokenizer"), "--report", str(work / "report.json"),
+                           "--metrics", str(work / "metrics.json")], cwd=REPO, env=env, check=True,
+                          stdout=subprocess.PIPE, text=True)
     wall = time.perf_counter() - started
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(done.stdout.strip().splitlines()[0])  # the stage's summary line
+    peak_mb = int(done.stdout.split("VmHWM_kB")[-1]) / 1024
     return {"report": json.loads((work / "report.json").read_text()), "wall_s": wall, "peak_rss_mb": peak_mb}
 
 

@@ -173,6 +173,13 @@ class InstructionDataset(Dataset):
         return self.examples[index]
 
 
+def answers_cut_off(examples: Sequence[InstructionExample], max_length: int) -> int:
+    """How many ``examples`` keep no answer token within ``max_length`` columns of
+    ``collate_instructions``: their prompt alone fills them, so with ``mask_prompt`` they teach nothing
+    (a batch of only those has no target, and its loss is NaN)."""
+    return sum(1 for ex in examples if min((start for start, _ in ex.response_spans), default=ex.prompt_length) > max_length)
+
+
 def collate_instructions(
     batch: Sequence[InstructionExample | Sequence[int]],
     pad_id: int = ENDOFTEXT_ID,
@@ -254,7 +261,7 @@ def generate_responses(
 
 @torch.no_grad()
 def response_loss(
-    model: nn.Module, examples: Sequence[InstructionExample], *, batch_size: int = 8, pad_id: int = ENDOFTEXT_ID
+    model: nn.Module, examples: Sequence[InstructionExample], *, pad_id: int, batch_size: int = 8
 ) -> tuple[float, int]:
     """Mean cross-entropy per response token (the prompt masked) and how many tokens it covers.
 
@@ -268,10 +275,12 @@ def response_loss(
 
 @torch.no_grad()
 def response_losses(
-    model: nn.Module, examples: Sequence[InstructionExample], *, batch_size: int = 8, pad_id: int = ENDOFTEXT_ID
+    model: nn.Module, examples: Sequence[InstructionExample], *, pad_id: int, batch_size: int = 8
 ) -> list[tuple[float, int]]:
     """Per example: the summed cross-entropy of its response tokens (prompt masked) and their count
-    (0 when the context cuts the response off); ``pad_id`` is the end target (``end_id``)."""
+    (0 when the context cuts the response off). ``pad_id`` (required: no GPT-2 default) is the
+    closing target every response is scored on: the tokenizer's <|endoftext|>, or a chat
+    template's end of turn (``end_id``)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

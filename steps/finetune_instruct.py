@@ -31,6 +31,7 @@ from llmcore.instruct import (
     TEMPLATE,
     ChatTemplateError,
     InstructionDataset,
+    answers_cut_off,
     collate_instructions,
     end_id,
     generate_responses,
@@ -54,6 +55,7 @@ from steps.common.models import (
     is_decoder_base,
     load_base_model,
 )
+from steps.common.params import ParamsError
 from steps.common.registry import INSTRUCT_MODEL
 from steps.common.training import (
     TRAINING_ERRORS,
@@ -154,9 +156,14 @@ def finetune_instruct(
     model.to(stage_device(STAGE, params))
     max_length = min(params.max_length or model.cfg.context_length, model.cfg.context_length)
     end = end_id(tokenizer, style)  # the answer's last target: <|endoftext|>, or the template's end of turn
+    train_data = InstructionDataset(train_entries, tokenizer, style)
+    if params.mask_prompt and answers_cut_off(train_data.examples, max_length) == len(train_data) > 0:
+        raise ParamsError(f"{STAGE}.max_length: every training prompt fills the {max_length} tokens (max_length or the "
+                          "base's context), no answer token is left to learn; raise them (a trained tokenizer's prompts "
+                          "take more tokens than GPT-2's)")
     job = TrainingJob(
         stage=STAGE, experiment=EXPERIMENT, registered_model=INSTRUCT_MODEL, params=params, model=model,
-        train_data=InstructionDataset(train_entries, tokenizer, style), val_data=InstructionDataset(val_entries, tokenizer, style),
+        train_data=train_data, val_data=InstructionDataset(val_entries, tokenizer, style),
         data_files={split: data_dir / f"{split}.json" for split in ("train", "validation")},
         save=functools.partial(save_instruct_model, base_model=base_model, style=style,
                                end_token=tokenizer.decode([end], skip_special_tokens=False) if style == TEMPLATE else None),

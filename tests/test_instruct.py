@@ -115,8 +115,8 @@ def test_generate_responses_equals_one_prompt_at_a_time(tokenizer) -> None:
 def test_response_loss_is_per_response_token_and_independent_of_batching(tokenizer) -> None:
     model = tiny_model()
     examples = [encode_example(tokenizer, response_prompt(e), e["output"]) for e in ENTRIES]
-    loss, count = response_loss(model, examples, batch_size=3)
-    loss_1, count_1 = response_loss(model, examples, batch_size=1)
+    loss, count = response_loss(model, examples, batch_size=3, pad_id=PAD)
+    loss_1, count_1 = response_loss(model, examples, batch_size=1, pad_id=PAD)
     assert count == count_1 == sum(len(e.token_ids) - e.prompt_length + 1 for e in examples)  # + <|endoftext|>
     assert abs(loss - loss_1) < 1e-5
     # One example by hand: the answer's tokens and the closing <|endoftext|>.
@@ -124,4 +124,4 @@ def test_response_loss_is_per_response_token_and_independent_of_batching(tokeniz
     ids = torch.tensor([ex.token_ids + [PAD]])
     logits = model(ids[:, :-1])[0, ex.prompt_length - 1 :]
     by_hand = F.cross_entropy(logits, ids[0, ex.prompt_length :])
-    assert abs(response_loss(model, [ex])[0] - by_hand.item()) < 1e-5
+    assert abs(response_loss(model, [ex], pad_id=PAD)[0] - by_hand.item()) < 1e-5
