@@ -35,8 +35,9 @@ def pytest_runtest_makereport(item, call):
 
 def pytest_collection_modifyitems(config, items) -> None:
     """End-to-end files first (a stable sort: files keep their order otherwise). pytest-xdist
-    (``-n``, ``--dist loadfile``) hands files to workers in this order, so the few long ones start
-    at once instead of forming a tail after the many short ones."""
+    (``-n``, ``--dist loadfile --no-loadscope-reorder``) hands files to workers in this order, so
+    the few long ones start at once instead of forming a tail after the many short ones (by
+    default xdist would hand out the files with the most tests first: the e2e files came last)."""
     items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
 
 
