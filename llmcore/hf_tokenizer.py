@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcore.bpe import byte_decoder
+from llmcore.tokenizer import get_tokenizer
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
@@ -198,3 +199,11 @@ class HFTokenizer:
         text = self.decode(ids)
         if text.startswith(shown) and text[len(shown):]:
             yield text[len(shown):]
+
+
+def carried_tokenizer(model_dir: str | os.PathLike, encoding_dir: str | os.PathLike | None = None):
+    """The tokenizer a model directory carries when it is a Hugging Face base's (its
+    tokenizer.json); else ``get_tokenizer(encoding_dir)`` (GPT-2's or a trained BPE)."""
+    if (Path(model_dir) / "tokenizer.json").is_file():
+        return HFTokenizer(model_dir)
+    return get_tokenizer(encoding_dir)

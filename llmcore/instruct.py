@@ -114,8 +114,7 @@ def template_end_id(tokenizer) -> int:
 def encode_template_entry(tokenizer, entry: Mapping) -> InstructionExample:
     """The entry in the chat template: prompt + completion encoded as one text (the end-of-turn
     token follows as the collate's end target), the prompt length counted as ``encode_example``."""
-    prompt, completion, _ = render_template_entry(tokenizer, entry)
-    return encode_example(tokenizer, prompt, completion)
+    return scored_example(tokenizer, entry, TEMPLATE)[1]
 
 
 def scored_example(tokenizer, entry: Mapping, style: str = "alpaca") -> tuple[str, InstructionExample]:

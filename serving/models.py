@@ -16,7 +16,6 @@ from torch import nn
 from llmcore.checkpoint import load_checkpoint, read_checkpoint_meta
 from llmcore.classifier import CLASSIFIER_FORMAT, load_classifier
 from llmcore.prompts import checkpoint_prompt_style
-from llmcore.tokenizer import get_tokenizer
 from steps.common.model_dirs import DEFAULT_MODELS, UsageError, check_model_dir, tokenizer_for
 
 REGISTRY_SCHEME = "models:/"
@@ -73,9 +72,10 @@ def load_served(spec: str, kind: str, *, int8: bool = False, prompt_style: str |
     if spec.startswith(REGISTRY_SCHEME):
         directory, tokenizer_dir = download_registered(spec)
         name = registry_name(spec)
+        from llmcore.hf_tokenizer import carried_tokenizer  # deferred: GPT-2 models never need `tokenizers`
+
         # A Hugging Face base's fine-tune carries its own tokenizer.json: that one, never GPT-2's.
-        own = (directory / "tokenizer.json").is_file() or not tokenizer_dir
-        tokenizer = tokenizer_for(directory) if own else get_tokenizer(tokenizer_dir)
+        tokenizer = carried_tokenizer(directory, tokenizer_dir) if tokenizer_dir else tokenizer_for(directory)
     else:
         if Path(spec).as_posix() not in DEFAULT_MODELS and not (Path(spec) / "config.json").is_file():
             raise UsageError(f"{spec} is not a checkpoint directory (it has no config.json)")

@@ -22,18 +22,13 @@ DEFAULT_PARAMS = {"max_new_tokens": 128, "temperature": 0.0, "top_k": 0, "seed":
 class InstructionModel(PythonModel):
     def load_context(self, context) -> None:
         from llmcore.checkpoint import load_checkpoint, read_checkpoint_meta
+        from llmcore.hf_tokenizer import carried_tokenizer
         from llmcore.prompts import checkpoint_prompt_style
-        from llmcore.tokenizer import get_tokenizer
 
         checkpoint = Path(context.artifacts["checkpoint"])
         self.model = load_checkpoint(checkpoint).eval()
         self.style = checkpoint_prompt_style(read_checkpoint_meta(checkpoint))
-        if (checkpoint / "tokenizer.json").is_file():  # a Hugging Face base's fine-tune carries its tokenizer
-            from llmcore.hf_tokenizer import HFTokenizer
-
-            self.tokenizer = HFTokenizer(checkpoint)
-        else:
-            self.tokenizer = get_tokenizer(context.artifacts.get("tokenizer"))
+        self.tokenizer = carried_tokenizer(checkpoint, context.artifacts.get("tokenizer"))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from llmcore.instruct import generate_responses

@@ -19,16 +19,11 @@ from mlflow.pyfunc import PythonModel
 class SpamClassifierModel(PythonModel):
     def load_context(self, context) -> None:
         from llmcore.classifier import load_classifier
-        from llmcore.tokenizer import get_tokenizer
+        from llmcore.hf_tokenizer import carried_tokenizer
 
         checkpoint = Path(context.artifacts["checkpoint"])
         self.model = load_classifier(checkpoint)
-        if (checkpoint / "tokenizer.json").is_file():  # a Hugging Face base's classifier carries its tokenizer
-            from llmcore.hf_tokenizer import HFTokenizer
-
-            self.tokenizer = HFTokenizer(checkpoint)
-        else:
-            self.tokenizer = get_tokenizer(context.artifacts.get("tokenizer"))
+        self.tokenizer = carried_tokenizer(checkpoint, context.artifacts.get("tokenizer"))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from llmcore.classifier import predict_proba, probability_columns
