@@ -15,6 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from steps.common import registry
 from steps.common.registry import (
     CANDIDATE,
     CHAMPION,
@@ -129,6 +130,30 @@ def test_a_rescored_champion_stays_and_lower_is_better_losses_use_the_paired_boo
     assert not again.promoted and alias(store, "pre", CHAMPION) == v3
 
 
+def test_a_lock_released_while_the_store_answers_a_lost_create_is_taken(store, monkeypatch) -> None:
+    """The store answers a create that lost to the holder by reading the holder's lock back; if the
+    holder releases in between, that read says RESOURCE_DOES_NOT_EXIST (a CI failure under load).
+    The waiter then takes the free lock instead of failing the promotion."""
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
+
+    lock = "held" + registry.LOCK_SUFFIX
+    store.create_registered_model(lock)  # the holder
+    read_back = SqlAlchemyStore.get_registered_model
+    released = []
+
+    def holder_releases_first(self, name):
+        if name == lock and not released:
+            released.append(name)
+            self.delete_registered_model(name)
+        return read_back(self, name)
+
+    monkeypatch.setattr(SqlAlchemyStore, "get_registered_model", holder_releases_first)
+    with promotion_lock("held", wait_s=5):
+        assert released == [lock]
+        assert store.get_registered_model(lock).name == lock  # now ours
+    assert not store.search_registered_models(f"name = '{lock}'")
+
+
 # ---- two scorings promoting at once (two workers finishing together)
 
 RACE = textwrap.dedent("""
@@ -170,7 +195,9 @@ def race(tmp_path: Path, uri: str, name: str, *, lock: bool) -> tuple[str, str, 
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for v, r, e, d in ((v2, run2, 20, 3.0), (v3, run3, 2, 0.5))]
     outs = [p.communicate(timeout=180) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
+    # A str message with each stderr's end: pytest shortens a list's repr, and with it the traceback's last line.
+    assert all(p.returncode == 0 for p in procs), "\n\n".join(
+        f"v{v} exit {p.returncode}:\n{err[-3000:]}" for v, p, (_, err) in zip(("2", "3"), procs, outs))
     return alias(mlflow.MlflowClient(uri), name, CHAMPION), v3, "\n".join(o for o, _ in outs)
 
 

@@ -113,6 +113,49 @@ def test_mlflow_keeps_runs_in_postgres_and_artifacts_in_the_object_store(stack: 
     assert body == b"the stack keeps this\n"
 
 
+def first_tag_writes_at_once(uri: str, write, writers: int = 8, experiments: int = 4) -> list[str]:
+    """``writers`` threads write one tag on each of ``experiments`` new experiments at the same
+    instant (what stages starting together do to the store); the errors they met."""
+    import threading
+
+    import mlflow
+
+    client, errors = mlflow.MlflowClient(tracking_uri=uri), []
+    for _ in range(experiments):
+        experiment_id = client.create_experiment(f"tag-race-{uuid.uuid4().hex[:8]}")
+        barrier = threading.Barrier(writers)
+
+        def one() -> None:
+            barrier.wait()
+            try:
+                write(experiment_id)
+            except Exception as exc:  # noqa: BLE001 - collected and asserted on below
+                errors.append(str(exc).splitlines()[0])
+
+        threads = [threading.Thread(target=one) for _ in range(writers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    return errors
+
+
+def test_stages_starting_together_all_pass_the_store_check(stack: Stack, monkeypatch) -> None:
+    """Two flow runs' stages starting at once both write the store-check tag on a new experiment:
+    PostgreSQL's primary key lets one insert win and the other fail (seen in CI as a stage failing
+    with UniqueViolation); the store check writes again and passes."""
+    import mlflow
+
+    from steps.common.tracking import set_experiment_tag_once
+
+    uri = stack.env["MLFLOW_TRACKING_URI"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    raw = first_tag_writes_at_once(uri, lambda e: mlflow.MlflowClient().set_experiment_tag(e, "checked", "true"))
+    print(f"plain set_experiment_tag: {len(raw)} of 32 writes collided: {raw[:1]}")
+    assert first_tag_writes_at_once(uri, lambda e: set_experiment_tag_once(e, "checked", "true")) == []
+
+
 def test_prefect_answers_and_the_pool_has_two_workers_online(stack: Stack) -> None:
     config = load_config(stack.dir)
     assert requests.get(f"{stack.env['PREFECT_API_URL']}/health", timeout=10).json() is True

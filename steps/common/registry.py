@@ -139,6 +139,10 @@ def promotion_lock(name: str, *, wait_s: float = LOCK_WAIT_S, stale_s: float = L
             client.create_registered_model(lock, description="held while @champion is decided (steps/common/registry.py)")
             break
         except MlflowException as exc:
+            # The store answers a create that lost to the holder by reading the holder's lock back:
+            # released in between, that read says RESOURCE_DOES_NOT_EXIST. Free again: create at once.
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                continue
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         _break_if_stale(client, lock, stale_s)

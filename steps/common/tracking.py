@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import subprocess
+import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -163,7 +164,27 @@ def check_store(experiment: str) -> None:
     probe_server(configure_tracking())
     with tracking_errors():
         found = use_experiment(experiment)
-        mlflow.MlflowClient().set_experiment_tag(found.experiment_id, "llmpipe.store_checked", "true")
+        set_experiment_tag_once(found.experiment_id, "llmpipe.store_checked", "true")
+
+
+# What a store answers when two writers insert the same key at once (PostgreSQL, sqlite, MySQL).
+DUPLICATE_KEY = ("duplicate key value", "UNIQUE constraint failed", "Duplicate entry")
+
+
+def set_experiment_tag_once(experiment_id: str, key: str, value: str, attempts: int = 3) -> None:
+    """``MlflowClient.set_experiment_tag``, safe when several stages start at once: the store's
+    select-then-insert lets two concurrent first writers of one key collide on its primary key
+    (``UniqueViolation`` on PostgreSQL); the loser writes again, now as an update."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            mlflow.MlflowClient().set_experiment_tag(experiment_id, key, value)
+            return
+        except MlflowException as exc:
+            if attempt == attempts - 1 or not any(text in str(exc) for text in DUPLICATE_KEY):
+                raise
+            time.sleep(0.1 * (attempt + 1))
 
 
 @functools.lru_cache(maxsize=1)
