@@ -37,16 +37,23 @@ def experiment_name(name: str | None = None, repo_dir: str | os.PathLike = ".") 
 
 def set_params(overrides: Mapping[str, Any], params_file: str | os.PathLike = PARAMS_FILE) -> None:
     """Set each dotted ``section.key`` of ``overrides`` in params.yaml (DVC's round-trip writer:
-    comments stay). A key params.yaml lacks is an error naming it, and the file is left as it was."""
+    comments stay). A key params.yaml lacks is an error naming it, and the file is left as it was;
+    a trainer's section also takes any key of the section it is read over (``training``), as
+    ``dvc exp run -S ++pretrain.precision=auto`` does."""
     from dvc.utils.serialize import modify_yaml
 
+    from steps.check_params import load_schema
+
+    read_over = {name: section["x-defaults"] for name, section in load_schema()["sections"].items()
+                 if "x-defaults" in section}
     with modify_yaml(os.fspath(params_file)) as params:
         for dotted, value in overrides.items():
             *parents, key = dotted.split(".")
             node = params
             for part in parents:
                 node = node.get(part) if isinstance(node, Mapping) else None
-            if not isinstance(node, Mapping) or key not in node:
+            shared = params.get(read_over.get(".".join(parents), ""))
+            if not isinstance(node, Mapping) or (key not in node and not (isinstance(shared, Mapping) and key in shared)):
                 raise PipelineError(f"{params_file}: no parameter {dotted!r} to override")
             node[key] = value
 

@@ -78,19 +78,26 @@ def stage_module(stage: dict) -> str | None:
     return match.group(1) if match else None
 
 
-def sections_read(module: str) -> dict[str, str]:
+def sections_read(module: str) -> dict[str, type]:
     """The params sections a stage module reads through ``params.section(NAME, Model)`` (NAME a
-    string or the module's ``STAGE``), as {section: model class name}."""
+    string or the module's ``STAGE``), as {section: model}; a model's ``DEFAULTS_SECTION`` (the
+    trainers' shared ``training``) with its ``DEFAULTS_MODEL``."""
+    import importlib
+
     path = module_file(module)
     tree = ast.parse(path.read_text(), str(path))
     constants = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant)
                  for t in n.targets if isinstance(t, ast.Name)}
-    found = {}
+    imported = importlib.import_module(module)
+    found: dict[str, type] = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "section":
             name, model = node.args[0], node.args[1]
             section = name.value if isinstance(name, ast.Constant) else constants[name.id]
-            found[section] = model.id
+            found[section] = getattr(imported, model.id)
+    for model in list(found.values()):
+        if getattr(model, "DEFAULTS_SECTION", None):
+            found.setdefault(model.DEFAULTS_SECTION, model.DEFAULTS_MODEL)
     return found
 
 

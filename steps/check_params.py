@@ -92,9 +92,17 @@ def check_params(data: dict, schema: dict, source: str = "params.yaml") -> list[
                 problems.append(f"missing section {name!r}")
                 continue
             checked.append(name)
+            inherited: set[str] = set()
+            defaults = section_schema.get("x-defaults")
+            if defaults and isinstance(value, dict) and isinstance(data.get(defaults), dict):
+                known = section_schema.get("properties", {})  # unknown shared keys: reported under `defaults`
+                shared = {key: item for key, item in data[defaults].items() if key in known}
+                inherited = set(shared) - set(value)  # their errors too
+                value = {**shared, **value}
             validator = _STRICT({**section_schema, "$defs": schema["$defs"]})
             errors = sorted(validator.iter_errors(value), key=lambda e: [str(p) for p in e.absolute_path])
-            problems += [_problem(name, error) for error in errors]
+            problems += [_problem(name, error) for error in errors
+                         if not (error.absolute_path and str(error.absolute_path[0]) in inherited)]
     if problems:
         raise ParamsError(redact(f"{source}: " + "; ".join(problems)))
     return checked
@@ -117,7 +125,10 @@ def remove_finished_states(lock_file: Path = Path("dvc.lock"), cache: Path = Pat
         entry = stages.get(record.parent.parent.name) or {}
         try:
             made = json.loads(record.read_text(encoding="utf-8"))
-            done = ((entry.get("params") or {}).get("params.yaml") or {}).get(made["section"])
+            recorded = (entry.get("params") or {}).get("params.yaml") or {}
+            done = recorded.get(made["section"])
+            if done is not None and made.get("defaults"):  # a trainer: its section over `training`
+                done = {**(recorded.get(made["defaults"]) or {}), **done}
             outputs = [Path(out["path"]) for out in entry.get("outs") or []]
             newer = bool(outputs) and all(p.exists() and p.stat().st_mtime > record.stat().st_mtime for p in outputs)
         except (OSError, ValueError, KeyError, TypeError):

@@ -21,6 +21,7 @@ from steps import adapt_pretrain as ap
 from steps.common.data import TokenizerParams
 from steps.common.models import load_base_model
 from steps.common.training import TrainingOutputs
+from tests.trainer_params import trainer_params
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("LLMPIPE_MIRROR") or REPO.parent / "shared" / "data")
@@ -105,7 +106,7 @@ def test_the_stage_continues_the_base_and_writes_a_base_for_the_classifier(tmp_p
     data = write_task(tmp_path)
     torch.manual_seed(0)
     save_checkpoint(GPTModel(GPTConfig.from_preset("cpu-tiny", context_length=4)), tmp_path / "base")
-    params = ap.AdaptPretrainParams(corpus={"val_frac": 0.3}, epochs=1, batch_size=4, lr=1e-2, eval_batches=2,
+    params = trainer_params(ap.AdaptPretrainParams, corpus={"val_frac": 0.3}, epochs=1, batch_size=4, lr=1e-2, eval_batches=2,
                                     device="cpu")
     out = TrainingOutputs(tmp_path / "adapted", tmp_path / "report.json", tmp_path / "hist.csv",
                           {"loss": tmp_path / "loss.png"}, tmp_path / ".cache")
@@ -124,7 +125,7 @@ def test_main_names_a_bad_discarded_file_and_writes_no_model(tmp_path: Path) -> 
     data = write_task(tmp_path)
     (data / "discarded.csv").write_text("Message\nfine\n")
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({ap.STAGE: ap.AdaptPretrainParams().model_dump(), "tokenizer": TOKENIZER.model_dump(),
+    params.write_text(yaml.safe_dump({ap.STAGE: trainer_params(ap.AdaptPretrainParams).model_dump(), "tokenizer": TOKENIZER.model_dump(),
                                       "distributed": {"nproc_per_node": 1}}))
     with pytest.raises(SystemExit, match=r"adapt_pretrain: error: .*discarded.csv: missing column 'Text'"):
         ap.main(["--params", str(params), "--base", str(tmp_path / "base"), "--data", str(data),
@@ -139,6 +140,6 @@ def test_windows_longer_than_the_base_context_are_a_params_error(tmp_path: Path)
     out = TrainingOutputs(tmp_path / "adapted", tmp_path / "report.json", tmp_path / "hist.csv",
                           {"loss": tmp_path / "loss.png"}, tmp_path / ".cache")
     with pytest.raises(ap.ParamsError, match=r"adapt_pretrain.window_length: 8 is longer than the base model's context \(4\)"):
-        ap.adapt_pretrain(ap.AdaptPretrainParams(window_length=8, device="cpu"), base_dir=tmp_path / "base",
+        ap.adapt_pretrain(trainer_params(ap.AdaptPretrainParams, window_length=8, device="cpu"), base_dir=tmp_path / "base",
                           data_dir=data, corpus_dir=tmp_path / "corpus", out=out, tokenizer_params=TOKENIZER)
     assert not (tmp_path / "adapted").exists()

@@ -69,6 +69,8 @@ def test_the_shipped_params_files_pass(name: str) -> None:
     ("pretrain.epochs", 0, "params.yaml: pretrain.epochs: 0 is less than the minimum of 1"),
     ("pretrain.precision", "fp8", "params.yaml: pretrain.precision: 'fp8' is not one of"),
     ("sources.corpus.sha256", "abc", "params.yaml: sources.corpus.sha256: "),
+    ("training.precision", "fp8", "params.yaml: training.precision: 'fp8' is not one of"),  # once, not per trainer
+    ("training.lrr", 1.0, "params.yaml: training.lrr: unknown key (did you mean 'lr'?)"),
 ])
 def test_a_bad_value_is_one_line_naming_the_key(params: dict, key: str, value, expected: str) -> None:
     data = with_value(params, key, value)
@@ -154,20 +156,22 @@ def test_dvc_repro_stops_at_a_typo_before_removing_a_later_stages_outputs(tmp_pa
 
 def test_a_state_whose_run_finished_is_removed_and_others_stay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    done = {"epochs": 2, "lr": 5e-05}
+    done = {"epochs": 2, "lr": 5e-05, "seed": 1}  # a trainer records its section read over `training`
     states = {}
-    for key, section_params in (("finished", done), ("other", {"epochs": 3, "lr": 5e-05})):
+    for key, section_params in (("finished", done), ("other", {**done, "epochs": 3}), ("other_seed", {**done, "seed": 2})):
         states[key] = tmp_path / ".cache" / "pretrain" / key
         states[key].mkdir(parents=True)
-        (states[key] / STATE_RECORD).write_text(json.dumps({"section": "pretrain", "params": section_params}))
+        (states[key] / STATE_RECORD).write_text(json.dumps({"section": "pretrain", "params": section_params,
+                                                             "defaults": "training"}))
     time.sleep(0.05)
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "pretrained").write_text("restored after the state was left")
-    lock = {"stages": {"pretrain": {"params": {"params.yaml": {"pretrain": {"lr": 5.0e-05, "epochs": 2}}},
+    lock = {"stages": {"pretrain": {"params": {"params.yaml": {"pretrain": {"lr": 5.0e-05, "epochs": 2},
+                                                                "training": {"seed": 1}}},
                                     "outs": [{"path": "models/pretrained", "md5": "x"}]}}}
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
     assert remove_finished_states() == [Path(".cache/pretrain/finished")]
-    assert not states["finished"].exists() and states["other"].is_dir()
+    assert not states["finished"].exists() and states["other"].is_dir() and states["other_seed"].is_dir()
 
 
 def test_a_state_newer_than_the_outputs_stays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,6 +21,7 @@ from steps import build_spam_dataset as data_stage
 from steps import finetune_classifier as ft
 from steps import score_spam
 from steps.common.data import DataError, TokenizerParams
+from tests.trainer_params import trainer_params
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("LLMPIPE_MIRROR") or REPO.parent / "shared" / "data")
@@ -169,7 +170,7 @@ def three_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("LLMPIPE_MLFLOW_PARENT_RUN_ID", "LLMPIPE_MLFLOW_EXPERIMENT"):
         mp.delenv(name, raising=False)
     mp.chdir(root)
-    settings = ft.FinetuneClassifierParams(trainable="all", token_position="mean", epochs=3, batch_size=8, lr=3e-3,
+    settings = trainer_params(ft.FinetuneClassifierParams, trainable="all", token_position="mean", epochs=3, batch_size=8, lr=3e-3,
                                            eval_every=0, eval_batches=None, device="cpu")
     ft.finetune_classifier(settings, base_dir=root / "base", data_dir=root / "data", out_dir=root / "clf",
                            metrics_out=root / "ft.json", history_out=root / "hist.csv", plots_dir=root / "plots",

@@ -25,6 +25,7 @@ from steps.common.models import BaseModelError, BaseModelSectionParams
 from steps.common.stats import ComparisonParams
 from steps.load_base import load_base_stage
 from tests.bases_helpers import hf_model, save_family_tokenizer, save_hf
+from tests.trainer_params import trainer_params
 
 transformers = pytest.importorskip("transformers")
 
@@ -70,7 +71,7 @@ def base(request, tmp_path_factory, mlflow_store) -> tuple[str, Path]:
 @pytest.fixture(scope="module")
 def finetuned(base) -> tuple[str, Path, dict]:
     family, root = base
-    metrics = ft.finetune_instruct(ft.FinetuneInstructParams(**FT_PARAMS), TokenizerParams(), **paths(root, "instruct"))
+    metrics = ft.finetune_instruct(trainer_params(ft.FinetuneInstructParams, **FT_PARAMS), TokenizerParams(), **paths(root, "instruct"))
     return family, root, metrics
 
 
@@ -209,7 +210,7 @@ def test_interrupted_lora_finetune_resumes_to_the_same_weights(finetuned, monkey
             if state.step == 1:
                 raise KeyboardInterrupt
 
-    params = ft.FinetuneInstructParams(**{**FT_PARAMS, "checkpoint_every": 1})
+    params = trainer_params(ft.FinetuneInstructParams, **{**FT_PARAMS, "checkpoint_every": 1})
     resumed = paths(root, "resumed")
     with monkeypatch.context() as patch:
         patch.setattr(ft, "SampleResponses", lambda *a: Crash())
@@ -225,7 +226,7 @@ def test_interrupted_lora_finetune_resumes_to_the_same_weights(finetuned, monkey
 def test_a_trained_tokenizer_setting_contradicting_the_base_is_a_one_line_error(base, capsys) -> None:
     _, root = base
     with pytest.raises(BaseModelError, match="tokenizer.source is 'trained'"):
-        ft.finetune_instruct(ft.FinetuneInstructParams(**FT_PARAMS), TokenizerParams(source="trained"),
+        ft.finetune_instruct(trainer_params(ft.FinetuneInstructParams, **FT_PARAMS), TokenizerParams(source="trained"),
                              **paths(root, "refused"))
     assert not (root / "refused").exists()
 
@@ -248,7 +249,7 @@ def test_classifier_on_a_base_reads_its_last_token_and_answers_llm_classify(base
     for split in ("train", "validation"):
         frame.to_csv(data / f"{split}.csv", index=False)
     (data / "labels.json").write_text(json.dumps({"labels": ["ham", "spam"]}))
-    params = fc.FinetuneClassifierParams(trainable="lora", token_position="flexible", epochs=1, batch_size=2, lr=1e-2,
+    params = trainer_params(fc.FinetuneClassifierParams, trainable="lora", token_position="flexible", epochs=1, batch_size=2, lr=1e-2,
                                          eval_every=0, eval_batches=1, device="cpu")
     metrics = fc.finetune_classifier(params, base_dir=root / "base", data_dir=data, out_dir=root / "classifier",
                                      metrics_out=root / "c.json", history_out=root / "c.csv", plots_dir=root / "plots",

@@ -23,6 +23,7 @@ from steps import score_instructions as score
 from steps.common.data import DataError, TokenizerParams
 from steps.common.datasets import load_entries
 from tests.fake_ollama import closed_port_url
+from tests.trainer_params import TEST_TRAINING
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("LLMPIPE_MIRROR") or REPO.parent / "shared" / "data")
@@ -136,6 +137,7 @@ def chat_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params = {
         "tokenizer": TOKENIZER.model_dump(), "base_model": {"dir": str(root / "base")},
         "instruction_data": {"input": str(root / "chats.jsonl"), "prompt_style": "phi3", "shuffle": True},
+        "training": TEST_TRAINING,
         "finetune_instruct": {"epochs": 1, "batch_size": 4, "lr": 1e-3, "eval_every": 0, "eval_batches": 1,
                               "mask_prompt": True, "sample_entries": 1, "sample_max_new_tokens": 3, "device": "cpu"},
         "score_instructions": {"max_new_tokens": 4, "batch_size": 4, "device": "cpu",

@@ -1,5 +1,5 @@
 """params.yaml, params-book.yaml and params-qwen3.yaml must stay interchangeable: same sections and
-keys, all valid."""
+keys (a trainer's section read over the shared `training` section, as the stages read it), all valid."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def stage_sections() -> dict[str, type]:
     sections = {}
     for stage in stages().values():
         module = importlib.import_module(stage_module(stage))
-        sections.update({name: getattr(module, model) for name, model in sections_read(module.__name__).items()})
+        sections.update(sections_read(module.__name__))
     return sections
 
 
@@ -35,9 +35,30 @@ def key_paths(tree: dict, prefix: str = "") -> set[str]:
     return paths
 
 
+def effective(data: dict) -> dict:
+    """The params as the stages see them: each trainer's section over the `training` section."""
+    trainers = {section for section, model in stage_sections().items() if getattr(model, "DEFAULTS_SECTION", None)}
+    return {name: {**data["training"], **value} if name in trainers else value for name, value in data.items()}
+
+
 @pytest.fixture(scope="module")
-def params_files() -> dict[str, dict]:
+def written() -> dict[str, dict]:
     return {name: yaml.safe_load((ROOT / name).read_text()) for name in PRESETS}
+
+
+@pytest.fixture(scope="module")
+def params_files(written: dict[str, dict]) -> dict[str, dict]:
+    return {name: effective(data) for name, data in written.items()}
+
+
+def test_the_trainers_shared_settings_are_written_once(written: dict[str, dict]) -> None:
+    trainers = [s for s, model in stage_sections().items() if getattr(model, "DEFAULTS_SECTION", None)]
+    assert sorted(trainers) == ["adapt_pretrain", "finetune_classifier", "finetune_instruct", "preference_tune", "pretrain"]
+    for name, data in written.items():
+        for key, value in data["training"].items():
+            same = [s for s in trainers if data[s].get(key, value) == value and key in data[s]]
+            assert not same, f"{name}: {same} repeat training.{key}: {value!r}"
+    assert written["params.yaml"]["training"] == written["params-qwen3.yaml"]["training"]
 
 
 def test_book_params_have_exactly_the_default_keys(params_files: dict[str, dict]) -> None:
@@ -90,6 +111,8 @@ def field_paths(model: type, prefix: str = "") -> set[str]:
 @pytest.mark.parametrize("name", PRESETS)
 def test_no_silent_defaults_every_knob_is_written_in_the_params_files(name: str, params_files: dict[str, dict]) -> None:
     for section, model in stage_sections().items():
+        if section == "training":  # the shared keys; each trainer's section (read over it) has them all
+            continue
         written = key_paths(params_files[name][section])
         missing = sorted(field_paths(model) - written)
         assert not missing, f"{name}: section {section} leaves {missing} to code defaults"
@@ -109,3 +132,37 @@ def test_params_read_as_dvc_writes_them() -> None:
 
     data = load_yaml("finetune_classifier:\n  lr: 2e-3\n  epochs: 5\n  mask: true\n")
     assert data == {"finetune_classifier": {"lr": 0.002, "epochs": 5, "mask": True}}
+
+
+def test_a_trainer_reads_training_under_its_own_keys_and_errors_name_where_a_value_is_written(
+        written: dict[str, dict]) -> None:
+    sections = stage_sections()
+    data = {**written["params.yaml"], "training": {**written["params.yaml"]["training"], "device": "cpu"}}
+    clf = validate_section(data, "finetune_classifier", sections["finetune_classifier"])
+    assert (clf.device, clf.lr, clf.grad_clip) == ("cpu", written["params.yaml"]["finetune_classifier"]["lr"], 1.0)
+    own = {**data, "finetune_classifier": {**data["finetune_classifier"], "device": "cuda"}}  # -S finetune_classifier.device=cuda
+    assert validate_section(own, "finetune_classifier", sections["finetune_classifier"]).device == "cuda"
+    bad = {**data, "training": {**data["training"], "grad_clip": -1.0}}
+    with pytest.raises(ValueError, match=r"training\.grad_clip: Input should be greater than 0"):
+        validate_section(bad, "pretrain", sections["pretrain"])
+    missing = {**data, "pretrain": {k: v for k, v in data["pretrain"].items() if k != "lr"}}
+    with pytest.raises(ValueError, match=r"pretrain\.lr: Field required"):
+        validate_section(missing, "pretrain", sections["pretrain"])
+
+
+def test_a_flow_override_sets_a_shared_key_for_one_trainer_and_refuses_unknown_keys(tmp_path: Path) -> None:
+    """The UI's params override ({"pretrain.precision": "auto"}), as `dvc exp run -S ++pretrain.precision=auto`."""
+    from pipelines.dag import PipelineError
+    from pipelines.experiments import set_params
+
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    set_params({"pretrain.precision": "auto", "training.compile": True}, params)
+    data = yaml.safe_load(params.read_text())
+    assert (data["pretrain"]["precision"], data["training"]["compile"]) == ("auto", True)
+    assert "# ---- the trainers' shared settings" in params.read_text()  # comments stay
+    before = params.read_text()
+    for key in ("score_spam.precision", "pretrain.precisionn"):
+        with pytest.raises(PipelineError, match=f"no parameter '{key}' to override"):
+            set_params({key: "auto"}, params)
+    assert params.read_text() == before

@@ -27,6 +27,7 @@ from steps.common.params import read_params, validate_section
 from steps.common.preferences import load_pairs
 from tests.conftest import in_stage_workspace, stage_argv
 from tests.fake_ollama import closed_port_url
+from tests.trainer_params import TEST_TRAINING
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> Path:
     params = {
         "tokenizer": {"encoding_dir": str(mirror / "gpt2")},
         "preference_data": {"input": "pairs.json"},
+        "training": TEST_TRAINING,
         "preference_tune": {"beta": 0.5, "epochs": 2, "batch_size": 4, "lr": 2e-3, "eval_every": 4, "eval_batches": 2,
                             "checkpoint_every": 4, "grad_clip": 1.0, "device": "cpu"},
         "score_preference": {"batch_size": 3, "device": "cpu"},

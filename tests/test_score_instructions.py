@@ -24,6 +24,7 @@ from steps.common.data import TokenizerParams
 from steps.common.params import read_params, validate_section
 from tests.conftest import in_stage_workspace, stage_argv
 from tests.fake_ollama import FakeOllama, closed_port_url, ollama_reply
+from tests.trainer_params import TEST_TRAINING
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> Path:
     params = {
         "tokenizer": {"encoding_dir": str(mirror / "gpt2")},
         "base_model": {"dir": str(root / "base")},
+        "training": TEST_TRAINING,
         "finetune_instruct": {"epochs": 2, "batch_size": 4, "lr": 1e-3, "eval_every": 3, "eval_batches": 1,
                               "sample_entries": 1, "sample_max_new_tokens": 4, "device": "cpu"},
         "score_instructions": {"max_new_tokens": 6, "batch_size": 3, "device": "cpu",

@@ -21,6 +21,7 @@ from steps import score_spam
 from steps.common import datasets, models
 from steps.common.data import DataError, TokenizerParams
 from steps.common.scoring import classification_metrics
+from tests.trainer_params import TEST_TRAINING, trainer_params
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("LLMPIPE_MIRROR") or REPO.parent / "shared" / "data")
@@ -62,7 +63,7 @@ def mlflow_uri(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return uri
 
 
-PARAMS = ft.FinetuneClassifierParams(trainable="lora", lora={"rank": 2, "alpha": 4}, token_position="flexible",
+PARAMS = trainer_params(ft.FinetuneClassifierParams, trainable="lora", lora={"rank": 2, "alpha": 4}, token_position="flexible",
                                      epochs=2, batch_size=4, lr=1e-3, eval_every=2, eval_batches=2, device="cpu")
 
 
@@ -265,7 +266,7 @@ def test_base_without_gpt2_weights_fails_clearly(workspace: Path, tmp_path: Path
     with pytest.raises(models.BaseModelError, match=r"has no weights .*loaded=false.*no network"):
         models.load_base_model(gpt2)
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"finetune_classifier": {}, "tokenizer": TOKENIZER.model_dump(),
+    params.write_text(yaml.safe_dump({"training": TEST_TRAINING, "finetune_classifier": {}, "tokenizer": TOKENIZER.model_dump(),
                                       "classifier_base": {"dir": str(gpt2)}}))
     with pytest.raises(SystemExit, match=r"finetune_classifier: error: base model .*gpt2 has no weights"):
         ft.main(["--params", str(params), "--data", str(workspace / "data"), "--out", str(tmp_path / "out")])

@@ -22,6 +22,7 @@ from llmcore.train import TrainCallback, TrainConfig, train
 from steps.finetune_classifier import FinetuneClassifierParams
 from steps.finetune_instruct import FinetuneInstructParams
 from steps.pretrain import PretrainParams
+from tests.trainer_params import trainer_params
 
 CFG = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
 # 2 epochs of 6 micro-batches of 2, accumulated in pairs: 3 optimizer steps per epoch.
@@ -174,9 +175,9 @@ def test_classifier_loop_under_bf16_and_under_compile() -> None:
 
 def test_every_trainers_params_carry_precision_and_compile() -> None:
     switches = {"precision": "bf16-mixed", "compile": True}
-    configs = [PretrainParams(**switches).train_config(), FinetuneClassifierParams(**switches).train_config(),
-               FinetuneInstructParams(**switches).train_config()]
+    configs = [trainer_params(PretrainParams, **switches).train_config(), trainer_params(FinetuneClassifierParams, **switches).train_config(),
+               trainer_params(FinetuneInstructParams, **switches).train_config()]
     assert all((c.precision, c.compile) == ("bf16-mixed", True) for c in configs)
-    assert (PretrainParams().precision, PretrainParams().compile) == ("fp32", False)  # the CPU defaults
-    model = PretrainParams(model={"preset": "cpu-tiny", "pad_vocab_to_multiple": 64}).model.gpt_config(context_length=256)
+    assert (trainer_params(PretrainParams).precision, trainer_params(PretrainParams).compile) == ("fp32", False)  # the CPU defaults
+    model = trainer_params(PretrainParams, model={"preset": "cpu-tiny", "pad_vocab_to_multiple": 64}).model.gpt_config(context_length=256)
     assert model.padded_vocab_size == 50304

@@ -35,6 +35,7 @@ from steps.common.io import file_digest
 from steps.common.params import ParamsError, validate_section
 from steps.common.shards import ShardWriter
 from steps.pretrain import PretrainParams, PretrainPaths, pretrain
+from tests.trainer_params import trainer_params
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("LLMPIPE_MIRROR") or REPO.parent / "shared" / "data")
@@ -53,7 +54,7 @@ TINY = {
 
 
 def tiny_params(**changes) -> PretrainParams:
-    return PretrainParams.model_validate({**TINY, **changes})
+    return trainer_params(PretrainParams, **{**TINY, **changes})
 
 
 @pytest.fixture(scope="module")

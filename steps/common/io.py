@@ -50,9 +50,11 @@ def resume_state_dir(cache_dir: Path, *settings: Any, prune: bool = True) -> Pat
     return cache_dir / key
 
 
-def record_state_params(state_dir: Path, section: str, params: Any) -> None:
-    """Write ``section``'s params (a JSON-able dict) beside a resumable state: once dvc.lock records
-    a finished run with the same values (the outputs came from the run cache, or another run), the
-    state can never be needed again and the check_params stage removes it."""
+def record_state_params(state_dir: Path, section: str, params: Any, defaults: str | None = None) -> None:
+    """Write ``section``'s params (a JSON-able dict; read over the ``defaults`` section when given)
+    beside a resumable state: once dvc.lock records a finished run with the same values (the outputs
+    came from the run cache, or another run), the state can never be needed again and the
+    check_params stage removes it."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    write_json(state_dir / STATE_RECORD, {"section": section, "params": params})
+    write_json(state_dir / STATE_RECORD, {"section": section, "params": params,
+                                          **({"defaults": defaults} if defaults else {})})

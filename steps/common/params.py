@@ -50,20 +50,35 @@ def read_params(path: str | os.PathLike = PARAMS_FILE) -> dict:
     return data
 
 
-def validate_section(data: dict, section: str, model: type[M], source: str = "params.yaml") -> M:
-    """Validate ``data[section]`` (dotted for nesting) against ``model``; errors name ``section.key``."""
+def _node(data: dict, section: str, source: str) -> object:
     node: object = data
     for part in section.split("."):
         if not isinstance(node, dict) or part not in node:
             raise ParamsError(f"{source}: missing section {section!r}")
         node = node[part]
+    return node
+
+
+def validate_section(data: dict, section: str, model: type[M], source: str = "params.yaml") -> M:
+    """Validate ``data[section]`` (dotted for nesting) against ``model``; errors name ``section.key``.
+    A model with ``DEFAULTS_SECTION`` (the trainers' ``training``) takes that section's keys first,
+    the stage's own keys over them; an error names the section the bad value is written in."""
+    own = node = _node(data, section, source)
+    defaults_section = getattr(model, "DEFAULTS_SECTION", None)
+    if defaults_section:  # absent: the stage's section states every key
+        defaults = _node(data, defaults_section, source) if defaults_section in data else {}
+        if not isinstance(defaults, dict) or not isinstance(own, dict):
+            raise ParamsError(f"{source}: sections {defaults_section!r} and {section!r} must be mappings")
+        node = {**defaults, **own}
     try:
         return model.model_validate(node)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            key = ".".join([section, *(str(p) for p in err["loc"])])
-            problems.append(f"{key}: {err['msg']} (got {_shown(err.get('input'))})")
+            loc = [str(p) for p in err["loc"]]
+            inherited = defaults_section and loc and isinstance(own, dict) and loc[0] not in own and loc[0] in node
+            home = defaults_section if inherited else section
+            problems.append(f"{'.'.join([home, *loc])}: {err['msg']} (got {_shown(err.get('input'))})")
         raise ParamsError(f"{source}: invalid params:\n  " + "\n  ".join(problems)) from None
 
 

@@ -20,10 +20,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, create_model
+from pydantic.fields import FieldInfo
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -54,26 +55,30 @@ TRAINING_ERRORS = (ConfigError, CheckpointError, TokenizerFilesError, TrainingDi
 
 
 class TrainParams(StrictModel):
-    """The knobs of ``llmcore.train.TrainConfig`` that every training section has (params.yaml
-    states each one: nothing changes a result silently)."""
+    """The knobs of ``llmcore.train.TrainConfig`` that every training section has. No defaults here:
+    params.yaml's ``training`` section states the shared ones once and each stage's section what
+    is its own (or overrides); a key in neither is an error naming it."""
 
-    epochs: int = Field(1, ge=1)
-    batch_size: int = Field(8, ge=1)  # the global batch: under DDP each rank takes its share
-    grad_accum_steps: int = Field(1, ge=1)
-    lr: float = Field(5e-5, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # the cosine schedule ends at lr * min_lr_ratio
-    weight_decay: float = Field(0.1, ge=0)  # AdamW; not on biases and norms
-    betas: list[float] = Field([0.9, 0.999], min_length=2, max_length=2)  # AdamW
-    schedule: Literal["cosine", "constant"] = "constant"
-    warmup_steps: int = Field(0, ge=0)  # linear warmup, in optimizer steps
-    grad_clip: float | None = Field(None, gt=0)  # max gradient norm; null: no clipping
-    eval_every: int = Field(5, ge=0)  # optimizer steps; 0: at epoch ends only
-    eval_batches: int | None = Field(5, ge=1)  # batches per evaluation; null: the whole splits
-    checkpoint_every: int = Field(0, ge=0)  # optimizer steps between resumable states; 0: epoch ends
-    seed: int = 123
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed"] = "fp32"  # llmcore.precision
-    compile: bool = False  # torch.compile the training and evaluation loss
+    DEFAULTS_SECTION: ClassVar[str] = "training"
+    DEFAULTS_MODEL: ClassVar[type[StrictModel]]  # that section's model (below)
+
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)  # the global batch: under DDP each rank takes its share
+    grad_accum_steps: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    min_lr_ratio: float = Field(ge=0, le=1)  # the cosine schedule ends at lr * min_lr_ratio
+    weight_decay: float = Field(ge=0)  # AdamW; not on biases and norms
+    betas: list[float] = Field(min_length=2, max_length=2)  # AdamW
+    schedule: Literal["cosine", "constant"]
+    warmup_steps: int = Field(ge=0)  # linear warmup, in optimizer steps
+    grad_clip: float | None = Field(gt=0)  # max gradient norm; null: no clipping
+    eval_every: int = Field(ge=0)  # optimizer steps; 0: at epoch ends only
+    eval_batches: int | None = Field(ge=1)  # batches per evaluation; null: the whole splits
+    checkpoint_every: int = Field(ge=0)  # optimizer steps between resumable states; 0: epoch ends
+    seed: int
+    device: Literal["auto", "cpu", "cuda", "mps"]
+    precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed"]  # llmcore.precision
+    compile: bool  # torch.compile the training and evaluation loss
 
     def train_config(self, progress: bool = True) -> TrainConfig:
         return TrainConfig(
@@ -83,6 +88,12 @@ class TrainParams(StrictModel):
             eval_every=self.eval_every, eval_batches=self.eval_batches, checkpoint_every=self.checkpoint_every,
             seed=self.seed, progress=progress, precision=self.precision, compile=self.compile,
         )
+
+
+# params.yaml's `training`: any of TrainParams' keys (same types and ranges), none required.
+TrainParams.DEFAULTS_MODEL = create_model(
+    "TrainingDefaults", __base__=StrictModel, __doc__="The trainers' shared settings (params.yaml `training`).",
+    **{name: (info.annotation, FieldInfo.merge_field_infos(info, default=None)) for name, info in TrainParams.model_fields.items()})
 
 
 def stage_device(stage: str, params: TrainParams) -> torch.device:
@@ -154,7 +165,7 @@ def run_training(job: TrainingJob, out: TrainingOutputs, *, encoding_dir: str | 
     state_dir = resume_state_dir(out.state_dir, config.fingerprint(), job.params.model_dump(mode="json"),
                                  dict(job.resume_settings), digests, prune=is_main_process())
     if is_main_process():
-        record_state_params(state_dir, job.stage, job.params.model_dump(mode="json"))
+        record_state_params(state_dir, job.stage, job.params.model_dump(mode="json"), TrainParams.DEFAULTS_SECTION)
     with stage_run_on_main(job.stage, job.experiment, job.params) as run:
         resumed_tokens = _start_run(job, state_dir) if run is not None else 0
         started = time.perf_counter()

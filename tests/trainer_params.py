@@ -1,0 +1,21 @@
+"""The trainers' params for tests that build them in Python: the stage's model validated with
+these test values under the fields a test names. (The product's values live in params.yaml only:
+``TrainParams`` has no defaults; its ``training`` section gives the shared ones.)"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from steps.common.training import TrainParams
+
+P = TypeVar("P", bound=TrainParams)
+
+TEST_TRAINING: dict[str, Any] = {
+    "epochs": 1, "batch_size": 8, "grad_accum_steps": 1, "lr": 5e-5, "min_lr_ratio": 0.1, "weight_decay": 0.1,
+    "betas": [0.9, 0.999], "schedule": "constant", "warmup_steps": 0, "grad_clip": None, "eval_every": 5,
+    "eval_batches": 5, "checkpoint_every": 0, "seed": 123, "device": "auto", "precision": "fp32", "compile": False,
+}
+
+
+def trainer_params(params_model: type[P], /, **fields: Any) -> P:
+    return params_model.model_validate({**TEST_TRAINING, **fields})
