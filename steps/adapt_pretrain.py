@@ -42,7 +42,7 @@ from steps.common.io import atomic_path, sha256_file, write_json
 from steps.common.mlflow_models import generator_signature
 from steps.common.models import BaseModelSectionParams, load_base_model
 from steps.common.params import ParamsError, StrictModel
-from steps.common.registry import ADAPTED_MODEL
+from steps.common.registry import ADAPT_EXPERIMENT, ADAPTED_MODEL
 from steps.common.training import (
     TRAINING_ERRORS,
     Pyfunc,
@@ -54,7 +54,7 @@ from steps.common.training import (
 )
 
 STAGE = "adapt_pretrain"
-EXPERIMENT = "adapt-pretrain"
+EXPERIMENT = ADAPT_EXPERIMENT
 CACHE_DIR = Path(".cache/adapt_pretrain")
 HELD_OUT = ("validation", "test")
 STEP_LOG_EVERY = 10  # optimizer steps between MLflow step-loss points: ~1,600 steps, each point a database write

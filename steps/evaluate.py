@@ -29,7 +29,7 @@ from steps.common.cli import StageParams, run_stage
 from steps.common.data import TokenizerParams
 from steps.common.io import atomic_path, write_json
 from steps.common.params import ParamsError, StrictModel
-from steps.common.registry import Scoring
+from steps.common.registry import PRETRAIN_EXPERIMENT, Scoring
 from steps.common.stats import ComparisonParams, examples_digest, mean_interval
 from steps.common.windows import load_windows
 
@@ -115,7 +115,7 @@ def evaluate(
     from steps.common.registry import PRETRAINED_MODEL
     from steps.common.tracking import check_store, record_evaluation  # mlflow imports take seconds
 
-    check_store("pretrain")  # before any work or output: fail early if the store cannot be written
+    check_store(PRETRAIN_EXPERIMENT)  # before any work or output: fail early if the store cannot be written
     try:
         device = resolve_device(params.device)
     except ValueError as exc:

@@ -56,7 +56,7 @@ from steps.common.models import (
     load_base_model,
 )
 from steps.common.params import ParamsError
-from steps.common.registry import INSTRUCT_MODEL
+from steps.common.registry import INSTRUCT_EXPERIMENT, INSTRUCT_MODEL
 from steps.common.training import (
     TRAINING_ERRORS,
     Pyfunc,
@@ -68,7 +68,7 @@ from steps.common.training import (
 )
 
 STAGE = "finetune_instruct"
-EXPERIMENT = "instruction-sft"
+EXPERIMENT = INSTRUCT_EXPERIMENT
 CACHE_DIR = Path(".cache/finetune_instruct")
 
 

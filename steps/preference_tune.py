@@ -38,7 +38,7 @@ from steps.common.io import sha256_file
 from steps.common.mlflow_models import instruct_signature
 from steps.common.models import LoraParams, load_base_model
 from steps.common.preferences import load_pairs
-from steps.common.registry import PREFERENCE_MODEL
+from steps.common.registry import PREFERENCE_EXPERIMENT, PREFERENCE_MODEL
 from steps.common.training import (
     TRAINING_ERRORS,
     Pyfunc,
@@ -50,7 +50,7 @@ from steps.common.training import (
 )
 
 STAGE = "preference_tune"
-EXPERIMENT = "preference-dpo"
+EXPERIMENT = PREFERENCE_EXPERIMENT
 CACHE_DIR = Path(".cache/preference_tune")
 CURVES = ("loss", "reward_margin", "preference_accuracy")  # plotted from the history (train and val)
 FINAL = ("loss", "reward_margin", "reward_accuracy", "preference_accuracy")

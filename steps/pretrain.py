@@ -37,7 +37,7 @@ from steps.common.data import TokenizerParams
 from steps.common.distributed import setup_distributed
 from steps.common.mlflow_models import generator_signature
 from steps.common.params import StrictModel
-from steps.common.registry import PRETRAINED_MODEL
+from steps.common.registry import PRETRAIN_EXPERIMENT, PRETRAINED_MODEL
 from steps.common.training import (
     TRAINING_ERRORS,
     Pyfunc,
@@ -50,7 +50,7 @@ from steps.common.training import (
 from steps.common.windows import load_windows, read_windows_meta, window_files
 
 STAGE = "pretrain"
-EXPERIMENT = "pretrain"
+EXPERIMENT = PRETRAIN_EXPERIMENT
 
 
 class ModelParams(StrictModel):

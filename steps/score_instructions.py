@@ -29,7 +29,7 @@ from steps.common.io import write_json
 from steps.common.judge import JudgeParams, JudgeUnavailableError, judge_responses
 from steps.common.models import BaseModelError, base_tokenizer
 from steps.common.params import ParamsError, StrictModel
-from steps.common.registry import INSTRUCT_MODEL, Scoring
+from steps.common.registry import INSTRUCT_EXPERIMENT, INSTRUCT_MODEL, Scoring
 from steps.common.stats import ComparisonParams, bootstrap_interval, examples_digest
 
 STAGE = "score_instructions"
@@ -93,7 +93,7 @@ def score_instructions(
     ``test_file`` unless given), paired per example: no test score chooses."""
     from steps.common.tracking import check_store, record_evaluation  # mlflow imports take seconds
 
-    check_store("instruction-sft")  # before any work or output: fail early if the store cannot be written
+    check_store(INSTRUCT_EXPERIMENT)  # before any work or output: fail early if the store cannot be written
     entries = load_entries(test_file)[: params.max_entries]
     if not entries:
         raise DataError(f"{test_file}: no instruction entries")

@@ -32,7 +32,7 @@ from steps.common.io import write_json
 from steps.common.models import BaseModelError, load_base_model
 from steps.common.params import ParamsError, StrictModel
 from steps.common.preferences import load_pairs
-from steps.common.registry import PREFERENCE_MODEL, Scoring
+from steps.common.registry import PREFERENCE_EXPERIMENT, PREFERENCE_MODEL, Scoring
 from steps.common.stats import ComparisonParams, compare_correct, examples_digest, wilson_interval
 
 STAGE = "score_preference"
@@ -70,7 +70,7 @@ def score_preference(params: ScorePreferenceParams, tokenizer_params: TokenizerP
     """Score both models on the validation and test pairs; write and record the results."""
     from steps.common.tracking import check_store, record_evaluation  # mlflow imports take seconds
 
-    check_store(PREFERENCE_MODEL)  # before any work or output: fail early if the store cannot be written
+    check_store(PREFERENCE_EXPERIMENT)  # before any work or output: fail early if the store cannot be written
     try:
         device = resolve_device(params.device)
     except ValueError as exc:

@@ -45,12 +45,18 @@ if TYPE_CHECKING:  # mlflow takes seconds to import: stages import these names a
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
-# The registered models (and the MLflow experiments of the stages that train them).
+# The registered models.
 PRETRAINED_MODEL = "pretrained-gpt"
 SPAM_CLASSIFIER = "spam-classifier"
 INSTRUCT_MODEL = "instruct-gpt"
 PREFERENCE_MODEL = "preference-gpt"  # the instruction model after DPO (preference_tune)
 ADAPTED_MODEL = "adapted-gpt"  # the base after domain-adaptive pretraining (adapt_pretrain): @candidate only
+# The MLflow experiment of each training stage; its scoring stage logs into the same runs (and
+# checks that store first). The classifier's experiment is named after its registered model.
+PRETRAIN_EXPERIMENT = "pretrain"
+ADAPT_EXPERIMENT = "adapt-pretrain"
+INSTRUCT_EXPERIMENT = "instruction-sft"
+PREFERENCE_EXPERIMENT = "preference-dpo"
 
 LOCK_SUFFIX = ".promotion-lock"
 LOCK_WAIT_S = 300.0  # a promotion waits this long for another one to finish
