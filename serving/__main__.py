@@ -19,7 +19,7 @@ from pathlib import Path
 
 from llmcore.checkpoint import CheckpointError
 from llmcore.tokenizer import TokenizerFilesError
-from serving.limits import DEFAULT_MAX_BODY_MB
+from serving.limits import DEFAULT_MAX_BODY_MB, ServeConfig
 from serving.text import PROMPT_STYLES
 from steps.common.model_dirs import UsageError
 
@@ -40,9 +40,15 @@ def build_parser(prog: str = "python -m serving") -> argparse.ArgumentParser:
     parser.add_argument("--prompt-style", choices=PROMPT_STYLES,
                         help="how chat messages become the prompt; default: the checkpoint's own prompt_style "
                         "(its fine-tuning style, plain for a pretrained model, template for a Hugging Face base)")
-    parser.add_argument("--max-batch", type=int, default=16, help="generations decoded together")
-    parser.add_argument("--max-queue", type=int, default=64, help="generations waiting; more get 429")
-    parser.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask")
+    limits = ServeConfig()  # each limit's default has one home: ServeConfig
+    parser.add_argument("--max-batch", type=int, default=limits.max_batch,
+                        help="generations decoded together (default: %(default)s)")
+    parser.add_argument("--max-queue", type=int, default=limits.max_queue,
+                        help="generations waiting; more get 429 (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=limits.max_tokens,
+                        help="the largest max_tokens a request may ask (default: %(default)s)")
+    parser.add_argument("--max-classify", type=int, default=limits.max_classify,
+                        help="classification requests computed at once; more get 429 (default: %(default)s)")
     parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB,
                         help="larger request bodies are refused with a 413 before they are read (default: %(default)s)")
     parser.add_argument("--stream-interval-ms", type=float, default=10.0,
@@ -85,7 +91,7 @@ def load_all(specs: dict[str, str | None], args: argparse.Namespace) -> dict:
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from serving.app import ServeConfig, create_app
+    from serving.app import create_app
     from serving.models import CLASSIFIER, GENERATOR
 
     api_key = os.environ.get(API_KEY_ENV) or None
@@ -98,7 +104,7 @@ def serve(args: argparse.Namespace) -> None:
                        f"{DEFAULTS['classifier']} come from `dvc repro finetune_instruct finetune_classifier`)")
     served = load_all(specs, args)
     config = ServeConfig(api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-                         max_tokens=args.max_tokens, max_body_bytes=int(args.max_body_mb * 1e6),
+                         max_tokens=args.max_tokens, max_classify=args.max_classify, max_body_bytes=int(args.max_body_mb * 1e6),
                          stream_interval_s=args.stream_interval_ms / 1e3)
     app = create_app(served[GENERATOR], served[CLASSIFIER], config)
     for kind, model in served.items():
@@ -111,9 +117,10 @@ def serve(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m serving") -> int:
     args = build_parser(prog).parse_args(argv)
-    if (args.max_batch < 1 or args.max_queue < 0 or args.max_tokens < 1 or not args.max_body_mb > 0
-            or args.stream_interval_ms < 0):
-        print(f"{prog}: error: --max-batch and --max-tokens must be >= 1, --max-queue >= 0, --max-body-mb > 0, "
+    if (args.max_batch < 1 or args.max_queue < 0 or args.max_tokens < 1 or args.max_classify < 1
+            or not args.max_body_mb > 0 or args.stream_interval_ms < 0):
+        print(f"{prog}: error: --max-batch, --max-tokens and --max-classify must be >= 1, --max-queue >= 0, "
+              "--max-body-mb > 0, "
               "--stream-interval-ms >= 0",
               file=sys.stderr)
         return 2

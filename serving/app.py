@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hmac
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,24 +20,13 @@ from starlette.concurrency import run_in_threadpool
 from llmcore.classifier import predict_proba, probability_columns
 from serving.engine import Engine
 from serving.errors import APIError, install_error_handlers
-from serving.limits import DEFAULT_MAX_BODY_MB, BodyLimit
+from serving.limits import BodyLimit, ServeConfig
 from serving.models import CLASSIFIER, GENERATOR, Served
 from serving.openai_api import openai_router
 from serving.schemas import ClassifyRequest
 
 PAGE = (Path(__file__).with_name("page.html")).read_text(encoding="utf-8")
 FLAGS = {GENERATOR: "--model", CLASSIFIER: "--classifier"}
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    api_key: str | None = None
-    max_batch: int = 16  # sequences decoded together
-    max_queue: int = 64  # generations waiting for a free row; more are refused with 429
-    max_tokens: int = 1024  # the largest max_tokens a request may ask for
-    max_texts: int = 256  # texts per classification request
-    max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 1e6)  # larger request bodies get a 413 unread
-    stream_interval_s: float = 0.01  # streamed text goes out at most this often (first and last pieces at once)
 
 
 class ServeState:
@@ -137,7 +125,7 @@ async def classify(state: ServeState, body: ClassifyRequest) -> tuple[Served, to
         raise APIError(400, str(exc), param="input") from exc
     if not 0 < len(texts) <= state.config.max_texts:
         raise APIError(400, f"give 1 to {state.config.max_texts} texts, got {len(texts)}", param="input")
-    if state.classifying >= state.config.max_batch:
+    if state.classifying >= state.config.max_classify:
         raise APIError(429, "server busy: too many classification requests at once", code="too_many_requests",
                        headers={"Retry-After": "1"})
     state.classifying += 1

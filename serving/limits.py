@@ -9,10 +9,23 @@ the app as it came.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 from serving.errors import error_body
 
 DEFAULT_MAX_BODY_MB = 4.0  # far above any prompt that fits a context; far below what stalls a worker
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    api_key: str | None = None
+    max_batch: int = 16  # sequences decoded together
+    max_queue: int = 64  # generations waiting for a free row; more are refused with 429
+    max_tokens: int = 1024  # the largest max_tokens a request may ask for
+    max_texts: int = 256  # texts per classification request
+    max_classify: int = 16  # classification requests computed at once; more are refused with 429
+    max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 1e6)  # larger request bodies get a 413 unread
+    stream_interval_s: float = 0.01  # streamed text goes out at most this often (first and last pieces at once)
 
 
 class BodyLimit:

@@ -213,3 +213,34 @@ def test_int8_weights_are_served(generator_dir: Path) -> None:
         assert httpx.get(f"{url}/v1/models").json()["data"][0]["int8"] is True
         reply = httpx.post(f"{url}/v1/completions", json={"prompt": "Hello", "max_tokens": 6}, timeout=30).json()
         assert reply["usage"]["completion_tokens"] == 6 and reply["choices"][0]["text"]
+
+
+def test_classification_requests_have_their_own_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      gpt2_encoding_dir: Path) -> None:
+    """--max-classify bounds classifications in flight; --max-batch (generation rows) does not."""
+    import threading
+
+    import serving.app
+
+    monkeypatch.setenv(ENCODING_DIR_ENV, str(gpt2_encoding_dir))
+    classifier = load_served(str(tiny_classifier(tmp_path / "spam")), CLASSIFIER)
+    gate = threading.Event()
+    slow = serving.app.predict_proba
+    monkeypatch.setattr(serving.app, "predict_proba", lambda *args: (gate.wait(30), slow(*args))[1])
+    app = create_app(None, classifier, ServeConfig(max_batch=1, max_classify=2))
+    with app_server(app) as url:
+        answers: list[int] = []
+        running = [threading.Thread(target=lambda: answers.append(
+            httpx.post(f"{url}/v1/classify", json={"input": "win a prize"}, timeout=60).status_code)) for _ in range(2)]
+        for thread in running:
+            thread.start()
+        for _ in range(200):  # both are in flight (waiting on the gate)
+            if app.state.serve.classifying == 2:
+                break
+            time.sleep(0.02)
+        refused = httpx.post(f"{url}/v1/classify", json={"input": "third"}, timeout=30)
+        gate.set()
+        for thread in running:
+            thread.join()
+        assert answers == [200, 200]
+        assert refused.status_code == 429 and "too many classification requests" in refused.json()["error"]["message"]
