@@ -15,41 +15,27 @@ training windows start at seeded random offsets (nanoGPT), validation windows st
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
-
-from pydantic import Field
 
 from steps.common.cli import StageParams, run_stage
 from steps.common.io import atomic_path, sha256_file, write_json
-from steps.common.params import StrictModel
 from steps.common.shards import META_FILE
-from steps.common.windows import WINDOWS_META, load_token_shards, split_windows
-
-
-class WindowParams(StrictModel):
-    context_length: int = Field(256, gt=0)
-    stride: int = Field(256, gt=0)
-    train_ratio: float = Field(0.9, gt=0, lt=1)
-    sampling: Literal["fixed", "random"] = "fixed"  # training windows: every stride tokens, or random offsets
-    random_windows: int | None = Field(None, ge=1)  # random training windows per epoch; None: n_tokens / context
-    seed: int = 123  # the random offsets
+from steps.common.windows import WINDOWS_META, WindowParams, WindowsMeta, load_token_shards, split_windows
 
 
 def build_windows(tokens_dir: Path, out_dir: Path, metrics_out: Path, params: WindowParams) -> dict:
     """Check the windows of each split and write their definition to ``out_dir/meta.json``."""
     tokens, tokens_meta = load_token_shards(tokens_dir)
-    spec = params.model_dump()
-    windows = split_windows(tokens, spec)
-    meta = {
-        **spec,
-        "n_train_windows": len(windows["train"]),
-        "n_val_windows": len(windows["val"]),
-        "train_tokens": len(windows["train"].token_ids),
-        "val_tokens": len(windows["val"].token_ids),
-        "tokens": str(tokens_dir),
-        "tokens_sha256": sha256_file(tokens_dir / META_FILE),
-        "max_token_id": tokens_meta["max_token_id"],
-    }
+    windows = split_windows(tokens, params)
+    meta = WindowsMeta(
+        **params.model_dump(),
+        n_train_windows=len(windows["train"]),
+        n_val_windows=len(windows["val"]),
+        train_tokens=len(windows["train"].token_ids),
+        val_tokens=len(windows["val"].token_ids),
+        tokens=str(tokens_dir),
+        tokens_sha256=sha256_file(tokens_dir / META_FILE),
+        max_token_id=tokens_meta["max_token_id"],
+    ).model_dump()
     with atomic_path(out_dir, is_dir=True) as tmp:
         write_json(tmp / WINDOWS_META, meta)
     write_json(metrics_out, meta)

@@ -137,7 +137,7 @@ def pretrain(
 ) -> dict[str, float]:
     """Train from scratch (or resume), write the outputs and log the run; returns the metrics."""
     tokenizer = get_tokenizer(tokenizer_params.directory)
-    cfg = vocab_for(params.model.gpt_config(read_windows_meta(paths.windows)["context_length"]), tokenizer,
+    cfg = vocab_for(params.model.gpt_config(read_windows_meta(paths.windows).context_length), tokenizer,
                     params.model.pad_vocab_to_multiple)
     windows = load_windows(paths.windows, cfg)
     train_data, val_data = windows["train"], windows["val"]

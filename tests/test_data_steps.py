@@ -22,7 +22,7 @@ from steps import tokenize
 from steps.common import datasets
 from steps.common.data import DataError, TokenizerParams, read_text
 from steps.common.params import ParamsError, read_params, validate_section
-from steps.common.windows import load_token_shards, load_windows
+from steps.common.windows import load_token_shards, load_windows, read_windows_meta
 from steps.fetch import FetchSettings, Source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,6 +112,17 @@ def test_windows_match_the_book_and_todays_output(verdict_tokens: Path, tmp_path
     ids = verdict_ids()
     for split, part in (("train", ids[:4630]), ("val", ids[4630:])):
         assert_windows_equal(views[split], todays_windows(part, 256, 256))
+
+
+def test_the_windows_meta_is_typed_and_a_bad_one_is_named(verdict_tokens: Path, tmp_path: Path) -> None:
+    """data/windows/meta.json is read back as steps.common.windows.WindowsMeta, not by string keys."""
+    windows.build_windows(verdict_tokens, tmp_path / "w", tmp_path / "m.json", windows.WindowParams())
+    meta = read_windows_meta(tmp_path / "w")
+    assert (meta.context_length, meta.n_train_windows, meta.tokens) == (256, 18, str(verdict_tokens))
+    path = tmp_path / "w" / "meta.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "n_val_windows": "2"}))
+    with pytest.raises(DataError, match=r"meta.json: n_val_windows: Input should be a valid integer \(rerun the build_windows"):
+        read_windows_meta(tmp_path / "w")
 
 
 def test_overlapping_windows_equal_todays(verdict_tokens: Path, tmp_path: Path) -> None:

@@ -10,18 +10,44 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field, ValidationError
 from torch.utils.data import Dataset
 
 from llmcore.config import GPTConfig
 from llmcore.data import RandomWindowDataset, SlidingWindowDataset, TokenShards
 from steps.common.data import DataError
 from steps.common.io import sha256_file
+from steps.common.params import StrictModel
 from steps.common.shards import META_FILE, read_shards_meta
 
 WINDOWS_META = "meta.json"
+
+
+class WindowParams(StrictModel):
+    """params.yaml ``windows``: how build_windows splits the token ids and windows them."""
+
+    context_length: int = Field(256, gt=0)
+    stride: int = Field(256, gt=0)
+    train_ratio: float = Field(0.9, gt=0, lt=1)
+    sampling: Literal["fixed", "random"] = "fixed"  # training windows: every stride tokens, or random offsets
+    random_windows: int | None = Field(None, ge=1)  # random training windows per epoch; None: n_tokens / context
+    seed: int = 123  # the random offsets
+
+
+class WindowsMeta(WindowParams):
+    """``data/windows/meta.json``, what build_windows hands to the stages that train on or score the
+    windows: its params, the windows they give, and the token shards they are views over."""
+
+    n_train_windows: int = Field(ge=1)
+    n_val_windows: int = Field(ge=1)
+    train_tokens: int = Field(ge=2)
+    val_tokens: int = Field(ge=2)
+    tokens: str  # the token shards' directory
+    tokens_sha256: str  # of its meta.json: the windows are stale once it changes
+    max_token_id: int = Field(ge=0)
 
 
 def load_token_shards(directory: Path) -> tuple[TokenShards, dict[str, Any]]:
@@ -41,39 +67,43 @@ def load_token_shards(directory: Path) -> tuple[TokenShards, dict[str, Any]]:
     return TokenShards(arrays), meta
 
 
-def split_windows(tokens: TokenShards, spec: dict, *, sampled: bool = True) -> dict[str, Dataset]:
+def split_windows(tokens: TokenShards, spec: WindowParams, *, sampled: bool = True) -> dict[str, Dataset]:
     """The train and val windows that ``spec`` (build_windows' params) defines over ``tokens``.
 
     ``sampled=False`` gives fixed-stride training windows even when ``spec`` samples at random
     offsets (scoring wants the same windows every time).
     """
-    context, split_at = spec["context_length"], int(len(tokens) * spec["train_ratio"])
+    context, split_at = spec.context_length, int(len(tokens) * spec.train_ratio)
     parts = {"train": tokens.view(0, split_at), "val": tokens.view(split_at, len(tokens))}
     for name, part in parts.items():
         if len(part) < context + 1:
             raise DataError(f"{name} split has {len(part)} tokens; one window of context_length={context} "
                             f"needs at least {context + 1}")
-    windows: dict[str, Dataset] = {name: SlidingWindowDataset(part, context, spec["stride"])
+    windows: dict[str, Dataset] = {name: SlidingWindowDataset(part, context, spec.stride)
                                    for name, part in parts.items()}
-    if sampled and spec["sampling"] == "random":
-        n_samples = spec["random_windows"] or math.ceil((split_at - context) / context)
-        windows["train"] = RandomWindowDataset(parts["train"], context, n_samples, spec["seed"])
+    if sampled and spec.sampling == "random":
+        n_samples = spec.random_windows or math.ceil((split_at - context) / context)
+        windows["train"] = RandomWindowDataset(parts["train"], context, n_samples, spec.seed)
     return windows
 
 
-def read_windows_meta(windows_dir: Path) -> dict:
+def read_windows_meta(windows_dir: Path) -> WindowsMeta:
     path = windows_dir / WINDOWS_META
     try:
-        return json.loads(path.read_text())
+        return WindowsMeta.model_validate(json.loads(path.read_text()))
     except OSError as exc:
         raise DataError(f"cannot read windows {path}: {exc.strerror or exc} (run the build_windows stage)") from exc
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise DataError(f"{path}: {field}: {err['msg']} (rerun the build_windows stage)") from None
     except ValueError as exc:
         raise DataError(f"{path} is not valid JSON: {exc}") from exc
 
 
 def window_files(windows_dir: Path) -> dict[str, Path]:
     """The files that pin down the windows: their definition and the index of the token shards."""
-    return {"windows": windows_dir / WINDOWS_META, "tokens": Path(read_windows_meta(windows_dir)["tokens"]) / META_FILE}
+    return {"windows": windows_dir / WINDOWS_META, "tokens": Path(read_windows_meta(windows_dir).tokens) / META_FILE}
 
 
 def load_windows(windows_dir: Path, cfg: GPTConfig, *, exact: bool = True, sampled: bool = True) -> dict[str, Dataset]:
@@ -83,18 +113,18 @@ def load_windows(windows_dir: Path, cfg: GPTConfig, *, exact: bool = True, sampl
     accepts shorter ones.
     """
     meta = read_windows_meta(windows_dir)
-    tokens_dir = Path(meta["tokens"])
+    tokens_dir = Path(meta.tokens)
     tokens, _ = load_token_shards(tokens_dir)
-    if sha256_file(tokens_dir / META_FILE) != meta["tokens_sha256"]:
+    if sha256_file(tokens_dir / META_FILE) != meta.tokens_sha256:
         raise DataError(f"{windows_dir} was built from other tokens than {tokens_dir} holds now: rerun build_windows")
-    width = meta["context_length"]
+    width = meta.context_length
     if width > cfg.context_length or (exact and width != cfg.context_length):
         raise DataError(
             f"{windows_dir} holds windows of context_length {width} but the model's "
             f"context_length is {cfg.context_length}: score the model on windows built with its "
             "context (windows.context_length in params.yaml)"
         )
-    if meta["max_token_id"] >= cfg.vocab_size:
-        raise DataError(f"{tokens_dir}: token id {meta['max_token_id']} is outside the model's vocabulary "
+    if meta.max_token_id >= cfg.vocab_size:
+        raise DataError(f"{tokens_dir}: token id {meta.max_token_id} is outside the model's vocabulary "
                         f"({cfg.vocab_size})")
     return split_windows(tokens, meta, sampled=sampled)
