@@ -37,7 +37,7 @@ from llmcore.model import GPTModel
 from llmcore.tokenizer import get_tokenizer
 from llmcore.train import TrainCallback, TrainConfig, TrainState, train
 from steps.build_windows import WindowParams, build_windows
-from steps.common.windows import load_windows
+from steps.data.windows import load_windows
 
 MIRROR = Path(os.environ.get("LLMPIPE_MIRROR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 NAMES = ["ALONSO", "Beatrice", "the clerk", "Mrs. Gisburn", "KING", "Nurse", "a stranger", "Rickham", "CORIOLANUS"]

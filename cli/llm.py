@@ -28,7 +28,7 @@ from llmcore.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from llmcore.generate import generate_stream
 from llmcore.prompts import checkpoint_prompt_style, response_prompt
 from llmcore.tokenizer import TokenizerFilesError, encode, eot_id
-from steps.common.model_dirs import UsageError, check_model_dir, tokenizer_for
+from llmpipe.model_dirs import UsageError, check_model_dir, tokenizer_for
 
 
 def stream_text(tokenizer, token_steps: Iterable[int]) -> Iterator[str]:

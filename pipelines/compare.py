@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from steps.common.stats import ComparisonParams, PairedResult, compare_correct, compare_scores
+from llmpipe.stats import ComparisonParams, PairedResult, compare_correct, compare_scores
 
 # What each task's stage keeps per example (a DVC output), and the metric compared.
 RESULTS = {
@@ -101,8 +101,8 @@ def score_classifier(model_dir: Path, data_dir: Path, split: str, label: str, to
     """Score a classifier directory on ``data_dir``'s split (what score_spam does, for one split)."""
     from llmcore.classifier import load_classifier, predict_proba
     from llmcore.tokenizer import get_tokenizer
-    from steps.common.datasets import read_splits
-    from steps.common.model_dirs import tokenizer_for
+    from llmpipe.model_dirs import tokenizer_for
+    from steps.data.datasets import read_splits
     from steps.score_spam import model_label_ids
 
     names, (frame,) = read_splits(data_dir, (split,))
@@ -110,7 +110,7 @@ def score_classifier(model_dir: Path, data_dir: Path, split: str, label: str, to
     actual = model_label_ids(frame, names, model.labels, data_dir / f"{split}.csv")
     tokenizer = get_tokenizer(tokenizer_dir) if tokenizer_dir else tokenizer_for(model_dir)
     predicted = predict_proba(model, tokenizer, frame["Text"].tolist()).argmax(dim=1).tolist()
-    from steps.common.scoring import write_predictions  # the same table the stage keeps
+    from llmpipe.scoring import write_predictions  # the same table the stage keeps
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "predictions.csv"
@@ -181,7 +181,7 @@ def format_difference(result: PairedResult, *, short: bool = False) -> str:
 
 def side_line(side: Examples, value: float, metric: str, params: ComparisonParams) -> str:
     """``A lr-2e-3: 96.00% (95% CI 93.19–97.70%)``: one model's value and its own interval."""
-    from steps.common.stats import bootstrap_interval, wilson_interval
+    from llmpipe.stats import bootstrap_interval, wilson_interval
 
     kept = side.values[~np.isnan(side.values)]
     if side.binary:
@@ -217,7 +217,7 @@ def compare(a_spec: str, b_spec: str, *, task: str = "spam", split: str = "test"
 
 def comparison_params() -> ComparisonParams:
     """The workspace's ``comparison`` params (defaults when there is no params.yaml)."""
-    from steps.common.params import read_params, validate_section
+    from llmpipe.params import read_params, validate_section
 
     if not Path("params.yaml").is_file():
         return ComparisonParams()
@@ -240,8 +240,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "llm compare") -> int:
                            data_dir=args.data, params=comparison_params())
     except Exception as exc:  # noqa: BLE001 - sorted below: expected ones are one line
         from llmcore.checkpoint import CheckpointError
-        from steps.common.cli import EXPECTED_ERRORS
-        from steps.common.model_dirs import UsageError
+        from llmpipe.cli import EXPECTED_ERRORS
+        from llmpipe.model_dirs import UsageError
 
         if not isinstance(exc, (CompareError, UsageError, CheckpointError, *EXPECTED_ERRORS, ValueError, OSError)):
             raise

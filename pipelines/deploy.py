@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def worker_env() -> dict[str, str]:
     """The job variables' ``env``: what a worker's flow run needs from this shell, no secrets."""
-    from steps.common.tracking import configure_tracking
+    from llmpipe.tracking import configure_tracking
 
     env = {name: os.environ[name] for name in WORKER_ENV if os.environ.get(name)}
     uri = configure_tracking()  # sqlite:///mlflow.db -> sqlite:////abs/checkout/mlflow.db

@@ -4,7 +4,7 @@ DVC decides what is up to date (unchanged stages are skipped, restored from its 
 run); Prefect shows every stage's state, logs and duration, retries downloads and draws the
 stages as dvc.yaml's graph (each task waits for its upstream stages). MLflow gets one parent run
 per pipeline run that runs anything, under which every stage that runs logs a child run (the id
-reaches the stage process through ``LLMPIPE_MLFLOW_PARENT_RUN_ID``, see steps/common/tracking.py).
+reaches the stage process through ``LLMPIPE_MLFLOW_PARENT_RUN_ID``, see llmpipe/tracking.py).
 
 The flow's parameters make it the control panel: which pipeline, and params overrides
 (``{"finetune_classifier.lr": 5e-4}``) that make the run a named DVC experiment, as
@@ -37,6 +37,15 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 from pydantic import Field
 
+from llmpipe.params import StrictModel, load_section, read_params
+from llmpipe.tracking import (
+    PARENT_RUN_ENV,
+    configure_tracking,
+    flatten,
+    git_commit,
+    tracking_errors,
+    use_experiment,
+)
 from pipelines import experiments, workspace
 from pipelines.dag import PIPELINES, PipelineError, execution_order, read_dag
 from pipelines.stages import StageResult, dvc_status, repro_stage
@@ -49,21 +58,12 @@ from pipelines.summary import (
     render_markdown,
 )
 from pipelines.workspace import Workspace
-from steps.common.params import StrictModel, load_section, read_params
-from steps.common.tracking import (
-    PARENT_RUN_ENV,
-    configure_tracking,
-    flatten,
-    git_commit,
-    tracking_errors,
-    use_experiment,
-)
 
 PipelineName = Literal["all", "pretrain", "spam", "instructions"]
 Where = Literal["auto", "workspace", "in-place"]
 DOWNLOAD_PREFIX = "download_"  # stages that touch the network get task-level retries
 UI_URL_ENV = "LLMPIPE_MLFLOW_UI_URL"
-DVC_EXP_ENV = "DVC_EXP_NAME"  # what `dvc exp run` tells its stages; steps/common/tracking.py names runs after it
+DVC_EXP_ENV = "DVC_EXP_NAME"  # what `dvc exp run` tells its stages; llmpipe/tracking.py names runs after it
 
 
 class OrchestrationParams(StrictModel):

@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from llmpipe.params import load_yaml
 from pipelines.dag import PIPELINES
-from steps.common.params import load_yaml
 
 START = time.perf_counter()
 

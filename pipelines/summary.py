@@ -6,9 +6,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmpipe.params import flatten
+from llmpipe.stats import PairedResult
 from pipelines.stages import StageResult
-from steps.common.params import flatten
-from steps.common.stats import PairedResult
 
 STATUS_TEXT = {"ran": "ran", "cached": "restored from DVC run cache", "skipped": "up to date, skipped"}
 

@@ -20,9 +20,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from steps.common.stats import mean_sd
+from llmpipe.stats import mean_sd
 
-SWEEP_ENV = "LLMPIPE_SWEEP"  # steps/common/tracking.py tags every stage run with it
+SWEEP_ENV = "LLMPIPE_SWEEP"  # llmpipe/tracking.py tags every stage run with it
 DEFAULT_SEED_KEY = "finetune_classifier.seed"
 
 
@@ -83,7 +83,7 @@ def log_summary(sweep: str, rows: dict[int, dict[str, float]], keys: Sequence[st
     """A run tagged ``sweep`` with each metric's mean and sd, in the experiment the seeds' runs went to."""
     import mlflow
 
-    from steps.common.tracking import configure_tracking, tracking_errors
+    from llmpipe.tracking import configure_tracking, tracking_errors
 
     configure_tracking()
     with tracking_errors():

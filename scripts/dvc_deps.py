@@ -2,7 +2,7 @@
 
 A stage whose code changed but is missing from its deps is skipped by DVC: a reproducibility bug.
 The import closure is read from the source (every ``import``/``from ... import`` of ``steps``,
-``llmcore`` or ``serving``, at module level or inside functions, followed file by file). Package
+``llmpipe``, ``llmcore`` or ``serving``, at module level or inside functions, followed file by file). Package
 ``__init__.py`` files without code and the MLflow "models from code" files (logged by path, never
 imported: list them by hand) are not required. ``--write`` rewrites the ``.py`` deps of every
 stage in place (comments kept); without it, the differences are printed and the exit code is 1.
@@ -22,8 +22,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DVC_YAML = REPO / "dvc.yaml"
-OWN_PACKAGES = ("steps", "llmcore", "serving")
-CODE_FILES_BY_PATH = "steps/common/mlflow_models/"  # read by MLflow from their path, not imported
+OWN_PACKAGES = ("steps", "llmpipe", "llmcore", "serving")
+CODE_FILES_BY_PATH = "llmpipe/mlflow_models/"  # read by MLflow from their path, not imported
 
 
 def module_file(module: str) -> Path | None:

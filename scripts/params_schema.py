@@ -18,7 +18,7 @@ SCHEMA_FILE = REPO / "steps" / "params_schema.json"
 CHECK_STAGE = "check_params"
 # Sections read without ``params.section`` (a helper validates them), as "module:Model".
 READ_BY_HELPERS = {
-    "distributed": "steps.common.distributed:DistributedParams",
+    "distributed": "llmpipe.distributed:DistributedParams",
     "sources.*": "steps.fetch:Source",  # every entry of ``sources`` (steps.fetch.load_sources)
 }
 

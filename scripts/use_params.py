@@ -18,7 +18,7 @@ from pathlib import Path
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-from steps.common.params import PARAMS_FILE, ParamsError
+from llmpipe.params import PARAMS_FILE, ParamsError
 
 
 def overlay(target, preset, shared: Mapping | None, where: str = "") -> None:

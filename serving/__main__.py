@@ -19,9 +19,9 @@ from pathlib import Path
 
 from llmcore.checkpoint import CheckpointError
 from llmcore.tokenizer import TokenizerFilesError
+from llmpipe.model_dirs import UsageError
 from serving.limits import DEFAULT_MAX_BODY_MB, ServeConfig
 from serving.text import PROMPT_STYLES
-from steps.common.model_dirs import UsageError
 
 API_KEY_ENV = "LLMPIPE_SERVE_API_KEY"
 DEFAULTS = {"model": "models/instruct", "classifier": "models/spam_classifier"}

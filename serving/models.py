@@ -16,7 +16,7 @@ from torch import nn
 from llmcore.checkpoint import load_checkpoint, read_checkpoint_meta
 from llmcore.classifier import CLASSIFIER_FORMAT, load_classifier
 from llmcore.prompts import checkpoint_prompt_style
-from steps.common.model_dirs import DEFAULT_MODELS, UsageError, check_model_dir, tokenizer_for
+from llmpipe.model_dirs import DEFAULT_MODELS, UsageError, check_model_dir, tokenizer_for
 
 REGISTRY_SCHEME = "models:/"
 GENERATOR, CLASSIFIER = "generator", "classifier"
@@ -50,7 +50,7 @@ def download_registered(uri: str) -> tuple[Path, Path | None]:
     import mlflow  # deferred: only registry URIs need it
     from mlflow.exceptions import MlflowException
 
-    from steps.common.tracking import configure_tracking
+    from llmpipe.tracking import configure_tracking
 
     configure_tracking()  # the pipeline's store: $MLFLOW_TRACKING_URI, else its sqlite file
     try:

@@ -15,7 +15,7 @@ uses (about 9k of GPT-2's 50,257 for the SMS data): the vocabulary head dominate
 model's cost, so this trains several times faster on a CPU, and ids the corpus never uses (never
 a target) only lose their share of the normaliser. The losses reported are then over that
 vocabulary. ``full``: the whole vocabulary, as pretrain. The training itself is
-``steps.common.training.run_training`` (resumable, MLflow run, ``adapted-gpt`` @candidate); the
+``llmpipe.training.run_training`` (resumable, MLflow run, ``adapted-gpt`` @candidate); the
 weights go to ``models/adapted``, a plain llmcore checkpoint that ``classifier_base.dir`` selects.
 """
 
@@ -34,16 +34,15 @@ from llmcore.data import SlidingWindowDataset
 from llmcore.model import IGNORE_INDEX, GPTModel, head_cross_entropy
 from llmcore.prompts import checkpoint_prompt_style
 from llmcore.tokenizer import encode, eot_id, get_tokenizer
-from steps.common.cli import StageParams, restart_option, run_stage
-from steps.common.data import DataError, TokenizerParams
-from steps.common.datasets import read_discarded, read_splits
-from steps.common.distributed import setup_distributed
-from steps.common.io import atomic_path, sha256_file, write_json
-from steps.common.mlflow_models import generator_signature
-from steps.common.models import BaseModelSectionParams, load_base_model
-from steps.common.params import ParamsError, StrictModel
-from steps.common.registry import ADAPT_EXPERIMENT, ADAPTED_MODEL
-from steps.common.training import (
+from llmpipe.cli import StageParams, restart_option, run_stage
+from llmpipe.data import DataError, TokenizerParams
+from llmpipe.distributed import setup_distributed
+from llmpipe.io import atomic_path, sha256_file, write_json
+from llmpipe.mlflow_models import generator_signature
+from llmpipe.models import BaseModelSectionParams, load_base_model
+from llmpipe.params import ParamsError, StrictModel
+from llmpipe.registry import ADAPT_EXPERIMENT, ADAPTED_MODEL
+from llmpipe.training import (
     TRAINING_ERRORS,
     Pyfunc,
     TrainingJob,
@@ -52,6 +51,7 @@ from steps.common.training import (
     run_training,
     stage_device,
 )
+from steps.data.datasets import read_discarded, read_splits
 
 STAGE = "adapt_pretrain"
 EXPERIMENT = ADAPT_EXPERIMENT

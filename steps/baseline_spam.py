@@ -6,7 +6,7 @@ trained on the training split and scored on the validation split, and the best o
 accuracy, then validation F1, then the grid's order: list the simpler settings first) is the
 baseline. Nothing is refit: like the GPT classifier, the baseline never trains on validation
 text. The test split is scored once, with the metric function score_spam uses
-(``steps/common/scoring.py``), so ``metrics/baseline.json`` sits beside ``metrics/spam.json``.
+(``llmpipe/scoring.py``), so ``metrics/baseline.json`` sits beside ``metrics/spam.json``.
 
 Labels are the class ids of the split files, named by their ``labels.json`` (two classes or more: logistic regression is
 multinomial, the linear SVM one-vs-rest). The fitted model is not saved: the metrics are the
@@ -21,14 +21,14 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from steps.common.cli import StageParams, run_stage
-from steps.common.data import DataError
-from steps.common.datasets import read_splits
-from steps.common.io import write_json
-from steps.common.params import StrictModel
-from steps.common.registry import SPAM_CLASSIFIER
-from steps.common.scoring import classification_metrics, flat_metrics, split_intervals, write_predictions
-from steps.common.stats import ComparisonParams
+from llmpipe.cli import StageParams, run_stage
+from llmpipe.data import DataError
+from llmpipe.io import write_json
+from llmpipe.params import StrictModel
+from llmpipe.registry import SPAM_CLASSIFIER
+from llmpipe.scoring import classification_metrics, flat_metrics, split_intervals, write_predictions
+from llmpipe.stats import ComparisonParams
+from steps.data.datasets import read_splits
 
 STAGE = "baseline_spam"
 EXPERIMENT = SPAM_CLASSIFIER  # beside the GPT classifier's runs, tagged model_family=baseline
@@ -114,7 +114,7 @@ def baseline_spam(params: BaselineParams, *, data_dir: Path, metrics_out: Path, 
                   predictions_out: Path, comparison: ComparisonParams = ComparisonParams()) -> dict:
     """Select on validation, score every split (with intervals); write the report, the headline and
     every example's prediction (what ``llm compare`` pairs with the GPT classifier's), log an MLflow run."""
-    from steps.common.tracking import check_store  # mlflow imports take seconds: not at import
+    from llmpipe.tracking import check_store  # mlflow imports take seconds: not at import
 
     check_store(EXPERIMENT)  # before any work or output: fail early if the store cannot be written
     names, frames = read_splits(data_dir, SPLITS)
@@ -138,7 +138,7 @@ def baseline_spam(params: BaselineParams, *, data_dir: Path, metrics_out: Path, 
 def _log_run(params: BaselineParams, data_dir: Path, metrics: dict, selected: dict, reports: list[Path]) -> None:
     import mlflow  # mlflow imports take seconds: not at import
 
-    from steps.common.tracking import log_data_files, stage_run
+    from llmpipe.tracking import log_data_files, stage_run
 
     with stage_run(STAGE, EXPERIMENT, params):
         mlflow.set_tags({"model_family": "baseline", "baseline": f"tfidf+{selected['classifier']}"})

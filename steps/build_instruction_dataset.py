@@ -17,10 +17,10 @@ from typing import Literal
 
 from llmcore.prompts import segments
 from llmcore.tokenizer import TokenizerFilesError, encode, get_tokenizer
-from steps.common.cli import StageParams, run_stage
-from steps.common.data import TokenizerParams
-from steps.common.datasets import SPLITS, SplitParams, length_stats, load_entries, split_entries, write_splits
-from steps.common.io import write_json
+from llmpipe.cli import StageParams, run_stage
+from llmpipe.data import TokenizerParams
+from llmpipe.io import write_json
+from steps.data.datasets import SPLITS, SplitParams, length_stats, load_entries, split_entries, write_splits
 
 
 class InstructionDataParams(SplitParams):

@@ -18,9 +18,10 @@ from pathlib import Path
 
 from llmcore.prompts import preference_parts
 from llmcore.tokenizer import TokenizerFilesError, encode, get_tokenizer
-from steps.common.cli import StageParams, run_stage
-from steps.common.data import TokenizerParams
-from steps.common.datasets import (
+from llmpipe.cli import StageParams, run_stage
+from llmpipe.data import TokenizerParams
+from llmpipe.io import write_json
+from steps.data.datasets import (
     SPLITS,
     SplitParams,
     length_stats,
@@ -28,7 +29,6 @@ from steps.common.datasets import (
     split_entries,
     write_splits,
 )
-from steps.common.io import write_json
 
 STAGE = "build_preference_dataset"
 

@@ -25,11 +25,11 @@ from typing import Literal
 import pandas as pd
 from pydantic import Field, model_validator
 
-from steps.common.cli import StageParams, run_stage
-from steps.common.data import DISCARDED, LABELS_FILE, DataError
-from steps.common.io import atomic_path, write_json
-from steps.common.params import StrictModel
-from steps.common.readers import jsonl_records, parquet_columns
+from llmpipe.cli import StageParams, run_stage
+from llmpipe.data import DISCARDED, LABELS_FILE, DataError
+from llmpipe.io import atomic_path, write_json
+from llmpipe.params import StrictModel
+from steps.data.readers import jsonl_records, parquet_columns
 
 SPLITS = ("train", "validation", "test")
 

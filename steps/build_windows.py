@@ -2,7 +2,7 @@
 
 Windows are views, not copies: this stage checks the split and records it in ``meta.json``; the
 training and scoring stages slice each window from the memory-mapped token shards when they use
-it (``steps.common.datasets.load_windows``), so nothing here grows with the corpus.
+it (``steps.data.datasets.load_windows``), so nothing here grows with the corpus.
 
 The split is on token ids, at ``int(train_ratio * n_tokens)``: the corpus is tokenized once and the
 boundary never cuts a token. (The book splits the text by characters and tokenizes each part; on
@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from steps.common.cli import StageParams, run_stage
-from steps.common.io import atomic_path, sha256_file, write_json
-from steps.common.shards import META_FILE
-from steps.common.windows import WINDOWS_META, WindowParams, WindowsMeta, load_token_shards, split_windows
+from llmpipe.cli import StageParams, run_stage
+from llmpipe.io import atomic_path, sha256_file, write_json
+from steps.data.shards import META_FILE
+from steps.data.windows import WINDOWS_META, WindowParams, WindowsMeta, load_token_shards, split_windows
 
 
 def build_windows(tokens_dir: Path, out_dir: Path, metrics_out: Path, params: WindowParams) -> dict:

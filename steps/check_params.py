@@ -25,9 +25,9 @@ from pathlib import Path
 
 import jsonschema
 
-from steps.common.cli import StageParams, run_stage
-from steps.common.params import STATE_RECORD, ParamsError, load_yaml, read_params
-from steps.common.secrets import redact
+from llmpipe.cli import StageParams, run_stage
+from llmpipe.params import STATE_RECORD, ParamsError, load_yaml, read_params
+from llmpipe.secrets import redact
 
 SCHEMA_FILE = Path(__file__).with_name("params_schema.json")
 # As pydantic's strict mode: 8.0 is no integer (JSON Schema's "integer" takes it).
@@ -144,7 +144,7 @@ def load_schema(path: Path = SCHEMA_FILE) -> dict:
 
 
 def write_marker(path: Path, data: dict) -> None:
-    """Temp file then rename (steps.common.io's writer imports llmcore, hence torch: too slow here)."""
+    """Temp file then rename (llmpipe.io's writer imports llmcore, hence torch: too slow here)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp", dir=path.parent)
     try:

@@ -25,13 +25,13 @@ from llmcore.device import resolve_device
 from llmcore.generate import generate
 from llmcore.model import GPTModel
 from llmcore.tokenizer import TokenizerFilesError, encode, get_tokenizer
-from steps.common.cli import StageParams, run_stage
-from steps.common.data import TokenizerParams
-from steps.common.io import atomic_path, write_json
-from steps.common.params import ParamsError, StrictModel
-from steps.common.registry import PRETRAIN_EXPERIMENT, Scoring
-from steps.common.stats import ComparisonParams, examples_digest, mean_interval
-from steps.common.windows import load_windows
+from llmpipe.cli import StageParams, run_stage
+from llmpipe.data import TokenizerParams
+from llmpipe.io import atomic_path, write_json
+from llmpipe.params import ParamsError, StrictModel
+from llmpipe.registry import PRETRAIN_EXPERIMENT, Scoring
+from llmpipe.stats import ComparisonParams, examples_digest, mean_interval
+from steps.data.windows import load_windows
 
 STAGE = "evaluate"
 SPLITS = ("train", "val")
@@ -112,8 +112,8 @@ def evaluate(
     comparison: ComparisonParams = ComparisonParams(),
 ) -> dict[str, dict[str, float]]:
     """Score ``model_dir`` on the windows, generate, write the outputs and log them; returns the metrics."""
-    from steps.common.registry import PRETRAINED_MODEL
-    from steps.common.tracking import check_store, record_evaluation  # mlflow imports take seconds
+    from llmpipe.registry import PRETRAINED_MODEL
+    from llmpipe.tracking import check_store, record_evaluation  # mlflow imports take seconds
 
     check_store(PRETRAIN_EXPERIMENT)  # before any work or output: fail early if the store cannot be written
     try:

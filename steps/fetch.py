@@ -22,9 +22,9 @@ from pydantic import Field, field_validator, model_validator
 from requests.adapters import HTTPAdapter
 from urllib3.util import Retry
 
-from steps.common.cli import StageParams, run_stage
-from steps.common.io import atomic_path, sha256_file
-from steps.common.params import ParamsError, StrictModel, read_params, validate_section
+from llmpipe.cli import StageParams, run_stage
+from llmpipe.io import atomic_path, sha256_file
+from llmpipe.params import ParamsError, StrictModel, read_params, validate_section
 
 MIRROR_ENV = "LLMPIPE_MIRROR"
 # Transient server states worth retrying; anything else (404, 403, ...) fails at once.

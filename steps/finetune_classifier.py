@@ -7,7 +7,7 @@ with a cross-entropy loss on the chosen position's logits and logs train/val los
 MLflow. The state
 under ``.cache/finetune_classifier/<settings key>/`` (outside DVC's outputs) lets an interrupted
 run resume; it is deleted once the classifier is written. The classifier is logged as an MLflow pyfunc
-(``steps/common/mlflow_models/spam_classifier.py``) and registered as a new ``spam-classifier`` version with alias ``candidate`` (score_spam
+(``llmpipe/mlflow_models/spam_classifier.py``) and registered as a new ``spam-classifier`` version with alias ``candidate`` (score_spam
 moves ``champion``), so
 ``mlflow models serve -m models:/spam-classifier@champion`` answers ``text`` → ``label``,
 ``spam_probability`` (``<label>_probability`` per class for more than two).
@@ -42,14 +42,13 @@ from llmcore.hf_checkpoint import copy_tokenizer_files
 from llmcore.hf_tokenizer import TokenizerConfigError
 from llmcore.lora import merge_lora
 from llmcore.tokenizer import eot_id, get_tokenizer
-from steps.common.cli import StageParams, restart_option, run_stage
-from steps.common.data import LABELS_FILE, TokenizerParams
-from steps.common.datasets import read_splits
-from steps.common.distributed import setup_distributed
-from steps.common.io import sha256_file
-from steps.common.models import BaseModelParams, LoraParams, base_tokenizer, is_decoder_base, load_base_model
-from steps.common.registry import SPAM_CLASSIFIER
-from steps.common.training import (
+from llmpipe.cli import StageParams, restart_option, run_stage
+from llmpipe.data import LABELS_FILE, TokenizerParams
+from llmpipe.distributed import setup_distributed
+from llmpipe.io import sha256_file
+from llmpipe.models import BaseModelParams, LoraParams, base_tokenizer, is_decoder_base, load_base_model
+from llmpipe.registry import SPAM_CLASSIFIER
+from llmpipe.training import (
     TRAINING_ERRORS,
     Pyfunc,
     TrainingJob,
@@ -58,6 +57,7 @@ from steps.common.training import (
     run_training,
     stage_device,
 )
+from steps.data.datasets import read_splits
 
 STAGE = "finetune_classifier"
 EXPERIMENT = SPAM_CLASSIFIER  # the experiment is named after the model it registers

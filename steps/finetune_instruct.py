@@ -41,13 +41,12 @@ from llmcore.lora import apply_lora, merge_lora
 from llmcore.prompts import as_instruction, prompt_text, reference
 from llmcore.tokenizer import get_tokenizer
 from llmcore.train import TrainCallback, TrainState
-from steps.common.cli import StageParams, restart_option, run_stage
-from steps.common.data import DataError, TokenizerParams
-from steps.common.datasets import load_entries, read_prompt_style
-from steps.common.distributed import setup_distributed
-from steps.common.io import sha256_file
-from steps.common.mlflow_models import instruct_signature
-from steps.common.models import (
+from llmpipe.cli import StageParams, restart_option, run_stage
+from llmpipe.data import DataError, TokenizerParams
+from llmpipe.distributed import setup_distributed
+from llmpipe.io import sha256_file
+from llmpipe.mlflow_models import instruct_signature
+from llmpipe.models import (
     BaseModelSectionParams,
     LoraParams,
     base_tokenizer,
@@ -55,9 +54,9 @@ from steps.common.models import (
     is_decoder_base,
     load_base_model,
 )
-from steps.common.params import ParamsError
-from steps.common.registry import INSTRUCT_EXPERIMENT, INSTRUCT_MODEL
-from steps.common.training import (
+from llmpipe.params import ParamsError
+from llmpipe.registry import INSTRUCT_EXPERIMENT, INSTRUCT_MODEL
+from llmpipe.training import (
     TRAINING_ERRORS,
     Pyfunc,
     TrainingJob,
@@ -66,6 +65,7 @@ from steps.common.training import (
     run_training,
     stage_device,
 )
+from steps.data.datasets import load_entries, read_prompt_style
 
 STAGE = "finetune_instruct"
 EXPERIMENT = INSTRUCT_EXPERIMENT

@@ -20,9 +20,9 @@ import torch
 from llmcore.checkpoint import CheckpointError, save_checkpoint
 from llmcore.hf_checkpoint import BaseUnavailableError, copy_tokenizer_files, load_hf_model, resolve_hf_source
 from llmcore.hf_tokenizer import HFTokenizer, TokenizerConfigError
-from steps.common.cli import StageParams, run_stage
-from steps.common.io import atomic_path
-from steps.common.models import STATUS_FILE, BaseModelSectionParams, log_status, write_status
+from llmpipe.cli import StageParams, run_stage
+from llmpipe.io import atomic_path
+from llmpipe.models import STATUS_FILE, BaseModelSectionParams, log_status, write_status
 
 STAGE = "load_base"
 EXPERIMENT = "load-base"

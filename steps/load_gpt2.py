@@ -24,11 +24,11 @@ from pydantic import Field
 from llmcore.checkpoint import CheckpointError, save_checkpoint
 from llmcore.tokenizer import ENCODING_DIR_ENV
 from llmcore.weights import HF_REPOS, WeightsUnavailableError, load_gpt2
-from steps.common.cli import StageParams, run_stage
-from steps.common.data import TokenizerParams
-from steps.common.io import atomic_path
-from steps.common.models import STATUS_FILE, find_encoding_files, log_status, write_status
-from steps.common.params import StrictModel
+from llmpipe.cli import StageParams, run_stage
+from llmpipe.data import TokenizerParams
+from llmpipe.io import atomic_path
+from llmpipe.models import STATUS_FILE, find_encoding_files, log_status, write_status
+from llmpipe.params import StrictModel
 
 STAGE = "load_gpt2"
 EXPERIMENT = "load-gpt2"

@@ -31,15 +31,14 @@ from llmcore.lora import apply_lora, merge_lora
 from llmcore.model import GPTModel
 from llmcore.prompts import as_instruction, checkpoint_prompt_style, preference_parts
 from llmcore.tokenizer import eot_id, get_tokenizer
-from steps.common.cli import StageParams, restart_option, run_stage
-from steps.common.data import TokenizerParams
-from steps.common.distributed import setup_distributed
-from steps.common.io import sha256_file
-from steps.common.mlflow_models import instruct_signature
-from steps.common.models import LoraParams, load_base_model
-from steps.common.preferences import load_pairs
-from steps.common.registry import PREFERENCE_EXPERIMENT, PREFERENCE_MODEL
-from steps.common.training import (
+from llmpipe.cli import StageParams, restart_option, run_stage
+from llmpipe.data import TokenizerParams
+from llmpipe.distributed import setup_distributed
+from llmpipe.io import sha256_file
+from llmpipe.mlflow_models import instruct_signature
+from llmpipe.models import LoraParams, load_base_model
+from llmpipe.registry import PREFERENCE_EXPERIMENT, PREFERENCE_MODEL
+from llmpipe.training import (
     TRAINING_ERRORS,
     Pyfunc,
     TrainingJob,
@@ -48,6 +47,7 @@ from steps.common.training import (
     run_training,
     stage_device,
 )
+from steps.data.preferences import load_pairs
 
 STAGE = "preference_tune"
 EXPERIMENT = PREFERENCE_EXPERIMENT

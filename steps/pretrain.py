@@ -12,7 +12,7 @@ Outputs: the checkpoint (``models/pretrained``: safetensors + config.json), ``re
 the evaluation history ``plots/pretrain_loss.csv`` (for ``dvc plots``) and the book's loss plot
 ``plots/pretrain_loss.png``. MLflow gets the params, losses against tokens seen, learning rate,
 tokens/s, a sample continuation of ``sample.prompt`` after each epoch, the plot, and the model as
-a "models from code" pyfunc text generator (``steps/common/mlflow_models/generator.py``).
+a "models from code" pyfunc text generator (``llmpipe/mlflow_models/generator.py``).
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ from llmcore.generate import generate_text
 from llmcore.model import GPTModel
 from llmcore.tokenizer import get_tokenizer, is_gpt2
 from llmcore.train import TrainCallback, TrainState
-from steps.common.cli import StageParams, run_stage
-from steps.common.data import TokenizerParams
-from steps.common.distributed import setup_distributed
-from steps.common.mlflow_models import generator_signature
-from steps.common.params import StrictModel
-from steps.common.registry import PRETRAIN_EXPERIMENT, PRETRAINED_MODEL
-from steps.common.training import (
+from llmpipe.cli import StageParams, run_stage
+from llmpipe.data import TokenizerParams
+from llmpipe.distributed import setup_distributed
+from llmpipe.mlflow_models import generator_signature
+from llmpipe.params import StrictModel
+from llmpipe.registry import PRETRAIN_EXPERIMENT, PRETRAINED_MODEL
+from llmpipe.training import (
     TRAINING_ERRORS,
     Pyfunc,
     TrainingJob,
@@ -47,7 +47,7 @@ from steps.common.training import (
     run_training,
     stage_device,
 )
-from steps.common.windows import load_windows, read_windows_meta, window_files
+from steps.data.windows import load_windows, read_windows_meta, window_files
 
 STAGE = "pretrain"
 EXPERIMENT = PRETRAIN_EXPERIMENT

@@ -22,15 +22,15 @@ from llmcore.hf_tokenizer import TokenizerConfigError
 from llmcore.instruct import TEMPLATE, ChatTemplateError, end_id, generate_responses, response_losses, scored_example
 from llmcore.prompts import checkpoint_prompt_style, reference
 from llmcore.tokenizer import TokenizerFilesError, get_tokenizer
-from steps.common.cli import StageParams, run_stage
-from steps.common.data import DataError, TokenizerParams
-from steps.common.datasets import load_entries
-from steps.common.io import write_json
-from steps.common.judge import JudgeParams, JudgeUnavailableError, judge_responses
-from steps.common.models import BaseModelError, base_tokenizer
-from steps.common.params import ParamsError, StrictModel
-from steps.common.registry import INSTRUCT_EXPERIMENT, INSTRUCT_MODEL, Scoring
-from steps.common.stats import ComparisonParams, bootstrap_interval, examples_digest
+from llmpipe.cli import StageParams, run_stage
+from llmpipe.data import DataError, TokenizerParams
+from llmpipe.io import write_json
+from llmpipe.judge import JudgeParams, JudgeUnavailableError, judge_responses
+from llmpipe.models import BaseModelError, base_tokenizer
+from llmpipe.params import ParamsError, StrictModel
+from llmpipe.registry import INSTRUCT_EXPERIMENT, INSTRUCT_MODEL, Scoring
+from llmpipe.stats import ComparisonParams, bootstrap_interval, examples_digest
+from steps.data.datasets import load_entries
 
 STAGE = "score_instructions"
 
@@ -91,7 +91,7 @@ def score_instructions(
     (ROUGE-L and the judge's score with their intervals also to ``headline_out``); the scores go to
     the training run. The registry chooses on the validation split's response loss (the file beside
     ``test_file`` unless given), paired per example: no test score chooses."""
-    from steps.common.tracking import check_store, record_evaluation  # mlflow imports take seconds
+    from llmpipe.tracking import check_store, record_evaluation  # mlflow imports take seconds
 
     check_store(INSTRUCT_EXPERIMENT)  # before any work or output: fail early if the store cannot be written
     entries = load_entries(test_file)[: params.max_entries]

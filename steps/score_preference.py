@@ -9,7 +9,7 @@ rewards, the reward margin and the reward accuracy. ``metrics/preference.json`` 
 scores go into the MLflow run that trained the DPO model. Every preference accuracy has its Wilson
 interval, DPO − SFT on the same test pairs its paired interval and McNemar's p; ``preference-gpt``'s
 ``@champion`` moves on the validation pairs only, when this version is better beyond noise (the
-registry's policy, steps/common/registry.py): test scores are reported, never used to choose.
+registry's policy, llmpipe/registry.py): test scores are reported, never used to choose.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ from llmcore.dpo import PreferencePair, pair_logprobs, pair_summary
 from llmcore.model import GPTModel
 from llmcore.prompts import checkpoint_prompt_style
 from llmcore.tokenizer import TokenizerFilesError, eot_id, get_tokenizer
-from steps.common.cli import StageParams, run_stage
-from steps.common.data import DataError, TokenizerParams
-from steps.common.io import write_json
-from steps.common.models import BaseModelError, load_base_model
-from steps.common.params import ParamsError, StrictModel
-from steps.common.preferences import load_pairs
-from steps.common.registry import PREFERENCE_EXPERIMENT, PREFERENCE_MODEL, Scoring
-from steps.common.stats import ComparisonParams, compare_correct, examples_digest, wilson_interval
+from llmpipe.cli import StageParams, run_stage
+from llmpipe.data import DataError, TokenizerParams
+from llmpipe.io import write_json
+from llmpipe.models import BaseModelError, load_base_model
+from llmpipe.params import ParamsError, StrictModel
+from llmpipe.registry import PREFERENCE_EXPERIMENT, PREFERENCE_MODEL, Scoring
+from llmpipe.stats import ComparisonParams, compare_correct, examples_digest, wilson_interval
+from steps.data.preferences import load_pairs
 
 STAGE = "score_preference"
 SPLITS = {"val": "validation", "test": "test"}
@@ -68,7 +68,7 @@ def score_preference(params: ScorePreferenceParams, tokenizer_params: TokenizerP
                      model_dir: Path, data_dir: Path, metrics_out: Path, headline_out: Path,
                      comparison: ComparisonParams = ComparisonParams()) -> dict:
     """Score both models on the validation and test pairs; write and record the results."""
-    from steps.common.tracking import check_store, record_evaluation  # mlflow imports take seconds
+    from llmpipe.tracking import check_store, record_evaluation  # mlflow imports take seconds
 
     check_store(PREFERENCE_EXPERIMENT)  # before any work or output: fail early if the store cannot be written
     try:

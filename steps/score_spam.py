@@ -27,19 +27,19 @@ from llmcore.checkpoint import CheckpointError
 from llmcore.classifier import load_classifier, predict_proba
 from llmcore.device import resolve_device
 from llmcore.tokenizer import TokenizerFilesError, get_tokenizer
-from steps.common.cli import StageParams, run_stage
-from steps.common.data import DataError, TokenizerParams
-from steps.common.datasets import read_splits
-from steps.common.io import atomic_path, write_json
-from steps.common.params import ParamsError, StrictModel
-from steps.common.scoring import (
+from llmpipe.cli import StageParams, run_stage
+from llmpipe.data import DataError, TokenizerParams
+from llmpipe.io import atomic_path, write_json
+from llmpipe.params import ParamsError, StrictModel
+from llmpipe.scoring import (
     classification_metrics,
     flat_metrics,
     selection_scoring,
     split_intervals,
     write_predictions,
 )
-from steps.common.stats import ComparisonParams
+from llmpipe.stats import ComparisonParams
+from steps.data.datasets import read_splits
 
 STAGE = "score_spam"
 SPLITS = ("train", "validation", "test")
@@ -90,10 +90,10 @@ def score_spam(
     """Metrics per split with intervals (``metrics_out``), the test accuracy and F1 with theirs
     (``headline_out``), every example's prediction (``predictions_out``: what ``llm compare`` pairs),
     and ``spam_confusion.{png,csv}`` under ``plots_dir``; the scores go to the run that trained the
-    model, and the registry chooses on the validation split (steps/common/registry.py)."""
+    model, and the registry chooses on the validation split (llmpipe/registry.py)."""
 
-    from steps.common.registry import SPAM_CLASSIFIER
-    from steps.common.tracking import check_store, record_evaluation  # mlflow imports take seconds
+    from llmpipe.registry import SPAM_CLASSIFIER
+    from llmpipe.tracking import check_store, record_evaluation  # mlflow imports take seconds
 
     check_store(SPAM_CLASSIFIER)  # before any work or output: fail early if the store cannot be written
     torch.manual_seed(params.seed)

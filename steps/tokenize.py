@@ -2,7 +2,7 @@
 
 The corpus (``corpus`` in params.yaml: a file or a directory, optionally narrowed by globs; text,
 markdown, JSONL, parquet, each optionally gzipped) is read document by document and cut into
-pieces of about a million characters where BPE splits anyway (``steps.common.corpus``). Worker
+pieces of about a million characters where BPE splits anyway (``steps.data.corpus``). Worker
 threads encode the pieces with tiktoken, which releases the GIL, while the main thread reads
 ahead; the tokens are written in corpus order, so the shards do not depend on the thread count
 and equal the ids of encoding the whole corpus at once. Memory holds a few pieces, whatever the
@@ -24,11 +24,11 @@ from typing import TypeVar
 import numpy as np
 
 from llmcore.tokenizer import ENDOFTEXT, TokenizerFilesError, eot_id, get_tokenizer, tokenizer_digest
-from steps.common.cli import StageParams, run_stage
-from steps.common.corpus import CorpusParams, Counts, Pieces, Skipped, corpus_files, documents
-from steps.common.data import DataError, TokenizerParams
-from steps.common.io import record_state_params, resume_state_dir, write_json
-from steps.common.shards import ShardWriter
+from llmpipe.cli import StageParams, run_stage
+from llmpipe.data import DataError, TokenizerParams
+from llmpipe.io import record_state_params, resume_state_dir, write_json
+from steps.data.corpus import CorpusParams, Counts, Pieces, Skipped, corpus_files, documents
+from steps.data.shards import ShardWriter
 
 STATE_DIR = Path(".cache/tokenize")
 T = TypeVar("T")

@@ -26,11 +26,11 @@ from pydantic import Field, field_validator
 
 from llmcore.bpe import ENDOFTEXT, chunks, save_encoding, to_tiktoken, train_bpe
 from llmcore.tokenizer import TokenizerFilesError, get_tokenizer
-from steps.common.cli import StageParams, run_stage
-from steps.common.corpus import CorpusParams, corpus_files, documents
-from steps.common.data import DataError, TokenizerParams
-from steps.common.io import atomic_path, write_json
-from steps.common.params import StrictModel
+from llmpipe.cli import StageParams, run_stage
+from llmpipe.data import DataError, TokenizerParams
+from llmpipe.io import atomic_path, write_json
+from llmpipe.params import StrictModel
+from steps.data.corpus import CorpusParams, corpus_files, documents
 
 STAGE = "train_tokenizer"
 EXPERIMENT = "tokenizer"
@@ -163,7 +163,7 @@ def headline(report: dict) -> dict:
 
 
 def log_report(params: TrainTokenizerParams, tokenizer_params: TokenizerParams, report: dict, metrics: dict) -> None:
-    from steps.common.tracking import stage_run  # mlflow imports take seconds: not at import
+    from llmpipe.tracking import stage_run  # mlflow imports take seconds: not at import
 
     with stage_run(STAGE, EXPERIMENT, {**params.model_dump(), "source": tokenizer_params.source}):
         import mlflow

@@ -17,10 +17,10 @@ import yaml
 from llmcore.checkpoint import save_checkpoint
 from llmcore.config import GPTConfig
 from llmcore.model import GPTModel
+from llmpipe.data import TokenizerParams
+from llmpipe.models import load_base_model
+from llmpipe.training import TrainingOutputs
 from steps import adapt_pretrain as ap
-from steps.common.data import TokenizerParams
-from steps.common.models import load_base_model
-from steps.common.training import TrainingOutputs
 from tests.trainer_params import trainer_params
 
 REPO = Path(__file__).resolve().parents[1]

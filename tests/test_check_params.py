@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from llmpipe.params import STATE_RECORD, ParamsError
 from scripts.dvc_deps import stages
 from scripts.params_schema import SCHEMA_FILE, render
 from steps.check_params import check_params, load_schema, remove_finished_states
-from steps.common.params import STATE_RECORD, ParamsError
 
 REPO = Path(__file__).resolve().parents[1]
 

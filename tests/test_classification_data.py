@@ -17,10 +17,10 @@ from llmcore.checkpoint import save_checkpoint
 from llmcore.classifier import load_classifier
 from llmcore.config import GPTConfig
 from llmcore.model import GPTModel
+from llmpipe.data import DataError, TokenizerParams
 from steps import build_spam_dataset as data_stage
 from steps import finetune_classifier as ft
 from steps import score_spam
-from steps.common.data import DataError, TokenizerParams
 from tests.trainer_params import trainer_params
 
 REPO = Path(__file__).resolve().parents[1]

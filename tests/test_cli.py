@@ -20,7 +20,7 @@ from llmcore.generate import generate, generate_text
 from llmcore.instruct import response_prompt
 from llmcore.model import GPTModel
 from llmcore.tokenizer import ENCODING_DIR_ENV, ENDOFTEXT_ID, TokenizerFilesError, encode
-from steps.common import model_dirs
+from llmpipe import model_dirs
 
 
 @pytest.fixture

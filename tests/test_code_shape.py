@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FILES = sorted(p for pkg in ("llmcore", "steps", "pipelines", "serving", "stack", "scripts") for p in (REPO / pkg).rglob("*.py"))
+FILES = sorted(p for pkg in ("llmcore", "llmpipe", "steps", "pipelines", "serving", "stack", "cli", "scripts") for p in (REPO / pkg).rglob("*.py"))
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.relative_to(REPO).as_posix())

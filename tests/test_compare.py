@@ -16,11 +16,11 @@ import pytest
 from statsmodels.stats.contingency_tables import mcnemar
 
 from cli import llm as cli
+from llmpipe.stats import ComparisonParams
 from pipelines import compare
 from pipelines.summary import baseline_comparison, baseline_line
 from steps import baseline_spam as bl
 from steps.build_spam_dataset import SpamDataParams, build_spam_dataset
-from steps.common.stats import ComparisonParams
 
 GRID = {"classifier": ["linear_svm"], "C": [1.0]}
 

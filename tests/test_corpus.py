@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 
 from llmcore.tokenizer import ENDOFTEXT_ID, encode, get_tokenizer
+from llmpipe.data import DataError, TokenizerParams
 from steps import tokenize
-from steps.common import corpus
-from steps.common.data import DataError, TokenizerParams
-from steps.common.shards import ShardWriter
-from steps.common.windows import load_token_shards
+from steps.data import corpus
+from steps.data.shards import ShardWriter
+from steps.data.windows import load_token_shards
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("LLMPIPE_MIRROR") or REPO.parent / "shared" / "data")
@@ -255,7 +255,7 @@ def test_long_jsonl_records_stream_in_blocks_to_the_same_text(tmp_path: Path, mo
     pairs) cut anywhere decode to the text json.loads gives, other fields before and after skipped."""
     import random
 
-    from steps.common import readers
+    from steps.data import readers
 
     monkeypatch.setattr(readers, "BLOCK_CHARS", block)
     rng = random.Random(block)
@@ -283,7 +283,7 @@ def test_long_jsonl_records_stream_in_blocks_to_the_same_text(tmp_path: Path, mo
     ('{"text": "' + "a" * 40 + '"} trailing', r"c\.jsonl line 1: not valid JSON \(text after the object\)"),
 ])
 def test_a_bad_long_record_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, line: str, pattern: str) -> None:
-    from steps.common import readers
+    from steps.data import readers
 
     monkeypatch.setattr(readers, "BLOCK_CHARS", 8)
     path = write(tmp_path / "c.jsonl", line + "\n")

@@ -15,14 +15,14 @@ import yaml
 from llmcore.config import GPTConfig
 from llmcore.prompts import RESPONSE_MARKER, extract_response, format_input, format_response
 from llmcore.tokenizer import encode, get_tokenizer, tokenizer_digest
+from llmpipe.data import DataError, TokenizerParams, read_text
+from llmpipe.params import ParamsError, read_params, validate_section
 from steps import build_instruction_dataset as instr
 from steps import build_spam_dataset as spam
 from steps import build_windows as windows
 from steps import tokenize
-from steps.common import datasets
-from steps.common.data import DataError, TokenizerParams, read_text
-from steps.common.params import ParamsError, read_params, validate_section
-from steps.common.windows import load_token_shards, load_windows, read_windows_meta
+from steps.data import datasets
+from steps.data.windows import load_token_shards, load_windows, read_windows_meta
 from steps.fetch import FetchSettings, Source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,7 +115,7 @@ def test_windows_match_the_book_and_todays_output(verdict_tokens: Path, tmp_path
 
 
 def test_the_windows_meta_is_typed_and_a_bad_one_is_named(verdict_tokens: Path, tmp_path: Path) -> None:
-    """data/windows/meta.json is read back as steps.common.windows.WindowsMeta, not by string keys."""
+    """data/windows/meta.json is read back as steps.data.windows.WindowsMeta, not by string keys."""
     windows.build_windows(verdict_tokens, tmp_path / "w", tmp_path / "m.json", windows.WindowParams())
     meta = read_windows_meta(tmp_path / "w")
     assert (meta.context_length, meta.n_train_windows, meta.tokens) == (256, 18, str(verdict_tokens))

@@ -25,8 +25,8 @@ from llmcore.config import GPTConfig
 from llmcore.data import SlidingWindowDataset
 from llmcore.model import GPTModel
 from llmcore.train import TrainCallback, TrainConfig, TrainState, train
-from steps.common.distributed import DistributedParams, load_distributed_params, torchrun_command
-from steps.common.params import ParamsError
+from llmpipe.distributed import DistributedParams, load_distributed_params, torchrun_command
+from llmpipe.params import ParamsError
 
 WORLD = 2
 CFG = GPTConfig.from_preset("cpu-tiny", vocab_size=97, context_length=16, drop_rate=0.0)
@@ -207,7 +207,7 @@ def test_single_process_state_resumes_under_ddp(runs):
 PROBE = '''
 import sys
 from llmcore import distributed
-from steps.common.distributed import setup_distributed
+from llmpipe.distributed import setup_distributed
 
 setup_distributed("ddp_probe", sys.argv[1])
 print(f"rank {distributed.rank()} of {distributed.world_size()}", flush=True)

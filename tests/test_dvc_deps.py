@@ -27,7 +27,7 @@ def test_every_params_section_a_stage_reads_is_in_its_dvc_params(name: str) -> N
 
 def test_the_closure_follows_deferred_and_package_imports() -> None:
     closure = import_closure("steps.score_spam")
-    assert "steps/common/registry.py" in closure  # imported inside a function of steps/common/tracking.py
+    assert "llmpipe/registry.py" in closure  # imported inside a function of llmpipe/tracking.py
     assert "llmcore/__init__.py" in closure  # a package's __init__ with code runs on import
     assert "llmcore/classifier.py" in closure and "steps/pretrain.py" not in closure
-    assert "steps/common/__init__.py" not in closure  # a docstring only
+    assert "llmpipe/__init__.py" not in closure  # a docstring only

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from steps.common.params import ParamsError, validate_section
+from llmpipe.params import ParamsError, validate_section
 from steps.fetch import (
     FetchError,
     FetchSettings,
@@ -343,7 +343,7 @@ def test_a_local_write_failure_stops_instead_of_trying_upstream(server: Server, 
     assert server.hits == []  # the network was not tried for a local disk problem
     assert_nothing_left(out)
 
-    from steps.common.cli import run_stage
+    from llmpipe.cli import run_stage
 
     def body(args, params):
         fetch_source("corpus", corpus_source(upstream, out), FAST, mirror=str(mirror))

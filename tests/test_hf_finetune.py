@@ -17,12 +17,12 @@ from llmcore.generate import generate
 from llmcore.hf_tokenizer import HFTokenizer
 from llmcore.instruct import encode_template_entry, render_template_entry, template_end_id, template_messages
 from llmcore.lora import apply_lora, merge_lora
+from llmpipe.data import TokenizerParams
+from llmpipe.judge import JudgeParams
+from llmpipe.models import BaseModelError, BaseModelSectionParams
+from llmpipe.stats import ComparisonParams
 from steps import finetune_instruct as ft
 from steps import score_instructions as score
-from steps.common.data import TokenizerParams
-from steps.common.judge import JudgeParams
-from steps.common.models import BaseModelError, BaseModelSectionParams
-from steps.common.stats import ComparisonParams
 from steps.load_base import load_base_stage
 from tests.bases_helpers import hf_model, save_family_tokenizer, save_hf
 from tests.trainer_params import trainer_params

@@ -17,11 +17,11 @@ from llmcore.instruct import IGNORE_INDEX, InstructionDataset, collate_instructi
 from llmcore.model import GPTModel
 from llmcore.prompts import extract_response, format_input, format_response, reference, segments
 from llmcore.tokenizer import get_tokenizer
+from llmpipe.data import DataError, TokenizerParams
 from steps import build_instruction_dataset as data_stage
 from steps import finetune_instruct as ft
 from steps import score_instructions as score
-from steps.common.data import DataError, TokenizerParams
-from steps.common.datasets import load_entries
+from steps.data.datasets import load_entries
 from tests.fake_ollama import closed_port_url
 from tests.trainer_params import TEST_TRAINING
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from steps.common.judge import (
+from llmpipe.judge import (
     JudgeParams,
     JudgeUnavailableError,
     OllamaJudge,
@@ -143,14 +143,14 @@ def test_a_required_judge_fails_on_any_unscored_response(fake_ollama) -> None:
 
 
 def test_credentials_come_from_the_environment_and_urls_are_redacted(fake_ollama, monkeypatch) -> None:
-    from steps.common.secrets import redact
+    from llmpipe.secrets import redact
 
     monkeypatch.setenv("LLMPIPE_JUDGE_API_KEY", "sk-planted-secret")
     server = fake_ollama(lambda n, body: ollama_reply("90"))
     assert judge_responses([ENTRY], ["Red."], params(server.url)).scores == [90]
     assert server.requests[0]["authorization"] == "Bearer sk-planted-secret"
     assert redact("http://user:KEY@host:1/api?x=1&api_key=KEY&token=KEY2") == "http://***@host:1/api?x=1&api_key=***&token=***"
-    from steps.common.tracking import flatten  # what every MLflow params dict goes through
+    from llmpipe.tracking import flatten  # what every MLflow params dict goes through
 
     assert flatten({"judge": {"url": "https://u:KEY@ollama.example/x"}}) == {"judge.url": "https://***@ollama.example/x"}
     url = closed_port_url() + "/?token=hunter3"
@@ -161,7 +161,7 @@ def test_credentials_come_from_the_environment_and_urls_are_redacted(fake_ollama
 
 
 def test_url_credentials_are_refused_in_one_line_that_does_not_show_them() -> None:
-    from steps.common.params import ParamsError, validate_section
+    from llmpipe.params import ParamsError, validate_section
 
     data = {"judge": {"url": "http://admin:hunter2@ollama.example:11434"}}
     with pytest.raises(ParamsError) as caught:
@@ -173,7 +173,7 @@ def test_url_credentials_are_refused_in_one_line_that_does_not_show_them() -> No
 
 
 def test_the_bearer_key_is_sent_and_the_api_path_goes_before_the_query(fake_ollama, monkeypatch) -> None:
-    from steps.common.judge import chat_url
+    from llmpipe.judge import chat_url
 
     assert chat_url("http://h:1/ollama/?tenant=a") == "http://h:1/ollama/api/chat?tenant=a"
     assert chat_url("http://h:1") == "http://h:1/api/chat" and chat_url("https://h/x/") == "https://h/x/api/chat"

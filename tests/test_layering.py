@@ -1,7 +1,8 @@
 """The import rules between the packages (CONTRIBUTING.md, "The layout"), read from the source with
 ``ast``: every ``import`` and ``from ... import``, deferred ones inside functions included.
 
-    llmcore  <-  platform (steps.common)  <-  stages (steps.*), serving  <-  pipelines, stack  <-  cli
+    llmcore  <-  platform (llmpipe)  <-  data readers (steps.data)  <-  stages (steps.*), serving
+             <-  pipelines, stack  <-  cli
 """
 
 from __future__ import annotations
@@ -13,17 +14,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TOP = ("llmcore", "steps", "pipelines", "serving", "stack", "cli", "scripts")
+TOP = ("llmcore", "llmpipe", "steps", "pipelines", "serving", "stack", "cli", "scripts")
 # What each layer may import of the project's own packages (itself always).
 ALLOWED = {
     "llmcore": set(),
     "platform": {"llmcore"},
-    "stages": {"llmcore", "platform"},
+    "readers": {"llmcore", "platform"},
+    "stages": {"llmcore", "platform", "readers"},
     "serving": {"llmcore", "platform"},
     "stack": {"llmcore", "platform"},
-    "pipelines": {"llmcore", "platform", "stages", "serving", "stack"},
-    "cli": {"llmcore", "platform", "stages", "serving", "pipelines", "stack"},
-    "scripts": {"llmcore", "platform", "stages", "pipelines", "serving", "stack"},
+    "pipelines": {"llmcore", "platform", "readers", "stages", "serving", "stack"},
+    "cli": {"llmcore", "platform", "readers", "stages", "serving", "pipelines", "stack"},
+    "scripts": {"llmcore", "platform", "readers", "stages", "pipelines", "serving", "stack"},
 }
 
 
@@ -32,8 +34,10 @@ def layer(module: str) -> str | None:
     top = module.split(".")[0]
     if top not in TOP:
         return None
+    if top == "llmpipe":
+        return "platform"
     if top == "steps":
-        return "platform" if module == "steps" or module.startswith("steps.common") else "stages"
+        return "readers" if module == "steps.data" or module.startswith("steps.data.") else "stages"
     return top
 
 
@@ -119,7 +123,8 @@ def test_llmcore_knows_nothing_of_the_pipeline() -> None:
 
 @pytest.mark.parametrize(("source", "name", "allowed"), [
     ("llmcore", "serving.app", False), ("platform", "steps.fetch", False), ("serving", "pipelines.dag", False),
-    ("stages", "steps.common.io", True), ("cli", "serving.__main__", True),
+    ("stages", "llmpipe.io", True), ("cli", "serving.__main__", True), ("platform", "steps.data.windows", False),
+    ("stages", "steps.data.windows", True), ("serving", "steps.data.datasets", False),
 ])
 def test_the_rules_read_the_layers_right(source: str, name: str, allowed: bool) -> None:
     assert (layer(name) in ALLOWED[source]) is allowed

@@ -13,7 +13,7 @@ import torch
 from llmcore.checkpoint import load_checkpoint
 from llmcore.generate import generate
 from llmcore.hf_tokenizer import HFTokenizer
-from steps.common.models import BaseModelError, BaseModelSectionParams, load_base_model
+from llmpipe.models import BaseModelError, BaseModelSectionParams, load_base_model
 from steps.load_base import load_base_stage
 from tests.bases_helpers import hf_model, save_chatml_tokenizer, save_hf
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from llmpipe.params import validate_section
 from scripts.dvc_deps import sections_read, stage_module, stages
-from steps.common.params import validate_section
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ("params.yaml", "params-book.yaml", "params-qwen3.yaml")
@@ -163,7 +163,7 @@ def test_params_are_strictly_typed(params_files: dict[str, dict]) -> None:
 
 def test_params_read_as_dvc_writes_them() -> None:
     """`dvc exp run -S finetune_classifier.lr=2e-3` writes 2e-3, a number in YAML 1.2 (DVC's YAML)."""
-    from steps.common.params import load_yaml
+    from llmpipe.params import load_yaml
 
     data = load_yaml("finetune_classifier:\n  lr: 2e-3\n  epochs: 5\n  mask: true\n")
     assert data == {"finetune_classifier": {"lr": 0.002, "epochs": 5, "mask": True}}

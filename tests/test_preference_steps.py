@@ -17,14 +17,14 @@ from llmcore.checkpoint import load_checkpoint, read_checkpoint_meta, save_check
 from llmcore.config import GPTConfig
 from llmcore.dpo import pair_logprobs, pair_summary
 from llmcore.model import GPTModel
+from llmpipe.data import DataError, TokenizerParams
+from llmpipe.params import read_params, validate_section
 from steps import build_preference_dataset as build
 from steps import preference_tune as tune
 from steps import score_instructions
 from steps import score_preference as score
-from steps.common.data import DataError, TokenizerParams
-from steps.common.datasets import load_preference_entries
-from steps.common.params import read_params, validate_section
-from steps.common.preferences import load_pairs
+from steps.data.datasets import load_preference_entries
+from steps.data.preferences import load_pairs
 from tests.conftest import in_stage_workspace, stage_argv
 from tests.fake_ollama import closed_port_url
 from tests.trainer_params import TEST_TRAINING
@@ -179,7 +179,7 @@ def test_dpo_raises_preference_accuracy_on_its_training_pairs(tuned: Path, in_wo
 
 
 def test_interrupted_dpo_resumes_to_the_same_weights(tuned: Path, in_workspace: Path, monkeypatch) -> None:
-    from steps.common import tracking
+    from llmpipe import tracking
 
     paths = dict(instruct_dir=in_workspace / "models" / "instruct", data_dir=in_workspace / "data" / "preferences",
                  out_dir=in_workspace / "resumed", metrics_out=in_workspace / "r.json",
@@ -283,7 +283,7 @@ def test_the_dpo_model_is_scored_by_the_instruction_scoring_into_its_own_run(tun
                                  "--metrics", "out/dpo.json", "--headline", "out/dpo_headline.json"])
     metrics = json.loads((in_workspace / "out" / "dpo.json").read_text())
     assert metrics["n_entries"] == 3 and 0 <= metrics["rouge_l_f1"] <= 1
-    from steps.common.tracking import training_run_of
+    from llmpipe.tracking import training_run_of
 
     run = training_run_of(tuned)  # the DPO run that wrote these weights holds their ROUGE-L now
     assert run.data.tags["stage"] == "preference_tune" and run.data.metrics["rouge_l_f1"] == metrics["rouge_l_f1"]

@@ -15,8 +15,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from steps.common import registry
-from steps.common.registry import (
+from llmpipe import registry
+from llmpipe.registry import (
     CANDIDATE,
     CHAMPION,
     Scoring,
@@ -25,7 +25,7 @@ from steps.common.registry import (
     register_candidate,
     version_of_run,
 )
-from steps.common.stats import ComparisonParams
+from llmpipe.stats import ComparisonParams
 from tests.repo_copy import closed_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,8 +159,8 @@ def test_a_lock_released_while_the_store_answers_a_lost_create_is_taken(store, m
 RACE = textwrap.dedent("""
     import os, sys, time
     import mlflow
-    from steps.common import registry
-    from steps.common.stats import ComparisonParams
+    from llmpipe import registry
+    from llmpipe.stats import ComparisonParams
 
     name, version, run_id, errors, delay, start = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])
     if os.environ.get("RACE_NO_LOCK"):  # what the lock prevents: shown to fail below
@@ -243,7 +243,7 @@ def test_concurrent_promotions_keep_the_right_champion_on_a_tracking_server(mlfl
     champion, best, log = race(tmp_path, mlflow_server, "server-clf", lock=True)
     assert champion == best, log
     with promotion_lock("server-clf"):  # held: a second holder waits, then gives up with a one-line error
-        from steps.common.registry import RegistryLockError
+        from llmpipe.registry import RegistryLockError
 
         with pytest.raises(RegistryLockError, match="server-clf.promotion-lock"):
             with promotion_lock("server-clf", wait_s=1):

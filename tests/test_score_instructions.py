@@ -18,10 +18,10 @@ from llmcore.config import GPTConfig
 from llmcore.instruct import generate_responses
 from llmcore.model import GPTModel
 from llmcore.tokenizer import get_tokenizer
+from llmpipe.data import TokenizerParams
+from llmpipe.params import read_params, validate_section
 from steps import finetune_instruct as ft
 from steps import score_instructions as score
-from steps.common.data import TokenizerParams
-from steps.common.params import read_params, validate_section
 from tests.conftest import in_stage_workspace, stage_argv
 from tests.fake_ollama import FakeOllama, closed_port_url, ollama_reply
 from tests.trainer_params import TEST_TRAINING

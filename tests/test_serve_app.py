@@ -15,10 +15,10 @@ from llmcore.classifier import GPTClassifier, predict_proba, save_classifier
 from llmcore.generate import generate
 from llmcore.instruct import response_prompt
 from llmcore.tokenizer import ENCODING_DIR_ENV, ENDOFTEXT_ID, encode
+from llmpipe.model_dirs import UsageError
 from serving import __main__ as serve_cli
 from serving.app import ServeConfig, create_app
 from serving.models import CLASSIFIER, GENERATOR, load_served
-from steps.common.model_dirs import UsageError
 from tests.serve_helpers import app_server, tiny_classifier, tiny_generator, tiny_gpt
 
 CHAT = {"messages": [{"role": "user", "content": "Tell me a long story."}], "temperature": 0}
@@ -101,8 +101,8 @@ def test_registry_aliases_are_downloaded_and_served(tmp_path: Path, monkeypatch:
                                                     gpt2_encoding_dir: Path) -> None:
     """As the pipeline logs them: pyfuncs with checkpoint + tokenizer artifacts, registered, aliased."""
     mlflow = pytest.importorskip("mlflow")
-    from steps.common.mlflow_models import log_code_model
-    from steps.common.tracking import configure_tracking
+    from llmpipe.mlflow_models import log_code_model
+    from llmpipe.tracking import configure_tracking
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from llmpipe.model_dirs import UsageError
 from serving.__main__ import build_parser, load_all
 from serving.models import CLASSIFIER, GENERATOR
-from steps.common.model_dirs import UsageError
 from tests.serve_helpers import tiny_classifier, tiny_generator
 
 

@@ -16,11 +16,12 @@ from llmcore.classifier import classify_texts, load_classifier
 from llmcore.config import GPTConfig
 from llmcore.model import GPTModel
 from llmcore.tokenizer import get_tokenizer
+from llmpipe import models
+from llmpipe.data import DataError, TokenizerParams
+from llmpipe.scoring import classification_metrics
 from steps import finetune_classifier as ft
 from steps import score_spam
-from steps.common import datasets, models
-from steps.common.data import DataError, TokenizerParams
-from steps.common.scoring import classification_metrics
+from steps.data import datasets
 from tests.trainer_params import TEST_TRAINING, trainer_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,7 +107,7 @@ def test_interrupted_finetune_resumes_to_the_same_weights(workspace: Path, finet
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     from safetensors.torch import load_file
 
-    from steps.common.tracking import MlflowCallback
+    from llmpipe.tracking import MlflowCallback
 
     def interrupt(self, state, path):
         raise KeyboardInterrupt  # as if killed right after the first epoch's state was saved

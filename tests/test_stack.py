@@ -146,7 +146,7 @@ def test_stages_starting_together_all_pass_the_store_check(stack: Stack, monkeyp
     with UniqueViolation); the store check writes again and passes."""
     import mlflow
 
-    from steps.common.tracking import set_experiment_tag_once
+    from llmpipe.tracking import set_experiment_tag_once
 
     uri = stack.env["MLFLOW_TRACKING_URI"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import binom, binomtest
 from statsmodels.stats.contingency_tables import mcnemar
 
-from steps.common.stats import (
+from llmpipe.stats import (
     ComparisonParams,
     bootstrap_interval,
     compare_correct,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from steps.common.tracking import project_root, resolve_tracking_uri
+from llmpipe.tracking import project_root, resolve_tracking_uri
 from tests.repo_copy import GIT, REPO
 
 
@@ -40,7 +40,7 @@ def test_relative_sqlite_uri_resolves_against_the_checkout_a_temporary_copy_was_
 STAGE = textwrap.dedent("""\
     import os, sys
     import yaml
-    from steps.common.tracking import stage_run
+    from llmpipe.tracking import stage_run
     x = yaml.safe_load(open("params.yaml"))["x"]
     with stage_run("log_x", "queue-test", {"x": x}):
         import mlflow

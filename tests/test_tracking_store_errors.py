@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 LOCKED_MIDWAY = """
 import sqlite3, sys
-from steps.common.tracking import TrackingError, check_store, tracking_errors
+from llmpipe.tracking import TrackingError, check_store, tracking_errors
 import mlflow
 check_store("locked-store")                      # the stage's early check passes
 lock = sqlite3.connect(sys.argv[1], timeout=0)   # then another process locks the file
@@ -44,7 +44,7 @@ def test_a_store_locked_midway_is_one_line_without_tracebacks(tmp_path: Path) ->
 
 @pytest.mark.parametrize("debug", ["", "1"])
 def test_store_loggers_are_quiet_unless_debugging(debug: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from steps.common import tracking
+    from llmpipe import tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
     monkeypatch.setenv("LLMPIPE_DEBUG", debug)

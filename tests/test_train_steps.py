@@ -27,13 +27,13 @@ from llmcore.generate import generate_text
 from llmcore.tokenizer import ENDOFTEXT_ID, get_tokenizer
 from llmcore.train import STATE_DIR, TrainCallback
 from llmcore.weights import WeightsUnavailableError
+from llmpipe.data import TokenizerParams
+from llmpipe.io import file_digest
+from llmpipe.params import ParamsError, validate_section
 from steps import evaluate as evaluate_step
 from steps import load_gpt2 as load_gpt2_step
 from steps.build_windows import WindowParams, build_windows
-from steps.common.data import TokenizerParams
-from steps.common.io import file_digest
-from steps.common.params import ParamsError, validate_section
-from steps.common.shards import ShardWriter
+from steps.data.shards import ShardWriter
 from steps.pretrain import PretrainParams, PretrainPaths, pretrain
 from tests.trainer_params import trainer_params
 

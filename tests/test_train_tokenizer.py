@@ -80,7 +80,7 @@ def test_too_small_a_vocabulary_is_an_error():
 def test_a_base_model_must_share_the_pipelines_tokenizer(trained, tokenizer, tmp_path: Path):
     """GPT-2's weights (no trained files beside them) with a trained vocabulary, a trained model
     with GPT-2's BPE or with another trained vocabulary: each a one-line BaseModelError."""
-    from steps.common.models import BaseModelError, check_base_tokenizer
+    from llmpipe.models import BaseModelError, check_base_tokenizer
 
     _, _, encoding = trained
     gpt2_dir, ours = tmp_path / "gpt2", tmp_path / "ours"

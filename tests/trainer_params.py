@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from steps.common.training import TrainParams
+from llmpipe.training import TrainParams
 
 P = TypeVar("P", bound=TrainParams)
 

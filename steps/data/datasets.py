@@ -17,10 +17,10 @@ import pandas as pd
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmcore.prompts import chat_roles_error, check_style
-from steps.common.data import DISCARDED, LABELS_FILE, DataError, read_text
-from steps.common.io import atomic_path, write_json
-from steps.common.params import StrictModel
-from steps.common.readers import jsonl_records
+from llmpipe.data import DISCARDED, LABELS_FILE, DataError, read_text
+from llmpipe.io import atomic_path, write_json
+from llmpipe.params import StrictModel
+from steps.data.readers import jsonl_records
 
 SPLITS = ("train", "test", "validation")  # the book's order of the instruction and preference splits
 

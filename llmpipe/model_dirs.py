@@ -26,7 +26,7 @@ def produced_by(path: str) -> str | None:
     the current directory's, else that of the checkout this package runs from."""
     import yaml  # only for the error message of a missing model
 
-    found = [f for f in (Path("dvc.yaml"), Path(__file__).resolve().parents[2] / "dvc.yaml") if f.is_file()]
+    found = [f for f in (Path("dvc.yaml"), Path(__file__).resolve().parents[1] / "dvc.yaml") if f.is_file()]
     try:
         stages = yaml.safe_load(found[0].read_text()).get("stages", {}) if found else {}
     except (OSError, yaml.YAMLError, AttributeError):

@@ -44,13 +44,13 @@ from llmcore.train import (
     next_token_loss,
     train,
 )
-from steps.common.distributed import stage_run_on_main
-from steps.common.io import record_state_params, resume_state_dir, sha256_file, write_json
-from steps.common.models import BaseModelError, bundle_tokenizer
-from steps.common.params import ParamsError, StrictModel
-from steps.common.plotting import plot_history, write_history_csv
+from llmpipe.distributed import stage_run_on_main
+from llmpipe.io import record_state_params, resume_state_dir, sha256_file, write_json
+from llmpipe.models import BaseModelError, bundle_tokenizer
+from llmpipe.params import ParamsError, StrictModel
+from llmpipe.plotting import plot_history, write_history_csv
 
-# What a training stage's CLI reports in one line (steps.common.cli.run_stage's ``errors``).
+# What a training stage's CLI reports in one line (llmpipe.cli.run_stage's ``errors``).
 TRAINING_ERRORS = (ConfigError, CheckpointError, TokenizerFilesError, TrainingDivergedError, BaseModelError)
 
 
@@ -107,7 +107,7 @@ def stage_device(stage: str, params: TrainParams) -> torch.device:
 @dataclass(frozen=True)
 class Pyfunc:
     """How the trained model is logged to MLflow: a "models from code" file of
-    steps/common/mlflow_models and its signature (and an input example)."""
+    llmpipe/mlflow_models and its signature (and an input example)."""
 
     name: str
     code_file: str
@@ -155,7 +155,7 @@ def run_training(job: TrainingJob, out: TrainingOutputs, *, encoding_dir: str | 
     """Train ``job`` (resuming a saved state made with the same settings and data), write and log
     everything; returns the metrics. Under torchrun every rank trains and only rank 0 writes and
     logs (the others return {})."""
-    from steps.common.tracking import MlflowCallback, check_store  # mlflow imports take seconds: not at import
+    from llmpipe.tracking import MlflowCallback, check_store  # mlflow imports take seconds: not at import
 
     if is_main_process():
         check_store(job.experiment)  # a store that cannot be written fails the stage before training
@@ -197,7 +197,7 @@ def _start_run(job: TrainingJob, state_dir: Path) -> int:
     settings already made (re-logged, so the curves are whole); returns the tokens already seen."""
     import mlflow
 
-    from steps.common.tracking import log_data_files
+    from llmpipe.tracking import log_data_files
 
     device = next(job.model.parameters()).device
     mlflow.log_params({**job.run_params, "resolved_device": str(device)})
@@ -231,7 +231,7 @@ def _throughput(model: nn.Module, config: TrainConfig, tokens_per_s: float, wall
 def _log_model_or_remove_outputs(job: TrainingJob, out: TrainingOutputs, encoding_dir: str | None, metrics: dict):
     """``_log_model``; when tracking fails, the outputs just written go (they must not look complete)
     and the error names the store. The training state stays, so a re-run only logs again."""
-    from steps.common.tracking import TrackingError, remove_outputs, tracking_errors
+    from llmpipe.tracking import TrackingError, remove_outputs, tracking_errors
 
     try:
         with tracking_errors():
@@ -245,9 +245,9 @@ def _log_model(job: TrainingJob, out: TrainingOutputs, encoding_dir: str | None,
     """Plots, curves and the pyfunc into the active run; the pyfunc registered as ``@candidate``."""
     import mlflow
 
-    from steps.common.mlflow_models import log_code_model
-    from steps.common.registry import register_candidate
-    from steps.common.tracking import tag_trained_model
+    from llmpipe.mlflow_models import log_code_model
+    from llmpipe.registry import register_candidate
+    from llmpipe.tracking import tag_trained_model
 
     for path in (*out.plots.values(), out.history):
         mlflow.log_artifact(str(path), "plots")

@@ -17,8 +17,8 @@ from llmcore.bpe import TRAINED_FILES, is_trained_dir, load_encoding
 from llmcore.checkpoint import DECODER_FORMAT, load_checkpoint, read_checkpoint_meta
 from llmcore.model import GPTModel
 from llmcore.tokenizer import ENCODING_DIR_ENV, GPT2_FILE_SHA256, GPT2_FILES, is_gpt2, tokenizer_digest
-from steps.common.io import atomic_path
-from steps.common.params import StrictModel
+from llmpipe.io import atomic_path
+from llmpipe.params import StrictModel
 
 # Where tiktoken's get_encoding("gpt2") caches the BPE files: sha1 of the URL, in its cache dir.
 TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{}"
@@ -194,7 +194,7 @@ def write_status(model_dir: Path, status: dict) -> None:
 
 def log_status(stage: str, experiment: str, params, status: dict) -> None:
     """A loading stage's MLflow run: its params, a ``loaded`` tag and the status as an artifact."""
-    from steps.common.tracking import stage_run  # mlflow imports take seconds: not at import
+    from llmpipe.tracking import stage_run  # mlflow imports take seconds: not at import
 
     with stage_run(stage, experiment, params):
         import mlflow

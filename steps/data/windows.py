@@ -18,10 +18,10 @@ from torch.utils.data import Dataset
 
 from llmcore.config import GPTConfig
 from llmcore.data import RandomWindowDataset, SlidingWindowDataset, TokenShards
-from steps.common.data import DataError
-from steps.common.io import sha256_file
-from steps.common.params import StrictModel
-from steps.common.shards import META_FILE, read_shards_meta
+from llmpipe.data import DataError
+from llmpipe.io import sha256_file
+from llmpipe.params import StrictModel
+from steps.data.shards import META_FILE, read_shards_meta
 
 WINDOWS_META = "meta.json"
 

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-from steps.common.secrets import redact
+from llmpipe.secrets import redact
 
 PARAMS_FILE = Path(os.environ.get("LLMPIPE_PARAMS", "params.yaml"))
 
@@ -84,7 +84,7 @@ def validate_section(data: dict, section: str, model: type[M], source: str = "pa
 
 def _shown(value: object) -> str:
     """A bad value as an error shows it: URLs with their credentials and secret query values as ***."""
-    from steps.common.secrets import redact
+    from llmpipe.secrets import redact
 
     return redact(repr(value))
 

@@ -35,13 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from steps.common.cli import StageError
+from llmpipe.cli import StageError
 
 if TYPE_CHECKING:  # mlflow takes seconds to import: stages import these names at start-up
     from mlflow.entities import Run
     from mlflow.entities.model_registry import ModelVersion
 
-    from steps.common.stats import ComparisonParams, PairedResult
+    from llmpipe.stats import ComparisonParams, PairedResult
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
@@ -76,7 +76,7 @@ class Scoring:
     metric: str
     value: float
     per_example: Sequence[float]  # 1/0 right or wrong (binary), else each example's score
-    digest: str  # which examples, in order (steps.common.stats.examples_digest)
+    digest: str  # which examples, in order (llmpipe.stats.examples_digest)
     binary: bool = False  # McNemar on right/wrong; else a paired bootstrap of the scores
     higher_is_better: bool = True
     others: dict[str, float] = field(default_factory=dict)  # more of this split's metrics, recorded beside
@@ -142,7 +142,7 @@ def promotion_lock(name: str, *, wait_s: float = LOCK_WAIT_S, stale_s: float = L
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            client.create_registered_model(lock, description="held while @champion is decided (steps/common/registry.py)")
+            client.create_registered_model(lock, description="held while @champion is decided (llmpipe/registry.py)")
             break
         except MlflowException as exc:
             # The store answers a create that lost to the holder by reading the holder's lock back:
@@ -206,7 +206,7 @@ def champion_scoring(name: str, champion: ModelVersion, like: Scoring) -> Scorin
 
 def decide(candidate: Scoring, champion: Scoring | None, params: ComparisonParams) -> tuple[bool, str, PairedResult | None]:
     """Whether ``candidate`` beats ``champion`` beyond noise; the reason, and the paired test."""
-    from steps.common.stats import compare_correct, compare_scores
+    from llmpipe.stats import compare_correct, compare_scores
 
     if candidate.value is None or not math.isfinite(candidate.value):
         return False, f"its {candidate.metric} is {candidate.value} (not a number)", None

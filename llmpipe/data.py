@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from steps.common.params import StrictModel
+from llmpipe.params import StrictModel
 
 # The class names (in class-id order) beside a classification dataset's split CSVs.
 LABELS_FILE = "labels.json"

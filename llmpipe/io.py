@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcore.fileio import OutputWriteError, atomic_path, writing
-from steps.common.params import STATE_RECORD
+from llmpipe.params import STATE_RECORD
 
 __all__ = ["OutputWriteError", "atomic_path", "file_digest", "record_state_params", "resume_state_dir", "sha256_file",
            "write_json", "writing"]

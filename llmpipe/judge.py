@@ -24,8 +24,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from llmcore.prompts import prompt_text, reference
-from steps.common.params import StrictModel
-from steps.common.secrets import judge_api_key, redact
+from llmpipe.params import StrictModel
+from llmpipe.secrets import judge_api_key, redact
 
 _SCORE = re.compile(r"\s*(\d{1,3})\s*\.?\s*")
 

@@ -13,7 +13,7 @@ matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from steps.common.io import atomic_path  # noqa: E402
+from llmpipe.io import atomic_path  # noqa: E402
 
 
 def write_history_csv(path: str | os.PathLike, history: Sequence[dict[str, float]]) -> None:

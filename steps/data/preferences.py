@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmcore.dpo import PreferencePair, encode_pair, truncate_pair
-from steps.common.data import DataError
-from steps.common.datasets import load_preference_entries
+from llmpipe.data import DataError
+from steps.data.datasets import load_preference_entries
 
 
 def load_pairs(path: Path, tokenizer, style: str, max_length: int) -> tuple[list[PreferencePair], list[dict], int]:

@@ -17,8 +17,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from steps.common.data import DataError
-from steps.common.io import OutputWriteError, writing
+from llmpipe.data import DataError
+from llmpipe.io import OutputWriteError, writing
 
 BLOCK_CHARS = 1 << 20  # characters per read of a text file
 PARQUET_BATCH_ROWS = 1024

@@ -23,9 +23,9 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from llmcore.tokenizer import ENDOFTEXT
-from steps.common.data import DataError
-from steps.common.params import StrictModel
-from steps.common.readers import file_format, jsonl_texts, parquet_columns, text_blocks
+from llmpipe.data import DataError
+from llmpipe.params import StrictModel
+from steps.data.readers import file_format, jsonl_texts, parquet_columns, text_blocks
 
 PIECE_CHARS = 1 << 20  # characters per encoding task
 

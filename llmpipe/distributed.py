@@ -21,7 +21,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from llmcore.distributed import cleanup, init_distributed, is_main_process, launched_by_torchrun
-from steps.common.params import StrictModel, read_params, validate_section
+from llmpipe.params import StrictModel, read_params, validate_section
 
 SECTION = "distributed"
 
@@ -85,11 +85,11 @@ def setup_distributed(module: str, params_path: str, argv: Sequence[str] | None 
 
 @contextlib.contextmanager
 def stage_run_on_main(stage: str, experiment: str, params: Any = None) -> Iterator[Any]:
-    """``steps.common.tracking.stage_run`` on rank 0; None on the other ranks, which log nothing."""
+    """``llmpipe.tracking.stage_run`` on rank 0; None on the other ranks, which log nothing."""
     if not is_main_process():
         yield None
         return
-    from steps.common.tracking import stage_run  # mlflow imports take seconds
+    from llmpipe.tracking import stage_run  # mlflow imports take seconds
 
     with stage_run(stage, experiment, params) as run:
         yield run

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import Field
 
-from steps.common.params import StrictModel
+from llmpipe.params import StrictModel
 
 
 class ComparisonParams(StrictModel):

@@ -35,14 +35,14 @@ from pydantic import BaseModel
 
 from llmcore.checkpoint import WEIGHTS_FILE
 from llmcore.train import TrainCallback, TrainState
-from steps.common.cli import DEBUG_ENV, StageError
-from steps.common.io import file_digest
-from steps.common.params import flatten
-from steps.common.secrets import redact
+from llmpipe.cli import DEBUG_ENV, StageError
+from llmpipe.io import file_digest
+from llmpipe.params import flatten
+from llmpipe.secrets import redact
 
 if TYPE_CHECKING:
-    from steps.common.registry import Scoring
-    from steps.common.stats import ComparisonParams
+    from llmpipe.registry import Scoring
+    from llmpipe.stats import ComparisonParams
 
 PARENT_RUN_ENV = "LLMPIPE_MLFLOW_PARENT_RUN_ID"
 PIPELINE_RUN_TAG = "pipeline_run_id"  # a stage run's link to the flow's run (another experiment)
@@ -313,7 +313,7 @@ def record_evaluation(
 ) -> None:
     """A scoring stage's results go into the MLflow run that trained these weights (beside its
     lr, epochs, ...), and the registry's ``@champion`` moves if this version beats it on the
-    ``selection`` scoring (validation, paired, beyond noise: steps/common/registry.py). Weights that
+    ``selection`` scoring (validation, paired, beyond noise: llmpipe/registry.py). Weights that
     no run of this store trained (trained elsewhere, or the store was reset) get a scoring run of
     their own in the model's experiment."""
     try:
@@ -330,8 +330,8 @@ def remove_outputs(paths: Sequence[Path]) -> None:
 
 
 def _record_evaluation(stage, params, model_dir, metrics, artifacts, registered_model, selection, comparison) -> None:
-    from steps.common.registry import promote_if_better, version_of_run
-    from steps.common.stats import ComparisonParams
+    from llmpipe.registry import promote_if_better, version_of_run
+    from llmpipe.stats import ComparisonParams
 
     configure_tracking()
     run = training_run_of(model_dir)

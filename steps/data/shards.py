@@ -1,5 +1,5 @@
 """Token shards: the tokenized corpus as raw token files plus a ``meta.json`` sidecar (written here,
-read as one memory-mapped sequence by ``steps.common.windows.load_token_shards``).
+read as one memory-mapped sequence by ``steps.data.windows.load_token_shards``).
 
 Each shard is a flat little-endian array (``uint16`` for GPT-2's 50,257 ids), read back as a
 memory map; ``meta.json`` records the dtype, the vocabulary size, the tokenizer's digest and each
@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from steps.common.data import DataError
-from steps.common.io import atomic_path, write_json, writing
+from llmpipe.data import DataError
+from llmpipe.io import atomic_path, write_json, writing
 
 SHARD_FORMAT = "llmpipe-token-shards/1"
 META_FILE = "meta.json"
@@ -30,7 +30,7 @@ STATE_FILE = "state.json"
 class ShardWriter:
     """Appends token arrays to numbered shards in ``work_dir``, resuming the state saved there.
 
-    ``work_dir`` must be named by everything the tokens depend on (``steps.common.io.resume_state_dir``),
+    ``work_dir`` must be named by everything the tokens depend on (``llmpipe.io.resume_state_dir``),
     so a saved state is only ever continued with the same inputs and settings.
     """
 

@@ -2,7 +2,7 @@
 sections on demand, runs, and turns an expected failure into one line naming the problem.
 
 Expected failures are bad params and bad data, plus the error types a stage names (a missing or
-mismatched model, unusable tokenizer files, a diverged run: ``steps.common.training``'s
+mismatched model, unusable tokenizer files, a diverged run: ``llmpipe.training``'s
 ``TRAINING_ERRORS``, ...); they end with ``<stage>: error: <message>`` and exit status 1.
 An ``OSError`` (disk full, a read-only or missing directory) is reported the same way, with the
 path it concerns. Anything else is a bug and keeps its traceback; ``LLMPIPE_DEBUG=1`` shows the
@@ -22,8 +22,8 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from steps.common.data import DataError
-from steps.common.params import PARAMS_FILE, ParamsError, read_params, validate_section
+from llmpipe.data import DataError
+from llmpipe.params import PARAMS_FILE, ParamsError, read_params, validate_section
 
 DEBUG_ENV = "LLMPIPE_DEBUG"
 

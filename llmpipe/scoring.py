@@ -12,9 +12,9 @@ from pathlib import Path
 import pandas as pd
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from steps.common.io import atomic_path
-from steps.common.registry import Scoring
-from steps.common.stats import ComparisonParams, classification_intervals, examples_digest
+from llmpipe.io import atomic_path
+from llmpipe.registry import Scoring
+from llmpipe.stats import ComparisonParams, classification_intervals, examples_digest
 
 
 def classification_metrics(actual: Sequence[int], predicted: Sequence[int], labels: Sequence[str]) -> dict:
