@@ -34,15 +34,43 @@ from llmcore.hf_checkpoint import load_hf_model
 from llmcore.quantize import quantize_int8
 
 SHAPES = {  # the text fields of the published config.json files
-    "qwen3-0.6b": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], vocab_size=151936, hidden_size=1024,
-                       intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                       head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=True,
-                       rope_theta=1000000.0),
-    "llama-3.2-1b": dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=2048,
-                         intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                         head_dim=64, max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
-                         rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "qwen3-0.6b": dict(
+        model_type="qwen3",
+        architectures=["Qwen3ForCausalLM"],
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        rope_theta=1000000.0,
+    ),
+    "llama-3.2-1b": dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
 }
 
 
@@ -83,13 +111,24 @@ def child_load(directory: str, who_dtype: str) -> None:
         for param in model.parameters():
             param.sum()
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(json.dumps({"seconds": seconds, "peak_above_base_mib": (_rss_kib("VmHWM") - base) / 1024,
-                      "model_mib": model_bytes / 2**20}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "peak_above_base_mib": (_rss_kib("VmHWM") - base) / 1024,
+                "model_mib": model_bytes / 2**20,
+            }
+        )
+    )
 
 
 def measure_load(directory: Path, who_dtype: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_bases", "--child-load", str(directory), who_dtype],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_bases", "--child-load", str(directory), who_dtype],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["peak_over_model"] = result["peak_above_base_mib"] / result["model_mib"]
     return result
@@ -122,8 +161,9 @@ def measure_decode(directory: Path, args: argparse.Namespace) -> dict:
     for batch in args.batches:
         prompt = torch.randint(0, vocab, (batch, args.prompt_tokens), generator=torch.Generator().manual_seed(batch))
         runs = {
-            "transformers_fp32": lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt),
-                                                     max_new_tokens=args.new_tokens, do_sample=False),
+            "transformers_fp32": lambda: hf.generate(
+                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens, do_sample=False
+            ),
             "llmcore_fp32": lambda: generate(ours, prompt, args.new_tokens),
             "llmcore_int8": lambda: generate(ours_int8, prompt, args.new_tokens),
         }
@@ -151,16 +191,21 @@ def main(argv: list[str] | None = None) -> None:
             entry = report[shape] = {"checkpoint_mib_bf16": write_checkpoint(shape, directory), "load": {}}
             for who in ("llmcore-bf16", "llmcore-fp32", "transformers-fp32") if args.load else ():
                 entry["load"][who] = load = measure_load(directory, who)
-                print(f"{shape}: load {who}: {load['seconds']:.1f} s, peak RSS above imports "
-                      f"{load['peak_above_base_mib']:.0f} MiB = {load['peak_over_model']:.2f}x the model "
-                      f"({load['model_mib']:.0f} MiB)", flush=True)
+                print(
+                    f"{shape}: load {who}: {load['seconds']:.1f} s, peak RSS above imports "
+                    f"{load['peak_above_base_mib']:.0f} MiB = {load['peak_over_model']:.2f}x the model "
+                    f"({load['model_mib']:.0f} MiB)",
+                    flush=True,
+                )
             entry["decode"] = measure_decode(directory, args) if args.decode else {}
         print(json.dumps({shape: entry}, indent=2), flush=True)
     for shape in args.shapes:
         for batch, row in report[shape]["decode"].items():
-            print(f"{shape} {batch}: llmcore fp32 {row['llmcore_fp32']:.1f} tok/s, int8 {row['llmcore_int8']:.1f}, "
-                  f"transformers fp32 {row['transformers_fp32']:.1f}  (fp32 {row['fp32_ratio']:.2f}x, "
-                  f"int8 {row['int8_ratio']:.2f}x)")
+            print(
+                f"{shape} {batch}: llmcore fp32 {row['llmcore_fp32']:.1f} tok/s, int8 {row['llmcore_int8']:.1f}, "
+                f"transformers fp32 {row['transformers_fp32']:.1f}  (fp32 {row['fp32_ratio']:.2f}x, "
+                f"int8 {row['int8_ratio']:.2f}x)"
+            )
 
 
 if __name__ == "__main__":

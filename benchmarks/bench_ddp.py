@@ -41,15 +41,17 @@ class StepTimes(TrainCallback):
 
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, threads: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(threads)
     distributed.init_distributed("gloo", timeout_s=600)
     try:
         cfg = GPTConfig.from_preset(args.preset, context_length=args.context, drop_rate=0.0)
         n_windows = args.batch * (args.steps + args.warmup)
-        tokens = torch.randint(0, cfg.vocab_size, (n_windows * args.context + 1,),
-                               generator=torch.Generator().manual_seed(0))
+        tokens = torch.randint(
+            0, cfg.vocab_size, (n_windows * args.context + 1,), generator=torch.Generator().manual_seed(0)
+        )
         data = SlidingWindowDataset(tokens, args.context, args.context)
         torch.manual_seed(0)
         model = GPTModel(cfg)
@@ -57,7 +59,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, threads: 
         timer = StepTimes()
         train(model, data, None, config, callbacks=[timer])
         if distributed.is_main_process():
-            Path(out).write_text(repr(timer.tokens_per_s[args.warmup:]))
+            Path(out).write_text(repr(timer.tokens_per_s[args.warmup :]))
     finally:
         distributed.cleanup()
 
@@ -65,8 +67,9 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, threads: 
 def tokens_per_s(world: int, threads: int, args: argparse.Namespace) -> list[float]:
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp, "tokens_per_s.txt"))
-        mp.start_processes(worker, args=(world, distributed.free_port(), args, threads, out), nprocs=world,
-                           start_method="spawn")
+        mp.start_processes(
+            worker, args=(world, distributed.free_port(), args, threads, out), nprocs=world, start_method="spawn"
+        )
         return eval(Path(out).read_text())  # noqa: S307 - our own repr of a list of floats
 
 
@@ -80,8 +83,10 @@ def main() -> None:
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--threads", type=int, default=1, help="threads per process")
     args = parser.parse_args()
-    print(f"{args.preset}, context {args.context}, global batch {args.batch}, {args.steps} timed steps, "
-          f"{os.cpu_count()} cores, torch {torch.__version__}")
+    print(
+        f"{args.preset}, context {args.context}, global batch {args.batch}, {args.steps} timed steps, "
+        f"{os.cpu_count()} cores, torch {torch.__version__}"
+    )
     baseline = None
     for world in args.procs:
         rate = report(world, args.threads, args)
@@ -93,8 +98,10 @@ def main() -> None:
 def report(world: int, threads: int, args: argparse.Namespace) -> float:
     rates = tokens_per_s(world, threads, args)
     median = statistics.median(rates)
-    print(f"{world} process(es) x {threads} thread(s): {median:8.0f} tokens/s "
-          f"(median of {len(rates)} steps; min {min(rates):.0f}, max {max(rates):.0f})")
+    print(
+        f"{world} process(es) x {threads} thread(s): {median:8.0f} tokens/s "
+        f"(median of {len(rates)} steps; min {min(rates):.0f}, max {max(rates):.0f})"
+    )
     return median
 
 

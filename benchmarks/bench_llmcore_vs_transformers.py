@@ -55,18 +55,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=200, help="tokens generated per trial")
     parser.add_argument("--prompt-tokens", type=int, default=4)
     parser.add_argument("--gen-trials", type=int, default=3, help="timed generations per variant")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time llmcore's compiled static-shape decoding")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time llmcore's compiled static-shape decoding",
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--generation", action=argparse.BooleanOptionalAction, default=True,
-                        help="time the generations (and the bandwidth limit)")
-    parser.add_argument("--quality", action=argparse.BooleanOptionalAction, default=True,
-                        help="train a cpu-small model on the-verdict and compare fp32 and int8")
+    parser.add_argument(
+        "--generation",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time the generations (and the bandwidth limit)",
+    )
+    parser.add_argument(
+        "--quality",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train a cpu-small model on the-verdict and compare fp32 and int8",
+    )
     parser.add_argument("--quality-epochs", type=int, default=12)
     parser.add_argument("--quality-preset", default="cpu-small")
     parser.add_argument("--text", type=Path, default=None, help="the-verdict.txt (default: the offline mirror)")
-    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
-                        help="measure each phase's peak RSS in a child process")
+    parser.add_argument(
+        "--memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure each phase's peak RSS in a child process",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--seed", type=int, default=123)
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: memory child
@@ -83,16 +99,31 @@ def llmcore_model() -> GPTModel:
 def hf_model():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=VOCAB, n_positions=N_POSITIONS, n_embd=EMB_DIM, n_layer=N_LAYERS,
-                        n_head=N_HEADS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=N_POSITIONS,
+        n_embd=EMB_DIM,
+        n_layer=N_LAYERS,
+        n_head=N_HEADS,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return GPT2LMHeadModel(config)
 
 
 def hf_generate(model, prompt: torch.Tensor, n: int) -> list[int]:
     with torch.no_grad():
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, use_cache=True,
-                             max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
-    return out[0, prompt.shape[1]:].tolist()
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=False,
+            use_cache=True,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            pad_token_id=0,
+        )
+    return out[0, prompt.shape[1] :].tolist()
 
 
 def llmcore_generate(model, prompt: torch.Tensor, n: int, compile: bool = False) -> list[int]:
@@ -146,8 +177,9 @@ def bench_generation(args) -> dict:
     for name in times:
         weight_bytes = weight_bytes_per_token(models[name])
         limit = statistics.median(bandwidths) / weight_bytes
-        result[name].update(weight_mb=weight_bytes / 1e6, limit_tokens_per_s=limit,
-                            fraction_of_limit=result[name]["median"] / limit)
+        result[name].update(
+            weight_mb=weight_bytes / 1e6, limit_tokens_per_s=limit, fraction_of_limit=result[name]["median"] / limit
+        )
     assert all(len(tokens) == n for tokens in outputs.values()), "a generation stopped early"
     result["int8_vs_fp32_token_agreement_random_weights"] = agreement(outputs["llmcore"], outputs["llmcore_int8"])
     if args.compile:
@@ -169,10 +201,14 @@ def agreement(a: list[int], b: list[int]) -> dict[str, float]:
 
 
 def find_text(explicit: Path | None) -> Path:
-    candidates = [explicit] if explicit else [
-        Path(os.environ.get("LLMPIPE_MIRROR", "../shared/data")) / "the-verdict.txt",
-        Path("data/raw/corpus.txt"),
-    ]
+    candidates = (
+        [explicit]
+        if explicit
+        else [
+            Path(os.environ.get("LLMPIPE_MIRROR", "../shared/data")) / "the-verdict.txt",
+            Path("data/raw/corpus.txt"),
+        ]
+    )
     for path in candidates:
         if path is not None and path.is_file():
             return path
@@ -200,8 +236,21 @@ def bench_quality(args) -> dict:
     val_data = SlidingWindowDataset(ids[split:], min(ctx, len(ids) - split - 1), ctx)
     model = GPTModel(cfg)
     started = time.perf_counter()
-    train(model, train_data, None, TrainConfig(epochs=args.quality_epochs, batch_size=8, lr=1e-3, warmup_steps=5,
-                                               eval_every=0, eval_batches=1, progress=False, seed=args.seed))
+    train(
+        model,
+        train_data,
+        None,
+        TrainConfig(
+            epochs=args.quality_epochs,
+            batch_size=8,
+            lr=1e-3,
+            warmup_steps=5,
+            eval_every=0,
+            eval_batches=1,
+            progress=False,
+            seed=args.seed,
+        ),
+    )
     result: dict = {"preset": args.quality_preset, "train_seconds": time.perf_counter() - started}
     model.eval()
     int8 = quantize_int8(model)
@@ -214,7 +263,8 @@ def bench_quality(args) -> dict:
     pairs = [(generate(model, [p], args.new_tokens)[0], generate(int8, [p], args.new_tokens)[0]) for p in prompts]
     scores = [agreement(a, b) for a, b in pairs]
     result["greedy_agreement"] = {
-        "prompts": len(prompts), "new_tokens": args.new_tokens,
+        "prompts": len(prompts),
+        "new_tokens": args.new_tokens,
         "same_fraction": statistics.mean(s["same_fraction"] for s in scores),
         "first_difference_at": [s["first_difference_at"] for s in scores],
     }
@@ -253,8 +303,17 @@ def run_probe(args) -> None:
 def bench_memory(args) -> dict:
     result = {}
     for probe in ("llmcore", "llmcore_int8", "transformers"):
-        cmd = [sys.executable, "-m", "benchmarks.bench_llmcore_vs_transformers", "--probe", probe,
-               "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.bench_llmcore_vs_transformers",
+            "--probe",
+            probe,
+            "--new-tokens",
+            str(args.new_tokens),
+            "--threads",
+            str(args.threads),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         result[probe] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_above_imports_mb"]
     return result
@@ -268,19 +327,28 @@ def report(results: dict) -> None:
     if "generation" in results:
         g = results["generation"]
         print(f"\ngreedy KV-cache generation, new tokens/s (batch 1, {results['args']['new_tokens']} new tokens):")
-        print(f"  read bandwidth {g['bandwidth_gb_s']:.1f} GB/s (median, measured between the generations); "
-              "limit = bandwidth / weight bytes a token reads")
+        print(
+            f"  read bandwidth {g['bandwidth_gb_s']:.1f} GB/s (median, measured between the generations); "
+            "limit = bandwidth / weight bytes a token reads"
+        )
         for name in ("transformers", "llmcore", "llmcore+compile", "llmcore_int8"):
             if name not in g:
                 continue
-            print(f"  {name:16s} best {g[name]['best']:7.1f}   median {g[name]['median']:7.1f}   ({g[name]['trials']} runs)"
-                  f"   weights {g[name]['weight_mb']:4.0f} MB, limit {g[name]['limit_tokens_per_s']:6.1f} tok/s, "
-                  f"median = {g[name]['fraction_of_limit']:.0%} of it")
+            print(
+                f"  {name:16s} best {g[name]['best']:7.1f}   median {g[name]['median']:7.1f}   "
+                f"({g[name]['trials']} runs)"
+                f"   weights {g[name]['weight_mb']:4.0f} MB, limit {g[name]['limit_tokens_per_s']:6.1f} tok/s, "
+                f"median = {g[name]['fraction_of_limit']:.0%} of it"
+            )
         for name in (n for n in ("llmcore", "llmcore+compile", "llmcore_int8") if n in g):
-            print(f"  ratio {name}/transformers: best {g[name]['best'] / g['transformers']['best']:.2f}x, "
-                  f"median {g[name]['median'] / g['transformers']['median']:.2f}x")
-        print(f"  int8 vs fp32 (random weights): logits rel. error {g['int8_logits_rel_error']:.4f}, "
-              f"same greedy tokens {g['int8_vs_fp32_token_agreement_random_weights']['same_fraction']:.0%}")
+            print(
+                f"  ratio {name}/transformers: best {g[name]['best'] / g['transformers']['best']:.2f}x, "
+                f"median {g[name]['median'] / g['transformers']['median']:.2f}x"
+            )
+        print(
+            f"  int8 vs fp32 (random weights): logits rel. error {g['int8_logits_rel_error']:.4f}, "
+            f"same greedy tokens {g['int8_vs_fp32_token_agreement_random_weights']['same_fraction']:.0%}"
+        )
         if "compiled_vs_eager_same_tokens" in g:
             print(f"  compiled decoding gives the eager tokens: {g['compiled_vs_eager_same_tokens']}")
     if "memory" in results:
@@ -294,8 +362,11 @@ def report(results: dict) -> None:
             p = q[f"perplexity_{split}"]
             print(f"  perplexity {split:11s} fp32 {p['fp32']:9.2f}   int8 {p['int8']:9.2f}   ({p['rel_diff']:+.2%})")
         a = q["greedy_agreement"]
-        print(f"  greedy tokens identical: {a['same_fraction']:.1%} over {a['prompts']} prompts x {a['new_tokens']} tokens; "
-              f"first difference at {a['first_difference_at']}")
+        print(
+            f"  greedy tokens identical: {a['same_fraction']:.1%} over {a['prompts']} prompts "
+            f"x {a['new_tokens']} tokens; "
+            f"first difference at {a['first_difference_at']}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -310,8 +381,8 @@ def main(argv: list[str] | None = None) -> None:
     results: dict = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "environment": f"torch {torch.__version__}, transformers {transformers.__version__}, "
-                       f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                       f"{args.threads} threads, load average at start {os.getloadavg()[0]:.1f}",
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{args.threads} threads, load average at start {os.getloadavg()[0]:.1f}",
     }
     started = time.perf_counter()
     if args.generation:

@@ -46,8 +46,24 @@ from llmcore.quantize import quantize_int8
 from llmcore.tokenizer import ENCODING_DIR_ENV, encode, get_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-TOPICS = ["the sea", "a city", "winter", "music", "a garden", "the moon", "old books", "trains",
-          "rain", "a market", "mountains", "coffee", "a library", "the desert", "friendship", "bridges"]
+TOPICS = [
+    "the sea",
+    "a city",
+    "winter",
+    "music",
+    "a garden",
+    "the moon",
+    "old books",
+    "trains",
+    "rain",
+    "a market",
+    "mountains",
+    "coffee",
+    "a library",
+    "the desert",
+    "friendship",
+    "bridges",
+]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,10 +71,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", default="cpu-small")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients")
     parser.add_argument("--requests", type=int, default=3, help="requests per client at each level")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="torch threads, in this process and the server's")
-    parser.add_argument("--stream-interval-ms", type=float, default=None,
-                        help="the server's --stream-interval-ms (default: the server's default)")
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch threads, in this process and the server's"
+    )
+    parser.add_argument(
+        "--stream-interval-ms",
+        type=float,
+        default=None,
+        help="the server's --stream-interval-ms (default: the server's default)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (in-process, server) per level")
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8"])
@@ -76,8 +97,13 @@ def percentile(values: list[float], q: float) -> float:
 
 def stream_one(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> tuple[float, list[float], int]:
     """One streamed completion: (TTFT s, gaps between chunks s, completion tokens)."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     sent = time.perf_counter()
     arrivals, tokens = [], 0
     with client.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as response:
@@ -124,18 +150,38 @@ def run_level(url: str, server: int, clients: int, requests: int, max_tokens: in
     tokens = sum(r[2] for r in results)
     ttft = [r[0] for r in results]
     gaps = [g for r in results for g in r[1]]
-    return {"clients": clients, "requests": len(results), "tokens": sum(r[2] for r in results), "wall_s": wall,
-            "tokens_per_s": sum(r[2] for r in results) / wall, "ttft_p50_ms": 1e3 * percentile(ttft, 0.5),
-            "ttft_p95_ms": 1e3 * percentile(ttft, 0.95), "token_p50_ms": 1e3 * percentile(gaps, 0.5),
-            "token_p95_ms": 1e3 * percentile(gaps, 0.95), "server_cpu_ms_per_token": 1e3 * server_cpu / tokens,
-            "client_cpu_ms_per_token": 1e3 * client_cpu / tokens}
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "tokens": sum(r[2] for r in results),
+        "wall_s": wall,
+        "tokens_per_s": sum(r[2] for r in results) / wall,
+        "ttft_p50_ms": 1e3 * percentile(ttft, 0.5),
+        "ttft_p95_ms": 1e3 * percentile(ttft, 0.95),
+        "token_p50_ms": 1e3 * percentile(gaps, 0.5),
+        "token_p95_ms": 1e3 * percentile(gaps, 0.95),
+        "server_cpu_ms_per_token": 1e3 * server_cpu / tokens,
+        "client_cpu_ms_per_token": 1e3 * client_cpu / tokens,
+    }
 
 
 def serve(model_dir: Path, int8: bool, env: dict[str, str], interval_ms: float | None) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    command = [sys.executable, "-m", "serving", "--model", str(model_dir), "--classifier", "", "--port", str(port),
-               "--log-level", "warning", *(["--int8"] if int8 else []),
-               *([] if interval_ms is None else ["--stream-interval-ms", str(interval_ms)])]
+    command = [
+        sys.executable,
+        "-m",
+        "serving",
+        "--model",
+        str(model_dir),
+        "--classifier",
+        "",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *(["--int8"] if int8 else []),
+        *([] if interval_ms is None else ["--stream-interval-ms", str(interval_ms)]),
+    ]
     process = subprocess.Popen(command, cwd=REPO, env=env)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -199,26 +245,39 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     tokenizer = get_tokenizer()
-    print(f"model {args.preset} (random weights), {args.max_tokens} new tokens per request, greedy; "
-          f"{args.requests} requests per client; torch {torch.__version__}, {os.cpu_count()} CPUs, "
-          f"{torch.get_num_threads()} torch threads")
-    header = (f"{'precision':9} {'clients':>7} {'tok/s':>8} {'TTFT p50':>9} {'p95':>7} {'token p50':>9} {'p95':>7}"
-              f"  (ms) {'in-process':>10} {'server/in-process':>17}")
+    print(
+        f"model {args.preset} (random weights), {args.max_tokens} new tokens per request, greedy; "
+        f"{args.requests} requests per client; torch {torch.__version__}, {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} torch threads"
+    )
+    header = (
+        f"{'precision':9} {'clients':>7} {'tok/s':>8} {'TTFT p50':>9} {'p95':>7} {'token p50':>9} {'p95':>7}"
+        f"  (ms) {'in-process':>10} {'server/in-process':>17}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_checkpoint(GPTModel(GPTConfig.from_preset(args.preset, drop_rate=0.0)), Path(tmp) / "bench")
         for precision in args.precisions:
             load = os.getloadavg()[0]
             levels = bench_precision(args, model_dir, precision == "int8", tokenizer, env)
-            print(f"\n{precision}: medians of {args.rounds} interleaved rounds; load average {load:.2f} at start, "
-                  f"{os.getloadavg()[0]:.2f} at end\n{header}")
+            print(
+                f"\n{precision}: medians of {args.rounds} interleaved rounds; load average {load:.2f} at start, "
+                f"{os.getloadavg()[0]:.2f} at end\n{header}"
+            )
             for n, row in levels.items():
-                print(f"{precision:9} {n:>7} {row['tokens_per_s']:>8.1f} {row['ttft_p50_ms']:>9.1f} "
-                      f"{row['ttft_p95_ms']:>7.1f} {row['token_p50_ms']:>9.1f} {row['token_p95_ms']:>7.1f}       "
-                      f"{row['in_process_tokens_per_s']:>10.1f} {row['tokens_per_s'] / row['in_process_tokens_per_s']:>16.0%}")
-            print(f"{precision}: CPU ms per token (user+system, all threads): "
-                  + "; ".join(f"{n} clients: server {r['server_cpu_ms_per_token']:.2f} + clients "
-                              f"{r['client_cpu_ms_per_token']:.2f} vs in-process {r['in_process_cpu_ms_per_token']:.2f}"
-                              for n, r in levels.items()))
+                print(
+                    f"{precision:9} {n:>7} {row['tokens_per_s']:>8.1f} {row['ttft_p50_ms']:>9.1f} "
+                    f"{row['ttft_p95_ms']:>7.1f} {row['token_p50_ms']:>9.1f} {row['token_p95_ms']:>7.1f}       "
+                    f"{row['in_process_tokens_per_s']:>10.1f} "
+                    f"{row['tokens_per_s'] / row['in_process_tokens_per_s']:>16.0%}"
+                )
+            print(
+                f"{precision}: CPU ms per token (user+system, all threads): "
+                + "; ".join(
+                    f"{n} clients: server {r['server_cpu_ms_per_token']:.2f} + clients "
+                    f"{r['client_cpu_ms_per_token']:.2f} vs in-process {r['in_process_cpu_ms_per_token']:.2f}"
+                    for n, r in levels.items()
+                )
+            )
             if 1 in levels and 16 in levels:
                 gain = levels[16]["tokens_per_s"] / levels[1]["tokens_per_s"]
                 print(f"{precision}: batching gain (aggregate tok/s at 16 clients / at 1): {gain:.2f}x")

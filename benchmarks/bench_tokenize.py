@@ -97,12 +97,31 @@ def run_tokenize(corpus: Path, work: Path) -> dict:
     """The tokenize stage on ``corpus`` in a child process: its seconds, peak RSS and metrics."""
     work.mkdir(parents=True, exist_ok=True)
     params = work / "params.yaml"
-    params.write_text(yaml.safe_dump({"tokenizer": {"encoding_dir": os.environ.get("LLMCORE_GPT2_ENCODING_DIR")},
-                                      "corpus": {"root": str(corpus)}}))
-    argv = ["--params", str(params), "--tokens", str(work / "tokens"), "--metrics", str(work / "tokenize.json"),
-            "--state-dir", str(work / "state")]
-    done = subprocess.run([sys.executable, "-c", CHILD, *argv], capture_output=True, text=True, check=True,
-                          cwd=Path(__file__).resolve().parents[1])
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "tokenizer": {"encoding_dir": os.environ.get("LLMCORE_GPT2_ENCODING_DIR")},
+                "corpus": {"root": str(corpus)},
+            }
+        )
+    )
+    argv = [
+        "--params",
+        str(params),
+        "--tokens",
+        str(work / "tokens"),
+        "--metrics",
+        str(work / "tokenize.json"),
+        "--state-dir",
+        str(work / "state"),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, *argv],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     lines = done.stdout.strip().splitlines()
     return {**json.loads(lines[-1]), "summary": lines[-2], **json.loads((work / "tokenize.json").read_text())}
 
@@ -123,8 +142,9 @@ class StepRates(TrainCallback):
 
 def pretrain_tokens_per_s(tokens: Path, work: Path, sampling: str, steps: int, warmup: int) -> float:
     """Median tokens/s of ``steps`` training steps (after ``warmup``) on the windows of ``tokens``."""
-    build_windows(tokens, work / f"windows-{sampling}", work / f"windows-{sampling}.json",
-                  WindowParams(sampling=sampling))
+    build_windows(
+        tokens, work / f"windows-{sampling}", work / f"windows-{sampling}.json", WindowParams(sampling=sampling)
+    )
     cfg = GPTConfig.from_preset("cpu-tiny", context_length=256)
     windows = load_windows(work / f"windows-{sampling}", cfg)
     torch.manual_seed(0)
@@ -152,25 +172,37 @@ def main() -> None:
         started = time.perf_counter()
         large = make_corpus(args.dir / "large", int(args.gb * 1e9), args.files)
         small = make_corpus(args.dir / "small", 5_000_000, 5, seed=1)
-        print(f"corpus: {args.files} files, {large / 1e6:.0f} MB ({time.perf_counter() - started:.0f} s to write); "
-              f"small: 5 files, {small / 1e6:.1f} MB; {threads} cores")
+        print(
+            f"corpus: {args.files} files, {large / 1e6:.0f} MB ({time.perf_counter() - started:.0f} s to write); "
+            f"small: 5 files, {small / 1e6:.1f} MB; {threads} cores"
+        )
         sample = sorted((args.dir / "large").iterdir())[: args.sample_files]
         raw = [raw_tiktoken_mb_s(sample, threads)]
         runs = {name: run_tokenize(args.dir / name, args.dir / f"out-{name}") for name in ("large", "small")}
         raw.append(raw_tiktoken_mb_s(sample, threads))
         limit = statistics.mean(raw)
-        print(f"raw tiktoken encode_ordinary_batch ({threads} threads, {args.sample_files} files): "
-              f"{raw[0]:.1f} MB/s before, {raw[1]:.1f} MB/s after")
+        print(
+            f"raw tiktoken encode_ordinary_batch ({threads} threads, {args.sample_files} files): "
+            f"{raw[0]:.1f} MB/s before, {raw[1]:.1f} MB/s after"
+        )
         for name, run in runs.items():
             rate = run["bytes"] / 1e6 / run["seconds"]
-            print(f"tokenize {name}: {run['bytes'] / 1e6:.1f} MB, {run['tokens']} tokens, {run['shards']} shard(s) "
-                  f"in {run['seconds']:.1f} s = {rate:.1f} MB/s ({rate / limit:.0%} of raw tiktoken), "
-                  f"peak RSS {run['rss_mb']:.0f} MB")
+            print(
+                f"tokenize {name}: {run['bytes'] / 1e6:.1f} MB, {run['tokens']} tokens, {run['shards']} shard(s) "
+                f"in {run['seconds']:.1f} s = {rate:.1f} MB/s ({rate / limit:.0%} of raw tiktoken), "
+                f"peak RSS {run['rss_mb']:.0f} MB"
+            )
         for sampling in ("fixed", "random"):
-            rates = {name: pretrain_tokens_per_s(args.dir / f"out-{name}" / "tokens", args.dir / f"out-{name}",
-                                                 sampling, args.steps, warmup=3) for name in ("small", "large")}
-            print(f"pretrain ({sampling} windows, cpu-tiny, batch 8 x 256): {rates['small']:.0f} tokens/s on 5 MB, "
-                  f"{rates['large']:.0f} tokens/s on {large / 1e6:.0f} MB ({rates['large'] / rates['small']:.2f}x)")
+            rates = {
+                name: pretrain_tokens_per_s(
+                    args.dir / f"out-{name}" / "tokens", args.dir / f"out-{name}", sampling, args.steps, warmup=3
+                )
+                for name in ("small", "large")
+            }
+            print(
+                f"pretrain ({sampling} windows, cpu-tiny, batch 8 x 256): {rates['small']:.0f} tokens/s on 5 MB, "
+                f"{rates['large']:.0f} tokens/s on {large / 1e6:.0f} MB ({rates['large'] / rates['small']:.2f}x)"
+            )
     finally:
         if not args.keep:
             shutil.rmtree(args.dir, ignore_errors=True)

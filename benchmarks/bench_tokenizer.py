@@ -51,10 +51,26 @@ def run_stage(corpus: Path, work: Path, vocab: int, sample_mb: float) -> dict:
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", CHILD, "--params", str(work / "params.yaml"),
-                           "--out", str(work / "tokenizer"), "--report", str(work / "report.json"),
-                           "--metrics", str(work / "metrics.json")], cwd=REPO, env=env, check=True,
-                          stdout=subprocess.PIPE, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            "--params",
+            str(work / "params.yaml"),
+            "--out",
+            str(work / "tokenizer"),
+            "--report",
+            str(work / "report.json"),
+            "--metrics",
+            str(work / "metrics.json"),
+        ],
+        cwd=REPO,
+        env=env,
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     wall = time.perf_counter() - started
     print(done.stdout.strip().splitlines()[0])  # the stage's summary line
     peak_mb = int(done.stdout.split("VmHWM_kB")[-1]) / 1024
@@ -79,8 +95,11 @@ def encode_speed(encoding, texts: list[str], threads: int) -> dict:
     started = time.perf_counter()
     encoding.encode_ordinary_batch(texts, num_threads=threads)
     many = time.perf_counter() - started
-    return {"mb_per_s_1_thread": n_bytes / 1e6 / one, f"mb_per_s_{threads}_threads": n_bytes / 1e6 / many,
-            "bytes_per_token": n_bytes / tokens}
+    return {
+        "mb_per_s_1_thread": n_bytes / 1e6 / one,
+        f"mb_per_s_{threads}_threads": n_bytes / 1e6 / many,
+        "bytes_per_token": n_bytes / tokens,
+    }
 
 
 def main() -> None:
@@ -101,9 +120,11 @@ def main() -> None:
     try:
         stage = run_stage(corpus, work, args.vocab, args.sample_mb)
         trained = stage["report"]["trained"]
-        print(f"train_tokenizer ({args.vocab} tokens, {stage['report']['train_bytes'] / 1e6:.0f} MB trained on): "
-              f"{stage['wall_s']:.1f} s wall, trainer {trained['train_mb_per_s']:.2f} MB/s, "
-              f"peak RSS {stage['peak_rss_mb']:.0f} MB")
+        print(
+            f"train_tokenizer ({args.vocab} tokens, {stage['report']['train_bytes'] / 1e6:.0f} MB trained on): "
+            f"{stage['wall_s']:.1f} s wall, trainer {trained['train_mb_per_s']:.2f} MB/s, "
+            f"peak RSS {stage['peak_rss_mb']:.0f} MB"
+        )
         texts = sample_texts(corpus, args.encode_mb)
         threads = len(os.sched_getaffinity(0))
         ours = encode_speed(get_tokenizer(work / "tokenizer"), texts, threads)

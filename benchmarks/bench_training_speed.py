@@ -69,13 +69,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--context", type=int, default=1024 if cuda else 256)
     parser.add_argument("--batch", type=int, default=8 if cuda else 2)
-    parser.add_argument("--precisions", nargs="+", choices=sorted(PRECISIONS), default=["fp32", "bf16"] if cuda else ["fp32"])
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="also the compiled variants")
+    parser.add_argument(
+        "--precisions", nargs="+", choices=sorted(PRECISIONS), default=["fp32", "bf16"] if cuda else ["fp32"]
+    )
+    parser.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=True, help="also the compiled variants"
+    )
     parser.add_argument("--pad-vocab", type=int, default=64, help="llmcore's pad_vocab_to_multiple (1: none)")
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps per variant (the first compiles)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per variant")
-    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
-                        help="peak memory of each variant in a fresh process")
+    parser.add_argument(
+        "--memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="peak memory of each variant in a fresh process",
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--seed", type=int, default=123)
@@ -84,8 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def variants(args) -> list[Variant]:
-    return [Variant(lib, compiled, precision) for lib in ("llmcore", "transformers")
-            for compiled in ((False, True) if args.compile else (False,)) for precision in args.precisions]
+    return [
+        Variant(lib, compiled, precision)
+        for lib in ("llmcore", "transformers")
+        for compiled in ((False, True) if args.compile else (False,))
+        for precision in args.precisions
+    ]
 
 
 def build_model(lib: str, args, device: torch.device) -> torch.nn.Module:
@@ -94,8 +106,17 @@ def build_model(lib: str, args, device: torch.device) -> torch.nn.Module:
         return GPTModel(GPTConfig.from_preset("gpt2-small", pad_vocab_to_multiple=args.pad_vocab)).to(device)
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=VOCAB, n_positions=1024, n_embd=768, n_layer=12, n_head=12, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=1024,
+        n_embd=768,
+        n_layer=12,
+        n_head=12,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        attn_implementation="sdpa",
+    )
     return GPT2LMHeadModel(config).to(device)
 
 
@@ -103,6 +124,7 @@ def make_step(variant: Variant, model, optimizer, batch, device: torch.device):
     """One training step of ``variant``; returns the loss."""
     inputs, targets = batch
     if variant.lib == "llmcore":
+
         def loss_of() -> torch.Tensor:
             return next_token_loss(model, (inputs, targets))
 
@@ -161,8 +183,13 @@ def bench_speed(args, device: torch.device) -> dict:
         else:  # each step against the matmul timed next to it: the same load on a shared machine
             peaks = [2 * MATMUL_N**3 / t for t in times[f"matmul {variant.precision}"]]
         mfus = [tokens * flops_per_token / t / peak for t, peak in zip(seconds, peaks)]
-        results[variant.name] = {**summarise(seconds, tokens), "mfu": statistics.median(mfus), "seconds": seconds,
-                                 "first_step_s": compile_s[variant.name], "peak_flops": max(peaks)}
+        results[variant.name] = {
+            **summarise(seconds, tokens),
+            "mfu": statistics.median(mfus),
+            "seconds": seconds,
+            "first_step_s": compile_s[variant.name],
+            "peak_flops": max(peaks),
+        }
     return results
 
 
@@ -196,10 +223,24 @@ def run_probe(args, device: torch.device) -> None:
 def bench_memory(args) -> dict[str, float]:
     result = {}
     for variant in variants(args):
-        cmd = [sys.executable, "-m", "benchmarks.bench_training_speed", "--probe", variant.name,
-               "--context", str(args.context), "--batch", str(args.batch), "--pad-vocab", str(args.pad_vocab),
-               "--threads", str(args.threads), "--precisions", *args.precisions,
-               "--compile" if args.compile else "--no-compile"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.bench_training_speed",
+            "--probe",
+            variant.name,
+            "--context",
+            str(args.context),
+            "--batch",
+            str(args.batch),
+            "--pad-vocab",
+            str(args.pad_vocab),
+            "--threads",
+            str(args.threads),
+            "--precisions",
+            *args.precisions,
+            "--compile" if args.compile else "--no-compile",
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         result[variant.name] = json.loads(out.stdout.strip().splitlines()[-1])["peak_memory_mb"]
     return result
@@ -214,13 +255,16 @@ def target_lines(results: dict, device: torch.device, args) -> list[str]:
     theirs = speed[transformers_best(speed)]
     ours = max(compiled, key=lambda name: paired_ratio(speed[name], theirs))
     ratio, target = paired_ratio(speed[ours], theirs), TARGETS["cuda" if device.type == "cuda" else "cpu"]
-    lines = [f"{ours} / transformers' best = {ratio:.2f}x (target >= {target['ratio']}x): "
-             f"{'met' if ratio >= target['ratio'] else 'MISSED'}"]
+    lines = [
+        f"{ours} / transformers' best = {ratio:.2f}x (target >= {target['ratio']}x): "
+        f"{'met' if ratio >= target['ratio'] else 'MISSED'}"
+    ]
     if device.type == "cuda":
         mfu = speed[ours]["mfu"]
         ok = mfu >= target["mfu"] and args.context == target["context"]
-        lines.append(f"MFU of {ours} {mfu:.1%} at context {args.context} (target >= 40% at 1024): "
-                     f"{'met' if ok else 'MISSED'}")
+        lines.append(
+            f"MFU of {ours} {mfu:.1%} at context {args.context} (target >= 40% at 1024): {'met' if ok else 'MISSED'}"
+        )
         lines.append("CPU target (>= 1.15x): not measured in this run")
     else:
         lines.append("CUDA targets (>= 1.3x transformers, >= 40% MFU at context 1024): not measured (no GPU here)")
@@ -230,13 +274,17 @@ def target_lines(results: dict, device: torch.device, args) -> list[str]:
 def report(results: dict, device: torch.device, args) -> None:
     speed = results["speed"]
     print(f"\n== {results['environment']}")
-    print(f"training, gpt2-small shape, context {args.context}, batch {args.batch}, llmcore vocab padded to a "
-          f"multiple of {args.pad_vocab}; MFU: the median over rounds against the {device.type} peak")
+    print(
+        f"training, gpt2-small shape, context {args.context}, batch {args.batch}, llmcore vocab padded to a "
+        f"multiple of {args.pad_vocab}; MFU: the median over rounds against the {device.type} peak"
+    )
     print(f"  {'variant':28s} {'tokens/s best':>13s} {'median':>8s} {'MFU':>6s} {'first step s':>13s} {'peak MiB':>9s}")
     for name, s in speed.items():
         memory = results.get("memory", {}).get(name)
-        print(f"  {name:28s} {s['best']:13.1f} {s['median']:8.1f} {s['mfu']:6.1%} {s['first_step_s']:13.1f} "
-              f"{'' if memory is None else f'{memory:9.0f}'}")
+        print(
+            f"  {name:28s} {s['best']:13.1f} {s['median']:8.1f} {s['mfu']:6.1%} {s['first_step_s']:13.1f} "
+            f"{'' if memory is None else f'{memory:9.0f}'}"
+        )
     theirs = transformers_best(speed)
     print(f"ratios to transformers' best ({theirs}), median over rounds of back-to-back steps:")
     for name in (n for n in speed if n.startswith("llmcore")):
@@ -258,10 +306,12 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    results: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                     "environment": f"torch {torch.__version__}, transformers {transformers.__version__}, {name}, "
-                                    f"{os.cpu_count()} CPUs, {args.threads} threads, load average at start "
-                                    f"{os.getloadavg()[0]:.1f}"}
+    results: dict = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "environment": f"torch {torch.__version__}, transformers {transformers.__version__}, {name}, "
+        f"{os.cpu_count()} CPUs, {args.threads} threads, load average at start "
+        f"{os.getloadavg()[0]:.1f}",
+    }
     started = time.perf_counter()
     results["speed"] = bench_speed(args, device)
     if args.memory:

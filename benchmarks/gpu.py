@@ -51,10 +51,18 @@ Row = tuple[str, str, str, str, str]  # section, variant, tokens/s, vs. referenc
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, a few steps: check that it runs")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="the compiled variants (default: on a GPU yes, in a dry run no)")
-    parser.add_argument("--sections", nargs="+", default=["training", "decoding", "serving"],
-                        choices=["training", "decoding", "serving"])
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the compiled variants (default: on a GPU yes, in a dry run no)",
+    )
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        default=["training", "decoding", "serving"],
+        choices=["training", "decoding", "serving"],
+    )
     parser.add_argument("--steps", type=int, default=None, help="timed training steps per variant")
     args = parser.parse_args(argv)
     args.device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
@@ -71,9 +79,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def hf_gpt2(cfg: GPTConfig):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return GPT2LMHeadModel(GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
-                                      n_layer=cfg.n_layers, n_head=cfg.n_heads, resid_pdrop=0.0, embd_pdrop=0.0,
-                                      attn_pdrop=0.0, attn_implementation="sdpa"))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=cfg.vocab_size,
+            n_positions=cfg.context_length,
+            n_embd=cfg.emb_dim,
+            n_layer=cfg.n_layers,
+            n_head=cfg.n_heads,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            attn_implementation="sdpa",
+        )
+    )
 
 
 def llmcore_gpt(args) -> GPTModel:
@@ -90,8 +108,12 @@ def training(args) -> list[Row]:
     rows = torch.randint(0, cfg.vocab_size, (args.batch, args.context + 1), generator=gen)
     batch = rows[:, :-1].contiguous().to(device), rows[:, 1:].contiguous().to(device)
     precisions = ["fp32", "bf16"]
-    variants = [Variant(lib, compiled, p) for lib in ("llmcore", "transformers")
-                for compiled in ((False, True) if args.compile else (False,)) for p in precisions]
+    variants = [
+        Variant(lib, compiled, p)
+        for lib in ("llmcore", "transformers")
+        for compiled in ((False, True) if args.compile else (False,))
+        for p in precisions
+    ]
     steps = {}
     for lib in ("llmcore", "transformers"):
         torch.manual_seed(0)
@@ -123,7 +145,10 @@ def decoding(args) -> list[Row]:
     torch.manual_seed(0)
     fp32 = llmcore_gpt(args).to(device).eval()
     cfg = fp32.cfg
-    variants = {"llmcore fp32": (fp32, False), "llmcore bf16": (llmcore_gpt(args).to(device, torch.bfloat16).eval(), False)}
+    variants = {
+        "llmcore fp32": (fp32, False),
+        "llmcore bf16": (llmcore_gpt(args).to(device, torch.bfloat16).eval(), False),
+    }
     if args.compile:
         variants["llmcore fp32 compiled"] = (fp32, True)
     if device.type == "cpu":
@@ -132,14 +157,23 @@ def decoding(args) -> list[Row]:
         variants["llmcore int8"] = (quantize_int8(fp32), False)
     prompt = torch.randint(0, cfg.vocab_size, (1, 4), device=device)
     n = args.new_tokens
-    fns = {f"{name} batch {b}": (lambda m=m, c=c, b=b: generate(m, prompt.expand(b, -1), n, compile=c))
-           for name, (m, c) in variants.items() for b in (1, 16)}
+    fns = {
+        f"{name} batch {b}": (lambda m=m, c=c, b=b: generate(m, prompt.expand(b, -1), n, compile=c))
+        for name, (m, c) in variants.items()
+        for b in (1, 16)
+    }
     hf = hf_gpt2(GPTConfig.from_preset(args.preset)).to(device).eval()
 
     def hf_generate():
         with torch.no_grad():
-            hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=n,
-                        min_new_tokens=n, pad_token_id=0)
+            hf.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=False,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                pad_token_id=0,
+            )
 
     fns["transformers fp32 batch 1"] = hf_generate
     for fn in fns.values():
@@ -162,6 +196,7 @@ def synchronised(fn, device: torch.device):
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
+
     return run
 
 
@@ -175,8 +210,13 @@ def serving(args) -> list[Row]:
 
     bench_serve.use_offline_encoding()
     levels = [1, 2] if args.dry_run else [1, 16]
-    opts = SimpleNamespace(levels=levels, rounds=1 if args.dry_run else 2, requests=1 if args.dry_run else 2,
-                           max_tokens=8 if args.dry_run else 64, stream_interval_ms=None)
+    opts = SimpleNamespace(
+        levels=levels,
+        rounds=1 if args.dry_run else 2,
+        requests=1 if args.dry_run else 2,
+        max_tokens=8 if args.dry_run else 64,
+        stream_interval_ms=None,
+    )
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,9 +226,15 @@ def serving(args) -> list[Row]:
             result = bench_serve.bench_precision(opts, model_dir, int8, get_tokenizer(), env)
             for n, row in result.items():
                 ratio = row["tokens_per_s"] / row["in_process_tokens_per_s"]
-                rows.append(("serving (CPU)", f"{preset} {'int8' if int8 else 'fp32'}, {n} client(s)",
-                             f"{row['tokens_per_s']:,.0f}", f"{ratio:.0%} of in-process",
-                             f"TTFT p50 {row['ttft_p50_ms']:.0f} ms"))
+                rows.append(
+                    (
+                        "serving (CPU)",
+                        f"{preset} {'int8' if int8 else 'fp32'}, {n} client(s)",
+                        f"{row['tokens_per_s']:,.0f}",
+                        f"{ratio:.0%} of in-process",
+                        f"TTFT p50 {row['ttft_p50_ms']:.0f} ms",
+                    )
+                )
     return rows
 
 
@@ -198,12 +244,16 @@ def serving(args) -> list[Row]:
 def environment(args) -> str:
     if args.device.type == "cuda":
         name = torch.cuda.get_device_name(args.device)
-        peaks = f"datasheet peak bf16 {peak_flops(args.device, 'bf16-mixed') / 1e12:.0f} TFLOP/s, " \
-                f"fp32 (TF32) {peak_flops(args.device, 'fp32') / 1e12:.0f}"
+        peaks = (
+            f"datasheet peak bf16 {peak_flops(args.device, 'bf16-mixed') / 1e12:.0f} TFLOP/s, "
+            f"fp32 (TF32) {peak_flops(args.device, 'fp32') / 1e12:.0f}"
+        )
     else:
         name, peaks = platform.processor() or platform.machine(), "peak: a measured matmul (no datasheet for CPUs)"
-    return (f"{name}; torch {torch.__version__}; {os.cpu_count()} CPUs; {peaks}; load average "
-            f"{os.getloadavg()[0]:.1f}{'; DRY RUN (tiny shapes on the CPU)' if args.dry_run else ''}")
+    return (
+        f"{name}; torch {torch.__version__}; {os.cpu_count()} CPUs; {peaks}; load average "
+        f"{os.getloadavg()[0]:.1f}{'; DRY RUN (tiny shapes on the CPU)' if args.dry_run else ''}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """Reproduce the book's chapter 5 pretraining run on the-verdict with llmcore (no DVC, no MLflow).
 
 The book's settings: GPT_CONFIG_124M (gpt2-small shape, qkv_bias off, untied output head),
-context 256, drop 0.1, PyTorch's default initialisation (GPTConfig.init "torch"); the text split 90/10 by characters and each part tokenized on its own;
+context 256, drop 0.1, PyTorch's default initialisation (GPTConfig.init "torch"); the text split
+90/10 by characters and each part tokenized on its own;
 windows of 256 with stride 256, batch 2 (train: shuffled, drop_last; val: in order); AdamW
 lr 4e-4, weight decay 0.1, constant lr, no warmup, no gradient clipping; 10 epochs;
 torch.manual_seed(123) before building the model; evaluation every 5 steps on 5 batches.
@@ -36,8 +37,15 @@ from llmcore.train import TrainConfig, train
 
 BOOK_MODEL = dict(context_length=256, qkv_bias=False, tie_embeddings=False, drop_rate=0.1, init="torch")
 BOOK_TRAIN = dict(
-    epochs=10, batch_size=2, lr=4e-4, weight_decay=0.1, schedule="constant", warmup_steps=0,
-    grad_clip=None, eval_every=5, eval_batches=5,
+    epochs=10,
+    batch_size=2,
+    lr=4e-4,
+    weight_decay=0.1,
+    schedule="constant",
+    warmup_steps=0,
+    grad_clip=None,
+    eval_every=5,
+    eval_batches=5,
 )
 BOOK_REPORTED = {"train_loss": 0.57, "val_loss": 6.37}
 
@@ -54,34 +62,50 @@ def run(text: str, seed: int, preset: str, epochs: int) -> dict[str, float]:
     started = time.perf_counter()
     state = train(model, train_data, val_data, config)
     final = state.history[-1]
-    return {"seed": seed, "train_loss": final["train_loss"], "val_loss": final["val_loss"],
-            "steps": state.step, "tokens_seen": state.tokens_seen, "wall_s": time.perf_counter() - started}
+    return {
+        "seed": seed,
+        "train_loss": final["train_loss"],
+        "val_loss": final["val_loss"],
+        "steps": state.step,
+        "tokens_seen": state.tokens_seen,
+        "wall_s": time.perf_counter() - started,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", type=Path, default=Path("data/raw/corpus.txt"),
-                        help="the-verdict.txt (default: %(default)s, written by `dvc repro download_corpus`)")
+    parser.add_argument(
+        "--corpus",
+        type=Path,
+        default=Path("data/raw/corpus.txt"),
+        help="the-verdict.txt (default: %(default)s, written by `dvc repro download_corpus`)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[123])
     parser.add_argument("--preset", default="gpt2-small", help="model shape (cpu-tiny for a smoke test)")
     parser.add_argument("--epochs", type=int, default=BOOK_TRAIN["epochs"])
     args = parser.parse_args()
     text = args.corpus.read_text(encoding="utf-8")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"tokenizer dir {os.environ.get('LLMCORE_GPT2_ENCODING_DIR') or 'tiktoken'}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"tokenizer dir {os.environ.get('LLMCORE_GPT2_ENCODING_DIR') or 'tiktoken'}"
+    )
     results = []
     for seed in args.seeds:
         result = run(text, seed, args.preset, args.epochs)
         results.append(result)
-        print(f"seed {seed}: train loss {result['train_loss']:.3f}, val loss {result['val_loss']:.3f} "
-              f"after {result['steps']} steps / {result['tokens_seen']} tokens in {result['wall_s']:.0f} s",
-              flush=True)
+        print(
+            f"seed {seed}: train loss {result['train_loss']:.3f}, val loss {result['val_loss']:.3f} "
+            f"after {result['steps']} steps / {result['tokens_seen']} tokens in {result['wall_s']:.0f} s",
+            flush=True,
+        )
     print(f"book (chapter 5): train loss {BOOK_REPORTED['train_loss']}, val loss {BOOK_REPORTED['val_loss']}")
     if len(results) > 1:
         for key in ("train_loss", "val_loss"):
             values = torch.tensor([r[key] for r in results])
-            print(f"{key} over seeds {args.seeds}: mean {values.mean():.3f}, std {values.std():.3f}, "
-                  f"min {values.min():.3f}, max {values.max():.3f}")
+            print(
+                f"{key} over seeds {args.seeds}: mean {values.mean():.3f}, std {values.std():.3f}, "
+                f"min {values.min():.3f}, max {values.max():.3f}"
+            )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,10 @@ def main() -> None:
     print("TF-IDF + logistic regression")
     for split, frame in frames.items():
         predicted = model.predict(frame["Text"])
-        print(f"  {split:<10} n={len(frame):<5} accuracy {accuracy_score(frame['Label'], predicted):.2%}  "
-              f"spam F1 {f1_score(frame['Label'], predicted):.4f}")
+        print(
+            f"  {split:<10} n={len(frame):<5} accuracy {accuracy_score(frame['Label'], predicted):.2%}  "
+            f"spam F1 {f1_score(frame['Label'], predicted):.4f}"
+        )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,16 @@ def stream_reply(model, tokenizer, prompt: str | list[int], args: argparse.Names
     printing text as it comes."""
     if hasattr(tokenizer, "eos_ids"):  # a Hugging Face base's tokenizer (llmcore.hf_tokenizer)
         ids = prompt if isinstance(prompt, list) else tokenizer.encode(prompt, add_special_tokens=True)
-        steps = generate_stream(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, eos_id=tokenizer.eos_id, seed=args.seed)
+        steps = generate_stream(
+            model,
+            [ids],
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            eos_id=tokenizer.eos_id,
+            seed=args.seed,
+        )
         for piece in tokenizer.stream_decode(int(s[0]) for s in steps if int(s[0]) not in tokenizer.eos_ids):
             print(piece, end="", flush=True)
         return
@@ -57,11 +65,20 @@ def stream_reply(model, tokenizer, prompt: str | list[int], args: argparse.Names
     ids = encode(tokenizer, prompt) or [eos]  # an empty prompt starts from <|endoftext|>
     context = model.cfg.context_length
     if len(ids) >= context:
-        print(f"llm: the prompt is {len(ids)} tokens and the model's context {context}: it reads only the "
-              f"last {context - 1}", file=sys.stderr)
+        print(
+            f"llm: the prompt is {len(ids)} tokens and the model's context {context}: it reads only the "
+            f"last {context - 1}",
+            file=sys.stderr,
+        )
     steps = generate_stream(
-        model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, eos_id=eos, seed=args.seed,
+        model,
+        [ids],
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_id=eos,
+        seed=args.seed,
     )
     tokens = (int(step[0]) for step in steps if int(step[0]) != eos)
     for piece in stream_text(tokenizer, tokens):
@@ -145,7 +162,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         raise UsageError(f"{model_dir} is prompted with its tokenizer's chat template, and its tokenizer has none")
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"Chatting with {model_dir}. Type an instruction (\"exit\" or Ctrl-D to quit).")
+        print(f'Chatting with {model_dir}. Type an instruction ("exit" or Ctrl-D to quit).')
     for instruction, extra in chat_turns(sys.stdin, args.input_separator, interactive):
         print("Response: ", end="", flush=True)
         stream_reply(model, tokenizer, chat_prompt_for(tokenizer, style, instruction, extra), args)
@@ -175,15 +192,17 @@ def cmd_stack(argv: Sequence[str]) -> int:
     return stack_main(argv, prog="llm stack")
 
 
-def _add_sampling(parser: argparse.ArgumentParser, max_new_tokens: int, temperature: float = 0.0,
-                  top_k: int | None = None) -> None:
+def _add_sampling(
+    parser: argparse.ArgumentParser, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None
+) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     parser.add_argument("--temperature", type=float, default=temperature, help="0: greedy (default: %(default)s)")
     parser.add_argument("--top-k", type=int, default=top_k, help="sample from the k likeliest (default: %(default)s)")
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
-    parser.add_argument("--int8", action="store_true",
-                        help="int8 weights for the Linear layers (CPU inference; see llmcore.quantize)")
+    parser.add_argument(
+        "--int8", action="store_true", help="int8 weights for the Linear layers (CPU inference; see llmcore.quantize)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,15 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = commands.add_parser("chat", help="answer instructions with the instruction-tuned model")
     chat.add_argument("--model", default="models/instruct")
-    chat.add_argument("--input-separator", default="\t", metavar="SEP",
-                      help="piped input: one instruction per line, its optional input after SEP (default: a tab)")
+    chat.add_argument(
+        "--input-separator",
+        default="\t",
+        metavar="SEP",
+        help="piped input: one instruction per line, its optional input after SEP (default: a tab)",
+    )
     _add_sampling(chat, max_new_tokens=256)
     chat.set_defaults(run=cmd_chat)
 
     # Its options are serving's own (`llm serve --help`): they are passed through unparsed.
     commands.add_parser("serve", help="serve the models over HTTP (OpenAI-compatible API, chat page)", add_help=False)
-    commands.add_parser("compare", help="two models on the same examples: difference, interval, paired test",
-                        add_help=False)
+    commands.add_parser(
+        "compare", help="two models on the same examples: difference, interval, paired test", add_help=False
+    )
     commands.add_parser("sweep", help="one configuration over several seeds (dvc exp run): mean ± sd", add_help=False)
     commands.add_parser("stack", help="the team stack: up | down | env | status | remote (stack/)", add_help=False)
     return parser

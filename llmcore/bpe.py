@@ -30,7 +30,10 @@ ENDOFTEXT = "<|endoftext|>"
 # tiktoken's pre-tokenization patterns: GPT-2's (r50k/p50k) and GPT-4's (cl100k_base).
 PATTERNS = {
     "gpt2": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""",
-    "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
+    "gpt4": (
+        r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+        r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+    ),
 }
 
 
@@ -43,16 +46,23 @@ def hf_tokenizer(pattern: str):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     tok = Tokenizer(models.BPE(byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     return tok
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, pattern: str = "gpt2",
-              special_tokens: Iterable[str] = (ENDOFTEXT,), min_frequency: int = 2):
+def train_bpe(
+    texts: Iterable[str],
+    vocab_size: int,
+    pattern: str = "gpt2",
+    special_tokens: Iterable[str] = (ENDOFTEXT,),
+    min_frequency: int = 2,
+):
     """Train on ``texts``; returns the ``tokenizers`` Tokenizer (special tokens added last).
 
     ``vocab_size`` counts everything: 256 byte tokens, the merges and the special tokens.
@@ -62,11 +72,18 @@ def train_bpe(texts: Iterable[str], vocab_size: int, pattern: str = "gpt2",
     specials = list(dict.fromkeys(special_tokens))
     merges_room = vocab_size - len(specials)
     if merges_room < 256:
-        raise ValueError(f"vocab_size {vocab_size} leaves {merges_room} tokens besides the {len(specials)} "
-                         "special tokens: at least 256 (the bytes) are needed")
+        raise ValueError(
+            f"vocab_size {vocab_size} leaves {merges_room} tokens besides the {len(specials)} "
+            "special tokens: at least 256 (the bytes) are needed"
+        )
     tok = hf_tokenizer(PATTERNS.get(pattern, pattern))
-    trainer = trainers.BpeTrainer(vocab_size=merges_room, min_frequency=min_frequency, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    trainer = trainers.BpeTrainer(
+        vocab_size=merges_room,
+        min_frequency=min_frequency,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     tok.add_special_tokens(specials)
     return tok
@@ -93,19 +110,28 @@ def to_tiktoken(tok, pattern: str, name: str = "trained") -> tiktoken.Encoding:
     ranks = {bytes(decoder[c] for c in piece): i for piece, i in tok.get_vocab(with_added_tokens=False).items()}
     if len(ranks) != len(tok.get_vocab(with_added_tokens=False)):
         raise EncodingFileError("two trained tokens have the same bytes")
-    return tiktoken.Encoding(name=name, pat_str=PATTERNS.get(pattern, pattern), mergeable_ranks=ranks,
-                             special_tokens=specials)
+    return tiktoken.Encoding(
+        name=name, pat_str=PATTERNS.get(pattern, pattern), mergeable_ranks=ranks, special_tokens=specials
+    )
 
 
 def save_encoding(encoding: tiktoken.Encoding, directory: Path, extra: dict | None = None) -> None:
     """Write ``bpe.tiktoken`` + ``encoding.json`` into ``directory`` (which must exist)."""
     ranks = encoding._mergeable_ranks  # tiktoken keeps them; there is no public getter
     # tiktoken's .tiktoken format (its dump_tiktoken_bpe needs blobfile): base64 token, rank; by rank
-    data = b"".join(base64.b64encode(token) + b" " + str(rank).encode() + b"\n"
-                    for token, rank in sorted(ranks.items(), key=lambda item: item[1]))
+    data = b"".join(
+        base64.b64encode(token) + b" " + str(rank).encode() + b"\n"
+        for token, rank in sorted(ranks.items(), key=lambda item: item[1])
+    )
     (directory / BPE_FILE).write_bytes(data)
-    meta = {"name": encoding.name, "pat_str": encoding._pat_str, "special_tokens": encoding._special_tokens,
-            "n_vocab": encoding.n_vocab, "bpe_sha256": hashlib.sha256(data).hexdigest(), **(extra or {})}
+    meta = {
+        "name": encoding.name,
+        "pat_str": encoding._pat_str,
+        "special_tokens": encoding._special_tokens,
+        "n_vocab": encoding.n_vocab,
+        "bpe_sha256": hashlib.sha256(data).hexdigest(),
+        **(extra or {}),
+    }
     (directory / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -131,8 +157,13 @@ def load_encoding(directory: str | os.PathLike) -> tiktoken.Encoding:
     for number, line in enumerate(data.splitlines(), 1):
         token, rank = line.split()
         ranks[base64.b64decode(token)] = int(rank)
-    return tiktoken.Encoding(name=fields["name"], pat_str=fields["pat_str"], mergeable_ranks=ranks,
-                             special_tokens=fields["special_tokens"], explicit_n_vocab=fields["n_vocab"])
+    return tiktoken.Encoding(
+        name=fields["name"],
+        pat_str=fields["pat_str"],
+        mergeable_ranks=ranks,
+        special_tokens=fields["special_tokens"],
+        explicit_n_vocab=fields["n_vocab"],
+    )
 
 
 def chunks(texts: Iterable[str], size: int = 1 << 14) -> Iterator[str]:

@@ -61,8 +61,7 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
     for name, tensor in expected.items():
         if tuple(state[name].shape) != tuple(tensor.shape):
             raise CheckpointError(
-                f"{source}: tensor {name} has shape {tuple(state[name].shape)}, "
-                f"the model expects {tuple(tensor.shape)}"
+                f"{source}: tensor {name} has shape {tuple(state[name].shape)}, the model expects {tuple(tensor.shape)}"
             )
     # strict=False only because tied weights appear under two names; both are covered above.
     model.load_state_dict(state, strict=False)
@@ -113,7 +112,9 @@ def read_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: unreadable safetensors file: {exc}") from exc
 
 
-def load_checkpoint(directory: str | os.PathLike, *, map_location: str | torch.device = "cpu", **overrides) -> nn.Module:
+def load_checkpoint(
+    directory: str | os.PathLike, *, map_location: str | torch.device = "cpu", **overrides
+) -> nn.Module:
     """Rebuild the GPTModel (or, format llmcore-decoder, the DecoderModel) saved in ``directory``;
     ``overrides`` change config fields (drop_rate)."""
     meta = read_checkpoint_meta(directory)

@@ -51,8 +51,9 @@ class ClassHead:
     """What a classifier adds to its model (GPTModel or DecoderModel): a head with one output per
     class that reads one position's final hidden state (or their mean)."""
 
-    def _init_head(self, cfg, num_classes: int, labels: Sequence[str], token_position: str, pad_id: int,
-                   max_length: int | None) -> None:
+    def _init_head(
+        self, cfg, num_classes: int, labels: Sequence[str], token_position: str, pad_id: int, max_length: int | None
+    ) -> None:
         if token_position not in TOKEN_POSITIONS:
             raise ValueError(f"token_position must be one of {TOKEN_POSITIONS}, got {token_position!r}")
         if len(labels) != num_classes:
@@ -128,8 +129,16 @@ class DecoderClassifier(ClassHead, DecoderModel):
     """A Llama / Qwen3 / Gemma 3 decoder (``llmcore.decoder``) with the class head: the same
     positions as GPTClassifier (``"last"``, ``"flexible"``: each row's last real token, ``"mean"``)."""
 
-    def __init__(self, cfg: DecoderConfig, num_classes: int = 2, *, labels: Sequence[str] = SPAM_LABELS,
-                 token_position: str = "last", pad_id: int = ENDOFTEXT_ID, max_length: int | None = None):
+    def __init__(
+        self,
+        cfg: DecoderConfig,
+        num_classes: int = 2,
+        *,
+        labels: Sequence[str] = SPAM_LABELS,
+        token_position: str = "last",
+        pad_id: int = ENDOFTEXT_ID,
+        max_length: int | None = None,
+    ):
         DecoderModel.__init__(self, cfg)
         self._init_head(cfg, num_classes, labels, token_position, pad_id, max_length)
 
@@ -158,8 +167,13 @@ def set_trainable(
         unfrozen: list[nn.Module] = [model.out_head]
     else:
         model.requires_grad_(mode == "all")
-        blocks = {"last_layer": 0, "last_block": 1, "last_two_blocks": 2, "all_but_embeddings": len(model.trf_blocks),
-                  "all": 0}[mode]
+        blocks = {
+            "last_layer": 0,
+            "last_block": 1,
+            "last_two_blocks": 2,
+            "all_but_embeddings": len(model.trf_blocks),
+            "all": 0,
+        }[mode]
         unfrozen = [model.out_head] if mode == "last_layer" else [model.out_head, model.final_norm]
         unfrozen += list(model.trf_blocks)[len(model.trf_blocks) - blocks :] if blocks else []
     for module in unfrozen:
@@ -182,8 +196,9 @@ def save_classifier(model: GPTClassifier | DecoderClassifier, directory: str | o
     return save_checkpoint(model, directory, kind=CLASSIFIER_FORMAT, extra=extra, files=files)
 
 
-def load_classifier(directory: str | os.PathLike, *,
-                    map_location: str | torch.device = "cpu") -> GPTClassifier | DecoderClassifier:
+def load_classifier(
+    directory: str | os.PathLike, *, map_location: str | torch.device = "cpu"
+) -> GPTClassifier | DecoderClassifier:
     meta = read_checkpoint_meta(directory)
     if meta.get("format") != CLASSIFIER_FORMAT:
         raise CheckpointError(f"checkpoint {directory}: format {meta.get('format')!r}, expected {CLASSIFIER_FORMAT!r}")
@@ -306,8 +321,14 @@ def predict_proba(
 ) -> torch.Tensor:
     """Class probabilities (len(texts), num_classes), texts truncated and padded as in training."""
     cfg = model.cfg
-    data = SpamDataset(texts, [0] * len(texts), tokenizer, max_length=model.max_length or cfg.context_length,
-                       context_length=cfg.context_length, pad_id=model.pad_id)
+    data = SpamDataset(
+        texts,
+        [0] * len(texts),
+        tokenizer,
+        max_length=model.max_length or cfg.context_length,
+        context_length=cfg.context_length,
+        pad_id=model.pad_id,
+    )
     # Similar lengths together: less padding per batch for "flexible" (results are the same).
     order = sorted(range(len(data)), key=lambda i: len(data.encoded[i]))
     loader = DataLoader([data[i] for i in order], batch_size=batch_size, collate_fn=collate_for(model))

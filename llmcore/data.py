@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterator, Sequence, Sized
+from collections.abc import Callable, Iterator, Sequence, Sized
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+if TYPE_CHECKING:
+    from llmcore.train import TrainConfig
+    from llmcore.train_state import TrainState
 
 
 class TokenShards:
@@ -123,8 +129,10 @@ class RandomWindowDataset(Dataset):
         self.token_ids = _as_token_ids(token_ids)
         self.positions = len(self.token_ids) - max_length  # valid starts: [0, positions)
         if self.positions < 1:
-            raise ValueError(f"token array has {len(self.token_ids)} tokens; one window of "
-                             f"max_length={max_length} needs at least {max_length + 1}")
+            raise ValueError(
+                f"token array has {len(self.token_ids)} tokens; one window of "
+                f"max_length={max_length} needs at least {max_length + 1}"
+            )
         self.max_length = self.context_length = max_length
         self.n_samples, self.seed = n_samples, seed
 
@@ -209,6 +217,64 @@ def create_dataloader(
     """The book's ``create_dataloader_v1``, over token ids, with seeded, resumable shuffling."""
     dataset = SlidingWindowDataset(token_ids, max_length, stride)
     sampler = ResumableSampler(dataset, shuffle=shuffle, seed=seed)
-    return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers)
+
+
+@dataclass
+class TrainLoaders:
+    """The training batches of this rank (``llmcore.train``'s) and its share of every evaluated split."""
+
+    sampler: ResumableSampler
+    train: DataLoader
+    eval: dict[str, DataLoader]
+    eval_samples: dict[str, int]  # samples one evaluation covers, over all ranks
+
+    def epoch_batches(self, state: TrainState) -> Iterator[Sequence[torch.Tensor]]:
+        """The epoch's batches from where ``state`` stopped (exact resume)."""
+        self.sampler.set_epoch(state.epoch, state.micro_batch * self.train.batch_size)
+        return iter(self.train)
+
+
+def make_train_loaders(
+    train_data: Dataset,
+    val_data: Dataset | None,
+    config: TrainConfig,
+    collate_fn: Callable | None,
+    device: torch.device,
+) -> TrainLoaders:
+    """The training loop's loaders: ``config.batch_size`` split over the ranks, each loader with its own
+    seeded generator, evaluation capped at ``config.eval_batches`` batches and sharded over the ranks."""
+    from llmcore import distributed  # deferred: the datasets need no process group
+
+    rank_batch = distributed.local_batch_size(config.batch_size)
+
+    def loader(data: Dataset, **kwargs) -> DataLoader:
+        # Its own generator: creating an iterator would otherwise draw from the global RNG
+        # (which dropout uses) and a resumed run would see different dropout masks.
+        return DataLoader(
+            data,
+            batch_size=rank_batch,
+            collate_fn=collate_fn,
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(config.seed),
+            **kwargs,
+        )
+
+    sampler = ResumableSampler(
+        train_data,
+        shuffle=config.shuffle,
+        seed=config.seed,
+        num_replicas=distributed.world_size(),
+        rank=distributed.rank(),
+        drop_last=config.drop_last,
     )
+    train_loader = loader(train_data, sampler=sampler, drop_last=config.drop_last)
+    if len(train_loader) == 0:
+        raise ValueError(f"training data has {len(train_data)} samples: not one batch of {config.batch_size}")
+    splits = {"train": train_data} if val_data is None else {"train": train_data, "val": val_data}
+    samples = {
+        split: len(data) if config.eval_batches is None else min(len(data), config.eval_batches * config.batch_size)
+        for split, data in splits.items()
+    }
+    evals = {split: loader(distributed.shard(data, samples[split])) for split, data in splits.items()}
+    return TrainLoaders(sampler, train_loader, evals, samples)

@@ -47,14 +47,19 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(cfg: DecoderConfig, theta: float, scaled: bool) -> torch.Tensor:
     """Inverse frequencies (head_dim / 2,) of one RoPE, with Llama 3's or linear scaling if ``scaled``."""
     exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device="cpu").float() / cfg.head_dim
-    inv_freq = 1.0 / (theta ** exponents)
+    inv_freq = 1.0 / (theta**exponents)
     if not scaled or cfg.rope_scaling == "none":
         return inv_freq
     if cfg.rope_scaling == "linear":
         return inv_freq / cfg.rope_factor
     # llama3: short wavelengths (high frequencies) stay, long ones are divided by the factor, and
     # the band in between blends the two smoothly.
-    factor, low, high, old_ctx = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_context
+    factor, low, high, old_ctx = (
+        cfg.rope_factor,
+        cfg.rope_low_freq_factor,
+        cfg.rope_high_freq_factor,
+        cfg.rope_original_context,
+    )
     wavelen = 2 * math.pi / inv_freq
     scaled_freq = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
     smooth = (old_ctx / wavelen - low) / (high - low)
@@ -63,7 +68,9 @@ def rope_inv_freq(cfg: DecoderConfig, theta: float, scaled: bool) -> torch.Tenso
     return torch.where(in_band, blended, scaled_freq)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (batch, 1, tokens, head_dim) for ``positions`` (batch, tokens), computed in fp32."""
     angles = positions[..., None].float() * inv_freq.to(positions.device)
     angles = torch.cat([angles, angles], dim=-1)[:, None]
@@ -77,8 +84,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def attention_mask(
-    n_queries: int, n_keys: int, start_pos: int | torch.Tensor, attn_mask: torch.Tensor | None,
-    window: int | None, device: torch.device,
+    n_queries: int,
+    n_keys: int,
+    start_pos: int | torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    window: int | None,
+    device: torch.device,
 ) -> tuple[torch.Tensor | None, bool]:
     """The mask SDPA gets and whether it is implicitly causal. A sliding window keeps the keys less
     than ``window`` cache columns behind the query (the query's own column included); queries sit
@@ -130,8 +141,15 @@ class Attention(nn.Module):
         if groups > 1:  # each key/value head serves `groups` consecutive query heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         if self.softcap is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
-                                               dropout_p=self.drop if self.training else 0.0)
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=is_causal,
+                scale=self.scale,
+                dropout_p=self.drop if self.training else 0.0,
+            )
         else:
             y = self._softcapped(q, k, v, mask, is_causal)
         return self.out_proj(y.transpose(1, 2).reshape(batch, n_tokens, self.n_heads * self.head_dim))
@@ -196,21 +214,31 @@ class DecoderModel(nn.Module):
         # Not in the state dict: always recomputed (also when the model is built on the meta device).
         self.register_buffer("inv_freq", rope_inv_freq(cfg, cfg.rope_theta, scaled=True), persistent=False)
         if cfg.local_rope_theta is not None:
-            self.register_buffer("local_inv_freq", rope_inv_freq(cfg, cfg.local_rope_theta, scaled=False), persistent=False)
+            self.register_buffer(
+                "local_inv_freq", rope_inv_freq(cfg, cfg.local_rope_theta, scaled=False), persistent=False
+            )
         self.embed_scale = math.sqrt(cfg.emb_dim) if cfg.embed_scale else None
 
     def num_parameters(self) -> int:
         """Distinct parameters (a tied head counts once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def hidden_states(self, idx: torch.Tensor, *, kv_caches: list[LayerKV] | None = None,
-                      start_pos: int | torch.Tensor = 0, attn_mask: torch.Tensor | None = None,
-                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        *,
+        kv_caches: list[LayerKV] | None = None,
+        start_pos: int | torch.Tensor = 0,
+        attn_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Final-norm hidden states (batch, tokens, emb_dim); arguments as GPTModel.hidden_states."""
         n_tokens = idx.shape[1]
         if position_ids is None:
             if start_pos + n_tokens > self.cfg.context_length:
-                raise ValueError(f"sequence of {start_pos + n_tokens} tokens exceeds context_length {self.cfg.context_length}")
+                raise ValueError(
+                    f"sequence of {start_pos + n_tokens} tokens exceeds context_length {self.cfg.context_length}"
+                )
             position_ids = torch.arange(start_pos, start_pos + n_tokens, device=idx.device)
         position_ids = position_ids.reshape(-1, n_tokens)
         x = self.tok_emb(idx)

@@ -94,8 +94,17 @@ class DecoderConfig:
     """Unused by the model: the source's token ids (bos/eos/pad) kept for generation."""
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "context_length", "emb_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                     "hidden_dim", "rope_original_context"):
+        for name in (
+            "vocab_size",
+            "context_length",
+            "emb_dim",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "head_dim",
+            "hidden_dim",
+            "rope_original_context",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"DecoderConfig.{name} must be a positive integer, got {value!r}")
@@ -104,10 +113,14 @@ class DecoderConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"DecoderConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError(f"DecoderConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+            raise ConfigError(
+                f"DecoderConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if self.layer_types and len(self.layer_types) != self.n_layers:
-            raise ConfigError(f"DecoderConfig.layer_types has {len(self.layer_types)} entries for {self.n_layers} layers")
+            raise ConfigError(
+                f"DecoderConfig.layer_types has {len(self.layer_types)} entries for {self.n_layers} layers"
+            )
         bad = [t for t in self.layer_types if t not in LAYER_TYPES]
         if bad:
             raise ConfigError(f"DecoderConfig.layer_types: {bad[0]!r} is not one of {LAYER_TYPES}")
@@ -163,7 +176,8 @@ def _rope_fields(rope: dict[str, Any] | None, source: str) -> dict[str, Any]:
         return {"rope_scaling": "linear", "rope_factor": float(rope["factor"])}
     if kind == "llama3":
         return {
-            "rope_scaling": "llama3", "rope_factor": float(rope["factor"]),
+            "rope_scaling": "llama3",
+            "rope_factor": float(rope["factor"]),
             "rope_low_freq_factor": float(rope["low_freq_factor"]),
             "rope_high_freq_factor": float(rope["high_freq_factor"]),
             "rope_original_context": int(rope["original_max_position_embeddings"]),
@@ -218,18 +232,28 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json", **overrides:
     n_layers, gemma = int(hf["num_hidden_layers"]), family == "gemma3"
     layer_types = _layer_types(hf, family, n_layers)
     fields = dict(
-        family=family, vocab_size=int(hf["vocab_size"]), emb_dim=int(hf["hidden_size"]),
+        family=family,
+        vocab_size=int(hf["vocab_size"]),
+        emb_dim=int(hf["hidden_size"]),
         context_length=int(hf.get("max_position_embeddings", 131072)),
-        hidden_dim=int(hf["intermediate_size"]), n_layers=n_layers, n_heads=int(hf["num_attention_heads"]),
+        hidden_dim=int(hf["intermediate_size"]),
+        n_layers=n_layers,
+        n_heads=int(hf["num_attention_heads"]),
         n_kv_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
         head_dim=int(hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]),
-        activation=activation, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        norm_unit_offset=gemma, qk_norm=family in ("qwen3", "gemma3"), sandwich_norm=gemma, embed_scale=gemma,
-        attention_bias=bool(hf.get("attention_bias", False)), mlp_bias=bool(hf.get("mlp_bias", False)),
+        activation=activation,
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        norm_unit_offset=gemma,
+        qk_norm=family in ("qwen3", "gemma3"),
+        sandwich_norm=gemma,
+        embed_scale=gemma,
+        attention_bias=bool(hf.get("attention_bias", False)),
+        mlp_bias=bool(hf.get("mlp_bias", False)),
         query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)) if gemma else None,
         sliding_window=int(hf["sliding_window"]) if "sliding_attention" in layer_types else None,
         layer_types=layer_types,
-        attn_softcap=hf.get("attn_logit_softcapping"), final_softcap=hf.get("final_logit_softcapping"),
+        attn_softcap=hf.get("attn_logit_softcapping"),
+        final_softcap=hf.get("final_logit_softcapping"),
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         extra={key: hf[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(key) is not None},
         **_rope_from_hf(hf, family, source),

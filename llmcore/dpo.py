@@ -74,9 +74,12 @@ def truncate_pair(pair: PreferencePair, max_length: int) -> PreferencePair:
     return pair._replace(chosen=chosen, rejected=rejected)
 
 
-def collate_pairs(batch: Sequence[PreferencePair], max_length: int | None = None,
-                  device: str | torch.device = "cpu",
-                  pad_id: int = ENDOFTEXT_ID) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate_pairs(
+    batch: Sequence[PreferencePair],
+    max_length: int | None = None,
+    device: str | torch.device = "cpu",
+    pad_id: int = ENDOFTEXT_ID,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(inputs, targets, reference) of a batch of B pairs: inputs and targets (B, 2, tokens), the
     chosen completion at [:, 0] and the rejected at [:, 1], all padded together as
     ``collate_instructions`` pads with the prompt masked (-100 targets on prompt and padding);
@@ -84,8 +87,9 @@ def collate_pairs(batch: Sequence[PreferencePair], max_length: int | None = None
     if not batch:
         raise ValueError("cannot collate an empty batch")
     examples = [example for pair in batch for example in (pair.chosen, pair.rejected)]
-    inputs, targets = collate_instructions(examples, max_length=max_length, mask_prompt=True, device=device,
-                                           pad_id=pad_id)
+    inputs, targets = collate_instructions(
+        examples, max_length=max_length, mask_prompt=True, device=device, pad_id=pad_id
+    )
     nan = (float("nan"), float("nan"))
     reference = torch.tensor([pair.reference or nan for pair in batch], dtype=torch.float32, device=device)
     return inputs.view(len(batch), 2, -1), targets.view(len(batch), 2, -1), reference
@@ -113,12 +117,20 @@ def policy_logprobs(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
     return total / mask.sum(-1)
 
 
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
-             reference_rejected: torch.Tensor, beta: float) -> DPOLoss:
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float,
+) -> DPOLoss:
     """The book's ``compute_dpo_loss`` (Eq. 7 of the DPO paper), with per-pair rewards."""
     logits = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)
-    return DPOLoss(-F.logsigmoid(beta * logits).mean(), (policy_chosen - reference_chosen).detach(),
-                   (policy_rejected - reference_rejected).detach())
+    return DPOLoss(
+        -F.logsigmoid(beta * logits).mean(),
+        (policy_chosen - reference_chosen).detach(),
+        (policy_rejected - reference_rejected).detach(),
+    )
 
 
 def batch_logprobs(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -133,8 +145,9 @@ def dpo_batch_loss(model: nn.Module, batch: Sequence[torch.Tensor], beta: float)
     return dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], beta).loss
 
 
-def pair_summary(chosen: torch.Tensor, rejected: torch.Tensor, reference: torch.Tensor | None = None,
-                 beta: float | None = None) -> dict[str, float]:
+def pair_summary(
+    chosen: torch.Tensor, rejected: torch.Tensor, reference: torch.Tensor | None = None, beta: float | None = None
+) -> dict[str, float]:
     """Means over the pairs: ``preference_accuracy`` (the model's own chosen margin > 0) and
     ``logprob_margin``; with the reference's (chosen, rejected) log-probs (2, pairs) also the rewards,
     their margin, the reward accuracy and (with ``beta``) the DPO loss."""
@@ -143,8 +156,12 @@ def pair_summary(chosen: torch.Tensor, rejected: torch.Tensor, reference: torch.
     if reference is not None:
         result = dpo_loss(chosen, rejected, reference[0], reference[1], beta if beta is not None else 0.0)
         reward_margin = result.chosen_rewards - result.rejected_rewards
-        out.update(chosen_reward=result.chosen_rewards.mean().item(), rejected_reward=result.rejected_rewards.mean().item(),
-                   reward_margin=reward_margin.mean().item(), reward_accuracy=(reward_margin > 0).float().mean().item())
+        out.update(
+            chosen_reward=result.chosen_rewards.mean().item(),
+            rejected_reward=result.rejected_rewards.mean().item(),
+            reward_margin=reward_margin.mean().item(),
+            reward_accuracy=(reward_margin > 0).float().mean().item(),
+        )
         if beta is not None:
             out["dpo_loss"] = result.loss.item()
     return out
@@ -166,8 +183,14 @@ def preference_metrics(model: nn.Module, loader, _max_batches: int | None = None
 
 
 @torch.no_grad()
-def pair_logprobs(model: nn.Module, pairs: Sequence[PreferencePair], *, batch_size: int = 8,
-                  max_length: int | None = None, pad_id: int = ENDOFTEXT_ID) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logprobs(
+    model: nn.Module,
+    pairs: Sequence[PreferencePair],
+    *,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    pad_id: int = ENDOFTEXT_ID,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's (chosen, rejected) log-probs of every pair, in eval mode, in order."""
     was_training = model.training
     model.eval()
@@ -175,7 +198,7 @@ def pair_logprobs(model: nn.Module, pairs: Sequence[PreferencePair], *, batch_si
     scores = []
     try:
         for start in range(0, len(pairs), batch_size):
-            inputs, targets, _ = collate_pairs(pairs[start:start + batch_size], max_length, device, pad_id)
+            inputs, targets, _ = collate_pairs(pairs[start : start + batch_size], max_length, device, pad_id)
             scores.append(batch_logprobs(model, inputs, targets).float().cpu())
     finally:
         model.train(was_training)
@@ -183,6 +206,8 @@ def pair_logprobs(model: nn.Module, pairs: Sequence[PreferencePair], *, batch_si
     return scores[:, 0], scores[:, 1]
 
 
-def with_reference(pairs: Sequence[PreferencePair], chosen: torch.Tensor, rejected: torch.Tensor) -> list[PreferencePair]:
+def with_reference(
+    pairs: Sequence[PreferencePair], chosen: torch.Tensor, rejected: torch.Tensor
+) -> list[PreferencePair]:
     """The pairs carrying the reference model's log-probs (from ``pair_logprobs``)."""
     return [pair._replace(reference=(float(c), float(r))) for pair, c, r in zip(pairs, chosen, rejected)]

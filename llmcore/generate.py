@@ -34,7 +34,9 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, start_pos: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v from ``start_pos`` on; return the keys and values attention may read.
 
         A tensor ``start_pos`` (the static-shape step) writes one slot and returns the whole
@@ -111,8 +113,8 @@ def _left_pad(prompts: torch.Tensor | Sequence[Sequence[int]], device) -> tuple[
     tokens = torch.zeros((len(prompts), width), dtype=torch.long)
     valid = torch.zeros((len(prompts), width), dtype=torch.bool)
     for row, prompt in enumerate(prompts):
-        tokens[row, width - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
-        valid[row, width - len(prompt):] = True
+        tokens[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+        valid[row, width - len(prompt) :] = True
     return tokens.to(device), valid.to(device)
 
 
@@ -152,7 +154,7 @@ def _last_logits(model, tokens, valid, caches, q_start: int, win_start: int, *, 
     """Logits of the last position: the model runs on columns ``q_start:`` of the window that
     starts at ``win_start`` (the new token alone when the cache holds the rest)."""
     window_valid = valid[:, win_start:]
-    positions = (window_valid.long().cumsum(dim=1) - 1).clamp(min=0)[:, q_start - win_start:]
+    positions = (window_valid.long().cumsum(dim=1) - 1).clamp(min=0)[:, q_start - win_start :]
     if static:
         return _static_step(model, tokens[:, q_start:], caches, q_start - win_start, positions, window_valid)
     kwargs = {"kv_caches": caches, "start_pos": q_start - win_start}
@@ -202,13 +204,21 @@ def generate_stream(
             q_start = n_cols - 1 if incremental else win_start
             if use_cache and caches is None:
                 # Compiled: always the whole context, so one graph serves generations of any length.
-                caches = new_kv_caches(model, tokens.shape[0], context if compile else min(context, n_cols + max_new_tokens))
-            logits = _last_logits(model, tokens, valid, caches if use_cache else None, q_start, win_start,
-                                  padded=has_padding, static=compile and incremental)
-            cache_start, cache_end = win_start, n_cols
-            next_ids = sample_next_token(
-                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+                caches = new_kv_caches(
+                    model, tokens.shape[0], context if compile else min(context, n_cols + max_new_tokens)
+                )
+            logits = _last_logits(
+                model,
+                tokens,
+                valid,
+                caches if use_cache else None,
+                q_start,
+                win_start,
+                padded=has_padding,
+                static=compile and incremental,
             )
+            cache_start, cache_end = win_start, n_cols
+            next_ids = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             if eos_id is not None:
                 next_ids = torch.where(finished, torch.full_like(next_ids, eos_id), next_ids)
                 finished |= next_ids == eos_id
@@ -311,8 +321,13 @@ class SlotKVCache:
         mask = torch.arange(width, device=device)[None, :] <= lengths[:, None]
         views = [_StepWriter(k, v, lengths, width) for k, v in zip(self.k, self.v)]
         # start_pos: each row's query column (a sliding-window layer measures distances from it).
-        return model(last_tokens.to(device)[:, None], kv_caches=views, start_pos=lengths, position_ids=lengths[:, None],
-                     attn_mask=mask[:, None, None, :])[:, -1]
+        return model(
+            last_tokens.to(device)[:, None],
+            kv_caches=views,
+            start_pos=lengths,
+            position_ids=lengths[:, None],
+            attn_mask=mask[:, None, None, :],
+        )[:, -1]
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy row ``src``'s first ``length`` columns to row ``dst`` (to keep active rows packed)."""

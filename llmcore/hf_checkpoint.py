@@ -31,18 +31,29 @@ from llmcore.decoder_config import DecoderConfig, config_from_hf
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # What a model directory carries besides the weights: the tokenizer and its chat template.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 HUB_PATTERNS = ["config.json", "*.safetensors", INDEX_FILE, *TOKENIZER_FILES]
 
 # Per-layer renames: the Hugging Face name after "model.layers.{i}." -> llmcore's after "trf_blocks.{i}.".
 _LAYER_NAMES = {
     "input_layernorm": "norm1",
-    "self_attn.q_proj": "att.q_proj", "self_attn.k_proj": "att.k_proj", "self_attn.v_proj": "att.v_proj",
-    "self_attn.o_proj": "att.out_proj", "self_attn.q_norm": "att.q_norm", "self_attn.k_norm": "att.k_norm",
+    "self_attn.q_proj": "att.q_proj",
+    "self_attn.k_proj": "att.k_proj",
+    "self_attn.v_proj": "att.v_proj",
+    "self_attn.o_proj": "att.out_proj",
+    "self_attn.q_norm": "att.q_norm",
+    "self_attn.k_norm": "att.k_norm",
     "pre_feedforward_layernorm": "norm2",  # Gemma: the norm before the feed-forward
     "post_feedforward_layernorm": "post_ff_norm",
-    "mlp.gate_proj": "ff.gate", "mlp.up_proj": "ff.up", "mlp.down_proj": "ff.down",
+    "mlp.gate_proj": "ff.gate",
+    "mlp.up_proj": "ff.up",
+    "mlp.down_proj": "ff.down",
 }
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 
@@ -53,8 +64,11 @@ class BaseUnavailableError(RuntimeError):
 
 def llmcore_name(hf_name: str, cfg: DecoderConfig) -> str | None:
     """llmcore's parameter name for a Hugging Face tensor name; None if the model has no such tensor."""
-    top = {"model.embed_tokens.weight": "tok_emb.weight", "model.norm.weight": "final_norm.weight",
-           "lm_head.weight": "out_head.weight"}
+    top = {
+        "model.embed_tokens.weight": "tok_emb.weight",
+        "model.norm.weight": "final_norm.weight",
+        "lm_head.weight": "out_head.weight",
+    }
     if hf_name in top:
         return top[hf_name]
     match = _LAYER_RE.fullmatch(hf_name)
@@ -145,12 +159,16 @@ def load_hf_state(model: DecoderModel, directory: Path, dtype: torch.dtype, devi
                 tied_head = (directory / file, hf_name)  # checked against the embedding below
                 continue
             if ours not in expected:
-                raise CheckpointError(f"{directory / file}: tensor {hf_name} has no place in a {cfg.family} model "
-                                      "(unexpected name for this config.json)")
+                raise CheckpointError(
+                    f"{directory / file}: tensor {hf_name} has no place in a {cfg.family} model "
+                    "(unexpected name for this config.json)"
+                )
             tensor = _read_tensor(directory / file, hf_name)
             if tuple(tensor.shape) != tuple(expected[ours].shape):
-                raise CheckpointError(f"{directory / file}: tensor {hf_name} has shape {tuple(tensor.shape)}, "
-                                      f"config.json implies {tuple(expected[ours].shape)}")
+                raise CheckpointError(
+                    f"{directory / file}: tensor {hf_name} has shape {tuple(tensor.shape)}, "
+                    f"config.json implies {tuple(expected[ours].shape)}"
+                )
             state[ours] = tensor.to(device=device, dtype=dtype)
     missing = sorted(set(expected) - set(state))
     if missing:
@@ -158,13 +176,20 @@ def load_hf_state(model: DecoderModel, directory: Path, dtype: torch.dtype, devi
     if tied_head is not None:
         head = _read_tensor(*tied_head).to(device=device, dtype=dtype)
         if not torch.equal(head, state["tok_emb.weight"]):
-            raise CheckpointError(f"{tied_head[0]}: tensor {tied_head[1]} differs from the embedding, "
-                                  "but config.json ties them (tie_word_embeddings)")
+            raise CheckpointError(
+                f"{tied_head[0]}: tensor {tied_head[1]} differs from the embedding, "
+                "but config.json ties them (tie_word_embeddings)"
+            )
     return state
 
 
-def load_hf_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-                  map_location: str | torch.device = "cpu", **overrides) -> DecoderModel:
+def load_hf_model(
+    source: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    map_location: str | torch.device = "cpu",
+    **overrides,
+) -> DecoderModel:
     """DecoderModel with the weights of a HF model directory or Hub id, in ``dtype`` on ``map_location``."""
     directory = resolve_hf_source(source)
     try:

@@ -91,7 +91,8 @@ class HFTokenizer:
         config = _read_json(root / "tokenizer_config.json")
         special_map = _read_json(root / "special_tokens_map.json")
         self.special_tokens = {
-            key: text for key in SPECIAL_TOKEN_KEYS
+            key: text
+            for key in SPECIAL_TOKEN_KEYS
             if (text := _token_text(config.get(key, special_map.get(key)))) is not None
         }
         self.chat_template = self._find_template(root, config)
@@ -163,8 +164,9 @@ class HFTokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
-                            **kwargs: Any) -> str:
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
         """The conversation rendered as transformers' ``apply_chat_template(..., tokenize=False)``."""
         if not self.chat_template:
             raise TokenizerConfigError(f"tokenizer {self.name}: tokenizer_config.json has no chat_template")
@@ -173,8 +175,11 @@ class HFTokenizer:
                 raise TokenizerConfigError(f"chat message {i} needs a 'role' (and 'content'), got {message!r}")
         variables = {**self.special_tokens, **kwargs}
         return _compile_template(self.chat_template).render(
-            messages=[dict(m) for m in messages], tools=None, documents=None,
-            add_generation_prompt=add_generation_prompt, **variables,
+            messages=[dict(m) for m in messages],
+            tools=None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **variables,
         )
 
     def chat_ids(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
@@ -193,12 +198,12 @@ class HFTokenizer:
             if text.endswith("\ufffd"):
                 continue
             if text.startswith(shown):
-                piece, shown = text[len(shown):], text
+                piece, shown = text[len(shown) :], text
                 if piece:
                     yield piece
         text = self.decode(ids)
-        if text.startswith(shown) and text[len(shown):]:
-            yield text[len(shown):]
+        if text.startswith(shown) and text[len(shown) :]:
+            yield text[len(shown) :]
 
 
 def carried_tokenizer(model_dir: str | os.PathLike, encoding_dir: str | os.PathLike | None = None):

@@ -91,15 +91,19 @@ def render_template_entry(tokenizer, entry: Mapping) -> tuple[str, str, str]:
     prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
     full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
     if not full.startswith(prompt):
-        raise ChatTemplateError(f"tokenizer {tokenizer.name}: the chat template's generation prompt is not the start "
-                                "of the answer's turn in the full chat, so it cannot be trained as a prompt")
-    rest, answer = full[len(prompt):], messages[-1]["content"]
+        raise ChatTemplateError(
+            f"tokenizer {tokenizer.name}: the chat template's generation prompt is not the start "
+            "of the answer's turn in the full chat, so it cannot be trained as a prompt"
+        )
+    rest, answer = full[len(prompt) :], messages[-1]["content"]
     text = answer if answer in rest else answer.strip()  # templates may trim the content
     start = rest.rfind(text) if text else 0  # the last occurrence: the answer, not a lead that contains it
     end = _end_of_turn(tokenizer, rest, start + len(text)) if start >= 0 else -1
     if end < 0:
-        raise ChatTemplateError(f"tokenizer {tokenizer.name}: the chat template does not render the answer verbatim "
-                                "followed by an end-of-turn special token")
+        raise ChatTemplateError(
+            f"tokenizer {tokenizer.name}: the chat template does not render the answer verbatim "
+            "followed by an end-of-turn special token"
+        )
     return prompt, rest[:end], rest[:start]
 
 
@@ -107,7 +111,7 @@ def template_end_id(tokenizer) -> int:
     """The id of the special token that ends an assistant turn in the tokenizer's chat template."""
     prompt, completion, _ = render_template_entry(tokenizer, {"messages": _PROBE})
     full = tokenizer.apply_chat_template(_PROBE, add_generation_prompt=False)
-    rest = full[len(prompt) + len(completion):]
+    rest = full[len(prompt) + len(completion) :]
     return tokenizer.added_ids[max((t for t in tokenizer.added_ids if rest.startswith(t)), key=len)]
 
 
@@ -176,7 +180,9 @@ def answers_cut_off(examples: Sequence[InstructionExample], max_length: int) -> 
     """How many ``examples`` keep no answer token within ``max_length`` columns of
     ``collate_instructions``: their prompt alone fills them, so with ``mask_prompt`` they teach nothing
     (a batch of only those has no target, and its loss is NaN)."""
-    return sum(1 for ex in examples if min((start for start, _ in ex.response_spans), default=ex.prompt_length) > max_length)
+    return sum(
+        1 for ex in examples if min((start for start, _ in ex.response_spans), default=ex.prompt_length) > max_length
+    )
 
 
 def collate_instructions(
@@ -235,8 +241,9 @@ def generate_responses(
     Prompts are batched by length (less left padding) and the answers returned in entry order.
     """
     if style == TEMPLATE:
-        rendered = [render_template_entry(tokenizer, {"messages": [*template_messages(e)[:-1], _ANSWER_SLOT]})
-                    for e in entries]
+        rendered = [
+            render_template_entry(tokenizer, {"messages": [*template_messages(e)[:-1], _ANSWER_SLOT]}) for e in entries
+        ]
         prompts, leads = [p for p, _, _ in rendered], [lead for _, _, lead in rendered]
     else:
         prompts = [response_prompt(e, style) for e in entries]
@@ -246,9 +253,7 @@ def generate_responses(
     answers: list[str] = [""] * len(entries)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        new_tokens = generate(
-            model, [encoded[i] for i in rows], max_new_tokens, eos_id=stop, **generate_kwargs
-        )
+        new_tokens = generate(model, [encoded[i] for i in rows], max_new_tokens, eos_id=stop, **generate_kwargs)
         for i, tokens in zip(rows, new_tokens):
             if style == TEMPLATE:
                 text = tokenizer.decode(tokens)

@@ -68,9 +68,7 @@ def _shared_weights(model: nn.Module) -> set[int]:
     return shared
 
 
-def apply_lora(
-    model: nn.Module, rank: int, alpha: float, targets: Sequence[str] = DEFAULT_TARGETS
-) -> list[str]:
+def apply_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str] = DEFAULT_TARGETS) -> list[str]:
     """Freeze ``model`` and wrap every Linear whose name matches a ``targets`` glob; returns the names.
 
     Afterwards only the adapters' A and B train; unfreeze anything else (a new head) yourself.

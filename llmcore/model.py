@@ -27,7 +27,9 @@ class LayerKV(Protocol):
     ``start_pos`` is an int, or a tensor of cache slots in a static-shape step (llmcore.generate).
     """
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, start_pos: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 IGNORE_INDEX = -100  # targets with this value are skipped, as in F.cross_entropy
@@ -120,9 +122,15 @@ def head_cross_entropy(
     matmul_dtype = torch.get_autocast_dtype(device_type) if autocasting else weight.dtype
     grad = torch.is_grad_enabled()  # under no_grad (evaluation) no gradient work is done at all
     return _ChunkedHeadCrossEntropy.apply(
-        hidden, weight, targets, n_valid or float("nan"), n_classes,
+        hidden,
+        weight,
+        targets,
+        n_valid or float("nan"),
+        n_classes,
         chunk_rows or max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0]),
-        grad and hidden.requires_grad, grad and weight.requires_grad, matmul_dtype,
+        grad and hidden.requires_grad,
+        grad and weight.requires_grad,
+        matmul_dtype,
     )
 
 
@@ -152,7 +160,9 @@ class CausalSelfAttention(nn.Module):
         if is_causal and k.shape[2] != n_tokens:
             raise ValueError("a multi-token step after position 0 needs an explicit attn_mask")
         y = F.scaled_dot_product_attention(
-            q, k, v,
+            q,
+            k,
+            v,
             attn_mask=attn_mask,
             dropout_p=self.attn_drop if self.training else 0.0,
             is_causal=is_causal,
@@ -225,8 +235,7 @@ class GPTModel(nn.Module):
         if position_ids is None:
             if start_pos + n_tokens > self.cfg.context_length:
                 raise ValueError(
-                    f"sequence of {start_pos + n_tokens} tokens exceeds context_length "
-                    f"{self.cfg.context_length}"
+                    f"sequence of {start_pos + n_tokens} tokens exceeds context_length {self.cfg.context_length}"
                 )
             position_ids = torch.arange(start_pos, start_pos + n_tokens, device=idx.device)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(position_ids))

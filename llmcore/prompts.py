@@ -24,10 +24,7 @@ from collections.abc import Mapping, Sequence
 
 from llmcore.tokenizer import ENDOFTEXT
 
-PREAMBLE = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request."
-)
+PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 RESPONSE_MARKER = "### Response:"
 PROMPT_STYLES = ("alpaca", "phi3")  # what instruction data is rendered in for fine-tuning
 CHAT_STYLES = (*PROMPT_STYLES, "plain", "template")  # every style a model is prompted in

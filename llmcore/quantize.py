@@ -48,6 +48,7 @@ def quantize_int8(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             target.eval()
             quantize_dynamic(target, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
     except (ImportError, AttributeError, RuntimeError) as exc:
-        raise QuantizationUnavailableError(f"int8 dynamic quantization is unavailable in torch {torch.__version__}: {exc}") from exc
+        raise QuantizationUnavailableError(
+            f"int8 dynamic quantization is unavailable in torch {torch.__version__}: {exc}"
+        ) from exc
     return target
-

@@ -92,8 +92,9 @@ def peak_memory_mb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
-def run_summary(model: nn.Module, tokens_per_s: float, seq_len: int, device: torch.device, precision: str,
-                n_devices: int = 1) -> dict[str, float]:
+def run_summary(
+    model: nn.Module, tokens_per_s: float, seq_len: int, device: torch.device, precision: str, n_devices: int = 1
+) -> dict[str, float]:
     """MFU of a whole run at ``tokens_per_s`` (over all devices), and peak memory where known."""
     precision = resolve_precision(precision, device)
     flops_per_s = tokens_per_s * training_flops_per_token(model, seq_len)

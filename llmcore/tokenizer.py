@@ -45,15 +45,21 @@ def check_gpt2_files(root: Path) -> None:
     for name in GPT2_FILES:
         path = root / name
         if not path.is_file():
-            raise TokenizerFilesError(f"{path} not found: the GPT-2 encoding needs {' and '.join(GPT2_FILES)} in {root}")
+            raise TokenizerFilesError(
+                f"{path} not found: the GPT-2 encoding needs {' and '.join(GPT2_FILES)} in {root}"
+            )
         size = path.stat().st_size
         if size != GPT2_FILE_BYTES[name]:
-            raise TokenizerFilesError(f"{path} is {size:,} bytes, GPT-2's {name} is {GPT2_FILE_BYTES[name]:,} "
-                                      "(truncated or another file): copy it again")
+            raise TokenizerFilesError(
+                f"{path} is {size:,} bytes, GPT-2's {name} is {GPT2_FILE_BYTES[name]:,} "
+                "(truncated or another file): copy it again"
+            )
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if digest != GPT2_FILE_SHA256[name]:
-            raise TokenizerFilesError(f"{path} has sha256 {digest[:16]}..., not GPT-2's {name} "
-                                      f"({GPT2_FILE_SHA256[name][:16]}...): copy it again")
+            raise TokenizerFilesError(
+                f"{path} has sha256 {digest[:16]}..., not GPT-2's {name} "
+                f"({GPT2_FILE_SHA256[name][:16]}...): copy it again"
+            )
 
 
 def get_tokenizer(encoding_dir: str | os.PathLike | None = None) -> tiktoken.Encoding:
@@ -62,8 +68,10 @@ def get_tokenizer(encoding_dir: str | os.PathLike | None = None) -> tiktoken.Enc
     if is_trained_dir(encoding_dir):
         root = Path(encoding_dir).resolve()
         # cached per directory and file versions: rewritten files (a new training) are read again
-        stamp = tuple((s.st_mtime_ns, s.st_size) if (p := root / name).is_file() and (s := p.stat()) else None
-                      for name in TRAINED_FILES)
+        stamp = tuple(
+            (s.st_mtime_ns, s.st_size) if (p := root / name).is_file() and (s := p.stat()) else None
+            for name in TRAINED_FILES
+        )
         return _trained_from_dir(str(root), stamp)
     directory = encoding_dir if encoding_dir is not None else os.environ.get(ENCODING_DIR_ENV)
     if not directory:

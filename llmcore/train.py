@@ -40,14 +40,24 @@ from tqdm.auto import tqdm
 from llmcore import distributed
 from llmcore import precision as amp
 from llmcore import train_state as states
-from llmcore.data import ResumableSampler
+from llmcore.data import TrainLoaders, make_train_loaders
 from llmcore.model import GPTModel
 from llmcore.throughput import Throughput
 from llmcore.train_state import STATE_DIR, Resumable, ResumeMismatchError, TrainState, has_train_state
 
 __all__ = [
-    "STATE_DIR", "ResumeMismatchError", "TrainCallback", "TrainConfig", "TrainState", "TrainingDivergedError",
-    "build_optimizer", "evaluate_loss", "has_train_state", "lr_lambda", "next_token_loss", "train",
+    "STATE_DIR",
+    "ResumeMismatchError",
+    "TrainCallback",
+    "TrainConfig",
+    "TrainState",
+    "TrainingDivergedError",
+    "build_optimizer",
+    "evaluate_loss",
+    "has_train_state",
+    "lr_lambda",
+    "next_token_loss",
+    "train",
 ]
 
 Batch = Sequence[torch.Tensor]
@@ -89,7 +99,11 @@ class TrainConfig:
         if self.lr <= 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("lr must be > 0, warmup_steps >= 0, min_lr_ratio in [0, 1]")
         # A negative interval would fire on every step; zero evaluation batches would log NaN losses.
-        if self.eval_every < 0 or self.checkpoint_every < 0 or (self.eval_batches is not None and self.eval_batches < 1):
+        if (
+            self.eval_every < 0
+            or self.checkpoint_every < 0
+            or (self.eval_batches is not None and self.eval_batches < 1)
+        ):
             raise ValueError("eval_every and checkpoint_every must be >= 0, eval_batches >= 1 or None")
         if self.precision not in amp.PRECISIONS:
             raise ValueError(f"precision must be one of {amp.PRECISIONS}, got {self.precision!r}")
@@ -185,43 +199,6 @@ class _LossModule(nn.Module):
 
 
 @dataclass
-class _Loaders:
-    """The training batches of this rank and its share of every evaluated split."""
-
-    sampler: ResumableSampler
-    train: DataLoader
-    eval: dict[str, DataLoader]
-    eval_samples: dict[str, int]  # samples one evaluation covers, over all ranks
-
-    def epoch_batches(self, state: TrainState) -> Iterator[Batch]:
-        """The epoch's batches from where ``state`` stopped (exact resume)."""
-        self.sampler.set_epoch(state.epoch, state.micro_batch * self.train.batch_size)
-        return iter(self.train)
-
-
-def _make_loaders(train_data: Dataset, val_data: Dataset | None, config: TrainConfig,
-                  collate_fn: Callable | None, device: torch.device) -> _Loaders:
-    rank_batch = distributed.local_batch_size(config.batch_size)
-
-    def loader(data: Dataset, **kwargs) -> DataLoader:
-        # Its own generator: creating an iterator would otherwise draw from the global RNG
-        # (which dropout uses) and a resumed run would see different dropout masks.
-        return DataLoader(data, batch_size=rank_batch, collate_fn=collate_fn, pin_memory=device.type == "cuda",
-                          generator=torch.Generator().manual_seed(config.seed), **kwargs)
-
-    sampler = ResumableSampler(train_data, shuffle=config.shuffle, seed=config.seed, num_replicas=distributed.world_size(),
-                               rank=distributed.rank(), drop_last=config.drop_last)
-    train_loader = loader(train_data, sampler=sampler, drop_last=config.drop_last)
-    if len(train_loader) == 0:
-        raise ValueError(f"training data has {len(train_data)} samples: not one batch of {config.batch_size}")
-    splits = {"train": train_data} if val_data is None else {"train": train_data, "val": val_data}
-    samples = {split: len(data) if config.eval_batches is None else min(len(data), config.eval_batches * config.batch_size)
-               for split, data in splits.items()}
-    evals = {split: loader(distributed.shard(data, samples[split])) for split, data in splits.items()}
-    return _Loaders(sampler, train_loader, evals, samples)
-
-
-@dataclass
 class _Trainer:
     """What one optimizer step, one evaluation and one checkpoint need, built once by ``train``."""
 
@@ -232,7 +209,7 @@ class _Trainer:
     eval_loss: nn.Module  # the same, never DDP-wrapped (ranks evaluate different batch counts)
     eval_model: nn.Module  # what eval_fn gets: the model, compiled when config.compile
     eval_fn: EvalFn | None
-    loaders: _Loaders
+    loaders: TrainLoaders
     throughput: Throughput
     callbacks: Sequence[TrainCallback]
     state_dir: Path | None
@@ -251,7 +228,9 @@ class _Trainer:
                 with amp.autocast(self.precision, device):
                     loss = self.train_loss(batch)
                 if not torch.isfinite(loss):
-                    raise TrainingDivergedError(f"loss became {loss.item()} at epoch {state.epoch + 1}, step {state.step + 1}")
+                    raise TrainingDivergedError(
+                        f"loss became {loss.item()} at epoch {state.epoch + 1}, step {state.step + 1}"
+                    )
                 scaler.scale(loss / n_micro).backward()
             step_loss += loss.item() / n_micro
             tokens += batch[0].numel()
@@ -267,8 +246,13 @@ class _Trainer:
         loss_sum, tokens, flops = distributed.all_reduce_sum([step_loss, tokens, flops])  # over all ranks
         state.step, state.micro_batch = state.step + 1, state.micro_batch + n_micro
         state.tokens_seen += round(tokens)
-        return {"loss": loss_sum / distributed.world_size(), "lr": lr, "tokens_seen": state.tokens_seen,
-                "skipped_steps": state.skipped_steps, **self.throughput.figures(round(tokens), flops, time.perf_counter() - started)}
+        return {
+            "loss": loss_sum / distributed.world_size(),
+            "lr": lr,
+            "tokens_seen": state.tokens_seen,
+            "skipped_steps": state.skipped_steps,
+            **self.throughput.figures(round(tokens), flops, time.perf_counter() - started),
+        }
 
     @torch.no_grad()
     def evaluate(self, state: TrainState) -> None:
@@ -312,7 +296,9 @@ class _Trainer:
             cb.on_checkpoint(state, path)
 
 
-def _loss_modules(model: nn.Module, loss_fn: LossFn, config: TrainConfig, device: torch.device) -> tuple[nn.Module, nn.Module]:
+def _loss_modules(
+    model: nn.Module, loss_fn: LossFn, config: TrainConfig, device: torch.device
+) -> tuple[nn.Module, nn.Module]:
     """The loss for training (DDP-wrapped in a process group) and for evaluation, compiled if asked."""
     loss = _LossModule(model, loss_fn)
     parallel = distributed.data_parallel(loss, device)
@@ -331,8 +317,9 @@ def _resume_or_start_fresh(state_dir: Path, parts: Resumable, fingerprint: str, 
         distributed.barrier()  # every rank has tried to read it before rank 0 moves it
         if distributed.is_main_process():
             aside = states.set_aside(state_dir)
-            warnings.warn(f"cannot resume from {exc}; moved it to {aside} and starting over", RuntimeWarning,
-                          stacklevel=3)
+            warnings.warn(
+                f"cannot resume from {exc}; moved it to {aside} and starting over", RuntimeWarning, stacklevel=3
+            )
         return TrainState()
 
 
@@ -365,7 +352,7 @@ def train(
     amp.enable_tf32(device)
     main = distributed.is_main_process()
     torch.manual_seed(config.seed + distributed.rank())  # rank 0 draws what a single process draws
-    loaders = _make_loaders(train_data, val_data, config, collate_fn, device)
+    loaders = make_train_loaders(train_data, val_data, config, collate_fn, device)
     micro_per_epoch = len(loaders.train)
     total_steps = math.ceil(micro_per_epoch / config.grad_accum_steps) * config.epochs
     optimizer = build_optimizer(model, config)
@@ -378,20 +365,27 @@ def train(
     state.steps_per_epoch = total_steps // config.epochs
     train_loss, eval_loss = _loss_modules(model, loss_fn, config, device)
     trainer = _Trainer(
-        config=config, parts=parts, precision=precision, train_loss=train_loss, eval_loss=eval_loss,
-        eval_model=torch.compile(model) if config.compile and eval_fn else model, eval_fn=eval_fn,
-        loaders=loaders, throughput=Throughput(model, device, precision, distributed.world_size()),
-        callbacks=callbacks if main else (), state_dir=None if state_dir is None else Path(state_dir),
+        config=config,
+        parts=parts,
+        precision=precision,
+        train_loss=train_loss,
+        eval_loss=eval_loss,
+        eval_model=torch.compile(model) if config.compile and eval_fn else model,
+        eval_fn=eval_fn,
+        loaders=loaders,
+        throughput=Throughput(model, device, precision, distributed.world_size()),
+        callbacks=callbacks if main else (),
+        state_dir=None if state_dir is None else Path(state_dir),
         fingerprint=fingerprint,
     )
-
     bar = tqdm(total=total_steps, initial=state.step, disable=not (config.progress and main), desc="train", unit="step")
     model.train()
     try:
         while state.epoch < config.epochs:
             batches = loaders.epoch_batches(state)
             while state.micro_batch < micro_per_epoch:
-                metrics = trainer.step(batches, min(config.grad_accum_steps, micro_per_epoch - state.micro_batch), state)
+                n_micro = min(config.grad_accum_steps, micro_per_epoch - state.micro_batch)
+                metrics = trainer.step(batches, n_micro, state)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
                 for cb in trainer.callbacks:

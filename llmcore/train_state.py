@@ -75,8 +75,7 @@ def found_by_all_ranks(directory: str | Path | None) -> bool:
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor | None]:
     """This process's RNG state: the CPU generator's and its own GPU's (not every visible GPU's)."""
-    return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
 def _restore_rng_state(saved: list[dict], device: torch.device, seed: int) -> None:
@@ -107,13 +106,16 @@ def save_train_state(directory: Path, parts: Resumable, state: TrainState, finge
         target = directory / STATE_DIR
         with atomic_path(target, is_dir=True) as tmp:
             save_file(unique_state_dict(parts.model), str(tmp / "model.safetensors"))
-            torch.save({
-                "optimizer": parts.optimizer.state_dict(),
-                "scheduler": parts.scheduler.state_dict(),
-                "scaler": parts.scaler.state_dict(),
-                "rng_states": rng_states,
-                "fingerprint": fingerprint,
-            }, tmp / "optimizer.pt")
+            torch.save(
+                {
+                    "optimizer": parts.optimizer.state_dict(),
+                    "scheduler": parts.scheduler.state_dict(),
+                    "scaler": parts.scaler.state_dict(),
+                    "rng_states": rng_states,
+                    "fingerprint": fingerprint,
+                },
+                tmp / "optimizer.pt",
+            )
             (tmp / "state.json").write_text(json.dumps(dataclasses.asdict(state), indent=2))
     distributed.barrier()
     return target
@@ -134,8 +136,10 @@ def _read_saved(source: Path) -> tuple[dict, dict, TrainState]:
     except Exception as exc:  # any failure to read is the same case: the state is unusable
         if isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower():
             # Not torch's advice (load it unsafely): that is not for us to repeat.
-            raise UnreadableTrainState(f"{source / 'optimizer.pt'}: not a state this code wrote (it holds pickled "
-                                       "objects beyond tensors and plain values, which are never unpickled)") from exc
+            raise UnreadableTrainState(
+                f"{source / 'optimizer.pt'}: not a state this code wrote (it holds pickled "
+                "objects beyond tensors and plain values, which are never unpickled)"
+            ) from exc
         raise UnreadableTrainState(f"{source}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
     if not isinstance(fingerprint, str):
         raise UnreadableTrainState(f"{source}: no fingerprint")
@@ -148,9 +152,7 @@ def load_train_state(directory: Path, parts: Resumable, fingerprint: str, seed: 
     source = directory / STATE_DIR
     extra, weights, state = _read_saved(source)
     if extra["fingerprint"] != fingerprint:
-        raise ResumeMismatchError(
-            f"{source} was saved with different training settings; delete it to start over"
-        )
+        raise ResumeMismatchError(f"{source} was saved with different training settings; delete it to start over")
     load_state_strict(parts.model, weights, str(source / "model.safetensors"))
     parts.optimizer.load_state_dict(extra["optimizer"])
     parts.scheduler.load_state_dict(extra["scheduler"])

@@ -101,7 +101,10 @@ def hf_to_llmcore_state(hf_state: dict[str, torch.Tensor], cfg: GPTConfig) -> di
         state[name] = tensor
     out = {}
     with torch.device("meta"):  # shapes only, nothing allocated; the file's layout has no padded rows
-        expected = {name: t.shape for name, t in GPTModel(dataclasses.replace(cfg, pad_vocab_to_multiple=1)).state_dict().items()}
+        expected = {
+            name: t.shape
+            for name, t in GPTModel(dataclasses.replace(cfg, pad_vocab_to_multiple=1)).state_dict().items()
+        }
 
     def take(hf_name: str, ours: str, transpose: bool = False) -> None:
         if hf_name not in state:
@@ -111,8 +114,7 @@ def hf_to_llmcore_state(hf_state: dict[str, torch.Tensor], cfg: GPTConfig) -> di
         hf_shape = tuple(reversed(expected[ours])) if transpose else tuple(expected[ours])
         if tuple(tensor.shape) != hf_shape:
             raise CheckpointError(
-                f"GPT-2 checkpoint: tensor {hf_name} has shape {tuple(tensor.shape)}, "
-                f"config.json implies {hf_shape}"
+                f"GPT-2 checkpoint: tensor {hf_name} has shape {tuple(tensor.shape)}, config.json implies {hf_shape}"
             )
         out[ours] = tensor.t().contiguous() if transpose else tensor
 

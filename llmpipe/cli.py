@@ -67,8 +67,12 @@ def run_stage(
     parser.add_argument("--params", default=str(PARAMS_FILE), help="params file (default: %(default)s)")
     for name, spec in paths.items():
         default, help_text = spec if isinstance(spec, tuple) else (spec, None)
-        parser.add_argument(f"--{name}", type=Path, default=None if default is None else Path(default),
-                            help=f"{help_text or name} (default: %(default)s)")
+        parser.add_argument(
+            f"--{name}",
+            type=Path,
+            default=None if default is None else Path(default),
+            help=f"{help_text or name} (default: %(default)s)",
+        )
     if options is not None:
         options(parser)
     args = parser.parse_args(argv)

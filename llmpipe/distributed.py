@@ -25,8 +25,14 @@ from llmpipe.params import StrictModel, read_params, validate_section
 
 SECTION = "distributed"
 
-__all__ = ["DistributedParams", "is_main_process", "load_distributed_params", "setup_distributed",
-           "stage_run_on_main", "torchrun_command"]
+__all__ = [
+    "DistributedParams",
+    "is_main_process",
+    "load_distributed_params",
+    "setup_distributed",
+    "stage_run_on_main",
+    "torchrun_command",
+]
 
 
 class DistributedParams(StrictModel):
@@ -63,8 +69,16 @@ def torchrun_command(module: str, argv: Sequence[str], params: DistributedParams
     else:
         # Static rendezvous: node_rank 0 hosts global rank 0, the process that writes the outputs.
         host, port = params.rdzv_endpoint.rsplit(":", 1)
-        command += ["--nnodes", str(params.nnodes), "--node-rank", str(params.node_rank),
-                    "--master-addr", host, "--master-port", port]
+        command += [
+            "--nnodes",
+            str(params.nnodes),
+            "--node-rank",
+            str(params.node_rank),
+            "--master-addr",
+            host,
+            "--master-port",
+            port,
+        ]
     return command + ["-m", module, *argv]
 
 

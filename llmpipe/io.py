@@ -13,8 +13,16 @@ from typing import Any
 from llmcore.fileio import OutputWriteError, atomic_path, writing
 from llmpipe.params import STATE_RECORD
 
-__all__ = ["OutputWriteError", "atomic_path", "file_digest", "record_state_params", "resume_state_dir", "sha256_file",
-           "write_json", "writing"]
+__all__ = [
+    "OutputWriteError",
+    "atomic_path",
+    "file_digest",
+    "record_state_params",
+    "resume_state_dir",
+    "sha256_file",
+    "write_json",
+    "writing",
+]
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
@@ -56,5 +64,6 @@ def record_state_params(state_dir: Path, section: str, params: Any, defaults: st
     came from the run cache, or another run), the state can never be needed again and the
     check_params stage removes it."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    write_json(state_dir / STATE_RECORD, {"section": section, "params": params,
-                                          **({"defaults": defaults} if defaults else {})})
+    write_json(
+        state_dir / STATE_RECORD, {"section": section, "params": params, **({"defaults": defaults} if defaults else {})}
+    )

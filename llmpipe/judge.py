@@ -32,8 +32,10 @@ _SCORE = re.compile(r"\s*(\d{1,3})\s*\.?\s*")
 
 # A URL without user:password@ (requests would send Basic auth instead of the bearer key): checked
 # by the validator below, and written into the JSON Schema so the check_params stage refuses it too.
-_NO_USERINFO = {"pattern": r"^[Hh][Tt][Tt][Pp][Ss]?://[^@/?#]*([/?#].*)?$",
-                "description": "an http(s) URL with no user:password@ in it (the key comes from LLMPIPE_JUDGE_API_KEY)"}
+_NO_USERINFO = {
+    "pattern": r"^[Hh][Tt][Tt][Pp][Ss]?://[^@/?#]*([/?#].*)?$",
+    "description": "an http(s) URL with no user:password@ in it (the key comes from LLMPIPE_JUDGE_API_KEY)",
+}
 
 
 class JudgeParams(StrictModel):
@@ -54,8 +56,10 @@ class JudgeParams(StrictModel):
         if isinstance(url, str) and urlsplit(url).scheme.lower() not in ("http", "https"):
             raise ValueError("must be an http(s) URL")
         if isinstance(url, str) and urlsplit(url).username is not None:
-            raise ValueError("holds credentials (user:password@): remove them and put the key in "
-                             "LLMPIPE_JUDGE_API_KEY (sent as a bearer token)")
+            raise ValueError(
+                "holds credentials (user:password@): remove them and put the key in "
+                "LLMPIPE_JUDGE_API_KEY (sent as a bearer token)"
+            )
         return url
 
 
@@ -126,7 +130,9 @@ class OllamaJudge:
                 url, json=payload, timeout=(self.params.connect_timeout_s, self.params.read_timeout_s)
             )
         except requests.RequestException as exc:
-            raise JudgeUnavailableError(f"judge at {shown} unreachable ({type(exc).__name__}: {redact(str(exc))})") from exc
+            raise JudgeUnavailableError(
+                f"judge at {shown} unreachable ({type(exc).__name__}: {redact(str(exc))})"
+            ) from exc
         if reply.status_code != 200:
             detail = reply.text[:200].strip()
             hint = f" (is it pulled? `ollama pull {self.params.model}`)" if reply.status_code == 404 else ""
@@ -175,9 +181,7 @@ class JudgeResult:
         return sum(scored) / len(scored) if scored else None
 
 
-def judge_responses(
-    entries: Sequence[Mapping[str, str]], responses: Sequence[str], params: JudgeParams
-) -> JudgeResult:
+def judge_responses(entries: Sequence[Mapping[str, str]], responses: Sequence[str], params: JudgeParams) -> JudgeResult:
     """Score every response; stops asking (and warns) once the judge is unreachable.
 
     Raises JudgeUnavailableError instead when ``params.required`` is set.
@@ -212,9 +216,11 @@ def _report_unusable(result: JudgeResult, params: JudgeParams) -> None:
     """Answers that never became a score: a warning with an example, or an error when required."""
     if not result.n_unusable:
         return
-    message = (f"LLM judge {params.model}: {result.n_unusable} of {len(result.scores)} responses unscored, "
-               f"its answers were no integer 0..100 after {1 + params.retries} asks "
-               f"(e.g. {(result.unusable_example or '')[:120]!r})")
+    message = (
+        f"LLM judge {params.model}: {result.n_unusable} of {len(result.scores)} responses unscored, "
+        f"its answers were no integer 0..100 after {1 + params.retries} asks "
+        f"(e.g. {(result.unusable_example or '')[:120]!r})"
+    )
     if params.required:
         raise JudgeUnavailableError(f"{message} (score_instructions.judge.required is true)")
     warnings.warn(message, RuntimeWarning, stacklevel=3)

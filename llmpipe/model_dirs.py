@@ -66,7 +66,9 @@ def tokenizer_for(model_dir: Path):
         return get_tokenizer()
     missing = [name for name in GPT2_FILES if not (model_dir / name).is_file()]
     if missing:
-        raise TokenizerFilesError(f"{model_dir / missing[0]} not found: a model directory carries the GPT-2 "
-                                  f"files it was trained with ({' and '.join(GPT2_FILES)}); copy them there or "
-                                  f"set {ENCODING_DIR_ENV} to a directory holding them")
+        raise TokenizerFilesError(
+            f"{model_dir / missing[0]} not found: a model directory carries the GPT-2 "
+            f"files it was trained with ({' and '.join(GPT2_FILES)}); copy them there or "
+            f"set {ENCODING_DIR_ENV} to a directory holding them"
+        )
     return get_tokenizer(model_dir)

@@ -1,5 +1,6 @@
 """Model directories: the base model of the fine-tunes (an llmcore checkpoint a stage wrote), and
-the BPE files (GPT-2's or a trained encoding's) every model directory carries, so ``llm`` and serving need no network."""
+the BPE files (GPT-2's or a trained encoding's) every model directory carries, so ``llm`` and
+serving need no network."""
 
 from __future__ import annotations
 
@@ -63,9 +64,11 @@ def check_base_tokenizer(base_dir: Path, tokenizer, vocab_size: int) -> None:
     else:
         same, what = is_gpt2(tokenizer), "GPT-2's BPE"
     if not same:
-        raise BaseModelError(f"base model {base_dir} was trained with {what}, but the pipeline encodes with "
-                             f"{'GPT-2' if is_gpt2(tokenizer) else 'a trained'} BPE ({tokenizer.name}, "
-                             f"{tokenizer.n_vocab} tokens): set tokenizer.source to match, or pick another base")
+        raise BaseModelError(
+            f"base model {base_dir} was trained with {what}, but the pipeline encodes with "
+            f"{'GPT-2' if is_gpt2(tokenizer) else 'a trained'} BPE ({tokenizer.name}, "
+            f"{tokenizer.n_vocab} tokens): set tokenizer.source to match, or pick another base"
+        )
     if tokenizer.n_vocab > vocab_size:
         raise BaseModelError(f"base model {base_dir} has {vocab_size} token rows, the tokenizer {tokenizer.n_vocab}")
 
@@ -100,9 +103,11 @@ def load_base_model(base_dir: Path, tokenizer=None, *, decoder_ok: bool = False,
         if decoder_ok:
             return load_checkpoint(base_dir, **overrides)
         # The other fine-tunes tokenize with GPT-2's BPE: ids that mean nothing to a Llama/Qwen3/Gemma base.
-        raise BaseModelError(f"base model {base_dir} is a Hugging Face base (format {DECODER_FORMAT}); the "
-                             "preference fine-tune and adapt_pretrain do not support it yet (they tokenize with GPT-2's BPE): use it "
-                             "with `llm generate/chat`, or set base_model.dir to a GPT checkpoint")
+        raise BaseModelError(
+            f"base model {base_dir} is a Hugging Face base (format {DECODER_FORMAT}); the "
+            "preference fine-tune and adapt_pretrain do not support it yet (they tokenize with GPT-2's BPE): use it "
+            "with `llm generate/chat`, or set base_model.dir to a GPT checkpoint"
+        )
     model = load_checkpoint(base_dir, **overrides)
     if tokenizer is not None:
         check_base_tokenizer(base_dir, tokenizer, model.cfg.vocab_size)
@@ -116,15 +121,22 @@ def base_tokenizer(base_dir: Path, tokenizer_source: str, stage: str, *, chat: b
     from llmcore.hf_tokenizer import HFTokenizer  # deferred: GPT-2 models never need `tokenizers`
 
     if tokenizer_source != "gpt2":
-        raise BaseModelError(f"params tokenizer.source is {tokenizer_source!r}, but base model {base_dir} is a Hugging "
-                             "Face base that tokenizes with its own tokenizer.json: set tokenizer.source: gpt2")
+        raise BaseModelError(
+            f"params tokenizer.source is {tokenizer_source!r}, but base model {base_dir} is a Hugging "
+            "Face base that tokenizes with its own tokenizer.json: set tokenizer.source: gpt2"
+        )
     tokenizer = HFTokenizer(base_dir)
     if chat and not tokenizer.chat_template:
         raise BaseModelError(f"base model {base_dir}: its tokenizer_config.json has no chat_template to fine-tune in")
-    what = "tokenizer.json and chat template (params tokenizer.* and the instruction data's prompt_style" \
-        if chat else "tokenizer.json (params tokenizer.*"
-    print(f"{stage}: {base_dir} is a Hugging Face base's model: it tokenizes with its own {what} do not apply)",
-          flush=True)
+    what = (
+        "tokenizer.json and chat template (params tokenizer.* and the instruction data's prompt_style"
+        if chat
+        else "tokenizer.json (params tokenizer.*"
+    )
+    print(
+        f"{stage}: {base_dir} is a Hugging Face base's model: it tokenizes with its own {what} do not apply)",
+        flush=True,
+    )
     return tokenizer
 
 
@@ -148,7 +160,10 @@ def bundle_base_tokenizer(base_dir: Path, model_dir: Path, end_token: str) -> No
             path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     generation_path = model_dir / "generation_config.json"
     generation = json.loads(generation_path.read_text()) if generation_path.is_file() else {}
-    eos_ids = [tokenizer.token_to_id(end_token), *[i for i in tokenizer.eos_ids if i != tokenizer.token_to_id(end_token)]]
+    eos_ids = [
+        tokenizer.token_to_id(end_token),
+        *[i for i in tokenizer.eos_ids if i != tokenizer.token_to_id(end_token)],
+    ]
     generation_path.write_text(json.dumps({**generation, "eos_token_id": eos_ids}, indent=2) + "\n")
 
 
@@ -157,10 +172,12 @@ def find_encoding_files(encoding_dir: str | None) -> dict[str, Path] | None:
     if encoding_dir:
         candidates = {name: Path(encoding_dir) / name for name in GPT2_FILES}
     else:
-        cache = Path(os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
-                     or Path(tempfile.gettempdir()) / "data-gym-cache")
-        candidates = {name: cache / hashlib.sha1(TIKTOKEN_URL.format(name).encode()).hexdigest()
-                      for name in GPT2_FILES}
+        cache = Path(
+            os.environ.get("TIKTOKEN_CACHE_DIR")
+            or os.environ.get("DATA_GYM_CACHE_DIR")
+            or Path(tempfile.gettempdir()) / "data-gym-cache"
+        )
+        candidates = {name: cache / hashlib.sha1(TIKTOKEN_URL.format(name).encode()).hexdigest() for name in GPT2_FILES}
     for name, path in candidates.items():
         if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != GPT2_FILE_SHA256[name]:
             return None

@@ -34,8 +34,9 @@ def plot_history(
     fig, ax1 = plt.subplots(figsize=(5, 3))
     ax1.plot(epochs_seen, [entry[f"train_{metric}"] for entry in history], label=f"Training {metric}")
     if f"val_{metric}" in history[0]:
-        ax1.plot(epochs_seen, [entry[f"val_{metric}"] for entry in history], linestyle="-.",
-                 label=f"Validation {metric}")
+        ax1.plot(
+            epochs_seen, [entry[f"val_{metric}"] for entry in history], linestyle="-.", label=f"Validation {metric}"
+        )
     ax1.set_xlabel("Epochs")
     ax1.set_ylabel(metric.capitalize())
     ax1.legend(loc="upper right")

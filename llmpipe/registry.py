@@ -89,8 +89,15 @@ class Scoring:
         return f"eval.{self.split}.n{self.n}.{self.digest}.{metric or self.metric}"
 
     def to_json(self) -> dict:
-        return {"split": self.split, "metric": self.metric, "value": self.value, "digest": self.digest,
-                "binary": self.binary, "higher_is_better": self.higher_is_better, "per_example": list(self.per_example)}
+        return {
+            "split": self.split,
+            "metric": self.metric,
+            "value": self.value,
+            "digest": self.digest,
+            "binary": self.binary,
+            "higher_is_better": self.higher_is_better,
+            "per_example": list(self.per_example),
+        }
 
 
 @dataclass(frozen=True)
@@ -105,8 +112,9 @@ class Promotion:
 
     def describe(self, name: str, metric: str) -> str:
         if self.promoted:
-            before = ("no champion before" if self.champion_value is None
-                      else f"was {self.champion_value:.4f}{self._p()}")
+            before = (
+                "no champion before" if self.champion_value is None else f"was {self.champion_value:.4f}{self._p()}"
+            )
             return f"{name} v{self.version} is now @{CHAMPION}: validation {metric} {self.value:.4f} ({before})"
         return f"{name} v{self.version}: validation {metric} {self.value:.4f}: {self.reason}; champion unchanged"
 
@@ -153,8 +161,10 @@ def promotion_lock(name: str, *, wait_s: float = LOCK_WAIT_S, stale_s: float = L
                 raise
         _break_if_stale(client, lock, stale_s)
         if time.monotonic() > deadline:
-            raise RegistryLockError(f"registry lock {lock!r} held for over {wait_s:.0f} s: another promotion is running "
-                               f"(or delete that registered model if none is)")
+            raise RegistryLockError(
+                f"registry lock {lock!r} held for over {wait_s:.0f} s: another promotion is running "
+                f"(or delete that registered model if none is)"
+            )
         time.sleep(0.05)
     try:
         yield
@@ -196,15 +206,25 @@ def champion_scoring(name: str, champion: ModelVersion, like: Scoring) -> Scorin
         return None
     try:
         local = mlflow.artifacts.download_artifacts(
-            run_id=champion.run_id, artifact_path=f"{SELECTION_DIR}/{like.split}-{like.digest}.json")
+            run_id=champion.run_id, artifact_path=f"{SELECTION_DIR}/{like.split}-{like.digest}.json"
+        )
     except (MlflowException, OSError):
         return None
     data = json.loads(Path(local).read_text())
-    return Scoring(data["split"], data["metric"], float(data["value"]), data["per_example"], data["digest"],
-                   data["binary"], data["higher_is_better"])
+    return Scoring(
+        data["split"],
+        data["metric"],
+        float(data["value"]),
+        data["per_example"],
+        data["digest"],
+        data["binary"],
+        data["higher_is_better"],
+    )
 
 
-def decide(candidate: Scoring, champion: Scoring | None, params: ComparisonParams) -> tuple[bool, str, PairedResult | None]:
+def decide(
+    candidate: Scoring, champion: Scoring | None, params: ComparisonParams
+) -> tuple[bool, str, PairedResult | None]:
     """Whether ``candidate`` beats ``champion`` beyond noise; the reason, and the paired test."""
     from llmpipe.stats import compare_correct, compare_scores
 
@@ -220,8 +240,14 @@ def decide(candidate: Scoring, champion: Scoring | None, params: ComparisonParam
     if not better:
         return False, f"not better than the champion ({test.value_a:.4f}, {test.test} p = {test.p_value:.3g})", test
     if not test.significant(params.promote_alpha):
-        return False, (f"better by {abs(test.difference):.4f} but not beyond noise ({test.test} p = {test.p_value:.3g}"
-                       f" ≥ {params.promote_alpha})"), test
+        return (
+            False,
+            (
+                f"better by {abs(test.difference):.4f} but not beyond noise ({test.test} p = {test.p_value:.3g}"
+                f" ≥ {params.promote_alpha})"
+            ),
+            test,
+        )
     return True, "better beyond noise", test
 
 
@@ -249,5 +275,12 @@ def promote_if_better(name: str, version: str, run_id: str, scoring: Scoring, pa
         promoted, reason, test = decide(scoring, previous, params)
         if promoted:
             client.set_registered_model_alias(name, CHAMPION, version)
-        return Promotion(str(version), scoring.value, str(version) if promoted else str(champion.version),
-                         previous.value if previous else None, promoted, reason, test)
+        return Promotion(
+            str(version),
+            scoring.value,
+            str(version) if promoted else str(champion.version),
+            previous.value if previous else None,
+            promoted,
+            reason,
+            test,
+        )

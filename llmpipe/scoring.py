@@ -27,14 +27,28 @@ def classification_metrics(actual: Sequence[int], predicted: Sequence[int], labe
     metrics: dict = {
         "accuracy": float(accuracy_score(actual, predicted)),
         "macro_f1": float(f1.mean()),
-        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                             "support": int(support[i])} for i, name in enumerate(labels)},
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(labels)
+        },
         "confusion": matrix.tolist(),
     }
     if len(labels) == 2:
         tn, fp, fn, tp = matrix.ravel()
-        metrics.update(precision=float(precision[1]), recall=float(recall[1]), f1=float(f1[1]),
-                       tn=int(tn), fp=int(fp), fn=int(fn), tp=int(tp))
+        metrics.update(
+            precision=float(precision[1]),
+            recall=float(recall[1]),
+            f1=float(f1[1]),
+            tn=int(tn),
+            fp=int(fp),
+            fn=int(fn),
+            tp=int(tp),
+        )
     else:
         metrics.update(precision=float(precision.mean()), recall=float(recall.mean()), f1=float(f1.mean()))
     return metrics
@@ -54,23 +68,34 @@ def flat_metrics(metrics: dict[str, dict]) -> dict[str, float]:
 PREDICTION_COLUMNS = ("split", "row", "label", "predicted", "correct")
 
 
-def split_intervals(actual: Sequence[int], predicted: Sequence[int], labels: Sequence[str],
-                    params: ComparisonParams) -> dict[str, float]:
+def split_intervals(
+    actual: Sequence[int], predicted: Sequence[int], labels: Sequence[str], params: ComparisonParams
+) -> dict[str, float]:
     """``accuracy_ci_low/high`` (Wilson) and ``f1_ci_low/high`` (bootstrap over examples: the positive
     class's F1 with two classes, the macro F1 with more) at ``params.confidence``."""
     return classification_intervals(actual, predicted, params, num_classes=len(labels))
 
 
-def write_predictions(path: Path, frames: Mapping[str, pd.DataFrame], actuals: Mapping[str, Sequence[int]],
-                      predictions: Mapping[str, Sequence[int]], labels: Sequence[str],
-                      probabilities: Mapping[str, Sequence[float]] | None = None) -> None:
+def write_predictions(
+    path: Path,
+    frames: Mapping[str, pd.DataFrame],
+    actuals: Mapping[str, Sequence[int]],
+    predictions: Mapping[str, Sequence[int]],
+    labels: Sequence[str],
+    probabilities: Mapping[str, Sequence[float]] | None = None,
+) -> None:
     """Every example's label and prediction, one row per (split, row of the split file): the
     per-example results a paired comparison (``llm compare``) reads."""
     rows = []
     for split, frame in frames.items():
-        table = pd.DataFrame({"split": split, "row": range(1, len(frame) + 1),
-                              "label": [labels[i] for i in actuals[split]],
-                              "predicted": [labels[i] for i in predictions[split]]})
+        table = pd.DataFrame(
+            {
+                "split": split,
+                "row": range(1, len(frame) + 1),
+                "label": [labels[i] for i in actuals[split]],
+                "predicted": [labels[i] for i in predictions[split]],
+            }
+        )
         table["correct"] = (table["label"] == table["predicted"]).astype(int)
         if probabilities is not None:
             table["probability"] = [round(p, 6) for p in probabilities[split]]
@@ -80,12 +105,20 @@ def write_predictions(path: Path, frames: Mapping[str, pd.DataFrame], actuals: M
         pd.concat(rows, ignore_index=True).to_csv(tmp, index=False)
 
 
-def selection_scoring(validation: pd.DataFrame, actual: Sequence[int], predicted: Sequence[int],
-                      test_metrics: Mapping[str, float]) -> Scoring:
+def selection_scoring(
+    validation: pd.DataFrame, actual: Sequence[int], predicted: Sequence[int], test_metrics: Mapping[str, float]
+) -> Scoring:
     """The registry's selection scoring: validation accuracy, right/wrong per example (McNemar), the
     examples' digest; the test accuracy and F1 recorded beside, never used to choose."""
     correct = [int(a == p) for a, p in zip(actual, predicted)]
     value = sum(correct) / len(correct) if correct else math.nan
     beside = {f"test_{k}": test_metrics[k] for k in ("accuracy", "f1") if k in test_metrics}
-    return Scoring("validation", "accuracy", value, correct, examples_digest(validation["Text"].tolist()),
-                   binary=True, others=beside)
+    return Scoring(
+        "validation",
+        "accuracy",
+        value,
+        correct,
+        examples_digest(validation["Text"].tolist()),
+        binary=True,
+        others=beside,
+    )

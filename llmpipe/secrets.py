@@ -12,7 +12,8 @@ REDACTED = "***"
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@'\"]+@")
 # ?api_key=...&token=... -> ?api_key=***&token=***
 _QUERY_SECRET = re.compile(
-    r"(?i)([?&;](?:api[_-]?key|apikey|key|token|access[_-]?token|auth|password|passwd|secret|signature|sig)=)[^&;#\s'\"]+")
+    r"(?i)([?&;](?:api[_-]?key|apikey|key|token|access[_-]?token|auth|password|passwd|secret|signature|sig)=)[^&;#\s'\"]+"
+)
 
 
 def redact(text: str) -> str:

@@ -49,8 +49,13 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> Interva
     return Interval(float(low), float(high))
 
 
-def bootstrap_interval(data: Sequence[Sequence[float]] | Sequence[float], statistic: Callable, params: ComparisonParams,
-                       *, paired: bool = False) -> Interval:
+def bootstrap_interval(
+    data: Sequence[Sequence[float]] | Sequence[float],
+    statistic: Callable,
+    params: ComparisonParams,
+    *,
+    paired: bool = False,
+) -> Interval:
     """Percentile bootstrap interval of ``statistic`` over examples (scipy.stats.bootstrap, seeded).
     ``data``: one array, or several arrays resampled together (``paired``: the same rows)."""
     from scipy.stats import bootstrap
@@ -58,8 +63,16 @@ def bootstrap_interval(data: Sequence[Sequence[float]] | Sequence[float], statis
     arrays = tuple(np.asarray(a, dtype=float) for a in data) if paired else (np.asarray(data, dtype=float),)
     if len(arrays[0]) < 2:
         return Interval(math.nan, math.nan)
-    result = bootstrap(arrays, statistic, n_resamples=params.bootstrap_samples, confidence_level=params.confidence,
-                       method="percentile", paired=paired, vectorized=True, rng=np.random.default_rng(params.seed))
+    result = bootstrap(
+        arrays,
+        statistic,
+        n_resamples=params.bootstrap_samples,
+        confidence_level=params.confidence,
+        method="percentile",
+        paired=paired,
+        vectorized=True,
+        rng=np.random.default_rng(params.seed),
+    )
     return Interval(float(result.confidence_interval.low), float(result.confidence_interval.high))
 
 
@@ -101,8 +114,9 @@ def macro_f1_statistic(num_classes: int):
     return statistic
 
 
-def classification_intervals(actual: Sequence[int], predicted: Sequence[int], params: ComparisonParams,
-                             *, num_classes: int) -> dict[str, float]:
+def classification_intervals(
+    actual: Sequence[int], predicted: Sequence[int], params: ComparisonParams, *, num_classes: int
+) -> dict[str, float]:
     """``accuracy_ci_low/high`` (Wilson) and ``f1_ci_low/high`` (bootstrap over examples): the positive
     class's F1 with two classes, the macro F1 with more."""
     a, p = np.asarray(actual), np.asarray(predicted)
@@ -146,18 +160,30 @@ def mcnemar_exact(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> tuple
     return float(result.pvalue), table
 
 
-def compare_correct(correct_a: Sequence[bool], correct_b: Sequence[bool], params: ComparisonParams,
-                    metric: str = "accuracy") -> PairedResult:
+def compare_correct(
+    correct_a: Sequence[bool], correct_b: Sequence[bool], params: ComparisonParams, metric: str = "accuracy"
+) -> PairedResult:
     """Accuracy of B − A: a paired bootstrap interval of the difference, McNemar's exact p."""
     a, b = np.asarray(correct_a, dtype=float), np.asarray(correct_b, dtype=float)
     p_value, table = mcnemar_exact(a.astype(bool), b.astype(bool))
     interval = bootstrap_interval(b - a, np.mean, params)
-    return PairedResult(metric, len(a), float(a.mean()), float(b.mean()), float(b.mean() - a.mean()), interval,
-                        p_value, "McNemar exact", params.confidence, table)
+    return PairedResult(
+        metric,
+        len(a),
+        float(a.mean()),
+        float(b.mean()),
+        float(b.mean() - a.mean()),
+        interval,
+        p_value,
+        "McNemar exact",
+        params.confidence,
+        table,
+    )
 
 
-def compare_scores(scores_a: Sequence[float], scores_b: Sequence[float], params: ComparisonParams,
-                   metric: str) -> PairedResult:
+def compare_scores(
+    scores_a: Sequence[float], scores_b: Sequence[float], params: ComparisonParams, metric: str
+) -> PairedResult:
     """Mean of B − A per example (ROUGE-L, judge score, loss): a paired bootstrap interval, and its
     two-sided p-value: how often the resampled difference, centred on 0, is as far from 0."""
     a, b = np.asarray(scores_a, dtype=float), np.asarray(scores_b, dtype=float)
@@ -166,8 +192,17 @@ def compare_scores(scores_a: Sequence[float], scores_b: Sequence[float], params:
     keep = ~(np.isnan(a) | np.isnan(b))  # an example one of them has no score for (an unscored judge answer)
     d = b[keep] - a[keep]
     if len(d) < 2:
-        return PairedResult(metric, len(d), math.nan, math.nan, math.nan, Interval(math.nan, math.nan), math.nan,
-                            "paired bootstrap", params.confidence)
+        return PairedResult(
+            metric,
+            len(d),
+            math.nan,
+            math.nan,
+            math.nan,
+            Interval(math.nan, math.nan),
+            math.nan,
+            "paired bootstrap",
+            params.confidence,
+        )
     rng = np.random.default_rng(params.seed)
     means = d[rng.integers(0, len(d), size=(params.bootstrap_samples, len(d)))].mean(axis=1)
     observed = float(d.mean())
@@ -175,8 +210,17 @@ def compare_scores(scores_a: Sequence[float], scores_b: Sequence[float], params:
     interval = Interval(float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2)))
     extreme = np.abs(means - observed) >= abs(observed) if observed != 0 else np.ones_like(means, dtype=bool)
     p_value = float((extreme.sum() + 1) / (len(means) + 1))
-    return PairedResult(metric, len(d), float(a[keep].mean()), float(b[keep].mean()), observed, interval, p_value,
-                        "paired bootstrap", params.confidence)
+    return PairedResult(
+        metric,
+        len(d),
+        float(a[keep].mean()),
+        float(b[keep].mean()),
+        observed,
+        interval,
+        p_value,
+        "paired bootstrap",
+        params.confidence,
+    )
 
 
 def examples_digest(keys: Iterable[str]) -> str:

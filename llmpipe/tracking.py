@@ -64,7 +64,7 @@ def project_root(cwd: str | os.PathLike | None = None) -> Path:
     here = Path(cwd or os.getcwd()).resolve()
     parts = here.parts
     for i in range(len(parts) - 1):
-        if parts[i:i + 2] == TEMPORARY_COPIES:
+        if parts[i : i + 2] == TEMPORARY_COPIES:
             return Path(*parts[:i])
     return here
 
@@ -72,7 +72,7 @@ def project_root(cwd: str | os.PathLike | None = None) -> Path:
 def resolve_tracking_uri(uri: str, cwd: str | os.PathLike | None = None) -> str:
     """``sqlite:///relative.db`` made absolute against ``project_root``; other URIs unchanged."""
     if uri.startswith(SQLITE_PREFIX) and not uri.startswith(SQLITE_PREFIX + "/"):
-        relative = uri[len(SQLITE_PREFIX):]
+        relative = uri[len(SQLITE_PREFIX) :]
         if relative and not relative.startswith(":memory:"):
             return SQLITE_PREFIX + str(project_root(cwd) / relative)
     return uri
@@ -95,7 +95,7 @@ def use_experiment(name: str):
     uri = mlflow.get_tracking_uri()
     client = mlflow.MlflowClient()
     if uri.startswith(SQLITE_PREFIX) and client.get_experiment_by_name(name) is None:
-        artifacts = Path(uri[len(SQLITE_PREFIX):]).parent / "mlruns" / name
+        artifacts = Path(uri[len(SQLITE_PREFIX) :]).parent / "mlruns" / name
         try:
             client.create_experiment(name, artifact_location=str(artifacts))
         except MlflowException as exc:  # created meanwhile by a concurrent stage: use it
@@ -138,21 +138,31 @@ def probe_server(uri: str, timeout_s: float = 10.0) -> None:
         return
     name = f"MLflow tracking server {redact(uri)} (MLFLOW_TRACKING_URI)"
     try:
-        answer = requests.get(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name",
-                              params={"experiment_name": "llmpipe-store-probe"}, timeout=timeout_s)
+        answer = requests.get(
+            f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name",
+            params={"experiment_name": "llmpipe-store-probe"},
+            timeout=timeout_s,
+        )
     except requests.Timeout:
-        raise TrackingError(f"{name} did not answer within {timeout_s:.0f} s (still starting, or waiting for its "
-                            "database): check its log, or point MLFLOW_TRACKING_URI elsewhere") from None
+        raise TrackingError(
+            f"{name} did not answer within {timeout_s:.0f} s (still starting, or waiting for its "
+            "database): check its log, or point MLFLOW_TRACKING_URI elsewhere"
+        ) from None
     except requests.RequestException as exc:
-        raise TrackingError(f"{name} is not reachable: {type(exc).__name__}; start it (`llm stack up`) or point "
-                            "MLFLOW_TRACKING_URI elsewhere") from None
+        raise TrackingError(
+            f"{name} is not reachable: {type(exc).__name__}; start it (`llm stack up`) or point "
+            "MLFLOW_TRACKING_URI elsewhere"
+        ) from None
     if answer.status_code >= 500:
         try:
             body = str(answer.json().get("message") or answer.text)
         except ValueError:
             body = answer.text
-        store = "its backend store (PostgreSQL) failed" if "psycopg2" in body or "postgresql" in body.lower() \
+        store = (
+            "its backend store (PostgreSQL) failed"
+            if "psycopg2" in body or "postgresql" in body.lower()
             else f"it answered HTTP {answer.status_code}"
+        )
         detail = (body.strip().splitlines() or [""])[0]
         raise TrackingError(f"{name}: {store}: {redact(detail[:300])}")
 
@@ -213,12 +223,19 @@ SWEEP_ENV = "LLMPIPE_SWEEP"  # set by `llm sweep` (pipelines/sweep.py): the seed
 def run_tags(stage: str) -> dict[str, str]:
     sweep = {"sweep": os.environ[SWEEP_ENV]} if os.environ.get(SWEEP_ENV) else {}
     pipeline_run = os.environ.get(PARENT_RUN_ENV)
-    return {"stage": stage, "git_commit": git_commit(), "dvc_experiment": dvc_experiment(), **sweep,
-            **({PIPELINE_RUN_TAG: pipeline_run} if pipeline_run else {})}
+    return {
+        "stage": stage,
+        "git_commit": git_commit(),
+        "dvc_experiment": dvc_experiment(),
+        **sweep,
+        **({PIPELINE_RUN_TAG: pipeline_run} if pipeline_run else {}),
+    }
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, experiment: str, params: Mapping[str, Any] | BaseModel | None = None) -> Iterator[mlflow.ActiveRun]:
+def stage_run(
+    stage: str, experiment: str, params: Mapping[str, Any] | BaseModel | None = None
+) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run for ``stage`` with its params logged and standard tags set."""
     check_store(experiment)
     with tracking_errors(), mlflow.start_run(run_name=run_name(stage), tags=run_tags(stage)) as run:
@@ -256,8 +273,12 @@ def training_run_of(model_dir: str | os.PathLike) -> Run | None:
     client = mlflow.MlflowClient()
     digest = file_digest(Path(model_dir) / WEIGHTS_FILE, "md5")
     experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments, filter_string=f"tags.{MODEL_DIGEST_TAG} = '{digest}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+    runs = client.search_runs(
+        experiments,
+        filter_string=f"tags.{MODEL_DIGEST_TAG} = '{digest}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return runs[0] if runs else None
 
 
@@ -294,7 +315,9 @@ class MlflowCallback(TrainCallback):
         values = {k: v for k, v in metrics.items() if k not in ("step", "tokens_seen")}
         values["scaler_skipped_steps"] = state.skipped_steps  # fp16: steps whose gradients overflowed
         if self.seconds > 0:
-            values.update(throughput_tokens_per_s=self.tokens / self.seconds, throughput_mfu=self.mfu_seconds / self.seconds)
+            values.update(
+                throughput_tokens_per_s=self.tokens / self.seconds, throughput_mfu=self.mfu_seconds / self.seconds
+            )
         self.seconds = self.tokens = self.mfu_seconds = 0.0
         mlflow.log_metrics(values, step=state.tokens_seen)
 
@@ -345,6 +368,7 @@ def _record_evaluation(stage, params, model_dir, metrics, artifacts, registered_
     log_evaluation(run, metrics, artifacts)
     version = version_of_run(registered_model, run)
     if version is not None and selection is not None:
-        decision = promote_if_better(registered_model, version.version, run.info.run_id, selection,
-                                     comparison or ComparisonParams())
+        decision = promote_if_better(
+            registered_model, version.version, run.info.run_id, selection, comparison or ComparisonParams()
+        )
         print(f"{stage}: {decision.describe(registered_model, selection.metric)}")

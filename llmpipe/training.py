@@ -82,18 +82,36 @@ class TrainParams(StrictModel):
 
     def train_config(self, progress: bool = True) -> TrainConfig:
         return TrainConfig(
-            epochs=self.epochs, batch_size=self.batch_size, grad_accum_steps=self.grad_accum_steps, lr=self.lr,
-            min_lr_ratio=self.min_lr_ratio, weight_decay=self.weight_decay, betas=(self.betas[0], self.betas[1]),
-            schedule=self.schedule, warmup_steps=self.warmup_steps, grad_clip=self.grad_clip,
-            eval_every=self.eval_every, eval_batches=self.eval_batches, checkpoint_every=self.checkpoint_every,
-            seed=self.seed, progress=progress, precision=self.precision, compile=self.compile,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            grad_accum_steps=self.grad_accum_steps,
+            lr=self.lr,
+            min_lr_ratio=self.min_lr_ratio,
+            weight_decay=self.weight_decay,
+            betas=(self.betas[0], self.betas[1]),
+            schedule=self.schedule,
+            warmup_steps=self.warmup_steps,
+            grad_clip=self.grad_clip,
+            eval_every=self.eval_every,
+            eval_batches=self.eval_batches,
+            checkpoint_every=self.checkpoint_every,
+            seed=self.seed,
+            progress=progress,
+            precision=self.precision,
+            compile=self.compile,
         )
 
 
 # params.yaml's `training`: any of TrainParams' keys (same types and ranges), none required.
 TrainParams.DEFAULTS_MODEL = create_model(
-    "TrainingDefaults", __base__=StrictModel, __doc__="The trainers' shared settings (params.yaml `training`).",
-    **{name: (info.annotation, FieldInfo.merge_field_infos(info, default=None)) for name, info in TrainParams.model_fields.items()})
+    "TrainingDefaults",
+    __base__=StrictModel,
+    __doc__="The trainers' shared settings (params.yaml `training`).",
+    **{
+        name: (info.annotation, FieldInfo.merge_field_infos(info, default=None))
+        for name, info in TrainParams.model_fields.items()
+    },
+)
 
 
 def stage_device(stage: str, params: TrainParams) -> torch.device:
@@ -150,8 +168,14 @@ class TrainingOutputs:
     state_dir: Path  # resumable states, outside DVC's outputs (DVC deletes outputs before a run)
 
 
-def run_training(job: TrainingJob, out: TrainingOutputs, *, encoding_dir: str | None = None, resume: bool = True,
-                 progress: bool = True) -> dict:
+def run_training(
+    job: TrainingJob,
+    out: TrainingOutputs,
+    *,
+    encoding_dir: str | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> dict:
     """Train ``job`` (resuming a saved state made with the same settings and data), write and log
     everything; returns the metrics. Under torchrun every rank trains and only rank 0 writes and
     logs (the others return {})."""
@@ -162,23 +186,42 @@ def run_training(job: TrainingJob, out: TrainingOutputs, *, encoding_dir: str | 
     config = job.params.train_config(progress=progress)
     digests = {split: sha256_file(path) for split, path in job.data_files.items()}
     # A saved state is resumed only when made with the same section, settings and data.
-    state_dir = resume_state_dir(out.state_dir, config.fingerprint(), job.params.model_dump(mode="json"),
-                                 dict(job.resume_settings), digests, prune=is_main_process())
+    state_dir = resume_state_dir(
+        out.state_dir,
+        config.fingerprint(),
+        job.params.model_dump(mode="json"),
+        dict(job.resume_settings),
+        digests,
+        prune=is_main_process(),
+    )
     if is_main_process():
         record_state_params(state_dir, job.stage, job.params.model_dump(mode="json"), TrainParams.DEFAULTS_SECTION)
     with stage_run_on_main(job.stage, job.experiment, job.params) as run:
         resumed_tokens = _start_run(job, state_dir) if run is not None else 0
         started = time.perf_counter()
-        state = train(job.model, job.train_data, job.val_data, config, loss_fn=job.loss_fn, eval_fn=job.eval_fn,
-                      collate_fn=job.collate_fn, callbacks=[MlflowCallback(job.step_log_every), *job.callbacks],
-                      state_dir=state_dir, resume=resume, fingerprint_extra=state_dir.name)
+        state = train(
+            job.model,
+            job.train_data,
+            job.val_data,
+            config,
+            loss_fn=job.loss_fn,
+            eval_fn=job.eval_fn,
+            collate_fn=job.collate_fn,
+            callbacks=[MlflowCallback(job.step_log_every), *job.callbacks],
+            state_dir=state_dir,
+            resume=resume,
+            fingerprint_extra=state_dir.name,
+        )
         wall_time = time.perf_counter() - started
         if run is None:  # another rank of a torchrun: rank 0 writes and logs
             return {}
         metrics = _final_metrics(job, state)
         if state.skipped_steps:  # fp16: steps whose gradients overflowed did not update the weights
-            print(f"{job.stage}: fp16's GradScaler skipped {state.skipped_steps} of {state.step} optimizer steps "
-                  "(inf/NaN gradients; see scaler_skipped_steps in the report)", flush=True)
+            print(
+                f"{job.stage}: fp16's GradScaler skipped {state.skipped_steps} of {state.step} optimizer steps "
+                "(inf/NaN gradients; see scaler_skipped_steps in the report)",
+                flush=True,
+            )
         speed = _throughput(job.model, config, (state.tokens_seen - resumed_tokens) / wall_time, wall_time)
         job.save(job.model, out.model_dir)
         bundle_tokenizer(out.model_dir, encoding_dir)  # so `llm` and serving work offline with it
@@ -206,7 +249,9 @@ def _start_run(job: TrainingJob, state_dir: Path) -> int:
         return 0
     saved = json.loads((state_dir / STATE_DIR / "state.json").read_text())
     for entry in saved["history"]:
-        mlflow.log_metrics({k: v for k, v in entry.items() if k not in ("step", "tokens_seen")}, step=entry["tokens_seen"])
+        mlflow.log_metrics(
+            {k: v for k, v in entry.items() if k not in ("step", "tokens_seen")}, step=entry["tokens_seen"]
+        )
     mlflow.set_tag("resumed_from_step", saved["step"])
     return saved["tokens_seen"]
 
@@ -214,8 +259,13 @@ def _start_run(job: TrainingJob, state_dir: Path) -> int:
 def _final_metrics(job: TrainingJob, state: TrainState) -> dict:
     """What the run reached: the same figures for the same params and seed (no timings)."""
     final = state.history[-1]
-    return {**{key: final[key] for key in job.final_keys}, "steps": state.step, "tokens_seen": state.tokens_seen,
-            "scaler_skipped_steps": state.skipped_steps, **job.extra_metrics}
+    return {
+        **{key: final[key] for key in job.final_keys},
+        "steps": state.step,
+        "tokens_seen": state.tokens_seen,
+        "scaler_skipped_steps": state.skipped_steps,
+        **job.extra_metrics,
+    }
 
 
 def _throughput(model: nn.Module, config: TrainConfig, tokens_per_s: float, wall_time: float) -> dict:
@@ -223,8 +273,9 @@ def _throughput(model: nn.Module, config: TrainConfig, tokens_per_s: float, wall
     metrics file, since it differs from run to run."""
     sequence = getattr(getattr(model, "cfg", None), "context_length", 1)
     speed = {"tokens_per_s": tokens_per_s, "wall_time_s": wall_time}
-    speed.update(run_summary(model, tokens_per_s, sequence, next(model.parameters()).device, config.precision,
-                             world_size()))
+    speed.update(
+        run_summary(model, tokens_per_s, sequence, next(model.parameters()).device, config.precision, world_size())
+    )
     return speed
 
 
@@ -251,11 +302,23 @@ def _log_model(job: TrainingJob, out: TrainingOutputs, encoding_dir: str | None,
 
     for path in (*out.plots.values(), out.history):
         mlflow.log_artifact(str(path), "plots")
-    info = log_code_model(job.pyfunc.name, job.pyfunc.code_file, out.model_dir,
-                          encoding_dir=encoding_dir or os.environ.get(ENCODING_DIR_ENV),
-                          signature=job.pyfunc.signature, input_example=job.pyfunc.input_example)
+    info = log_code_model(
+        job.pyfunc.name,
+        job.pyfunc.code_file,
+        out.model_dir,
+        encoding_dir=encoding_dir or os.environ.get(ENCODING_DIR_ENV),
+        signature=job.pyfunc.signature,
+        input_example=job.pyfunc.input_example,
+    )
     tag_trained_model(out.model_dir, info)
-    mlflow.log_params({"steps": metrics["steps"], "tokens_seen": metrics["tokens_seen"],
-                       "wall_time_s": round(metrics["wall_time_s"], 1)})
-    mlflow.log_metrics({f"run_{key}": metrics[key] for key in ("tokens_per_s", "mfu", "peak_memory_mb") if key in metrics})
+    mlflow.log_params(
+        {
+            "steps": metrics["steps"],
+            "tokens_seen": metrics["tokens_seen"],
+            "wall_time_s": round(metrics["wall_time_s"], 1),
+        }
+    )
+    mlflow.log_metrics(
+        {f"run_{key}": metrics[key] for key in ("tokens_per_s", "mfu", "peak_memory_mb") if key in metrics}
+    )
     return register_candidate(info.model_uri, job.registered_model)

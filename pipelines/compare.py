@@ -75,9 +75,11 @@ def read_at_revision(path: str, rev: str) -> str:
     try:
         return dvc.api.read(path, rev=rev, repo=".")
     except (DvcException, FileNotFoundError, OSError) as exc:
-        raise CompareError(f"{path} at {rev[:10]}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__} "
-                           "(an experiment run before per-example results were kept: re-run it, or compare model "
-                           "directories)") from exc
+        raise CompareError(
+            f"{path} at {rev[:10]}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__} "
+            "(an experiment run before per-example results were kept: re-run it, or compare model "
+            "directories)"
+        ) from exc
 
 
 def parse_results(text: str, task: str, split: str, label: str, metric: str) -> Examples:
@@ -97,7 +99,9 @@ def parse_results(text: str, task: str, split: str, label: str, metric: str) -> 
     return Examples(label, keys, rows["correct"].to_numpy(float), binary=True)
 
 
-def score_classifier(model_dir: Path, data_dir: Path, split: str, label: str, tokenizer_dir: Path | None = None) -> Examples:
+def score_classifier(
+    model_dir: Path, data_dir: Path, split: str, label: str, tokenizer_dir: Path | None = None
+) -> Examples:
     """Score a classifier directory on ``data_dir``'s split (what score_spam does, for one split)."""
     from llmcore.classifier import load_classifier, predict_proba
     from llmcore.tokenizer import get_tokenizer
@@ -132,8 +136,10 @@ def load_examples(spec: str, task: str, split: str, metric: str, data_dir: Path)
         if not (path / "config.json").is_file():
             raise CompareError(f"{spec}: a directory without config.json is no model")
         if task not in ("spam", "baseline"):
-            raise CompareError(f"{spec}: model directories are scored here for the spam task only; "
-                               "compare experiments or results files for the others")
+            raise CompareError(
+                f"{spec}: model directories are scored here for the spam task only; "
+                "compare experiments or results files for the others"
+            )
         return score_classifier(path, data_dir, split, spec)
     if path.is_file():
         return parse_results(path.read_text(), task, split, spec, metric)
@@ -147,9 +153,11 @@ def paired(a: Examples, b: Examples, metric: str, params: ComparisonParams) -> P
     """A − B on the same examples (McNemar for right/wrong, a paired bootstrap for scores)."""
     if a.keys != b.keys:
         common = len(set(a.keys) & set(b.keys))
-        raise CompareError(f"{a.label} and {b.label} were scored on different examples ({len(a.keys)} and "
-                           f"{len(b.keys)}, {common} shared): the data differs; score both model directories "
-                           "on one split instead")
+        raise CompareError(
+            f"{a.label} and {b.label} were scored on different examples ({len(a.keys)} and "
+            f"{len(b.keys)}, {common} shared): the data differs; score both model directories "
+            "on one split instead"
+        )
     compare = compare_correct if a.binary else compare_scores
     return compare(b.values, a.values, params, metric=metric)  # (B, A): the difference is A − B
 
@@ -171,11 +179,16 @@ def format_difference(result: PairedResult, *, short: bool = False) -> str:
     digits = 1 if scale == 100 else 4
     alpha = 1 - result.confidence
     test = "McNemar" if result.test.startswith("McNemar") else "paired bootstrap"
-    text = (f"{scale * result.difference:+.{digits}f}{unit}, {result.confidence:.0%} CI "
-            f"[{scale * result.interval.low:+.{digits}f}, {scale * result.interval.high:+.{digits}f}], "
-            f"{test} p = {result.p_value:.2g}")
-    text += f" ({'significant' if result.p_value < alpha else 'not significant'})" if short else \
-        f": {verdict(result, alpha)}"
+    text = (
+        f"{scale * result.difference:+.{digits}f}{unit}, {result.confidence:.0%} CI "
+        f"[{scale * result.interval.low:+.{digits}f}, {scale * result.interval.high:+.{digits}f}], "
+        f"{test} p = {result.p_value:.2g}"
+    )
+    text += (
+        f" ({'significant' if result.p_value < alpha else 'not significant'})"
+        if short
+        else f": {verdict(result, alpha)}"
+    )
     return text.replace("-", "−")
 
 
@@ -194,18 +207,30 @@ def side_line(side: Examples, value: float, metric: str, params: ComparisonParam
 def report(a: Examples, b: Examples, result: PairedResult, split: str, params: ComparisonParams) -> list[str]:
     """What ``llm compare`` prints. ``result`` came from paired(): its "a" side is B, its "b" side A."""
     better = "lower" if result.metric in LOWER_IS_BETTER else "higher"
-    lines = [f"{result.metric} on the {split} split, {result.n} paired examples ({better} is better):",
-             f"  A {side_line(a, result.value_b, result.metric, params)}",
-             f"  B {side_line(b, result.value_a, result.metric, params)}",
-             f"  A − B: {format_difference(result)}"]
+    lines = [
+        f"{result.metric} on the {split} split, {result.n} paired examples ({better} is better):",
+        f"  A {side_line(a, result.value_b, result.metric, params)}",
+        f"  B {side_line(b, result.value_a, result.metric, params)}",
+        f"  A − B: {format_difference(result)}",
+    ]
     if result.table is not None:
         both, only_b, only_a, neither = result.table
-        lines.append(f"  messages only A gets right: {only_a}, only B: {only_b} (both right {both}, both wrong {neither})")
+        lines.append(
+            f"  messages only A gets right: {only_a}, only B: {only_b} (both right {both}, both wrong {neither})"
+        )
     return lines
 
 
-def compare(a_spec: str, b_spec: str, *, task: str = "spam", split: str = "test", metric: str | None = None,
-            data_dir: Path = Path("data/spam"), params: ComparisonParams = ComparisonParams()) -> tuple[PairedResult, list[str]]:
+def compare(
+    a_spec: str,
+    b_spec: str,
+    *,
+    task: str = "spam",
+    split: str = "test",
+    metric: str | None = None,
+    data_dir: Path = Path("data/spam"),
+    params: ComparisonParams = ComparisonParams(),
+) -> tuple[PairedResult, list[str]]:
     metric = metric or METRICS[task]
     if task == "pretrain" and split == "test":
         split = "validation"  # the pretraining corpus has no test split
@@ -236,8 +261,15 @@ def main(argv: Sequence[str] | None = None, prog: str = "llm compare") -> int:
     parser.add_argument("--data", type=Path, default=Path("data/spam"), help="split files to score model dirs on")
     args = parser.parse_args(argv)
     try:
-        _, lines = compare(args.a, args.b, task=args.task, split=args.split, metric=args.metric,
-                           data_dir=args.data, params=comparison_params())
+        _, lines = compare(
+            args.a,
+            args.b,
+            task=args.task,
+            split=args.split,
+            metric=args.metric,
+            data_dir=args.data,
+            params=comparison_params(),
+        )
     except Exception as exc:  # noqa: BLE001 - sorted below: expected ones are one line
         from llmcore.checkpoint import CheckpointError
         from llmpipe.cli import EXPECTED_ERRORS

@@ -32,11 +32,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cron", default=None, help='optional schedule, e.g. "0 3 * * *"')
     parser.add_argument("--timezone", default="UTC", help="timezone of the cron schedule (default: %(default)s)")
     parser.add_argument("--offline", action="store_true", help="runs use the input mirror ../shared/data")
-    parser.add_argument("--source", default=None,
-                        help="where workers get the code: this checkout (default; workers on this machine, or at the "
-                        "same path on others) or a git URL ending in .git that each run clones (workers anywhere; "
-                        "push the commit first; the experiment's ref is pushed back to it, the outputs to the DVC "
-                        "remote committed in .dvc/config)")
+    parser.add_argument(
+        "--source",
+        default=None,
+        help="where workers get the code: this checkout (default; workers on this machine, or at the "
+        "same path on others) or a git URL ending in .git that each run clones (workers anywhere; "
+        "push the commit first; the experiment's ref is pushed back to it, the outputs to the DVC "
+        "remote committed in .dvc/config)",
+    )
     return parser.parse_args(argv)
 
 
@@ -47,8 +50,10 @@ def worker_env() -> dict[str, str]:
     env = {name: os.environ[name] for name in WORKER_ENV if os.environ.get(name)}
     uri = configure_tracking()  # sqlite:///mlflow.db -> sqlite:////abs/checkout/mlflow.db
     if urlsplit(uri).password:
-        print("deploy: MLFLOW_TRACKING_URI holds a password: not stored in the deployment; give it to the workers",
-              file=sys.stderr)
+        print(
+            "deploy: MLFLOW_TRACKING_URI holds a password: not stored in the deployment; give it to the workers",
+            file=sys.stderr,
+        )
     else:
         env["MLFLOW_TRACKING_URI"] = uri
     return env
@@ -77,7 +82,10 @@ def main(argv: list[str] | None = None) -> None:
     if not Path("dvc.yaml").is_file():
         sys.exit("deploy: error: no dvc.yaml here; run from the repository root")
     if args.source and not urlsplit(args.source).path.rstrip("/").endswith(".git"):
-        sys.exit(f"deploy: error: --source {args.source}: not a git URL ending in .git (Prefect would read it as a directory)")
+        sys.exit(
+            f"deploy: error: --source {args.source}: not a git URL ending in .git "
+            "(Prefect would read it as a directory)"
+        )
     if args.offline:
         use_offline_mirror()
     from pipelines.workspace import WorkspaceError, resolve_revision, source_repository
@@ -100,12 +108,19 @@ def main(argv: list[str] | None = None) -> None:
     ensure_process_pool(args.pool)
     name = args.name or f"{args.flow}-{args.pool}"
     deployment = flow.from_source(source=code, entrypoint=ENTRYPOINT).deploy(
-        name=name, work_pool_name=args.pool, parameters={"pipeline": args.flow, "revision": commit},
-        job_variables={"env": env}, schedule=Cron(args.cron, timezone=args.timezone) if args.cron else None,
-        build=False, push=False, print_next_steps=False,
+        name=name,
+        work_pool_name=args.pool,
+        parameters={"pipeline": args.flow, "revision": commit},
+        job_variables={"env": env},
+        schedule=Cron(args.cron, timezone=args.timezone) if args.cron else None,
+        build=False,
+        push=False,
+        print_next_steps=False,
     )
-    print(f"deploy: llm-pipeline/{name} (id {deployment}) on pool {args.pool}, code from {code}, commit {commit[:10]}, "
-          f"worker env: {', '.join(sorted(env)) or 'none'}")
+    print(
+        f"deploy: llm-pipeline/{name} (id {deployment}) on pool {args.pool}, code from {code}, commit {commit[:10]}, "
+        f"worker env: {', '.join(sorted(env)) or 'none'}"
+    )
     print(f"deploy: start a worker: prefect worker start --pool {args.pool}")
 
 

@@ -31,7 +31,9 @@ def experiment_name(name: str | None = None, repo_dir: str | os.PathLike = ".") 
 
     with Repo(os.fspath(repo_dir)) as repo:
         if name and exp_refs_by_names(repo.scm, {name}).get(name):
-            raise PipelineError(f"DVC experiment {name!r} exists already: choose another name (dvc exp show lists them)")
+            raise PipelineError(
+                f"DVC experiment {name!r} exists already: choose another name (dvc exp show lists them)"
+            )
         return name or get_random_exp_name(repo.scm, repo.scm.get_rev())
 
 
@@ -44,8 +46,9 @@ def set_params(overrides: Mapping[str, Any], params_file: str | os.PathLike = PA
 
     from steps.check_params import load_schema
 
-    read_over = {name: section["x-defaults"] for name, section in load_schema()["sections"].items()
-                 if "x-defaults" in section}
+    read_over = {
+        name: section["x-defaults"] for name, section in load_schema()["sections"].items() if "x-defaults" in section
+    }
     with modify_yaml(os.fspath(params_file)) as params:
         for dotted, value in overrides.items():
             *parents, key = dotted.split(".")
@@ -53,7 +56,9 @@ def set_params(overrides: Mapping[str, Any], params_file: str | os.PathLike = PA
             for part in parents:
                 node = node.get(part) if isinstance(node, Mapping) else None
             shared = params.get(read_over.get(".".join(parents), ""))
-            if not isinstance(node, Mapping) or (key not in node and not (isinstance(shared, Mapping) and key in shared)):
+            if not isinstance(node, Mapping) or (
+                key not in node and not (isinstance(shared, Mapping) and key in shared)
+            ):
                 raise PipelineError(f"{params_file}: no parameter {dotted!r} to override")
             node[key] = value
 
@@ -70,8 +75,13 @@ def save_experiment(name: str, cwd: str | os.PathLike = ".", targets: list[str] 
     message. ``targets``: the stages the run ran to (a sub-pipeline), so that the outputs of
     stages it did not need, absent from a fresh workspace, are not required (``dvc repro``
     committed what ran already)."""
-    done = subprocess.run([sys.executable, "-m", "dvc", "exp", "save", "-n", name, "-I", METRICS_DIR, *(targets or [])],
-                          cwd=cwd, env=stage_env({}), capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "save", "-n", name, "-I", METRICS_DIR, *(targets or [])],
+        cwd=cwd,
+        env=stage_env({}),
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         raise PipelineError(f"dvc exp save -n {name} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
     return done.stdout.strip()
@@ -104,8 +114,13 @@ def auto_push(name: str, cwd: str | os.PathLike = ".") -> str | None:
     if not env2bool("DVC_EXP_AUTO_PUSH", config.get("auto_push", False)):
         return None
     remote = os.getenv("DVC_EXP_GIT_REMOTE", config.get("git_remote", "origin"))
-    done = subprocess.run([sys.executable, "-m", "dvc", "exp", "push", "--no-cache", remote, name], cwd=cwd,
-                          env=stage_env({}), capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "push", "--no-cache", remote, name],
+        cwd=cwd,
+        env=stage_env({}),
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         last = ((done.stderr or done.stdout).strip().splitlines() or [f"exit {done.returncode}"])[-1]
         raise PipelineError(f"dvc exp push {remote} {name} failed: {last}")
@@ -129,6 +144,15 @@ def restore_files(saved: dict[Path, bytes], root: str | os.PathLike = ".") -> st
             path.unlink(missing_ok=True)
     for path, content in saved.items():
         path.write_bytes(content)
-    done = subprocess.run([sys.executable, "-m", "dvc", "checkout", "--allow-missing", "--quiet"], cwd=root,
-                          env=stage_env({}), capture_output=True, text=True)
-    return "checkout restored" if done.returncode == 0 else f"checkout restored, but dvc checkout said: {done.stderr.strip()[-500:]}"
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "checkout", "--allow-missing", "--quiet"],
+        cwd=root,
+        env=stage_env({}),
+        capture_output=True,
+        text=True,
+    )
+    return (
+        "checkout restored"
+        if done.returncode == 0
+        else f"checkout restored, but dvc checkout said: {done.stderr.strip()[-500:]}"
+    )

@@ -89,6 +89,7 @@ class ParentRun:
 @dataclass(frozen=True)
 class Checkout:
     """Where a run's stages run: ``root`` (the launching checkout, or a workspace of the run's own)."""
+
     root: Path
     commit: str
     workspace: Workspace | None = None
@@ -189,7 +190,9 @@ def publish_summary(report: PipelineReport, root: Path) -> PipelineReport:
         client.log_text(report.mlflow_run_id, markdown, "pipeline_summary.md")
         client.set_tag(report.mlflow_run_id, "mlflow.note.content", markdown)  # the run page's Description
         client.set_terminated(report.mlflow_run_id, "FAILED" if report.failure else "FINISHED")
-    create_markdown_artifact(markdown, key=f"pipeline-{report.flow}", description=f"DVC stages and metrics of pipeline {report.flow}")
+    create_markdown_artifact(
+        markdown, key=f"pipeline-{report.flow}", description=f"DVC stages and metrics of pipeline {report.flow}"
+    )
     return report
 
 
@@ -217,7 +220,9 @@ def stage_task(stage: str, settings: OrchestrationParams):
     return run_stage.with_options(name=stage, task_run_name=stage, retries=len(delays), retry_delay_seconds=delays or 0)
 
 
-def run_stages(order: list[str], settings: OrchestrationParams, env: dict[str, str], root: Path) -> tuple[list[StageResult], Exception | None]:
+def run_stages(
+    order: list[str], settings: OrchestrationParams, env: dict[str, str], root: Path
+) -> tuple[list[StageResult], Exception | None]:
     """One task per stage, each waiting for its upstream stages (the flow-run graph is dvc.yaml's
     DAG). The flow's task runner has one worker, since DVC locks the repository: stages run one at
     a time, in ``order``. A failure stops the run; the stages after it are not started."""
@@ -241,8 +246,13 @@ def in_workspace(where: Where) -> bool:
     return where == "workspace" or (where == "auto" and deployment.id is not None)
 
 
-def run_pipeline(pipeline: PipelineName, params: dict[str, Any], experiment: str | None, where: Where = "in-place",
-                 revision: str = "") -> PipelineReport:
+def run_pipeline(
+    pipeline: PipelineName,
+    params: dict[str, Any],
+    experiment: str | None,
+    where: Where = "in-place",
+    revision: str = "",
+) -> PipelineReport:
     """Run the stages of ``pipeline`` in order; the first failure stops it and fails the flow.
 
     With ``params`` overrides the run is a DVC experiment: params.yaml is changed as
@@ -262,7 +272,9 @@ def run_pipeline(pipeline: PipelineName, params: dict[str, Any], experiment: str
         get_run_logger().info("workspace %s removed", opened.path)
 
 
-def run_checkout(pipeline: PipelineName, params: dict[str, Any], experiment: str | None, where: Checkout) -> PipelineReport:
+def run_checkout(
+    pipeline: PipelineName, params: dict[str, Any], experiment: str | None, where: Checkout
+) -> PipelineReport:
     start = time.perf_counter()
     root = where.root
     settings = load_section("orchestration", OrchestrationParams, root / "params.yaml")
@@ -281,14 +293,22 @@ def run_checkout(pipeline: PipelineName, params: dict[str, Any], experiment: str
         raise
 
 
-def run_stages_and_publish(pipeline: PipelineName, experiment: str | None, where: Checkout,
-                           settings: OrchestrationParams, start: float) -> PipelineReport:
+def run_stages_and_publish(
+    pipeline: PipelineName, experiment: str | None, where: Checkout, settings: OrchestrationParams, start: float
+) -> PipelineReport:
     root = where.root
     order = plan_stages(PIPELINES[pipeline], root)
     if check_up_to_date(PIPELINES[pipeline], root):
         # Nothing to run: no MLflow run (an empty one per scheduled no-op would bury the real runs).
-        report = PipelineReport(flow=pipeline, results=[StageResult(stage, "skipped", 0.0) for stage in order],
-                                not_run=[], wall_s=time.perf_counter() - start, metrics={}, mlflow_run_id="", mlflow_url="")
+        report = PipelineReport(
+            flow=pipeline,
+            results=[StageResult(stage, "skipped", 0.0) for stage in order],
+            not_run=[],
+            wall_s=time.perf_counter() - start,
+            metrics={},
+            mlflow_run_id="",
+            mlflow_url="",
+        )
         return publish_summary(quote(report), root)
     parent = start_parent_run(pipeline, settings, experiment or os.environ.get(DVC_EXP_ENV, ""), where)
     env = {**parent.stage_env, **({DVC_EXP_ENV: experiment} if experiment else {})}
@@ -303,7 +323,7 @@ def run_stages_and_publish(pipeline: PipelineName, experiment: str | None, where
     report = PipelineReport(
         flow=pipeline,
         results=results,
-        not_run=order[len(results):],
+        not_run=order[len(results) :],
         wall_s=time.perf_counter() - start,
         metrics={},
         mlflow_run_id=parent.run_id,
@@ -318,8 +338,13 @@ def run_stages_and_publish(pipeline: PipelineName, experiment: str | None, where
 
 
 @flow(name="llm-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def llm_pipeline(pipeline: PipelineName = "all", params: dict[str, Any] | None = None,
-                 experiment: str | None = None, where: Where = "auto", revision: str = "") -> PipelineReport:
+def llm_pipeline(
+    pipeline: PipelineName = "all",
+    params: dict[str, Any] | None = None,
+    experiment: str | None = None,
+    where: Where = "auto",
+    revision: str = "",
+) -> PipelineReport:
     """The DVC stages of ``pipeline`` (all: every stage in dvc.yaml; pretrain, spam, instructions:
     that part and what it needs). ``params``: overrides such as {"finetune_classifier.lr": 5e-4},
     run as DVC experiment ``experiment`` (a generated name when empty). ``where``: workspace (a

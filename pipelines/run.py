@@ -46,17 +46,36 @@ def use_offline_mirror(mirror: Path = OFFLINE_MIRROR) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Run the DVC pipeline as a Prefect flow, tracked in MLflow.")
-    parser.add_argument("--flow", choices=list(PIPELINES), default="all",
-                        help="which pipeline: all stages, or a sub-pipeline and what it needs (default: %(default)s)")
-    parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a params.yaml value (YAML syntax, as `dvc exp run -S`); makes the run a DVC experiment")
+    parser.add_argument(
+        "--flow",
+        choices=list(PIPELINES),
+        default="all",
+        help="which pipeline: all stages, or a sub-pipeline and what it needs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "-S",
+        "--set-param",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a params.yaml value (YAML syntax, as `dvc exp run -S`); makes the run a DVC experiment",
+    )
     parser.add_argument("-n", "--name", default=None, help="the DVC experiment's name (with -S; default: generated)")
-    parser.add_argument("--workspace", action="store_true",
-                        help="run in a clean checkout of its own (as runs from the Prefect UI do), saved as a DVC experiment; "
-                             "this checkout is left untouched")
-    parser.add_argument("--revision", default="", help="with --workspace: the git revision to check out (default: HEAD)")
-    parser.add_argument("--offline", action="store_true",
-                        help=f"use the input mirror {OFFLINE_MIRROR} (LLMPIPE_MIRROR, LLMCORE_GPT2_ENCODING_DIR)")
+    parser.add_argument(
+        "--workspace",
+        action="store_true",
+        help="run in a clean checkout of its own (as runs from the Prefect UI do), saved as a DVC experiment; "
+        "this checkout is left untouched",
+    )
+    parser.add_argument(
+        "--revision", default="", help="with --workspace: the git revision to check out (default: HEAD)"
+    )
+    parser.add_argument(
+        "--offline",
+        action="store_true",
+        help=f"use the input mirror {OFFLINE_MIRROR} (LLMPIPE_MIRROR, LLMCORE_GPT2_ENCODING_DIR)",
+    )
     args = parser.parse_args(argv)
     if args.revision and not args.workspace:
         parser.error("--revision needs --workspace (this checkout is never switched to another commit)")
@@ -85,8 +104,13 @@ def main(argv: list[str] | None = None) -> None:
         if report is None:
             from pipelines.flows import llm_pipeline  # imports prefect: after its settings are in the environment
 
-            report = llm_pipeline(pipeline=args.flow, params=args.params, experiment=args.name,
-                                  where="workspace" if args.workspace else "in-place", revision=args.revision)
+            report = llm_pipeline(
+                pipeline=args.flow,
+                params=args.params,
+                experiment=args.name,
+                where="workspace" if args.workspace else "in-place",
+                revision=args.revision,
+            )
     except Exception as exc:
         sys.exit(f"pipeline: error: {exc}")
     print_summary(args.flow, report)
@@ -102,9 +126,16 @@ def nothing_to_run(pipeline: str):
     if dvc_status(PIPELINES[pipeline]):
         return None
     order = execution_order(read_dag("."), PIPELINES[pipeline])
-    return PipelineReport(flow=pipeline, results=[StageResult(stage, "skipped", 0.0) for stage in order], not_run=[],
-                          wall_s=time.perf_counter() - START, metrics=read_metrics("metrics"), mlflow_run_id="",
-                          mlflow_url="", baseline=baseline_comparison("."))
+    return PipelineReport(
+        flow=pipeline,
+        results=[StageResult(stage, "skipped", 0.0) for stage in order],
+        not_run=[],
+        wall_s=time.perf_counter() - START,
+        metrics=read_metrics("metrics"),
+        mlflow_run_id="",
+        mlflow_url="",
+        baseline=baseline_comparison("."),
+    )
 
 
 def print_summary(flow: str, report) -> None:

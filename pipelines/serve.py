@@ -34,8 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if not os.environ.get("PREFECT_API_URL"):
-        sys.exit("serve: error: set PREFECT_API_URL to a running Prefect server (prefect server start); "
-                 "the temporary per-process server has no scheduler")
+        sys.exit(
+            "serve: error: set PREFECT_API_URL to a running Prefect server (prefect server start); "
+            "the temporary per-process server has no scheduler"
+        )
     if not Path("dvc.yaml").is_file():
         sys.exit("serve: error: no dvc.yaml here; run from the repository root")
     if args.offline:
@@ -46,7 +48,9 @@ def main(argv: list[str] | None = None) -> None:
         commit = resolve_revision(source_repository(), "HEAD")
     except WorkspaceError as exc:
         sys.exit(f"serve: error: {exc}")
-    print(f"serve: runs check out commit {commit[:10]} (uncommitted changes here are not part of them)", file=sys.stderr)
+    print(
+        f"serve: runs check out commit {commit[:10]} (uncommitted changes here are not part of them)", file=sys.stderr
+    )
 
     from prefect.schedules import Cron, Interval
 
@@ -55,8 +59,12 @@ def main(argv: list[str] | None = None) -> None:
     schedule = Cron(args.cron, timezone=args.timezone) if args.cron else Interval(args.interval)
     # The UI's Run form offers the flow's parameters: pipeline, params overrides, experiment
     # name, where (workspace) and revision (the commit served, by default).
-    llm_pipeline.serve(name=args.name or f"{args.flow}-scheduled", schedule=schedule, limit=args.limit,
-                       parameters={"pipeline": args.flow, "revision": commit})
+    llm_pipeline.serve(
+        name=args.name or f"{args.flow}-scheduled",
+        schedule=schedule,
+        limit=args.limit,
+        parameters={"pipeline": args.flow, "revision": commit},
+    )
 
 
 if __name__ == "__main__":

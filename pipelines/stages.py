@@ -101,7 +101,9 @@ def dvc_status(targets: list[str] | None, cwd: str | os.PathLike = ".") -> dict:
     return json.loads(done.stdout or "{}")
 
 
-def repro_stage(stage: str, extra_env: Mapping[str, str], log: Callable[[str], None], cwd: str | os.PathLike = ".") -> StageResult:
+def repro_stage(
+    stage: str, extra_env: Mapping[str, str], log: Callable[[str], None], cwd: str | os.PathLike = "."
+) -> StageResult:
     """Run ``dvc repro --single-item stage``, passing each output line to ``log``."""
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     start = time.perf_counter()
@@ -109,8 +111,14 @@ def repro_stage(stage: str, extra_env: Mapping[str, str], log: Callable[[str], N
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     show = ProgressThrottle(log)
     with subprocess.Popen(
-        command, cwd=cwd, env=stage_env(extra_env), text=True, errors="replace",
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1,
+        command,
+        cwd=cwd,
+        env=stage_env(extra_env),
+        text=True,
+        errors="replace",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        bufsize=1,
     ) as proc:
         assert proc.stdout is not None
         for raw in proc.stdout:

@@ -28,7 +28,9 @@ class PipelineReport:
     stages_by_status: dict[str, list[str]] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.stages_by_status = {status: [r.stage for r in self.results if r.status == status] for status in STATUS_TEXT}
+        self.stages_by_status = {
+            status: [r.stage for r in self.results if r.status == status] for status in STATUS_TEXT
+        }
 
     @property
     def stage_s(self) -> float:
@@ -90,9 +92,15 @@ def baseline_metrics(metrics: dict[str, float], paired: PairedResult | None) -> 
     difference = baseline_difference(metrics)
     if difference is None:
         return {}
-    extra = {} if paired is None else {f"{DIFFERENCE_METRIC}_ci_low": 100 * paired.interval.low,
-                                       f"{DIFFERENCE_METRIC}_ci_high": 100 * paired.interval.high,
-                                       "llm_minus_baseline_mcnemar_p": paired.p_value}
+    extra = (
+        {}
+        if paired is None
+        else {
+            f"{DIFFERENCE_METRIC}_ci_low": 100 * paired.interval.low,
+            f"{DIFFERENCE_METRIC}_ci_high": 100 * paired.interval.high,
+            "llm_minus_baseline_mcnemar_p": paired.p_value,
+        }
+    )
     return {DIFFERENCE_METRIC: difference, **extra}
 
 
@@ -104,10 +112,15 @@ def baseline_line(metrics: dict[str, float], paired: PairedResult | None = None)
     difference = baseline_difference(metrics)
     if difference is None:
         return None
-    head = (format_difference(paired, short=True) if paired is not None
-            else f"{difference:+.1f} points".replace("-", "−") + " (no per-example predictions: no interval)")
-    return (f"LLM − baseline: {head} (test accuracy: GPT classifier "
-            f"{metrics[LLM_ACCURACY]:.2%}, TF-IDF baseline {metrics[BASELINE_ACCURACY]:.2%})")
+    head = (
+        format_difference(paired, short=True)
+        if paired is not None
+        else f"{difference:+.1f} points".replace("-", "−") + " (no per-example predictions: no interval)"
+    )
+    return (
+        f"LLM − baseline: {head} (test accuracy: GPT classifier "
+        f"{metrics[LLM_ACCURACY]:.2%}, TF-IDF baseline {metrics[BASELINE_ACCURACY]:.2%})"
+    )
 
 
 def _number(value: float) -> str:
@@ -128,8 +141,11 @@ def metric_rows(metrics: dict[str, float]) -> list[str]:
 
 def render_markdown(report: PipelineReport) -> str:
     outcome = f"failed: {report.failure.splitlines()[0]}" if report.failure else "completed"
-    tracking = (f"MLflow parent run: [{report.mlflow_run_id}]({report.mlflow_url}) (one child run per stage that ran)."
-                if report.mlflow_run_id else "Every stage was up to date: nothing ran, so no MLflow run was made.")
+    tracking = (
+        f"MLflow parent run: [{report.mlflow_run_id}]({report.mlflow_url}) (one child run per stage that ran)."
+        if report.mlflow_run_id
+        else "Every stage was up to date: nothing ran, so no MLflow run was made."
+    )
     lines = [f"# Pipeline `{report.flow}`: {outcome}", "", tracking, ""]
     if report.experiment:
         lines += [f"Saved as DVC experiment `{report.experiment}` (`dvc exp show`).", ""]

@@ -69,17 +69,23 @@ def headline_keys(rows: dict[int, dict[str, float]], wanted: Sequence[str]) -> l
 def table(sweep: str, rows: dict[int, dict[str, float]], keys: Sequence[str]) -> list[str]:
     """Each seed's metrics, then mean ± sd across seeds."""
     width = max(len(k) for k in keys)
-    lines = [f"sweep {sweep}: {len(rows)} seeds", f"{'metric':<{width}}  " + "  ".join(f"s{s:<9}" for s in rows)
-             + "  mean ± sd"]
+    lines = [
+        f"sweep {sweep}: {len(rows)} seeds",
+        f"{'metric':<{width}}  " + "  ".join(f"s{s:<9}" for s in rows) + "  mean ± sd",
+    ]
     for key in keys:
         values = [rows[s].get(key) for s in rows]
         mean, sd = mean_sd(values)
         cells = "  ".join(f"{v:<10.4f}" if v is not None else f"{'-':<10}" for v in values)
-        lines.append(f"{key:<{width}}  {cells}  {mean:.4f} ± {sd:.4f}" if math.isfinite(mean) else f"{key:<{width}}  {cells}")
+        lines.append(
+            f"{key:<{width}}  {cells}  {mean:.4f} ± {sd:.4f}" if math.isfinite(mean) else f"{key:<{width}}  {cells}"
+        )
     return lines
 
 
-def log_summary(sweep: str, rows: dict[int, dict[str, float]], keys: Sequence[str], overrides: Sequence[str]) -> str | None:
+def log_summary(
+    sweep: str, rows: dict[int, dict[str, float]], keys: Sequence[str], overrides: Sequence[str]
+) -> str | None:
     """A run tagged ``sweep`` with each metric's mean and sd, in the experiment the seeds' runs went to."""
     import mlflow
 
@@ -89,22 +95,36 @@ def log_summary(sweep: str, rows: dict[int, dict[str, float]], keys: Sequence[st
     with tracking_errors():
         client = mlflow.MlflowClient()
         experiments = [e.experiment_id for e in client.search_experiments()]
-        runs = client.search_runs(experiments, filter_string=f"tags.sweep = '{sweep}'", max_results=1) if experiments else []
+        runs = (
+            client.search_runs(experiments, filter_string=f"tags.sweep = '{sweep}'", max_results=1)
+            if experiments
+            else []
+        )
         if not runs:
             return None
         stats = {}
         for key in keys:
             mean, sd = mean_sd([rows[s].get(key) for s in rows])
             stats.update({f"{key}_mean": mean, f"{key}_sd": sd} if math.isfinite(sd) else {})
-        with mlflow.start_run(experiment_id=runs[0].info.experiment_id, run_name=f"{sweep} (mean ± sd, {len(rows)} seeds)",
-                              tags={"sweep": sweep, "sweep_seeds": ",".join(map(str, rows)), "stage": "sweep"}) as run:
+        with mlflow.start_run(
+            experiment_id=runs[0].info.experiment_id,
+            run_name=f"{sweep} (mean ± sd, {len(rows)} seeds)",
+            tags={"sweep": sweep, "sweep_seeds": ",".join(map(str, rows)), "stage": "sweep"},
+        ) as run:
             mlflow.log_params({"overrides": " ".join(overrides) or "(none)", "seeds": len(rows)})
             mlflow.log_metrics(stats)
         return run.info.run_id
 
 
-def sweep(overrides: Sequence[str], seeds: Sequence[int], *, name: str | None = None, seed_key: str = DEFAULT_SEED_KEY,
-          metrics: Sequence[str] = (), metrics_dir: Path = Path("metrics")) -> list[str]:
+def sweep(
+    overrides: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    name: str | None = None,
+    seed_key: str = DEFAULT_SEED_KEY,
+    metrics: Sequence[str] = (),
+    metrics_dir: Path = Path("metrics"),
+) -> list[str]:
     from pipelines.summary import read_metrics
 
     base = name or sweep_name(overrides)
@@ -129,18 +149,31 @@ def sweep(overrides: Sequence[str], seeds: Sequence[int], *, name: str | None = 
 
 def main(argv: Sequence[str] | None = None, prog: str = "llm sweep") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="a params override, as dvc exp run -S (repeatable)")
+    parser.add_argument(
+        "-S",
+        "--set-param",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a params override, as dvc exp run -S (repeatable)",
+    )
     parser.add_argument("--seeds", required=True, help="comma-separated seeds, e.g. 123,124,125")
     parser.add_argument("-n", "--name", help="the sweep's name (experiments NAME-s<seed>); default from the overrides")
-    parser.add_argument("--seed-key", default=DEFAULT_SEED_KEY, help="the params key the seed goes to (default: %(default)s)")
-    parser.add_argument("--metric", action="append", default=[], help="headline metric to tabulate, e.g. spam.test_accuracy")
+    parser.add_argument(
+        "--seed-key", default=DEFAULT_SEED_KEY, help="the params key the seed goes to (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--metric", action="append", default=[], help="headline metric to tabulate, e.g. spam.test_accuracy"
+    )
     args = parser.parse_args(argv)
     try:
         bad = [o for o in args.overrides if "=" not in o]
         if bad:
             raise SweepError(f"-S {bad[0]!r}: expected KEY=VALUE")
-        lines = sweep(args.overrides, parse_seeds(args.seeds), name=args.name, seed_key=args.seed_key, metrics=args.metric)
+        lines = sweep(
+            args.overrides, parse_seeds(args.seeds), name=args.name, seed_key=args.seed_key, metrics=args.metric
+        )
     except (SweepError, ValueError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1

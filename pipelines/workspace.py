@@ -56,8 +56,11 @@ def source_repository(start: str | os.PathLike = ".") -> Path:
 def resolve_revision(source: Path, revision: str | None) -> str:
     """``revision`` (a commit, branch or tag; HEAD when empty) as a full commit id of ``source``."""
     wanted = revision or "HEAD"
-    return git(["rev-parse", "--verify", "--quiet", f"{wanted}^{{commit}}"], source,
-               f"git revision {wanted!r} not found in {source}")
+    return git(
+        ["rev-parse", "--verify", "--quiet", f"{wanted}^{{commit}}"],
+        source,
+        f"git revision {wanted!r} not found in {source}",
+    )
 
 
 def runs_dir(source: Path) -> Path:
@@ -95,10 +98,19 @@ def share_dvc_config(source: Path, workspace: Path) -> None:
 def checkout_outputs(workspace: Workspace) -> str:
     """``dvc checkout`` of what the commit's dvc.lock names and the shared cache holds, so stages
     that are up to date are not run again; missing outputs are left for the stages to make."""
-    done = subprocess.run([sys.executable, "-m", "dvc", "checkout", "--allow-missing", "--quiet"], cwd=workspace.path, env=stage_env({}),
-                          capture_output=True, text=True)
-    return "outputs checked out from the shared cache" if done.returncode == 0 else \
-        f"some outputs are not in the cache, the stages will make them ({(done.stderr.strip().splitlines() or [''])[-1]})"
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "checkout", "--allow-missing", "--quiet"],
+        cwd=workspace.path,
+        env=stage_env({}),
+        capture_output=True,
+        text=True,
+    )
+    last_line = (done.stderr.strip().splitlines() or [""])[-1]
+    return (
+        "outputs checked out from the shared cache"
+        if done.returncode == 0
+        else f"some outputs are not in the cache, the stages will make them ({last_line})"
+    )
 
 
 def experiment_ref(workspace: Workspace, name: str) -> str:
@@ -110,9 +122,16 @@ def publish_experiment(workspace: Workspace, name: str) -> str:
     """Fetch the experiment ``dvc exp save`` made in the workspace into the source repository
     (its ref and commit), where ``dvc exp show``, ``dvc exp apply`` and ``dvc exp push`` find it."""
     ref = experiment_ref(workspace, name)
-    git(["rev-parse", "--verify", "--quiet", ref], workspace.path, f"experiment {name} was not saved in {workspace.path}")
-    git(["fetch", "--quiet", "--no-write-fetch-head", "--no-tags", str(workspace.path), f"{ref}:{ref}"], workspace.source,
-        f"experiment {name} could not be copied into {workspace.source} (an experiment of that name exists already?)")
+    git(
+        ["rev-parse", "--verify", "--quiet", ref],
+        workspace.path,
+        f"experiment {name} was not saved in {workspace.path}",
+    )
+    git(
+        ["fetch", "--quiet", "--no-write-fetch-head", "--no-tags", str(workspace.path), f"{ref}:{ref}"],
+        workspace.source,
+        f"experiment {name} could not be copied into {workspace.source} (an experiment of that name exists already?)",
+    )
     return ref
 
 

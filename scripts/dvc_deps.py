@@ -86,8 +86,13 @@ def sections_read(module: str) -> dict[str, type]:
 
     path = module_file(module)
     tree = ast.parse(path.read_text(), str(path))
-    constants = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant)
-                 for t in n.targets if isinstance(t, ast.Name)}
+    constants = {
+        t.id: n.value.value
+        for n in tree.body
+        if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant)
+        for t in n.targets
+        if isinstance(t, ast.Name)
+    }
     imported = importlib.import_module(module)
     found: dict[str, type] = {}
     for node in ast.walk(tree):

@@ -23,12 +23,21 @@ from steps.fetch import FetchSettings, make_session
 
 # package: (version, npm's dist.integrity, the build DVC's CDN URL resolves to)
 PACKAGES = {
-    "vega": ("5.20.2", "sha512-qmH7aD9GGPpssVdxL1xgcdxTbQzyRUeRR16Os385ymvQhiwCYQNA6+eXUPAZDTVLfk0RXu6Jzj6kUE5jQ80EVw==",
-             "package/build/vega.min.js"),
-    "vega-lite": ("5.2.0", "sha512-Yxcg8MvYfxHcG6BbkaKT0oVCIMIcE19UvqIsEwBmyd/7h2nzW7oRnID81T8UrY7hpDrIr6wa2JADOT2dhGNErw==",
-                  "package/build/vega-lite.min.js"),
-    "vega-embed": ("6.18.2", "sha512-wcDyQPE4J5aiCDc3/suH5RQDvrKkjuLkhzUcbOLwEkNF8/+pp17tS0JghzEvAPNRg+5aG1/N2ydixq8Lk3dOlg==",
-                   "package/build/vega-embed.min.js"),
+    "vega": (
+        "5.20.2",
+        "sha512-qmH7aD9GGPpssVdxL1xgcdxTbQzyRUeRR16Os385ymvQhiwCYQNA6+eXUPAZDTVLfk0RXu6Jzj6kUE5jQ80EVw==",
+        "package/build/vega.min.js",
+    ),
+    "vega-lite": (
+        "5.2.0",
+        "sha512-Yxcg8MvYfxHcG6BbkaKT0oVCIMIcE19UvqIsEwBmyd/7h2nzW7oRnID81T8UrY7hpDrIr6wa2JADOT2dhGNErw==",
+        "package/build/vega-lite.min.js",
+    ),
+    "vega-embed": (
+        "6.18.2",
+        "sha512-wcDyQPE4J5aiCDc3/suH5RQDvrKkjuLkhzUcbOLwEkNF8/+pp17tS0JghzEvAPNRg+5aG1/N2ydixq8Lk3dOlg==",
+        "package/build/vega-embed.min.js",
+    ),
 }
 TEMPLATE_NAME = "plots-offline.html"  # relative to .dvc/, where DVC resolves plots.html_template
 PAGE = """<!DOCTYPE html>
@@ -61,8 +70,10 @@ def fetch_build(name: str, registry: str) -> str:
 
 
 def write_template(dvc_dir: Path, registry: str) -> Path:
-    scripts = "\n".join(f'    <script>/* {name} {PACKAGES[name][0]} */\n{fetch_build(name, registry)}\n    </script>'
-                        for name in PACKAGES)
+    scripts = "\n".join(
+        f"    <script>/* {name} {PACKAGES[name][0]} */\n{fetch_build(name, registry)}\n    </script>"
+        for name in PACKAGES
+    )
     # "{plot_divs}" and "{refresh_tag}" are DVC's placeholders; "{scripts}" is left out on purpose,
     # so DVC adds no CDN <script> tags. str.replace, not format: the scripts are full of braces.
     path = dvc_dir / TEMPLATE_NAME

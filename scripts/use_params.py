@@ -67,14 +67,18 @@ def use_params(preset_file: Path, params_file: Path = PARAMS_FILE) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("preset", type=Path, help="a preset file (params-book.yaml, params-qwen3.yaml)")
-    parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="the params file to write (default: %(default)s)")
+    parser.add_argument(
+        "--params", type=Path, default=PARAMS_FILE, help="the params file to write (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     try:
         sections = use_params(args.preset, args.params)
     except ParamsError as exc:
         sys.exit(f"use_params: error: {exc}")
-    print(f"use_params: {args.params} now has {args.preset}'s values ({', '.join(sections)}); "
-          f"`git checkout {args.params}` goes back")
+    print(
+        f"use_params: {args.params} now has {args.preset}'s values ({', '.join(sections)}); "
+        f"`git checkout {args.params}` goes back"
+    )
 
 
 if __name__ == "__main__":

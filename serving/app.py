@@ -35,21 +35,34 @@ class ServeState:
     def __init__(self, generator: Served | None, classifier: Served | None, config: ServeConfig):
         self.models = {GENERATOR: generator, CLASSIFIER: classifier}
         self.config = config
-        self.engine = generator and Engine(generator.model, generator.tokenizer, max_batch=config.max_batch,
-                                           max_queue=config.max_queue, stream_interval=config.stream_interval_s)
+        self.engine = generator and Engine(
+            generator.model,
+            generator.tokenizer,
+            max_batch=config.max_batch,
+            max_queue=config.max_queue,
+            stream_interval=config.stream_interval_s,
+        )
         self.classifying = 0  # classification requests in flight (bounded like the engine's queue)
 
     def lookup(self, kind: str, requested: str | None) -> Served:
         """The served model of ``kind``, checked against the name a request gave; else a 404."""
         served = self.models[kind]
         if served is None:
-            raise APIError(404, f"this server has no {kind} model: start it with {FLAGS[kind]} DIR_OR_MODELS_URI",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"this server has no {kind} model: start it with {FLAGS[kind]} DIR_OR_MODELS_URI",
+                param="model",
+                code="model_not_found",
+            )
         if requested is not None and requested != served.name:
             other = self.models[CLASSIFIER if kind == GENERATOR else GENERATOR]
             hint = f" ({requested!r} is the {other.kind})" if other is not None and other.name == requested else ""
-            raise APIError(404, f"the model {requested!r} does not exist here{hint}; the {kind} is {served.name!r}",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model {requested!r} does not exist here{hint}; the {kind} is {served.name!r}",
+                param="model",
+                code="model_not_found",
+            )
         return served
 
 
@@ -59,8 +72,12 @@ def bearer_auth(api_key: str | None):
             return
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_key.encode()):
-            raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            raise APIError(
+                401,
+                "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     return check
 
@@ -126,8 +143,12 @@ async def classify(state: ServeState, body: ClassifyRequest) -> tuple[Served, to
     if not 0 < len(texts) <= state.config.max_texts:
         raise APIError(400, f"give 1 to {state.config.max_texts} texts, got {len(texts)}", param="input")
     if state.classifying >= state.config.max_classify:
-        raise APIError(429, "server busy: too many classification requests at once", code="too_many_requests",
-                       headers={"Retry-After": "1"})
+        raise APIError(
+            429,
+            "server busy: too many classification requests at once",
+            code="too_many_requests",
+            headers={"Retry-After": "1"},
+        )
     state.classifying += 1
     try:
         return served, await run_in_threadpool(predict_proba, served.model, served.tokenizer, texts)
@@ -142,8 +163,15 @@ def classify_router(state: ServeState) -> APIRouter:
     async def classify_texts(body: ClassifyRequest) -> dict:
         served, probs = await classify(state, body)
         labels = served.model.labels
-        data = [{"object": "classification", "index": i, "label": labels[int(p.argmax())],
-                 "probabilities": dict(zip(labels, p.tolist()))} for i, p in enumerate(probs)]
+        data = [
+            {
+                "object": "classification",
+                "index": i,
+                "label": labels[int(p.argmax())],
+                "probabilities": dict(zip(labels, p.tolist())),
+            }
+            for i, p in enumerate(probs)
+        ]
         return {"object": "list", "model": served.name, "data": data}
 
     @router.post("/invocations")
@@ -154,7 +182,10 @@ def classify_router(state: ServeState) -> APIRouter:
         served, probs = await classify(state, body)
         labels = served.model.labels
         columns = probability_columns(labels)
-        return {"predictions": [{"label": labels[int(p.argmax())], **{name: float(p[i]) for name, i in columns}}
-                                for p in probs]}
+        return {
+            "predictions": [
+                {"label": labels[int(p.argmax())], **{name: float(p[i]) for name, i in columns}} for p in probs
+            ]
+        }
 
     return router

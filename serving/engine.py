@@ -118,13 +118,25 @@ def _deliver(batch: list[tuple[Request, list[Event]]]) -> None:
 class Engine:
     """Continuous batching for one generator model; ``start`` its worker, ``close`` at shutdown."""
 
-    def __init__(self, model: nn.Module, tokenizer, *, max_batch: int = 16, max_queue: int = 64,
-                 eos_id: int | None = None, stream_interval: float = 0.0):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        *,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        eos_id: int | None = None,
+        stream_interval: float = 0.0,
+    ):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         # GPT-2's <|endoftext|> unless told, or unless the tokenizer names its own (a Hugging Face base's).
         eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
-        self.model, self.tokenizer, self.eos_id = model.eval(), tokenizer, eot_id(tokenizer) if eos_id is None else eos_id
+        self.model, self.tokenizer, self.eos_id = (
+            model.eval(),
+            tokenizer,
+            eot_id(tokenizer) if eos_id is None else eos_id,
+        )
         self.context = model.cfg.context_length
         self.max_batch, self.max_queue, self.stream_interval = max_batch, max_queue, stream_interval
         self._flushed = 0.0  # time.monotonic() of the last hand-over
@@ -149,8 +161,10 @@ class Engine:
         if not prompt_ids:
             raise ValueError("the prompt needs at least one token")
         if len(prompt_ids) + params.max_tokens > self.context:
-            raise PromptTooLong(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) "
-                                f"exceed the context of {self.context} tokens")
+            raise PromptTooLong(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) "
+                f"exceed the context of {self.context} tokens"
+            )
         if len(self.active) + self.waiting.qsize() >= self.max_batch + self.max_queue:
             raise EngineBusy(f"{self.max_batch} requests are running and {self.max_queue} waiting: retry later")
         request = Request(prompt_ids, params, self.tokenizer, asyncio.get_running_loop())
@@ -158,9 +172,13 @@ class Engine:
         return request
 
     def stats(self) -> dict[str, int]:
-        return {"active": len(self.active), "waiting": self.waiting.qsize(), "max_batch": self.max_batch,
-                "max_queue": self.max_queue,
-                **{k: self.counts[k] for k in ("finished", "cancelled", "tokens", "peak_batch")}}
+        return {
+            "active": len(self.active),
+            "waiting": self.waiting.qsize(),
+            "max_batch": self.max_batch,
+            "max_queue": self.max_queue,
+            **{k: self.counts[k] for k in ("finished", "cancelled", "tokens", "peak_batch")},
+        }
 
     def _run(self) -> None:
         while not self._closing.is_set():
@@ -182,7 +200,8 @@ class Engine:
         ``stream_interval`` since the last time unless some request ends or has its first piece."""
         now = time.monotonic()
         if now - self._flushed < self.stream_interval and not any(
-                r.outbox and (r.done or not r.streaming) for r in self.active):
+            r.outbox and (r.done or not r.streaming) for r in self.active
+        ):
             return
         self._flushed = now
         batches: dict[asyncio.AbstractEventLoop, list[tuple[Request, list[Event]]]] = {}
@@ -234,8 +253,11 @@ class Engine:
     def _sample(request: Request, logits: torch.Tensor) -> int:
         """A token from ``logits`` (1, vocab) with the request's settings and its own generator."""
         p = request.params
-        return int(sample_next_token(logits, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                                     generator=request.generator)[0])
+        return int(
+            sample_next_token(
+                logits, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, generator=request.generator
+            )[0]
+        )
 
     def _advance(self, request: Request, token: int) -> None:
         """Add ``token`` to ``request``'s answer and send the text it completes."""

@@ -57,10 +57,23 @@ class BodyLimit:
 
     async def refuse(self, send, size: str) -> None:
         limit_mb = self.max_bytes / 1e6
-        body = json.dumps(error_body(413, f"the request body is {size}; this server takes at most "
-                                          f"{self.max_bytes:,} bytes ({limit_mb:g} MB, --max-body-mb)",
-                                     code="request_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        body = json.dumps(
+            error_body(
+                413,
+                f"the request body is {size}; this server takes at most "
+                f"{self.max_bytes:,} bytes ({limit_mb:g} MB, --max-body-mb)",
+                code="request_too_large",
+            )
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

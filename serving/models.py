@@ -1,7 +1,8 @@
 """What the server serves: an llmcore checkpoint directory, or a model in MLflow's registry.
 
 A registry URI (``models:/instruct-gpt@champion``, ``models:/spam-classifier/3``) is downloaded
-with MLflow, imported only then (it takes seconds), from the pipeline's tracking store. The pipeline logs its models as pyfuncs with
+with MLflow, imported only then (it takes seconds), from the pipeline's tracking store. The
+pipeline logs its models as pyfuncs with
 ``checkpoint`` and ``tokenizer`` artifacts; the pyfunc's MLmodel file says where they lie.
 """
 
@@ -21,6 +22,7 @@ from llmpipe.model_dirs import DEFAULT_MODELS, UsageError, check_model_dir, toke
 REGISTRY_SCHEME = "models:/"
 GENERATOR, CLASSIFIER = "generator", "classifier"
 
+
 @dataclass(frozen=True)
 class Served:
     """A loaded model and how requests name it (``model`` in a request, ``id`` in /v1/models)."""
@@ -35,14 +37,22 @@ class Served:
 
     def card(self) -> dict:
         """This model's entry in /v1/models."""
-        return {"id": self.name, "object": "model", "created": 0, "owned_by": "llmpipe", "kind": self.kind,
-                "source": self.source, "context_length": self.model.cfg.context_length, "int8": self.int8,
-                **({"prompt_style": self.prompt_style} if self.kind == GENERATOR else {})}
+        return {
+            "id": self.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "llmpipe",
+            "kind": self.kind,
+            "source": self.source,
+            "context_length": self.model.cfg.context_length,
+            "int8": self.int8,
+            **({"prompt_style": self.prompt_style} if self.kind == GENERATOR else {}),
+        }
 
 
 def registry_name(uri: str) -> str:
     """``models:/instruct-gpt@champion`` -> ``instruct-gpt``."""
-    return uri[len(REGISTRY_SCHEME):].split("@")[0].split("/")[0]
+    return uri[len(REGISTRY_SCHEME) :].split("@")[0].split("/")[0]
 
 
 def download_registered(uri: str) -> tuple[Path, Path | None]:

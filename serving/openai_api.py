@@ -41,8 +41,9 @@ def openai_router(state: ServeState) -> APIRouter:
     async def chat_completions(body: ChatRequest):
         served = state.lookup(GENERATOR, body.model)
         try:  # CPU work (a long conversation): off the event loop, like the tokenization below
-            prompt = await run_in_threadpool(render_chat, [(m.role, m.text()) for m in body.messages],
-                                             served.prompt_style, served.tokenizer)
+            prompt = await run_in_threadpool(
+                render_chat, [(m.role, m.text()) for m in body.messages], served.prompt_style, served.tokenizer
+            )
         except PromptError as exc:
             raise APIError(400, str(exc), param="messages") from exc
         return await answer(state, served, Reply(True, served.name), prompt, body, body.budget(), "messages")
@@ -54,28 +55,49 @@ def completion_budget(requested: int | None, prompt_tokens: int, context: int, c
     """The tokens to generate: as asked, or what fits (at most ``cap``); a 400 when it cannot fit."""
     room = context - prompt_tokens
     if room < 1:
-        raise APIError(400, f"the prompt has {prompt_tokens} tokens; this model's context is {context} tokens",
-                       param=param, code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"the prompt has {prompt_tokens} tokens; this model's context is {context} tokens",
+            param=param,
+            code="context_length_exceeded",
+        )
     if requested is None:
         return min(cap, room)
     if requested > cap:
         raise APIError(400, f"max_tokens {requested} is above this server's limit of {cap}", param="max_tokens")
     if requested > room:
-        raise APIError(400, f"this model's context is {context} tokens, but {prompt_tokens + requested} were asked "
-                            f"for ({prompt_tokens} in the prompt, {requested} for the completion)",
-                       param="max_tokens", code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"this model's context is {context} tokens, but {prompt_tokens + requested} were asked "
+            f"for ({prompt_tokens} in the prompt, {requested} for the completion)",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
     return requested
 
 
-async def answer(state: ServeState, served: Served, reply: Reply, prompt: str, body: SamplingRequest,
-                 requested: int | None, param: str):
+async def answer(
+    state: ServeState,
+    served: Served,
+    reply: Reply,
+    prompt: str,
+    body: SamplingRequest,
+    requested: int | None,
+    param: str,
+):
     """Submit one generation and answer it whole or as a stream."""
     # Tokenizing a long prompt takes a while: a worker thread does it, so /health and streams keep going.
-    ids = await run_in_threadpool(encode, served.tokenizer, prompt) or [eot_id(served.tokenizer)]  # empty: <|endoftext|>
+    ids = await run_in_threadpool(encode, served.tokenizer, prompt) or [
+        eot_id(served.tokenizer)
+    ]  # empty: <|endoftext|>
     context, cap = served.model.cfg.context_length, state.config.max_tokens
     params = SamplingParams(
         max_tokens=completion_budget(requested, len(ids), context, cap, param),
-        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stops(),
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        seed=body.seed,
+        stop=body.stops(),
     )
     try:
         request = state.engine.submit(ids, params)
@@ -83,8 +105,11 @@ async def answer(state: ServeState, served: Served, reply: Reply, prompt: str, b
         raise APIError(429, f"server busy: {exc}", code="too_many_requests", headers={"Retry-After": "1"}) from exc
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(events(reply, request, len(ids), include_usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            events(reply, request, len(ids), include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
     parts = []
     async for event in request.stream():
         if event.error:

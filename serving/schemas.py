@@ -104,8 +104,9 @@ class ClassifyRequest(Strict):
     def _one_form(self) -> ClassifyRequest:
         given = [f for f in ("input", "dataframe_split", "dataframe_records", "inputs") if getattr(self, f) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of input, dataframe_split, dataframe_records, inputs "
-                             f"(got {given or 'none'})")
+            raise ValueError(
+                f"give exactly one of input, dataframe_split, dataframe_records, inputs (got {given or 'none'})"
+            )
         return self
 
     def texts(self) -> list[str]:
@@ -135,8 +136,14 @@ class Reply:
         self.created = int(time.time())
 
     def _envelope(self, kind: str, choices: list[dict], **extra) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices,
-                **extra}
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
 
     def whole(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
         choice = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
@@ -159,5 +166,8 @@ class Reply:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }

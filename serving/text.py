@@ -71,8 +71,10 @@ class TextStream:
     def _held_back(self) -> int:
         """Length of the longest unsent suffix that begins some stop string."""
         unsent = self.text[self.sent :]
-        return max((k for s in self.stops for k in range(min(len(s) - 1, len(unsent)), 0, -1)
-                    if unsent.endswith(s[:k])), default=0)
+        return max(
+            (k for s in self.stops for k in range(min(len(s) - 1, len(unsent)), 0, -1) if unsent.endswith(s[:k])),
+            default=0,
+        )
 
     def _take(self, end: int) -> str:
         piece, self.sent = self.text[self.sent : end], max(self.sent, end)

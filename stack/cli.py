@@ -1,10 +1,10 @@
 """``llm stack up | down | env | status | remote``: the team stack on this machine.
 
-    llm stack up --workers 2 --offline    # PostgreSQL, S3 (SeaweedFS), MLflow, Prefect + workers
-    eval "$(llm stack env)"               # MLFLOW_TRACKING_URI, PREFECT_API_URL, S3 endpoint and keys
-    llm stack remote                      # this checkout's DVC remote -> the stack's S3 bucket
-    llm stack status
-    llm stack down                        # data stays in the stack directory
+llm stack up --workers 2 --offline    # PostgreSQL, S3 (SeaweedFS), MLflow, Prefect + workers
+eval "$(llm stack env)"               # MLFLOW_TRACKING_URI, PREFECT_API_URL, S3 endpoint and keys
+llm stack remote                      # this checkout's DVC remote -> the stack's S3 bucket
+llm stack status
+llm stack down                        # data stays in the stack directory
 """
 
 from __future__ import annotations
@@ -34,23 +34,32 @@ OFFLINE_MIRROR = Path("..") / "shared" / "data"
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="The team stack: PostgreSQL, S3, MLflow and Prefect servers.")
-    parser.add_argument("--dir", type=Path, default=None,
-                        help=f"the stack directory (env {ENV_PREFIX}DIR; default: {default_dir()})")
+    parser = argparse.ArgumentParser(
+        prog=prog, description="The team stack: PostgreSQL, S3, MLflow and Prefect servers."
+    )
+    parser.add_argument(
+        "--dir", type=Path, default=None, help=f"the stack directory (env {ENV_PREFIX}DIR; default: {default_dir()})"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="start every service that is not running and wait until each answers")
     for name, port in DEFAULT_PORTS.items():
         env = f"{name.upper()}_PORT"
-        up.add_argument(f"--{name}-port", type=int, default=None,
-                        help=f"0 = a free port, chosen once (env {ENV_PREFIX}{env}; default {port}, or the stack's)")
+        up.add_argument(
+            f"--{name}-port",
+            type=int,
+            default=None,
+            help=f"0 = a free port, chosen once (env {ENV_PREFIX}{env}; default {port}, or the stack's)",
+        )
     up.add_argument("--workers", type=int, default=None, help=f"Prefect workers (env {ENV_PREFIX}WORKERS; default 2)")
     up.add_argument("--pool", default=None, help=f"the process work pool (env {ENV_PREFIX}POOL; default llm-process)")
     up.add_argument("--workdir", type=Path, default=None, help="where workers start (default: the current directory)")
     up.add_argument("--offline", action="store_true", help=f"workers read inputs from the mirror {OFFLINE_MIRROR}")
     commands.add_parser("down", help="stop every service (data stays)")
     commands.add_parser("status", help="which services run and answer (exit 1 if one does not)")
-    commands.add_parser("env", help="the exports a client needs: eval \"$(llm stack env)\"")
-    remote = commands.add_parser("remote", help=f"point this checkout's DVC remote at the stack (.dvc/config.local, remote {DVC_REMOTE!r})")
+    commands.add_parser("env", help='the exports a client needs: eval "$(llm stack env)"')
+    remote = commands.add_parser(
+        "remote", help=f"point this checkout's DVC remote at the stack (.dvc/config.local, remote {DVC_REMOTE!r})"
+    )
     remote.add_argument("--repo", type=Path, default=Path("."))
     return parser
 
@@ -91,7 +100,8 @@ def env_lines(config: StackConfig) -> list[str]:
     values = client_env(config, load_secrets(config.dir))
     lines = [f"export {key}={shlex.quote(value)}" for key, value in values.items()]
     lines += [
-        "# DVC remote (credentials come from the AWS_* variables above, never from .dvc/config): `llm stack remote` runs",
+        "# DVC remote (credentials come from the AWS_* variables above, never from .dvc/config):"
+        " `llm stack remote` runs",
         f"#   dvc remote add --local -f -d {DVC_REMOTE} {config.dvc_remote_url}",
         f"#   dvc remote modify --local {DVC_REMOTE} endpointurl {config.url('s3')}",
     ]
@@ -109,8 +119,10 @@ def configure_remote(config: StackConfig, repo: Path) -> str:
         done = subprocess.run([sys.executable, "-m", "dvc", *command], cwd=repo, capture_output=True, text=True)
         if done.returncode != 0:
             raise StackError(f"dvc {' '.join(command)} in {repo} failed: {(done.stderr or done.stdout).strip()}")
-    return (f"DVC remote {DVC_REMOTE!r} ({config.dvc_remote_url} at {config.url('s3')}) is the default of {repo.resolve()}"
-            " (.dvc/config.local); export the stack's AWS_* variables (`eval \"$(llm stack env)\"`) for dvc push/pull")
+    return (
+        f"DVC remote {DVC_REMOTE!r} ({config.dvc_remote_url} at {config.url('s3')}) is the default of {repo.resolve()}"
+        ' (.dvc/config.local); export the stack\'s AWS_* variables (`eval "$(llm stack env)"`) for dvc push/pull'
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,15 +25,20 @@ def start_postgres(config: StackConfig, creds: Secrets) -> str:
         postgres.start(config)
         state = "started"
     log = postgres.log_path(config)
-    procs.wait_until("postgres", lambda: postgres.connect(config, "postgres", creds.postgres_admin_password).close() is None,
-                     TIMEOUTS["postgres"], log)
+    procs.wait_until(
+        "postgres",
+        lambda: postgres.connect(config, "postgres", creds.postgres_admin_password).close() is None,
+        TIMEOUTS["postgres"],
+        log,
+    )
     postgres.ensure_databases(config, creds)
     procs.wait_until("postgres", lambda: postgres.answers(config, creds), TIMEOUTS["postgres"], log)
     return f"{state}{' (new cluster)' if created else ''}"
 
 
-def start_server(config: StackConfig, name: str, command: Callable[[], tuple[list[str], dict[str, str]]],
-                 ready: Callable[[], bool]) -> str:
+def start_server(
+    config: StackConfig, name: str, command: Callable[[], tuple[list[str], dict[str, str]]], ready: Callable[[], bool]
+) -> str:
     """Spawn ``name`` unless its pid file names a live process; then wait for ``ready``."""
     pid = procs.running_pid(config, name)
     state = "running"
@@ -52,8 +57,13 @@ def start_workers(config: StackConfig, creds: Secrets, since: float) -> str:
     for name in servers.worker_names(config):
         pid = procs.running_pid(config, name)
         if pid is None:
-            pid = procs.spawn(config, name, servers.worker_command(config, name), servers.worker_env(config, creds),
-                              cwd=config.workdir)
+            pid = procs.spawn(
+                config,
+                name,
+                servers.worker_command(config, name),
+                servers.worker_env(config, creds),
+                cwd=config.workdir,
+            )
             started += 1
         pids[name] = pid
     expected = set(pids)
@@ -64,8 +74,12 @@ def start_workers(config: StackConfig, creds: Secrets, since: float) -> str:
                 raise StackError(f"prefect worker {name} exited (log: {procs.log_file(config, name)})")
         return expected <= servers.online_workers(config, since)
 
-    procs.wait_until(f"prefect workers of pool {config.pool}", all_online, TIMEOUTS["workers"],
-                     config.logs / f"{config.pool}-worker-*.log")
+    procs.wait_until(
+        f"prefect workers of pool {config.pool}",
+        all_online,
+        TIMEOUTS["workers"],
+        config.logs / f"{config.pool}-worker-*.log",
+    )
     return f"{len(expected)} online ({started} started)"
 
 
@@ -85,19 +99,50 @@ def up(config: StackConfig) -> str:
 
     step("postgres", f"127.0.0.1:{config.ports['postgres']}", lambda: start_postgres(config, creds))
     identity = objectstore.write_identity(config, creds)
-    step("s3", config.url("s3"), lambda: start_server(
-        config, "s3", lambda: (objectstore.argv(config, identity), servers.base_env()),
-        lambda: objectstore.ensure_buckets(config, creds)) + f"; buckets {config.mlflow_bucket}, {config.dvc_bucket}")
-    step("mlflow", config.mlflow_uri, lambda: start_server(
-        config, "mlflow", lambda: servers.mlflow_command(config, creds), lambda: servers.mlflow_answers(config)))
-    step("prefect", config.url("prefect"), lambda: start_server(
-        config, "prefect", lambda: servers.prefect_server_command(config, creds), lambda: servers.prefect_answers(config)))
-    step("pool", config.pool, lambda: ("created" if servers.ensure_pool(config, creds) else "exists") + ": workers "
-         + (start_workers(config, creds, since) if config.workers else "none (--workers 0)"))
+    step(
+        "s3",
+        config.url("s3"),
+        lambda: (
+            start_server(
+                config,
+                "s3",
+                lambda: (objectstore.argv(config, identity), servers.base_env()),
+                lambda: objectstore.ensure_buckets(config, creds),
+            )
+            + f"; buckets {config.mlflow_bucket}, {config.dvc_bucket}"
+        ),
+    )
+    step(
+        "mlflow",
+        config.mlflow_uri,
+        lambda: start_server(
+            config, "mlflow", lambda: servers.mlflow_command(config, creds), lambda: servers.mlflow_answers(config)
+        ),
+    )
+    step(
+        "prefect",
+        config.url("prefect"),
+        lambda: start_server(
+            config,
+            "prefect",
+            lambda: servers.prefect_server_command(config, creds),
+            lambda: servers.prefect_answers(config),
+        ),
+    )
+    step(
+        "pool",
+        config.pool,
+        lambda: (
+            ("created" if servers.ensure_pool(config, creds) else "exists")
+            + ": workers "
+            + (start_workers(config, creds, since) if config.workers else "none (--workers 0)")
+        ),
+    )
     seconds = time.monotonic() - start
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%H:%M:%S UTC")
-    return "\n".join([*lines, f"stack up in {seconds:.1f} s ({stamp}), data in {config.dir}; "
-                              "`llm stack env` prints the exports"])
+    return "\n".join(
+        [*lines, f"stack up in {seconds:.1f} s ({stamp}), data in {config.dir}; `llm stack env` prints the exports"]
+    )
 
 
 def down(config: StackConfig) -> str:

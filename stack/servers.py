@@ -25,14 +25,22 @@ def base_env() -> dict[str, str]:
     """Our environment with this interpreter's bin first on PATH, minus what would point a server
     at another store (a client's MLFLOW_TRACKING_URI, PREFECT_API_URL, ...)."""
     drop = {"MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL", "MLFLOW_BACKEND_STORE_URI"}
-    env = {"MLFLOW_DISABLE_TELEMETRY": "true",  # see pipelines/stages.py: NO_TELEMETRY
-           **{k: v for k, v in os.environ.items() if k not in drop and not k.startswith("LLM_STACK_")}}
+    env = {
+        "MLFLOW_DISABLE_TELEMETRY": "true",  # see pipelines/stages.py: NO_TELEMETRY
+        **{k: v for k, v in os.environ.items() if k not in drop and not k.startswith("LLM_STACK_")},
+    }
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
 
 def s3_env(config: StackConfig, creds: Secrets) -> dict[str, str]:
-    keep = ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    keep = (
+        "AWS_ENDPOINT_URL",
+        "MLFLOW_S3_ENDPOINT_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_DEFAULT_REGION",
+    )
     return {k: v for k, v in client_env(config, creds).items() if k in keep}
 
 
@@ -40,12 +48,27 @@ def mlflow_command(config: StackConfig, creds: Secrets) -> tuple[list[str], dict
     """``mlflow server`` on PostgreSQL, artifacts proxied to the object store (clients upload
     through the server and need no S3 credentials for MLflow). The database URL travels in the
     environment (MLFLOW_BACKEND_STORE_URI), not on the command line, so `ps` does not show it."""
-    argv = [bin_path("mlflow"), "server", "--host", HOST, "--port", str(config.ports["mlflow"]),
-            "--artifacts-destination", f"s3://{config.mlflow_bucket}", "--serve-artifacts", "--workers", "1"]
-    env = {**base_env(), **s3_env(config, creds), "MLFLOW_BACKEND_STORE_URI": postgres.url(config, creds, "mlflow"),
-           # MLflow 3's job runner (GenAI scorers, prompt optimisation) is unused here and starts
-           # half a dozen ~200 MB huey consumers.
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    argv = [
+        bin_path("mlflow"),
+        "server",
+        "--host",
+        HOST,
+        "--port",
+        str(config.ports["mlflow"]),
+        "--artifacts-destination",
+        f"s3://{config.mlflow_bucket}",
+        "--serve-artifacts",
+        "--workers",
+        "1",
+    ]
+    env = {
+        **base_env(),
+        **s3_env(config, creds),
+        "MLFLOW_BACKEND_STORE_URI": postgres.url(config, creds, "mlflow"),
+        # MLflow 3's job runner (GenAI scorers, prompt optimisation) is unused here and starts
+        # half a dozen ~200 MB huey consumers.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
     return argv, env
 
 
@@ -72,8 +95,12 @@ def worker_names(config: StackConfig) -> list[str]:
 def worker_env(config: StackConfig, creds: Secrets) -> dict[str, str]:
     """What a flow run needs: the tracking server, the Prefect API, the object store's endpoint and
     keys (DVC pushes with them), and with --offline the input mirror."""
-    env = {**base_env(), **client_env(config, creds), "PREFECT_HOME": str(prefect_home(config)),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {
+        **base_env(),
+        **client_env(config, creds),
+        "PREFECT_HOME": str(prefect_home(config)),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
     if config.mirror:
         env["LLMPIPE_MIRROR"] = config.mirror
     if config.gpt2_dir:
@@ -83,8 +110,19 @@ def worker_env(config: StackConfig, creds: Secrets) -> dict[str, str]:
 
 def worker_command(config: StackConfig, name: str) -> list[str]:
     # --limit 1: one flow run at a time per worker, so N runs spread over N workers.
-    return [bin_path("prefect"), "worker", "start", "--pool", config.pool, "--name", name, "--type", "process",
-            "--limit", "1"]
+    return [
+        bin_path("prefect"),
+        "worker",
+        "start",
+        "--pool",
+        config.pool,
+        "--name",
+        name,
+        "--type",
+        "process",
+        "--limit",
+        "1",
+    ]
 
 
 def mlflow_answers(config: StackConfig) -> bool:
@@ -102,8 +140,12 @@ def ensure_pool(config: StackConfig, creds: Secrets) -> bool:
     if found.status_code == 200:
         return False
     env = {**worker_env(config, creds)}
-    done = subprocess.run([bin_path("prefect"), "work-pool", "create", config.pool, "--type", "process"],
-                          env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [bin_path("prefect"), "work-pool", "create", config.pool, "--type", "process"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()
         raise StackError(f"prefect: work-pool create {config.pool} failed: {tail[-1] if tail else done.returncode}")

@@ -123,8 +123,10 @@ def load_config(directory: Path) -> StackConfig:
     try:
         return StackConfig.model_validate_json(path.read_text())
     except FileNotFoundError:
-        raise StackError(f"no stack at {directory} ({path} is missing): start one with `llm stack up`"
-                         f" (or set {ENV_PREFIX}DIR / --dir)") from None
+        raise StackError(
+            f"no stack at {directory} ({path} is missing): start one with `llm stack up`"
+            f" (or set {ENV_PREFIX}DIR / --dir)"
+        ) from None
     except ValueError as exc:
         first = str(exc).splitlines()[0]
         raise StackError(f"{path}: not a stack configuration ({first})") from None
@@ -163,7 +165,9 @@ def load_secrets(directory: Path, create: bool = False) -> Secrets:
         if not value:
             if not create:
                 raise StackError(f"{env_name} is not set and {path} does not hold it: run `llm stack up` first")
-            value = generated[env_name] = (secrets.token_hex(10) if name == "S3_ACCESS_KEY" else secrets.token_urlsafe(24))
+            value = generated[env_name] = (
+                secrets.token_hex(10) if name == "S3_ACCESS_KEY" else secrets.token_urlsafe(24)
+            )
         values[name.lower()] = value
     if generated:
         directory.mkdir(parents=True, exist_ok=True)

@@ -85,8 +85,10 @@ def build_corpus(data_dir: Path, params: CorpusParams) -> tuple[dict[str, list[s
     """
     _, (train, *held_out_splits) = read_splits(data_dir, ("train", *HELD_OUT))
     held_out = {text_key(text) for split in held_out_splits for text in split["Text"]}
-    candidates = {"train_split": train["Text"].tolist(),
-                  "discarded": read_discarded(data_dir) if params.discarded else []}
+    candidates = {
+        "train_split": train["Text"].tolist(),
+        "discarded": read_discarded(data_dir) if params.discarded else [],
+    }
     seen: set[str] = set()
     messages: list[str] = []
     counts = {"held_out_texts": len(held_out)}
@@ -139,8 +141,10 @@ class CorpusVocabLoss:
 
 def windows(ids: np.ndarray, context: int, stride: int, split: str) -> SlidingWindowDataset:
     if len(ids) < context + 1:
-        raise DataError(f"the corpus's {split} part has {len(ids)} tokens: one window of the base model's "
-                        f"context ({context}) needs {context + 1}; lower corpus.val_frac or add text")
+        raise DataError(
+            f"the corpus's {split} part has {len(ids)} tokens: one window of the base model's "
+            f"context ({context}) needs {context + 1}; lower corpus.val_frac or add text"
+        )
     return SlidingWindowDataset(ids, context, stride)
 
 
@@ -168,27 +172,41 @@ def adapt_pretrain(
     ids = {split: tokenize_corpus(texts, tokenizer) for split, texts in corpus.items()}
     base = load_base_model(base_dir, tokenizer)
     # Still prompted as its base is: the text continued, or a Hugging Face base's chat template.
-    extra = {"stage": STAGE, "base_model": str(base_dir),
-             "prompt_style": checkpoint_prompt_style(read_checkpoint_meta(base_dir))}
+    extra = {
+        "stage": STAGE,
+        "base_model": str(base_dir),
+        "prompt_style": checkpoint_prompt_style(read_checkpoint_meta(base_dir)),
+    }
     context = params.window_length or base.cfg.context_length
     if context > base.cfg.context_length:
-        raise ParamsError(f"{STAGE}.window_length: {context} is longer than the base model's context "
-                          f"({base.cfg.context_length})")
+        raise ParamsError(
+            f"{STAGE}.window_length: {context} is longer than the base model's context ({base.cfg.context_length})"
+        )
     data = {split: windows(split_ids, context, params.stride or context, split) for split, split_ids in ids.items()}
-    loss_fn = CorpusVocabLoss(np.concatenate(list(ids.values())), base.cfg.padded_vocab_size) \
-        if params.loss_vocab == "corpus" else None
+    loss_fn = (
+        CorpusVocabLoss(np.concatenate(list(ids.values())), base.cfg.padded_vocab_size)
+        if params.loss_vocab == "corpus"
+        else None
+    )
     counts.update({f"{split}_tokens": int(len(split_ids)) for split, split_ids in ids.items()})
     counts["loss_vocab_size"] = len(loss_fn.vocab) if loss_fn is not None else base.cfg.vocab_size
     base.to(stage_device(STAGE, params))
     job = TrainingJob(
-        stage=STAGE, experiment=EXPERIMENT, registered_model=ADAPTED_MODEL, params=params, model=base,
-        train_data=data["train"], val_data=data["val"], data_files=files,
+        stage=STAGE,
+        experiment=EXPERIMENT,
+        registered_model=ADAPTED_MODEL,
+        params=params,
+        model=base,
+        train_data=data["train"],
+        val_data=data["val"],
+        data_files=files,
         save=lambda trained, path: save_checkpoint(trained, path, extra=extra),
         pyfunc=Pyfunc("generator", "generator.py", generator_signature()),
         **({"loss_fn": loss_fn} if loss_fn is not None else {}),
         resume_settings={"base": sha256_file(base_dir / "model.safetensors")},
         run_params={"base_model": str(base_dir), **{f"corpus_{k}": v for k, v in counts.items()}},
-        extra_metrics={"corpus": counts}, step_log_every=STEP_LOG_EVERY,
+        extra_metrics={"corpus": counts},
+        step_log_every=STEP_LOG_EVERY,
     )
     return run_training(job, out, encoding_dir=tokenizer_params.directory, resume=resume)
 
@@ -198,23 +216,41 @@ def main(argv: list[str] | None = None) -> None:
         setup_distributed("steps.adapt_pretrain", args.params, argv)  # under torchrun when params ask for processes
         base_dir = args.base or Path(params.section("base_model", BaseModelSectionParams).dir)
         out = TrainingOutputs(args.out, args.metrics, args.history, {"loss": args.plot}, args.cache)
-        metrics = adapt_pretrain(params.section(STAGE, AdaptPretrainParams), base_dir=base_dir, data_dir=args.data,
-                                 corpus_dir=args.corpus, out=out,
-                                 tokenizer_params=params.section("tokenizer", TokenizerParams), resume=not args.restart)
+        metrics = adapt_pretrain(
+            params.section(STAGE, AdaptPretrainParams),
+            base_dir=base_dir,
+            data_dir=args.data,
+            corpus_dir=args.corpus,
+            out=out,
+            tokenizer_params=params.section("tokenizer", TokenizerParams),
+            resume=not args.restart,
+        )
         if not metrics:  # another rank of a torchrun
             return None
         corpus = metrics["corpus"]
-        return (f"{corpus['train_messages']} messages ({corpus['train_tokens']} tokens), val loss "
-                f"{metrics['val_loss']:.3f} over {corpus['loss_vocab_size']} token ids -> {args.out}")
+        return (
+            f"{corpus['train_messages']} messages ({corpus['train_tokens']} tokens), val loss "
+            f"{metrics['val_loss']:.3f} over {corpus['loss_vocab_size']} token ids -> {args.out}"
+        )
 
-    run_stage(STAGE, "Continue pretraining the base model on the task's unlabeled text.", body, argv=argv,
-              errors=TRAINING_ERRORS, options=restart_option, paths={
-                  "base": (None, "base llmcore checkpoint (default: params base_model.dir)"),
-                  "data": ("data/spam", "the task's splits: train.csv's texts in, validation/test texts out"),
-                  "corpus": ("data/adapt", "where the corpus is written"), "out": "models/adapted",
-                  "metrics": "reports/adapt_pretrain.json", "history": "plots/adapt_pretrain_loss.csv",
-                  "plot": "plots/adapt_pretrain_loss.png", "cache": (str(CACHE_DIR), "resumable training states"),
-              })
+    run_stage(
+        STAGE,
+        "Continue pretraining the base model on the task's unlabeled text.",
+        body,
+        argv=argv,
+        errors=TRAINING_ERRORS,
+        options=restart_option,
+        paths={
+            "base": (None, "base llmcore checkpoint (default: params base_model.dir)"),
+            "data": ("data/spam", "the task's splits: train.csv's texts in, validation/test texts out"),
+            "corpus": ("data/adapt", "where the corpus is written"),
+            "out": "models/adapted",
+            "metrics": "reports/adapt_pretrain.json",
+            "history": "plots/adapt_pretrain_loss.csv",
+            "plot": "plots/adapt_pretrain_loss.png",
+            "cache": (str(CACHE_DIR), "resumable training states"),
+        },
+    )
 
 
 if __name__ == "__main__":

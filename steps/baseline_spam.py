@@ -67,10 +67,12 @@ def make_features(params: BaselineParams):
     from sklearn.pipeline import FeatureUnion
 
     common = {"min_df": params.min_df, "sublinear_tf": params.sublinear_tf, "lowercase": params.lowercase}
-    return FeatureUnion([
-        ("word", TfidfVectorizer(analyzer="word", ngram_range=tuple(params.word_ngrams), **common)),
-        ("char", TfidfVectorizer(analyzer="char_wb", ngram_range=tuple(params.char_ngrams), **common)),
-    ])
+    return FeatureUnion(
+        [
+            ("word", TfidfVectorizer(analyzer="word", ngram_range=tuple(params.word_ngrams), **common)),
+            ("char", TfidfVectorizer(analyzer="char_wb", ngram_range=tuple(params.char_ngrams), **common)),
+        ]
+    )
 
 
 def make_classifier(name: str, C: float, params: BaselineParams):
@@ -89,16 +91,18 @@ def select_on_validation(params: BaselineParams, features: dict, labels: dict, n
         for C in params.grid.C:
             model = make_classifier(name, C, params).fit(features["train"], labels["train"])
             scores = classification_metrics(labels["validation"], model.predict(features["validation"]), names)
-            table.append({"classifier": name, "C": C, "validation_accuracy": scores["accuracy"],
-                          "validation_f1": scores["f1"]})
+            table.append(
+                {"classifier": name, "C": C, "validation_accuracy": scores["accuracy"], "validation_f1": scores["f1"]}
+            )
             key = (scores["accuracy"], scores["f1"])
             if best_key is None or key > best_key:  # strictly better: ties keep the earlier grid point
                 best, best_key = (model, {"classifier": name, "C": C}), key
     return best[0], best[1], table
 
 
-def fit_and_score(params: BaselineParams, texts: dict[str, list[str]], labels: dict[str, np.ndarray],
-                  names: list[str]) -> tuple[dict, dict[str, list[int]]]:
+def fit_and_score(
+    params: BaselineParams, texts: dict[str, list[str]], labels: dict[str, np.ndarray], names: list[str]
+) -> tuple[dict, dict[str, list[int]]]:
     """Features fitted on train, the grid tried on validation, every split scored: the report and
     every example's prediction."""
     vectorizer = make_features(params)
@@ -110,8 +114,15 @@ def fit_and_score(params: BaselineParams, texts: dict[str, list[str]], labels: d
     return {**metrics, "selected": selected, "grid": table, "features": int(features["train"].shape[1])}, predicted
 
 
-def baseline_spam(params: BaselineParams, *, data_dir: Path, metrics_out: Path, headline_out: Path,
-                  predictions_out: Path, comparison: ComparisonParams = ComparisonParams()) -> dict:
+def baseline_spam(
+    params: BaselineParams,
+    *,
+    data_dir: Path,
+    metrics_out: Path,
+    headline_out: Path,
+    predictions_out: Path,
+    comparison: ComparisonParams = ComparisonParams(),
+) -> dict:
     """Select on validation, score every split (with intervals); write the report, the headline and
     every example's prediction (what ``llm compare`` pairs with the GPT classifier's), log an MLflow run."""
     from llmpipe.tracking import check_store  # mlflow imports take seconds: not at import
@@ -130,8 +141,9 @@ def baseline_spam(params: BaselineParams, *, data_dir: Path, metrics_out: Path, 
     keys = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "f1", "f1_ci_low", "f1_ci_high")
     write_json(metrics_out, report)
     write_json(headline_out, {f"baseline_test_{k}": test[k] for k in keys if k in test})
-    _log_run(params, data_dir, {split: report[split] for split in SPLITS}, report["selected"],
-             [metrics_out, predictions_out])
+    _log_run(
+        params, data_dir, {split: report[split] for split in SPLITS}, report["selected"], [metrics_out, predictions_out]
+    )
     return report
 
 
@@ -151,19 +163,31 @@ def _log_run(params: BaselineParams, data_dir: Path, metrics: dict, selected: di
 
 def main(argv: list[str] | None = None) -> None:
     def body(args, params: StageParams) -> str:
-        report = baseline_spam(params.section(STAGE, BaselineParams), data_dir=args.data,
-                               metrics_out=args.metrics, headline_out=args.headline, predictions_out=args.predictions,
-                               comparison=params.section("comparison", ComparisonParams))
+        report = baseline_spam(
+            params.section(STAGE, BaselineParams),
+            data_dir=args.data,
+            metrics_out=args.metrics,
+            headline_out=args.headline,
+            predictions_out=args.predictions,
+            comparison=params.section("comparison", ComparisonParams),
+        )
         chosen = report["selected"]
-        return (f"TF-IDF + {chosen['classifier']} (C={chosen['C']:g}, chosen on validation): "
-                + ", ".join(f"{split} accuracy {report[split]['accuracy']:.4f}" for split in SPLITS))
+        return f"TF-IDF + {chosen['classifier']} (C={chosen['C']:g}, chosen on validation): " + ", ".join(
+            f"{split} accuracy {report[split]['accuracy']:.4f}" for split in SPLITS
+        )
 
-    run_stage(STAGE, "TF-IDF + a linear classifier, tuned on validation: the baseline of the GPT classifier.",
-              body, argv=argv, paths={
-                  "data": "data/spam", "metrics": ("reports/baseline.json", "every split's metrics and the grid"),
-                  "headline": ("metrics/baseline.json", "the baseline's test accuracy and F1"),
-                  "predictions": ("reports/baseline_predictions.csv", "every example's prediction"),
-              })
+    run_stage(
+        STAGE,
+        "TF-IDF + a linear classifier, tuned on validation: the baseline of the GPT classifier.",
+        body,
+        argv=argv,
+        paths={
+            "data": "data/spam",
+            "metrics": ("reports/baseline.json", "every split's metrics and the grid"),
+            "headline": ("metrics/baseline.json", "the baseline's test accuracy and F1"),
+            "predictions": ("reports/baseline_predictions.csv", "every example's prediction"),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -47,14 +47,27 @@ def build_instruction_dataset(
 def main(argv: list[str] | None = None) -> None:
     def body(args, params: StageParams) -> str:
         settings = params.section("instruction_data", InstructionDataParams)
-        metrics = build_instruction_dataset(args.input or Path(settings.input), args.out, args.metrics, settings,
-                                            params.section("tokenizer", TokenizerParams))
+        metrics = build_instruction_dataset(
+            args.input or Path(settings.input),
+            args.out,
+            args.metrics,
+            settings,
+            params.section("tokenizer", TokenizerParams),
+        )
         return ", ".join(f"{name} {metrics[name]['entries']}" for name in SPLITS) + f" in {args.out}"
 
-    run_stage("build_instruction_dataset", "Validate and split the instruction data; report prompt token lengths.",
-              body, errors=(TokenizerFilesError,), argv=argv, paths={
-                  "input": (None, "entries (default: params instruction_data.input)"), "out": "data/instructions",
-                  "metrics": "reports/instruction_data.json"})
+    run_stage(
+        "build_instruction_dataset",
+        "Validate and split the instruction data; report prompt token lengths.",
+        body,
+        errors=(TokenizerFilesError,),
+        argv=argv,
+        paths={
+            "input": (None, "entries (default: params instruction_data.input)"),
+            "out": "data/instructions",
+            "metrics": "reports/instruction_data.json",
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,9 @@ class PreferenceDataParams(SplitParams):
     input: str = "data/raw/instruction-data-with-preference.json"  # .json list or .jsonl (DVC's dependency)
 
 
-def build_preference_dataset(source: Path, out_dir: Path, metrics_out: Path, params: PreferenceDataParams,
-                             tokenizer: TokenizerParams) -> dict:
+def build_preference_dataset(
+    source: Path, out_dir: Path, metrics_out: Path, params: PreferenceDataParams, tokenizer: TokenizerParams
+) -> dict:
     """Write ``train.json``, ``test.json``, ``validation.json`` and per-split completion statistics."""
     splits = split_entries(load_preference_entries(source), params)
     tok = get_tokenizer(tokenizer.directory)
@@ -58,14 +59,27 @@ def build_preference_dataset(source: Path, out_dir: Path, metrics_out: Path, par
 def main(argv: list[str] | None = None) -> None:
     def body(args, params: StageParams) -> str:
         settings = params.section("preference_data", PreferenceDataParams)
-        metrics = build_preference_dataset(args.input or Path(settings.input), args.out, args.metrics, settings,
-                                           params.section("tokenizer", TokenizerParams))
+        metrics = build_preference_dataset(
+            args.input or Path(settings.input),
+            args.out,
+            args.metrics,
+            settings,
+            params.section("tokenizer", TokenizerParams),
+        )
         return ", ".join(f"{name} {metrics[name]['chosen']['entries']}" for name in SPLITS) + f" pairs in {args.out}"
 
-    run_stage(STAGE, "Validate and split the preference data (chosen/rejected answers).", body,
-              errors=(TokenizerFilesError,), argv=argv, paths={
-                  "input": (None, "entries (default: params preference_data.input)"), "out": "data/preferences",
-                  "metrics": "reports/preference_data.json"})
+    run_stage(
+        STAGE,
+        "Validate and split the preference data (chosen/rejected answers).",
+        body,
+        errors=(TokenizerFilesError,),
+        argv=argv,
+        paths={
+            "input": (None, "entries (default: params preference_data.input)"),
+            "out": "data/preferences",
+            "metrics": "reports/preference_data.json",
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -58,10 +58,17 @@ class SpamDataParams(StrictModel):
 
 def _sms(path: Path) -> pd.DataFrame:
     df = pd.read_csv(
-        path, sep="\t", header=None, names=["Label", "Text"], quoting=csv.QUOTE_NONE, dtype=str,
+        path,
+        sep="\t",
+        header=None,
+        names=["Label", "Text"],
+        quoting=csv.QUOTE_NONE,
+        dtype=str,
         keep_default_na=False,
         skip_blank_lines=False,  # keeps row i on line i + 1, for error messages
-        engine="python", on_bad_lines=lambda fields: [fields[0], "\t".join(fields[1:])], encoding="utf-8",
+        engine="python",
+        on_bad_lines=lambda fields: [fields[0], "\t".join(fields[1:])],
+        encoding="utf-8",
     )
     return df.assign(Where=[f"line {i + 1}" for i in range(len(df))])
 
@@ -72,31 +79,46 @@ def _delimited(path: Path, params: SpamDataParams) -> pd.DataFrame:
     for column in (params.text_column, params.label_column):
         if column not in columns:
             raise DataError(f"{path}: no column {column!r} (columns: {columns[:20]})")
-    df = pd.read_csv(path, sep=sep, usecols=[params.text_column, params.label_column], dtype=str,
-                     keep_default_na=False, encoding="utf-8")
+    df = pd.read_csv(
+        path,
+        sep=sep,
+        usecols=[params.text_column, params.label_column],
+        dtype=str,
+        keep_default_na=False,
+        encoding="utf-8",
+    )
     df = df.rename(columns={params.text_column: "Text", params.label_column: "Label"})
     return df.assign(Where=[f"row {i + 1}" for i in range(len(df))])
 
 
 def _records(path: Path, params: SpamDataParams) -> pd.DataFrame:
     gzipped = path.name.lower().endswith(".gz")
-    rows = [(record.get(params.label_column), record.get(params.text_column), f"line {line_no}")
-            for line_no, record in jsonl_records(path, gzipped)]
+    rows = [
+        (record.get(params.label_column), record.get(params.text_column), f"line {line_no}")
+        for line_no, record in jsonl_records(path, gzipped)
+    ]
     return pd.DataFrame(rows, columns=["Label", "Text", "Where"])
 
 
 def _parquet(path: Path, params: SpamDataParams) -> pd.DataFrame:
     columns = [params.text_column, params.label_column]
-    frames = [pd.DataFrame({"Text": b[params.text_column], "Label": b[params.label_column]})
-              for b in parquet_columns(path, columns, strings=(params.text_column,))]
+    frames = [
+        pd.DataFrame({"Text": b[params.text_column], "Label": b[params.label_column]})
+        for b in parquet_columns(path, columns, strings=(params.text_column,))
+    ]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["Text", "Label"])
     return df.assign(Where=[f"row {i + 1}" for i in range(len(df))])
 
 
 def read_rows(path: Path, params: SpamDataParams) -> pd.DataFrame:
     """Columns ``Label`` and ``Text`` (strings, None where absent) and ``Where`` (the row's line or number)."""
-    readers = {"sms": lambda p, _: _sms(p), "csv": _delimited, "tsv": _delimited, "jsonl": _records,
-               "parquet": _parquet}
+    readers = {
+        "sms": lambda p, _: _sms(p),
+        "csv": _delimited,
+        "tsv": _delimited,
+        "jsonl": _records,
+        "parquet": _parquet,
+    }
     try:
         df = readers[params.format](path, params)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
@@ -127,14 +149,18 @@ def check_rows(path: Path, df: pd.DataFrame, params: SpamDataParams) -> tuple[pd
     malformed = problems != ""
     if malformed.any() and params.on_malformed == "error":
         row = int(malformed.idxmax())
-        raise DataError(f"{path} {df['Where'][row]}: {problems[row]} "
-                        f"({int(malformed.sum())} malformed row(s); spam_data.on_malformed: skip drops them)")
+        raise DataError(
+            f"{path} {df['Where'][row]}: {problems[row]} "
+            f"({int(malformed.sum())} malformed row(s); spam_data.on_malformed: skip drops them)"
+        )
     df = df[~malformed].reset_index(drop=True)
     labels = params.labels or sorted_labels(set(df["Label"]))
     if len(set(df["Label"])) < 2:
         found = sorted(set(df["Label"]))
-        raise DataError(f"{path}: label column {params.label_column!r} has {len(found)} class(es) {found}; "
-                        "a classifier needs at least two")
+        raise DataError(
+            f"{path}: label column {params.label_column!r} has {len(found)} class(es) {found}; "
+            "a classifier needs at least two"
+        )
     return df, labels, int(malformed.sum())
 
 
@@ -152,20 +178,27 @@ def check_stratifiable(df: pd.DataFrame, labels: list[str], params: SpamDataPara
     rest_frac = params.train_frac + params.validation_frac
     test_rows = n - int(n * rest_frac)
     validation_rows = (n - test_rows) - int((n - test_rows) * params.train_frac / rest_frac)
-    for split, rows, knob in (("test", test_rows, "train_frac + validation_frac"),
-                              ("validation", validation_rows, "validation_frac")):
+    for split, rows, knob in (
+        ("test", test_rows, "train_frac + validation_frac"),
+        ("validation", validation_rows, "validation_frac"),
+    ):
         if rows < k:
-            raise DataError(f"{where} has {k} classes over {n} rows: the {split} split would get {rows} rows, "
-                            f"fewer than one per class (split: stratified); merge classes, add rows or change "
-                            f"spam_data.{knob}")
+            raise DataError(
+                f"{where} has {k} classes over {n} rows: the {split} split would get {rows} rows, "
+                f"fewer than one per class (split: stratified); merge classes, add rows or change "
+                f"spam_data.{knob}"
+            )
     rare = counts[counts < 3]
     if len(rare):
-        raise DataError(f"{where}: {len(rare)} of {k} classes have fewer than 3 rows (e.g. {rare.index[0]!r}: "
-                        f"{int(rare.iloc[0])}); a stratified split needs one per split")
+        raise DataError(
+            f"{where}: {len(rare)} of {k} classes have fewer than 3 rows (e.g. {rare.index[0]!r}: "
+            f"{int(rare.iloc[0])}); a stratified split needs one per split"
+        )
 
 
-def split_rows(df: pd.DataFrame, labels: list[str], params: SpamDataParams,
-               source: Path | str = "the data") -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
+def split_rows(
+    df: pd.DataFrame, labels: list[str], params: SpamDataParams, source: Path | str = "the data"
+) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
     """Label names become ids; then the ``split`` policy cuts train/validation/test. Also returns
     the rows no split holds (what ``balanced`` undersampled away)."""
     where = f"{source} label column {params.label_column!r}"
@@ -174,10 +207,15 @@ def split_rows(df: pd.DataFrame, labels: list[str], params: SpamDataParams,
         smallest = min(len(part) for part in by_class.values())
         if smallest == 0:
             empty = [label for label, part in by_class.items() if part.empty]
-            raise DataError(f"{where}: cannot balance: {len(empty)} of {len(labels)} classes have no rows "
-                            f"(e.g. {empty[0]!r})")
-        balanced = pd.concat([part if len(part) == smallest else part.sample(smallest, random_state=params.seed)
-                              for part in by_class.values()])
+            raise DataError(
+                f"{where}: cannot balance: {len(empty)} of {len(labels)} classes have no rows (e.g. {empty[0]!r})"
+            )
+        balanced = pd.concat(
+            [
+                part if len(part) == smallest else part.sample(smallest, random_state=params.seed)
+                for part in by_class.values()
+            ]
+        )
         discarded = df.drop(index=balanced.index)
         balanced["Label"] = balanced["Label"].map({label: i for i, label in enumerate(labels)})
         splits = _cut(balanced.sample(frac=1, random_state=params.seed).reset_index(drop=True), params)
@@ -190,16 +228,20 @@ def split_rows(df: pd.DataFrame, labels: list[str], params: SpamDataParams,
         rest_frac = params.train_frac + params.validation_frac
         try:
             rest, test = train_test_split(rows, train_size=rest_frac, stratify=rows["Label"], random_state=params.seed)
-            train, validation = train_test_split(rest, train_size=params.train_frac / rest_frac,
-                                                 stratify=rest["Label"], random_state=params.seed)
+            train, validation = train_test_split(
+                rest, train_size=params.train_frac / rest_frac, stratify=rest["Label"], random_state=params.seed
+            )
         except ValueError as exc:
-            raise DataError(f"{where}: cannot stratify {len(rows)} rows of {len(labels)} classes into "
-                            f"train/validation/test: {exc}") from None
+            raise DataError(
+                f"{where}: cannot stratify {len(rows)} rows of {len(labels)} classes into train/validation/test: {exc}"
+            ) from None
         splits = {name: part.reset_index(drop=True) for name, part in zip(SPLITS, (train, validation, test))}
     empty = [name for name, part in splits.items() if part.empty]
     if empty:
-        raise DataError(f"{where}: {sum(map(len, splits.values()))} rows of {len(labels)} classes leave the "
-                        f"{', '.join(empty)} split(s) empty (split: {params.split})")
+        raise DataError(
+            f"{where}: {sum(map(len, splits.values()))} rows of {len(labels)} classes leave the "
+            f"{', '.join(empty)} split(s) empty (split: {params.split})"
+        )
     return splits, discarded
 
 
@@ -226,12 +268,22 @@ def main(argv: list[str] | None = None) -> None:
     def body(args, params: StageParams) -> str:
         settings = params.section("spam_data", SpamDataParams)
         metrics = build_spam_dataset(args.input or Path(settings.input), args.out, args.metrics, settings)
-        return (", ".join(f"{name} {sum(metrics[name].values())}" for name in SPLITS)
-                + f" rows of {len(metrics['labels'])} classes in {args.out}")
+        return (
+            ", ".join(f"{name} {sum(metrics[name].values())}" for name in SPLITS)
+            + f" rows of {len(metrics['labels'])} classes in {args.out}"
+        )
 
-    run_stage("build_spam_dataset", "Build train/validation/test CSVs of labelled texts (default: SMS spam).", body,
-              paths={"input": (None, "labelled data (default: params spam_data.input)"), "out": "data/spam",
-                     "metrics": "reports/spam_data.json"}, argv=argv)
+    run_stage(
+        "build_spam_dataset",
+        "Build train/validation/test CSVs of labelled texts (default: SMS spam).",
+        body,
+        paths={
+            "input": (None, "labelled data (default: params spam_data.input)"),
+            "out": "data/spam",
+            "metrics": "reports/spam_data.json",
+        },
+        argv=argv,
+    )
 
 
 if __name__ == "__main__":

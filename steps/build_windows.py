@@ -45,11 +45,17 @@ def build_windows(tokens_dir: Path, out_dir: Path, metrics_out: Path, params: Wi
 def main(argv: list[str] | None = None) -> None:
     def body(args, params: StageParams) -> str:
         meta = build_windows(args.tokens, args.out, args.metrics, params.section("windows", WindowParams))
-        return (f"{meta['n_train_windows']} train, {meta['n_val_windows']} val windows ({meta['sampling']}) "
-                f"in {args.out}")
+        return (
+            f"{meta['n_train_windows']} train, {meta['n_val_windows']} val windows ({meta['sampling']}) in {args.out}"
+        )
 
-    run_stage("build_windows", "Split the token ids into train/val and define next-token windows over them.", body,
-              paths={"tokens": "data/tokens", "out": "data/windows", "metrics": "reports/windows.json"}, argv=argv)
+    run_stage(
+        "build_windows",
+        "Split the token ids into train/val and define next-token windows over them.",
+        body,
+        paths={"tokens": "data/tokens", "out": "data/windows", "metrics": "reports/windows.json"},
+        argv=argv,
+    )
 
 
 if __name__ == "__main__":

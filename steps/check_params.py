@@ -31,9 +31,12 @@ from llmpipe.secrets import redact
 
 SCHEMA_FILE = Path(__file__).with_name("params_schema.json")
 # As pydantic's strict mode: 8.0 is no integer (JSON Schema's "integer" takes it).
-_STRICT = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=jsonschema.Draft202012Validator.
-                                       TYPE_CHECKER.redefine("integer", lambda _, value: isinstance(value, int)
-                                                             and not isinstance(value, bool)))
+_STRICT = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool)
+    ),
+)
 OUTPUT = "reports/params_check.json"
 
 
@@ -71,8 +74,10 @@ def _problem(section: str, error: jsonschema.ValidationError) -> str:
         hints = []
         for name in extra:
             close = difflib.get_close_matches(name, allowed, n=1)
-            hints.append(f"{key}.{name}: unknown key" + (f" (did you mean {close[0]!r}?)" if close else
-                                                          f" ({key or 'it'} takes {', '.join(allowed)})"))
+            hints.append(
+                f"{key}.{name}: unknown key"
+                + (f" (did you mean {close[0]!r}?)" if close else f" ({key or 'it'} takes {', '.join(allowed)})")
+            )
         return "; ".join(hints)
     if error.validator == "pattern":  # the value may be a URL with a secret: never shown
         return f"{key}: {error.schema.get('description') or 'does not match ' + error.validator_value}"
@@ -101,8 +106,11 @@ def check_params(data: dict, schema: dict, source: str = "params.yaml") -> list[
                 value = {**shared, **value}
             validator = _STRICT({**section_schema, "$defs": schema["$defs"]})
             errors = sorted(validator.iter_errors(value), key=lambda e: [str(p) for p in e.absolute_path])
-            problems += [_problem(name, error) for error in errors
-                         if not (error.absolute_path and str(error.absolute_path[0]) in inherited)]
+            problems += [
+                _problem(name, error)
+                for error in errors
+                if not (error.absolute_path and str(error.absolute_path[0]) in inherited)
+            ]
     if problems:
         raise ParamsError(redact(f"{source}: " + "; ".join(problems)))
     return checked
@@ -165,8 +173,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"check_params: removed {state}: a resumable state of a run whose outputs DVC already has")
         return f"{len(checked)} params sections valid"
 
-    run_stage("check_params", "Validate params.yaml against every stage's params model (before DVC runs a stage).",
-              body, paths={"out": (OUTPUT, "the file every stage depends on")}, argv=argv)
+    run_stage(
+        "check_params",
+        "Validate params.yaml against every stage's params model (before DVC runs a stage).",
+        body,
+        paths={"out": (OUTPUT, "the file every stage depends on")},
+        argv=argv,
+    )
 
 
 if __name__ == "__main__":

@@ -71,18 +71,22 @@ def position_losses(model: GPTModel, data: SlidingWindowDataset, batch_size: int
 def write_window_losses(path: Path, losses: dict[str, list[float]]) -> None:
     """Each evaluation window's mean loss, per split: what ``llm compare`` pairs."""
     with atomic_path(path) as tmp:
-        rows = ["split,window,loss"] + [f"{split},{i + 1},{loss:.8f}" for split, values in losses.items()
-                                        for i, loss in enumerate(values)]
+        rows = ["split,window,loss"] + [
+            f"{split},{i + 1},{loss:.8f}" for split, values in losses.items() for i, loss in enumerate(values)
+        ]
         tmp.write_text("\n".join(rows) + "\n")
 
 
 def loss_fields(per_window: list[float], comparison: ComparisonParams) -> dict[str, float]:
     """The mean loss's t interval over windows, and perplexity's (its exp)."""
     interval = mean_interval(per_window, comparison.confidence)
-    return {"loss_ci_low": interval.low, "loss_ci_high": interval.high,
-            "perplexity_ci_low": math.exp(interval.low) if math.isfinite(interval.low) else math.nan,
-            "perplexity_ci_high": math.exp(interval.high) if math.isfinite(interval.high) else math.nan,
-            "windows": len(per_window)}
+    return {
+        "loss_ci_low": interval.low,
+        "loss_ci_high": interval.high,
+        "perplexity_ci_low": math.exp(interval.low) if math.isfinite(interval.low) else math.nan,
+        "perplexity_ci_high": math.exp(interval.high) if math.isfinite(interval.high) else math.nan,
+        "windows": len(per_window),
+    }
 
 
 def write_position_csv(path: Path, curves: dict[str, torch.Tensor]) -> None:
@@ -128,50 +132,91 @@ def evaluate(
         data = windows[split]
         curves[split], per_window[split] = position_losses(model, data, params.batch_size)
         loss = curves[split].mean().item()  # every window has the same length: the mean over tokens
-        metrics[split] = {"loss": loss, "perplexity": math.exp(loss), "tokens": len(data) * data.context_length,
-                          **loss_fields(per_window[split], comparison)}
+        metrics[split] = {
+            "loss": loss,
+            "perplexity": math.exp(loss),
+            "tokens": len(data) * data.context_length,
+            **loss_fields(per_window[split], comparison),
+        }
 
     gen = params.generation
-    new_ids = generate(model, [encode(tokenizer, p) for p in gen.prompts], gen.max_new_tokens,
-                       temperature=gen.temperature, top_k=gen.top_k, seed=gen.seed)
+    new_ids = generate(
+        model,
+        [encode(tokenizer, p) for p in gen.prompts],
+        gen.max_new_tokens,
+        temperature=gen.temperature,
+        top_k=gen.top_k,
+        seed=gen.seed,
+    )
     generations = [{"prompt": p, "completion": tokenizer.decode(ids)} for p, ids in zip(gen.prompts, new_ids)]
 
     write_json(metrics_out, metrics)
     val = metrics["val"]
-    write_json(headline_out, {f"val_{k}": val[k] for k in ("loss", "loss_ci_low", "loss_ci_high", "perplexity",
-                                                         "perplexity_ci_low", "perplexity_ci_high")})
+    write_json(
+        headline_out,
+        {
+            f"val_{k}": val[k]
+            for k in ("loss", "loss_ci_low", "loss_ci_high", "perplexity", "perplexity_ci_low", "perplexity_ci_high")
+        },
+    )
     write_position_csv(position_csv, curves)
     write_window_losses(windows_out, per_window)
     write_json(generations_out, generations)
     flat = {f"{split}_{name}": value for split, values in metrics.items() for name, value in values.items()}
-    selection = Scoring("validation", "loss", val["loss"], per_window["val"], window_digest(windows["val"]),
-                        higher_is_better=False)
-    record_evaluation(STAGE, params, model_dir, flat, [position_csv, generations_out, windows_out],
-                      registered_model=PRETRAINED_MODEL, selection=selection, comparison=comparison,
-                      outputs=[metrics_out, headline_out, position_csv, generations_out, windows_out])
+    selection = Scoring(
+        "validation", "loss", val["loss"], per_window["val"], window_digest(windows["val"]), higher_is_better=False
+    )
+    record_evaluation(
+        STAGE,
+        params,
+        model_dir,
+        flat,
+        [position_csv, generations_out, windows_out],
+        registered_model=PRETRAINED_MODEL,
+        selection=selection,
+        comparison=comparison,
+        outputs=[metrics_out, headline_out, position_csv, generations_out, windows_out],
+    )
     return metrics
 
 
 def main(argv: list[str] | None = None) -> None:
     def body(args, params: StageParams) -> str:
-        metrics = evaluate(params.section(STAGE, EvaluateParams), model_dir=args.model, windows_dir=args.windows,
-                           metrics_out=args.metrics, headline_out=args.headline, position_csv=args.position_loss,
-                           generations_out=args.generations, windows_out=args.window_losses,
-                           tokenizer_params=params.section("tokenizer", TokenizerParams),
-                           comparison=params.section("comparison", ComparisonParams))
+        metrics = evaluate(
+            params.section(STAGE, EvaluateParams),
+            model_dir=args.model,
+            windows_dir=args.windows,
+            metrics_out=args.metrics,
+            headline_out=args.headline,
+            position_csv=args.position_loss,
+            generations_out=args.generations,
+            windows_out=args.window_losses,
+            tokenizer_params=params.section("tokenizer", TokenizerParams),
+            comparison=params.section("comparison", ComparisonParams),
+        )
         val = metrics["val"]
-        return (f"val loss {val['loss']:.3f} [{val['loss_ci_low']:.3f}, {val['loss_ci_high']:.3f}] over "
-                f"{val['windows']} windows (perplexity {val['perplexity']:.1f}), "
-                f"train loss {metrics['train']['loss']:.3f} -> {args.metrics}")
+        return (
+            f"val loss {val['loss']:.3f} [{val['loss_ci_low']:.3f}, {val['loss_ci_high']:.3f}] over "
+            f"{val['windows']} windows (perplexity {val['perplexity']:.1f}), "
+            f"train loss {metrics['train']['loss']:.3f} -> {args.metrics}"
+        )
 
-    run_stage(STAGE, "Evaluate the pretrained GPT: loss, perplexity, generations.", body, argv=argv,
-              errors=(CheckpointError, TokenizerFilesError), paths={
-        "model": "models/pretrained", "windows": "data/windows",
-        "metrics": ("reports/evaluate.json", "loss, perplexity, tokens per split"),
-        "headline": ("metrics/pretrain.json", "val loss and perplexity"),
-        "position-loss": "plots/evaluate_position_loss.csv", "generations": "outputs/pretrain_generations.json",
-        "window-losses": ("reports/evaluate_windows.csv", "every window's mean loss"),
-    })
+    run_stage(
+        STAGE,
+        "Evaluate the pretrained GPT: loss, perplexity, generations.",
+        body,
+        argv=argv,
+        errors=(CheckpointError, TokenizerFilesError),
+        paths={
+            "model": "models/pretrained",
+            "windows": "data/windows",
+            "metrics": ("reports/evaluate.json", "loss, perplexity, tokens per split"),
+            "headline": ("metrics/pretrain.json", "val loss and perplexity"),
+            "position-loss": "plots/evaluate_position_loss.csv",
+            "generations": "outputs/pretrain_generations.json",
+            "window-losses": ("reports/evaluate_windows.csv", "every window's mean loss"),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -250,15 +250,24 @@ def main(argv: list[str] | None = None) -> None:
         sources = load_sources(data, args.names, args.params)
         mirror = os.environ.get(MIRROR_ENV) or None
         with make_session(settings) as session:
-            fetched = [f"{name} -> {fetch_source(name, source, settings, mirror=mirror, session=session)}"
-                       for name, source in sources.items()]
+            fetched = [
+                f"{name} -> {fetch_source(name, source, settings, mirror=mirror, session=session)}"
+                for name, source in sources.items()
+            ]
         return "; ".join(fetched)
 
     def names(parser) -> None:
         parser.add_argument("names", nargs="*", help="sources to fetch (default: every entry of 'sources')")
 
-    run_stage("fetch", "Download the pipeline's inputs (mirror first, then upstream), verified by sha256.", body,
-              paths={}, options=names, errors=(FetchError,), argv=argv)
+    run_stage(
+        "fetch",
+        "Download the pipeline's inputs (mirror first, then upstream), verified by sha256.",
+        body,
+        paths={},
+        options=names,
+        errors=(FetchError,),
+        argv=argv,
+    )
 
 
 if __name__ == "__main__":

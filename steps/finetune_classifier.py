@@ -7,8 +7,8 @@ with a cross-entropy loss on the chosen position's logits and logs train/val los
 MLflow. The state
 under ``.cache/finetune_classifier/<settings key>/`` (outside DVC's outputs) lets an interrupted
 run resume; it is deleted once the classifier is written. The classifier is logged as an MLflow pyfunc
-(``llmpipe/mlflow_models/spam_classifier.py``) and registered as a new ``spam-classifier`` version with alias ``candidate`` (score_spam
-moves ``champion``), so
+(``llmpipe/mlflow_models/spam_classifier.py``) and registered as a new ``spam-classifier``
+version with alias ``candidate`` (score_spam moves ``champion``), so
 ``mlflow models serve -m models:/spam-classifier@champion`` answers ``text`` → ``label``,
 ``spam_probability`` (``<label>_probability`` per class for more than two).
 A Hugging Face base (load_base's ``models/base``) gets the same head on its hidden states
@@ -92,6 +92,27 @@ def classifier_signature(labels: list[str]):
     )
 
 
+def classification_datasets(train_df, val_df, tokenizer, max_length: int | None, context_length: int):
+    """The train and validation splits as token ids padded to one length: ``max_length``, or the longest
+    training text's (capped at the model's context); validation is padded or cut to the same length."""
+    train_data = SpamDataset(
+        train_df["Text"].tolist(),
+        train_df["Label"].tolist(),
+        tokenizer,
+        max_length=max_length,
+        context_length=context_length,
+        pad_id=eot_id(tokenizer),
+    )
+    val_data = SpamDataset(
+        val_df["Text"].tolist(),
+        val_df["Label"].tolist(),
+        tokenizer,
+        max_length=train_data.max_length,
+        pad_id=eot_id(tokenizer),
+    )
+    return train_data, val_data
+
+
 def finetune_classifier(
     params: FinetuneClassifierParams,
     *,
@@ -115,28 +136,48 @@ def finetune_classifier(
     else:
         tokenizer = get_tokenizer(tokenizer_params.directory)
         base = load_base_model(base_dir, tokenizer, **overrides)
-    train_data = SpamDataset(train_df["Text"].tolist(), train_df["Label"].tolist(), tokenizer,
-                             max_length=params.max_length, context_length=base.cfg.context_length,
-                             pad_id=eot_id(tokenizer))
-    val_data = SpamDataset(val_df["Text"].tolist(), val_df["Label"].tolist(), tokenizer,
-                           max_length=train_data.max_length, pad_id=eot_id(tokenizer))
+    train_data, val_data = classification_datasets(
+        train_df, val_df, tokenizer, params.max_length, base.cfg.context_length
+    )
     torch.manual_seed(params.seed)  # the new head's (and LoRA's) initialisation
-    model = classifier_from_base(base, len(labels), labels=labels, token_position=params.token_position,
-                                 max_length=train_data.max_length, pad_id=eot_id(tokenizer))
+    model = classifier_from_base(
+        base,
+        len(labels),
+        labels=labels,
+        token_position=params.token_position,
+        max_length=train_data.max_length,
+        pad_id=eot_id(tokenizer),
+    )
     n_trainable = set_trainable(model, params.trainable, lora_rank=params.lora.rank, lora_alpha=params.lora.alpha)
     model.to(stage_device(STAGE, params))
     job = TrainingJob(
-        stage=STAGE, experiment=EXPERIMENT, registered_model=SPAM_CLASSIFIER, params=params, model=model,
-        train_data=train_data, val_data=val_data,
+        stage=STAGE,
+        experiment=EXPERIMENT,
+        registered_model=SPAM_CLASSIFIER,
+        params=params,
+        model=model,
+        train_data=train_data,
+        val_data=val_data,
         data_files={split: data_dir / f"{split}.csv" for split in ("train", "validation")},
         save=functools.partial(save_trained_classifier, base_dir=base_dir if hf_base else None),
-        pyfunc=Pyfunc("spam_classifier", "spam_classifier.py", classifier_signature(labels),
-                      pd.DataFrame({"text": val_df["Text"].head(2).tolist()})),
-        loss_fn=classification_loss, eval_fn=classification_accuracy, collate_fn=collate_for(model),
-        resume_settings={"base": sha256_file(base_dir / "model.safetensors"),
-                         "labels": sha256_file(data_dir / LABELS_FILE)},
-        run_params={"base_model": str(base_dir), "trainable_parameters": n_trainable,
-                    "max_length_tokens": train_data.max_length},
+        pyfunc=Pyfunc(
+            "spam_classifier",
+            "spam_classifier.py",
+            classifier_signature(labels),
+            pd.DataFrame({"text": val_df["Text"].head(2).tolist()}),
+        ),
+        loss_fn=classification_loss,
+        eval_fn=classification_accuracy,
+        collate_fn=collate_for(model),
+        resume_settings={
+            "base": sha256_file(base_dir / "model.safetensors"),
+            "labels": sha256_file(data_dir / LABELS_FILE),
+        },
+        run_params={
+            "base_model": str(base_dir),
+            "trainable_parameters": n_trainable,
+            "max_length_tokens": train_data.max_length,
+        },
         final_keys=("train_loss", "val_loss", "train_accuracy", "val_accuracy"),
         extra_metrics={"trainable_parameters": n_trainable, "max_length": train_data.max_length},
         step_log_every=STEP_LOG_EVERY,
@@ -148,26 +189,46 @@ def finetune_classifier(
 
 def main(argv: list[str] | None = None) -> None:
     def body(args, params: StageParams) -> str | None:
-        setup_distributed("steps.finetune_classifier", args.params, argv)  # under torchrun when params ask for processes
+        setup_distributed(
+            "steps.finetune_classifier", args.params, argv
+        )  # under torchrun when params ask for processes
         base_dir = args.base or Path(params.section("classifier_base", BaseModelParams).dir)
-        metrics = finetune_classifier(params.section(STAGE, FinetuneClassifierParams), base_dir=base_dir,
-                                      data_dir=args.data, out_dir=args.out, metrics_out=args.metrics,
-                                      history_out=args.history, plots_dir=args.plots,
-                                      tokenizer_params=params.section("tokenizer", TokenizerParams),
-                                      cache_dir=args.cache, resume=not args.restart)
+        metrics = finetune_classifier(
+            params.section(STAGE, FinetuneClassifierParams),
+            base_dir=base_dir,
+            data_dir=args.data,
+            out_dir=args.out,
+            metrics_out=args.metrics,
+            history_out=args.history,
+            plots_dir=args.plots,
+            tokenizer_params=params.section("tokenizer", TokenizerParams),
+            cache_dir=args.cache,
+            resume=not args.restart,
+        )
         if not metrics:  # another rank of a torchrun
             return None
-        return (f"val accuracy {metrics['val_accuracy']:.4f} (last eval), "
-                f"{SPAM_CLASSIFIER} version {metrics['registered_version']} (@candidate) -> {args.out}")
+        return (
+            f"val accuracy {metrics['val_accuracy']:.4f} (last eval), "
+            f"{SPAM_CLASSIFIER} version {metrics['registered_version']} (@candidate) -> {args.out}"
+        )
 
-    run_stage(STAGE, "Fine-tune a pretrained GPT as a spam classifier (book chapter 6).", body, argv=argv,
-              errors=(*TRAINING_ERRORS, TokenizerConfigError), options=restart_option, paths={
-                  "base": (None, "base llmcore checkpoint (default: params classifier_base.dir)"),
-                  "data": "data/spam", "out": "models/spam_classifier",
-                  "metrics": "reports/finetune_classifier.json", "history": "plots/spam_training.csv",
-                  "plots": ("plots", "where the loss/accuracy PNGs go"),
-                  "cache": (str(CACHE_DIR), "resumable training states"),
-              })
+    run_stage(
+        STAGE,
+        "Fine-tune a pretrained GPT as a spam classifier (book chapter 6).",
+        body,
+        argv=argv,
+        errors=(*TRAINING_ERRORS, TokenizerConfigError),
+        options=restart_option,
+        paths={
+            "base": (None, "base llmcore checkpoint (default: params classifier_base.dir)"),
+            "data": "data/spam",
+            "out": "models/spam_classifier",
+            "metrics": "reports/finetune_classifier.json",
+            "history": "plots/spam_training.csv",
+            "plots": ("plots", "where the loss/accuracy PNGs go"),
+            "cache": (str(CACHE_DIR), "resumable training states"),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -103,8 +103,9 @@ class SampleResponses(TrainCallback):
             return
         import mlflow
 
-        answers = generate_responses(model, self.tokenizer, self.entries, max_new_tokens=self.max_new_tokens,
-                                     style=self.style)
+        answers = generate_responses(
+            model, self.tokenizer, self.entries, max_new_tokens=self.max_new_tokens, style=self.style
+        )
         text = "\n\n".join(
             f"### Prompt:\n{self.shown(e)}\n\n### Reference:\n{reference(e)}\n\n### Model:\n{answer}"
             for e, answer in zip(self.entries, answers)
@@ -126,8 +127,9 @@ def save_instruct_model(model: nn.Module, out: Path, *, base_model: Path, style:
     base's tokenizer files travel with it (the end-of-turn token as eos: ``bundle_base_tokenizer``)."""
     merge_lora(model)
     files = None if end_token is None else (lambda tmp: bundle_base_tokenizer(base_model, tmp, end_token))
-    save_checkpoint(model, out, extra={"stage": STAGE, "base_model": str(base_model), "prompt_style": style},
-                    files=files)
+    save_checkpoint(
+        model, out, extra={"stage": STAGE, "base_model": str(base_model), "prompt_style": style}, files=files
+    )
 
 
 def finetune_instruct(
@@ -158,25 +160,49 @@ def finetune_instruct(
     end = end_id(tokenizer, style)  # the answer's last target: <|endoftext|>, or the template's end of turn
     train_data = InstructionDataset(train_entries, tokenizer, style)
     if params.mask_prompt and answers_cut_off(train_data.examples, max_length) == len(train_data) > 0:
-        raise ParamsError(f"{STAGE}.max_length: every training prompt fills the {max_length} tokens (max_length or the "
-                          "base's context), no answer token is left to learn; raise them (a trained tokenizer's prompts "
-                          "take more tokens than GPT-2's)")
+        raise ParamsError(
+            f"{STAGE}.max_length: every training prompt fills the {max_length} tokens (max_length or the "
+            "base's context), no answer token is left to learn; raise them (a trained tokenizer's prompts "
+            "take more tokens than GPT-2's)"
+        )
     job = TrainingJob(
-        stage=STAGE, experiment=EXPERIMENT, registered_model=INSTRUCT_MODEL, params=params, model=model,
-        train_data=train_data, val_data=InstructionDataset(val_entries, tokenizer, style),
+        stage=STAGE,
+        experiment=EXPERIMENT,
+        registered_model=INSTRUCT_MODEL,
+        params=params,
+        model=model,
+        train_data=train_data,
+        val_data=InstructionDataset(val_entries, tokenizer, style),
         data_files={split: data_dir / f"{split}.json" for split in ("train", "validation")},
-        save=functools.partial(save_instruct_model, base_model=base_model, style=style,
-                               end_token=tokenizer.decode([end], skip_special_tokens=False) if style == TEMPLATE else None),
-        pyfunc=Pyfunc("instruct_model", "instruct.py", instruct_signature(),
-                      pd.DataFrame([as_instruction(e) for e in val_entries[:2]])),
-        collate_fn=functools.partial(collate_instructions, max_length=max_length, mask_prompt=params.mask_prompt,
-                                     pad_id=end),
-        callbacks=[SampleResponses(tokenizer, val_entries[: params.sample_entries], params.sample_max_new_tokens,
-                                   style)],
-        resume_settings={"base": sha256_file(base_model / "model.safetensors"), "max_length": max_length,
-                         "prompt_style": style},
-        run_params={"base_model": str(base_model), "max_length_effective": max_length, "prompt_style": style,
-                    "trainable_parameters": n_trainable},
+        save=functools.partial(
+            save_instruct_model,
+            base_model=base_model,
+            style=style,
+            end_token=tokenizer.decode([end], skip_special_tokens=False) if style == TEMPLATE else None,
+        ),
+        pyfunc=Pyfunc(
+            "instruct_model",
+            "instruct.py",
+            instruct_signature(),
+            pd.DataFrame([as_instruction(e) for e in val_entries[:2]]),
+        ),
+        collate_fn=functools.partial(
+            collate_instructions, max_length=max_length, mask_prompt=params.mask_prompt, pad_id=end
+        ),
+        callbacks=[
+            SampleResponses(tokenizer, val_entries[: params.sample_entries], params.sample_max_new_tokens, style)
+        ],
+        resume_settings={
+            "base": sha256_file(base_model / "model.safetensors"),
+            "max_length": max_length,
+            "prompt_style": style,
+        },
+        run_params={
+            "base_model": str(base_model),
+            "max_length_effective": max_length,
+            "prompt_style": style,
+            "trainable_parameters": n_trainable,
+        },
         extra_metrics={"trainable_parameters": n_trainable},
     )
     out = TrainingOutputs(out_dir, metrics_out, history_out, {"loss": plot_out}, cache_dir)
@@ -188,23 +214,41 @@ def main(argv: list[str] | None = None) -> None:
         setup_distributed("steps.finetune_instruct", args.params, argv)  # under torchrun when params ask for processes
         base = args.base or Path(params.section("base_model", BaseModelSectionParams).dir)
         metrics = finetune_instruct(
-            params.section(STAGE, FinetuneInstructParams), params.section("tokenizer", TokenizerParams),
-            base_model=base, data_dir=args.data, out_dir=args.out, metrics_out=args.metrics,
-            history_out=args.history, plot_out=args.plot, cache_dir=args.cache, resume=not args.restart,
+            params.section(STAGE, FinetuneInstructParams),
+            params.section("tokenizer", TokenizerParams),
+            base_model=base,
+            data_dir=args.data,
+            out_dir=args.out,
+            metrics_out=args.metrics,
+            history_out=args.history,
+            plot_out=args.plot,
+            cache_dir=args.cache,
+            resume=not args.restart,
         )
         if not metrics:  # another rank of a torchrun
             return None
-        return (f"{metrics['steps']} steps in {metrics['wall_time_s']:.0f} s, train loss "
-                f"{metrics['train_loss']:.3f}, val loss {metrics['val_loss']:.3f} -> {args.out}")
+        return (
+            f"{metrics['steps']} steps in {metrics['wall_time_s']:.0f} s, train loss "
+            f"{metrics['train_loss']:.3f}, val loss {metrics['val_loss']:.3f} -> {args.out}"
+        )
 
-    run_stage(STAGE, "Fine-tune the base model to follow instructions (book chapter 7).", body, argv=argv,
-              errors=(*TRAINING_ERRORS, TokenizerConfigError, ChatTemplateError), options=restart_option, paths={
-                  "base": (None, "base llmcore checkpoint (default: params base_model.dir)"),
-                  "data": "data/instructions", "out": "models/instruct",
-                  "metrics": "reports/finetune_instruct.json", "history": "plots/instruct_training.csv",
-                  "plot": "plots/instruct_training_loss.png",
-                  "cache": (str(CACHE_DIR), "resumable training states"),
-              })
+    run_stage(
+        STAGE,
+        "Fine-tune the base model to follow instructions (book chapter 7).",
+        body,
+        argv=argv,
+        errors=(*TRAINING_ERRORS, TokenizerConfigError, ChatTemplateError),
+        options=restart_option,
+        paths={
+            "base": (None, "base llmcore checkpoint (default: params base_model.dir)"),
+            "data": "data/instructions",
+            "out": "models/instruct",
+            "metrics": "reports/finetune_instruct.json",
+            "history": "plots/instruct_training.csv",
+            "plot": "plots/instruct_training_loss.png",
+            "cache": (str(CACHE_DIR), "resumable training states"),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -39,16 +39,26 @@ def load_base_stage(params: BaseModelSectionParams, out_dir: Path) -> dict:
     directory = resolve_hf_source(params.source)
     model = load_hf_model(directory, dtype=getattr(torch, params.dtype))
     tokenizer = HFTokenizer(directory) if (directory / "tokenizer.json").is_file() else None
-    status = {"loaded": True, "source": params.source, "family": model.cfg.family,
-              "parameters": model.num_parameters(), "dtype": params.dtype,
-              "tokenizer": tokenizer is not None, "chat_template": bool(tokenizer and tokenizer.chat_template),
-              "eos_ids": tokenizer.eos_ids if tokenizer else []}
+    status = {
+        "loaded": True,
+        "source": params.source,
+        "family": model.cfg.family,
+        "parameters": model.num_parameters(),
+        "dtype": params.dtype,
+        "tokenizer": tokenizer is not None,
+        "chat_template": bool(tokenizer and tokenizer.chat_template),
+        "eos_ids": tokenizer.eos_ids if tokenizer else [],
+    }
     # One atomic directory: readers never see weights without their tokenizer or status.json.
     with atomic_path(out_dir, is_dir=True) as tmp:
         # A base is chatted with in its own chat template when it has one (llmcore.prompts).
         style = "template" if status["chat_template"] else "plain"
-        save_checkpoint(model, tmp, extra={"stage": STAGE, "source": params.source, "prompt_style": style},
-                        files=lambda target: copy_tokenizer_files(directory, target))
+        save_checkpoint(
+            model,
+            tmp,
+            extra={"stage": STAGE, "source": params.source, "prompt_style": style},
+            files=lambda target: copy_tokenizer_files(directory, target),
+        )
         write_status(tmp, status)
     log_status(STAGE, EXPERIMENT, params, status)
     return status
@@ -62,9 +72,14 @@ def main(argv: list[str] | None = None) -> None:
             return f"no base_model.source: wrote {args.out / STATUS_FILE} (loaded=false)"
         return f"{settings.source} ({status['family']}, {status['parameters']:,} parameters) -> {args.out}"
 
-    run_stage(STAGE, "Convert a Hugging Face Llama / Qwen3 / Gemma 3 base into an llmcore checkpoint.", body,
-              argv=argv, errors=(BaseUnavailableError, CheckpointError, TokenizerConfigError),
-              paths={"out": "models/base"})
+    run_stage(
+        STAGE,
+        "Convert a Hugging Face Llama / Qwen3 / Gemma 3 base into an llmcore checkpoint.",
+        body,
+        argv=argv,
+        errors=(BaseUnavailableError, CheckpointError, TokenizerConfigError),
+        paths={"out": "models/base"},
+    )
 
 
 if __name__ == "__main__":

@@ -44,7 +44,9 @@ class LoadGPT2Params(StrictModel):
     required: bool = False  # false: unavailable weights give status.json loaded=false, not an error
 
 
-def load_gpt2_stage(params: LoadGPT2Params, out_dir: Path, tokenizer_params: TokenizerParams = TokenizerParams()) -> dict:
+def load_gpt2_stage(
+    params: LoadGPT2Params, out_dir: Path, tokenizer_params: TokenizerParams = TokenizerParams()
+) -> dict:
     """Write ``out_dir`` (checkpoint + BPE files + status.json, or status.json alone); returns the status."""
     try:
         model = load_gpt2(params.source)
@@ -55,16 +57,22 @@ def load_gpt2_stage(params: LoadGPT2Params, out_dir: Path, tokenizer_params: Tok
         status = {"loaded": False, "source": params.source, "reason": str(exc)}
         with atomic_path(out_dir, is_dir=True) as tmp:
             write_status(tmp, status)
-        print(f"{STAGE}: WARNING: GPT-2 weights {params.source!r} are unavailable; wrote only "
-              f"{out_dir / STATUS_FILE} (loaded=false). Fine-tunes with base_model.dir={out_dir} will fail. "
-              f"{HOW_TO_PROVIDE.format(repo=repo)}, and set load_gpt2.required: true to make this an error.",
-              file=sys.stderr)
+        print(
+            f"{STAGE}: WARNING: GPT-2 weights {params.source!r} are unavailable; wrote only "
+            f"{out_dir / STATUS_FILE} (loaded=false). Fine-tunes with base_model.dir={out_dir} will fail. "
+            f"{HOW_TO_PROVIDE.format(repo=repo)}, and set load_gpt2.required: true to make this an error.",
+            file=sys.stderr,
+        )
         log_status(STAGE, EXPERIMENT, params, status)
         return status
 
     encoding_files = find_encoding_files(tokenizer_params.encoding_dir or os.environ.get(ENCODING_DIR_ENV))
-    status = {"loaded": True, "source": params.source, "parameters": model.num_parameters(),
-              "tokenizer_files": encoding_files is not None}
+    status = {
+        "loaded": True,
+        "source": params.source,
+        "parameters": model.num_parameters(),
+        "tokenizer_files": encoding_files is not None,
+    }
     # One atomic directory: readers never see weights without status.json or the reverse.
     with atomic_path(out_dir, is_dir=True) as tmp:
         save_checkpoint(model, tmp, extra={"stage": STAGE, "source": params.source, "prompt_style": "plain"})
@@ -81,8 +89,14 @@ def main(argv: list[str] | None = None) -> None:
         status = load_gpt2_stage(settings, args.out, params.section("tokenizer", TokenizerParams))
         return f"{settings.source} ({status['parameters']:,} parameters) -> {args.out}" if status["loaded"] else None
 
-    run_stage(STAGE, "Load OpenAI's GPT-2 weights into an llmcore checkpoint.", body, argv=argv,
-              errors=(WeightsUnavailableError, CheckpointError), paths={"out": "models/gpt2"})
+    run_stage(
+        STAGE,
+        "Load OpenAI's GPT-2 weights into an llmcore checkpoint.",
+        body,
+        argv=argv,
+        errors=(WeightsUnavailableError, CheckpointError),
+        paths={"out": "models/gpt2"},
+    )
 
 
 if __name__ == "__main__":

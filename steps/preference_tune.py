@@ -63,13 +63,15 @@ class PreferenceTuneParams(TrainParams):
     lora: LoraParams = LoraParams()
 
 
-def add_reference(pairs: list[PreferencePair], reference: GPTModel, params: PreferenceTuneParams,
-                  max_length: int, pad_id: int) -> list[PreferencePair]:
+def add_reference(
+    pairs: list[PreferencePair], reference: GPTModel, params: PreferenceTuneParams, max_length: int, pad_id: int
+) -> list[PreferencePair]:
     """The pairs carrying the frozen reference's log-probabilities (under the run's precision)."""
     device = next(reference.parameters()).device
     with amp.autocast(amp.resolve_precision(params.precision, device), device):
-        chosen, rejected = pair_logprobs(reference, pairs, batch_size=params.batch_size, max_length=max_length,
-                                         pad_id=pad_id)
+        chosen, rejected = pair_logprobs(
+            reference, pairs, batch_size=params.batch_size, max_length=max_length, pad_id=pad_id
+        )
     return with_reference(pairs, chosen, rejected)
 
 
@@ -88,9 +90,19 @@ def build_policy(instruct_dir: Path, params: PreferenceTuneParams, device: torch
     return model, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def preference_tune(params: PreferenceTuneParams, tokenizer_params: TokenizerParams, *, instruct_dir: Path,
-                    data_dir: Path, out_dir: Path, metrics_out: Path, history_out: Path, plots_dir: Path,
-                    cache_dir: Path = CACHE_DIR, resume: bool = True) -> dict:
+def preference_tune(
+    params: PreferenceTuneParams,
+    tokenizer_params: TokenizerParams,
+    *,
+    instruct_dir: Path,
+    data_dir: Path,
+    out_dir: Path,
+    metrics_out: Path,
+    history_out: Path,
+    plots_dir: Path,
+    cache_dir: Path = CACHE_DIR,
+    resume: bool = True,
+) -> dict:
     """DPO of ``instruct_dir`` on ``data_dir``'s train split; writes the model, metrics, curves."""
     device = stage_device(STAGE, params)
     reference = load_base_model(instruct_dir).to(device).eval().requires_grad_(False)
@@ -98,28 +110,51 @@ def preference_tune(params: PreferenceTuneParams, tokenizer_params: TokenizerPar
     max_length = min(params.max_length or reference.cfg.context_length, reference.cfg.context_length)
     tokenizer = get_tokenizer(tokenizer_params.directory)
     (train_pairs, _, train_cut), (val_pairs, val_entries, val_cut) = (
-        load_pairs(data_dir / f"{split}.json", tokenizer, style, max_length) for split in ("train", "validation"))
-    train_pairs, val_pairs = (add_reference(p, reference, params, max_length, eot_id(tokenizer))
-                              for p in (train_pairs, val_pairs))
+        load_pairs(data_dir / f"{split}.json", tokenizer, style, max_length) for split in ("train", "validation")
+    )
+    train_pairs, val_pairs = (
+        add_reference(p, reference, params, max_length, eot_id(tokenizer)) for p in (train_pairs, val_pairs)
+    )
     del reference  # its log-probs are all it was needed for
     model, n_trainable = build_policy(instruct_dir, params, device)
     extra = {"stage": STAGE, "base_model": str(instruct_dir), "prompt_style": style, "beta": params.beta}
     job = TrainingJob(
-        stage=STAGE, experiment=EXPERIMENT, registered_model=PREFERENCE_MODEL, params=params, model=model,
-        train_data=train_pairs, val_data=val_pairs,
+        stage=STAGE,
+        experiment=EXPERIMENT,
+        registered_model=PREFERENCE_MODEL,
+        params=params,
+        model=model,
+        train_data=train_pairs,
+        val_data=val_pairs,
         data_files={split: data_dir / f"{split}.json" for split in ("train", "validation")},
         save=functools.partial(save_policy, extra=extra),
-        pyfunc=Pyfunc("instruct_model", "instruct.py", instruct_signature(),
-                      pd.DataFrame([as_instruction(preference_parts(e)[0]) for e in val_entries[:2]])),
-        loss_fn=functools.partial(dpo_batch_loss, beta=params.beta), eval_fn=preference_metrics,
+        pyfunc=Pyfunc(
+            "instruct_model",
+            "instruct.py",
+            instruct_signature(),
+            pd.DataFrame([as_instruction(preference_parts(e)[0]) for e in val_entries[:2]]),
+        ),
+        loss_fn=functools.partial(dpo_batch_loss, beta=params.beta),
+        eval_fn=preference_metrics,
         collate_fn=functools.partial(collate_pairs, max_length=max_length, pad_id=eot_id(tokenizer)),
-        resume_settings={"base": sha256_file(instruct_dir / "model.safetensors"), "max_length": max_length,
-                         "prompt_style": style},
-        run_params={"instruct_model": str(instruct_dir), "max_length_effective": max_length,
-                    "trainable_parameters": n_trainable, "prompt_style": style},
+        resume_settings={
+            "base": sha256_file(instruct_dir / "model.safetensors"),
+            "max_length": max_length,
+            "prompt_style": style,
+        },
+        run_params={
+            "instruct_model": str(instruct_dir),
+            "max_length_effective": max_length,
+            "trainable_parameters": n_trainable,
+            "prompt_style": style,
+        },
         final_keys=tuple(f"{split}_{key}" for key in FINAL for split in ("train", "val")),
-        extra_metrics={"train_pairs": len(train_pairs), "val_pairs": len(val_pairs),
-                       "pairs_prompt_cut": train_cut + val_cut, "trainable_parameters": n_trainable},
+        extra_metrics={
+            "train_pairs": len(train_pairs),
+            "val_pairs": len(val_pairs),
+            "pairs_prompt_cut": train_cut + val_cut,
+            "trainable_parameters": n_trainable,
+        },
     )
     plots = {curve: plots_dir / f"preference_training_{curve}.png" for curve in CURVES}
     out = TrainingOutputs(out_dir, metrics_out, history_out, plots, cache_dir)
@@ -130,24 +165,42 @@ def main(argv: list[str] | None = None) -> None:
     def body(args, params: StageParams) -> str | None:
         setup_distributed("steps.preference_tune", args.params, argv)  # under torchrun when params ask for processes
         metrics = preference_tune(
-            params.section(STAGE, PreferenceTuneParams), params.section("tokenizer", TokenizerParams),
-            instruct_dir=args.instruct, data_dir=args.data, out_dir=args.out, metrics_out=args.metrics,
-            history_out=args.history, plots_dir=args.plots, cache_dir=args.cache, resume=not args.restart,
+            params.section(STAGE, PreferenceTuneParams),
+            params.section("tokenizer", TokenizerParams),
+            instruct_dir=args.instruct,
+            data_dir=args.data,
+            out_dir=args.out,
+            metrics_out=args.metrics,
+            history_out=args.history,
+            plots_dir=args.plots,
+            cache_dir=args.cache,
+            resume=not args.restart,
         )
         if not metrics:  # another rank of a torchrun
             return None
-        return (f"{metrics['steps']} steps, val DPO loss {metrics['val_loss']:.4f}, val reward margin "
-                f"{metrics['val_reward_margin']:.4f}, val preference accuracy {metrics['val_preference_accuracy']:.3f}, "
-                f"{PREFERENCE_MODEL} version {metrics['registered_version']} (@candidate) -> {args.out}")
+        return (
+            f"{metrics['steps']} steps, val DPO loss {metrics['val_loss']:.4f}, val reward margin "
+            f"{metrics['val_reward_margin']:.4f}, val preference accuracy {metrics['val_preference_accuracy']:.3f}, "
+            f"{PREFERENCE_MODEL} version {metrics['registered_version']} (@candidate) -> {args.out}"
+        )
 
-    run_stage(STAGE, "Preference-tune the instruction model with DPO (book chapter 7 bonus).", body, argv=argv,
-              errors=TRAINING_ERRORS, options=restart_option, paths={
-                  "instruct": ("models/instruct", "the instruction model: policy start and frozen reference"),
-                  "data": "data/preferences", "out": "models/preference",
-                  "metrics": "reports/preference_tune.json", "history": "plots/preference_training.csv",
-                  "plots": ("plots", "where the loss/reward-margin/accuracy PNGs go"),
-                  "cache": (str(CACHE_DIR), "resumable training states"),
-              })
+    run_stage(
+        STAGE,
+        "Preference-tune the instruction model with DPO (book chapter 7 bonus).",
+        body,
+        argv=argv,
+        errors=TRAINING_ERRORS,
+        options=restart_option,
+        paths={
+            "instruct": ("models/instruct", "the instruction model: policy start and frozen reference"),
+            "data": "data/preferences",
+            "out": "models/preference",
+            "metrics": "reports/preference_tune.json",
+            "history": "plots/preference_training.csv",
+            "plots": ("plots", "where the loss/reward-margin/accuracy PNGs go"),
+            "cache": (str(CACHE_DIR), "resumable training states"),
+        },
+    )
 
 
 if __name__ == "__main__":

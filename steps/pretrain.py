@@ -117,8 +117,6 @@ class EpochSampleCallback(TrainCallback):
         tqdm.write(f"epoch {state.epoch + 1}: {text!r}")
 
 
-
-
 def vocab_for(cfg: GPTConfig, tokenizer, pad_to: int | None) -> GPTConfig:
     """GPT-2's BPE keeps the preset's vocabulary (50,257: the book's model); a trained one sets
     ``vocab_size`` to its own, the embedding and head padded to ``pad_to`` rows (64 when null)."""
@@ -137,22 +135,34 @@ def pretrain(
 ) -> dict[str, float]:
     """Train from scratch (or resume), write the outputs and log the run; returns the metrics."""
     tokenizer = get_tokenizer(tokenizer_params.directory)
-    cfg = vocab_for(params.model.gpt_config(read_windows_meta(paths.windows).context_length), tokenizer,
-                    params.model.pad_vocab_to_multiple)
+    cfg = vocab_for(
+        params.model.gpt_config(read_windows_meta(paths.windows).context_length),
+        tokenizer,
+        params.model.pad_vocab_to_multiple,
+    )
     windows = load_windows(paths.windows, cfg)
     train_data, val_data = windows["train"], windows["val"]
     device = stage_device(STAGE, params)
     torch.manual_seed(params.seed)
     model = GPTModel(cfg).to(device)
     job = TrainingJob(
-        stage=STAGE, experiment=EXPERIMENT, registered_model=PRETRAINED_MODEL, params=params, model=model,
-        train_data=train_data, val_data=val_data,
+        stage=STAGE,
+        experiment=EXPERIMENT,
+        registered_model=PRETRAINED_MODEL,
+        params=params,
+        model=model,
+        train_data=train_data,
+        val_data=val_data,
         data_files=window_files(paths.windows),
         save=lambda trained, out: save_checkpoint(trained, out, extra={"stage": STAGE, "prompt_style": "plain"}),
         pyfunc=Pyfunc("generator", "generator.py", generator_signature()),
         callbacks=[EpochSampleCallback(tokenizer, params.sample), *callbacks],
         resume_settings={"model": cfg.to_dict()},
-        run_params={"n_parameters": model.num_parameters(), "train_windows": len(train_data), "val_windows": len(val_data)},
+        run_params={
+            "n_parameters": model.num_parameters(),
+            "train_windows": len(train_data),
+            "val_windows": len(val_data),
+        },
         extra_metrics={"parameters": model.num_parameters()},
     )
     out = TrainingOutputs(paths.model_out, paths.metrics, paths.history_csv, {"loss": paths.loss_plot}, paths.state_dir)
@@ -166,17 +176,27 @@ def main(argv: list[str] | None = None) -> None:
         metrics = pretrain(params.section(STAGE, PretrainParams), paths, params.section("tokenizer", TokenizerParams))
         if not metrics:  # another rank of a torchrun
             return None
-        return (f"train loss {metrics['train_loss']:.3f}, val loss {metrics['val_loss']:.3f} after "
-                f"{metrics['tokens_seen']} tokens ({metrics['tokens_per_s']:.0f} tokens/s) -> {paths.model_out}")
+        return (
+            f"train loss {metrics['train_loss']:.3f}, val loss {metrics['val_loss']:.3f} after "
+            f"{metrics['tokens_seen']} tokens ({metrics['tokens_per_s']:.0f} tokens/s) -> {paths.model_out}"
+        )
 
     defaults = PretrainPaths()
-    run_stage(STAGE, "Pretrain the GPT on the corpus windows (book chapter 5).", body, argv=argv,
-              errors=TRAINING_ERRORS, paths={
-                  "windows": (str(defaults.windows), "windows' meta.json (over the token shards)"),
-                  "out": (str(defaults.model_out), "checkpoint directory"),
-                  "metrics": str(defaults.metrics), "history": str(defaults.history_csv),
-                  "plot": str(defaults.loss_plot), "state-dir": (str(defaults.state_dir), "resumable training state"),
-              })
+    run_stage(
+        STAGE,
+        "Pretrain the GPT on the corpus windows (book chapter 5).",
+        body,
+        argv=argv,
+        errors=TRAINING_ERRORS,
+        paths={
+            "windows": (str(defaults.windows), "windows' meta.json (over the token shards)"),
+            "out": (str(defaults.model_out), "checkpoint directory"),
+            "metrics": str(defaults.metrics),
+            "history": str(defaults.history_csv),
+            "plot": str(defaults.loss_plot),
+            "state-dir": (str(defaults.state_dir), "resumable training state"),
+        },
+    )
 
 
 if __name__ == "__main__":

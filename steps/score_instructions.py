@@ -48,6 +48,18 @@ class ScoreInstructionsParams(StrictModel):
     judge: JudgeParams = JudgeParams()
 
 
+# The metrics metrics/instruct.json keeps (what `dvc exp show` compares).
+HEADLINE = (
+    "rouge_l_f1",
+    "rouge_l_f1_ci_low",
+    "rouge_l_f1_ci_high",
+    "judge_score",
+    "judge_score_ci_low",
+    "judge_score_ci_high",
+    "validation_response_loss",
+)
+
+
 def words(text: str) -> list[str]:
     """Lower-cased alphanumeric words: the tokenisation of the reference ROUGE scorer."""
     return "".join(ch if ch.isalnum() else " " for ch in text.lower()).split()
@@ -99,35 +111,81 @@ def score_instructions(
         raise DataError(f"{test_file}: no instruction entries")
     if not (model_dir / "config.json").is_file():
         raise ModelNotFoundError(f"model {model_dir} not found: run `dvc repro finetune_instruct`")
-    try:
-        device = resolve_device(params.device)
-    except ValueError as exc:
-        raise ParamsError(f"{STAGE}.device: {exc}") from exc
-    model = load_checkpoint(model_dir).to(device)
-    style = checkpoint_prompt_style(read_checkpoint_meta(model_dir))  # what the model was trained on
-    # A Hugging Face base's fine-tune: its own tokenizer (in model_dir), its chat template and end-of-turn.
-    tokenizer = base_tokenizer(model_dir, tokenizer_params.source, STAGE) if style == TEMPLATE else \
-        get_tokenizer(tokenizer_params.directory)
+    model, tokenizer, style = load_scored_model(model_dir, params.device, tokenizer_params)
     started = time.perf_counter()
     answers = generate_responses(
-        model, tokenizer, entries, max_new_tokens=params.max_new_tokens,
-        batch_size=params.batch_size, style=style, seed=params.seed,
+        model,
+        tokenizer,
+        entries,
+        max_new_tokens=params.max_new_tokens,
+        batch_size=params.batch_size,
+        style=style,
+        seed=params.seed,
     )
     generate_s = time.perf_counter() - started
     examples = [scored_example(tokenizer, e, style)[1] for e in entries]
     losses = response_losses(model, examples, batch_size=params.batch_size, pad_id=end_id(tokenizer, style))
-    n_tokens = sum(n for _, n in losses)
-    loss = sum(s for s, _ in losses) / n_tokens if n_tokens else math.nan
     rouge = [rouge_l_f1(a, reference(e)) for a, e in zip(answers, entries)]
     judged = judge_responses(entries, answers, params.judge)
     records = [
-        {**question_fields(e), "output": reference(e), "model_response": a, "rouge_l_f1": round(r, 6),
-         "judge_score": s, "response_loss_sum": round(ls, 6), "response_tokens": n}
+        {
+            **question_fields(e),
+            "output": reference(e),
+            "model_response": a,
+            "rouge_l_f1": round(r, 6),
+            "judge_score": s,
+            "response_loss_sum": round(ls, 6),
+            "response_tokens": n,
+        }
         for e, a, r, s, (ls, n) in zip(entries, answers, rouge, judged.scores, losses)
     ]
     write_json(responses_out, records)
-    metrics = {
-        "n_entries": len(entries),
+    metrics = test_metrics(rouge, judged, losses, comparison)
+    validation_file = validation_file or test_file.parent / "validation.json"
+    selection = validation_scoring(model, tokenizer, style, validation_file, params.batch_size, metrics)
+    if selection is not None:
+        metrics["validation_response_loss"] = round(selection.value, 6)
+    write_json(metrics_out, metrics)
+    write_json(headline_out, {k: metrics[k] for k in HEADLINE if metrics.get(k) is not None})
+    tracked = {k: float(v) for k, v in metrics.items() if v is not None}
+    record_evaluation(
+        STAGE,
+        params,
+        model_dir,
+        {**tracked, "generate_s": generate_s},
+        [responses_out],
+        registered_model=INSTRUCT_MODEL,
+        selection=selection,
+        comparison=comparison,
+        outputs=[responses_out, metrics_out, headline_out],
+    )
+    return metrics
+
+
+def load_scored_model(model_dir: Path, device_name: str, tokenizer_params: TokenizerParams):
+    """(model on its device, tokenizer, prompt style): the style the checkpoint was trained in; a
+    Hugging Face base's fine-tune brings its own tokenizer (in model_dir), chat template and end-of-turn."""
+    try:
+        device = resolve_device(device_name)
+    except ValueError as exc:
+        raise ParamsError(f"{STAGE}.device: {exc}") from exc
+    model = load_checkpoint(model_dir).to(device)
+    style = checkpoint_prompt_style(read_checkpoint_meta(model_dir))
+    tokenizer = (
+        base_tokenizer(model_dir, tokenizer_params.source, STAGE)
+        if style == TEMPLATE
+        else get_tokenizer(tokenizer_params.directory)
+    )
+    return model, tokenizer, style
+
+
+def test_metrics(rouge: list[float], judged, losses: list[tuple[float, int]], comparison: ComparisonParams) -> dict:
+    """The test split's metrics: mean ROUGE-L, the response loss over every reference token, the
+    judge's mean score and why any answer went unscored, each with its interval."""
+    n_tokens = sum(n for _, n in losses)
+    loss = sum(s for s, _ in losses) / n_tokens if n_tokens else math.nan
+    return {
+        "n_entries": len(rouge),
         "rouge_l_f1": round(sum(rouge) / len(rouge), 6),
         # None when the context cuts every reference response off (no token to measure).
         "response_loss": round(loss, 6) if n_tokens else None,
@@ -135,31 +193,20 @@ def score_instructions(
         "response_tokens": n_tokens,
         "judge_score": None if judged.mean_score is None else round(judged.mean_score, 4),
         "n_scored": judged.n_scored,
-        "n_unscored": len(entries) - judged.n_scored,
+        "n_unscored": len(rouge) - judged.n_scored,
         "n_unscored_unreachable": judged.n_unreachable,  # the judge could not be asked
         "n_unscored_unusable": judged.n_unusable,  # it answered, but never an integer 0..100
         "judge_available": judged.available,
         **test_intervals(rouge, judged.scores, losses, comparison),
     }
-    validation_file = validation_file or test_file.parent / "validation.json"
-    selection = validation_scoring(model, tokenizer, style, validation_file, params.batch_size, metrics)
-    if selection is not None:
-        metrics["validation_response_loss"] = round(selection.value, 6)
-    write_json(metrics_out, metrics)
-    headline = ("rouge_l_f1", "rouge_l_f1_ci_low", "rouge_l_f1_ci_high", "judge_score", "judge_score_ci_low",
-                "judge_score_ci_high", "validation_response_loss")
-    write_json(headline_out, {k: metrics[k] for k in headline if metrics.get(k) is not None})
-    tracked = {k: float(v) for k, v in metrics.items() if v is not None}
-    record_evaluation(STAGE, params, model_dir, {**tracked, "generate_s": generate_s}, [responses_out],
-                      registered_model=INSTRUCT_MODEL, selection=selection, comparison=comparison,
-                      outputs=[responses_out, metrics_out, headline_out])
-    return metrics
 
 
-def test_intervals(rouge: list[float], judge: list[int | None], losses: list[tuple[float, int]],
-                   comparison: ComparisonParams) -> dict[str, float | None]:
+def test_intervals(
+    rouge: list[float], judge: list[int | None], losses: list[tuple[float, int]], comparison: ComparisonParams
+) -> dict[str, float | None]:
     """Bootstrap intervals over the test examples: ROUGE-L, the judge's score (the judged ones)
     and the token-weighted response loss."""
+
     def ratio(sums, counts, axis=-1):
         return sums.sum(axis=axis) / np.maximum(counts.sum(axis=axis), 1)
 
@@ -173,8 +220,9 @@ def test_intervals(rouge: list[float], judge: list[int | None], losses: list[tup
     return fields
 
 
-def validation_scoring(model, tokenizer, style: str, validation_file: Path, batch_size: int,
-                       test_metrics: dict) -> Scoring | None:
+def validation_scoring(
+    model, tokenizer, style: str, validation_file: Path, batch_size: int, test_metrics: dict
+) -> Scoring | None:
     """The registry's selection scoring: each validation example's mean response loss (lower is
     better; paired bootstrap), with the test's ROUGE-L and judge score recorded beside."""
     if not validation_file.is_file():
@@ -182,14 +230,22 @@ def validation_scoring(model, tokenizer, style: str, validation_file: Path, batc
         return None
     entries = load_entries(validation_file)
     scored = [scored_example(tokenizer, e, style) for e in entries]
-    losses = response_losses(model, [example for _, example in scored], batch_size=batch_size,
-                             pad_id=end_id(tokenizer, style))
+    losses = response_losses(
+        model, [example for _, example in scored], batch_size=batch_size, pad_id=end_id(tokenizer, style)
+    )
     n_tokens = sum(n for _, n in losses)
     per_example = [s / n if n else math.nan for s, n in losses]
     keys = [prompt + "\0" + reference(e) for (prompt, _), e in zip(scored, entries)]
     beside = {f"test_{k}": test_metrics[k] for k in ("rouge_l_f1", "judge_score") if test_metrics.get(k) is not None}
-    return Scoring("validation", "response_loss", sum(s for s, _ in losses) / n_tokens if n_tokens else math.nan,
-                   per_example, examples_digest(keys), higher_is_better=False, others=beside)
+    return Scoring(
+        "validation",
+        "response_loss",
+        sum(s for s, _ in losses) / n_tokens if n_tokens else math.nan,
+        per_example,
+        examples_digest(keys),
+        higher_is_better=False,
+        others=beside,
+    )
 
 
 def question_fields(entry: dict) -> dict:
@@ -202,11 +258,13 @@ def question_fields(entry: dict) -> dict:
 def format_summary(metrics: dict, judge_model: str) -> str:
     judge = (
         f"judge ({judge_model}) {metrics['judge_score']:.2f} over {metrics['n_scored']} of {metrics['n_entries']}"
-        if metrics["judge_score"] is not None else "judge: not scored"
+        if metrics["judge_score"] is not None
+        else "judge: not scored"
     )
     loss = (
         f"response loss {metrics['response_loss']:.4f} (perplexity {metrics['response_perplexity']:.2f})"
-        if metrics["response_loss"] is not None else "response loss: no response token fits the context"
+        if metrics["response_loss"] is not None
+        else "response loss: no response token fits the context"
     )
     return f"{metrics['n_entries']} test prompts: ROUGE-L F1 {metrics['rouge_l_f1']:.4f}, {loss}, {judge}"
 
@@ -215,21 +273,41 @@ def main(argv: Sequence[str] | None = None) -> None:
     def body(args, params: StageParams) -> str:
         settings = params.section(STAGE, ScoreInstructionsParams)
         metrics = score_instructions(
-            settings, params.section("tokenizer", TokenizerParams), model_dir=args.model, test_file=args.test,
-            responses_out=args.responses, metrics_out=args.metrics, headline_out=args.headline,
-            validation_file=args.validation, comparison=params.section("comparison", ComparisonParams),
+            settings,
+            params.section("tokenizer", TokenizerParams),
+            model_dir=args.model,
+            test_file=args.test,
+            responses_out=args.responses,
+            metrics_out=args.metrics,
+            headline_out=args.headline,
+            validation_file=args.validation,
+            comparison=params.section("comparison", ComparisonParams),
         )
         return format_summary(metrics, settings.judge.model)
 
-    run_stage(STAGE, "Generate answers for the instruction test split and score them.", body, argv=argv,
-              errors=(ModelNotFoundError, JudgeUnavailableError, CheckpointError, TokenizerFilesError,
-                                             TokenizerConfigError, ChatTemplateError, BaseModelError), paths={
-                  "model": "models/instruct", "test": "data/instructions/test.json",
-                  "validation": (None, "the validation split the registry chooses on (default: beside --test)"),
-                  "responses": "data/scores/instruction_responses.json",
-                  "metrics": ("reports/instructions.json", "every score"),
-                  "headline": ("metrics/instructions.json", "ROUGE-L, judge score"),
-              })
+    run_stage(
+        STAGE,
+        "Generate answers for the instruction test split and score them.",
+        body,
+        argv=argv,
+        errors=(
+            ModelNotFoundError,
+            JudgeUnavailableError,
+            CheckpointError,
+            TokenizerFilesError,
+            TokenizerConfigError,
+            ChatTemplateError,
+            BaseModelError,
+        ),
+        paths={
+            "model": "models/instruct",
+            "test": "data/instructions/test.json",
+            "validation": (None, "the validation split the registry chooses on (default: beside --test)"),
+            "responses": "data/scores/instruction_responses.json",
+            "metrics": ("reports/instructions.json", "every score"),
+            "headline": ("metrics/instructions.json", "ROUGE-L, judge score"),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -58,8 +58,10 @@ def model_label_ids(frame: pd.DataFrame, data_labels: list[str], model_labels: l
     unknown = [(row, name) for row, name in enumerate(names) if name not in model_labels]
     if unknown:
         row, name = unknown[0]
-        raise DataError(f"{path} row {row + 1}: label {name!r} is not one the classifier knows ({model_labels}); "
-                        f"{len(unknown)} such row(s): retrain it on this data")
+        raise DataError(
+            f"{path} row {row + 1}: label {name!r} is not one the classifier knows ({model_labels}); "
+            f"{len(unknown)} such row(s): retrain it on this data"
+        )
     return [model_labels.index(name) for name in names]
 
 
@@ -105,8 +107,10 @@ def score_spam(
         raise ParamsError(f"{STAGE}.device: {exc}") from exc
     model = load_classifier(model_dir, map_location=device)
     tokenizer = get_tokenizer(tokenizer_params.directory)
-    actuals = {split: model_label_ids(frame, data_labels, model.labels, data_dir / f"{split}.csv")
-               for split, frame in frames.items()}
+    actuals = {
+        split: model_label_ids(frame, data_labels, model.labels, data_dir / f"{split}.csv")
+        for split, frame in frames.items()
+    }
     metrics, predictions, probabilities = {}, {}, {}
     for split, frame in frames.items():
         probs = predict_proba(model, tokenizer, frame["Text"].tolist(), params.batch_size)
@@ -120,18 +124,28 @@ def score_spam(
 
     actual, predicted = actuals[params.plot_split], predictions[params.plot_split]
     csv_path, png_path = plots_dir / "spam_confusion.csv", plots_dir / "spam_confusion.png"
-    table = pd.DataFrame({"actual": [model.labels[i] for i in actual],
-                          "predicted": [model.labels[i] for i in predicted]})
+    table = pd.DataFrame(
+        {"actual": [model.labels[i] for i in actual], "predicted": [model.labels[i] for i in predicted]}
+    )
     with atomic_path(csv_path) as tmp:
         table.to_csv(tmp, index=False)
     accuracy = metrics[params.plot_split]["accuracy"]
     title = f"classifier, {params.plot_split} split (accuracy {accuracy:.2%})"
     save_confusion_png(png_path, actual, predicted, model.labels, title)
-    selection = selection_scoring(frames["validation"], actuals["validation"], predictions["validation"],
-                                  metrics["test"])
-    record_evaluation(STAGE, params, model_dir, flat_metrics(metrics), [png_path, csv_path, predictions_out],
-                      registered_model=SPAM_CLASSIFIER, selection=selection, comparison=comparison,
-                      outputs=[metrics_out, headline_out, png_path, csv_path, predictions_out])
+    selection = selection_scoring(
+        frames["validation"], actuals["validation"], predictions["validation"], metrics["test"]
+    )
+    record_evaluation(
+        STAGE,
+        params,
+        model_dir,
+        flat_metrics(metrics),
+        [png_path, csv_path, predictions_out],
+        registered_model=SPAM_CLASSIFIER,
+        selection=selection,
+        comparison=comparison,
+        outputs=[metrics_out, headline_out, png_path, csv_path, predictions_out],
+    )
     return metrics
 
 
@@ -140,27 +154,45 @@ def headline(metrics: dict[str, dict], prefix: str) -> dict[str, float]:
     validation accuracy the registry selects on."""
     test = metrics["test"]
     keys = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "f1", "f1_ci_low", "f1_ci_high")
-    return {**{f"{prefix}{k}": test[k] for k in keys if k in test},
-            f"{prefix.replace('test_', 'validation_')}accuracy": metrics["validation"]["accuracy"]}
+    return {
+        **{f"{prefix}{k}": test[k] for k in keys if k in test},
+        f"{prefix.replace('test_', 'validation_')}accuracy": metrics["validation"]["accuracy"],
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     def body(args, params: StageParams) -> str:
-        metrics = score_spam(params.section(STAGE, ScoreSpamParams), model_dir=args.model, data_dir=args.data,
-                             metrics_out=args.metrics, headline_out=args.headline, plots_dir=args.plots,
-                             predictions_out=args.predictions,
-                             tokenizer_params=params.section("tokenizer", TokenizerParams),
-                             comparison=params.section("comparison", ComparisonParams))
-        return ", ".join(f"{split} accuracy {m['accuracy']:.4f} [{m['accuracy_ci_low']:.4f}, {m['accuracy_ci_high']:.4f}]"
-                         for split, m in metrics.items())
+        metrics = score_spam(
+            params.section(STAGE, ScoreSpamParams),
+            model_dir=args.model,
+            data_dir=args.data,
+            metrics_out=args.metrics,
+            headline_out=args.headline,
+            plots_dir=args.plots,
+            predictions_out=args.predictions,
+            tokenizer_params=params.section("tokenizer", TokenizerParams),
+            comparison=params.section("comparison", ComparisonParams),
+        )
+        return ", ".join(
+            f"{split} accuracy {m['accuracy']:.4f} [{m['accuracy_ci_low']:.4f}, {m['accuracy_ci_high']:.4f}]"
+            for split, m in metrics.items()
+        )
 
-    run_stage(STAGE, "Score the spam classifier on the train/validation/test splits.", body, argv=argv,
-              errors=(CheckpointError, TokenizerFilesError), paths={
-        "model": "models/spam_classifier", "data": "data/spam",
-        "metrics": ("reports/spam.json", "every split's metrics"),
-        "headline": ("metrics/spam.json", "test accuracy and F1"), "plots": "plots",
-        "predictions": ("reports/spam_predictions.csv", "every example's prediction"),
-    })
+    run_stage(
+        STAGE,
+        "Score the spam classifier on the train/validation/test splits.",
+        body,
+        argv=argv,
+        errors=(CheckpointError, TokenizerFilesError),
+        paths={
+            "model": "models/spam_classifier",
+            "data": "data/spam",
+            "metrics": ("reports/spam.json", "every split's metrics"),
+            "headline": ("metrics/spam.json", "test accuracy and F1"),
+            "plots": "plots",
+            "predictions": ("reports/spam_predictions.csv", "every example's prediction"),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -47,8 +47,9 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Itera
             yield pending.popleft().result()
 
 
-def work_items(files: list[Path], start: int, params: CorpusParams, counts: Counts,
-               scratch: Path) -> Iterator[tuple[str, tuple[int, dict] | None]]:
+def work_items(
+    files: list[Path], start: int, params: CorpusParams, counts: Counts, scratch: Path
+) -> Iterator[tuple[str, tuple[int, dict] | None]]:
     """Pieces of text from file ``start`` on; each file's last piece carries (file index, counts so far)."""
     pieces = Pieces(params.endoftext, counts)
     for index in range(start, len(files)):
@@ -59,16 +60,23 @@ def work_items(files: list[Path], start: int, params: CorpusParams, counts: Coun
         yield pieces.take(), (index, asdict(counts))
 
 
-def tokenize_corpus(root: Path, out_dir: Path, metrics_out: Path, params: CorpusParams,
-                    tokenizer_params: TokenizerParams, state_dir: Path = STATE_DIR) -> dict:
+def tokenize_corpus(
+    root: Path,
+    out_dir: Path,
+    metrics_out: Path,
+    params: CorpusParams,
+    tokenizer_params: TokenizerParams,
+    state_dir: Path = STATE_DIR,
+) -> dict:
     """Write the corpus's token shards to ``out_dir`` and its counts to ``metrics_out``."""
     skipped: list[Skipped] = []
     files = corpus_files(root, params.include, skipped)  # warns about each entry it skips
     tokenizer = get_tokenizer(tokenizer_params.directory)
     dtype = np.uint16 if tokenizer.n_vocab <= 1 << 16 else np.uint32
     digest = tokenizer_digest(tokenizer)
-    inputs = [(str(p.relative_to(root)) if p != root else p.name, p.stat().st_size, p.stat().st_mtime_ns)
-              for p in files]
+    inputs = [
+        (str(p.relative_to(root)) if p != root else p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files
+    ]
     work_dir = resume_state_dir(state_dir, str(root), params.model_dump(exclude={"workers"}), digest, inputs)
     writer = ShardWriter(work_dir, dtype)
     record_state_params(work_dir, "corpus", params.model_dump(mode="json"))
@@ -80,20 +88,28 @@ def tokenize_corpus(root: Path, out_dir: Path, metrics_out: Path, params: Corpus
         return tokenizer.encode_to_numpy(text, allowed_special=allowed, disallowed_special=()).astype(dtype), marker
 
     workers = params.workers or len(os.sched_getaffinity(0))
-    for tokens, marker in ordered_map(encode, work_items(files, writer.next_file, params, counts, work_dir),
-                                      workers):
+    for tokens, marker in ordered_map(encode, work_items(files, writer.next_file, params, counts, work_dir), workers):
         writer.write(tokens)
         if marker is not None and writer.open_tokens >= params.shard_tokens:
             writer.commit(marker[0] + 1, marker[1])
     writer.commit(len(files), asdict(counts))
     if not writer.state["shards"]:
         raise DataError(f"corpus {root} has no text ({counts.empty_documents} empty document(s))")
-    meta = writer.finish(out_dir, {
-        "vocab_size": tokenizer.n_vocab, "endoftext_id": eot_id(tokenizer),
-        "tokenizer": {"name": tokenizer.name, "sha256": digest},
-    })
-    metrics = {**asdict(counts), "tokens": meta["tokens"], "shards": len(meta["shards"]),
-               "skipped_entries": len(skipped), "skipped": [asdict(s) for s in skipped[:100]]}
+    meta = writer.finish(
+        out_dir,
+        {
+            "vocab_size": tokenizer.n_vocab,
+            "endoftext_id": eot_id(tokenizer),
+            "tokenizer": {"name": tokenizer.name, "sha256": digest},
+        },
+    )
+    metrics = {
+        **asdict(counts),
+        "tokens": meta["tokens"],
+        "shards": len(meta["shards"]),
+        "skipped_entries": len(skipped),
+        "skipped": [asdict(s) for s in skipped[:100]],
+    }
     write_json(metrics_out, metrics)
     return metrics
 
@@ -102,21 +118,39 @@ def main(argv: list[str] | None = None) -> None:
     def body(args, params: StageParams) -> str:
         corpus = params.section("corpus", CorpusParams)
         started = time.perf_counter()
-        metrics = tokenize_corpus(args.corpus or Path(corpus.root), args.tokens, args.metrics, corpus,
-                                  params.section("tokenizer", TokenizerParams), args.state_dir)
+        metrics = tokenize_corpus(
+            args.corpus or Path(corpus.root),
+            args.tokens,
+            args.metrics,
+            corpus,
+            params.section("tokenizer", TokenizerParams),
+            args.state_dir,
+        )
         seconds = time.perf_counter() - started
-        return (f"{metrics['files']} file(s), {metrics['documents']} document(s), {metrics['bytes'] / 1e6:.1f} MB -> "
-                f"{metrics['tokens']} tokens in {metrics['shards']} shard(s) in {args.tokens} "
-                f"({metrics['bytes'] / 1e6 / max(seconds, 1e-9):.1f} MB/s)"
-                + (f"; {metrics['skipped_entries']} corpus entr(y/ies) skipped (warned above)"
-                   if metrics["skipped_entries"] else ""))
+        return (
+            f"{metrics['files']} file(s), {metrics['documents']} document(s), {metrics['bytes'] / 1e6:.1f} MB -> "
+            f"{metrics['tokens']} tokens in {metrics['shards']} shard(s) in {args.tokens} "
+            f"({metrics['bytes'] / 1e6 / max(seconds, 1e-9):.1f} MB/s)"
+            + (
+                f"; {metrics['skipped_entries']} corpus entr(y/ies) skipped (warned above)"
+                if metrics["skipped_entries"]
+                else ""
+            )
+        )
 
-    run_stage("tokenize", "Tokenize the corpus into GPT-2 token shards (streaming, parallel, resumable).", body,
-              argv=argv, errors=(TokenizerFilesError,), paths={
-                  "corpus": (None, "corpus file or directory (default: params corpus.root)"),
-                  "tokens": ("data/tokens", "token shards + meta.json"), "metrics": "reports/tokenize.json",
-                  "state-dir": (str(STATE_DIR), "resumable work directory"),
-              })
+    run_stage(
+        "tokenize",
+        "Tokenize the corpus into GPT-2 token shards (streaming, parallel, resumable).",
+        body,
+        argv=argv,
+        errors=(TokenizerFilesError,),
+        paths={
+            "corpus": (None, "corpus file or directory (default: params corpus.root)"),
+            "tokens": ("data/tokens", "token shards + meta.json"),
+            "metrics": "reports/tokenize.json",
+            "state-dir": (str(STATE_DIR), "resumable work directory"),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -93,14 +93,22 @@ def compression(encoding, texts: list[str]) -> dict:
     ids = [token for text in texts for token in encoding.encode_ordinary(text)]
     n_bytes = sum(len(text.encode()) for text in texts)
     words = sum(len(text.split()) for text in texts)
-    return {"tokens": len(ids), "bytes": n_bytes, "words": words,
-            "bytes_per_token": round(n_bytes / max(len(ids), 1), 4),
-            "tokens_per_word": round(len(ids) / max(words, 1), 4), "distinct_ids": len(set(ids))}
+    return {
+        "tokens": len(ids),
+        "bytes": n_bytes,
+        "words": words,
+        "bytes_per_token": round(n_bytes / max(len(ids), 1), 4),
+        "tokens_per_word": round(len(ids) / max(words, 1), 4),
+        "distinct_ids": len(set(ids)),
+    }
 
 
 def longest_tokens(encoding, n: int = LONGEST) -> list[str]:
-    pieces = [encoding.decode_single_token_bytes(i) for i in range(encoding.max_token_value + 1)
-              if i not in encoding._special_tokens.values()]
+    pieces = [
+        encoding.decode_single_token_bytes(i)
+        for i in range(encoding.max_token_value + 1)
+        if i not in encoding._special_tokens.values()
+    ]
     return [p.decode("utf-8", errors="replace") for p in sorted(pieces, key=len, reverse=True)[:n]]
 
 
@@ -112,35 +120,52 @@ def gpt2_or_none(encoding_dir: str | None):
         return None
 
 
-def train_tokenizer(root: Path, out_dir: Path, report_out: Path, metrics_out: Path, corpus: CorpusParams,
-                    params: TrainTokenizerParams, tokenizer_params: TokenizerParams) -> dict:
+def train_tokenizer(
+    root: Path,
+    out_dir: Path,
+    report_out: Path,
+    metrics_out: Path,
+    corpus: CorpusParams,
+    params: TrainTokenizerParams,
+    tokenizer_params: TokenizerParams,
+) -> dict:
     """Train (when ``tokenizer.source: trained``) and write ``out_dir``; write the report and metrics."""
     trained = tokenizer_params.source == "trained"
     with tempfile.TemporaryDirectory(prefix="train_tokenizer-") as scratch:
         split = CorpusSplit(root, corpus, params, Path(scratch))
         started = time.perf_counter()
         if trained:
-            hf = train_bpe(split.training(), params.vocab_size, params.pattern, params.special_tokens,
-                           params.min_frequency)
+            hf = train_bpe(
+                split.training(), params.vocab_size, params.pattern, params.special_tokens, params.min_frequency
+            )
             encoding = to_tiktoken(hf, params.pattern, name=f"trained-{params.vocab_size}")
         else:
             for _ in split.training():  # only the held-out slice is needed
                 pass
         seconds = time.perf_counter() - started
     if not split.heldout:
-        raise DataError(f"corpus {root} is too small for a held-out slice: fewer than {params.heldout_every} "
-                        f"chunks of {CHUNK_CHARS} characters; lower train_tokenizer.heldout_every")
+        raise DataError(
+            f"corpus {root} is too small for a held-out slice: fewer than {params.heldout_every} "
+            f"chunks of {CHUNK_CHARS} characters; lower train_tokenizer.heldout_every"
+        )
     gpt2 = gpt2_or_none(tokenizer_params.encoding_dir)
-    report = {"source": tokenizer_params.source, "train_bytes": split.train_bytes, "heldout_bytes": split.heldout_size,
-              "gpt2": compression(gpt2, split.heldout) if gpt2 else None}
+    report = {
+        "source": tokenizer_params.source,
+        "train_bytes": split.train_bytes,
+        "heldout_bytes": split.heldout_size,
+        "gpt2": compression(gpt2, split.heldout) if gpt2 else None,
+    }
     with atomic_path(out_dir, is_dir=True) as tmp:
         (tmp / "source.json").write_text(json.dumps({"source": tokenizer_params.source}) + "\n")
         if trained:
             save_encoding(encoding, tmp, {"pattern_name": params.pattern, "train_bytes": split.train_bytes})
-            report["trained"] = {**compression(encoding, split.heldout), "vocab_size": encoding.n_vocab,
-                                 "train_seconds": round(seconds, 3),
-                                 "train_mb_per_s": round(split.train_bytes / 1e6 / max(seconds, 1e-9), 3),
-                                 "longest_tokens": longest_tokens(encoding)}
+            report["trained"] = {
+                **compression(encoding, split.heldout),
+                "vocab_size": encoding.n_vocab,
+                "train_seconds": round(seconds, 3),
+                "train_mb_per_s": round(split.train_bytes / 1e6 / max(seconds, 1e-9), 3),
+                "longest_tokens": longest_tokens(encoding),
+            }
             report["trained"]["vocab_used"] = round(report["trained"]["distinct_ids"] / encoding.n_vocab, 4)
     write_json(report_out, report)
     metrics = headline(report)
@@ -152,13 +177,18 @@ def train_tokenizer(root: Path, out_dir: Path, report_out: Path, metrics_out: Pa
 def headline(report: dict) -> dict:
     """metrics/tokenizer.json: the used tokenizer's compression beside GPT-2's (``dvc exp show``)."""
     used = report.get("trained") or report["gpt2"] or {}
-    metrics = {"vocab_size": used.get("vocab_size", 50257), "bytes_per_token": used.get("bytes_per_token"),
-               "tokens_per_word": used.get("tokens_per_word")}
+    metrics = {
+        "vocab_size": used.get("vocab_size", 50257),
+        "bytes_per_token": used.get("bytes_per_token"),
+        "tokens_per_word": used.get("tokens_per_word"),
+    }
     if report.get("trained"):
         metrics["vocab_used"] = report["trained"]["vocab_used"]
     if report["gpt2"]:
-        metrics |= {"gpt2_bytes_per_token": report["gpt2"]["bytes_per_token"],
-                    "gpt2_tokens_per_word": report["gpt2"]["tokens_per_word"]}
+        metrics |= {
+            "gpt2_bytes_per_token": report["gpt2"]["bytes_per_token"],
+            "gpt2_tokens_per_word": report["gpt2"]["tokens_per_word"],
+        }
     return metrics
 
 
@@ -177,17 +207,35 @@ def main(argv: list[str] | None = None) -> None:
         corpus = params.section("corpus", CorpusParams)
         tokenizer_params = params.section("tokenizer", TokenizerParams)
         out = args.out or Path(tokenizer_params.trained_dir)
-        report = train_tokenizer(args.corpus or Path(corpus.root), out, args.report, args.metrics, corpus,
-                                 params.section(STAGE, TrainTokenizerParams), tokenizer_params)
-        line = ", ".join(f"{name}: {report[name]['bytes_per_token']} bytes/token, "
-                         f"{report[name]['tokens_per_word']} tokens/word"
-                         for name in ("trained", "gpt2") if report.get(name))
+        report = train_tokenizer(
+            args.corpus or Path(corpus.root),
+            out,
+            args.report,
+            args.metrics,
+            corpus,
+            params.section(STAGE, TrainTokenizerParams),
+            tokenizer_params,
+        )
+        line = ", ".join(
+            f"{name}: {report[name]['bytes_per_token']} bytes/token, {report[name]['tokens_per_word']} tokens/word"
+            for name in ("trained", "gpt2")
+            if report.get(name)
+        )
         return f"{report['source']} -> {out}; held-out {report['heldout_bytes'] / 1e6:.2f} MB: {line}"
 
-    run_stage(STAGE, "Train a byte-level BPE on the corpus (tiktoken encoding) and report its compression.", body,
-              argv=argv, errors=(DataError, TokenizerFilesError),
-              paths={"corpus": (None, "the corpus (default: corpus.root)"), "out": (None, "default: tokenizer.trained_dir"),
-                     "report": "reports/tokenizer.json", "metrics": "metrics/tokenizer.json"})
+    run_stage(
+        STAGE,
+        "Train a byte-level BPE on the corpus (tiktoken encoding) and report its compression.",
+        body,
+        argv=argv,
+        errors=(DataError, TokenizerFilesError),
+        paths={
+            "corpus": (None, "the corpus (default: corpus.root)"),
+            "out": (None, "default: tokenizer.trained_dir"),
+            "report": "reports/tokenizer.json",
+            "metrics": "metrics/tokenizer.json",
+        },
+    )
 
 
 if __name__ == "__main__":

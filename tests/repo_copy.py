@@ -33,19 +33,45 @@ TINY_PARAMS = {
     "instruction_data": {"train_frac": 0.05, "test_frac": 0.05},
     "pretrain": {
         "model": {"preset": "cpu-tiny", "emb_dim": None, "n_heads": None, "n_layers": None},
-        "epochs": 1, "batch_size": 16, "eval_every": 0, "eval_batches": 1, "checkpoint_every": 0,
+        "epochs": 1,
+        "batch_size": 16,
+        "eval_every": 0,
+        "eval_batches": 1,
+        "checkpoint_every": 0,
         "sample": {"max_new_tokens": 4},
     },
     "evaluate": {"batch_size": 32, "generation": {"max_new_tokens": 4}},
     # Windows of the tiny base's context, a quarter of them (stride 4x), one epoch.
-    "adapt_pretrain": {"window_length": 32, "stride": 128, "epochs": 1, "batch_size": 16, "eval_batches": 1, "checkpoint_every": 0},
+    "adapt_pretrain": {
+        "window_length": 32,
+        "stride": 128,
+        "epochs": 1,
+        "batch_size": 16,
+        "eval_batches": 1,
+        "checkpoint_every": 0,
+    },
     "baseline_spam": {"grid": {"classifier": ["logistic_regression"], "C": [1.0]}},
     "finetune_classifier": {"epochs": 1, "batch_size": 16, "max_length": 32, "eval_every": 0, "eval_batches": 1},
-    "finetune_instruct": {"epochs": 1, "batch_size": 16, "max_length": 32, "eval_every": 0, "eval_batches": 1,
-                          "checkpoint_every": 0, "sample_entries": 1, "sample_max_new_tokens": 4},
-    "score_instructions": {"max_new_tokens": 4, "max_entries": 4,
-                           "judge": {"url": f"http://127.0.0.1:{closed_port()}", "required": False, "connect_retries": 0,
-                                     "connect_timeout_s": 1}},
+    "finetune_instruct": {
+        "epochs": 1,
+        "batch_size": 16,
+        "max_length": 32,
+        "eval_every": 0,
+        "eval_batches": 1,
+        "checkpoint_every": 0,
+        "sample_entries": 1,
+        "sample_max_new_tokens": 4,
+    },
+    "score_instructions": {
+        "max_new_tokens": 4,
+        "max_entries": 4,
+        "judge": {
+            "url": f"http://127.0.0.1:{closed_port()}",
+            "required": False,
+            "connect_retries": 0,
+            "connect_timeout_s": 1,
+        },
+    },
     "preference_data": {"train_frac": 0.05, "test_frac": 0.05},
     "preference_tune": {"epochs": 1, "batch_size": 16, "eval_every": 0, "eval_batches": 1, "checkpoint_every": 0},
     "score_preference": {"batch_size": 64},
@@ -53,9 +79,19 @@ TINY_PARAMS = {
 }
 
 
-MODEL_STAGES = {"pretrain", "evaluate", "load_gpt2", "adapt_pretrain", "finetune_classifier", "score_spam", "finetune_instruct",
-                "preference_tune", "score_preference", "score_instructions_dpo",
-                "score_instructions"}
+MODEL_STAGES = {
+    "pretrain",
+    "evaluate",
+    "load_gpt2",
+    "adapt_pretrain",
+    "finetune_classifier",
+    "score_spam",
+    "finetune_instruct",
+    "preference_tune",
+    "score_preference",
+    "score_instructions_dpo",
+    "score_instructions",
+}
 
 
 def override(params: dict, tiny: dict, where: str = "") -> None:
@@ -73,8 +109,13 @@ def override(params: dict, tiny: dict, where: str = "") -> None:
 def copy_repo(dest: Path, remote: Path | None = None) -> Path:
     """The project's files (tracked or not ignored), as a fresh git repo: no data, no dvc.lock,
     no committed metrics; its DVC remote is ``remote`` (default: a directory beside ``dest``)."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\0")
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
     for name in filter(None, listed):
         source = REPO / name
         if name == "dvc.lock" or name.startswith("metrics/") or not source.is_file():
@@ -93,5 +134,6 @@ def copy_repo(dest: Path, remote: Path | None = None) -> Path:
 
 def use_remote(repo: Path, remote: Path) -> None:
     """Point the clone's default DVC remote at ``remote`` (in .dvc/config.local, untracked)."""
-    subprocess.run([sys.executable, "-m", "dvc", "remote", "modify", "--local", "local", "url", str(remote)],
-                   cwd=repo, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "remote", "modify", "--local", "local", "url", str(remote)], cwd=repo, check=True
+    )

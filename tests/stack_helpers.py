@@ -15,9 +15,18 @@ from pathlib import Path
 from tests.repo_copy import REPO
 
 # A client's variables that would point a test's commands at another store or server.
-CLIENT_VARS = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL",
-               "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "LLMPIPE_MLFLOW_PARENT_RUN_ID",
-               "LLMPIPE_MLFLOW_EXPERIMENT", "DVC_EXP_NAME")
+CLIENT_VARS = (
+    "MLFLOW_TRACKING_URI",
+    "PREFECT_API_URL",
+    "AWS_ENDPOINT_URL",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_PROFILE",
+    "LLMPIPE_MLFLOW_PARENT_RUN_ID",
+    "LLMPIPE_MLFLOW_EXPERIMENT",
+    "DVC_EXP_NAME",
+)
 
 
 @dataclass
@@ -32,12 +41,19 @@ class Stack:
         return {**base, "LLM_STACK_DIR": str(self.dir), **self.env, **extra}
 
 
-def llm_stack(directory: Path, *args: str, check: bool = True, env: Mapping[str, str] | None = None,
-              timeout: float = 600) -> subprocess.CompletedProcess:
+def llm_stack(
+    directory: Path, *args: str, check: bool = True, env: Mapping[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """``llm stack --dir directory args...`` as a user runs it (a subprocess of this venv)."""
     base = {k: v for k, v in (env or os.environ).items() if k not in CLIENT_VARS}
-    done = subprocess.run([sys.executable, "-m", "cli.llm", "stack", "--dir", str(directory), *args],
-                          cwd=REPO, env=base, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.llm", "stack", "--dir", str(directory), *args],
+        cwd=REPO,
+        env=base,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and done.returncode != 0:
         raise AssertionError(f"llm stack {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
     return done
@@ -47,7 +63,7 @@ def parse_exports(text: str) -> dict[str, str]:
     values = {}
     for line in text.splitlines():
         if line.startswith("export "):
-            key, _, value = line[len("export "):].partition("=")
+            key, _, value = line[len("export ") :].partition("=")
             values[key] = shlex.split(value)[0] if value else ""
     return values
 
@@ -58,8 +74,23 @@ def running_stack(workers: int) -> Iterator[Stack]:
     in this checkout with the offline mirror; stopped and removed afterwards, even if `up` failed."""
     directory = Path(tempfile.mkdtemp(prefix="llm-stack-", dir="/tmp"))
     try:
-        up = llm_stack(directory, "up", "--postgres-port", "0", "--s3-port", "0", "--mlflow-port", "0",
-                       "--prefect-port", "0", "--workers", str(workers), "--workdir", str(REPO), "--offline")
+        up = llm_stack(
+            directory,
+            "up",
+            "--postgres-port",
+            "0",
+            "--s3-port",
+            "0",
+            "--mlflow-port",
+            "0",
+            "--prefect-port",
+            "0",
+            "--workers",
+            str(workers),
+            "--workdir",
+            str(REPO),
+            "--offline",
+        )
         env = parse_exports(llm_stack(directory, "env").stdout)
         yield Stack(directory, up.stdout, env)
     finally:

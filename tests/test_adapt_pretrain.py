@@ -32,15 +32,22 @@ VALIDATION = ["are we still on for tonight?", "URGENT! your mobile won a 2000 ca
 TEST = ["thanks, got it", "FREE ringtone, reply YES", "Ok lor"]
 # What the split discarded: held-out texts again with other case and spacing, dropped ham, and a
 # training text again.
-DISCARDED = ["ARE WE  still on for\ttonight?", "ok LOR", "dropped ham: see you at the gym",
-             "dropped ham: mum says dinner at eight", "see you at lunch"]
+DISCARDED = [
+    "ARE WE  still on for\ttonight?",
+    "ok LOR",
+    "dropped ham: see you at the gym",
+    "dropped ham: mum says dinner at eight",
+    "see you at lunch",
+]
 
 
 def write_task(root: Path, train: list[str] = TRAIN) -> Path:
     data = root / "data"
     data.mkdir(parents=True)
     for split, texts in {"train": train, "validation": VALIDATION, "test": TEST}.items():
-        pd.DataFrame({"Label": [i % 2 for i in range(len(texts))], "Text": texts}).to_csv(data / f"{split}.csv", index=False)
+        pd.DataFrame({"Label": [i % 2 for i in range(len(texts))], "Text": texts}).to_csv(
+            data / f"{split}.csv", index=False
+        )
     pd.DataFrame({"Text": DISCARDED}).to_csv(data / "discarded.csv", index=False)
     (data / "labels.json").write_text(json.dumps({"labels": ["ham", "spam"]}))
     return data
@@ -67,8 +74,10 @@ def test_no_held_out_text_of_a_balanced_split_reaches_the_corpus(tmp_path: Path)
     ham = [f"ham message {i % 23}" for i in range(60)] + ["Ok lor"] * 6 + ["OK  LOR"] * 2
     spam = [f"WIN a prize {i % 7} now" for i in range(14)] + ["Ok lor"]
     source = tmp_path / "SMSSpamCollection"
-    source.write_text("".join(f"{label}\t{text}\n" for label, texts in (("ham", ham), ("spam", spam))
-                              for text in texts), encoding="utf-8")
+    source.write_text(
+        "".join(f"{label}\t{text}\n" for label, texts in (("ham", ham), ("spam", spam)) for text in texts),
+        encoding="utf-8",
+    )
     data = tmp_path / "spam"
     counts = build_spam_dataset(source, data, tmp_path / "report.json", SpamDataParams())
     assert counts["discarded"] == {"ham": len(ham) - len(spam), "spam": 0}
@@ -106,12 +115,24 @@ def test_the_stage_continues_the_base_and_writes_a_base_for_the_classifier(tmp_p
     data = write_task(tmp_path)
     torch.manual_seed(0)
     save_checkpoint(GPTModel(GPTConfig.from_preset("cpu-tiny", context_length=4)), tmp_path / "base")
-    params = trainer_params(ap.AdaptPretrainParams, corpus={"val_frac": 0.3}, epochs=1, batch_size=4, lr=1e-2, eval_batches=2,
-                                    device="cpu")
-    out = TrainingOutputs(tmp_path / "adapted", tmp_path / "report.json", tmp_path / "hist.csv",
-                          {"loss": tmp_path / "loss.png"}, tmp_path / ".cache")
-    metrics = ap.adapt_pretrain(params, base_dir=tmp_path / "base", data_dir=data,
-                                corpus_dir=tmp_path / "corpus", out=out, tokenizer_params=TOKENIZER)
+    params = trainer_params(
+        ap.AdaptPretrainParams, corpus={"val_frac": 0.3}, epochs=1, batch_size=4, lr=1e-2, eval_batches=2, device="cpu"
+    )
+    out = TrainingOutputs(
+        tmp_path / "adapted",
+        tmp_path / "report.json",
+        tmp_path / "hist.csv",
+        {"loss": tmp_path / "loss.png"},
+        tmp_path / ".cache",
+    )
+    metrics = ap.adapt_pretrain(
+        params,
+        base_dir=tmp_path / "base",
+        data_dir=data,
+        corpus_dir=tmp_path / "corpus",
+        out=out,
+        tokenizer_params=TOKENIZER,
+    )
     written = [t for split in ("train", "val") for t in json.loads((tmp_path / "corpus" / f"{split}.json").read_text())]
     assert not {ap.text_key(t) for t in written} & {ap.text_key(t) for t in VALIDATION + TEST}
     assert metrics["corpus"]["train_messages"] + metrics["corpus"]["val_messages"] == len(written) == 6
@@ -125,11 +146,30 @@ def test_main_names_a_bad_discarded_file_and_writes_no_model(tmp_path: Path) -> 
     data = write_task(tmp_path)
     (data / "discarded.csv").write_text("Message\nfine\n")
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({ap.STAGE: trainer_params(ap.AdaptPretrainParams).model_dump(), "tokenizer": TOKENIZER.model_dump(),
-                                      "distributed": {"nproc_per_node": 1}}))
+    params.write_text(
+        yaml.safe_dump(
+            {
+                ap.STAGE: trainer_params(ap.AdaptPretrainParams).model_dump(),
+                "tokenizer": TOKENIZER.model_dump(),
+                "distributed": {"nproc_per_node": 1},
+            }
+        )
+    )
     with pytest.raises(SystemExit, match=r"adapt_pretrain: error: .*discarded.csv: missing column 'Text'"):
-        ap.main(["--params", str(params), "--base", str(tmp_path / "base"), "--data", str(data),
-                 "--out", str(tmp_path / "adapted"), "--corpus", str(tmp_path / "corpus")])
+        ap.main(
+            [
+                "--params",
+                str(params),
+                "--base",
+                str(tmp_path / "base"),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "adapted"),
+                "--corpus",
+                str(tmp_path / "corpus"),
+            ]
+        )
     assert not (tmp_path / "adapted").exists() and not (tmp_path / "corpus").exists()
 
 
@@ -137,9 +177,22 @@ def test_main_names_a_bad_discarded_file_and_writes_no_model(tmp_path: Path) -> 
 def test_windows_longer_than_the_base_context_are_a_params_error(tmp_path: Path) -> None:
     data = write_task(tmp_path)
     save_checkpoint(GPTModel(GPTConfig.from_preset("cpu-tiny", context_length=4)), tmp_path / "base")
-    out = TrainingOutputs(tmp_path / "adapted", tmp_path / "report.json", tmp_path / "hist.csv",
-                          {"loss": tmp_path / "loss.png"}, tmp_path / ".cache")
-    with pytest.raises(ap.ParamsError, match=r"adapt_pretrain.window_length: 8 is longer than the base model's context \(4\)"):
-        ap.adapt_pretrain(trainer_params(ap.AdaptPretrainParams, window_length=8, device="cpu"), base_dir=tmp_path / "base",
-                          data_dir=data, corpus_dir=tmp_path / "corpus", out=out, tokenizer_params=TOKENIZER)
+    out = TrainingOutputs(
+        tmp_path / "adapted",
+        tmp_path / "report.json",
+        tmp_path / "hist.csv",
+        {"loss": tmp_path / "loss.png"},
+        tmp_path / ".cache",
+    )
+    with pytest.raises(
+        ap.ParamsError, match=r"adapt_pretrain.window_length: 8 is longer than the base model's context \(4\)"
+    ):
+        ap.adapt_pretrain(
+            trainer_params(ap.AdaptPretrainParams, window_length=8, device="cpu"),
+            base_dir=tmp_path / "base",
+            data_dir=data,
+            corpus_dir=tmp_path / "corpus",
+            out=out,
+            tokenizer_params=TOKENIZER,
+        )
     assert not (tmp_path / "adapted").exists()

@@ -12,14 +12,31 @@ import yaml
 
 from steps import baseline_spam as bl
 
-HAM = ["see you at lunch", "ok i will call you later", "are we still on for tonight?", "thanks, got it",
-       "how was the exam?", "running late, sorry", "call me when you get home", "i am at the station"]
-SPAM = ["WINNER! claim your FREE prize now, call 09061701461", "Free entry to win cup final tickets, text WIN",
-        "URGENT! your mobile won a 2000 cash award", "Txt STOP to end, claim ur 500 reward now",
-        "You have been selected to receive a 2000 pound award, call 09061701461", "FREE ringtone, reply YES",
-        "Claim your free cash prize, text CLAIM to 80082", "URGENT: call now to claim your award"]
-PARAMS = bl.BaselineParams(word_ngrams=[1, 1], char_ngrams=[2, 3],
-                           grid={"classifier": ["logistic_regression", "linear_svm"], "C": [0.01, 10.0]})
+HAM = [
+    "see you at lunch",
+    "ok i will call you later",
+    "are we still on for tonight?",
+    "thanks, got it",
+    "how was the exam?",
+    "running late, sorry",
+    "call me when you get home",
+    "i am at the station",
+]
+SPAM = [
+    "WINNER! claim your FREE prize now, call 09061701461",
+    "Free entry to win cup final tickets, text WIN",
+    "URGENT! your mobile won a 2000 cash award",
+    "Txt STOP to end, claim ur 500 reward now",
+    "You have been selected to receive a 2000 pound award, call 09061701461",
+    "FREE ringtone, reply YES",
+    "Claim your free cash prize, text CLAIM to 80082",
+    "URGENT: call now to claim your award",
+]
+PARAMS = bl.BaselineParams(
+    word_ngrams=[1, 1],
+    char_ngrams=[2, 3],
+    grid={"classifier": ["logistic_regression", "linear_svm"], "C": [0.01, 10.0]},
+)
 
 
 def write_splits(data_dir: Path, rows: dict[str, tuple[list[int], list[str]]]) -> Path:
@@ -46,9 +63,13 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def run(tmp_path: Path, data_dir: Path, params: bl.BaselineParams = PARAMS, name: str = "out") -> tuple[dict, dict]:
-    report = bl.baseline_spam(params, data_dir=data_dir, metrics_out=tmp_path / name / "baseline.json",
-                              headline_out=tmp_path / name / "headline.json",
-                              predictions_out=tmp_path / name / "predictions.csv")
+    report = bl.baseline_spam(
+        params,
+        data_dir=data_dir,
+        metrics_out=tmp_path / name / "baseline.json",
+        headline_out=tmp_path / name / "headline.json",
+        predictions_out=tmp_path / name / "predictions.csv",
+    )
     return report, json.loads((tmp_path / name / "headline.json").read_text())
 
 
@@ -56,13 +77,19 @@ def test_the_baseline_is_chosen_on_validation_and_scored_like_score_spam(tmp_pat
     report, headline = run(tmp_path, write_splits(tmp_path / "data", spam_rows()))
     grid = report["grid"]
     assert [(row["classifier"], row["C"]) for row in grid] == [
-        ("logistic_regression", 0.01), ("logistic_regression", 10.0), ("linear_svm", 0.01), ("linear_svm", 10.0)]
+        ("logistic_regression", 0.01),
+        ("logistic_regression", 10.0),
+        ("linear_svm", 0.01),
+        ("linear_svm", 10.0),
+    ]
     best = max(grid, key=lambda row: (row["validation_accuracy"], row["validation_f1"]))  # max keeps the first of ties
     assert report["selected"] == {"classifier": best["classifier"], "C": best["C"]}
     assert report["validation"]["accuracy"] == best["validation_accuracy"]
     test = report["test"]
-    assert headline == {f"baseline_test_{k}": test[k] for k in ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "f1",
-                                                                "f1_ci_low", "f1_ci_high")}
+    assert headline == {
+        f"baseline_test_{k}": test[k]
+        for k in ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "f1", "f1_ci_low", "f1_ci_high")
+    }
     assert test["accuracy_ci_low"] <= test["accuracy"] <= test["accuracy_ci_high"]
     predictions = pd.read_csv(tmp_path / "out" / "predictions.csv")
     assert predictions[predictions["split"] == "test"]["correct"].mean() == pytest.approx(test["accuracy"])
@@ -83,18 +110,29 @@ def test_test_labels_never_change_the_choice(tmp_path: Path) -> None:
 
 
 def test_ties_keep_the_earlier_grid_point(tmp_path: Path) -> None:
-    params = PARAMS.model_copy(update={"grid": bl.BaselineGrid(classifier=["linear_svm", "logistic_regression"], C=[10.0])})
+    params = PARAMS.model_copy(
+        update={"grid": bl.BaselineGrid(classifier=["linear_svm", "logistic_regression"], C=[10.0])}
+    )
     report, _ = run(tmp_path, write_splits(tmp_path / "data", spam_rows()), params)
     assert [row["validation_accuracy"] for row in report["grid"]] == [1.0, 1.0]
     assert report["selected"] == {"classifier": "linear_svm", "C": 10.0}
 
 
 def test_more_than_two_classes(tmp_path: Path) -> None:
-    other = ["meeting moved to room four", "agenda for the board meeting", "board meeting minutes attached",
-             "the meeting starts at nine"]
-    data_dir = write_splits(tmp_path / "data", {"train": ([0] * 3 + [1] * 3 + [2] * 3, HAM[:3] + SPAM[:3] + other[:3]),
-                                                "validation": ([0, 1, 2], [HAM[3], SPAM[3], other[3]]),
-                                                "test": ([0, 2], [HAM[4], other[0]])})
+    other = [
+        "meeting moved to room four",
+        "agenda for the board meeting",
+        "board meeting minutes attached",
+        "the meeting starts at nine",
+    ]
+    data_dir = write_splits(
+        tmp_path / "data",
+        {
+            "train": ([0] * 3 + [1] * 3 + [2] * 3, HAM[:3] + SPAM[:3] + other[:3]),
+            "validation": ([0, 1, 2], [HAM[3], SPAM[3], other[3]]),
+            "test": ([0, 2], [HAM[4], other[0]]),
+        },
+    )
     (data_dir / "labels.json").write_text(json.dumps({"labels": ["ham", "spam", "work"]}))
     report, headline = run(tmp_path, data_dir)
     assert set(report["test"]["per_class"]) == {"ham", "spam", "work"} and "tp" not in report["test"]
@@ -109,8 +147,20 @@ def test_a_bad_split_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     (data_dir / "validation.csv").write_text("label,Text\n0,hello\n")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({bl.STAGE: PARAMS.model_dump(), "comparison": {}}))
     with pytest.raises(SystemExit, match=r"baseline_spam: error: .*validation.csv: missing column\(s\) \['Label'\]"):
-        bl.main(["--params", str(tmp_path / "params.yaml"), "--data", str(data_dir), "--metrics", str(tmp_path / "r.json"), "--headline", str(tmp_path / "h.json"),
-                 "--predictions", str(tmp_path / "p.csv")])
+        bl.main(
+            [
+                "--params",
+                str(tmp_path / "params.yaml"),
+                "--data",
+                str(data_dir),
+                "--metrics",
+                str(tmp_path / "r.json"),
+                "--headline",
+                str(tmp_path / "h.json"),
+                "--predictions",
+                str(tmp_path / "p.csv"),
+            ]
+        )
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "h.json").exists()
 
 

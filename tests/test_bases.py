@@ -55,8 +55,9 @@ def test_left_padded_batch_decodes_each_prompt_as_alone(pair):
     batch = generate(ours, [short, long], 10)
     alone = [generate(ours, [short], 10)[0], generate(ours, [long], 10)[0]]
     assert batch == alone
-    expected = hf.generate(torch.tensor([long]), attention_mask=torch.ones(1, 9, dtype=torch.long),
-                           max_new_tokens=10, do_sample=False)
+    expected = hf.generate(
+        torch.tensor([long]), attention_mask=torch.ones(1, 9, dtype=torch.long), max_new_tokens=10, do_sample=False
+    )
     assert alone[1] == expected[0, 9:].tolist(), family
 
 
@@ -92,7 +93,9 @@ def test_sharded_and_bf16_checkpoints_load(family, tmp_path):
     with torch.no_grad():
         assert (ours(ids) - reference(ids).logits).abs().max().item() <= 1e-5
     native = load_hf_model(bf16, dtype=torch.bfloat16)
-    assert native.tok_emb.weight.dtype == torch.bfloat16 and torch.equal(native.tok_emb.weight.float(), ours.tok_emb.weight)
+    assert native.tok_emb.weight.dtype == torch.bfloat16 and torch.equal(
+        native.tok_emb.weight.float(), ours.tok_emb.weight
+    )
 
 
 def test_convert_to_llmcore_checkpoint_round_trips(pair, tmp_path):
@@ -127,7 +130,9 @@ def test_mismatched_shape_names_the_tensor(tmp_path):
     config = json.loads((directory / "config.json").read_text())
     config["intermediate_size"] = 40
     (directory / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"tensor model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight has shape") as err:
+    with pytest.raises(
+        CheckpointError, match=r"tensor model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight has shape"
+    ) as err:
         load_hf_model(directory)
     assert "\n" not in str(err.value)
 

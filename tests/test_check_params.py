@@ -66,18 +66,21 @@ def test_the_shipped_params_files_pass(name: str, tmp_path: Path) -> None:
     assert {"pretrain", "finetune_classifier", "sources.corpus", "distributed", "tokenizer"} <= set(checked)
 
 
-@pytest.mark.parametrize(("key", "value", "expected"), [
-    ("pretrain.epochss", 3, "params.yaml: pretrain.epochss: unknown key (did you mean 'epochs'?)"),
-    ("pretrain.epochs", "ten", "params.yaml: pretrain.epochs: 'ten' is not of type 'integer'"),
-    ("pretrain.epochs", True, "params.yaml: pretrain.epochs: True is not of type 'integer'"),
-    ("pretrain.batch_size", 8.0, "params.yaml: pretrain.batch_size: 8.0 is not of type 'integer'"),
-    ("finetune_classifier.lr", "1e-3", "params.yaml: finetune_classifier.lr: '1e-3' is not of type 'number'"),
-    ("pretrain.epochs", 0, "params.yaml: pretrain.epochs: 0 is less than the minimum of 1"),
-    ("pretrain.precision", "fp8", "params.yaml: pretrain.precision: 'fp8' is not one of"),
-    ("sources.corpus.sha256", "abc", "params.yaml: sources.corpus.sha256: "),
-    ("training.precision", "fp8", "params.yaml: training.precision: 'fp8' is not one of"),  # once, not per trainer
-    ("training.lrr", 1.0, "params.yaml: training.lrr: unknown key (did you mean 'lr'?)"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("pretrain.epochss", 3, "params.yaml: pretrain.epochss: unknown key (did you mean 'epochs'?)"),
+        ("pretrain.epochs", "ten", "params.yaml: pretrain.epochs: 'ten' is not of type 'integer'"),
+        ("pretrain.epochs", True, "params.yaml: pretrain.epochs: True is not of type 'integer'"),
+        ("pretrain.batch_size", 8.0, "params.yaml: pretrain.batch_size: 8.0 is not of type 'integer'"),
+        ("finetune_classifier.lr", "1e-3", "params.yaml: finetune_classifier.lr: '1e-3' is not of type 'number'"),
+        ("pretrain.epochs", 0, "params.yaml: pretrain.epochs: 0 is less than the minimum of 1"),
+        ("pretrain.precision", "fp8", "params.yaml: pretrain.precision: 'fp8' is not one of"),
+        ("sources.corpus.sha256", "abc", "params.yaml: sources.corpus.sha256: "),
+        ("training.precision", "fp8", "params.yaml: training.precision: 'fp8' is not one of"),  # once, not per trainer
+        ("training.lrr", 1.0, "params.yaml: training.lrr: unknown key (did you mean 'lr'?)"),
+    ],
+)
 def test_a_bad_value_is_one_line_naming_the_key(params: dict, key: str, value, expected: str) -> None:
     data = with_value(params, key, value)
     with pytest.raises(ParamsError) as caught:
@@ -87,7 +90,9 @@ def test_a_bad_value_is_one_line_naming_the_key(params: dict, key: str, value, e
 
 def test_judge_url_credentials_are_refused_without_showing_them(params: dict) -> None:
     data = with_value(params, "score_instructions.judge.url", "http://admin:hunter2@ollama.example:11434")
-    with pytest.raises(ParamsError, match=r"score_instructions\.judge\.url: an http\(s\) URL with no user:password@") as caught:
+    with pytest.raises(
+        ParamsError, match=r"score_instructions\.judge\.url: an http\(s\) URL with no user:password@"
+    ) as caught:
         check_params(data, load_schema())
     assert "hunter2" not in str(caught.value)
 
@@ -102,31 +107,46 @@ def run_check(tmp_path: Path, params: dict, *extra: str) -> subprocess.Completed
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("LLMPIPE_DEBUG", None)
-    code = "import runpy, sys; runpy.run_module('steps.check_params', run_name='__main__'); " \
-           "print('torch imported' if 'torch' in sys.modules else 'no torch')"
-    return subprocess.run([sys.executable, "-c", code, "--out", "reports/params_check.json", *extra], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=120)
+    code = (
+        "import runpy, sys; runpy.run_module('steps.check_params', run_name='__main__'); "
+        "print('torch imported' if 'torch' in sys.modules else 'no torch')"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, "--out", "reports/params_check.json", *extra],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_the_stage_fails_in_one_line_writes_nothing_and_never_imports_torch(tmp_path: Path, params: dict) -> None:
     bad = run_check(tmp_path, with_value(params, "pretrain.epochss", 3))
     assert bad.returncode == 1
-    assert bad.stderr.strip() == ("check_params: error: params.yaml: pretrain.epochss: unknown key "
-                                  "(did you mean 'epochs'?)")
+    assert bad.stderr.strip() == (
+        "check_params: error: params.yaml: pretrain.epochss: unknown key (did you mean 'epochs'?)"
+    )
     assert not (tmp_path / "reports" / "params_check.json").exists()
     good = run_check(tmp_path, params)
     assert good.returncode == 0, good.stderr
     assert "params sections valid" in good.stdout and "no torch" in good.stdout
-    assert json.loads((tmp_path / "reports" / "params_check.json").read_text()) == {"params": "params.yaml",
-                                                                                     "valid": True}
+    assert json.loads((tmp_path / "reports" / "params_check.json").read_text()) == {
+        "params": "params.yaml",
+        "valid": True,
+    }
 
 
 def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO),
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+    }
     env.pop("LLMPIPE_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_dvc_repro_stops_at_a_typo_before_removing_a_later_stages_outputs(tmp_path: Path, params: dict) -> None:
@@ -136,14 +156,30 @@ def test_dvc_repro_stops_at_a_typo_before_removing_a_later_stages_outputs(tmp_pa
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     assert dvc(repo, "init", "-q").returncode == 0
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    model = "import yaml, pathlib; p = yaml.safe_load(open('params.yaml'))['pretrain']; " \
-            "pathlib.Path('model').mkdir(exist_ok=True); pathlib.Path('model/weights').write_text(str(p['epochs']))"
-    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
-        "check_params": {"cmd": "python -m steps.check_params --out reports/params_check.json",
-                         "params": [{"params.yaml": None}], "outs": ["reports/params_check.json"]},
-        "pretrain": {"cmd": f'python -c "{model}"', "deps": ["reports/params_check.json"], "params": ["pretrain"],
-                     "outs": ["model"]},
-    }}, sort_keys=False))
+    model = (
+        "import yaml, pathlib; p = yaml.safe_load(open('params.yaml'))['pretrain']; "
+        "pathlib.Path('model').mkdir(exist_ok=True); pathlib.Path('model/weights').write_text(str(p['epochs']))"
+    )
+    (repo / "dvc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "stages": {
+                    "check_params": {
+                        "cmd": "python -m steps.check_params --out reports/params_check.json",
+                        "params": [{"params.yaml": None}],
+                        "outs": ["reports/params_check.json"],
+                    },
+                    "pretrain": {
+                        "cmd": f'python -c "{model}"',
+                        "deps": ["reports/params_check.json"],
+                        "params": ["pretrain"],
+                        "outs": ["model"],
+                    },
+                }
+            },
+            sort_keys=False,
+        )
+    )
     first = dvc(repo, "repro", "pretrain")
     assert first.returncode == 0, first.stdout + first.stderr
     for bad in (3, "ten"):
@@ -164,17 +200,27 @@ def test_a_state_whose_run_finished_is_removed_and_others_stay(tmp_path: Path, m
     monkeypatch.chdir(tmp_path)
     done = {"epochs": 2, "lr": 5e-05, "seed": 1}  # a trainer records its section read over `training`
     states = {}
-    for key, section_params in (("finished", done), ("other", {**done, "epochs": 3}), ("other_seed", {**done, "seed": 2})):
+    for key, section_params in (
+        ("finished", done),
+        ("other", {**done, "epochs": 3}),
+        ("other_seed", {**done, "seed": 2}),
+    ):
         states[key] = tmp_path / ".cache" / "pretrain" / key
         states[key].mkdir(parents=True)
-        (states[key] / STATE_RECORD).write_text(json.dumps({"section": "pretrain", "params": section_params,
-                                                             "defaults": "training"}))
+        (states[key] / STATE_RECORD).write_text(
+            json.dumps({"section": "pretrain", "params": section_params, "defaults": "training"})
+        )
     time.sleep(0.05)
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "pretrained").write_text("restored after the state was left")
-    lock = {"stages": {"pretrain": {"params": {"params.yaml": {"pretrain": {"lr": 5.0e-05, "epochs": 2},
-                                                                "training": {"seed": 1}}},
-                                    "outs": [{"path": "models/pretrained", "md5": "x"}]}}}
+    lock = {
+        "stages": {
+            "pretrain": {
+                "params": {"params.yaml": {"pretrain": {"lr": 5.0e-05, "epochs": 2}, "training": {"seed": 1}}},
+                "outs": [{"path": "models/pretrained", "md5": "x"}],
+            }
+        }
+    }
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
     assert remove_finished_states() == [Path(".cache/pretrain/finished")]
     assert not states["finished"].exists() and states["other"].is_dir() and states["other_seed"].is_dir()
@@ -189,7 +235,13 @@ def test_a_state_newer_than_the_outputs_stays(tmp_path: Path, monkeypatch: pytes
     state = tmp_path / ".cache" / "pretrain" / "k"
     state.mkdir(parents=True)
     (state / STATE_RECORD).write_text(json.dumps({"section": "pretrain", "params": {"epochs": 2}}))
-    lock = {"stages": {"pretrain": {"params": {"params.yaml": {"pretrain": {"epochs": 2}}},
-                                    "outs": [{"path": "models/pretrained"}]}}}
+    lock = {
+        "stages": {
+            "pretrain": {
+                "params": {"params.yaml": {"pretrain": {"epochs": 2}}},
+                "outs": [{"path": "models/pretrained"}],
+            }
+        }
+    }
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
     assert remove_finished_states() == [] and state.is_dir()

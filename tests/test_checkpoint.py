@@ -86,8 +86,10 @@ def edit_weights(directory: Path, edit) -> None:
     [
         (lambda t: t.pop("trf_blocks.1.ff.proj.bias"), r"missing tensor.*trf_blocks\.1\.ff\.proj\.bias"),
         (lambda t: t.update({"extra.weight": torch.zeros(2)}), r"unexpected tensor.*extra\.weight"),
-        (lambda t: t.update({"trf_blocks.0.att.qkv.weight": torch.zeros(48, 8)}),
-         r"trf_blocks\.0\.att\.qkv\.weight has shape \(48, 8\), the model expects \(48, 16\)"),
+        (
+            lambda t: t.update({"trf_blocks.0.att.qkv.weight": torch.zeros(48, 8)}),
+            r"trf_blocks\.0\.att\.qkv\.weight has shape \(48, 8\), the model expects \(48, 16\)",
+        ),
     ],
 )
 def test_bad_tensors_are_named(tmp_path: Path, edit, message: str) -> None:

@@ -30,18 +30,42 @@ TOKENIZER = TokenizerParams(encoding_dir=str(MIRROR / "gpt2"))
 pytestmark = pytest.mark.skipif(not MIRROR.is_dir(), reason=f"offline mirror {MIRROR} not found")
 
 TOPICS = {
-    "sport": ["the team won the match", "a late goal decided the final", "she ran the marathon in record time",
-              "the coach praised his players", "fans cheered the home side", "the striker scored twice"],
-    "weather": ["heavy rain expected tomorrow", "a sunny and warm afternoon", "snow is falling in the hills",
-                "strong winds across the coast", "fog will clear by noon", "a cold front moves in tonight"],
-    "food": ["bake the bread for forty minutes", "add salt to the boiling water", "a spicy noodle soup recipe",
-             "the cake needs more sugar", "fresh basil makes the sauce", "grill the fish with lemon"],
+    "sport": [
+        "the team won the match",
+        "a late goal decided the final",
+        "she ran the marathon in record time",
+        "the coach praised his players",
+        "fans cheered the home side",
+        "the striker scored twice",
+    ],
+    "weather": [
+        "heavy rain expected tomorrow",
+        "a sunny and warm afternoon",
+        "snow is falling in the hills",
+        "strong winds across the coast",
+        "fog will clear by noon",
+        "a cold front moves in tonight",
+    ],
+    "food": [
+        "bake the bread for forty minutes",
+        "add salt to the boiling water",
+        "a spicy noodle soup recipe",
+        "the cake needs more sugar",
+        "fresh basil makes the sauce",
+        "grill the fish with lemon",
+    ],
 }
 
 
 def rows(repeat: int = 2) -> pd.DataFrame:
-    return pd.DataFrame([{"review": f"{text} ({i})", "topic": topic}
-                         for i in range(repeat) for topic, texts in TOPICS.items() for text in texts])
+    return pd.DataFrame(
+        [
+            {"review": f"{text} ({i})", "topic": topic}
+            for i in range(repeat)
+            for topic, texts in TOPICS.items()
+            for text in texts
+        ]
+    )
 
 
 def params(**changes) -> data_stage.SpamDataParams:
@@ -73,15 +97,22 @@ def test_balanced_multiclass_undersamples_to_the_smallest_class(tmp_path: Path) 
     df = rows(repeat=4)
     df = pd.concat([df, df[df["topic"] == "food"].assign(review=lambda d: d["review"] + "!")])  # 48 food
     df.to_csv(tmp_path / "t.tsv", sep="\t", index=False)
-    metrics = build(tmp_path, tmp_path / "t.tsv", params(format="tsv", split="balanced", labels=["weather", "sport", "food"]))
+    metrics = build(
+        tmp_path, tmp_path / "t.tsv", params(format="tsv", split="balanced", labels=["weather", "sport", "food"])
+    )
     assert metrics["source"]["food"] == 48 and metrics["labels"] == ["weather", "sport", "food"]
     assert sum(sum(metrics[s].values()) for s in data_stage.SPLITS) == 72  # 24 per class
 
 
 def test_jsonl_and_parquet_read_the_same_rows(tmp_path: Path) -> None:
     df = rows()
-    (tmp_path / "t.jsonl.gz").write_bytes(gzip.compress("".join(
-        json.dumps({"review": r, "topic": t, "extra": 1}) + "\n" for r, t in zip(df["review"], df["topic"])).encode()))
+    (tmp_path / "t.jsonl.gz").write_bytes(
+        gzip.compress(
+            "".join(
+                json.dumps({"review": r, "topic": t, "extra": 1}) + "\n" for r, t in zip(df["review"], df["topic"])
+            ).encode()
+        )
+    )
     df.to_parquet(tmp_path / "t.parquet")
     from_jsonl = build(tmp_path / "j", tmp_path / "t.jsonl.gz", params(format="jsonl"))
     from_parquet = build(tmp_path / "p", tmp_path / "t.parquet", params(format="parquet"))
@@ -98,21 +129,41 @@ def test_numeric_labels_sort_as_numbers(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("write", "settings", "pattern"),
     [
-        (lambda p: rows().assign(topic="sport").to_csv(p / "d.csv", index=False), {},
-         r"d\.csv: label column 'topic' has 1 class\(es\) \['sport'\]; a classifier needs at least two"),
-        (lambda p: rows().to_csv(p / "d.csv", index=False), {"text_column": "body"},
-         r"d\.csv: no column 'body' \(columns: \['review', 'topic'\]\)"),
-        (lambda p: rows().rename(columns={"topic": "t"}).to_parquet(p / "d.parquet"), {"format": "parquet"},
-         r"d\.parquet: no column 'topic' \(columns: \['review', 't'\]\)"),
-        (lambda p: (p / "d.jsonl").write_text('{"review": "a", "topic": "x"}\nnot json\n'), {"format": "jsonl"},
-         r"d\.jsonl line 2: not valid JSON"),
-        (lambda p: (p / "d.jsonl").write_text('{"review": "a", "topic": "x"}\n{"topic": "y"}\n'), {"format": "jsonl"},
-         r"d\.jsonl line 2: no 'review' value \(1 malformed row"),
-        (lambda p: rows().to_csv(p / "d.csv", index=False), {"labels": ["sport", "food"]},
-         r"d\.csv row 7: unknown label 'weather' \(12 malformed row"),
+        (
+            lambda p: rows().assign(topic="sport").to_csv(p / "d.csv", index=False),
+            {},
+            r"d\.csv: label column 'topic' has 1 class\(es\) \['sport'\]; a classifier needs at least two",
+        ),
+        (
+            lambda p: rows().to_csv(p / "d.csv", index=False),
+            {"text_column": "body"},
+            r"d\.csv: no column 'body' \(columns: \['review', 'topic'\]\)",
+        ),
+        (
+            lambda p: rows().rename(columns={"topic": "t"}).to_parquet(p / "d.parquet"),
+            {"format": "parquet"},
+            r"d\.parquet: no column 'topic' \(columns: \['review', 't'\]\)",
+        ),
+        (
+            lambda p: (p / "d.jsonl").write_text('{"review": "a", "topic": "x"}\nnot json\n'),
+            {"format": "jsonl"},
+            r"d\.jsonl line 2: not valid JSON",
+        ),
+        (
+            lambda p: (p / "d.jsonl").write_text('{"review": "a", "topic": "x"}\n{"topic": "y"}\n'),
+            {"format": "jsonl"},
+            r"d\.jsonl line 2: no 'review' value \(1 malformed row",
+        ),
+        (
+            lambda p: rows().to_csv(p / "d.csv", index=False),
+            {"labels": ["sport", "food"]},
+            r"d\.csv row 7: unknown label 'weather' \(12 malformed row",
+        ),
     ],
 )
-def test_bad_classification_data_is_named_and_nothing_written(tmp_path: Path, write, settings: dict, pattern: str) -> None:
+def test_bad_classification_data_is_named_and_nothing_written(
+    tmp_path: Path, write, settings: dict, pattern: str
+) -> None:
     write(tmp_path)
     (source,) = [p for p in tmp_path.iterdir() if p.name.startswith("d.")]
     with pytest.raises(DataError, match=pattern):
@@ -121,8 +172,9 @@ def test_bad_classification_data_is_named_and_nothing_written(tmp_path: Path, wr
 
 
 def many_classes(path: Path, classes: int, rows_per_class: int) -> Path:
-    pd.DataFrame([{"review": f"text {c} {i}", "topic": f"class{c}"} for c in range(classes)
-                  for i in range(rows_per_class)]).to_csv(path, index=False)
+    pd.DataFrame(
+        [{"review": f"text {c} {i}", "topic": f"class{c}"} for c in range(classes) for i in range(rows_per_class)]
+    ).to_csv(path, index=False)
     return path
 
 
@@ -131,20 +183,28 @@ def test_too_many_classes_for_the_rows_are_named_with_file_column_and_counts(tmp
     source = many_classes(tmp_path / "d.csv", 500, 4)
     with pytest.raises(DataError) as caught:
         build(tmp_path, source, params())
-    assert str(caught.value) == (f"{source} label column 'topic' has 500 classes over 2000 rows: the test split "
-                                 "would get 401 rows, fewer than one per class (split: stratified); merge classes, "
-                                 "add rows or change spam_data.train_frac + validation_frac")
+    assert str(caught.value) == (
+        f"{source} label column 'topic' has 500 classes over 2000 rows: the test split "
+        "would get 401 rows, fewer than one per class (split: stratified); merge classes, "
+        "add rows or change spam_data.train_frac + validation_frac"
+    )
     with pytest.raises(DataError, match="has 300 classes over 3000 rows: the validation split would get 60 rows"):
         build(tmp_path, many_classes(tmp_path / "d.csv", 300, 10), params(train_frac=0.6, validation_frac=0.02))
     rare = many_classes(tmp_path / "d.csv", 5, 10)
     with rare.open("a") as handle:
         handle.write("one more,lonely\nand another,lonely\n")
-    with pytest.raises(DataError, match=rf"^{rare} label column 'topic': 1 of 6 classes have fewer than 3 rows "
-                                        r"\(e\.g\. 'lonely': 2\); a stratified split needs one per split$"):
+    with pytest.raises(
+        DataError,
+        match=rf"^{rare} label column 'topic': 1 of 6 classes have fewer than 3 rows "
+        r"\(e\.g\. 'lonely': 2\); a stratified split needs one per split$",
+    ):
         build(tmp_path, rare, params(train_frac=0.4, validation_frac=0.3))
     three = many_classes(tmp_path / "d.csv", 3, 10)
-    with pytest.raises(DataError, match=rf"^{three} label column 'topic': cannot balance: 1 of 4 classes have no rows "
-                                        r"\(e\.g\. 'absent'\)$"):
+    with pytest.raises(
+        DataError,
+        match=rf"^{three} label column 'topic': cannot balance: 1 of 4 classes have no rows "
+        r"\(e\.g\. 'absent'\)$",
+    ):
         build(tmp_path, three, params(split="balanced", labels=["class0", "class1", "class2", "absent"]))
     assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()
 
@@ -170,11 +230,28 @@ def three_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("LLMPIPE_MLFLOW_PARENT_RUN_ID", "LLMPIPE_MLFLOW_EXPERIMENT"):
         mp.delenv(name, raising=False)
     mp.chdir(root)
-    settings = trainer_params(ft.FinetuneClassifierParams, trainable="all", token_position="mean", epochs=3, batch_size=8, lr=3e-3,
-                                           eval_every=0, eval_batches=None, device="cpu")
-    ft.finetune_classifier(settings, base_dir=root / "base", data_dir=root / "data", out_dir=root / "clf",
-                           metrics_out=root / "ft.json", history_out=root / "hist.csv", plots_dir=root / "plots",
-                           tokenizer_params=TOKENIZER, cache_dir=root / ".cache")
+    settings = trainer_params(
+        ft.FinetuneClassifierParams,
+        trainable="all",
+        token_position="mean",
+        epochs=3,
+        batch_size=8,
+        lr=3e-3,
+        eval_every=0,
+        eval_batches=None,
+        device="cpu",
+    )
+    ft.finetune_classifier(
+        settings,
+        base_dir=root / "base",
+        data_dir=root / "data",
+        out_dir=root / "clf",
+        metrics_out=root / "ft.json",
+        history_out=root / "hist.csv",
+        plots_dir=root / "plots",
+        tokenizer_params=TOKENIZER,
+        cache_dir=root / ".cache",
+    )
     yield root
     mp.undo()
 
@@ -188,16 +265,23 @@ def test_a_three_class_model_follows_the_datas_labels(three_classes: Path) -> No
     pyfunc = mlflow.pyfunc.load_model(f"models:/spam-classifier/{max(int(v.version) for v in versions)}")
     out = pyfunc.predict(pd.DataFrame({"text": ["the goal in the final", "rain and wind tonight"]}))
     assert list(out.columns) == ["label", "food_probability", "sport_probability", "weather_probability"]
-    assert out[["food_probability", "sport_probability", "weather_probability"]].sum(axis=1).tolist() == pytest.approx([1, 1])
+    assert out[["food_probability", "sport_probability", "weather_probability"]].sum(axis=1).tolist() == pytest.approx(
+        [1, 1]
+    )
     assert set(out["label"]) <= set(model.labels)
 
 
 def test_a_three_class_model_scores_per_class_with_macro_f1(three_classes: Path) -> None:
     metrics = score_spam.score_spam(
-        score_spam.ScoreSpamParams(device="cpu"), model_dir=three_classes / "clf", data_dir=three_classes / "data",
-        metrics_out=three_classes / "spam.json", headline_out=three_classes / "headline.json",
-        plots_dir=three_classes / "plots", predictions_out=three_classes / "predictions.csv",
-        tokenizer_params=TOKENIZER)
+        score_spam.ScoreSpamParams(device="cpu"),
+        model_dir=three_classes / "clf",
+        data_dir=three_classes / "data",
+        metrics_out=three_classes / "spam.json",
+        headline_out=three_classes / "headline.json",
+        plots_dir=three_classes / "plots",
+        predictions_out=three_classes / "predictions.csv",
+        tokenizer_params=TOKENIZER,
+    )
     test = metrics["test"]
     assert set(test["per_class"]) == {"food", "sport", "weather"} and len(test["confusion"]) == 3
     n_test = len(pd.read_csv(three_classes / "data" / "test.csv"))
@@ -227,7 +311,14 @@ def test_a_label_the_classifier_does_not_know_fails_scoring(three_classes: Path,
         (data / f"{split}.csv").write_bytes((three_classes / "data" / f"{split}.csv").read_bytes())
     (data / "labels.json").write_text(json.dumps({"labels": ["food", "sport", "travel"]}))
     with pytest.raises(DataError, match=r"train\.csv row \d+: label 'travel' is not one the classifier knows"):
-        score_spam.score_spam(score_spam.ScoreSpamParams(device="cpu"), model_dir=three_classes / "clf", data_dir=data,
-                              metrics_out=tmp_path / "m.json", headline_out=tmp_path / "h.json", plots_dir=tmp_path,
-                              predictions_out=tmp_path / "p.csv", tokenizer_params=TOKENIZER)
+        score_spam.score_spam(
+            score_spam.ScoreSpamParams(device="cpu"),
+            model_dir=three_classes / "clf",
+            data_dir=data,
+            metrics_out=tmp_path / "m.json",
+            headline_out=tmp_path / "h.json",
+            plots_dir=tmp_path,
+            predictions_out=tmp_path / "p.csv",
+            tokenizer_params=TOKENIZER,
+        )
     assert not (tmp_path / "m.json").exists() and not (tmp_path / "p.csv").exists()

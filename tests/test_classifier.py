@@ -182,7 +182,12 @@ def test_checkpoint_round_trip(gpt: GPTModel, tokenizer, tmp_path: Path) -> None
     meta = json.loads((tmp_path / "clf" / "config.json").read_text())
     assert meta["format"] == CLASSIFIER_FORMAT == "llmcore-gpt-classifier"
     assert {k: meta[k] for k in ("num_classes", "labels", "token_position", "pad_id", "max_length")} == {
-        "num_classes": 2, "labels": ["ham", "spam"], "token_position": "flexible", "pad_id": PAD, "max_length": 24}
+        "num_classes": 2,
+        "labels": ["ham", "spam"],
+        "token_position": "flexible",
+        "pad_id": PAD,
+        "max_length": 24,
+    }
     loaded = load_classifier(tmp_path / "clf")
     texts = ["Call now to claim your FREE prize", "see you at lunch?", ""]
     torch.testing.assert_close(predict_proba(loaded, tokenizer, texts), predict_proba(model, tokenizer, texts))
@@ -206,4 +211,6 @@ def test_classify_texts_keeps_input_order(gpt: GPTModel, tokenizer) -> None:
         assert label == ("spam" if p > 0.5 else "ham") and 0 <= p <= 1
     probs = predict_proba(model, tokenizer, texts)
     torch.testing.assert_close(probs.sum(dim=1), torch.ones(3))
-    assert F.softmax(model(torch.tensor([encode(tokenizer, texts[1])])), -1)[0, 1].item() == pytest.approx(results[1][1], abs=1e-5)
+    assert F.softmax(model(torch.tensor([encode(tokenizer, texts[1])])), -1)[0, 1].item() == pytest.approx(
+        results[1][1], abs=1e-5
+    )

@@ -53,9 +53,24 @@ def test_gpt2_dir_without_weights_is_reported(tmp_path: Path, capsys) -> None:
     assert "holds no weights" in capsys.readouterr().err
 
 
-def test_generate_prints_the_prompt_and_its_greedy_continuation(gpt_dir: Path, offline_tokenizer, tokenizer, capsys) -> None:
-    assert cli.main(["generate", "Every effort moves you", "--model", str(gpt_dir), "--max-new-tokens", "12",
-                     "--temperature", "0"]) == 0
+def test_generate_prints_the_prompt_and_its_greedy_continuation(
+    gpt_dir: Path, offline_tokenizer, tokenizer, capsys
+) -> None:
+    assert (
+        cli.main(
+            [
+                "generate",
+                "Every effort moves you",
+                "--model",
+                str(gpt_dir),
+                "--max-new-tokens",
+                "12",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
     model = cli.load_checkpoint(gpt_dir)
     expected = generate_text(model, tokenizer, "Every effort moves you", 12, eos_id=ENDOFTEXT_ID)
     assert capsys.readouterr().out == "Every effort moves you" + expected + "\n"
@@ -75,8 +90,23 @@ def test_generate_writes_each_token_before_the_next_is_computed(
             printed_when_asked.append(len(out.getvalue()))  # what was on screen when the next step ran
 
     monkeypatch.setattr(cli, "generate_stream", recording_stream)
-    assert cli.main(["generate", "Hello", "--model", str(gpt_dir), "--max-new-tokens", "8",
-                     "--temperature", "1.0", "--seed", "3"]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                "Hello",
+                "--model",
+                str(gpt_dir),
+                "--max-new-tokens",
+                "8",
+                "--temperature",
+                "1.0",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert len(printed_when_asked) == 8
     assert printed_when_asked == sorted(printed_when_asked) and printed_when_asked[-1] > printed_when_asked[0]
 
@@ -93,31 +123,44 @@ def test_stream_text_keeps_multibyte_characters_whole(tokenizer) -> None:
 
 def expected_replies(gpt_dir: Path, tokenizer, entries) -> list[str]:
     model = cli.load_checkpoint(gpt_dir)
-    return [f"Response: {tokenizer.decode(generate(model, [encode(tokenizer, response_prompt(e))], 6, eos_id=ENDOFTEXT_ID)[0])}\n"
-            for e in entries]
+    replies = [generate(model, [encode(tokenizer, response_prompt(e))], 6, eos_id=ENDOFTEXT_ID)[0] for e in entries]
+    return [f"Response: {tokenizer.decode(reply)}\n" for reply in replies]
 
 
-def test_chat_at_a_terminal_asks_for_the_instruction_then_its_input(gpt_dir: Path, offline_tokenizer, tokenizer,
-                                                                    monkeypatch, capsys) -> None:
+def test_chat_at_a_terminal_asks_for_the_instruction_then_its_input(
+    gpt_dir: Path, offline_tokenizer, tokenizer, monkeypatch, capsys
+) -> None:
     stdin = io.StringIO("Name a color.\n\nTranslate to German.\nGood morning\nexit\nnever read\n")
     stdin.isatty = lambda: True
     monkeypatch.setattr("sys.stdin", stdin)
     assert cli.main(["chat", "--model", str(gpt_dir), "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
-    for reply in expected_replies(gpt_dir, tokenizer, ({"instruction": "Name a color.", "input": ""},
-                                                       {"instruction": "Translate to German.", "input": "Good morning"})):
+    for reply in expected_replies(
+        gpt_dir,
+        tokenizer,
+        (
+            {"instruction": "Name a color.", "input": ""},
+            {"instruction": "Translate to German.", "input": "Good morning"},
+        ),
+    ):
         assert reply in out
     assert out.count("Response: ") == 2
 
 
-def test_piped_chat_takes_one_instruction_per_line_and_input_after_a_tab(gpt_dir: Path, offline_tokenizer, tokenizer,
-                                                                         monkeypatch, capsys) -> None:
-    monkeypatch.setattr("sys.stdin", io.StringIO("Name a color.\nTranslate to German.\tGood morning\n"
-                                                 "Name a fruit.\n\nexit\nnever read\n"))
+def test_piped_chat_takes_one_instruction_per_line_and_input_after_a_tab(
+    gpt_dir: Path, offline_tokenizer, tokenizer, monkeypatch, capsys
+) -> None:
+    monkeypatch.setattr(
+        "sys.stdin",
+        io.StringIO("Name a color.\nTranslate to German.\tGood morning\nName a fruit.\n\nexit\nnever read\n"),
+    )
     assert cli.main(["chat", "--model", str(gpt_dir), "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
-    entries = ({"instruction": "Name a color.", "input": ""}, {"instruction": "Translate to German.", "input": "Good morning"},
-               {"instruction": "Name a fruit.", "input": ""})
+    entries = (
+        {"instruction": "Name a color.", "input": ""},
+        {"instruction": "Translate to German.", "input": "Good morning"},
+        {"instruction": "Name a fruit.", "input": ""},
+    )
     blocks = out.split("\nInstruction: ")[1:]  # one per line read, in order
     assert len(blocks) == 3 and "never read" not in out
     for block, entry, reply in zip(blocks, entries, expected_replies(gpt_dir, tokenizer, entries)):
@@ -129,15 +172,25 @@ def test_piped_chat_separator_is_an_option(gpt_dir: Path, offline_tokenizer, tok
     monkeypatch.setattr("sys.stdin", io.StringIO("Translate to German. || Good morning\n"))
     assert cli.main(["chat", "--model", str(gpt_dir), "--max-new-tokens", "6", "--input-separator", "||"]) == 0
     out = capsys.readouterr().out
-    assert expected_replies(gpt_dir, tokenizer, [{"instruction": "Translate to German.", "input": "Good morning"}])[0] in out
+    assert (
+        expected_replies(gpt_dir, tokenizer, [{"instruction": "Translate to German.", "input": "Good morning"}])[0]
+        in out
+    )
 
 
-@pytest.mark.parametrize(("extra", "prompt"), [
-    ({"stage": "finetune_instruct", "prompt_style": "phi3"}, "<|user|>\nTranslate to German.\nGood morning\n<|assistant|>\n"),
-    ({"stage": "pretrain"}, "Translate to German.\nGood morning"),  # older checkpoint: style by its stage
-])
-def test_chat_prompts_in_the_style_the_checkpoint_records(extra: dict, prompt: str, tmp_path: Path, offline_tokenizer,
-                                                          tokenizer, monkeypatch, capsys) -> None:
+@pytest.mark.parametrize(
+    ("extra", "prompt"),
+    [
+        (
+            {"stage": "finetune_instruct", "prompt_style": "phi3"},
+            "<|user|>\nTranslate to German.\nGood morning\n<|assistant|>\n",
+        ),
+        ({"stage": "pretrain"}, "Translate to German.\nGood morning"),  # older checkpoint: style by its stage
+    ],
+)
+def test_chat_prompts_in_the_style_the_checkpoint_records(
+    extra: dict, prompt: str, tmp_path: Path, offline_tokenizer, tokenizer, monkeypatch, capsys
+) -> None:
     torch.manual_seed(0)
     model = GPTModel(GPTConfig.from_preset("cpu-tiny"))
     model_dir = save_checkpoint(model, tmp_path / "m", extra=extra)
@@ -195,8 +248,10 @@ def test_generate_with_a_model_dir_lacking_its_bpe_file_is_one_line(
     (model_dir / "vocab.bpe").write_bytes((gpt2_encoding_dir / "vocab.bpe").read_bytes()[:1000])  # truncated
     assert cli.main(["generate", "Hi", "--model", str(model_dir), "--max-new-tokens", "2"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == (f"llm generate: error: {model_dir / 'vocab.bpe'} is 1,000 bytes, GPT-2's vocab.bpe is 456,318 "
-                   "(truncated or another file): copy it again")
+    assert err == (
+        f"llm generate: error: {model_dir / 'vocab.bpe'} is 1,000 bytes, GPT-2's vocab.bpe is 456,318 "
+        "(truncated or another file): copy it again"
+    )
 
 
 def test_serve_is_the_serving_package_imported_only_when_asked(capsys) -> None:
@@ -219,9 +274,15 @@ def test_generate_samples_by_default_and_reports_a_cropped_prompt(gpt_dir: Path,
 
 
 def test_a_closed_pipe_ends_generate_quietly(gpt_dir: Path, gpt2_encoding_dir: Path) -> None:
-    command = (f"{sys.executable} -m cli.llm generate 'Every effort' --model {gpt_dir} --max-new-tokens 200 "
-               f"--seed 1 | head -c 5")
-    done = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/bin", ENCODING_DIR_ENV: str(gpt2_encoding_dir)})
+    command = (
+        f"{sys.executable} -m cli.llm generate 'Every effort' --model {gpt_dir} --max-new-tokens 200 "
+        f"--seed 1 | head -c 5"
+    )
+    done = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", ENCODING_DIR_ENV: str(gpt2_encoding_dir)},
+    )
     assert done.returncode == 0 and done.stdout == "Every"
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr

@@ -39,12 +39,20 @@ def runs(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> dict[str, Pa
     mp.chdir(root)
     out = {}
     try:
-        configs = {"seed1": {"seed": 1}, "seed2": {"seed": 2},
-                   "broken": {"seed": 1, "grid": {"classifier": ["linear_svm"], "C": [1e-5]}}}
+        configs = {
+            "seed1": {"seed": 1},
+            "seed2": {"seed": 2},
+            "broken": {"seed": 1, "grid": {"classifier": ["linear_svm"], "C": [1e-5]}},
+        }
         for name, update in configs.items():
             params = bl.BaselineParams(**{"grid": GRID, **update})
-            bl.baseline_spam(params, data_dir=root / "data", metrics_out=root / name / "report.json",
-                             headline_out=root / name / "headline.json", predictions_out=root / name / "predictions.csv")
+            bl.baseline_spam(
+                params,
+                data_dir=root / "data",
+                metrics_out=root / name / "report.json",
+                headline_out=root / name / "headline.json",
+                predictions_out=root / name / "predictions.csv",
+            )
             out[name] = root / name / "predictions.csv"
     finally:
         mp.undo()
@@ -64,16 +72,21 @@ def test_a_broken_configuration_is_significantly_worse_and_the_p_value_is_mcnema
     assert "A − B: −" in lines[3] and ": significant at 5%" in lines[3] and "McNemar p = " in lines[3]
     a = pd.read_csv(runs["broken"]).query("split == 'test'")["correct"].to_numpy()
     b = pd.read_csv(runs["seed1"]).query("split == 'test'")["correct"].to_numpy()
-    table = [[int(((a == 1) & (b == 1)).sum()), int(((a == 1) & (b == 0)).sum())],
-             [int(((a == 0) & (b == 1)).sum()), int(((a == 0) & (b == 0)).sum())]]
+    table = [
+        [int(((a == 1) & (b == 1)).sum()), int(((a == 1) & (b == 0)).sum())],
+        [int(((a == 0) & (b == 1)).sum()), int(((a == 0) & (b == 0)).sum())],
+    ]
     assert result.p_value == pytest.approx(mcnemar(table, exact=True).pvalue)
     assert result.difference == pytest.approx(a.mean() - b.mean())
-    validation, _ = compare.compare(str(runs["broken"]), str(runs["seed1"]), split="validation", params=ComparisonParams())
+    validation, _ = compare.compare(
+        str(runs["broken"]), str(runs["seed1"]), split="validation", params=ComparisonParams()
+    )
     assert validation.n == 149
 
 
-def test_llm_compare_prints_the_verdict_and_fails_in_one_line(runs: dict[str, Path], capsys, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_llm_compare_prints_the_verdict_and_fails_in_one_line(
+    runs: dict[str, Path], capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)  # no params.yaml: the comparison defaults
     assert cli.main(["compare", str(runs["seed1"]), str(runs["seed2"])]) == 0
     out = capsys.readouterr().out

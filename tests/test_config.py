@@ -66,8 +66,10 @@ def test_presets_round_trip_through_dict(name: str) -> None:
 
 
 def test_cpu_presets_have_the_documented_shapes() -> None:
-    shapes = {name: (PRESETS[name].n_layers, PRESETS[name].emb_dim, PRESETS[name].context_length)
-              for name in ("cpu-tiny", "cpu-small", "cpu-base")}
+    shapes = {
+        name: (PRESETS[name].n_layers, PRESETS[name].emb_dim, PRESETS[name].context_length)
+        for name in ("cpu-tiny", "cpu-small", "cpu-base")
+    }
     assert shapes == {"cpu-tiny": (2, 64, 64), "cpu-small": (4, 192, 128), "cpu-base": (6, 384, 256)}
 
 

@@ -33,10 +33,11 @@ def ids(text: str) -> list[int]:
 
 def run(root: Path, tmp: Path, **params) -> tuple[list[int], dict, dict]:
     """Tokenize ``root``; the tokens, the shards' meta.json and the metrics."""
-    metrics = tokenize.tokenize_corpus(root, tmp / "tokens", tmp / "metrics.json", tokenize.CorpusParams(**params),
-                                       TOKENIZER, tmp / "state")
+    metrics = tokenize.tokenize_corpus(
+        root, tmp / "tokens", tmp / "metrics.json", tokenize.CorpusParams(**params), TOKENIZER, tmp / "state"
+    )
     tokens, meta = load_token_shards(tmp / "tokens")
-    return tokens[0:len(tokens)].tolist(), meta, metrics
+    return tokens[0 : len(tokens)].tolist(), meta, metrics
 
 
 def joined(docs: list[str]) -> list[int]:
@@ -62,9 +63,17 @@ def test_every_format_gives_the_same_documents(tmp_path: Path) -> None:
     # Sorted by path: c.jsonl, d.parquet (3 rows, one null), e.jsonl.gz, f.parquet.gz, text/a.txt, text/b.md.gz
     order = [DOCS[2], DOCS[0], DOCS[1], DOCS[2], DOCS[0], DOCS[0], DOCS[1]]
     assert tokens == joined(order)
-    assert metrics == {"files": 6, "documents": 7, "empty_documents": 1, "characters": sum(map(len, order)),
-                       "bytes": sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.name[0] != "."),
-                       "tokens": len(tokens), "shards": 1, "skipped_entries": 0, "skipped": []}
+    assert metrics == {
+        "files": 6,
+        "documents": 7,
+        "empty_documents": 1,
+        "characters": sum(map(len, order)),
+        "bytes": sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.name[0] != "."),
+        "tokens": len(tokens),
+        "shards": 1,
+        "skipped_entries": 0,
+        "skipped": [],
+    }
     assert meta["max_token_id"] == max(tokens) and meta["dtype"] == "uint16"
 
 
@@ -93,7 +102,9 @@ def test_pieces_threads_and_shards_never_change_the_ids(tmp_path: Path, monkeypa
         tokens, meta, metrics = run(root, tmp_path, workers=workers, shard_tokens=shard_tokens)
         assert tokens == reference
     assert metrics["shards"] == len(meta["shards"]) == 4  # a shard closes at a file boundary only
-    assert [s["tokens"] for s in meta["shards"]] == [len(ids(text[i * 50_000 : (i + 1) * 50_000])) + (i > 0) for i in range(4)]
+    assert [s["tokens"] for s in meta["shards"]] == [
+        len(ids(text[i * 50_000 : (i + 1) * 50_000])) + (i > 0) for i in range(4)
+    ]
 
 
 def test_a_killed_run_resumes_after_its_last_committed_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -151,7 +162,11 @@ def write(path: Path, content: str | bytes) -> Path:
         ({}, {}, r"no readable files in directory .*corpus"),
         ({"a.txt": "x"}, {"include": ["*.jsonl"]}, r"glob '\*\.jsonl' matches no readable file under .*corpus"),
         ({"a.jsonl": '{"text": "ok"}\n{"text": "unfinished\n'}, {}, r"a\.jsonl line 2: not valid JSON"),
-        ({"a.jsonl": '{"text": "ok"}\n\n{"body": "no text"}\n'}, {}, r"a\.jsonl line 3: no field 'text' \(fields: \['body'\]\)"),
+        (
+            {"a.jsonl": '{"text": "ok"}\n\n{"body": "no text"}\n'},
+            {},
+            r"a\.jsonl line 3: no field 'text' \(fields: \['body'\]\)",
+        ),
         ({"a.jsonl": '{"text": 5}\n'}, {}, r"a\.jsonl line 1: field 'text' is int, expected a string"),
         ({"a.jsonl": '["a list"]\n'}, {}, r"a\.jsonl line 1: expected a JSON object, got list"),
         ({"a.txt": b"ok \xff\xfe"}, {}, r"a\.txt is not valid UTF-8"),
@@ -195,9 +210,11 @@ def test_every_skipped_entry_is_warned_about_and_counted(tmp_path: Path) -> None
     with pytest.warns(RuntimeWarning) as caught:
         tokens, _, metrics = run(root, tmp_path)
     messages = sorted(str(w.message) for w in caught)
-    expected = [f"corpus: skipped {root / 'binary.txt'}: binary (NUL bytes in its first 8 KB), not text",
-                f"corpus: skipped {root / 'gone.txt'}: broken symlink (-> nowhere.txt)",
-                f"corpus: skipped {root / 'loop.txt'}: symlink loop"]
+    expected = [
+        f"corpus: skipped {root / 'binary.txt'}: binary (NUL bytes in its first 8 KB), not text",
+        f"corpus: skipped {root / 'gone.txt'}: broken symlink (-> nowhere.txt)",
+        f"corpus: skipped {root / 'loop.txt'}: symlink loop",
+    ]
     if not readable_anyway:
         expected.append(f"corpus: skipped {root / 'secret.txt'}: unreadable: Permission denied")
     assert messages == sorted(expected)
@@ -216,9 +233,25 @@ def test_the_stage_prints_each_skip_as_one_line(tmp_path: Path) -> None:
     (root / "loop.txt").symlink_to("loop.txt")
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps({"tokenizer": TOKENIZER.model_dump(), "corpus": {"root": str(root)}}))
-    done = subprocess.run([sys.executable, "-m", "steps.tokenize", "--params", str(params), "--tokens", str(tmp_path / "t"),
-                           "--metrics", str(tmp_path / "m.json"), "--state-dir", str(tmp_path / "state")],
-                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "LLMPIPE_DEBUG": ""})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "steps.tokenize",
+            "--params",
+            str(params),
+            "--tokens",
+            str(tmp_path / "t"),
+            "--metrics",
+            str(tmp_path / "m.json"),
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LLMPIPE_DEBUG": ""},
+    )
     assert done.returncode == 0, done.stderr
     assert f"tokenize: warning: corpus: skipped {root / 'loop.txt'}: symlink loop\n" in done.stderr
     assert "1 corpus entr(y/ies) skipped" in done.stdout
@@ -233,8 +266,18 @@ def test_corpus_params_and_cli(tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps({"tokenizer": TOKENIZER.model_dump(), "corpus": {"root": str(tmp_path / "nope")}}))
     with pytest.raises(SystemExit, match=r"^tokenize: error: corpus .*nope does not exist"):
-        tokenize.main(["--params", str(params), "--tokens", str(tmp_path / "t"), "--metrics", str(tmp_path / "m.json"),
-                       "--state-dir", str(tmp_path / "state")])
+        tokenize.main(
+            [
+                "--params",
+                str(params),
+                "--tokens",
+                str(tmp_path / "t"),
+                "--metrics",
+                str(tmp_path / "m.json"),
+                "--state-dir",
+                str(tmp_path / "state"),
+            ]
+        )
 
 
 def test_safe_cuts_split_where_bpe_splits_anyway() -> None:
@@ -249,8 +292,9 @@ def test_safe_cuts_split_where_bpe_splits_anyway() -> None:
 
 
 @pytest.mark.parametrize("block", [16, 17, 64, 1 << 20])
-def test_long_jsonl_records_stream_in_blocks_to_the_same_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                               block: int) -> None:
+def test_long_jsonl_records_stream_in_blocks_to_the_same_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int
+) -> None:
     """Records longer than a block are read a block at a time; escapes (\\n, \\", \\\\, \\u, surrogate
     pairs) cut anywhere decode to the text json.loads gives, other fields before and after skipped."""
     import random
@@ -267,21 +311,31 @@ def test_long_jsonl_records_stream_in_blocks_to_the_same_text(tmp_path: Path, mo
         if i % 3 == 0:
             record = {"text": text, "id": i}
         lines.append(json.dumps(record, ensure_ascii=i % 2 == 0))
-    path = write(tmp_path / "c.jsonl", "\n".join(lines[:6]) + "\n\n" + "\n".join(lines[6:]))  # a blank line, no final \n
+    path = write(
+        tmp_path / "c.jsonl", "\n".join(lines[:6]) + "\n\n" + "\n".join(lines[6:])
+    )  # a blank line, no final \n
     got = ["".join(blocks) for blocks in readers.jsonl_texts(path, False, "text")]
     assert got == texts
 
 
-@pytest.mark.parametrize(("line", "pattern"), [
-    ('{"id": 1, "text": "' + "a" * 40, r"c\.jsonl line 1: the line ends inside a string"),
-    ('{"id": 1, "body": "abc", "more": [1, 2, 3], "x": "yy"}', r"c\.jsonl line 1: no field 'text'"),
-    ('{"id": 1, "body": "' + "a" * 40 + '", "text": "a"}',
-     r"c\.jsonl line 1: not valid JSON, or a value other than the text over 32 characters"),
-    ('{"text": "a\tb' + "a" * 40 + '"}', r"c\.jsonl line 1: a control character is inside a string"),
-    ('{"text": 12345, "id": "' + "a" * 20 + '", "x": 1}', r"c\.jsonl line 1: field 'text' is int, expected a string"),
-    ('["text", "' + "a" * 40 + '"]', r"c\.jsonl line 1: expected a JSON object"),
-    ('{"text": "' + "a" * 40 + '"} trailing', r"c\.jsonl line 1: not valid JSON \(text after the object\)"),
-])
+@pytest.mark.parametrize(
+    ("line", "pattern"),
+    [
+        ('{"id": 1, "text": "' + "a" * 40, r"c\.jsonl line 1: the line ends inside a string"),
+        ('{"id": 1, "body": "abc", "more": [1, 2, 3], "x": "yy"}', r"c\.jsonl line 1: no field 'text'"),
+        (
+            '{"id": 1, "body": "' + "a" * 40 + '", "text": "a"}',
+            r"c\.jsonl line 1: not valid JSON, or a value other than the text over 32 characters",
+        ),
+        ('{"text": "a\tb' + "a" * 40 + '"}', r"c\.jsonl line 1: a control character is inside a string"),
+        (
+            '{"text": 12345, "id": "' + "a" * 20 + '", "x": 1}',
+            r"c\.jsonl line 1: field 'text' is int, expected a string",
+        ),
+        ('["text", "' + "a" * 40 + '"]', r"c\.jsonl line 1: expected a JSON object"),
+        ('{"text": "' + "a" * 40 + '"} trailing', r"c\.jsonl line 1: not valid JSON \(text after the object\)"),
+    ],
+)
 def test_a_bad_long_record_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, line: str, pattern: str) -> None:
     from steps.data import readers
 

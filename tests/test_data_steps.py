@@ -43,8 +43,14 @@ def write_params(path: Path, **sections: dict) -> Path:
 @pytest.fixture(scope="module")
 def verdict_tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tokens")
-    tokenize.tokenize_corpus(MIRROR / "the-verdict.txt", root / "tokens", root / "tokenize.json",
-                             tokenize.CorpusParams(), TOKENIZER, root / "state")
+    tokenize.tokenize_corpus(
+        MIRROR / "the-verdict.txt",
+        root / "tokens",
+        root / "tokenize.json",
+        tokenize.CorpusParams(),
+        TOKENIZER,
+        root / "state",
+    )
     return root / "tokens"
 
 
@@ -56,34 +62,67 @@ def verdict_ids() -> np.ndarray:
 def test_tokenize_the_verdict(verdict_tokens: Path) -> None:
     tokens, meta = load_token_shards(verdict_tokens)
     assert len(tokens) == 5145 and tokens[:4].tolist() == [40, 367, 2885, 1464]  # "I HAD always"
-    assert np.array_equal(tokens[0:len(tokens)], verdict_ids())  # no <|endoftext|> added to one document
+    assert np.array_equal(tokens[0 : len(tokens)], verdict_ids())  # no <|endoftext|> added to one document
     assert (meta["dtype"], meta["vocab_size"], meta["tokens"], len(meta["shards"])) == ("uint16", 50257, 5145, 1)
     assert meta["tokenizer"]["sha256"] == tokenizer_digest(get_tokenizer(TOKENIZER.encoding_dir))
     assert json.loads((verdict_tokens.parent / "tokenize.json").read_text()) == {
-        "files": 1, "documents": 1, "empty_documents": 0, "bytes": 20479, "characters": 20479,
-        "tokens": 5145, "shards": 1, "skipped_entries": 0, "skipped": [],
+        "files": 1,
+        "documents": 1,
+        "empty_documents": 0,
+        "bytes": 20479,
+        "characters": 20479,
+        "tokens": 5145,
+        "shards": 1,
+        "skipped_entries": 0,
+        "skipped": [],
     }
     assert not (verdict_tokens.parent / "state").exists() or not any((verdict_tokens.parent / "state").iterdir())
 
 
 def test_tokenize_rejects_missing_and_empty_corpora(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="corpus .*missing.txt does not exist"):
-        tokenize.tokenize_corpus(tmp_path / "missing.txt", tmp_path / "t", tmp_path / "m.json",
-                                 tokenize.CorpusParams(), TOKENIZER, tmp_path / "state")
+        tokenize.tokenize_corpus(
+            tmp_path / "missing.txt",
+            tmp_path / "t",
+            tmp_path / "m.json",
+            tokenize.CorpusParams(),
+            TOKENIZER,
+            tmp_path / "state",
+        )
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(DataError, match="has no text"):
-        tokenize.tokenize_corpus(tmp_path / "empty.txt", tmp_path / "t", tmp_path / "m.json",
-                                 tokenize.CorpusParams(), TOKENIZER, tmp_path / "state")
+        tokenize.tokenize_corpus(
+            tmp_path / "empty.txt",
+            tmp_path / "t",
+            tmp_path / "m.json",
+            tokenize.CorpusParams(),
+            TOKENIZER,
+            tmp_path / "state",
+        )
     assert not (tmp_path / "t").exists() and not (tmp_path / "m.json").exists()
 
 
 def test_tokenize_cli_reports_a_bad_tokenizer_dir(tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"tokenizer": {"encoding_dir": str(tmp_path)}, "corpus": {}}))
-    with pytest.raises(SystemExit, match=r"^tokenize: error: .*encoder\.json not found: the GPT-2 encoding needs encoder\.json and vocab\.bpe"):
-        tokenize.main(["--params", str(params), "--corpus", str(MIRROR / "the-verdict.txt"),
-                       "--tokens", str(tmp_path / "t"), "--metrics", str(tmp_path / "m.json"),
-                       "--state-dir", str(tmp_path / "state")])
+    with pytest.raises(
+        SystemExit,
+        match=r"^tokenize: error: .*encoder\.json not found: the GPT-2 encoding needs encoder\.json and vocab\.bpe",
+    ):
+        tokenize.main(
+            [
+                "--params",
+                str(params),
+                "--corpus",
+                str(MIRROR / "the-verdict.txt"),
+                "--tokens",
+                str(tmp_path / "t"),
+                "--metrics",
+                str(tmp_path / "m.json"),
+                "--state-dir",
+                str(tmp_path / "state"),
+            ]
+        )
 
 
 # ---- build_windows
@@ -104,7 +143,11 @@ def test_windows_match_the_book_and_todays_output(verdict_tokens: Path, tmp_path
     meta = windows.build_windows(verdict_tokens, tmp_path / "windows", tmp_path / "m.json", windows.WindowParams())
     # The book: 9 train batches of 2 (drop_last) and 1 validation batch of 2.
     assert {k: meta[k] for k in ("n_train_windows", "n_val_windows", "train_tokens", "val_tokens")} == {
-        "n_train_windows": 18, "n_val_windows": 2, "train_tokens": 4630, "val_tokens": 515}
+        "n_train_windows": 18,
+        "n_val_windows": 2,
+        "train_tokens": 4630,
+        "val_tokens": 515,
+    }
     assert json.loads((tmp_path / "windows" / "meta.json").read_text()) == meta
     assert json.loads((tmp_path / "m.json").read_text()) == meta
     assert sorted(p.name for p in (tmp_path / "windows").iterdir()) == ["meta.json"]  # views: no window copies
@@ -121,7 +164,9 @@ def test_the_windows_meta_is_typed_and_a_bad_one_is_named(verdict_tokens: Path, 
     assert (meta.context_length, meta.n_train_windows, meta.tokens) == (256, 18, str(verdict_tokens))
     path = tmp_path / "w" / "meta.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "n_val_windows": "2"}))
-    with pytest.raises(DataError, match=r"meta.json: n_val_windows: Input should be a valid integer \(rerun the build_windows"):
+    with pytest.raises(
+        DataError, match=r"meta.json: n_val_windows: Input should be a valid integer \(rerun the build_windows"
+    ):
         read_windows_meta(tmp_path / "w")
 
 
@@ -135,8 +180,14 @@ def test_overlapping_windows_equal_todays(verdict_tokens: Path, tmp_path: Path) 
 
 def test_a_split_shorter_than_a_window_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "short.txt").write_text(" ".join(["word"] * 300))  # 300 tokens
-    tokenize.tokenize_corpus(tmp_path / "short.txt", tmp_path / "t", tmp_path / "tm.json", tokenize.CorpusParams(),
-                             TOKENIZER, tmp_path / "state")
+    tokenize.tokenize_corpus(
+        tmp_path / "short.txt",
+        tmp_path / "t",
+        tmp_path / "tm.json",
+        tokenize.CorpusParams(),
+        TOKENIZER,
+        tmp_path / "state",
+    )
     with pytest.raises(DataError, match="val split has 30 tokens; one window of context_length=256 needs at least 257"):
         windows.build_windows(tmp_path / "t", tmp_path / "w", tmp_path / "m.json", windows.WindowParams())
     assert not (tmp_path / "w").exists()
@@ -144,15 +195,28 @@ def test_a_split_shorter_than_a_window_is_an_error(tmp_path: Path) -> None:
 
 def test_windows_reject_a_missing_token_dir(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=r"^build_windows: error: cannot read token shards .*meta.json"):
-        windows.main(["--params", str(write_params(tmp_path / "p.yaml", windows={})),
-                      "--tokens", str(tmp_path / "t"), "--out", str(tmp_path / "w"),
-                      "--metrics", str(tmp_path / "m.json")])
+        windows.main(
+            [
+                "--params",
+                str(write_params(tmp_path / "p.yaml", windows={})),
+                "--tokens",
+                str(tmp_path / "t"),
+                "--out",
+                str(tmp_path / "w"),
+                "--metrics",
+                str(tmp_path / "m.json"),
+            ]
+        )
 
 
 @pytest.mark.parametrize(
     ("section", "pattern"),
-    [({"train_ratio": 1.5}, r"windows\.train_ratio"), ({"stride": 0}, r"windows\.stride"),
-     ({"context": 256}, r"windows\.context"), ({"sampling": "shuffled"}, r"windows\.sampling")],
+    [
+        ({"train_ratio": 1.5}, r"windows\.train_ratio"),
+        ({"stride": 0}, r"windows\.stride"),
+        ({"context": 256}, r"windows\.context"),
+        ({"sampling": "shuffled"}, r"windows\.sampling"),
+    ],
 )
 def test_window_params_are_validated(section: dict, pattern: str) -> None:
     with pytest.raises(ParamsError, match=pattern):
@@ -175,7 +239,9 @@ def test_spam_dataset_matches_the_book(spam_tsv: Path, tmp_path: Path) -> None:
     assert metrics["source"] == {"ham": 4827, "spam": 747, "malformed_skipped": 0}
     sizes = {name: sum(metrics[name].values()) for name in spam.SPLITS}
     assert sizes == {"train": 1045, "validation": 149, "test": 300}
-    assert sum(metrics[name]["ham"] for name in spam.SPLITS) == sum(metrics[name]["spam"] for name in spam.SPLITS) == 747
+    assert (
+        sum(metrics[name]["ham"] for name in spam.SPLITS) == sum(metrics[name]["spam"] for name in spam.SPLITS) == 747
+    )
     assert json.loads((tmp_path / "m.json").read_text()) == metrics
     frames = {name: pd.read_csv(tmp_path / "spam" / f"{name}.csv") for name in spam.SPLITS}
     for name, frame in frames.items():
@@ -190,15 +256,19 @@ def test_spam_dataset_matches_the_book(spam_tsv: Path, tmp_path: Path) -> None:
 
 
 def small_tsv(path: Path, extra_lines: list[str]) -> Path:
-    lines = [f"ham\tham message {i}" for i in range(20)] + [f"spam\tspam message {i} \"WIN\"" for i in range(10)]
+    lines = [f"ham\tham message {i}" for i in range(20)] + [f'spam\tspam message {i} "WIN"' for i in range(10)]
     path.write_text("\n".join(lines[:2] + extra_lines + lines[2:]) + "\n")
     return path
 
 
 @pytest.mark.parametrize(
     ("bad_line", "reason"),
-    [("no tab here", "no tab between label and text"), ("", "no tab between label and text"),
-     ("Spam\tcase matters", "unknown label 'Spam'"), ("ham\t", "empty text")],
+    [
+        ("no tab here", "no tab between label and text"),
+        ("", "no tab between label and text"),
+        ("Spam\tcase matters", "unknown label 'Spam'"),
+        ("ham\t", "empty text"),
+    ],
 )
 def test_malformed_lines_name_the_line(tmp_path: Path, bad_line: str, reason: str) -> None:
     tsv = small_tsv(tmp_path / "sms.tsv", [bad_line])
@@ -259,8 +329,10 @@ def test_instruction_shuffle_is_seeded(instruction_entries: list[dict]) -> None:
 @pytest.mark.parametrize(
     ("entries", "pattern"),
     [
-        ([{"instruction": "a", "input": "", "output": "b"}, {"instruction": "a", "input": 3, "output": "b"}],
-         "entry 1 field 'input': Input should be a valid string"),
+        (
+            [{"instruction": "a", "input": "", "output": "b"}, {"instruction": "a", "input": 3, "output": "b"}],
+            "entry 1 field 'input': Input should be a valid string",
+        ),
         ([{"instruction": "a", "input": "", "output": ""}], "entry 0 field 'output': String should have at least 1"),
         ([{"input": "", "output": "b"}], "entry 0 field 'instruction': Field required"),
         (["just text"], "entry 0: Input should be a valid dictionary"),

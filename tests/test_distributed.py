@@ -31,8 +31,18 @@ from llmpipe.params import ParamsError
 WORLD = 2
 CFG = GPTConfig.from_preset("cpu-tiny", vocab_size=97, context_length=16, drop_rate=0.0)
 # 21 training windows, global batch 4: 5 micro-batches an epoch, steps of 2, 2 and 1 micro-batches.
-CONFIG = TrainConfig(epochs=2, batch_size=4, grad_accum_steps=2, lr=3e-3, warmup_steps=1, eval_every=2,
-                     eval_batches=2, checkpoint_every=1, seed=7, progress=False)
+CONFIG = TrainConfig(
+    epochs=2,
+    batch_size=4,
+    grad_accum_steps=2,
+    lr=3e-3,
+    warmup_steps=1,
+    eval_every=2,
+    eval_batches=2,
+    checkpoint_every=1,
+    seed=7,
+    progress=False,
+)
 STOP_AFTER_STEP = 4  # the interrupted runs end right after saving this step
 TIMEOUT_S = 120
 
@@ -95,18 +105,24 @@ def run(state_dir: Path | None = None, read_limit: int | None = None, config: Tr
     counted = CountingDataset(train_data, read_limit)
     recorder = Recorder(counted)
     try:
-        state = train(model, counted, val_data, config, eval_fn=token_accuracy, callbacks=[recorder],
-                      state_dir=state_dir)
+        state = train(
+            model, counted, val_data, config, eval_fn=token_accuracy, callbacks=[recorder], state_dir=state_dir
+        )
     except Interrupted:
         state = None
-    return {"history": state.history if state else None, "step_losses": recorder.step_losses,
-            "reads_at_save": recorder.reads_at_save, "read": counted.read,
-            "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    return {
+        "history": state.history if state else None,
+        "step_losses": recorder.step_losses,
+        "reads_at_save": recorder.reads_at_save,
+        "read": counted.read,
+        "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+    }
 
 
 def worker(rank: int, port: int, tmp: str, read_limit: int) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     assert distributed.init_distributed("gloo", timeout_s=60)  # CPU tensors, even where CUDA exists
     try:
@@ -124,8 +140,9 @@ def worker(rank: int, port: int, tmp: str, read_limit: int) -> None:
 
 
 def spawn_ranks(tmp: Path, read_limit: int) -> dict:
-    context = mp.start_processes(worker, args=(distributed.free_port(), str(tmp), read_limit), nprocs=WORLD,
-                                 join=False, start_method="spawn")
+    context = mp.start_processes(
+        worker, args=(distributed.free_port(), str(tmp), read_limit), nprocs=WORLD, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not context.join(timeout=1):
@@ -142,8 +159,15 @@ def assert_same_run(got: dict, want: dict) -> None:
     assert got["step_losses"] == pytest.approx(want["step_losses"], abs=1e-5)
     assert len(got["history"]) == len(want["history"])
     for got_eval, want_eval in zip(got["history"], want["history"]):
-        assert got_eval.keys() == {"step", "epoch", "tokens_seen", "train_loss", "val_loss",
-                                   "train_accuracy", "val_accuracy"}
+        assert got_eval.keys() == {
+            "step",
+            "epoch",
+            "tokens_seen",
+            "train_loss",
+            "val_loss",
+            "train_accuracy",
+            "val_accuracy",
+        }
         assert got_eval == pytest.approx(want_eval, abs=1e-5)  # step, epoch, tokens_seen: exactly
     assert got["weights"].keys() == want["weights"].keys()
     for name, tensor in want["weights"].items():
@@ -204,7 +228,7 @@ def test_single_process_state_resumes_under_ddp(runs):
 
 # ---- stages: the distributed params and the torchrun relaunch
 
-PROBE = '''
+PROBE = """
 import sys
 from llmcore import distributed
 from llmpipe.distributed import setup_distributed
@@ -212,19 +236,22 @@ from llmpipe.distributed import setup_distributed
 setup_distributed("ddp_probe", sys.argv[1])
 print(f"rank {distributed.rank()} of {distributed.world_size()}", flush=True)
 sys.exit(3 if distributed.rank() == 1 and "--fail" in sys.argv else 0)
-'''
+"""
 
 
 def test_missing_section_means_one_process():
     assert load_distributed_params({}).world_size == 1
 
 
-@pytest.mark.parametrize("section, problem", [
-    ({"nnodes": 2, "node_rank": 2}, "node_rank"),
-    ({"rdzv_endpoint": "node0"}, "rdzv_endpoint"),
-    ({"nproc_per_node": 0}, "nproc_per_node"),
-    ({"gpus": 2}, "gpus"),
-])
+@pytest.mark.parametrize(
+    "section, problem",
+    [
+        ({"nnodes": 2, "node_rank": 2}, "node_rank"),
+        ({"rdzv_endpoint": "node0"}, "rdzv_endpoint"),
+        ({"nproc_per_node": 0}, "nproc_per_node"),
+        ({"gpus": 2}, "gpus"),
+    ],
+)
 def test_bad_distributed_params_name_the_key(section, problem):
     with pytest.raises(ParamsError, match=problem):
         load_distributed_params({"distributed": section})
@@ -233,9 +260,24 @@ def test_bad_distributed_params_name_the_key(section, problem):
 def test_multi_node_command_uses_a_static_rendezvous_on_node_0():
     params = DistributedParams(nproc_per_node=8, nnodes=2, node_rank=1, rdzv_endpoint="node0.lan:29400")
     command = torchrun_command("steps.pretrain", ["--params", "p.yaml"], params)
-    assert command[1:] == ["-m", "torch.distributed.run", "--nproc-per-node", "8", "--nnodes", "2",
-                           "--node-rank", "1", "--master-addr", "node0.lan", "--master-port", "29400",
-                           "-m", "steps.pretrain", "--params", "p.yaml"]
+    assert command[1:] == [
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "8",
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "1",
+        "--master-addr",
+        "node0.lan",
+        "--master-port",
+        "29400",
+        "-m",
+        "steps.pretrain",
+        "--params",
+        "p.yaml",
+    ]
 
 
 def test_stage_relaunches_itself_under_torchrun_and_fails_when_a_rank_fails(tmp_path, repo_root):
@@ -244,8 +286,14 @@ def test_stage_relaunches_itself_under_torchrun_and_fails_when_a_rank_fails(tmp_
     params.write_text("distributed:\n  nproc_per_node: 2\n  backend: gloo\n  timeout_s: 60\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(repo_root)])}
     env.pop("RANK", None)
-    done = subprocess.run([sys.executable, "-m", "ddp_probe", str(params), "--fail"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    done = subprocess.run(
+        [sys.executable, "-m", "ddp_probe", str(params), "--fail"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     output = done.stdout + done.stderr
     assert "rank 0 of 2" in output and "rank 1 of 2" in output, output
     assert done.returncode != 0, output

@@ -28,8 +28,18 @@ from llmcore.tokenizer import ENDOFTEXT, ENDOFTEXT_ID
 from llmcore.train import TrainConfig, train
 
 PAIRS = [
-    {"instruction": "Name a primary color.", "input": "", "chosen": "Red is a primary color.", "rejected": "Red, obviously."},
-    {"instruction": "Edit the sentence.", "input": "He go home.", "chosen": "He goes home.", "rejected": "He goes home, duh."},
+    {
+        "instruction": "Name a primary color.",
+        "input": "",
+        "chosen": "Red is a primary color.",
+        "rejected": "Red, obviously.",
+    },
+    {
+        "instruction": "Edit the sentence.",
+        "input": "He go home.",
+        "chosen": "He goes home.",
+        "rejected": "He goes home, duh.",
+    },
     {"instruction": "Give a synonym of fast.", "input": "", "chosen": "Quick.", "rejected": "Speedy, come on."},
     {"instruction": "What is 2 + 2?", "input": "", "chosen": "2 + 2 is 4.", "rejected": "Obviously 4."},
 ]
@@ -93,7 +103,9 @@ def test_policy_logprobs_head_at_scored_positions_equals_full_logits(tokenizer) 
 def test_masking_scores_only_the_answer_and_its_end_token(tokenizer) -> None:
     pairs = [encode_pair(tokenizer, entry) for entry in PAIRS[:2]]
     inputs, targets, reference = collate_pairs(pairs)
-    assert inputs.shape[:2] == targets.shape[:2] == (2, 2) and reference.shape == (2, 2) and torch.isnan(reference).all()
+    assert (
+        inputs.shape[:2] == targets.shape[:2] == (2, 2) and reference.shape == (2, 2) and torch.isnan(reference).all()
+    )
     for p in range(2):
         for k, kind in enumerate(("chosen", "rejected")):
             row_in, row_t = inputs[p, k], targets[p, k]
@@ -109,8 +121,11 @@ def test_masking_scores_only_the_answer_and_its_end_token(tokenizer) -> None:
 
 
 def test_a_chat_prompt_scores_the_same_answer_tokens_as_its_alpaca_twin(tokenizer) -> None:
-    chat = {"prompt": [{"role": "user", "content": "Name a primary color."}],
-            "chosen": [{"role": "assistant", "content": "Red is a primary color."}], "rejected": "Red, obviously."}
+    chat = {
+        "prompt": [{"role": "user", "content": "Name a primary color."}],
+        "chosen": [{"role": "assistant", "content": "Red is a primary color."}],
+        "rejected": "Red, obviously.",
+    }
     alpaca, chatted = encode_pair(tokenizer, PAIRS[0]), encode_pair(tokenizer, chat)
     assert chatted == alpaca  # a one-turn chat renders as the book's prompt with an empty input
 
@@ -134,11 +149,28 @@ def test_a_tiny_dpo_run_raises_preference_accuracy_on_its_pairs(tokenizer) -> No
     pairs = with_reference(pairs, *pair_logprobs(reference, pairs))
     before = pair_summary(*pair_logprobs(reference, pairs))
     policy = tiny_model()
-    config = TrainConfig(epochs=30, batch_size=2, lr=3e-3, eval_every=0, eval_batches=None, progress=False,
-                         grad_clip=1.0, weight_decay=0.0)
-    state = train(policy, pairs, pairs, config, loss_fn=functools.partial(dpo_batch_loss, beta=0.5),
-                  eval_fn=preference_metrics, collate_fn=collate_pairs)
-    after = pair_summary(*pair_logprobs(policy, pairs), reference=torch.stack(pair_logprobs(reference, pairs)), beta=0.5)
+    config = TrainConfig(
+        epochs=30,
+        batch_size=2,
+        lr=3e-3,
+        eval_every=0,
+        eval_batches=None,
+        progress=False,
+        grad_clip=1.0,
+        weight_decay=0.0,
+    )
+    state = train(
+        policy,
+        pairs,
+        pairs,
+        config,
+        loss_fn=functools.partial(dpo_batch_loss, beta=0.5),
+        eval_fn=preference_metrics,
+        collate_fn=collate_pairs,
+    )
+    after = pair_summary(
+        *pair_logprobs(policy, pairs), reference=torch.stack(pair_logprobs(reference, pairs)), beta=0.5
+    )
     assert before["preference_accuracy"] < 1.0 and after["preference_accuracy"] == 1.0
     assert after["reward_margin"] > 0 and after["dpo_loss"] < 0.693
     first, last = state.history[0], state.history[-1]

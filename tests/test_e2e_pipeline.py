@@ -58,18 +58,28 @@ def flaky_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, environment) -> 
     """Shell-only stages: a download that fails once, a stage that fails, one after it."""
     stages = {
         "download_flaky": {
-            "cmd": "if [ ! -f ../attempted ]; then touch ../attempted; echo 'network down' >&2; exit 1; fi; echo data > raw.txt",
+            "cmd": (
+                "if [ ! -f ../attempted ]; then touch ../attempted; echo 'network down' >&2; exit 1; fi; "
+                "echo data > raw.txt"
+            ),
             "outs": ["raw.txt"],
         },
-        "broken": {"cmd": "echo checking raw.txt && echo 'broken: error: bad input raw.txt' >&2 && exit 3", "deps": ["raw.txt"],
-                   "outs": ["clean.txt"]},
+        "broken": {
+            "cmd": "echo checking raw.txt && echo 'broken: error: bad input raw.txt' >&2 && exit 3",
+            "deps": ["raw.txt"],
+            "outs": ["clean.txt"],
+        },
         "after": {"cmd": "cat clean.txt > final.txt", "deps": ["clean.txt"], "outs": ["final.txt"]},
     }
     repo = tmp_path / "flaky"
     repo.mkdir()
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=repo, check=True)
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
-    orchestration = {"mlflow_experiment": "e2e-flaky", "mlflow_ui_url": "http://mlflow.test", "download_retry_delays_s": [0]}
+    orchestration = {
+        "mlflow_experiment": "e2e-flaky",
+        "mlflow_ui_url": "http://mlflow.test",
+        "download_retry_delays_s": [0],
+    }
     (repo / "params.yaml").write_text(yaml.safe_dump({"orchestration": orchestration}))
     monkeypatch.chdir(repo)
     return repo
@@ -111,12 +121,15 @@ def test_a_failed_stage_fails_the_flow_with_its_output_after_download_retries(fl
     assert f"(http://mlflow.test/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id})" in summary
 
 
-TRAIN = ("python -c \"import sys, yaml; x = yaml.safe_load(open('params.yaml'))['train']['x']; "
-         "sys.exit('train: error: x must be positive') if x <= 0 else open('model.txt', 'w').write(str(x))\"")
+TRAIN = (
+    "python -c \"import sys, yaml; x = yaml.safe_load(open('params.yaml'))['train']['x']; "
+    "sys.exit('train: error: x must be positive') if x <= 0 else open('model.txt', 'w').write(str(x))\""
+)
 
 
-def test_a_failed_in_place_experiment_leaves_the_checkout_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                   environment) -> None:
+def test_a_failed_in_place_experiment_leaves_the_checkout_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, environment
+) -> None:
     from pipelines.flows import llm_pipeline
 
     repo = tmp_path / "inplace"
@@ -138,8 +151,9 @@ def test_a_failed_in_place_experiment_leaves_the_checkout_as_it_was(tmp_path: Pa
     assert subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout == ""
 
 
-def test_an_unreachable_mlflow_server_fails_the_flow_in_one_line_before_any_stage(flaky_repo: Path,
-                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unreachable_mlflow_server_fails_the_flow_in_one_line_before_any_stage(
+    flaky_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from pipelines.flows import llm_pipeline
 
     url = f"http://127.0.0.1:{closed_port()}"
@@ -153,8 +167,17 @@ def test_an_unreachable_mlflow_server_fails_the_flow_in_one_line_before_any_stag
 
 # The stages that train or load a model (and the baseline, and train_tokenizer's report) log a run;
 # evaluate and the scorers log into those runs.
-TRAINING_STAGES = {"pretrain", "load_gpt2", "load_base", "adapt_pretrain", "finetune_classifier", "finetune_instruct",
-                   "baseline_spam", "preference_tune", "train_tokenizer"}
+TRAINING_STAGES = {
+    "pretrain",
+    "load_gpt2",
+    "load_base",
+    "adapt_pretrain",
+    "finetune_classifier",
+    "finetune_instruct",
+    "baseline_spam",
+    "preference_tune",
+    "train_tokenizer",
+}
 
 
 def test_pipeline_runs_every_stage_then_skips_then_reruns_only_downstream(pipeline_repo: Path) -> None:
@@ -179,13 +202,17 @@ def test_pipeline_runs_every_stage_then_skips_then_reruns_only_downstream(pipeli
     missing = [path for path in outs if not Path(path).exists()]
     assert outs and missing == []
 
-    shown = json.loads(subprocess.run([sys.executable, "-m", "dvc", "metrics", "show", "--json"],
-                                      capture_output=True, text=True, check=True).stdout)
+    shown = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "dvc", "metrics", "show", "--json"], capture_output=True, text=True, check=True
+        ).stdout
+    )
     (workspace,) = shown.values()  # keyed "workspace" or "" depending on DVC's version
     headline = {path: entry["data"] for path, entry in workspace["data"].items()}
     ci = ("", "_ci_low", "_ci_high")
     assert set(headline["metrics/spam.json"]) == {f"test_{m}{c}" for m in ("accuracy", "f1") for c in ci} | {
-        "validation_accuracy"}
+        "validation_accuracy"
+    }
     assert set(headline["metrics/baseline.json"]) == {f"baseline_test_{m}{c}" for m in ("accuracy", "f1") for c in ci}
     assert set(headline["metrics/pretrain.json"]) == {f"val_{m}{c}" for m in ("loss", "perplexity") for c in ci}
     assert "rouge_l_f1" in headline["metrics/instructions.json"]
@@ -206,7 +233,9 @@ def test_pipeline_runs_every_stage_then_skips_then_reruns_only_downstream(pipeli
     assert spam_run.data.metrics["test_accuracy"] == headline["metrics/spam.json"]["test_accuracy"]
     summary = summary_artifact(state.state_details.flow_run_id, "pipeline-all")
     assert report.mlflow_url in summary and "LLM − baseline: " in summary
-    difference = 100 * (headline["metrics/spam.json"]["test_accuracy"] - headline["metrics/baseline.json"]["baseline_test_accuracy"])
+    difference = 100 * (
+        headline["metrics/spam.json"]["test_accuracy"] - headline["metrics/baseline.json"]["baseline_test_accuracy"]
+    )
     assert parent.data.metrics["llm_minus_baseline_test_accuracy_points"] == pytest.approx(difference, abs=0.01)
     assert 0 < parent.data.metrics["llm_minus_baseline_mcnemar_p"] <= 1  # paired on the same test messages
     assert "McNemar p = " in summary and "% CI [" in summary
@@ -227,8 +256,11 @@ def test_pipeline_runs_every_stage_then_skips_then_reruns_only_downstream(pipeli
     assert rerun.stages_by_status["ran"] == ["check_params", "finetune_classifier", "score_spam"]
     assert set(child_runs(client, rerun.mlflow_run_id)) == {"finetune_classifier"}
     assert child_runs(client, rerun.mlflow_run_id)["finetune_classifier"].info.run_name == "lr-double"
-    shown = json.loads(subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"],
-                                      capture_output=True, text=True, check=True).stdout)
+    shown = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True
+        ).stdout
+    )
     experiments = {exp["name"]: exp for commit in shown for exp in (commit.get("experiments") or [])}
     saved = experiments["lr-double"]["revs"][0]["data"]
     assert saved["params"]["params.yaml"]["data"]["finetune_classifier"]["lr"] == lr

@@ -66,8 +66,10 @@ def experiment_metrics(repo: Path) -> dict[str, dict]:
 
 
 def test_two_experiments_compare_in_dvc_and_the_registry_keeps_the_better(baseline: Path) -> None:
-    logs = [dvc(baseline, "exp", "run", "-n", "lr-fast", "-S", "finetune_classifier.lr=3e-3", "score_spam"),
-            dvc(baseline, "exp", "run", "-n", "lr-slow", "-S", "finetune_classifier.lr=1e-4", "score_spam")]
+    logs = [
+        dvc(baseline, "exp", "run", "-n", "lr-fast", "-S", "finetune_classifier.lr=3e-3", "score_spam"),
+        dvc(baseline, "exp", "run", "-n", "lr-slow", "-S", "finetune_classifier.lr=1e-4", "score_spam"),
+    ]
     shown = experiment_metrics(baseline)
     fast, slow = shown["lr-fast"], shown["lr-slow"]
     keys = ("test_accuracy", "test_f1", "test_accuracy_ci_low", "test_accuracy_ci_high", "validation_accuracy")
@@ -77,8 +79,13 @@ def test_two_experiments_compare_in_dvc_and_the_registry_keeps_the_better(baseli
 
     # llm compare reads both experiments' per-example predictions at their revisions (dvc.api).
     env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
-    compared = subprocess.run([sys.executable, "-m", "cli.llm", "compare", "lr-fast", "lr-slow"], cwd=baseline,
-                              env=env, capture_output=True, text=True)
+    compared = subprocess.run(
+        [sys.executable, "-m", "cli.llm", "compare", "lr-fast", "lr-slow"],
+        cwd=baseline,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert compared.returncode == 0, compared.stderr
     points = 100 * (fast["test_accuracy"] - slow["test_accuracy"])
     assert f"A − B: {points:+.1f} points".replace("-", "−") in compared.stdout and "McNemar p = " in compared.stdout
@@ -92,8 +99,13 @@ def test_two_experiments_compare_in_dvc_and_the_registry_keeps_the_better(baseli
     # MLflow: each experiment's fine-tune run is named after it and holds its lr and test accuracy;
     # @champion is the version of whichever scored better.
     client = mlflow.MlflowClient()
-    runs = {run.info.run_name: run for run in client.search_runs(
-        [client.get_experiment_by_name("spam-classifier").experiment_id], filter_string="tags.stage = 'finetune_classifier'")}
+    runs = {
+        run.info.run_name: run
+        for run in client.search_runs(
+            [client.get_experiment_by_name("spam-classifier").experiment_id],
+            filter_string="tags.stage = 'finetune_classifier'",
+        )
+    }
     assert runs["lr-fast"].data.params["lr"] == "0.003" and runs["lr-slow"].data.params["lr"] == "0.0001"
     assert runs["lr-fast"].data.metrics["test_accuracy"] == pytest.approx(fast["test_accuracy"])
     # @champion moved only on validation and beyond noise: every promotion the stages printed names

@@ -103,8 +103,10 @@ def test_cli_generate_with_int8_weights(tmp_path: Path, gpt2_encoding_dir: Path,
     monkeypatch.setenv(ENCODING_DIR_ENV, str(gpt2_encoding_dir))
     torch.manual_seed(0)
     model_dir = save_checkpoint(GPTModel(GPTConfig.from_preset("cpu-tiny")), tmp_path / "gpt")
-    assert cli.main(["generate", "Every effort moves you", "--model", str(model_dir),
-                     "--max-new-tokens", "5", "--int8"]) == 0
+    assert (
+        cli.main(["generate", "Every effort moves you", "--model", str(model_dir), "--max-new-tokens", "5", "--int8"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("Every effort moves you") and len(out) > len("Every effort moves you\n")
 

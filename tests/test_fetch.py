@@ -106,9 +106,7 @@ def test_http_mirror_is_tried_first(server: Server, verdict: bytes, tmp_path: Pa
     assert sorted(p.name for p in out.parent.iterdir()) == ["corpus.txt"]
 
 
-def test_falls_back_to_upstream_when_the_mirror_lacks_the_file(
-    server: Server, verdict: bytes, tmp_path: Path
-) -> None:
+def test_falls_back_to_upstream_when_the_mirror_lacks_the_file(server: Server, verdict: bytes, tmp_path: Path) -> None:
     upstream = server.serve("/upstream/the-verdict.txt", verdict)
     empty_mirror = tmp_path / "mirror"
     empty_mirror.mkdir()
@@ -178,8 +176,9 @@ def test_local_path_as_upstream(tmp_path: Path, verdict: bytes) -> None:
 @pytest.mark.parametrize("url", ["ftp://example.com/the-verdict.txt", "file:///etc/passwd", "s3://bucket/x"])
 def test_non_http_schemes_are_rejected(url: str) -> None:
     with pytest.raises(ParamsError, match=r"sources\.corpus\.url: .*unsupported scheme"):
-        validate_section({"sources": {"corpus": {"url": url, "sha256": VERDICT_SHA256, "out": "x"}}},
-                         "sources.corpus", Source)
+        validate_section(
+            {"sources": {"corpus": {"url": url, "sha256": VERDICT_SHA256, "out": "x"}}}, "sources.corpus", Source
+        )
     with pytest.raises(ValueError, match="unsupported scheme"):
         location_kind(url)
 
@@ -302,8 +301,9 @@ def test_cli_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         main(["--params", str(params_file)])
 
 
-def test_a_local_write_failure_stops_instead_of_trying_upstream(server: Server, verdict: bytes, tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_a_local_write_failure_stops_instead_of_trying_upstream(
+    server: Server, verdict: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     """Disk full while copying the mirror's file: the error names the output (never the mirror file
     being read), and neither the upstream URL nor anything half-written is left to chance."""
     import builtins
@@ -353,7 +353,9 @@ def test_a_local_write_failure_stops_instead_of_trying_upstream(server: Server, 
     assert str(exc.value.code) == f"fetch: error: {out}: cannot write: No space left on device"
 
 
-def test_a_full_disk_for_real_names_the_output(small_disk: Path, server: Server, verdict: bytes, tmp_path: Path) -> None:
+def test_a_full_disk_for_real_names_the_output(
+    small_disk: Path, server: Server, verdict: bytes, tmp_path: Path
+) -> None:
     """A 64 KiB tmpfs (needs root): a 200 KB file cannot fit."""
     upstream = server.serve("/upstream/the-verdict.txt", verdict * 10)
     mirror = tmp_path / "mirror"

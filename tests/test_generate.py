@@ -24,9 +24,9 @@ def book_greedy(model: GPTModel, prompt: list[int], n: int) -> list[int]:
     """The book's generate_text_simple: crop to the context, argmax of the last position."""
     idx = torch.tensor([prompt])
     for _ in range(n):
-        logits = model(idx[:, -model.cfg.context_length:])[:, -1]
+        logits = model(idx[:, -model.cfg.context_length :])[:, -1]
         idx = torch.cat([idx, logits.argmax(-1, keepdim=True)], dim=1)
-    return idx[0, len(prompt):].tolist()
+    return idx[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("n_new", [5, 30])  # 30 runs past context_length=16: the window is cropped
@@ -203,7 +203,9 @@ def test_slot_cache_decodes_sequences_that_join_and_leave_like_generate_alone(mo
                     cache.move(last, row, active[last]["length"])
                     active[row] = active[last]
                 active.pop()
-        waiting = [i for s, i in joins_at.items() if s <= step and i not in results and all(a["i"] != i for a in active)]
+        waiting = [
+            i for s, i in joins_at.items() if s <= step and i not in results and all(a["i"] != i for a in active)
+        ]
         for i in waiting[: 2 - len(active)]:
             logits = cache.prefill(model, len(active), PROMPTS[i])
             active.append({"i": i, "length": len(PROMPTS[i]), "out": [int(logits.argmax())]})

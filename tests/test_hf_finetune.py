@@ -33,12 +33,27 @@ FAMILIES = ("qwen3", "llama", "gemma3")
 ENTRIES = [
     {"instruction": "Spam?", "input": "Win a prize", "output": "Yes."},
     {"instruction": "Spam?", "input": "Hello there", "output": "No."},
-    {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Win?"},
-                  {"role": "assistant", "content": "No, thanks."}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be terse."},
+            {"role": "user", "content": "Win?"},
+            {"role": "assistant", "content": "No, thanks."},
+        ]
+    },
     {"instruction": "Reply", "input": "", "output": "Fine, thanks"},
 ]
-FT_PARAMS = dict(epochs=1, batch_size=2, lr=1e-2, eval_every=0, eval_batches=1, sample_entries=1,
-                 sample_max_new_tokens=3, device="cpu", mask_prompt=True, lora={"rank": 4, "alpha": 8.0})
+FT_PARAMS = dict(
+    epochs=1,
+    batch_size=2,
+    lr=1e-2,
+    eval_every=0,
+    eval_batches=1,
+    sample_entries=1,
+    sample_max_new_tokens=3,
+    device="cpu",
+    mask_prompt=True,
+    lora={"rank": 4, "alpha": 8.0},
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +86,22 @@ def base(request, tmp_path_factory, mlflow_store) -> tuple[str, Path]:
 @pytest.fixture(scope="module")
 def finetuned(base) -> tuple[str, Path, dict]:
     family, root = base
-    metrics = ft.finetune_instruct(trainer_params(ft.FinetuneInstructParams, **FT_PARAMS), TokenizerParams(), **paths(root, "instruct"))
+    metrics = ft.finetune_instruct(
+        trainer_params(ft.FinetuneInstructParams, **FT_PARAMS), TokenizerParams(), **paths(root, "instruct")
+    )
     return family, root, metrics
 
 
 def paths(root: Path, name: str) -> dict:
-    return dict(base_model=root / "base", data_dir=root / "data", out_dir=root / name,
-                metrics_out=root / f"{name}.json", history_out=root / f"{name}.csv", plot_out=root / f"{name}.png",
-                cache_dir=root / ".cache" / name)
+    return dict(
+        base_model=root / "base",
+        data_dir=root / "data",
+        out_dir=root / name,
+        metrics_out=root / f"{name}.json",
+        history_out=root / f"{name}.csv",
+        plot_out=root / f"{name}.png",
+        cache_dir=root / ".cache" / name,
+    )
 
 
 def test_sft_prompt_and_sequence_are_transformers_chat_template(base) -> None:
@@ -95,7 +118,7 @@ def test_sft_prompt_and_sequence_are_transformers_chat_template(base) -> None:
         sequence = [*example.token_ids, template_end_id(ours)]
         assert example.token_ids[: example.prompt_length] == list(prompt_ids)
         assert sequence == list(full_ids[: len(sequence)])
-        assert ours.decode(sequence[example.prompt_length:]).strip().endswith(messages[-1]["content"].strip())
+        assert ours.decode(sequence[example.prompt_length :]).strip().endswith(messages[-1]["content"].strip())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -147,12 +170,22 @@ def test_score_and_the_registered_pyfunc_answer_in_the_chat_template(finetuned) 
     import mlflow
 
     family, root, _ = finetuned
-    params = score.ScoreInstructionsParams(max_new_tokens=4, batch_size=2, device="cpu",
-                                           judge=JudgeParams(url="http://127.0.0.1:9", connect_retries=0, backoff_factor=0))
-    metrics = score.score_instructions(params, TokenizerParams(), model_dir=root / "instruct",
-                                       test_file=root / "data" / "test.json", responses_out=root / "responses.json",
-                                       metrics_out=root / "scores.json", headline_out=root / "headline.json",
-                                       comparison=ComparisonParams(bootstrap_samples=100))
+    params = score.ScoreInstructionsParams(
+        max_new_tokens=4,
+        batch_size=2,
+        device="cpu",
+        judge=JudgeParams(url="http://127.0.0.1:9", connect_retries=0, backoff_factor=0),
+    )
+    metrics = score.score_instructions(
+        params,
+        TokenizerParams(),
+        model_dir=root / "instruct",
+        test_file=root / "data" / "test.json",
+        responses_out=root / "responses.json",
+        metrics_out=root / "scores.json",
+        headline_out=root / "headline.json",
+        comparison=ComparisonParams(bootstrap_samples=100),
+    )
     assert metrics["n_entries"] == 2 and metrics["response_tokens"] > 0 and metrics["validation_response_loss"] > 0
     model, tokenizer = load_checkpoint(root / "instruct").eval(), HFTokenizer(root / "instruct")
     records = json.loads((root / "responses.json").read_text())
@@ -162,8 +195,9 @@ def test_score_and_the_registered_pyfunc_answer_in_the_chat_template(finetuned) 
         assert record["model_response"] == tokenizer.decode(ids).removeprefix(lead).strip()
     if family == "qwen3":  # the registry's pyfunc (one family: loading it takes seconds)
         pyfunc = mlflow.pyfunc.load_model("models:/instruct-gpt@candidate")
-        answer = pyfunc.predict(pd.DataFrame({"instruction": ["Spam?"], "input": ["Hello there"]}),
-                                params={"max_new_tokens": 4})["response"][0]
+        answer = pyfunc.predict(
+            pd.DataFrame({"instruction": ["Spam?"], "input": ["Hello there"]}), params={"max_new_tokens": 4}
+        )["response"][0]
         assert answer == records[0]["model_response"]
 
 
@@ -179,8 +213,14 @@ def test_served_and_chatted_with_the_chat_template(finetuned, monkeypatch, capsy
         monkeypatch.setattr("sys.stdin", io.StringIO("Spam?\tWin a prize\n"))
         assert cli.main(["chat", "--model", str(root / "instruct"), "--max-new-tokens", "5", "--temperature", "0"]) == 0
         out = capsys.readouterr().out
-        expected = tokenizer.decode(generate(model, [tokenizer.chat_ids(
-            [{"role": "user", "content": "Spam?\n\nWin a prize"}])], 5, eos_id=tokenizer.eos_id)[0])
+        expected = tokenizer.decode(
+            generate(
+                model,
+                [tokenizer.chat_ids([{"role": "user", "content": "Spam?\n\nWin a prize"}])],
+                5,
+                eos_id=tokenizer.eos_id,
+            )[0]
+        )
         assert f"Response: {expected}\n" in out
         return
     openai = pytest.importorskip("openai")
@@ -226,13 +266,20 @@ def test_interrupted_lora_finetune_resumes_to_the_same_weights(finetuned, monkey
 def test_a_trained_tokenizer_setting_contradicting_the_base_is_a_one_line_error(base, capsys) -> None:
     _, root = base
     with pytest.raises(BaseModelError, match="tokenizer.source is 'trained'"):
-        ft.finetune_instruct(trainer_params(ft.FinetuneInstructParams, **FT_PARAMS), TokenizerParams(source="trained"),
-                             **paths(root, "refused"))
+        ft.finetune_instruct(
+            trainer_params(ft.FinetuneInstructParams, **FT_PARAMS),
+            TokenizerParams(source="trained"),
+            **paths(root, "refused"),
+        )
     assert not (root / "refused").exists()
 
 
-SPAM = [("Win a free prize now! Reply YES.", 1), ("Hello there, how are you today?", 0),
-        ("Spam: win a prize", 1), ("Fine, thanks; and you?", 0)]
+SPAM = [
+    ("Win a free prize now! Reply YES.", 1),
+    ("Hello there, how are you today?", 0),
+    ("Spam: win a prize", 1),
+    ("Fine, thanks; and you?", 0),
+]
 
 
 def test_classifier_on_a_base_reads_its_last_token_and_answers_llm_classify(base, capsys) -> None:
@@ -249,11 +296,27 @@ def test_classifier_on_a_base_reads_its_last_token_and_answers_llm_classify(base
     for split in ("train", "validation"):
         frame.to_csv(data / f"{split}.csv", index=False)
     (data / "labels.json").write_text(json.dumps({"labels": ["ham", "spam"]}))
-    params = trainer_params(fc.FinetuneClassifierParams, trainable="lora", token_position="flexible", epochs=1, batch_size=2, lr=1e-2,
-                                         eval_every=0, eval_batches=1, device="cpu")
-    metrics = fc.finetune_classifier(params, base_dir=root / "base", data_dir=data, out_dir=root / "classifier",
-                                     metrics_out=root / "c.json", history_out=root / "c.csv", plots_dir=root / "plots",
-                                     cache_dir=root / ".cache" / "classifier")
+    params = trainer_params(
+        fc.FinetuneClassifierParams,
+        trainable="lora",
+        token_position="flexible",
+        epochs=1,
+        batch_size=2,
+        lr=1e-2,
+        eval_every=0,
+        eval_batches=1,
+        device="cpu",
+    )
+    metrics = fc.finetune_classifier(
+        params,
+        base_dir=root / "base",
+        data_dir=data,
+        out_dir=root / "classifier",
+        metrics_out=root / "c.json",
+        history_out=root / "c.csv",
+        plots_dir=root / "plots",
+        cache_dir=root / ".cache" / "classifier",
+    )
     assert metrics["steps"] == 2 and 0.0 <= metrics["val_accuracy"] <= 1.0
     model = load_classifier(root / "classifier")
     assert isinstance(model, DecoderClassifier) and model.cfg.family == family

@@ -13,21 +13,30 @@ tf = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 # Llama 3's shape: bos_token first, header ids, trimmed content, a date from strftime_now, a tojson filter.
-LLAMA3 = ("{{ bos_token }}{% set date = strftime_now('%Y') %}{% for message in messages %}"
-          "{% if loop.first and message['role'] != 'system' %}{{ '<|start_header_id|>system<|end_header_id|>\n\n' }}"
-          "{{ 'Year ' + date + ' ' + ({'k': 'ü'} | tojson) + '<|eot_id|>' }}{% endif %}"
-          "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
-MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "  Is this spam? Win now!  "},
-            {"role": "assistant", "content": "Yes."}, {"role": "user", "content": "And this: see you at 5?"}]
+LLAMA3 = (
+    "{{ bos_token }}{% set date = strftime_now('%Y') %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}{{ '<|start_header_id|>system<|end_header_id|>\n\n' }}"
+    "{{ 'Year ' + date + ' ' + ({'k': 'ü'} | tojson) + '<|eot_id|>' }}{% endif %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "  Is this spam? Win now!  "},
+    {"role": "assistant", "content": "Yes."},
+    {"role": "user", "content": "And this: see you at 5?"},
+]
 
 
 @pytest.fixture(scope="module", params=["chatml", "llama3"])
 def saved(request, tmp_path_factory):
     tok = train_tokenizer()
     chatml = request.param == "chatml"
-    hf = tf.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>" if chatml else "<|eot_id|>",
-                                    bos_token=None if chatml else "<|begin_of_text|>")
+    hf = tf.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>" if chatml else "<|eot_id|>",
+        bos_token=None if chatml else "<|begin_of_text|>",
+    )
     hf.chat_template = CHATML if chatml else LLAMA3
     directory = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(directory)
@@ -48,7 +57,9 @@ def test_encode_decode_and_special_tokens_match_transformers(saved):
     hf, ours = saved
     text = "Win a free prize <|im_end|> now, ünïcödé!"
     assert ours.encode(text) == hf.encode(text, add_special_tokens=False)
-    assert ours.decode(ours.encode(text)) == hf.decode(hf.encode(text, add_special_tokens=False), skip_special_tokens=True)
+    assert ours.decode(ours.encode(text)) == hf.decode(
+        hf.encode(text, add_special_tokens=False), skip_special_tokens=True
+    )
     assert ours.n_vocab == len(hf)
     assert ours.eos_id == hf.eos_token_id and ours.special_tokens["eos_token"] == hf.eos_token
 

@@ -26,8 +26,11 @@ from llmcore.train import next_token_loss
 PAD = ENDOFTEXT_ID
 ENTRIES = [
     {"instruction": "Convert 45 kilometers to meters.", "input": "", "output": "45 kilometers is 45000 meters."},
-    {"instruction": "Edit the following sentence for grammar.", "input": "He go to the park every day.",
-     "output": "He goes to the park every day."},
+    {
+        "instruction": "Edit the following sentence for grammar.",
+        "input": "He go to the park every day.",
+        "output": "He goes to the park every day.",
+    },
     {"instruction": "Name a primary color.", "input": "", "output": "Red."},
 ]
 
@@ -82,7 +85,9 @@ def test_dataset_encodes_prompt_and_response_and_counts_prompt_tokens(tokenizer)
         assert example.token_ids == encode(tokenizer, format_input(entry) + format_response(entry))
         assert tokenizer.decode(example.token_ids[: example.prompt_length]) == format_input(entry)
     # The input section appears only when the entry has an input.
-    assert "### Input:" in tokenizer.decode(data[1].token_ids) and "### Input:" not in tokenizer.decode(data[0].token_ids)
+    assert "### Input:" in tokenizer.decode(data[1].token_ids) and "### Input:" not in tokenizer.decode(
+        data[0].token_ids
+    )
 
 
 def test_prompt_length_stops_where_bpe_merges_across_the_boundary(tokenizer) -> None:

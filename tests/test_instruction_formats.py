@@ -37,8 +37,13 @@ def chat(*turns: tuple[str, str]) -> dict:
 
 
 CHATS = [
-    chat(("system", "You answer briefly."), ("user", "Capital of France?"), ("assistant", "Paris."),
-         ("user", "And of Italy?"), ("assistant", "Rome.")),
+    chat(
+        ("system", "You answer briefly."),
+        ("user", "Capital of France?"),
+        ("assistant", "Paris."),
+        ("user", "And of Italy?"),
+        ("assistant", "Rome."),
+    ),
     chat(("user", "Name a primary color."), ("assistant", "Red.")),
     chat(("user", "What is 2 + 2?"), ("assistant", "4.")),
 ]
@@ -59,12 +64,14 @@ def test_a_single_turn_chat_is_the_books_prompt() -> None:
 def test_phi3_style_and_multi_turn_chats() -> None:
     assert "".join(t for t, _ in segments(CHATS[0], "phi3")) == (
         "<|system|>\nYou answer briefly.\n<|user|>\nCapital of France?\n<|assistant|>\nParis.<|endoftext|>"
-        "\n<|user|>\nAnd of Italy?\n<|assistant|>\nRome.")
+        "\n<|user|>\nAnd of Italy?\n<|assistant|>\nRome."
+    )
     alpaca = {"instruction": "Rewrite it.", "input": "The cake was eaten.", "output": "Someone ate it."}
     assert response_prompt(alpaca, "phi3") == "<|user|>\nRewrite it.\nThe cake was eaten.\n<|assistant|>\n"
     assert response_prompt(CHATS[0]) == (  # the system message in place of the preamble
         "You answer briefly.\n\n### Instruction:\nCapital of France?\n\n### Response:\nParis.<|endoftext|>"
-        "\n\n### Instruction:\nAnd of Italy?\n\n### Response:\n")
+        "\n\n### Instruction:\nAnd of Italy?\n\n### Response:\n"
+    )
     prompt = response_prompt(CHATS[2], "phi3")
     assert extract_response(prompt + " 4. ", prompt, "phi3") == "4."
     with pytest.raises(ValueError, match="prompt style"):
@@ -101,11 +108,26 @@ def test_jsonl_alpaca_and_chat_entries_load(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("entries", "pattern"),
     [
-        ([chat(("user", "q"), ("bot", "a"))], r"entry 0 field 'messages\[1\]\.role': Input should be 'system', 'user' or 'assistant'"),
-        ([chat(("user", "q"), ("assistant", ""))], r"entry 0 field 'messages\[1\]\.content': String should have at least 1"),
-        ([CHATS[1], chat(("assistant", "a"), ("user", "q"))], r"entry 1 field 'messages': .*message 0 has role 'assistant' where 'user'"),
-        ([chat(("user", "q"), ("assistant", "a"), ("user", "again"))], r"entry 0 field 'messages': .*last message must be the assistant's"),
-        ([{"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}], r"entry 0 field 'messages\[0\]\.content': Field required"),
+        (
+            [chat(("user", "q"), ("bot", "a"))],
+            r"entry 0 field 'messages\[1\]\.role': Input should be 'system', 'user' or 'assistant'",
+        ),
+        (
+            [chat(("user", "q"), ("assistant", ""))],
+            r"entry 0 field 'messages\[1\]\.content': String should have at least 1",
+        ),
+        (
+            [CHATS[1], chat(("assistant", "a"), ("user", "q"))],
+            r"entry 1 field 'messages': .*message 0 has role 'assistant' where 'user'",
+        ),
+        (
+            [chat(("user", "q"), ("assistant", "a"), ("user", "again"))],
+            r"entry 0 field 'messages': .*last message must be the assistant's",
+        ),
+        (
+            [{"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}],
+            r"entry 0 field 'messages\[0\]\.content': Field required",
+        ),
         ([{"messages": "hi"}], r"entry 0 field 'messages': Input should be a valid list"),
     ],
 )
@@ -119,7 +141,9 @@ def test_bad_jsonl_lines_are_named(tmp_path: Path) -> None:
     (tmp_path / "d.jsonl").write_text(json.dumps(CHATS[1]) + "\n{oops\n")
     with pytest.raises(DataError, match=r"d\.jsonl line 2: not valid JSON"):
         load_entries(tmp_path / "d.jsonl")
-    (tmp_path / "d.jsonl").write_text(json.dumps(CHATS[1]) + "\n" + json.dumps({"instruction": "a", "input": ""}) + "\n")
+    (tmp_path / "d.jsonl").write_text(
+        json.dumps(CHATS[1]) + "\n" + json.dumps({"instruction": "a", "input": ""}) + "\n"
+    )
     with pytest.raises(DataError, match=r"d\.jsonl: line 2 field 'output': Field required"):
         load_entries(tmp_path / "d.jsonl")
 
@@ -135,13 +159,27 @@ def chat_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     lines = [chat(("user", f"Say the number {i}."), ("assistant", f"{i}.")) for i in range(16)] + CHATS
     (root / "chats.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
     params = {
-        "tokenizer": TOKENIZER.model_dump(), "base_model": {"dir": str(root / "base")},
+        "tokenizer": TOKENIZER.model_dump(),
+        "base_model": {"dir": str(root / "base")},
         "instruction_data": {"input": str(root / "chats.jsonl"), "prompt_style": "phi3", "shuffle": True},
         "training": TEST_TRAINING,
-        "finetune_instruct": {"epochs": 1, "batch_size": 4, "lr": 1e-3, "eval_every": 0, "eval_batches": 1,
-                              "mask_prompt": True, "sample_entries": 1, "sample_max_new_tokens": 3, "device": "cpu"},
-        "score_instructions": {"max_new_tokens": 4, "batch_size": 4, "device": "cpu",
-                               "judge": {"url": closed_port_url(), "connect_retries": 0, "backoff_factor": 0}},
+        "finetune_instruct": {
+            "epochs": 1,
+            "batch_size": 4,
+            "lr": 1e-3,
+            "eval_every": 0,
+            "eval_batches": 1,
+            "mask_prompt": True,
+            "sample_entries": 1,
+            "sample_max_new_tokens": 3,
+            "device": "cpu",
+        },
+        "score_instructions": {
+            "max_new_tokens": 4,
+            "batch_size": 4,
+            "device": "cpu",
+            "judge": {"url": closed_port_url(), "connect_retries": 0, "backoff_factor": 0},
+        },
         "comparison": {"confidence": 0.95, "bootstrap_samples": 200, "seed": 1, "promote_alpha": 0.05},
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -151,10 +189,40 @@ def chat_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         mp.delenv(name, raising=False)
     mp.chdir(root)
     data_stage.main(["--params", "params.yaml", "--out", "data", "--metrics", "data.json"])
-    ft.main(["--params", "params.yaml", "--data", "data", "--out", "model", "--metrics", "ft.json",
-             "--history", "ft.csv", "--plot", "ft.png", "--cache", ".cache"])
-    score.main(["--params", "params.yaml", "--model", "model", "--test", "data/test.json",
-                "--responses", "responses.json", "--metrics", "scores.json", "--headline", "headline.json"])
+    ft.main(
+        [
+            "--params",
+            "params.yaml",
+            "--data",
+            "data",
+            "--out",
+            "model",
+            "--metrics",
+            "ft.json",
+            "--history",
+            "ft.csv",
+            "--plot",
+            "ft.png",
+            "--cache",
+            ".cache",
+        ]
+    )
+    score.main(
+        [
+            "--params",
+            "params.yaml",
+            "--model",
+            "model",
+            "--test",
+            "data/test.json",
+            "--responses",
+            "responses.json",
+            "--metrics",
+            "scores.json",
+            "--headline",
+            "headline.json",
+        ]
+    )
     yield root
     mp.undo()
 

@@ -149,10 +149,15 @@ def test_credentials_come_from_the_environment_and_urls_are_redacted(fake_ollama
     server = fake_ollama(lambda n, body: ollama_reply("90"))
     assert judge_responses([ENTRY], ["Red."], params(server.url)).scores == [90]
     assert server.requests[0]["authorization"] == "Bearer sk-planted-secret"
-    assert redact("http://user:KEY@host:1/api?x=1&api_key=KEY&token=KEY2") == "http://***@host:1/api?x=1&api_key=***&token=***"
+    assert (
+        redact("http://user:KEY@host:1/api?x=1&api_key=KEY&token=KEY2")
+        == "http://***@host:1/api?x=1&api_key=***&token=***"
+    )
     from llmpipe.tracking import flatten  # what every MLflow params dict goes through
 
-    assert flatten({"judge": {"url": "https://u:KEY@ollama.example/x"}}) == {"judge.url": "https://***@ollama.example/x"}
+    assert flatten({"judge": {"url": "https://u:KEY@ollama.example/x"}}) == {
+        "judge.url": "https://***@ollama.example/x"
+    }
     url = closed_port_url() + "/?token=hunter3"
     with pytest.warns(RuntimeWarning) as caught:
         judge_responses([ENTRY], ["Red."], params(url, connect_retries=0))
@@ -167,8 +172,10 @@ def test_url_credentials_are_refused_in_one_line_that_does_not_show_them() -> No
     with pytest.raises(ParamsError) as caught:
         validate_section(data, "judge", JudgeParams, "params.yaml")
     message = str(caught.value)
-    assert "judge.url: Value error, holds credentials (user:password@): remove them and put the key in " \
-           "LLMPIPE_JUDGE_API_KEY (sent as a bearer token)" in message
+    assert (
+        "judge.url: Value error, holds credentials (user:password@): remove them and put the key in "
+        "LLMPIPE_JUDGE_API_KEY (sent as a bearer token)" in message
+    )
     assert "hunter2" not in message and "http://***@ollama.example:11434" in message
 
 

@@ -63,8 +63,11 @@ def imported(path: Path) -> Iterator[tuple[int, str]]:
             name = ".".join([*base, *([node.module] if node.module else [])])
             # `from steps import fetch` imports the module steps.fetch: name each imported item too.
             yield node.lineno, name
-            yield from ((node.lineno, f"{name}.{alias.name}") for alias in node.names
-                        if (ROOT / Path(*f"{name}.{alias.name}".split("."))).with_suffix(".py").is_file())
+            yield from (
+                (node.lineno, f"{name}.{alias.name}")
+                for alias in node.names
+                if (ROOT / Path(*f"{name}.{alias.name}".split("."))).with_suffix(".py").is_file()
+            )
 
 
 def edges() -> list[tuple[str, str, str, str]]:
@@ -80,8 +83,11 @@ def edges() -> list[tuple[str, str, str, str]]:
 
 
 def test_every_package_imports_only_the_layers_below_it() -> None:
-    wrong = [f"{where}: {source} imports {name} ({target})" for source, target, where, name in edges()
-             if target not in ALLOWED[source]]
+    wrong = [
+        f"{where}: {source} imports {name} ({target})"
+        for source, target, where, name in edges()
+        if target not in ALLOWED[source]
+    ]
     assert not wrong, "\n".join(wrong)
 
 
@@ -91,8 +97,11 @@ def test_a_stage_never_imports_another_stage() -> None:
         me = module_name(path)
         if layer(me) != "stages":
             continue
-        wrong += [f"{path.relative_to(ROOT)}:{line}: {name}" for line, name in imported(path)
-                  if layer(name) == "stages" and name.split(".")[:2] != me.split(".")[:2] and name != "steps"]
+        wrong += [
+            f"{path.relative_to(ROOT)}:{line}: {name}"
+            for line, name in imported(path)
+            if layer(name) == "stages" and name.split(".")[:2] != me.split(".")[:2] and name != "steps"
+        ]
     assert not wrong, "\n".join(wrong)
 
 
@@ -103,7 +112,7 @@ def test_there_is_no_import_cycle_between_packages() -> None:
 
     def cycle_from(node: str, path: list[str]) -> list[str] | None:
         if node in path:
-            return [*path[path.index(node):], node]
+            return [*path[path.index(node) :], node]
         for nxt in sorted(graph.get(node, ())):
             found = cycle_from(nxt, [*path, node])
             if found:
@@ -116,34 +125,55 @@ def test_there_is_no_import_cycle_between_packages() -> None:
 
 def test_llmcore_knows_nothing_of_the_pipeline() -> None:
     """The model package names neither dvc.yaml nor the pipeline's output folders."""
-    wrong = [f"{p.relative_to(ROOT)}: {word}" for p in sorted((ROOT / "llmcore").rglob("*.py"))
-             for word in ("dvc.yaml", '"models/', "'models/", '"data/', "'data/") if word in p.read_text()]
+    wrong = [
+        f"{p.relative_to(ROOT)}: {word}"
+        for p in sorted((ROOT / "llmcore").rglob("*.py"))
+        for word in ("dvc.yaml", '"models/', "'models/", '"data/', "'data/")
+        if word in p.read_text()
+    ]
     assert not wrong, "\n".join(wrong)
 
 
-@pytest.mark.parametrize(("source", "name", "allowed"), [
-    ("llmcore", "serving.app", False), ("platform", "steps.fetch", False), ("serving", "pipelines.dag", False),
-    ("stages", "llmpipe.io", True), ("cli", "serving.__main__", True), ("platform", "steps.data.windows", False),
-    ("stages", "steps.data.windows", True), ("serving", "steps.data.datasets", False),
-])
+@pytest.mark.parametrize(
+    ("source", "name", "allowed"),
+    [
+        ("llmcore", "serving.app", False),
+        ("platform", "steps.fetch", False),
+        ("serving", "pipelines.dag", False),
+        ("stages", "llmpipe.io", True),
+        ("cli", "serving.__main__", True),
+        ("platform", "steps.data.windows", False),
+        ("stages", "steps.data.windows", True),
+        ("serving", "steps.data.datasets", False),
+    ],
+)
 def test_the_rules_read_the_layers_right(source: str, name: str, allowed: bool) -> None:
     assert (layer(name) in ALLOWED[source]) is allowed
 
 
 # The stages that only read and write files: torch's import alone costs seconds a run.
 # (build_windows still does: it counts windows with llmcore.data's torch Datasets.)
-DATA_STAGES = ("fetch", "check_params", "build_spam_dataset", "build_instruction_dataset",
-               "build_preference_dataset", "tokenize", "baseline_spam")
+DATA_STAGES = (
+    "fetch",
+    "check_params",
+    "build_spam_dataset",
+    "build_instruction_dataset",
+    "build_preference_dataset",
+    "tokenize",
+    "baseline_spam",
+)
 
 
 def test_data_stages_do_not_import_torch() -> None:
     import subprocess
     import sys
 
-    probe = ("import importlib, sys\n"
-             f"for stage in {DATA_STAGES!r}:\n"
-             "    importlib.import_module(f'steps.{stage}')\n"
-             "    assert 'torch' not in sys.modules, f'steps.{stage} imports torch'\n")
+    probe = (
+        "import importlib, sys\n"
+        f"for stage in {DATA_STAGES!r}:\n"
+        "    importlib.import_module(f'steps.{stage}')\n"
+        "    assert 'torch' not in sys.modules, f'steps.{stage} imports torch'\n"
+    )
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr.strip().splitlines()[-1]
 
@@ -151,6 +181,10 @@ def test_data_stages_do_not_import_torch() -> None:
 def test_project_code_imports_llmcores_classes_from_their_modules() -> None:
     """``from llmcore import GPTModel`` works (lazily), but scripts/dvc_deps.py cannot follow it to
     llmcore/model.py, so a stage importing it that way would miss a code dep."""
-    wrong = [f"{path.relative_to(ROOT)}:{line}: {name}" for path in project_modules()
-             for line, name in imported(path) if name in ("llmcore.GPTConfig", "llmcore.GPTModel", "llmcore.PRESETS")]
+    wrong = [
+        f"{path.relative_to(ROOT)}:{line}: {name}"
+        for path in project_modules()
+        for line, name in imported(path)
+        if name in ("llmcore.GPTConfig", "llmcore.GPTModel", "llmcore.PRESETS")
+    ]
     assert not wrong, "\n".join(wrong)

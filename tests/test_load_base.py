@@ -41,15 +41,18 @@ def test_stage_converts_model_and_tokenizer(hf_dir, tmp_path, mlflow_env):
     status = load_base_stage(BaseModelSectionParams(dir="models/base", source=str(directory)), tmp_path / "base")
     assert status["loaded"] and status["family"] == "qwen3" and status["chat_template"]
     out = tmp_path / "base"
-    assert {"tokenizer.json", "tokenizer_config.json", "status.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
+    assert {"tokenizer.json", "tokenizer_config.json", "status.json", "model.safetensors"} <= {
+        p.name for p in out.iterdir()
+    }
     model = load_checkpoint(out).eval()
     with pytest.raises(BaseModelError, match="do not support it yet"):
         load_base_model(out)  # without decoder_ok (DPO, adapt_pretrain) it is refused: GPT-2 ids
     tokenizer = HFTokenizer(out)
     assert status["eos_ids"] == [tokenizer.eos_id] == [tokenizer.token_to_id("<|im_end|>")]
     ids = tokenizer.chat_ids([{"role": "user", "content": "Win a free prize?"}])
-    expected = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                           max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+    expected = hf.generate(
+        torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=8, do_sample=False
+    )[0, len(ids) :].tolist()
     assert generate(model, [ids], 8) == [expected]  # the converted checkpoint decodes as transformers
     assert isinstance(tokenizer.decode(expected), str)
 
@@ -61,7 +64,9 @@ def test_bfloat16_conversion(hf_dir, tmp_path, mlflow_env):
     load_base_stage(BaseModelSectionParams(dir="x", source=str(directory), dtype="bfloat16"), tmp_path / "base")
     with safe_open(tmp_path / "base" / "model.safetensors", framework="pt") as f:
         assert f.get_tensor("tok_emb.weight").dtype == torch.bfloat16  # stored at half the size
-    assert load_checkpoint(tmp_path / "base").tok_emb.weight.dtype == torch.float32  # trained in fp32, as any checkpoint
+    assert (
+        load_checkpoint(tmp_path / "base").tok_emb.weight.dtype == torch.float32
+    )  # trained in fp32, as any checkpoint
 
 
 def test_empty_source_writes_status_only_and_fine_tunes_refuse_it(tmp_path, mlflow_env):
@@ -74,11 +79,16 @@ def test_empty_source_writes_status_only_and_fine_tunes_refuse_it(tmp_path, mlfl
 def test_bad_source_is_a_one_line_error_and_writes_nothing(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(f"base_model:\n  dir: models/base\n  source: {tmp_path / 'missing'}\n  dtype: float32\n")
-    result = subprocess.run([sys.executable, "-m", "steps.load_base", "--params", str(params), "--out", str(tmp_path / "out")],
-                            capture_output=True, text=True, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}",
-                                                                 "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, "-m", "steps.load_base", "--params", str(params), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}", "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode != 0
-    assert result.stderr.strip().count("\n") == 0 and "load_base: error:" in result.stderr and "missing" in result.stderr
+    assert (
+        result.stderr.strip().count("\n") == 0 and "load_base: error:" in result.stderr and "missing" in result.stderr
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -105,8 +115,12 @@ def test_llm_generate_and_chat_use_the_base_tokenizer_and_template(hf_dir, tmp_p
     tokenizer = HFTokenizer(tmp_path / "base")
 
     def hf_reply(ids: list[int]) -> str:
-        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                          max_new_tokens=6, do_sample=False)[0, len(ids):].tolist()
+        out = hf.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=6,
+            do_sample=False,
+        )[0, len(ids) :].tolist()
         if tokenizer.eos_id in out:
             out = out[: out.index(tokenizer.eos_id)]
         return tokenizer.decode(out)
@@ -133,8 +147,9 @@ def test_served_over_the_openai_api_with_the_base_chat_template(hf_dir, tmp_path
     tokenizer = served.tokenizer
     messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Win a free prize?"}]
     ids = tokenizer.chat_ids(messages)
-    out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                      max_new_tokens=6, do_sample=False)[0, len(ids):].tolist()
+    out = hf.generate(
+        torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=6, do_sample=False
+    )[0, len(ids) :].tolist()
     finish = "stop" if tokenizer.eos_id in out else "length"
     out = out[: out.index(tokenizer.eos_id)] if tokenizer.eos_id in out else out
     expected = b"".join(tokenizer.decode_single_token_bytes(t) for t in out).decode("utf-8", errors="replace")

@@ -19,7 +19,9 @@ def model() -> GPTModel:
 
 def test_apply_lora_wraps_block_linears_and_trains_only_a_and_b(model: GPTModel) -> None:
     wrapped = apply_lora(model, rank=4, alpha=8)
-    assert wrapped == [f"trf_blocks.{i}.{name}" for i in range(2) for name in ("att.qkv", "att.out_proj", "ff.fc", "ff.proj")]
+    assert wrapped == [
+        f"trf_blocks.{i}.{name}" for i in range(2) for name in ("att.qkv", "att.out_proj", "ff.fc", "ff.proj")
+    ]
     assert isinstance(model.out_head, nn.Linear) and not isinstance(model.out_head, LinearWithLoRA)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{layer}.lora.{ab}" for layer in wrapped for ab in ("A", "B")}

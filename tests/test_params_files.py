@@ -66,30 +66,50 @@ def test_a_preset_holds_only_what_differs_and_applies_in_one_command(tmp_path: P
     default = yaml.safe_load((ROOT / "params.yaml").read_text())
     for name in PRESETS[1:]:
         preset = yaml.safe_load((ROOT / name).read_text())
-        same = [f"{section}.{key}" for section, values in preset.items() if isinstance(values, dict)
-                for key, value in values.items() if (default[section] or {}).get(key, object()) == value]
+        same = [
+            f"{section}.{key}"
+            for section, values in preset.items()
+            if isinstance(values, dict)
+            for key, value in values.items()
+            if (default[section] or {}).get(key, object()) == value
+        ]
         assert not same, f"{name} repeats params.yaml's values: {same}"
         assert len((ROOT / name).read_text().splitlines()) < 100
     target = tmp_path / "params.yaml"
     target.write_text((ROOT / "params.yaml").read_text())
-    done = subprocess.run([sys.executable, "-m", "scripts.use_params", str(ROOT / "params-book.yaml"), "--params",
-                           str(target)], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "scripts.use_params", str(ROOT / "params-book.yaml"), "--params", str(target)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0 and "now has" in done.stdout, done.stderr
     text = target.read_text()
     assert "lr: 4.0e-4" in text and "# ---- the trainers' shared settings" in text  # params.yaml's comments stay
     assert "init: torch             # PyTorch's default initialisation, as the book's GPTModel" in text  # the preset's
     bad = tmp_path / "bad.yaml"
     bad.write_text("pretrain:\n  lrr: 1.0\n")
-    failed = subprocess.run([sys.executable, "-m", "scripts.use_params", str(bad), "--params", str(target)], cwd=ROOT,
-                            capture_output=True, text=True)
+    failed = subprocess.run(
+        [sys.executable, "-m", "scripts.use_params", str(bad), "--params", str(target)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert failed.returncode == 1 and failed.stderr.strip() == (
-        f"use_params: error: {bad}: pretrain.lrr: not a key of params.yaml (a preset only sets keys params.yaml has)")
+        f"use_params: error: {bad}: pretrain.lrr: not a key of params.yaml (a preset only sets keys params.yaml has)"
+    )
     assert target.read_text() == text
 
 
 def test_the_trainers_shared_settings_are_written_once(written: dict[str, dict]) -> None:
     trainers = [s for s, model in stage_sections().items() if getattr(model, "DEFAULTS_SECTION", None)]
-    assert sorted(trainers) == ["adapt_pretrain", "finetune_classifier", "finetune_instruct", "preference_tune", "pretrain"]
+    assert sorted(trainers) == [
+        "adapt_pretrain",
+        "finetune_classifier",
+        "finetune_instruct",
+        "preference_tune",
+        "pretrain",
+    ]
     for name, data in list(written.items())[:1]:  # params.yaml (the presets' repeats: the test above)
         for key, value in data["training"].items():
             same = [s for s in trainers if data[s].get(key, value) == value and key in data[s]]
@@ -112,7 +132,12 @@ def test_every_stage_section_validates(name: str, params_files: dict[str, dict])
 def test_book_params_are_the_books_settings(params_files: dict[str, dict]) -> None:
     book = params_files["params-book.yaml"]
     model = book["pretrain"]["model"]
-    assert (model["preset"], model["qkv_bias"], model["tie_embeddings"], model["drop_rate"]) == ("gpt2-small", False, False, 0.1)
+    assert (model["preset"], model["qkv_bias"], model["tie_embeddings"], model["drop_rate"]) == (
+        "gpt2-small",
+        False,
+        False,
+        0.1,
+    )
     assert (book["pretrain"]["epochs"], book["pretrain"]["batch_size"], book["pretrain"]["lr"]) == (10, 2, 4e-4)
     assert book["base_model"]["dir"] == "models/gpt2" and book["load_gpt2"]["required"] is True
     assert book["classifier_base"]["dir"] == "models/gpt2"  # the book's classifier: GPT-2, no adaptation
@@ -123,10 +148,16 @@ def test_book_params_are_the_books_settings(params_files: dict[str, dict]) -> No
 
 def test_qwen3_preset_differs_only_where_it_fine_tunes_qwen3_with_lora(params_files: dict[str, dict]) -> None:
     default, qwen3 = params_files["params.yaml"], params_files["params-qwen3.yaml"]
-    assert sorted(key_paths(qwen3) - key_paths(default)) == ["finetune_instruct.lora.alpha", "finetune_instruct.lora.rank"]
+    assert sorted(key_paths(qwen3) - key_paths(default)) == [
+        "finetune_instruct.lora.alpha",
+        "finetune_instruct.lora.rank",
+    ]
     assert key_paths(default) <= key_paths(qwen3)
     assert sorted(name for name in default if default[name] != qwen3[name]) == [
-        "base_model", "finetune_instruct", "score_instructions"]
+        "base_model",
+        "finetune_instruct",
+        "score_instructions",
+    ]
     assert qwen3["base_model"] == {"dir": "models/base", "source": "Qwen/Qwen3-0.6B", "dtype": "bfloat16"}
     assert qwen3["finetune_instruct"]["lora"] == {"rank": 16, "alpha": 32.0}
     assert qwen3["finetune_instruct"]["precision"] == "auto"  # bf16 autocast on a GPU, fp32 elsewhere
@@ -170,12 +201,16 @@ def test_params_read_as_dvc_writes_them() -> None:
 
 
 def test_a_trainer_reads_training_under_its_own_keys_and_errors_name_where_a_value_is_written(
-        written: dict[str, dict]) -> None:
+    written: dict[str, dict],
+) -> None:
     sections = stage_sections()
     data = {**written["params.yaml"], "training": {**written["params.yaml"]["training"], "device": "cpu"}}
     clf = validate_section(data, "finetune_classifier", sections["finetune_classifier"])
     assert (clf.device, clf.lr, clf.grad_clip) == ("cpu", written["params.yaml"]["finetune_classifier"]["lr"], 1.0)
-    own = {**data, "finetune_classifier": {**data["finetune_classifier"], "device": "cuda"}}  # -S finetune_classifier.device=cuda
+    own = {
+        **data,
+        "finetune_classifier": {**data["finetune_classifier"], "device": "cuda"},
+    }  # -S finetune_classifier.device=cuda
     assert validate_section(own, "finetune_classifier", sections["finetune_classifier"]).device == "cuda"
     bad = {**data, "training": {**data["training"], "grad_clip": -1.0}}
     with pytest.raises(ValueError, match=r"training\.grad_clip: Input should be greater than 0"):

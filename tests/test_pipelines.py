@@ -78,7 +78,10 @@ def test_repro_stage_reports_what_dvc_did_and_fails_with_the_output_tail(dvc_rep
 
 def test_stage_env_reaches_the_stage(dvc_repo: Path) -> None:
     stages = yaml.safe_load((dvc_repo / "dvc.yaml").read_text())["stages"]
-    stages["env"] = {"cmd": "echo parent=$LLMPIPE_MLFLOW_PARENT_RUN_ID python=$(command -v python) > env.txt", "outs": ["env.txt"]}
+    stages["env"] = {
+        "cmd": "echo parent=$LLMPIPE_MLFLOW_PARENT_RUN_ID python=$(command -v python) > env.txt",
+        "outs": ["env.txt"],
+    }
     (dvc_repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
     repro_stage("env", {"LLMPIPE_MLFLOW_PARENT_RUN_ID": "abc123"}, lambda line: None)
     text = (dvc_repo / "env.txt").read_text()
@@ -95,10 +98,15 @@ def test_stage_status_needs_a_dvc_verdict() -> None:
 
 
 def test_read_metrics_flattens_numbers_of_every_metrics_file(tmp_path: Path) -> None:
-    (tmp_path / "evaluate.json").write_text(json.dumps({"val_loss": 5.25, "perplexity": {"val": 190.6}, "ok": True, "note": "x"}))
+    (tmp_path / "evaluate.json").write_text(
+        json.dumps({"val_loss": 5.25, "perplexity": {"val": 190.6}, "ok": True, "note": "x"})
+    )
     (tmp_path / "score_spam.json").write_text(json.dumps({"test_accuracy": 0.9, "n": 300, "per_class": [1, 2]}))
     assert read_metrics(tmp_path) == {
-        "evaluate.val_loss": 5.25, "evaluate.perplexity.val": 190.6, "score_spam.test_accuracy": 0.9, "score_spam.n": 300,
+        "evaluate.val_loss": 5.25,
+        "evaluate.perplexity.val": 190.6,
+        "score_spam.test_accuracy": 0.9,
+        "score_spam.n": 300,
     }
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(ValueError, match="broken.json: not valid JSON"):
@@ -108,8 +116,11 @@ def test_read_metrics_flattens_numbers_of_every_metrics_file(tmp_path: Path) -> 
 def make_report(**overrides) -> PipelineReport:
     values = dict(
         flow="spam",
-        results=[StageResult("download_spam", "skipped", 0.6), StageResult("finetune_classifier", "ran", 30.0),
-                 StageResult("build_spam_dataset", "cached", 1.4)],
+        results=[
+            StageResult("download_spam", "skipped", 0.6),
+            StageResult("finetune_classifier", "ran", 30.0),
+            StageResult("build_spam_dataset", "cached", 1.4),
+        ],
         not_run=[],
         wall_s=40.0,
         metrics={"score_spam.test_accuracy": 0.953333, "spam_data.train_rows": 1045},
@@ -121,7 +132,11 @@ def make_report(**overrides) -> PipelineReport:
 
 def test_summary_markdown_lists_stages_timing_metrics_and_the_mlflow_link() -> None:
     report = make_report()
-    assert report.stages_by_status == {"ran": ["finetune_classifier"], "cached": ["build_spam_dataset"], "skipped": ["download_spam"]}
+    assert report.stages_by_status == {
+        "ran": ["finetune_classifier"],
+        "cached": ["build_spam_dataset"],
+        "skipped": ["download_spam"],
+    }
     assert report.overhead_s == pytest.approx(8.0)
     text = render_markdown(report)
     assert text.startswith("# Pipeline `spam`: completed")
@@ -131,8 +146,15 @@ def test_summary_markdown_lists_stages_timing_metrics_and_the_mlflow_link() -> N
     assert "Ran: finetune_classifier. Up to date: 1, restored from run cache: 1." in text
     assert "orchestration overhead 8.0 s (20.0%)" in text
     assert "| score_spam.test_accuracy | 0.9533 | |" in text and "| spam_data.train_rows | 1045 | |" in text
-    with_ci = render_markdown(make_report(metrics={"spam.test_accuracy": 0.96, "spam.test_accuracy_ci_low": 0.93139,
-                                                   "spam.test_accuracy_ci_high": 0.97697}))
+    with_ci = render_markdown(
+        make_report(
+            metrics={
+                "spam.test_accuracy": 0.96,
+                "spam.test_accuracy_ci_low": 0.93139,
+                "spam.test_accuracy_ci_high": 0.97697,
+            }
+        )
+    )
     assert "| spam.test_accuracy | 0.96 | [0.9314, 0.977] |" in with_ci and "ci_low" not in with_ci
 
 
@@ -140,8 +162,10 @@ def test_summary_states_the_llm_minus_baseline_difference_when_both_headlines_ex
     both = {"spam.test_accuracy": 0.96, "baseline.baseline_test_accuracy": 0.9733333}
     assert baseline_difference(both) == pytest.approx(-1.33)
     text = render_markdown(make_report(metrics=both))
-    assert ("**LLM − baseline: −1.3 points (no per-example predictions: no interval) (test accuracy: GPT classifier "
-            "96.00%, TF-IDF baseline 97.33%)**") in text
+    assert (
+        "**LLM − baseline: −1.3 points (no per-example predictions: no interval) (test accuracy: GPT classifier "
+        "96.00%, TF-IDF baseline 97.33%)**"
+    ) in text
     ahead = render_markdown(make_report(metrics={**both, "spam.test_accuracy": 0.99}))
     assert "LLM − baseline: +1.7 points" in ahead
     alone = render_markdown(make_report(metrics={"spam.test_accuracy": 0.96}))
@@ -150,8 +174,14 @@ def test_summary_states_the_llm_minus_baseline_difference_when_both_headlines_ex
 
 def test_summary_markdown_of_a_failed_run_shows_the_error_and_what_did_not_run() -> None:
     failure = "stage 'finetune_classifier' failed (dvc repro exit 255) after 3.0 s:\nValueError: bad"
-    text = render_markdown(make_report(results=[StageResult("download_spam", "ran", 2.0)], not_run=["finetune_classifier", "score_spam"],
-                                       metrics={}, failure=failure))
+    text = render_markdown(
+        make_report(
+            results=[StageResult("download_spam", "ran", 2.0)],
+            not_run=["finetune_classifier", "score_spam"],
+            metrics={},
+            failure=failure,
+        )
+    )
     assert text.startswith("# Pipeline `spam`: failed: stage 'finetune_classifier' failed")
     assert "| score_spam | not run | |" in text
     assert "ValueError: bad" in text and "## Metrics" not in text
@@ -198,11 +228,18 @@ def test_a_run_with_nothing_to_do_never_starts_prefect(tmp_path: Path, monkeypat
     monkeypatch.chdir(tmp_path)
     assert nothing_to_run("all") is None  # nothing ran yet: the flow runs
     subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=tmp_path, check=True)
-    probe = ("import sys; from pipelines.run import main; main([])\n"
-             "print(sorted(m for m in ('prefect', 'mlflow', 'torch') if m in sys.modules))")
+    probe = (
+        "import sys; from pipelines.run import main; main([])\n"
+        "print(sorted(m for m in ('prefect', 'mlflow', 'torch') if m in sys.modules))"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
-                          env={**env, "PYTHONPATH": str(REPO)})
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHONPATH": str(REPO)},
+    )
     assert done.returncode == 0, done.stderr
     summary, mlflow_line, imported = done.stdout.splitlines()
     assert summary.startswith("pipeline all: ran 0 of 2 stages;") and "orchestration overhead" in summary

@@ -35,8 +35,11 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> Path:
     """A tiny 'instruction model' (context 128), 40 of the book's pairs, params, an MLflow store."""
     root = tmp_path_factory.mktemp("preference")
     torch.manual_seed(0)
-    save_checkpoint(GPTModel(GPTConfig.from_preset("cpu-tiny", context_length=128)), root / "models" / "instruct",
-                    extra={"stage": "finetune_instruct", "prompt_style": "alpaca"})
+    save_checkpoint(
+        GPTModel(GPTConfig.from_preset("cpu-tiny", context_length=128)),
+        root / "models" / "instruct",
+        extra={"stage": "finetune_instruct", "prompt_style": "alpaca"},
+    )
     entries = json.loads((mirror / "instruction-data-with-preference.json").read_text())
     (root / "pairs.json").write_text(json.dumps(entries[:40]))
     instructions = json.loads((mirror / "instruction-data.json").read_text())
@@ -46,11 +49,24 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> Path:
         "tokenizer": {"encoding_dir": str(mirror / "gpt2")},
         "preference_data": {"input": "pairs.json"},
         "training": TEST_TRAINING,
-        "preference_tune": {"beta": 0.5, "epochs": 2, "batch_size": 4, "lr": 2e-3, "eval_every": 4, "eval_batches": 2,
-                            "checkpoint_every": 4, "grad_clip": 1.0, "device": "cpu"},
+        "preference_tune": {
+            "beta": 0.5,
+            "epochs": 2,
+            "batch_size": 4,
+            "lr": 2e-3,
+            "eval_every": 4,
+            "eval_batches": 2,
+            "checkpoint_every": 4,
+            "grad_clip": 1.0,
+            "device": "cpu",
+        },
         "score_preference": {"batch_size": 3, "device": "cpu"},
-        "score_instructions": {"max_new_tokens": 4, "batch_size": 3, "device": "cpu",
-                               "judge": {"url": closed_port_url(), "connect_retries": 0, "backoff_factor": 0}},
+        "score_instructions": {
+            "max_new_tokens": 4,
+            "batch_size": 3,
+            "device": "cpu",
+            "judge": {"url": closed_port_url(), "connect_retries": 0, "backoff_factor": 0},
+        },
         "comparison": {"bootstrap_samples": 200},
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -63,8 +79,14 @@ def in_workspace(workspace: Path):
 
 
 def tune_argv(**paths: str) -> list[str]:
-    defaults = {"params": "params.yaml", "out": "models/preference", "metrics": "reports/tune.json",
-                "history": "plots/tune.csv", "plots": "plots", "cache": ".cache/tune"}
+    defaults = {
+        "params": "params.yaml",
+        "out": "models/preference",
+        "metrics": "reports/tune.json",
+        "history": "plots/tune.csv",
+        "plots": "plots",
+        "cache": ".cache/tune",
+    }
     return stage_argv(defaults, **paths)
 
 
@@ -88,9 +110,13 @@ def tune_params() -> tune.PreferenceTuneParams:
 
 
 def test_the_books_file_splits_85_10_5_in_file_order_as_the_instruction_data(tmp_path: Path, mirror: Path) -> None:
-    metrics = build.build_preference_dataset(mirror / "instruction-data-with-preference.json", tmp_path / "out",
-                                             tmp_path / "m.json", build.PreferenceDataParams(),
-                                             TokenizerParams(encoding_dir=str(mirror / "gpt2")))
+    metrics = build.build_preference_dataset(
+        mirror / "instruction-data-with-preference.json",
+        tmp_path / "out",
+        tmp_path / "m.json",
+        build.PreferenceDataParams(),
+        TokenizerParams(encoding_dir=str(mirror / "gpt2")),
+    )
     assert [metrics[s]["chosen"]["entries"] for s in ("train", "test", "validation")] == [935, 110, 55]
     assert sum(metrics[s]["identical_pairs"] for s in metrics) == 6  # the book's file has 6 chosen == rejected
     instructions = json.loads((mirror / "instruction-data.json").read_text())
@@ -101,8 +127,14 @@ def test_the_books_file_splits_85_10_5_in_file_order_as_the_instruction_data(tmp
 
 def test_chat_preferences_from_jsonl_are_accepted(tmp_path: Path) -> None:
     path = tmp_path / "chats.jsonl"
-    chats = [{"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": f"Q{i}?"}],
-              "chosen": [{"role": "assistant", "content": "Gladly."}], "rejected": "No."} for i in range(3)]
+    chats = [
+        {
+            "prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": f"Q{i}?"}],
+            "chosen": [{"role": "assistant", "content": "Gladly."}],
+            "rejected": "No.",
+        }
+        for i in range(3)
+    ]
     path.write_text("\n".join(json.dumps(c) for c in chats) + "\n")
     assert load_preference_entries(path) == chats
 
@@ -110,14 +142,30 @@ def test_chat_preferences_from_jsonl_are_accepted(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("entries", "pattern"),
     [
-        ([{"instruction": "a", "input": "", "chosen": "b", "rejected": 3}], "entry 0 field 'rejected': Input should be a valid string"),
-        ([{"instruction": "a", "input": "", "chosen": "", "rejected": "c"}], "entry 0 field 'chosen': String should have at least 1"),
+        (
+            [{"instruction": "a", "input": "", "chosen": "b", "rejected": 3}],
+            "entry 0 field 'rejected': Input should be a valid string",
+        ),
+        (
+            [{"instruction": "a", "input": "", "chosen": "", "rejected": "c"}],
+            "entry 0 field 'chosen': String should have at least 1",
+        ),
         ([{"instruction": "a", "input": "", "chosen": "b"}], "entry 0 field 'rejected': Field required"),
         ([{"instruction": "a", "input": "", "output": "b"}], "entry 0 field 'chosen': Field required"),
-        ([{"prompt": [{"role": "assistant", "content": "x"}], "chosen": "b", "rejected": "c"}],
-         "entry 0 field 'prompt': Value error, the prompt must end with the user's turn"),
-        ([{"prompt": [{"role": "user", "content": "x"}], "chosen": [{"role": "user", "content": "b"}], "rejected": "c"}],
-         "entry 0 field 'chosen': Value error, a completion is a string or one message"),
+        (
+            [{"prompt": [{"role": "assistant", "content": "x"}], "chosen": "b", "rejected": "c"}],
+            "entry 0 field 'prompt': Value error, the prompt must end with the user's turn",
+        ),
+        (
+            [
+                {
+                    "prompt": [{"role": "user", "content": "x"}],
+                    "chosen": [{"role": "user", "content": "b"}],
+                    "rejected": "c",
+                }
+            ],
+            "entry 0 field 'chosen': Value error, a completion is a string or one message",
+        ),
     ],
 )
 def test_bad_preference_entries_name_the_entry_and_field(tmp_path: Path, entries: list, pattern: str) -> None:
@@ -134,8 +182,18 @@ def test_a_bad_entry_through_main_is_one_line_and_writes_nothing(tmp_path: Path,
     params = tmp_path / "p.yaml"
     params.write_text(yaml.safe_dump({"tokenizer": {"encoding_dir": str(mirror / "gpt2")}, "preference_data": {}}))
     with pytest.raises(SystemExit) as exc:
-        build.main(["--params", str(params), "--input", str(bad), "--out", str(tmp_path / "out"),
-                    "--metrics", str(tmp_path / "m.json")])
+        build.main(
+            [
+                "--params",
+                str(params),
+                "--input",
+                str(bad),
+                "--out",
+                str(tmp_path / "out"),
+                "--metrics",
+                str(tmp_path / "m.json"),
+            ]
+        )
     message = str(exc.value.code)
     assert message == f"build_preference_dataset: error: {bad}: line 6 field 'rejected': Field required"
     assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()
@@ -166,7 +224,8 @@ def test_dpo_writes_the_model_curves_and_registers_a_candidate(tuned: Path, in_w
     assert len(client.get_metric_history(run.info.run_id, "val_reward_margin")) == 4
     assert len(client.get_metric_history(run.info.run_id, "step_loss")) == 16
     answers = mlflow.pyfunc.load_model("models:/preference-gpt@candidate").predict(
-        pd.DataFrame({"instruction": ["Name a color."], "input": [""]}), params={"max_new_tokens": 3})
+        pd.DataFrame({"instruction": ["Name a color."], "input": [""]}), params={"max_new_tokens": 3}
+    )
     assert list(answers.columns) == ["response"]
 
 
@@ -181,10 +240,15 @@ def test_dpo_raises_preference_accuracy_on_its_training_pairs(tuned: Path, in_wo
 def test_interrupted_dpo_resumes_to_the_same_weights(tuned: Path, in_workspace: Path, monkeypatch) -> None:
     from llmpipe import tracking
 
-    paths = dict(instruct_dir=in_workspace / "models" / "instruct", data_dir=in_workspace / "data" / "preferences",
-                 out_dir=in_workspace / "resumed", metrics_out=in_workspace / "r.json",
-                 history_out=in_workspace / "r.csv", plots_dir=in_workspace / "rplots",
-                 cache_dir=in_workspace / ".cache" / "resume")
+    paths = dict(
+        instruct_dir=in_workspace / "models" / "instruct",
+        data_dir=in_workspace / "data" / "preferences",
+        out_dir=in_workspace / "resumed",
+        metrics_out=in_workspace / "r.json",
+        history_out=in_workspace / "r.csv",
+        plots_dir=in_workspace / "rplots",
+        cache_dir=in_workspace / ".cache" / "resume",
+    )
     tokenizer = TokenizerParams(**read_params("params.yaml")["tokenizer"])
     original = tracking.MlflowCallback.on_step_end
 
@@ -192,6 +256,7 @@ def test_interrupted_dpo_resumes_to_the_same_weights(tuned: Path, in_workspace: 
         original(self, state, metrics)
         if state.step == 10:
             raise KeyboardInterrupt  # as a kill would: the state of step 8 is on disk
+
     with monkeypatch.context() as patch:
         patch.setattr(tracking.MlflowCallback, "on_step_end", crash_after_the_step_8_state)
         with pytest.raises(KeyboardInterrupt):
@@ -208,10 +273,17 @@ def test_interrupted_dpo_resumes_to_the_same_weights(tuned: Path, in_workspace: 
 def test_lora_trains_adapters_only_and_saves_a_plain_model(prepared: Path, in_workspace: Path) -> None:
     params = tune_params().model_copy(update={"trainable": "lora", "epochs": 1})
     tokenizer = TokenizerParams(**read_params("params.yaml")["tokenizer"])
-    metrics = tune.preference_tune(params, tokenizer, instruct_dir=in_workspace / "models" / "instruct",
-                                   data_dir=prepared, out_dir=in_workspace / "lora", metrics_out=in_workspace / "l.json",
-                                   history_out=in_workspace / "l.csv", plots_dir=in_workspace / "lplots",
-                                   cache_dir=in_workspace / ".cache" / "lora")
+    metrics = tune.preference_tune(
+        params,
+        tokenizer,
+        instruct_dir=in_workspace / "models" / "instruct",
+        data_dir=prepared,
+        out_dir=in_workspace / "lora",
+        metrics_out=in_workspace / "l.json",
+        history_out=in_workspace / "l.csv",
+        plots_dir=in_workspace / "lplots",
+        cache_dir=in_workspace / ".cache" / "lora",
+    )
     base = load_file(in_workspace / "models" / "instruct" / "model.safetensors")
     tuned = load_file(in_workspace / "lora" / "model.safetensors")
     assert tuned.keys() == base.keys()  # adapters merged: the plain layout
@@ -230,8 +302,9 @@ def test_a_bad_pair_stops_dpo_with_one_line_and_no_model(prepared: Path, in_work
     (broken / "validation.json").write_text(json.dumps(entries))
     with pytest.raises(SystemExit) as exc:
         tune.main(tune_argv(out="models/broken", metrics="reports/broken.json") + ["--data", "broken"])
-    assert str(exc.value.code) == ("preference_tune: error: broken/validation.json: entry 1 field 'chosen': "
-                                   "Input should be a valid string")
+    assert str(exc.value.code) == (
+        "preference_tune: error: broken/validation.json: entry 1 field 'chosen': Input should be a valid string"
+    )
     assert not (in_workspace / "models" / "broken").exists() and not (in_workspace / "reports" / "broken.json").exists()
 
 
@@ -246,8 +319,12 @@ def test_score_preference_compares_sft_and_dpo_on_the_same_pairs(tuned: Path, in
     headline = json.loads((in_workspace / "metrics" / "pref.json").read_text())
     assert report["test"]["pairs"] == 4 and report["val"]["pairs"] == 2 and report["beta"] == 0.5
     assert set(headline) == {"sft", "dpo", "dpo_minus_sft"}
-    assert set(headline["sft"]) == {"val_preference_accuracy", "test_preference_accuracy",
-                                    "test_preference_accuracy_ci_low", "test_preference_accuracy_ci_high"}
+    assert set(headline["sft"]) == {
+        "val_preference_accuracy",
+        "test_preference_accuracy",
+        "test_preference_accuracy_ci_low",
+        "test_preference_accuracy_ci_high",
+    }
     assert {"test_preference_accuracy", "test_reward_margin", "test_reward_accuracy"} <= set(headline["dpo"])
     assert headline["sft"]["test_preference_accuracy"] == round(report["test"]["sft"]["preference_accuracy"], 6)
     for model in ("sft", "dpo"):  # Wilson's interval around each accuracy
@@ -255,14 +332,20 @@ def test_score_preference_compares_sft_and_dpo_on_the_same_pairs(tuned: Path, in
         assert 0 <= low <= headline[model]["test_preference_accuracy"] <= high <= 1 and high - low > 0.2  # 4 pairs
     paired = headline["dpo_minus_sft"]  # on the same 4 test pairs
     assert paired["test_preference_accuracy"] == pytest.approx(
-        headline["dpo"]["test_preference_accuracy"] - headline["sft"]["test_preference_accuracy"], abs=1e-5)
-    assert paired["test_preference_accuracy_ci_low"] <= paired["test_preference_accuracy"] <= \
-        paired["test_preference_accuracy_ci_high"] and 0 < paired["test_mcnemar_p"] <= 1
+        headline["dpo"]["test_preference_accuracy"] - headline["sft"]["test_preference_accuracy"], abs=1e-5
+    )
+    assert (
+        paired["test_preference_accuracy_ci_low"]
+        <= paired["test_preference_accuracy"]
+        <= paired["test_preference_accuracy_ci_high"]
+        and 0 < paired["test_mcnemar_p"] <= 1
+    )
     # The DPO model against the SFT model it started from: rewards are their log-prob differences.
     test = report["test"]["dpo"]
     assert math.isclose(test["reward_margin"], test["chosen_reward"] - test["rejected_reward"], abs_tol=1e-6)
-    assert math.isclose(test["reward_margin"], test["logprob_margin"] - report["test"]["sft"]["logprob_margin"],
-                        abs_tol=1e-5)
+    assert math.isclose(
+        test["reward_margin"], test["logprob_margin"] - report["test"]["sft"]["logprob_margin"], abs_tol=1e-5
+    )
     client = mlflow.MlflowClient()
     champion = client.get_model_version_by_alias("preference-gpt", "champion")
     run = client.get_run(champion.run_id)
@@ -278,9 +361,22 @@ def test_the_dpo_model_is_scored_by_the_instruction_scoring_into_its_own_run(tun
     import mlflow
 
     with pytest.warns(RuntimeWarning, match="LLM judge unavailable"):
-        score_instructions.main(["--params", "params.yaml", "--model", "models/preference", "--test",
-                                 "instructions/test.json", "--responses", "out/dpo_responses.json",
-                                 "--metrics", "out/dpo.json", "--headline", "out/dpo_headline.json"])
+        score_instructions.main(
+            [
+                "--params",
+                "params.yaml",
+                "--model",
+                "models/preference",
+                "--test",
+                "instructions/test.json",
+                "--responses",
+                "out/dpo_responses.json",
+                "--metrics",
+                "out/dpo.json",
+                "--headline",
+                "out/dpo_headline.json",
+            ]
+        )
     metrics = json.loads((in_workspace / "out" / "dpo.json").read_text())
     assert metrics["n_entries"] == 3 and 0 <= metrics["rouge_l_f1"] <= 1
     from llmpipe.tracking import training_run_of
@@ -293,11 +389,20 @@ def test_the_dpo_model_is_scored_by_the_instruction_scoring_into_its_own_run(tun
 
 def test_score_preference_without_a_dpo_model_says_so(prepared: Path, in_workspace: Path) -> None:
     with pytest.raises(SystemExit) as exc:
-        score.main(["--params", "params.yaml", "--model", "models/missing", "--metrics", "reports/x.json",
-                    "--headline", "metrics/x.json"])
+        score.main(
+            [
+                "--params",
+                "params.yaml",
+                "--model",
+                "models/missing",
+                "--metrics",
+                "reports/x.json",
+                "--headline",
+                "metrics/x.json",
+            ]
+        )
     assert str(exc.value.code).startswith("score_preference: error: base model models/missing not found")
     assert not (in_workspace / "metrics" / "x.json").exists()
-
 
 
 def test_the_dpo_model_is_served_as_an_instruction_model(tuned: Path) -> None:

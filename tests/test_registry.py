@@ -79,7 +79,9 @@ def test_first_finite_candidate_becomes_champion_and_only_a_real_improvement_mov
     assert not worse.promoted and "not better" in worse.reason
     v5, better = promote("clf", right_wrong(2))  # 13 fewer errors: p = 0.0002
     assert better.promoted and alias(store, "clf", CHAMPION) == v5 and better.champion_value == pytest.approx(134 / N)
-    assert "is now @champion" in better.describe("clf", "accuracy") and "McNemar exact p" in better.describe("clf", "accuracy")
+    assert "is now @champion" in better.describe("clf", "accuracy") and "McNemar exact p" in better.describe(
+        "clf", "accuracy"
+    )
     # The test accuracy is recorded beside, keyed by split, size and examples: never read to choose.
     tags = store.get_model_version("clf", v1).tags
     assert tags[f"eval.validation.n{N}.valdigest000.accuracy"] == f"{134 / N:.6g}"
@@ -125,8 +127,9 @@ def test_a_rescored_champion_stays_and_lower_is_better_losses_use_the_paired_boo
     v3, clear = promote("pre", Scoring("validation", "loss", sum(lower) / 60, lower, "w", higher_is_better=False))
     assert clear.promoted and alias(store, "pre", CHAMPION) == v3 and clear.test.test == "paired bootstrap"
     run_id = store.get_model_version("pre", v3).run_id
-    again = promote_if_better("pre", v3, run_id, Scoring("validation", "loss", sum(lower) / 60, lower, "w",
-                                                          higher_is_better=False), PARAMS)
+    again = promote_if_better(
+        "pre", v3, run_id, Scoring("validation", "loss", sum(lower) / 60, lower, "w", higher_is_better=False), PARAMS
+    )
     assert not again.promoted and alias(store, "pre", CHAMPION) == v3
 
 
@@ -162,7 +165,8 @@ RACE = textwrap.dedent("""
     from llmpipe import registry
     from llmpipe.stats import ComparisonParams
 
-    name, version, run_id, errors, delay, start = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])
+    name, version, run_id = sys.argv[1:4]
+    errors, delay, start = int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])
     if os.environ.get("RACE_NO_LOCK"):  # what the lock prevents: shown to fail below
         import contextlib
         registry.promotion_lock = lambda name: contextlib.nullcontext()
@@ -191,13 +195,22 @@ def race(tmp_path: Path, uri: str, name: str, *, lock: bool) -> tuple[str, str, 
     script.write_text(RACE)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO), **({} if lock else {"RACE_NO_LOCK": "1"})}
     start = time.time() + 8  # both processes import mlflow first, then start together
-    procs = [subprocess.Popen([sys.executable, str(script), name, v, r, str(e), str(d), str(start)], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for v, r, e, d in ((v2, run2, 20, 3.0), (v3, run3, 2, 0.5))]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), name, v, r, str(e), str(d), str(start)],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for v, r, e, d in ((v2, run2, 20, 3.0), (v3, run3, 2, 0.5))
+    ]
     outs = [p.communicate(timeout=180) for p in procs]
     # A str message with each stderr's end: pytest shortens a list's repr, and with it the traceback's last line.
     assert all(p.returncode == 0 for p in procs), "\n\n".join(
-        f"v{v} exit {p.returncode}:\n{err[-3000:]}" for v, p, (_, err) in zip(("2", "3"), procs, outs))
+        f"v{v} exit {p.returncode}:\n{err[-3000:]}" for v, p, (_, err) in zip(("2", "3"), procs, outs)
+    )
     return alias(mlflow.MlflowClient(uri), name, CHAMPION), v3, "\n".join(o for o, _ in outs)
 
 
@@ -216,9 +229,26 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("mlflow-server")
     port = closed_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1"], cwd=root, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'server.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        cwd=root,
+        stdout=open(root / "server.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     uri = f"http://127.0.0.1:{port}"
     import requests
 
@@ -237,8 +267,9 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     proc.wait(timeout=30)
 
 
-def test_concurrent_promotions_keep_the_right_champion_on_a_tracking_server(mlflow_server: str, tmp_path: Path,
-                                                                         monkeypatch) -> None:
+def test_concurrent_promotions_keep_the_right_champion_on_a_tracking_server(
+    mlflow_server: str, tmp_path: Path, monkeypatch
+) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     champion, best, log = race(tmp_path, mlflow_server, "server-clf", lock=True)
     assert champion == best, log

@@ -42,10 +42,22 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> Path:
         "tokenizer": {"encoding_dir": str(mirror / "gpt2")},
         "base_model": {"dir": str(root / "base")},
         "training": TEST_TRAINING,
-        "finetune_instruct": {"epochs": 2, "batch_size": 4, "lr": 1e-3, "eval_every": 3, "eval_batches": 1,
-                              "sample_entries": 1, "sample_max_new_tokens": 4, "device": "cpu"},
-        "score_instructions": {"max_new_tokens": 6, "batch_size": 3, "device": "cpu",
-                               "judge": {"url": closed_port_url(), "connect_retries": 0, "backoff_factor": 0}},
+        "finetune_instruct": {
+            "epochs": 2,
+            "batch_size": 4,
+            "lr": 1e-3,
+            "eval_every": 3,
+            "eval_batches": 1,
+            "sample_entries": 1,
+            "sample_max_new_tokens": 4,
+            "device": "cpu",
+        },
+        "score_instructions": {
+            "max_new_tokens": 6,
+            "batch_size": 3,
+            "device": "cpu",
+            "judge": {"url": closed_port_url(), "connect_retries": 0, "backoff_factor": 0},
+        },
         "comparison": {"bootstrap_samples": 200},
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -58,8 +70,14 @@ def in_workspace(workspace: Path):
 
 
 def finetune_argv(**paths: str) -> list[str]:
-    defaults = {"params": "params.yaml", "out": "models/instruct", "metrics": "metrics/ft.json",
-                "history": "plots/ft.csv", "plot": "plots/ft.png", "cache": ".cache/ft"}
+    defaults = {
+        "params": "params.yaml",
+        "out": "models/instruct",
+        "metrics": "metrics/ft.json",
+        "history": "plots/ft.csv",
+        "plot": "plots/ft.png",
+        "cache": ".cache/ft",
+    }
     return stage_argv(defaults, **paths) + ["--data", "data"]
 
 
@@ -71,8 +89,13 @@ def finetuned(in_workspace: Path) -> Path:
 
 
 def score_argv(params: str = "params.yaml", **paths: str) -> list[str]:
-    defaults = {"model": "models/instruct", "test": "data/test.json", "responses": "out/responses.json",
-                "metrics": "out/metrics.json", "headline": "out/headline.json"}
+    defaults = {
+        "model": "models/instruct",
+        "test": "data/test.json",
+        "responses": "out/responses.json",
+        "metrics": "out/metrics.json",
+        "headline": "out/headline.json",
+    }
     return ["--params", params] + [arg for k, v in {**defaults, **paths}.items() for arg in (f"--{k}", v)]
 
 
@@ -103,8 +126,11 @@ def test_finetune_logs_losses_and_sample_responses_to_mlflow(finetuned: Path, in
     import mlflow
 
     client = mlflow.MlflowClient()
-    run = client.search_runs([client.get_experiment_by_name("instruction-sft").experiment_id],
-                             filter_string="tags.stage = 'finetune_instruct'", order_by=["start_time ASC"])[0]
+    run = client.search_runs(
+        [client.get_experiment_by_name("instruction-sft").experiment_id],
+        filter_string="tags.stage = 'finetune_instruct'",
+        order_by=["start_time ASC"],
+    )[0]
     assert run.data.params["lr"] == "0.001" and run.data.params["base_model"] == str(in_workspace / "base")
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 3
     samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
@@ -114,27 +140,39 @@ def test_finetune_logs_losses_and_sample_responses_to_mlflow(finetuned: Path, in
     assert candidate.run_id == run.info.run_id
     model = mlflow.pyfunc.load_model("models:/instruct-gpt@candidate")
     assert [c.name for c in model.metadata.get_input_schema().inputs] == ["instruction", "input"]
-    answers = model.predict(pd.DataFrame({"instruction": ["Name a color."], "input": [""]}), params={"max_new_tokens": 3})
+    answers = model.predict(
+        pd.DataFrame({"instruction": ["Name a color."], "input": [""]}), params={"max_new_tokens": 3}
+    )
     assert list(answers.columns) == ["response"] and len(answers) == 1
 
 
 def test_interrupted_finetune_resumes_to_the_same_weights(finetuned: Path, in_workspace: Path, monkeypatch) -> None:
     params = validate_section(read_params("params.yaml"), "finetune_instruct", ft.FinetuneInstructParams)
     tokenizer = TokenizerParams(**read_params("params.yaml")["tokenizer"])
-    paths = dict(base_model=in_workspace / "base", data_dir=in_workspace / "data", out_dir=in_workspace / "resumed",
-                 metrics_out=in_workspace / "r.json", history_out=in_workspace / "r.csv",
-                 plot_out=in_workspace / "r.png", cache_dir=in_workspace / ".cache" / "resume")
+    paths = dict(
+        base_model=in_workspace / "base",
+        data_dir=in_workspace / "data",
+        out_dir=in_workspace / "resumed",
+        metrics_out=in_workspace / "r.json",
+        history_out=in_workspace / "r.csv",
+        plot_out=in_workspace / "r.png",
+        cache_dir=in_workspace / ".cache" / "resume",
+    )
 
     def crash_in_second_epoch(self, state, model) -> None:
         if state.epoch == 1:
             raise KeyboardInterrupt  # after epoch 1's state was saved, before epoch 2's
+
     with monkeypatch.context() as patch:
         patch.setattr(ft.SampleResponses, "on_epoch_end", crash_in_second_epoch)
         with pytest.raises(KeyboardInterrupt):
             ft.finetune_instruct(params, tokenizer, **paths)
     assert (paths["cache_dir"]).is_dir() and not paths["out_dir"].exists()
     metrics = ft.finetune_instruct(params, tokenizer, **paths)
-    resumed, uninterrupted = load_file(paths["out_dir"] / "model.safetensors"), load_file(finetuned / "model.safetensors")
+    resumed, uninterrupted = (
+        load_file(paths["out_dir"] / "model.safetensors"),
+        load_file(finetuned / "model.safetensors"),
+    )
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
     assert metrics["val_loss"] == json.loads((in_workspace / "metrics" / "ft.json").read_text())["val_loss"]
@@ -172,16 +210,29 @@ def test_score_with_a_judge_saves_responses_and_all_metrics(finetuned: Path, in_
     tokenizer = get_tokenizer(read_params("params.yaml")["tokenizer"]["encoding_dir"])
     assert [r["model_response"] for r in records] == generate_responses(model, tokenizer, test, max_new_tokens=6)
     assert [(r["instruction"], r["input"], r["output"]) for r in records] == [
-        (e["instruction"], e["input"], e["output"]) for e in test]
+        (e["instruction"], e["input"], e["output"]) for e in test
+    ]
     assert [r["judge_score"] for r in records] == [70, 80, 70, 80]
     assert len(server.requests) == 4
     headline = json.loads((in_workspace / "out" / "headline.json").read_text())
-    assert headline == {k: metrics[k] for k in ("rouge_l_f1", "rouge_l_f1_ci_low", "rouge_l_f1_ci_high", "judge_score",
-                                                "judge_score_ci_low", "judge_score_ci_high", "validation_response_loss")}
+    assert headline == {
+        k: metrics[k]
+        for k in (
+            "rouge_l_f1",
+            "rouge_l_f1_ci_low",
+            "rouge_l_f1_ci_high",
+            "judge_score",
+            "judge_score_ci_low",
+            "judge_score_ci_high",
+            "validation_response_loss",
+        )
+    }
     assert headline["judge_score_ci_low"] == 70.0 and headline["judge_score_ci_high"] == 80.0  # 4 scores of 70 or 80
     assert headline["rouge_l_f1_ci_low"] <= metrics["rouge_l_f1"] <= headline["rouge_l_f1_ci_high"]
     assert metrics["response_loss_ci_low"] <= metrics["response_loss"] <= metrics["response_loss_ci_high"]
-    assert [r["response_tokens"] for r in records] and sum(r["response_tokens"] for r in records) == metrics["response_tokens"]
+    assert [r["response_tokens"] for r in records] and sum(r["response_tokens"] for r in records) == metrics[
+        "response_tokens"
+    ]
     # The scores go into the fine-tune's MLflow run; the first scored version becomes @champion.
     import mlflow
 
@@ -222,7 +273,9 @@ def test_score_reports_no_response_loss_when_the_context_cuts_every_response(in_
     with pytest.warns(RuntimeWarning, match="LLM judge unavailable"):
         score.main(score_argv(model="models/short", metrics="out/short.json", responses="out/short_responses.json"))
     metrics = json.loads((in_workspace / "out" / "short.json").read_text())
-    assert metrics["response_tokens"] == 0 and metrics["response_loss"] is None and metrics["response_perplexity"] is None
+    assert (
+        metrics["response_tokens"] == 0 and metrics["response_loss"] is None and metrics["response_perplexity"] is None
+    )
 
 
 def test_score_without_a_model_names_the_stage(in_workspace: Path) -> None:
@@ -249,14 +302,24 @@ def test_rouge_l_f1_on_known_pairs(prediction: str, reference: str, expected: fl
 def test_a_secret_in_the_judge_url_reaches_no_store_log_or_file(finetuned: Path, in_workspace: Path, capfd) -> None:
     credentials = closed_port_url().replace("http://", "http://admin:PLANTED-SECRET@")
     with pytest.raises(SystemExit) as refused:  # user:password@ is refused: the key comes from the environment
-        score.main(score_argv(with_judge(in_workspace, "creds.yaml", url=credentials), metrics="out/creds.json",
-                              responses="out/creds_responses.json"))
+        score.main(
+            score_argv(
+                with_judge(in_workspace, "creds.yaml", url=credentials),
+                metrics="out/creds.json",
+                responses="out/creds_responses.json",
+            )
+        )
     assert "score_instructions.judge.url: Value error, holds credentials" in str(refused.value.code)
     assert "PLANTED" not in str(refused.value.code) and not (in_workspace / "out" / "creds.json").exists()
     url = closed_port_url() + "/?api_key=PLANTED-QUERY"
     with pytest.warns(RuntimeWarning, match=r"api_key=\*\*\*"):
-        score.main(score_argv(with_judge(in_workspace, "secret.yaml", url=url), metrics="out/secret.json",
-                              responses="out/secret_responses.json"))
+        score.main(
+            score_argv(
+                with_judge(in_workspace, "secret.yaml", url=url),
+                metrics="out/secret.json",
+                responses="out/secret_responses.json",
+            )
+        )
     printed = capfd.readouterr()
     assert "PLANTED" not in printed.out + printed.err
     written = [p for p in in_workspace.rglob("*") if p.is_file() and p.name not in ("secret.yaml", "creds.yaml")]

@@ -33,8 +33,15 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(model_dirs: dict[str, Path], gpt2_encoding_dir: Path):
-    with serve_process("--model", str(model_dirs["generator"]), "--classifier", str(model_dirs["classifier"]),
-                       "--max-tokens", str(MAX_TOKENS), encoding_dir=gpt2_encoding_dir) as url:
+    with serve_process(
+        "--model",
+        str(model_dirs["generator"]),
+        "--classifier",
+        str(model_dirs["classifier"]),
+        "--max-tokens",
+        str(MAX_TOKENS),
+        encoding_dir=gpt2_encoding_dir,
+    ) as url:
         yield url
 
 
@@ -60,8 +67,9 @@ def chat_prompt(question: str) -> str:
 
 
 def test_openai_client_gets_a_chat_completion(client, greedy, tokenizer) -> None:
-    reply = client.chat.completions.create(model="tiny-instruct", max_tokens=12, temperature=0,
-                                           messages=[{"role": "user", "content": "Name a color."}])
+    reply = client.chat.completions.create(
+        model="tiny-instruct", max_tokens=12, temperature=0, messages=[{"role": "user", "content": "Name a color."}]
+    )
     text, n_tokens, finish = greedy(chat_prompt("Name a color."), 12)
     assert reply.object == "chat.completion" and reply.model == "tiny-instruct"
     assert (reply.choices[0].message.role, reply.choices[0].message.content) == ("assistant", text)
@@ -71,9 +79,14 @@ def test_openai_client_gets_a_chat_completion(client, greedy, tokenizer) -> None
 
 
 def test_openai_client_streams_a_chat_completion(client, greedy) -> None:
-    stream = client.chat.completions.create(model="tiny-instruct", messages=[{"role": "user", "content": "Say hi."}],
-                                            max_tokens=20, temperature=0, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="tiny-instruct",
+        messages=[{"role": "user", "content": "Say hi."}],
+        max_tokens=20,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     text, n_tokens, finish = greedy(chat_prompt("Say hi."), 20)
@@ -88,8 +101,9 @@ def test_openai_client_completions_whole_streamed_and_stopped(client, greedy) ->
     text, _, _ = greedy(prompt, 16)
     whole = client.completions.create(model="tiny-instruct", prompt=prompt, max_tokens=16, temperature=0)
     assert whole.choices[0].text == text
-    streamed = client.completions.create(model="tiny-instruct", prompt=prompt, max_tokens=16, temperature=0,
-                                         stream=True)
+    streamed = client.completions.create(
+        model="tiny-instruct", prompt=prompt, max_tokens=16, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed) == text
     stop = text[len(text) // 2 :][:4]
     stopped = client.completions.create(model="tiny-instruct", prompt=prompt, max_tokens=16, temperature=0, stop=[stop])
@@ -98,8 +112,13 @@ def test_openai_client_completions_whole_streamed_and_stopped(client, greedy) ->
 
 def test_seed_makes_sampling_repeatable(client) -> None:
     def sample(seed: int) -> str:
-        return client.completions.create(model="tiny-instruct", prompt="Once upon a time", max_tokens=12,
-                                         temperature=1.0, top_p=0.95, seed=seed).choices[0].text
+        return (
+            client.completions.create(
+                model="tiny-instruct", prompt="Once upon a time", max_tokens=12, temperature=1.0, top_p=0.95, seed=seed
+            )
+            .choices[0]
+            .text
+        )
 
     assert sample(5) == sample(5) != sample(6)
 
@@ -107,30 +126,69 @@ def test_seed_makes_sampling_repeatable(client) -> None:
 @pytest.mark.parametrize(
     ("path", "body", "status", "message", "param"),
     [
-        ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404,
-         "the model 'gpt-4' does not exist here", "model"),
+        (
+            "/v1/chat/completions",
+            {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]},
+            404,
+            "the model 'gpt-4' does not exist here",
+            "model",
+        ),
         ("/v1/completions", {"model": "tiny-spam", "prompt": "hi"}, 404, "'tiny-spam' is the classifier", "model"),
-        ("/v1/completions", {"prompt": "word " * 300}, 400, "the prompt has 301 tokens; this model's context is 256",
-         "prompt"),
+        (
+            "/v1/completions",
+            {"prompt": "word " * 300},
+            400,
+            "the prompt has 301 tokens; this model's context is 256",
+            "prompt",
+        ),
         ("/v1/completions", {"prompt": "word " * 230, "max_tokens": 40}, 400, "but 271 were asked for", "max_tokens"),
-        ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens: Input should be greater than 0",
-         "max_tokens"),
+        (
+            "/v1/completions",
+            {"prompt": "hi", "max_tokens": 0},
+            400,
+            "max_tokens: Input should be greater than 0",
+            "max_tokens",
+        ),
         ("/v1/completions", {"prompt": "hi", "max_tokens": 65}, 400, "above this server's limit of 64", "max_tokens"),
-        ("/v1/completions", {"prompt": "hi", "max_tokens": "5"}, 400, "max_tokens: Input should be a valid integer",
-         "max_tokens"),
-        ("/v1/completions", {"prompt": "hi", "temperature": 3}, 400, "temperature: Input should be less than",
-         "temperature"),
+        (
+            "/v1/completions",
+            {"prompt": "hi", "max_tokens": "5"},
+            400,
+            "max_tokens: Input should be a valid integer",
+            "max_tokens",
+        ),
+        (
+            "/v1/completions",
+            {"prompt": "hi", "temperature": 3},
+            400,
+            "temperature: Input should be less than",
+            "temperature",
+        ),
         ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "only n=1 is supported", "n"),
         ("/v1/completions", {"max_tokens": 3}, 400, "prompt: Field required", "prompt"),
-        ("/v1/chat/completions",
-         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}, 400,
-         "the last message must be the user's", "messages"),
-        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role",
-         "messages.0.role"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]},
+            400,
+            "the last message must be the user's",
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "wizard", "content": "hi"}]},
+            400,
+            "messages.0.role",
+            "messages.0.role",
+        ),
         ("/v1/chat/completions", '{"messages": [', 400, "the request body is not valid JSON", None),
         ("/v1/classify", {"input": []}, 400, "give 1 to 256 texts, got 0", "input"),
-        ("/v1/classify", {"dataframe_split": {"columns": ["body"], "data": [["x"]]}}, 400, "needs a 'text' column",
-         "input"),
+        (
+            "/v1/classify",
+            {"dataframe_split": {"columns": ["body"], "data": [["x"]]}},
+            400,
+            "needs a 'text' column",
+            "input",
+        ),
         ("/v1/nothing", {}, 404, "POST /v1/nothing: Not Found", None),
     ],
 )
@@ -155,8 +213,13 @@ def test_sixteen_concurrent_streams_all_complete(server, client, greedy) -> None
     before = httpx.get(f"{server}/health").json()["engine"]
 
     def ask(question: str) -> tuple[str, str]:
-        stream = client.chat.completions.create(model="tiny-instruct", messages=[{"role": "user", "content": question}],
-                                                max_tokens=24, temperature=0, stream=True)
+        stream = client.chat.completions.create(
+            model="tiny-instruct",
+            messages=[{"role": "user", "content": question}],
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+        )
         chunks = [c.choices[0] for c in stream if c.choices]
         return "".join(c.delta.content or "" for c in chunks), chunks[-1].finish_reason
 
@@ -177,10 +240,15 @@ def test_classify_and_mlflow_scoring_input(server, model_dirs, tokenizer) -> Non
     assert [d["index"] for d in response["data"]] == [0, 1, 2] and response["model"] == "tiny-spam"
     for row, probs in zip(response["data"], expected.tolist()):
         assert row["probabilities"] == pytest.approx(dict(zip(model.labels, probs)), abs=1e-5)
-    pyfunc = [{"label": label, "spam_probability": pytest.approx(p, abs=1e-5)}
-              for label, p in classify_texts(model, tokenizer, texts)]
-    for body in ({"dataframe_split": {"columns": ["text"], "data": [[t] for t in texts]}},
-                 {"dataframe_records": [{"text": t} for t in texts]}, {"inputs": {"text": texts}}):
+    pyfunc = [
+        {"label": label, "spam_probability": pytest.approx(p, abs=1e-5)}
+        for label, p in classify_texts(model, tokenizer, texts)
+    ]
+    for body in (
+        {"dataframe_split": {"columns": ["text"], "data": [[t] for t in texts]}},
+        {"dataframe_records": [{"text": t} for t in texts]},
+        {"inputs": {"text": texts}},
+    ):
         assert httpx.post(f"{server}/invocations", json=body, timeout=30).json() == {"predictions": pyfunc}
 
 

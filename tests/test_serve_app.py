@@ -77,8 +77,10 @@ def test_a_client_that_disconnects_stops_its_generation(generator_dir: Path) -> 
 def test_a_full_queue_answers_429_instead_of_growing(generator_dir: Path) -> None:
     with app_server(slow_app(generator_dir, 0.05, max_batch=1, max_queue=1)) as url:
         body = {**CHAT, "max_tokens": 100, "stream": True}
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as running, \
-                httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as waiting:
+        with (
+            httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as running,
+            httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as waiting,
+        ):
             assert running.status_code == waiting.status_code == 200
             refused = httpx.post(f"{url}/v1/chat/completions", json={**CHAT, "max_tokens": 5}, timeout=30)
             assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
@@ -97,8 +99,9 @@ def test_a_model_not_served_gets_a_404_naming_the_option(generator_dir: Path) ->
         assert httpx.get(f"{url}/health").json()["classifier"] is None
 
 
-def test_registry_aliases_are_downloaded_and_served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                    gpt2_encoding_dir: Path) -> None:
+def test_registry_aliases_are_downloaded_and_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gpt2_encoding_dir: Path
+) -> None:
     """As the pipeline logs them: pyfuncs with checkpoint + tokenizer artifacts, registered, aliased."""
     mlflow = pytest.importorskip("mlflow")
     from llmpipe.mlflow_models import log_code_model
@@ -107,8 +110,10 @@ def test_registry_aliases_are_downloaded_and_served(tmp_path: Path, monkeypatch:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv(ENCODING_DIR_ENV, raising=False)  # the tokenizer must come from the artifacts
-    dirs = {"instruct-gpt": tiny_generator(tmp_path / "instruct"),
-            "spam-classifier": tiny_classifier(tmp_path / "spam")}
+    dirs = {
+        "instruct-gpt": tiny_generator(tmp_path / "instruct"),
+        "spam-classifier": tiny_classifier(tmp_path / "spam"),
+    }
     configure_tracking()  # mlflow keeps the store and the experiment of earlier tests process-wide
     mlflow.set_experiment("serving-test")
     client = mlflow.MlflowClient()
@@ -126,8 +131,9 @@ def test_registry_aliases_are_downloaded_and_served(tmp_path: Path, monkeypatch:
         load_served("models:/nope@champion", GENERATOR)
 
 
-def test_command_line_refuses_what_it_cannot_serve(generator_dir: Path, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_command_line_refuses_what_it_cannot_serve(
+    generator_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     monkeypatch.delenv(serve_cli.API_KEY_ENV, raising=False)
     assert cli.main(["serve", "--host", "0.0.0.0", "--model", str(generator_dir)]) == 1
     assert f"reachable from other machines: set {serve_cli.API_KEY_ENV}" in capsys.readouterr().err
@@ -151,14 +157,19 @@ def test_a_failing_step_is_a_500_for_its_requests_and_the_server_keeps_serving(g
     with app_server(app) as url:
         failed = httpx.post(f"{url}/v1/chat/completions", json={**CHAT, "max_tokens": 5}, timeout=30)
         assert failed.status_code == 500
-        assert failed.json()["error"] == {"message": "generation failed: simulated kernel failure",
-                                          "type": "server_error", "param": None, "code": None}
+        assert failed.json()["error"] == {
+            "message": "generation failed: simulated kernel failure",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
         ok = httpx.post(f"{url}/v1/chat/completions", json={**CHAT, "max_tokens": 5}, timeout=30)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 5
 
 
-def test_chat_uses_the_prompt_style_of_the_models_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                       gpt2_encoding_dir: Path, tokenizer) -> None:
+def test_chat_uses_the_prompt_style_of_the_models_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gpt2_encoding_dir: Path, tokenizer
+) -> None:
     monkeypatch.setenv(ENCODING_DIR_ENV, str(gpt2_encoding_dir))
     pretrained = save_checkpoint(tiny_gpt(), tmp_path / "pretrained", extra={"stage": "pretrain"})
     assert load_served(str(pretrained), GENERATOR).prompt_style == "plain"
@@ -171,8 +182,9 @@ def test_chat_uses_the_prompt_style_of_the_models_stage(tmp_path: Path, monkeypa
     assert reply["choices"][0]["message"]["content"] == tokenizer.decode(expected)
 
 
-def test_chat_uses_the_prompt_style_the_checkpoint_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                           gpt2_encoding_dir: Path, tokenizer) -> None:
+def test_chat_uses_the_prompt_style_the_checkpoint_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gpt2_encoding_dir: Path, tokenizer
+) -> None:
     """A phi3 fine-tune is chatted in phi3 (as llm chat, scoring and the pyfunc do), whatever its stage."""
     monkeypatch.setenv(ENCODING_DIR_ENV, str(gpt2_encoding_dir))
     phi3 = save_checkpoint(tiny_gpt(), tmp_path / "phi3", extra={"stage": "finetune_instruct", "prompt_style": "phi3"})
@@ -186,12 +198,15 @@ def test_chat_uses_the_prompt_style_the_checkpoint_records(tmp_path: Path, monke
     expected = generate(tiny_gpt(), [encode(tokenizer, prompt)], 6, eos_id=ENDOFTEXT_ID)[0]
     assert reply["choices"][0]["message"]["content"] == tokenizer.decode(expected)
     bad = save_checkpoint(tiny_gpt(), tmp_path / "bad", extra={"prompt_style": "chatml"})
-    with pytest.raises(UsageError, match=r"bad/config.json: the checkpoint's prompt_style must be one of .* got 'chatml'"):
+    with pytest.raises(
+        UsageError, match=r"bad/config.json: the checkpoint's prompt_style must be one of .* got 'chatml'"
+    ):
         load_served(str(bad), GENERATOR)
 
 
-def test_invocations_names_the_positive_class_from_the_models_labels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                     gpt2_encoding_dir: Path, tokenizer) -> None:
+def test_invocations_names_the_positive_class_from_the_models_labels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gpt2_encoding_dir: Path, tokenizer
+) -> None:
     monkeypatch.setenv(ENCODING_DIR_ENV, str(gpt2_encoding_dir))
     torch.manual_seed(2)
     model = GPTClassifier.from_gpt(tiny_gpt(2, 64), max_length=32, labels=["routine", "urgent"])
@@ -215,8 +230,9 @@ def test_int8_weights_are_served(generator_dir: Path) -> None:
         assert reply["usage"]["completion_tokens"] == 6 and reply["choices"][0]["text"]
 
 
-def test_classification_requests_have_their_own_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      gpt2_encoding_dir: Path) -> None:
+def test_classification_requests_have_their_own_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gpt2_encoding_dir: Path
+) -> None:
     """--max-classify bounds classifications in flight; --max-batch (generation rows) does not."""
     import threading
 
@@ -230,8 +246,14 @@ def test_classification_requests_have_their_own_limit(tmp_path: Path, monkeypatc
     app = create_app(None, classifier, ServeConfig(max_batch=1, max_classify=2))
     with app_server(app) as url:
         answers: list[int] = []
-        running = [threading.Thread(target=lambda: answers.append(
-            httpx.post(f"{url}/v1/classify", json={"input": "win a prize"}, timeout=60).status_code)) for _ in range(2)]
+        running = [
+            threading.Thread(
+                target=lambda: answers.append(
+                    httpx.post(f"{url}/v1/classify", json={"input": "win a prize"}, timeout=60).status_code
+                )
+            )
+            for _ in range(2)
+        ]
         for thread in running:
             thread.start()
         for _ in range(200):  # both are in flight (waiting on the gate)

@@ -40,11 +40,18 @@ pytestmark = [
 
 def clean_env(**extra: str) -> dict[str, str]:
     """This environment without what a previous test or the user's shell set for the pipeline."""
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("LLMPIPE_", "PREFECT_", "MLFLOW_", "DVC_")) and key != "LLMCORE_GPT2_ENCODING_DIR"}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("LLMPIPE_", "PREFECT_", "MLFLOW_", "DVC_")) and key != "LLMCORE_GPT2_ENCODING_DIR"
+    }
     bin_dir = str(Path(sys.executable).parent)
-    return {**env, "PATH": os.pathsep.join([bin_dir, env.get("PATH", "")]), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            **extra}
+    return {
+        **env,
+        "PATH": os.pathsep.join([bin_dir, env.get("PATH", "")]),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        **extra,
+    }
 
 
 def wait_for(check, timeout_s: float, what: str, log: Path | None = None):
@@ -65,8 +72,12 @@ def api_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = home / "server.log"
     env = clean_env(PREFECT_HOME=str(home), PREFECT_UI_ENABLED="false")
     with log.open("w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                   "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}/api"
 
     def healthy():
@@ -120,8 +131,13 @@ def served(api_url: str, source: Path, prefect_client, tmp_path_factory: pytest.
     home = tmp_path_factory.mktemp("serve-home")
     log = home / "serve.log"
     with log.open("w") as out:
-        serve = subprocess.Popen([sys.executable, "-m", "pipelines.serve", "--flow", "spam", "--cron", "0 3 1 1 *"],
-                                 cwd=source, env=run_env(api_url, home), stdout=out, stderr=subprocess.STDOUT)
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "pipelines.serve", "--flow", "spam", "--cron", "0 3 1 1 *"],
+            cwd=source,
+            env=run_env(api_url, home),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
     def deployed():
         assert serve.poll() is None, f"pipelines.serve exited {serve.returncode}:\n{log.read_text()[-4000:]}"
@@ -172,21 +188,36 @@ STORE = {"mlflow.db", "mlruns"}  # the checkout's MLflow store (git-ignored): wh
 def snapshot(repo: Path) -> tuple:
     """What a run must never change in the checkout it was launched from: HEAD, git status (none
     of its outputs: models/, data/, metrics/ ...), params.yaml, the files at its top."""
-    return (git(repo, "rev-parse", "HEAD"), git(repo, "status", "--porcelain"), (repo / "params.yaml").read_text(),
-            sorted(p.name for p in repo.iterdir() if p.name not in STORE))
+    return (
+        git(repo, "rev-parse", "HEAD"),
+        git(repo, "status", "--porcelain"),
+        (repo / "params.yaml").read_text(),
+        sorted(p.name for p in repo.iterdir() if p.name not in STORE),
+    )
 
 
 def shown_experiments(repo: Path) -> dict[str, dict]:
-    shown = json.loads(subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=repo, env=clean_env(),
-                                      capture_output=True, text=True, check=True).stdout)
+    shown = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "dvc", "exp", "show", "--json"],
+            cwd=repo,
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     return {exp["name"]: exp["revs"][0]["data"] for commit in shown for exp in (commit.get("experiments") or [])}
 
 
 def mlflow_runs(repo: Path, experiment: str) -> dict[str, str]:
     """Run name -> artifact URI of the runs of ``experiment`` in the checkout's own mlflow.db."""
     with sqlite3.connect(repo / "mlflow.db") as db:
-        rows = db.execute("SELECT r.name, r.artifact_uri FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id "
-                          "WHERE e.name = ?", (experiment,)).fetchall()
+        rows = db.execute(
+            "SELECT r.name, r.artifact_uri FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id "
+            "WHERE e.name = ?",
+            (experiment,),
+        ).fetchall()
     return dict(rows)
 
 
@@ -195,7 +226,9 @@ def runs_left(repo: Path) -> list[str]:
     return sorted(p.name for p in runs.iterdir()) if runs.is_dir() else []
 
 
-def test_quick_run_completes_in_a_workspace_and_saves_an_experiment(served: Served, source: Path, prefect_client) -> None:
+def test_quick_run_completes_in_a_workspace_and_saves_an_experiment(
+    served: Served, source: Path, prefect_client
+) -> None:
     before, refs = snapshot(source), experiment_refs(source)
     (run,) = wait_final(prefect_client, [create_run(prefect_client, DEPLOYMENT)], served.log)
     assert run.state.is_completed(), f"{run.state.type}: {run.state.message}\n{served.log.read_text()[-4000:]}"
@@ -211,15 +244,19 @@ def test_quick_run_completes_in_a_workspace_and_saves_an_experiment(served: Serv
     assert name in runs and runs[name].startswith(str(source / "mlruns"))
 
 
-def test_two_custom_runs_at_once_both_complete_without_touching_the_checkout(served: Served, source: Path,
-                                                                            prefect_client) -> None:
+def test_two_custom_runs_at_once_both_complete_without_touching_the_checkout(
+    served: Served, source: Path, prefect_client
+) -> None:
     before = snapshot(source)
     lrs = {"lr-5e-4": 5e-4, "lr-2e-3": 2e-3}
-    ids = [create_run(prefect_client, DEPLOYMENT, {"params": {"finetune_classifier.lr": lr}, "experiment": name})
-           for name, lr in lrs.items()]
+    ids = [
+        create_run(prefect_client, DEPLOYMENT, {"params": {"finetune_classifier.lr": lr}, "experiment": name})
+        for name, lr in lrs.items()
+    ]
     runs = wait_final(prefect_client, ids, served.log)
     assert all(run.state.is_completed() for run in runs), "\n\n".join(
-        f"{run.name}: {run.state.type.value}: {run.state.message}" for run in runs)
+        f"{run.name}: {run.state.type.value}: {run.state.message}" for run in runs
+    )
     first, second = runs
     assert first.start_time < second.end_time and second.start_time < first.end_time  # they ran at the same time
     shown = shown_experiments(source)
@@ -233,7 +270,9 @@ def test_two_custom_runs_at_once_both_complete_without_touching_the_checkout(ser
 def test_a_failed_run_changes_nothing_in_the_checkout(served: Served, source: Path, prefect_client) -> None:
     before, refs = snapshot(source), experiment_refs(source)
     bad_key = create_run(prefect_client, DEPLOYMENT, {"params": {"finetune_classifier.no_such_knob": 1}})
-    bad_value = create_run(prefect_client, DEPLOYMENT, {"params": {"finetune_classifier.lr": -1.0}, "experiment": "bad-lr"})
+    bad_value = create_run(
+        prefect_client, DEPLOYMENT, {"params": {"finetune_classifier.lr": -1.0}, "experiment": "bad-lr"}
+    )
     key_run, value_run = wait_final(prefect_client, [bad_key, bad_value], served.log)
     assert key_run.state.is_failed() and "no parameter 'finetune_classifier.no_such_knob'" in key_run.state.message
     # check_params stops the bad value before DVC touches any output
@@ -241,27 +280,44 @@ def test_a_failed_run_changes_nothing_in_the_checkout(served: Served, source: Pa
     assert snapshot(source) == before and experiment_refs(source) == refs and runs_left(source) == []
 
 
-def test_a_process_worker_runs_the_work_pool_deployment(api_url: str, source: Path, prefect_client,
-                                                        tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_a_process_worker_runs_the_work_pool_deployment(
+    api_url: str, source: Path, prefect_client, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     home = tmp_path_factory.mktemp("worker-home")
-    deployed = subprocess.run([sys.executable, "-m", "pipelines.deploy", "--pool", "test-pool", "--flow", "spam"],
-                              cwd=source, env=run_env(api_url, home), capture_output=True, text=True, timeout=300)
+    deployed = subprocess.run(
+        [sys.executable, "-m", "pipelines.deploy", "--pool", "test-pool", "--flow", "spam"],
+        cwd=source,
+        env=run_env(api_url, home),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     (home / "deploy.log").write_text(deployed.stdout + deployed.stderr)
     assert deployed.returncode == 0, deployed.stderr[-4000:]
     assert "worker env: LLMCORE_GPT2_ENCODING_DIR, LLMPIPE_MIRROR, MLFLOW_TRACKING_URI" in deployed.stdout
     log = home / "worker.log"
     # The worker starts elsewhere, without the mirror variables: the deployment carries them.
     with log.open("w") as out:
-        worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "test-pool"], cwd=home,
-                                  env={**run_env(api_url, home, mirror=False), "PREFECT_WORKER_QUERY_SECONDS": "2"},
-                                  stdout=out, stderr=subprocess.STDOUT)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "test-pool"],
+            cwd=home,
+            env={**run_env(api_url, home, mirror=False), "PREFECT_WORKER_QUERY_SECONDS": "2"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         before = snapshot(source)
-        run_id = create_run(prefect_client, "llm-pipeline/spam-test-pool",
-                            {"params": {"finetune_classifier.lr": 1e-4}, "experiment": "from-worker"})
+        run_id = create_run(
+            prefect_client,
+            "llm-pipeline/spam-test-pool",
+            {"params": {"finetune_classifier.lr": 1e-4}, "experiment": "from-worker"},
+        )
         (run,) = wait_final(prefect_client, [run_id], log)
         assert run.state.is_completed(), f"{run.state.type}: {run.state.message}\n{log.read_text()[-4000:]}"
-        assert shown_experiments(source)["from-worker"]["params"]["params.yaml"]["data"]["finetune_classifier"]["lr"] == 1e-4
+        assert (
+            shown_experiments(source)["from-worker"]["params"]["params.yaml"]["data"]["finetune_classifier"]["lr"]
+            == 1e-4
+        )
         assert "from-worker" in mlflow_runs(source, "spam-classifier")
         assert snapshot(source) == before and runs_left(source) == []
     finally:
@@ -298,7 +354,9 @@ def command_line(pid: int) -> str:
         return ""
 
 
-def test_a_run_killed_mid_training_shows_crashed_and_a_rerun_completes(served: Served, source: Path, prefect_client) -> None:
+def test_a_run_killed_mid_training_shows_crashed_and_a_rerun_completes(
+    served: Served, source: Path, prefect_client
+) -> None:
     remote = source.parent / f"{source.name}-dvc-remote"
     pushed = {p for p in remote.rglob("*") if p.is_file()}
     assert pushed  # the earlier runs pushed their outputs and run cache
@@ -310,7 +368,7 @@ def test_a_run_killed_mid_training_shows_crashed_and_a_rerun_completes(served: S
         for pid in tree:
             chain = lineage(pid, tree)
             if served.process.pid in chain and "steps.finetune_classifier" in command_line(pid):
-                return chain[:chain.index(served.process.pid)]  # the stage up to the flow run's process
+                return chain[: chain.index(served.process.pid)]  # the stage up to the flow run's process
         return None
 
     chain = wait_for(training, RUN_TIMEOUT_S, "finetune_classifier to start", served.log)
@@ -325,7 +383,10 @@ def test_a_run_killed_mid_training_shows_crashed_and_a_rerun_completes(served: S
     (left,) = runs_left(source)  # the killed run's workspace: it never got to clean up
     shutil.rmtree(source / ".dvc" / "tmp" / "runs" / left)
 
-    (rerun,) = wait_final(prefect_client, [create_run(prefect_client, DEPLOYMENT, {**params, "experiment": "killed-rerun"})],
-                          served.log)
+    (rerun,) = wait_final(
+        prefect_client, [create_run(prefect_client, DEPLOYMENT, {**params, "experiment": "killed-rerun"})], served.log
+    )
     assert rerun.state.is_completed(), rerun.state.message
-    assert shown_experiments(source)["killed-rerun"]["params"]["params.yaml"]["data"]["finetune_classifier"]["lr"] == 3e-4
+    assert (
+        shown_experiments(source)["killed-rerun"]["params"]["params.yaml"]["data"]["finetune_classifier"]["lr"] == 3e-4
+    )

@@ -83,6 +83,7 @@ def test_batched_answers_equal_each_prompt_decoded_alone(model, tokenizer) -> No
 def test_a_stream_interval_sends_fewer_longer_pieces_with_the_same_answer(model, tokenizer) -> None:
     """Steps 5 ms apart, pieces at most every 40 ms: the first piece comes alone, later ones bundle
     several tokens, and the text is the same as token by token."""
+
     async def scenario(engine):
         request = engine.submit(PROMPTS[2], SamplingParams(max_tokens=16))
         return [(event.text, event.finish_reason) async for event in request.stream()]

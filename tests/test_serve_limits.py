@@ -43,7 +43,8 @@ def raw_request(url: str, head: str) -> socket.socket:
 def read_response(sock: socket.socket) -> tuple[int, dict]:
     data = b""
     while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(
-            [line for line in data.split(b"\r\n") if line.lower().startswith(b"content-length:")][0].split(b":")[1]):
+        [line for line in data.split(b"\r\n") if line.lower().startswith(b"content-length:")][0].split(b":")[1]
+    ):
         chunk = sock.recv(65536)
         if not chunk:
             break
@@ -61,8 +62,9 @@ def test_a_declared_huge_body_is_refused_before_any_of_it_is_sent(server: str) -
         status, body = read_response(sock)  # not one byte of the 50 MB was sent
     assert status == 413
     assert body["error"]["code"] == "request_too_large" and body["error"]["type"] == "invalid_request_error"
-    assert body["error"]["message"] == ("the request body is 50,000,000 bytes; this server takes at most 100,000 "
-                                        "bytes (0.1 MB, --max-body-mb)")
+    assert body["error"]["message"] == (
+        "the request body is 50,000,000 bytes; this server takes at most 100,000 bytes (0.1 MB, --max-body-mb)"
+    )
 
 
 def test_a_chunked_body_is_refused_once_past_the_limit(server: str) -> None:
@@ -84,8 +86,9 @@ def test_health_answers_while_a_large_body_is_still_arriving(server: str) -> Non
 
 
 def test_a_body_within_the_limit_is_answered(server: str) -> None:
-    reply = httpx.post(f"{server}/v1/completions", json={"prompt": "Every effort", "max_tokens": 3, "temperature": 0},
-                       timeout=60)
+    reply = httpx.post(
+        f"{server}/v1/completions", json={"prompt": "Every effort", "max_tokens": 3, "temperature": 0}, timeout=60
+    )
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] <= 3
 
 
@@ -102,8 +105,11 @@ def test_tokenization_runs_off_the_event_loop(server: str, monkeypatch: pytest.M
 
     monkeypatch.setattr(openai_api, "encode", slow_encode)
     result: dict = {}
-    request = threading.Thread(target=lambda: result.update(reply=httpx.post(
-        f"{server}/v1/completions", json={"prompt": "Hello", "max_tokens": 2}, timeout=60)))
+    request = threading.Thread(
+        target=lambda: result.update(
+            reply=httpx.post(f"{server}/v1/completions", json={"prompt": "Hello", "max_tokens": 2}, timeout=60)
+        )
+    )
     request.start()
     try:
         assert tokenizing.wait(30), "the request never reached tokenization"

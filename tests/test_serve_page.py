@@ -45,13 +45,15 @@ def browser():
             browser.close()
 
 
-def test_chat_page_streams_an_answer_offline(browser, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                             gpt2_encoding_dir: Path, tokenizer) -> None:
+def test_chat_page_streams_an_answer_offline(
+    browser, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gpt2_encoding_dir: Path, tokenizer
+) -> None:
     monkeypatch.setenv(ENCODING_DIR_ENV, str(gpt2_encoding_dir))
     model_dir = tiny_generator(tmp_path / "tiny-instruct")
     prompt = response_prompt({"instruction": "Name three colors.", "input": ""})
-    expected = tokenizer.decode(generate(load_checkpoint(model_dir), [encode(tokenizer, prompt)], 40,
-                                         eos_id=ENDOFTEXT_ID)[0])
+    expected = tokenizer.decode(
+        generate(load_checkpoint(model_dir), [encode(tokenizer, prompt)], 40, eos_id=ENDOFTEXT_ID)[0]
+    )
     # The page leaves max_tokens to the server: its cap is the answer's length.
     served = load_served(str(model_dir), GENERATOR)
     # Tokens 20 ms apart: on a loaded CI box a fast tiny model can otherwise deliver the whole answer
@@ -61,8 +63,14 @@ def test_chat_page_streams_an_answer_offline(browser, tmp_path: Path, monkeypatc
     with app_server(app) as url:
         page = browser.new_page()
         outside: list[str] = []
-        page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(url)
-                   else (outside.append(route.request.url), route.abort()))
+        page.route(
+            "**/*",
+            lambda route: (
+                route.continue_()
+                if route.request.url.startswith(url)
+                else (outside.append(route.request.url), route.abort())
+            ),
+        )
         page.goto(url)
         page.wait_for_selector("text=model: tiny-instruct")
         page.evaluate(OBSERVE)

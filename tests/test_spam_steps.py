@@ -30,11 +30,22 @@ TOKENIZER = TokenizerParams(encoding_dir=str(MIRROR / "gpt2"))
 
 pytestmark = pytest.mark.skipif(not MIRROR.is_dir(), reason=f"offline mirror {MIRROR} not found")
 
-HAM = ["see you at lunch", "ok i will call you later", "are we still on for tonight?", "thanks, got it",
-       "how was the exam?", "running late, sorry"]
-SPAM = ["WINNER! claim your FREE prize now, call 09061701461", "Free entry to win cup final tickets, text WIN",
-        "URGENT! your mobile won a 2000 cash award", "Txt STOP to end, claim ur 500 reward now",
-        "Congratulations! You have been selected to receive a 2000 pound award, call 09061701461 now to claim", "FREE ringtone, reply YES"]
+HAM = [
+    "see you at lunch",
+    "ok i will call you later",
+    "are we still on for tonight?",
+    "thanks, got it",
+    "how was the exam?",
+    "running late, sorry",
+]
+SPAM = [
+    "WINNER! claim your FREE prize now, call 09061701461",
+    "Free entry to win cup final tickets, text WIN",
+    "URGENT! your mobile won a 2000 cash award",
+    "Txt STOP to end, claim ur 500 reward now",
+    "Congratulations! You have been selected to receive a 2000 pound award, call 09061701461 now to claim",
+    "FREE ringtone, reply YES",
+]
 
 
 def write_split(path: Path, ham: list[str], spam: list[str]) -> None:
@@ -64,8 +75,18 @@ def mlflow_uri(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return uri
 
 
-PARAMS = trainer_params(ft.FinetuneClassifierParams, trainable="lora", lora={"rank": 2, "alpha": 4}, token_position="flexible",
-                                     epochs=2, batch_size=4, lr=1e-3, eval_every=2, eval_batches=2, device="cpu")
+PARAMS = trainer_params(
+    ft.FinetuneClassifierParams,
+    trainable="lora",
+    lora={"rank": 2, "alpha": 4},
+    token_position="flexible",
+    epochs=2,
+    batch_size=4,
+    lr=1e-3,
+    eval_every=2,
+    eval_batches=2,
+    device="cpu",
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +100,15 @@ def finetuned(workspace: Path) -> dict:
     try:
         (workspace / ".cache" / "finetune_classifier" / "stale").mkdir(parents=True)
         metrics = ft.finetune_classifier(
-            PARAMS, base_dir=workspace / "base", data_dir=workspace / "data", out_dir=workspace / "clf",
-            metrics_out=workspace / "reports" / "ft.json", history_out=workspace / "plots" / "hist.csv", plots_dir=workspace / "plots",
-            tokenizer_params=TOKENIZER, cache_dir=workspace / ".cache" / "finetune_classifier",
+            PARAMS,
+            base_dir=workspace / "base",
+            data_dir=workspace / "data",
+            out_dir=workspace / "clf",
+            metrics_out=workspace / "reports" / "ft.json",
+            history_out=workspace / "plots" / "hist.csv",
+            plots_dir=workspace / "plots",
+            tokenizer_params=TOKENIZER,
+            cache_dir=workspace / ".cache" / "finetune_classifier",
         )
     finally:
         mp.undo()
@@ -103,8 +130,9 @@ def test_finetune_writes_checkpoint_metrics_and_history(workspace: Path, finetun
         assert (workspace / "plots" / f"spam_training_{metric}.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_interrupted_finetune_resumes_to_the_same_weights(workspace: Path, finetuned: dict, mlflow_uri: str,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_finetune_resumes_to_the_same_weights(
+    workspace: Path, finetuned: dict, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from safetensors.torch import load_file
 
     from llmpipe.tracking import MlflowCallback
@@ -113,9 +141,16 @@ def test_interrupted_finetune_resumes_to_the_same_weights(workspace: Path, finet
         raise KeyboardInterrupt  # as if killed right after the first epoch's state was saved
 
     out, cache = workspace / "resumed", workspace / ".cache" / "resumed"
-    paths = dict(base_dir=workspace / "base", data_dir=workspace / "data", out_dir=out / "clf",
-                 metrics_out=out / "ft.json", history_out=out / "hist.csv", plots_dir=out,
-                 tokenizer_params=TOKENIZER, cache_dir=cache)
+    paths = dict(
+        base_dir=workspace / "base",
+        data_dir=workspace / "data",
+        out_dir=out / "clf",
+        metrics_out=out / "ft.json",
+        history_out=out / "hist.csv",
+        plots_dir=out,
+        tokenizer_params=TOKENIZER,
+        cache_dir=cache,
+    )
     monkeypatch.setattr(MlflowCallback, "on_checkpoint", interrupt)
     with pytest.raises(KeyboardInterrupt):
         ft.finetune_classifier(PARAMS, **paths)
@@ -127,30 +162,47 @@ def test_interrupted_finetune_resumes_to_the_same_weights(workspace: Path, finet
     monkeypatch.setattr(MlflowCallback, "on_step_end", lambda self, state, metrics: steps_run.append(state.step))
     ft.finetune_classifier(PARAMS, **paths)
     assert steps_run == [4, 5, 6]  # only the second epoch ran again
-    resumed, uninterrupted = load_file(out / "clf" / "model.safetensors"), load_file(workspace / "clf" / "model.safetensors")
+    resumed, uninterrupted = (
+        load_file(out / "clf" / "model.safetensors"),
+        load_file(workspace / "clf" / "model.safetensors"),
+    )
     assert resumed.keys() == uninterrupted.keys()
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
     assert json.loads((out / "ft.json").read_text()) == json.loads((workspace / "reports" / "ft.json").read_text())
 
 
-def test_the_same_params_and_seed_give_identical_weights_and_metrics(workspace: Path, finetuned: dict, mlflow_uri: str,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_same_params_and_seed_give_identical_weights_and_metrics(
+    workspace: Path, finetuned: dict, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Determinism on one machine: the fine-tune run again from scratch gives the same bytes and
     metrics; another seed gives other ones (so the check can fail)."""
     from safetensors.torch import load_file
 
     def run(name: str, params: ft.FinetuneClassifierParams) -> tuple[dict, dict]:
         out = workspace / name
-        ft.finetune_classifier(params, base_dir=workspace / "base", data_dir=workspace / "data", out_dir=out / "clf",
-                               metrics_out=out / "ft.json", history_out=out / "hist.csv", plots_dir=out,
-                               tokenizer_params=TOKENIZER, cache_dir=workspace / ".cache" / name)
+        ft.finetune_classifier(
+            params,
+            base_dir=workspace / "base",
+            data_dir=workspace / "data",
+            out_dir=out / "clf",
+            metrics_out=out / "ft.json",
+            history_out=out / "hist.csv",
+            plots_dir=out,
+            tokenizer_params=TOKENIZER,
+            cache_dir=workspace / ".cache" / name,
+        )
         return json.loads((out / "ft.json").read_text()), load_file(out / "clf" / "model.safetensors")
 
-    first, weights = json.loads((workspace / "reports" / "ft.json").read_text()), load_file(workspace / "clf" / "model.safetensors")
+    first, weights = (
+        json.loads((workspace / "reports" / "ft.json").read_text()),
+        load_file(workspace / "clf" / "model.safetensors"),
+    )
     again, again_weights = run("again", PARAMS)
     volatile = {"run_id", "registered_version", "train_s", "tokens_per_s", "mfu"}
-    assert {k: v for k, v in again.items() if k not in volatile} == {k: v for k, v in first.items() if k not in volatile}
+    assert {k: v for k, v in again.items() if k not in volatile} == {
+        k: v for k, v in first.items() if k not in volatile
+    }
     for name, tensor in weights.items():
         torch.testing.assert_close(again_weights[name], tensor, rtol=0, atol=0, msg=name)
     other, other_weights = run("other_seed", PARAMS.model_copy(update={"seed": PARAMS.seed + 1}))
@@ -174,7 +226,9 @@ def test_finetune_logs_and_registers_a_servable_pyfunc(workspace: Path, finetune
     version = client.get_model_version("spam-classifier", finetuned["registered_version"])
     assert version.run_id == run.info.run_id
     newest = max(int(v.version) for v in client.search_model_versions("name = 'spam-classifier'"))
-    assert int(client.get_model_version_by_alias("spam-classifier", "candidate").version) == newest  # the last registered
+    assert (
+        int(client.get_model_version_by_alias("spam-classifier", "candidate").version) == newest
+    )  # the last registered
     assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"data/train.csv", "data/validation.csv"}
 
     pyfunc = mlflow.pyfunc.load_model(f"models:/spam-classifier/{finetuned['registered_version']}")
@@ -192,17 +246,27 @@ def test_score_spam_writes_metrics_and_confusion_plots(workspace: Path, finetune
     import mlflow
 
     metrics = score_spam.score_spam(
-        score_spam.ScoreSpamParams(device="cpu"), model_dir=workspace / "clf", data_dir=workspace / "data",
-        metrics_out=workspace / "reports" / "spam.json", headline_out=workspace / "metrics" / "spam.json",
-        plots_dir=workspace / "plots", predictions_out=workspace / "reports" / "predictions.csv", tokenizer_params=TOKENIZER,
+        score_spam.ScoreSpamParams(device="cpu"),
+        model_dir=workspace / "clf",
+        data_dir=workspace / "data",
+        metrics_out=workspace / "reports" / "spam.json",
+        headline_out=workspace / "metrics" / "spam.json",
+        plots_dir=workspace / "plots",
+        predictions_out=workspace / "reports" / "predictions.csv",
+        tokenizer_params=TOKENIZER,
     )
     assert json.loads((workspace / "reports" / "spam.json").read_text()) == metrics
     headline = json.loads((workspace / "metrics" / "spam.json").read_text())
     test = metrics["test"]
-    assert headline == {"test_accuracy": test["accuracy"], "test_f1": test["f1"],
-                        "test_accuracy_ci_low": test["accuracy_ci_low"], "test_accuracy_ci_high": test["accuracy_ci_high"],
-                        "test_f1_ci_low": test["f1_ci_low"], "test_f1_ci_high": test["f1_ci_high"],
-                        "validation_accuracy": metrics["validation"]["accuracy"]}
+    assert headline == {
+        "test_accuracy": test["accuracy"],
+        "test_f1": test["f1"],
+        "test_accuracy_ci_low": test["accuracy_ci_low"],
+        "test_accuracy_ci_high": test["accuracy_ci_high"],
+        "test_f1_ci_low": test["f1_ci_low"],
+        "test_f1_ci_high": test["f1_ci_high"],
+        "validation_accuracy": metrics["validation"]["accuracy"],
+    }
     # 6 test messages: the Wilson interval is wide and holds the accuracy.
     assert test["accuracy_ci_low"] <= test["accuracy"] <= test["accuracy_ci_high"]
     assert test["accuracy_ci_high"] - test["accuracy_ci_low"] > 0.4
@@ -220,13 +284,18 @@ def test_score_spam_writes_metrics_and_confusion_plots(workspace: Path, finetune
     # The registry chose on validation (4 messages); the test accuracy is recorded beside.
     (key,) = [k for k in champion.tags if k.startswith("eval.validation.n4.") and k.endswith(".accuracy")]
     assert float(champion.tags[key]) == pytest.approx(metrics["validation"]["accuracy"])
-    assert float(champion.tags[key.replace(".accuracy", ".test_accuracy")]) == pytest.approx(metrics["test"]["accuracy"])
+    assert float(champion.tags[key.replace(".accuracy", ".test_accuracy")]) == pytest.approx(
+        metrics["test"]["accuracy"]
+    )
     test = pd.read_csv(workspace / "data" / "test.csv")
-    predicted = classify_texts(load_classifier(workspace / "clf"), get_tokenizer(TOKENIZER.encoding_dir), test["Text"].tolist())
+    predicted = classify_texts(
+        load_classifier(workspace / "clf"), get_tokenizer(TOKENIZER.encoding_dir), test["Text"].tolist()
+    )
     intervals = {k: v for k, v in metrics["test"].items() if "_ci_" in k}
     assert set(intervals) == {"accuracy_ci_low", "accuracy_ci_high", "f1_ci_low", "f1_ci_high"}
     assert {k: v for k, v in metrics["test"].items() if k not in intervals} == classification_metrics(
-        test["Label"].tolist(), [int(label == "spam") for label, _ in predicted], ["ham", "spam"])
+        test["Label"].tolist(), [int(label == "spam") for label, _ in predicted], ["ham", "spam"]
+    )
     assert sum(metrics["train"][k] for k in ("tn", "fp", "fn", "tp")) == 12
     table = pd.read_csv(workspace / "plots" / "spam_confusion.csv")
     assert table["actual"].tolist() == ["ham"] * 3 + ["spam"] * 3
@@ -240,13 +309,34 @@ BINARY = ["ham", "spam"]
 def test_classification_metrics_match_hand_counts() -> None:
     metrics = classification_metrics([0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 1, 0], BINARY)
     headline = {k: metrics[k] for k in ("accuracy", "precision", "recall", "f1", "tn", "fp", "fn", "tp")}
-    assert headline == {"accuracy": pytest.approx(4 / 6), "precision": pytest.approx(2 / 3), "recall": pytest.approx(2 / 3),
-                        "f1": pytest.approx(2 / 3), "tn": 2, "fp": 1, "fn": 1, "tp": 2}
+    assert headline == {
+        "accuracy": pytest.approx(4 / 6),
+        "precision": pytest.approx(2 / 3),
+        "recall": pytest.approx(2 / 3),
+        "f1": pytest.approx(2 / 3),
+        "tn": 2,
+        "fp": 1,
+        "fn": 1,
+        "tp": 2,
+    }
     assert metrics["confusion"] == [[2, 1], [1, 2]] and metrics["per_class"]["spam"]["support"] == 3
     none_flagged = classification_metrics([1, 0, 1, 0], [0, 0, 0, 0], BINARY)
-    assert {k: none_flagged[k] for k in headline} == {"accuracy": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0,
-                                                      "tn": 2, "fp": 0, "fn": 2, "tp": 0}
-    assert none_flagged["per_class"]["ham"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3), "support": 2}
+    assert {k: none_flagged[k] for k in headline} == {
+        "accuracy": 0.5,
+        "precision": 0.0,
+        "recall": 0.0,
+        "f1": 0.0,
+        "tn": 2,
+        "fp": 0,
+        "fn": 2,
+        "tp": 0,
+    }
+    assert none_flagged["per_class"]["ham"] == {
+        "precision": 0.5,
+        "recall": 1.0,
+        "f1": pytest.approx(2 / 3),
+        "support": 2,
+    }
     assert none_flagged["macro_f1"] == pytest.approx(1 / 3)
     precise = classification_metrics([1, 1, 1, 0], [1, 0, 0, 0], BINARY)
     assert (precise["precision"], precise["recall"], precise["f1"]) == (1.0, pytest.approx(1 / 3), pytest.approx(0.5))
@@ -255,7 +345,12 @@ def test_classification_metrics_match_hand_counts() -> None:
 def test_multiclass_metrics_are_per_class_and_macro() -> None:
     metrics = classification_metrics([0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2, 0], ["a", "b", "c"])
     assert metrics["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
-    assert metrics["per_class"]["b"] == {"precision": pytest.approx(2 / 3), "recall": 1.0, "f1": pytest.approx(0.8), "support": 2}
+    assert metrics["per_class"]["b"] == {
+        "precision": pytest.approx(2 / 3),
+        "recall": 1.0,
+        "f1": pytest.approx(0.8),
+        "support": 2,
+    }
     assert metrics["f1"] == metrics["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
     assert metrics["accuracy"] == pytest.approx(4 / 6) and "tp" not in metrics
 
@@ -267,8 +362,16 @@ def test_base_without_gpt2_weights_fails_clearly(workspace: Path, tmp_path: Path
     with pytest.raises(models.BaseModelError, match=r"has no weights .*loaded=false.*no network"):
         models.load_base_model(gpt2)
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"training": TEST_TRAINING, "finetune_classifier": {}, "tokenizer": TOKENIZER.model_dump(),
-                                      "classifier_base": {"dir": str(gpt2)}}))
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "training": TEST_TRAINING,
+                "finetune_classifier": {},
+                "tokenizer": TOKENIZER.model_dump(),
+                "classifier_base": {"dir": str(gpt2)},
+            }
+        )
+    )
     with pytest.raises(SystemExit, match=r"finetune_classifier: error: base model .*gpt2 has no weights"):
         ft.main(["--params", str(params), "--data", str(workspace / "data"), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
@@ -285,21 +388,45 @@ def test_bad_spam_csv_is_named(tmp_path: Path) -> None:
         datasets.read_spam_split(tmp_path / "bad.csv")
 
 
-def test_an_unusable_tracking_store_fails_in_one_line_before_any_output(workspace: Path, finetuned: dict, tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unusable_tracking_store_fails_in_one_line_before_any_output(
+    workspace: Path, finetuned: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     corrupt = tmp_path / "mlflow.db"
     corrupt.write_bytes(b"this is not a database" * 100)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{corrupt}")
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"score_spam": {"batch_size": 32, "plot_split": "test",
-                                                     "seed": 123, "device": "cpu"}, "tokenizer": TOKENIZER.model_dump(),
-                                      "comparison": {}}))
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "score_spam": {"batch_size": 32, "plot_split": "test", "seed": 123, "device": "cpu"},
+                "tokenizer": TOKENIZER.model_dump(),
+                "comparison": {},
+            }
+        )
+    )
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exc:
-        score_spam.main(["--params", str(params), "--model", str(workspace / "clf"), "--data", str(workspace / "data"),
-                         "--metrics", str(out / "spam.json"), "--headline", str(out / "headline.json"),
-                         "--plots", str(out), "--predictions", str(out / "predictions.csv")])
+        score_spam.main(
+            [
+                "--params",
+                str(params),
+                "--model",
+                str(workspace / "clf"),
+                "--data",
+                str(workspace / "data"),
+                "--metrics",
+                str(out / "spam.json"),
+                "--headline",
+                str(out / "headline.json"),
+                "--plots",
+                str(out),
+                "--predictions",
+                str(out / "predictions.csv"),
+            ]
+        )
     message = str(exc.value.code)
-    assert message.startswith(f"score_spam: error: MLflow tracking store sqlite:///{corrupt} (MLFLOW_TRACKING_URI) failed")
+    assert message.startswith(
+        f"score_spam: error: MLflow tracking store sqlite:///{corrupt} (MLFLOW_TRACKING_URI) failed"
+    )
     assert "\n" not in message and "Traceback" not in message
     assert not out.exists()  # nothing written, nothing complete-looking

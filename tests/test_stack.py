@@ -49,15 +49,21 @@ def logged_run(stack: Stack) -> dict:
 def s3_client(stack: Stack, secret: str | None = None):
     import boto3
 
-    return boto3.client("s3", endpoint_url=stack.env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                        aws_access_key_id=stack.env["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=secret or stack.env["AWS_SECRET_ACCESS_KEY"])
+    return boto3.client(
+        "s3",
+        endpoint_url=stack.env["AWS_ENDPOINT_URL"],
+        region_name="us-east-1",
+        aws_access_key_id=stack.env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=secret or stack.env["AWS_SECRET_ACCESS_KEY"],
+    )
 
 
 def test_up_starts_every_service_and_reports_how_long_it_took(stack: Stack) -> None:
     for service in ("postgres", "s3", "mlflow", "prefect"):
         assert re.search(rf"^{service}\s+\S+\s+started", stack.up_output, re.M), stack.up_output
-    assert re.search(r"^pool\s+llm-process  created: workers 2 online \(2 started\)", stack.up_output, re.M), stack.up_output
+    assert re.search(r"^pool\s+llm-process  created: workers 2 online \(2 started\)", stack.up_output, re.M), (
+        stack.up_output
+    )
     assert re.search(r"stack up in \d+\.\d s \(\d\d:\d\d:\d\d UTC\)", stack.up_output), stack.up_output
 
 
@@ -65,7 +71,9 @@ def test_env_prints_what_a_client_needs(stack: Stack) -> None:
     config = load_config(stack.dir)
     assert stack.env["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{config.ports['mlflow']}"
     assert stack.env["PREFECT_API_URL"] == f"http://127.0.0.1:{config.ports['prefect']}/api"
-    assert stack.env["AWS_ENDPOINT_URL"] == stack.env["MLFLOW_S3_ENDPOINT_URL"] == f"http://127.0.0.1:{config.ports['s3']}"
+    assert (
+        stack.env["AWS_ENDPOINT_URL"] == stack.env["MLFLOW_S3_ENDPOINT_URL"] == f"http://127.0.0.1:{config.ports['s3']}"
+    )
     assert stack.env["AWS_ACCESS_KEY_ID"] and stack.env["AWS_SECRET_ACCESS_KEY"]
     text = llm_stack(stack.dir, "env").stdout
     assert f"dvc remote modify --local stack endpointurl {stack.env['AWS_ENDPOINT_URL']}" in text
@@ -84,8 +92,11 @@ def test_postgres_holds_the_databases_under_the_stack_role(stack: Stack) -> None
     with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
         pg.connect(config, "llm", "not-the-password", "mlflow")
     postmaster = int((pg.data_dir(config) / "postmaster.pid").read_text().split()[0])
-    uid = int(next(line for line in Path(f"/proc/{postmaster}/status").read_text().splitlines()
-                   if line.startswith("Uid:")).split()[1])
+    uid = int(
+        next(
+            line for line in Path(f"/proc/{postmaster}/status").read_text().splitlines() if line.startswith("Uid:")
+        ).split()[1]
+    )
     # As root (CI), PostgreSQL runs as the unprivileged `nobody`; otherwise as the user who ran `up`.
     assert uid == (pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 else os.geteuid())
 
@@ -206,8 +217,9 @@ def test_down_then_up_keeps_the_runs_and_artifacts(stack: Stack, logged_run: dic
     client = mlflow.MlflowClient(tracking_uri=stack.env["MLFLOW_TRACKING_URI"])
     run = client.get_run(logged_run["run_id"])
     assert run.data.metrics["test_accuracy"] == 0.875
-    local = client.download_artifacts(logged_run["run_id"], "reports", str(Path(os.environ.get("TMPDIR", "/tmp"))
-                                                                               / f"dl-{logged_run['run_id']}"))
+    local = client.download_artifacts(
+        logged_run["run_id"], "reports", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"dl-{logged_run['run_id']}")
+    )
     assert (Path(local) / f"report-{logged_run['run_id']}.txt").read_text() == "the stack keeps this\n"
 
 

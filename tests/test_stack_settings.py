@@ -12,7 +12,9 @@ from stack.cli import build_parser, config_for_up
 from stack.settings import StackError, load_config, load_secrets
 
 
-def test_missing_secrets_are_generated_once_into_a_private_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_secrets_are_generated_once_into_a_private_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name in ("POSTGRES_PASSWORD", "POSTGRES_ADMIN_PASSWORD", "S3_ACCESS_KEY", "S3_SECRET_KEY"):
         monkeypatch.delenv(f"LLM_STACK_{name}", raising=False)
     monkeypatch.setenv("LLM_STACK_S3_SECRET_KEY", "from-the-environment")
@@ -33,7 +35,9 @@ def test_env_without_a_stack_is_one_line_naming_the_directory(tmp_path: Path, mo
         load_secrets(tmp_path)
 
 
-def test_ports_come_from_flags_then_environment_then_the_saved_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ports_come_from_flags_then_environment_then_the_saved_stack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("LLM_STACK_MLFLOW_PORT", "5055")
     args = build_parser("llm stack").parse_args(["up", "--s3-port", "0", "--workers", "3"])
     config = config_for_up(args, tmp_path)

@@ -34,15 +34,22 @@ def machine_env(stack: Stack, home: Path) -> dict[str, str]:
     """A second "machine": its own HOME and caches (so DVC's default local remote, under
     ~/.cache, is empty there), the stack's exports, the offline mirror."""
     home.mkdir(parents=True, exist_ok=True)
-    return stack.client_env(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), XDG_CONFIG_HOME=str(home / ".config"),
-                            LLMPIPE_MIRROR=str(MIRROR), LLMCORE_GPT2_ENCODING_DIR=str(MIRROR / "gpt2"),
-                            PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    return stack.client_env(
+        HOME=str(home),
+        XDG_CACHE_HOME=str(home / ".cache"),
+        XDG_CONFIG_HOME=str(home / ".config"),
+        LLMPIPE_MIRROR=str(MIRROR),
+        LLMCORE_GPT2_ENCODING_DIR=str(MIRROR / "gpt2"),
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+    )
 
 
 def sh(argv: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
     done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     if check and done.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(argv)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
     return done
 
 
@@ -65,8 +72,11 @@ def shared(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> dict:
     sh([*GIT, "commit", "-q", "-m", "baseline run"], repo_a, env_a)
     sh([*GIT, "remote", "add", "origin", str(origin)], repo_a, env_a)
     sh([*GIT, "push", "-q", "origin", "HEAD:refs/heads/main"], repo_a, env_a)
-    push = sh([sys.executable, "-c", f"from pipelines.experiments import push_outputs; print(push_outputs([{TARGET!r}]))"],
-              repo_a, env_a)
+    push = sh(
+        [sys.executable, "-c", f"from pipelines.experiments import push_outputs; print(push_outputs([{TARGET!r}]))"],
+        repo_a,
+        env_a,
+    )
     return {"root": root, "origin": origin, "a": repo_a, "env_a": env_a, "push": push.stdout}
 
 
@@ -82,9 +92,18 @@ def test_outputs_and_run_cache_go_to_the_stacks_bucket(stack: Stack, shared: dic
     import boto3
 
     assert "pushed" in shared["push"], shared["push"]
-    s3 = boto3.client("s3", endpoint_url=stack.env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                      aws_access_key_id=stack.env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=stack.env["AWS_SECRET_ACCESS_KEY"])
-    keys = [obj["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="dvc-store") for obj in page.get("Contents", [])]
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=stack.env["AWS_ENDPOINT_URL"],
+        region_name="us-east-1",
+        aws_access_key_id=stack.env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=stack.env["AWS_SECRET_ACCESS_KEY"],
+    )
+    keys = [
+        obj["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket="dvc-store")
+        for obj in page.get("Contents", [])
+    ]
     assert any(key.startswith("llm-pipeline/files/md5/") for key in keys), keys[:5]
     assert any(key.startswith("llm-pipeline/runs/") for key in keys), keys[:5]  # DVC's run cache
     config_local = (shared["a"] / ".dvc" / "config.local").read_text()
@@ -137,7 +156,9 @@ def test_mlflow_server_down_when_a_stage_starts(stack: Stack, shared: dict, wind
         llm_stack(stack.dir, "up")
     assert failed.returncode != 0
     line = next(line for line in failed.stderr.splitlines() if line.startswith("pretrain: error:"))
-    assert f"MLflow tracking server {stack.env['MLFLOW_TRACKING_URI']} (MLFLOW_TRACKING_URI) is not reachable" in line, line
+    assert (
+        f"MLflow tracking server {stack.env['MLFLOW_TRACKING_URI']} (MLFLOW_TRACKING_URI) is not reachable" in line
+    ), line
     assert not (windows / "models" / "pretrained").exists()
 
 
@@ -155,13 +176,20 @@ def test_postgres_down_when_a_stage_starts(stack: Stack, shared: dict, windows: 
         llm_stack(stack.dir, "up")
     assert failed.returncode != 0
     line = next(line for line in failed.stderr.splitlines() if line.startswith("pretrain: error:"))
-    assert f"MLflow tracking server {stack.env['MLFLOW_TRACKING_URI']}" in line and "backend store (PostgreSQL) failed" in line, line
+    assert (
+        f"MLflow tracking server {stack.env['MLFLOW_TRACKING_URI']}" in line
+        and "backend store (PostgreSQL) failed" in line
+    ), line
     assert not (windows / "models" / "pretrained").exists()
 
 
 def test_object_store_down_during_push_then_a_rerun_pushes(stack: Stack, shared: dict, windows: Path) -> None:
     config = load_config(stack.dir)
-    push = [sys.executable, "-c", "from pipelines.experiments import push_outputs; print(push_outputs(['build_windows']))"]
+    push = [
+        sys.executable,
+        "-c",
+        "from pipelines.experiments import push_outputs; print(push_outputs(['build_windows']))",
+    ]
     procs.terminate({"s3": procs.running_pid(config, "s3")})
     try:
         failed = sh(push, windows, shared["env_a"], check=False)

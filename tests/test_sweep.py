@@ -57,8 +57,18 @@ def test_a_sweep_runs_each_seed_as_an_experiment_and_reports_mean_and_sd(workspa
     calls = [json.loads(line) for line in (workspace / "dvc_calls.jsonl").read_text().splitlines()]
     runs = [c for c in calls if c["args"][:2] == ["exp", "run"]]
     assert [c["args"] for c in runs] == [
-        ["exp", "run", "-n", f"lr-2e-3-s{seed}", "-S", "finetune_classifier.lr=2e-3", "-S", f"finetune_classifier.seed={seed}"]
-        for seed in (123, 124, 125)]
+        [
+            "exp",
+            "run",
+            "-n",
+            f"lr-2e-3-s{seed}",
+            "-S",
+            "finetune_classifier.lr=2e-3",
+            "-S",
+            f"finetune_classifier.seed={seed}",
+        ]
+        for seed in (123, 124, 125)
+    ]
     assert {c["sweep"] for c in runs} == {"lr-2e-3"}
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("spam.test_accuracy "))
@@ -68,8 +78,9 @@ def test_a_sweep_runs_each_seed_as_an_experiment_and_reports_mean_and_sd(workspa
     assert (workspace / "params.yaml").read_text() == "finetune_classifier:\n  seed: 123\n  lr: 0.001\n"
     assert calls[-1]["args"] == ["checkout", "--quiet"]
     client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    summary = client.search_runs([client.get_experiment_by_name("spam-classifier").experiment_id],
-                                 "tags.stage = 'sweep'")
+    summary = client.search_runs(
+        [client.get_experiment_by_name("spam-classifier").experiment_id], "tags.stage = 'sweep'"
+    )
     assert len(summary) == 1 and summary[0].data.tags["sweep"] == "lr-2e-3"
     assert summary[0].data.metrics["spam.test_accuracy_mean"] == pytest.approx(0.95)
     assert summary[0].data.metrics["spam.test_accuracy_sd"] == pytest.approx(0.01)

@@ -54,18 +54,27 @@ def machine_env(stack: Stack, home: Path) -> dict[str, str]:
     """A "machine": its own HOME (git identity, DVC's global config with its own cache), the
     stack's exports, the offline mirror."""
     home.mkdir(parents=True, exist_ok=True)
-    env = stack.client_env(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), XDG_CONFIG_HOME=str(home / ".config"),
-                           LLMPIPE_MIRROR=str(MIRROR), LLMCORE_GPT2_ENCODING_DIR=str(MIRROR / "gpt2"),
-                           PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    env = stack.client_env(
+        HOME=str(home),
+        XDG_CACHE_HOME=str(home / ".cache"),
+        XDG_CONFIG_HOME=str(home / ".config"),
+        LLMPIPE_MIRROR=str(MIRROR),
+        LLMCORE_GPT2_ENCODING_DIR=str(MIRROR / "gpt2"),
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+    )
     (home / ".gitconfig").write_text(f"[user]\n\tname = {home.name}\n\temail = {home.name}@example.invalid\n")
     sh([sys.executable, "-m", "dvc", "config", "--global", "cache.dir", str(home / "dvc-cache")], home, env)
     return env
 
 
-def sh(argv: list[str], cwd: Path, env: dict[str, str], check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+def sh(
+    argv: list[str], cwd: Path, env: dict[str, str], check: bool = True, timeout: float = 600
+) -> subprocess.CompletedProcess:
     done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and done.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(argv)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
     return done
 
 
@@ -92,8 +101,23 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
     root = tmp_path_factory.mktemp("team")
     directory = Path(tempfile.mkdtemp(prefix="llm-stack-", dir="/tmp"))
     try:
-        up = llm_stack(directory, "up", "--postgres-port", "0", "--s3-port", "0", "--mlflow-port", "0", "--prefect-port", "0",
-                       "--workers", "0", "--workdir", str(REPO), "--offline")
+        up = llm_stack(
+            directory,
+            "up",
+            "--postgres-port",
+            "0",
+            "--s3-port",
+            "0",
+            "--mlflow-port",
+            "0",
+            "--prefect-port",
+            "0",
+            "--workers",
+            "0",
+            "--workdir",
+            str(REPO),
+            "--offline",
+        )
         stack = Stack(directory, up.stdout, parse_exports(llm_stack(directory, "env").stdout))
         origin = root / "origin.git"
         sh(["git", "init", "-q", "--bare", "-b", "main", str(origin)], root, stack.client_env())
@@ -102,8 +126,23 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
         for count, name in enumerate("ab", start=1):  # worker 1 on machine A, worker 2 on machine B
             sh(["git", "clone", "-q", str(origin), str(root / name)], root, envs[name])
             llm_stack(directory, "up", "--workers", str(count), "--workdir", str(root / name), env=envs[name])
-        deployed = sh([sys.executable, "-m", "pipelines.deploy", "--pool", POOL, "--flow", "spam", "--offline",
-                       "--source", str(origin)], root / "a", envs["a"], timeout=300)
+        deployed = sh(
+            [
+                sys.executable,
+                "-m",
+                "pipelines.deploy",
+                "--pool",
+                POOL,
+                "--flow",
+                "spam",
+                "--offline",
+                "--source",
+                str(origin),
+            ],
+            root / "a",
+            envs["a"],
+            timeout=300,
+        )
         yield Team(stack, root, origin, envs, deployed.stdout)
     finally:
         if (directory / "stack.json").exists():
@@ -117,8 +156,10 @@ def prefect_client(team: Team):
     from prefect import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings(updates={PREFECT_API_URL: team.stack.env["PREFECT_API_URL"]}), \
-            get_client(sync_client=True) as client:
+    with (
+        temporary_settings(updates={PREFECT_API_URL: team.stack.env["PREFECT_API_URL"]}),
+        get_client(sync_client=True) as client,
+    ):
         yield client
 
 
@@ -127,19 +168,26 @@ def runs(team: Team, prefect_client) -> list:
     """The two Custom runs, created at once through the API, waited for."""
     from tests.test_serve_deployment import create_run, wait_final
 
-    ids = [create_run(prefect_client, DEPLOYMENT, {"params": params, "experiment": name}) for name, params in RUNS.items()]
+    ids = [
+        create_run(prefect_client, DEPLOYMENT, {"params": params, "experiment": name}) for name, params in RUNS.items()
+    ]
     return wait_final(prefect_client, ids, team.stack.dir / "logs" / f"{POOL}-worker-2.log")
 
 
 def worker_logs(team: Team) -> str:
-    return "\n".join(path.read_text()[-3000:] for path in sorted((team.stack.dir / "logs").glob(f"{POOL}-worker-*.log")))
+    return "\n".join(
+        path.read_text()[-3000:] for path in sorted((team.stack.dir / "logs").glob(f"{POOL}-worker-*.log"))
+    )
 
 
 def test_two_api_runs_on_two_workers_run_at_once_and_complete(team: Team, runs: list) -> None:
-    assert f"code from {team.origin}" in team.deploy_output and "DVC_EXP_AUTO_PUSH" in team.deploy_output, team.deploy_output
+    assert f"code from {team.origin}" in team.deploy_output and "DVC_EXP_AUTO_PUSH" in team.deploy_output, (
+        team.deploy_output
+    )
     # A str message: pytest shortens any other object's repr, and with it the stage's error line.
     assert all(run.state.is_completed() for run in runs), "\n\n".join(
-        [f"{run.name}: {run.state.type.value}: {run.state.message}" for run in runs] + [worker_logs(team)])
+        [f"{run.name}: {run.state.type.value}: {run.state.message}" for run in runs] + [worker_logs(team)]
+    )
     first, second = runs
     assert first.start_time < second.end_time and second.start_time < first.end_time  # they ran at the same time
     # Each worker takes one run at a time (--limit 1): one run each, worker 1 on A, worker 2 on B.
@@ -164,7 +212,9 @@ def test_a_third_clone_sees_both_experiments_and_pulls_the_models(team: Team, ru
     sh(["git", "clone", "-q", str(team.origin), str(repo)], team.root, env)
     dvc("exp", "pull", "origin", *RUNS, cwd=repo, env=env)
     shown = json.loads(dvc("exp", "show", "--json", cwd=repo, env=env).stdout)
-    experiments = {exp["name"]: exp["revs"][0]["data"] for rev in shown for exp in rev.get("experiments") or [] if exp.get("name")}
+    experiments = {
+        exp["name"]: exp["revs"][0]["data"] for rev in shown for exp in rev.get("experiments") or [] if exp.get("name")
+    }
     for name, params in RUNS.items():
         assert name in experiments, sorted(experiments)
         data = experiments[name]
@@ -181,8 +231,9 @@ def test_a_third_clone_sees_both_experiments_and_pulls_the_models(team: Team, ru
     assert "up to date" in status.stdout, status.stdout
 
 
-def test_concurrent_promotions_on_the_stack_server_keep_the_right_champion(team: Team, tmp_path: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_concurrent_promotions_on_the_stack_server_keep_the_right_champion(
+    team: Team, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from tests.test_registry import race
 
     uri = team.stack.env["MLFLOW_TRACKING_URI"]
@@ -199,8 +250,12 @@ def test_llm_serve_serves_the_champion_from_the_server_registry(team: Team, runs
     uri = team.stack.env["MLFLOW_TRACKING_URI"]
     champion = mlflow.MlflowClient(tracking_uri=uri).get_model_version_by_alias("spam-classifier", "champion")
     env = {**team.envs["c"], "MLFLOW_TRACKING_URI": uri}
-    with serve_process("--model", "models:/spam-classifier@champion",  # the issue's command: served as the classifier
-                       encoding_dir=MIRROR / "gpt2", env=env) as url:
+    with serve_process(
+        "--model",
+        "models:/spam-classifier@champion",  # the issue's command: served as the classifier
+        encoding_dir=MIRROR / "gpt2",
+        env=env,
+    ) as url:
         models = httpx.get(f"{url}/v1/models", timeout=30).json()
         answer = httpx.post(f"{url}/v1/classify", json={"input": "WINNER! Claim your free prize now"}, timeout=60)
     assert answer.status_code == 200, answer.text

@@ -50,8 +50,11 @@ def test_missing_directory_from_environment_is_named(monkeypatch: pytest.MonkeyP
 def test_tampered_vocab_is_rejected_by_size(tmp_path: Path, gpt2_encoding_dir: Path) -> None:
     shutil.copy(gpt2_encoding_dir / "encoder.json", tmp_path / "encoder.json")
     (tmp_path / "vocab.bpe").write_text("#version: 0.2\nĠ t\n", encoding="utf-8")
-    with pytest.raises(TokenizerFilesError, match=rf"^{tmp_path / 'vocab.bpe'} is 19 bytes, GPT-2's vocab.bpe is "
-                                                  r"456,318 \(truncated or another file\): copy it again$"):
+    with pytest.raises(
+        TokenizerFilesError,
+        match=rf"^{tmp_path / 'vocab.bpe'} is 19 bytes, GPT-2's vocab.bpe is "
+        r"456,318 \(truncated or another file\): copy it again$",
+    ):
         get_tokenizer(tmp_path)
 
 
@@ -61,7 +64,9 @@ def test_a_truncated_or_altered_file_is_named_not_called_a_download(tmp_path: Pa
     (tmp_path / "vocab.bpe").write_bytes(data[: len(data) // 2])
     with pytest.raises(TokenizerFilesError) as caught:
         get_tokenizer(tmp_path)
-    assert str(caught.value).startswith(f"{tmp_path / 'vocab.bpe'} is 228,159 bytes") and "download" not in str(caught.value)
+    assert str(caught.value).startswith(f"{tmp_path / 'vocab.bpe'} is 228,159 bytes") and "download" not in str(
+        caught.value
+    )
     (tmp_path / "vocab.bpe").write_bytes(data[:-2] + b"xx")  # same size, other bytes
     from llmcore.tokenizer import _encoding_from_dir
 

@@ -72,15 +72,28 @@ def test_queued_experiments_log_into_the_checkouts_store(queue_repo: Path) -> No
     env["MLFLOW_TRACKING_URI"] = "sqlite:///mlflow.db"  # the default, spelled out: relative to the checkout
     # DVC's queue worker runs `dvc` found on PATH (as an activated venv has it), not this interpreter's module.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", "q-two", "-S", "x=2"], cwd=queue_repo,
-                   env=env, check=True, capture_output=True)
-    done = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "--run-all"], cwd=queue_repo, env=env,
-                          capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", "q-two", "-S", "x=2"],
+        cwd=queue_repo,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "run", "--run-all"],
+        cwd=queue_repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     with sqlite3.connect(queue_repo / "mlflow.db") as db:
-        rows = db.execute("SELECT e.name, e.artifact_location, r.name, r.artifact_uri FROM runs r "
-                          "JOIN experiments e ON r.experiment_id = e.experiment_id").fetchall()
+        rows = db.execute(
+            "SELECT e.name, e.artifact_location, r.name, r.artifact_uri FROM runs r "
+            "JOIN experiments e ON r.experiment_id = e.experiment_id"
+        ).fetchall()
     by_run = {run: (experiment, location, artifacts) for experiment, location, run, artifacts in rows}
     assert set(by_run) == {"q-two"}  # named after its DVC experiment, in the real store
     for experiment, location, artifacts in by_run.values():
@@ -89,4 +102,6 @@ def test_queued_experiments_log_into_the_checkouts_store(queue_repo: Path) -> No
         assert artifacts.startswith(location)
     logged = sorted(queue_repo.resolve().glob("mlruns/queue-test/*/artifacts/x.txt"))
     assert [path.read_text() for path in logged] == ["x=2"]
-    assert not (queue_repo / ".dvc" / "tmp" / "exps").exists() or not any((queue_repo / ".dvc" / "tmp" / "exps").rglob("mlflow.db"))
+    assert not (queue_repo / ".dvc" / "tmp" / "exps").exists() or not any(
+        (queue_repo / ".dvc" / "tmp" / "exps").rglob("mlflow.db")
+    )

@@ -33,13 +33,21 @@ def test_a_store_locked_midway_is_one_line_without_tracebacks(tmp_path: Path) ->
     db = tmp_path / "mlflow.db"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}", "PYTHONPATH": str(REPO)}
     env.pop("LLMPIPE_DEBUG", None)
-    done = subprocess.run([sys.executable, "-c", LOCKED_MIDWAY, str(db)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", LOCKED_MIDWAY, str(db)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 1
     assert "Traceback" not in done.stderr and "[SQL:" not in done.stderr, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"stage: error: MLflow tracking store sqlite:///{db} (MLFLOW_TRACKING_URI) failed: "
-                           "(sqlite3.OperationalError) database is locked; check that it is reachable")
+    assert last.startswith(
+        f"stage: error: MLflow tracking store sqlite:///{db} (MLFLOW_TRACKING_URI) failed: "
+        "(sqlite3.OperationalError) database is locked; check that it is reachable"
+    )
 
 
 @pytest.mark.parametrize("debug", ["", "1"])

@@ -27,8 +27,18 @@ from llmcore.train import (
 
 CFG = GPTConfig(vocab_size=32, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.1)
 # 2 epochs of 10 micro-batches of 2, accumulated in pairs: 5 optimizer steps per epoch.
-RESUME_CONFIG = TrainConfig(epochs=2, batch_size=2, lr=3e-3, grad_accum_steps=2, warmup_steps=2,
-                            eval_every=2, eval_batches=2, checkpoint_every=3, seed=7, progress=False)
+RESUME_CONFIG = TrainConfig(
+    epochs=2,
+    batch_size=2,
+    lr=3e-3,
+    grad_accum_steps=2,
+    warmup_steps=2,
+    eval_every=2,
+    eval_batches=2,
+    checkpoint_every=3,
+    seed=7,
+    progress=False,
+)
 
 
 def make_model(seed: int = 0, **overrides) -> GPTModel:
@@ -73,8 +83,9 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path: Path) -> Non
 
     resumed_model = make_model(seed=99)  # weights come from the saved state, not from this init
     resumed_log = Recorder()
-    resumed = train(resumed_model, train_data, val_data, RESUME_CONFIG, callbacks=[resumed_log],
-                    state_dir=tmp_path / "run")
+    resumed = train(
+        resumed_model, train_data, val_data, RESUME_CONFIG, callbacks=[resumed_log], state_dir=tmp_path / "run"
+    )
     assert [step for step, _ in resumed_log.steps] == [7, 8, 9, 10]
     assert full.step == resumed.step == 10 and full.tokens_seen == resumed.tokens_seen == 2 * 20 * 8
     for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
@@ -114,9 +125,11 @@ def test_a_planted_pickle_is_set_aside_in_our_words(tmp_path: Path) -> None:
     with pytest.warns(RuntimeWarning) as caught:
         train(make_model(), train_data, None, RESUME_CONFIG, state_dir=tmp_path)
     (message,) = [str(w.message) for w in caught if "cannot resume" in str(w.message)]
-    assert message.startswith(f"cannot resume from {tmp_path / 'train_state' / 'optimizer.pt'}: not a state this code "
-                              "wrote (it holds pickled objects beyond tensors and plain values, which are never "
-                              "unpickled); moved it to ")
+    assert message.startswith(
+        f"cannot resume from {tmp_path / 'train_state' / 'optimizer.pt'}: not a state this code "
+        "wrote (it holds pickled objects beyond tensors and plain values, which are never "
+        "unpickled); moved it to "
+    )
     assert "weights_only" not in message and "Re-running" not in message
 
 
@@ -155,8 +168,9 @@ def test_lr_schedule_warmup_then_cosine_to_min() -> None:
 
 
 def test_lr_used_by_each_step_follows_the_schedule() -> None:
-    config = TrainConfig(batch_size=2, lr=1e-3, warmup_steps=2, min_lr_ratio=0.2, eval_every=0,
-                         eval_batches=1, progress=False)
+    config = TrainConfig(
+        batch_size=2, lr=1e-3, warmup_steps=2, min_lr_ratio=0.2, eval_every=0, eval_batches=1, progress=False
+    )
     log = Recorder()
     train(make_model(), windows(12), None, config, callbacks=[log])  # 6 steps
     factor = lr_lambda(config, total_steps=6)
@@ -171,8 +185,9 @@ def test_grad_accumulation_matches_a_larger_batch() -> None:
     train(big, data, None, TrainConfig(batch_size=4, **common))
     train(accumulated, data, None, TrainConfig(batch_size=2, grad_accum_steps=2, **common))
     untrained = make_model(drop_rate=0.0)
-    for (name, a), b, before in zip(big.state_dict().items(), accumulated.state_dict().values(),
-                                    untrained.state_dict().values()):
+    for (name, a), b, before in zip(
+        big.state_dict().items(), accumulated.state_dict().values(), untrained.state_dict().values()
+    ):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
     assert not torch.equal(big.tok_emb.weight, untrained.tok_emb.weight)  # one step was taken
 
@@ -190,14 +205,16 @@ def test_weight_decay_only_on_matrices() -> None:
 
 def test_callbacks_see_losses_and_tokens(tmp_path: Path) -> None:
     log = Recorder()
-    config = TrainConfig(epochs=2, batch_size=2, grad_accum_steps=2, eval_every=2, eval_batches=1,
-                         checkpoint_every=0, progress=False)
+    config = TrainConfig(
+        epochs=2, batch_size=2, grad_accum_steps=2, eval_every=2, eval_batches=1, checkpoint_every=0, progress=False
+    )
 
     def accuracy(model, loader, max_batches):
         return {"acc": 0.5}
 
-    state = train(make_model(), windows(8), windows(4, seed=1), config, eval_fn=accuracy,
-                  callbacks=[log], state_dir=tmp_path)
+    state = train(
+        make_model(), windows(8), windows(4, seed=1), config, eval_fn=accuracy, callbacks=[log], state_dir=tmp_path
+    )
     tokens = [m["tokens_seen"] for _, m in log.steps]
     assert tokens == [2 * 2 * 8 * (i + 1) for i in range(4)]  # batch x accum x context per step
     assert log.evals == state.history and [e["step"] for e in log.evals] == [2, 4]
@@ -214,8 +231,9 @@ def test_loss_decreases_when_overfitting_a_tiny_corpus() -> None:
     data = SlidingWindowDataset(np.tile(np.arange(9), 8), max_length=8, stride=8)  # 8 windows, one pattern
     model = make_model(drop_rate=0.0)
     before = evaluate_loss(model, DataLoader(data, batch_size=4), next_token_loss)
-    config = TrainConfig(epochs=20, batch_size=4, lr=1e-2, eval_every=0, eval_batches=None,
-                         progress=False, weight_decay=0.0)
+    config = TrainConfig(
+        epochs=20, batch_size=4, lr=1e-2, eval_every=0, eval_batches=None, progress=False, weight_decay=0.0
+    )
     state = train(model, data, data, config)
     after = state.history[-1]["train_loss"]
     assert before > 3.0 and after < 1.0, (before, after)  # ln(32) = 3.47: from chance towards memorised
@@ -229,8 +247,17 @@ def test_too_little_data_for_one_batch_is_a_clear_error() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [{"epochs": 0}, {"grad_accum_steps": 0}, {"lr": 0.0}, {"warmup_steps": -1}, {"min_lr_ratio": 1.5},
-     {"schedule": "linear"}, {"eval_every": -1}, {"checkpoint_every": -2}, {"eval_batches": 0}],
+    [
+        {"epochs": 0},
+        {"grad_accum_steps": 0},
+        {"lr": 0.0},
+        {"warmup_steps": -1},
+        {"min_lr_ratio": 1.5},
+        {"schedule": "linear"},
+        {"eval_every": -1},
+        {"checkpoint_every": -2},
+        {"eval_batches": 0},
+    ],
 )
 def test_invalid_train_config_is_refused(bad: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
@@ -245,8 +272,16 @@ class StopAtEval(TrainCallback):
 def test_resume_between_last_step_and_epoch_end_with_partial_batch(tmp_path: Path) -> None:
     # 9 samples in batches of 2: the epoch's last batch is partial, and the state saved after its
     # step resumes at sample 10 of 9. Interrupted at the epoch-end evaluation, it must still finish.
-    config = TrainConfig(epochs=2, batch_size=2, drop_last=False, eval_every=0, eval_batches=1,
-                         checkpoint_every=5, seed=3, progress=False)
+    config = TrainConfig(
+        epochs=2,
+        batch_size=2,
+        drop_last=False,
+        eval_every=0,
+        eval_batches=1,
+        checkpoint_every=5,
+        seed=3,
+        progress=False,
+    )
     full_model = make_model()
     full = train(full_model, windows(9), None, config, state_dir=tmp_path / "full")
     with pytest.raises(KeyboardInterrupt):

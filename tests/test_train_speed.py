@@ -26,8 +26,18 @@ from tests.trainer_params import trainer_params
 
 CFG = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
 # 2 epochs of 6 micro-batches of 2, accumulated in pairs: 3 optimizer steps per epoch.
-CONFIG = TrainConfig(epochs=2, batch_size=2, grad_accum_steps=2, lr=3e-3, warmup_steps=1, eval_every=2,
-                     eval_batches=2, checkpoint_every=2, seed=7, progress=False)
+CONFIG = TrainConfig(
+    epochs=2,
+    batch_size=2,
+    grad_accum_steps=2,
+    lr=3e-3,
+    warmup_steps=1,
+    eval_every=2,
+    eval_batches=2,
+    checkpoint_every=2,
+    seed=7,
+    progress=False,
+)
 
 
 def make_model(seed: int = 0, **overrides) -> GPTModel:
@@ -94,8 +104,13 @@ def test_fp16_steps_the_grad_scaler_skips_are_counted(monkeypatch: pytest.Monkey
     (the weights never move), and the count reaches the step metrics and the final state."""
     from llmcore import precision as amp
 
-    monkeypatch.setattr(amp, "grad_scaler", lambda precision, device: torch.amp.GradScaler(
-        device.type, init_scale=2.0 ** 60, enabled=precision == "fp16-mixed"))
+    monkeypatch.setattr(
+        amp,
+        "grad_scaler",
+        lambda precision, device: torch.amp.GradScaler(
+            device.type, init_scale=2.0**60, enabled=precision == "fp16-mixed"
+        ),
+    )
     start = make_model().state_dict()
     model, state, log = run(dataclasses.replace(CONFIG, precision="fp16-mixed", grad_clip=None))
     assert state.skipped_steps == state.step == 6
@@ -175,9 +190,17 @@ def test_classifier_loop_under_bf16_and_under_compile() -> None:
 
 def test_every_trainers_params_carry_precision_and_compile() -> None:
     switches = {"precision": "bf16-mixed", "compile": True}
-    configs = [trainer_params(PretrainParams, **switches).train_config(), trainer_params(FinetuneClassifierParams, **switches).train_config(),
-               trainer_params(FinetuneInstructParams, **switches).train_config()]
+    configs = [
+        trainer_params(PretrainParams, **switches).train_config(),
+        trainer_params(FinetuneClassifierParams, **switches).train_config(),
+        trainer_params(FinetuneInstructParams, **switches).train_config(),
+    ]
     assert all((c.precision, c.compile) == ("bf16-mixed", True) for c in configs)
-    assert (trainer_params(PretrainParams).precision, trainer_params(PretrainParams).compile) == ("fp32", False)  # the CPU defaults
-    model = trainer_params(PretrainParams, model={"preset": "cpu-tiny", "pad_vocab_to_multiple": 64}).model.gpt_config(context_length=256)
+    assert (trainer_params(PretrainParams).precision, trainer_params(PretrainParams).compile) == (
+        "fp32",
+        False,
+    )  # the CPU defaults
+    model = trainer_params(PretrainParams, model={"preset": "cpu-tiny", "pad_vocab_to_multiple": 64}).model.gpt_config(
+        context_length=256
+    )
     assert model.padded_vocab_size == 50304

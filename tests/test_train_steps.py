@@ -45,11 +45,25 @@ CONTEXT = 16
 pytestmark = pytest.mark.skipif(not MIRROR.is_dir(), reason=f"offline mirror {MIRROR} not found")
 
 TINY = {
-    "model": {"preset": "cpu-tiny", "emb_dim": 32, "n_heads": 2, "n_layers": 1,
-              "drop_rate": 0.1},  # dropout on: resuming must also replay the dropout masks
-    "lr": 1e-2, "warmup_steps": 2, "schedule": "cosine", "grad_clip": 1.0,
-    "epochs": 2, "batch_size": 4, "eval_every": 2, "eval_batches": None, "checkpoint_every": 2,
-    "seed": 7, "device": "cpu", "sample": {"prompt": "Every effort moves you", "max_new_tokens": 5},
+    "model": {
+        "preset": "cpu-tiny",
+        "emb_dim": 32,
+        "n_heads": 2,
+        "n_layers": 1,
+        "drop_rate": 0.1,
+    },  # dropout on: resuming must also replay the dropout masks
+    "lr": 1e-2,
+    "warmup_steps": 2,
+    "schedule": "cosine",
+    "grad_clip": 1.0,
+    "epochs": 2,
+    "batch_size": 4,
+    "eval_every": 2,
+    "eval_batches": None,
+    "checkpoint_every": 2,
+    "seed": 7,
+    "device": "cpu",
+    "sample": {"prompt": "Every effort moves you", "max_new_tokens": 5},
 }
 
 
@@ -65,8 +79,12 @@ def workspace(tmp_path_factory: pytest.TempPathFactory):
     writer.write(np.random.default_rng(0).integers(0, 50257, 322, dtype=np.uint16))
     writer.commit(1, {})
     writer.finish(root / "tokens", {"vocab_size": 50257})
-    meta = build_windows(root / "tokens", root / "windows", root / "windows.json",
-                         WindowParams(context_length=CONTEXT, stride=CONTEXT, train_ratio=0.8))
+    meta = build_windows(
+        root / "tokens",
+        root / "windows",
+        root / "windows.json",
+        WindowParams(context_length=CONTEXT, stride=CONTEXT, train_ratio=0.8),
+    )
     assert (meta["n_train_windows"], meta["n_val_windows"]) == (16, 4)  # 4 training steps per epoch
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
@@ -79,8 +97,14 @@ def workspace(tmp_path_factory: pytest.TempPathFactory):
 
 
 def paths_in(root: Path) -> PretrainPaths:
-    return PretrainPaths(windows=root.parent / "windows", model_out=root / "model", metrics=root / "metrics.json",
-                         history_csv=root / "loss.csv", loss_plot=root / "loss.png", state_dir=root / "state")
+    return PretrainPaths(
+        windows=root.parent / "windows",
+        model_out=root / "model",
+        metrics=root / "metrics.json",
+        history_csv=root / "loss.csv",
+        loss_plot=root / "loss.png",
+        state_dir=root / "state",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +164,10 @@ def test_pretrain_mlflow_run_holds_params_curves_samples_plot_and_a_loadable_gen
     assert len(client.get_metric_history(run.info.run_id, "throughput_tokens_per_s")) == 4
     # What it was trained on: the windows' definition and the token shards' index, with their DVC hash (md5).
     inputs = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
-    assert inputs == {f"{name}/meta.json": file_digest(paths.windows.parent / name / "meta.json", "md5")
-                      for name in ("windows", "tokens")}
+    assert inputs == {
+        f"{name}/meta.json": file_digest(paths.windows.parent / name / "meta.json", "md5")
+        for name in ("windows", "tokens")
+    }
     # The weights it wrote are findable from the model directory, and registered as @candidate.
     assert run.data.tags["model_md5"] == file_digest(paths.model_out / "model.safetensors", "md5")
     candidate = client.get_model_version_by_alias("pretrained-gpt", "candidate")
@@ -185,7 +211,10 @@ def test_interrupted_pretraining_resumes_to_the_same_weights_and_metrics(workspa
     deterministic = ("train_loss", "val_loss", "steps", "tokens_seen", "parameters")
     assert {k: metrics[k] for k in deterministic} == {k: reference[k] for k in deterministic}
     assert paths.history_csv.read_text() == reference_paths.history_csv.read_text()
-    weights, expected = load_file(paths.model_out / "model.safetensors"), load_file(reference_paths.model_out / "model.safetensors")
+    weights, expected = (
+        load_file(paths.model_out / "model.safetensors"),
+        load_file(reference_paths.model_out / "model.safetensors"),
+    )
     assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in weights)
     assert not paths.state_dir.exists()
     run = last_run("pretrain")
@@ -197,15 +226,20 @@ def test_interrupted_pretraining_resumes_to_the_same_weights_and_metrics(workspa
 def test_random_offset_windows_pretrain_and_resume_exactly(workspace: Path) -> None:
     random = WindowParams(context_length=CONTEXT, stride=CONTEXT, train_ratio=0.8, sampling="random", random_windows=12)
     build_windows(workspace / "tokens", workspace / "random_windows", workspace / "random.json", random)
-    reference_paths, paths = (dataclasses.replace(paths_in(workspace / name), windows=workspace / "random_windows")
-                              for name in ("random", "random_resumed"))
+    reference_paths, paths = (
+        dataclasses.replace(paths_in(workspace / name), windows=workspace / "random_windows")
+        for name in ("random", "random_resumed")
+    )
     reference = pretrain(tiny_params(), reference_paths, TOKENIZER, progress=False)
     assert reference["steps"] == 6  # 12 windows at random offsets per epoch, batches of 4, 2 epochs
     with pytest.raises(Interrupt):
         pretrain(tiny_params(), paths, TOKENIZER, callbacks=(InterruptAtStep(5),), progress=False)
     resumed = pretrain(tiny_params(), paths, TOKENIZER, progress=False)
     assert (resumed["train_loss"], resumed["val_loss"]) == (reference["train_loss"], reference["val_loss"])
-    weights, expected = load_file(paths.model_out / "model.safetensors"), load_file(reference_paths.model_out / "model.safetensors")
+    weights, expected = (
+        load_file(paths.model_out / "model.safetensors"),
+        load_file(reference_paths.model_out / "model.safetensors"),
+    )
     assert all(torch.equal(weights[k], expected[k]) for k in expected)
 
 
@@ -220,8 +254,9 @@ def test_a_saved_state_with_other_settings_is_not_resumed(workspace: Path, pretr
 
 def test_the_context_length_is_stated_once_by_the_windows() -> None:
     with pytest.raises(ParamsError, match=r"pretrain\.model\.context_length: Extra inputs are not permitted"):
-        validate_section({"pretrain": {**TINY, "model": {**TINY["model"], "context_length": 32}}}, "pretrain",
-                         PretrainParams)
+        validate_section(
+            {"pretrain": {**TINY, "model": {**TINY["model"], "context_length": 32}}}, "pretrain", PretrainParams
+        )
 
 
 def test_pretrain_params_name_the_bad_key() -> None:
@@ -236,18 +271,33 @@ def test_pretrain_params_name_the_bad_key() -> None:
 
 def test_evaluate_scores_whole_splits_and_generates_reproducibly(workspace: Path, pretrained) -> None:
     paths, trained = pretrained
-    params = evaluate_step.EvaluateParams.model_validate({
-        "batch_size": 3, "device": "cpu",
-        "generation": {"prompts": ["Every effort moves you", "I"], "max_new_tokens": 5, "temperature": 1.0,
-                       "top_k": 20, "seed": 5},
-    })
+    params = evaluate_step.EvaluateParams.model_validate(
+        {
+            "batch_size": 3,
+            "device": "cpu",
+            "generation": {
+                "prompts": ["Every effort moves you", "I"],
+                "max_new_tokens": 5,
+                "temperature": 1.0,
+                "top_k": 20,
+                "seed": 5,
+            },
+        }
+    )
     out = workspace / "eval"
 
     def run(name: str) -> dict:
-        return evaluate_step.evaluate(params, model_dir=paths.model_out, windows_dir=paths.windows,
-                                      metrics_out=out / "metrics.json", headline_out=out / "headline.json",
-                                      position_csv=out / "position.csv", windows_out=out / "windows.csv",
-                                      generations_out=out / name, tokenizer_params=TOKENIZER)
+        return evaluate_step.evaluate(
+            params,
+            model_dir=paths.model_out,
+            windows_dir=paths.windows,
+            metrics_out=out / "metrics.json",
+            headline_out=out / "headline.json",
+            position_csv=out / "position.csv",
+            windows_out=out / "windows.csv",
+            generations_out=out / name,
+            tokenizer_params=TOKENIZER,
+        )
 
     metrics = run("generations.json")
     # The training loop's last evaluation covered the whole val split in batches of 4: the same mean.
@@ -265,11 +315,14 @@ def test_evaluate_scores_whole_splits_and_generates_reproducibly(workspace: Path
     assert json.loads((out / "again.json").read_text()) == generations  # fixed seed
     val = metrics["val"]
     assert json.loads((out / "headline.json").read_text()) == {
-        f"val_{k}": val[k] for k in ("loss", "loss_ci_low", "loss_ci_high", "perplexity", "perplexity_ci_low",
-                                     "perplexity_ci_high")}
+        f"val_{k}": val[k]
+        for k in ("loss", "loss_ci_low", "loss_ci_high", "perplexity", "perplexity_ci_low", "perplexity_ci_high")
+    }
     # The interval is the t interval over the 4 val windows, whose losses are kept per window.
     windows = pd.read_csv(out / "windows.csv")
-    assert val["windows"] == 4 and windows.query("split == 'val'")["loss"].mean() == pytest.approx(val["loss"], rel=1e-5)
+    assert val["windows"] == 4 and windows.query("split == 'val'")["loss"].mean() == pytest.approx(
+        val["loss"], rel=1e-5
+    )
     assert val["loss_ci_low"] < val["loss"] < val["loss_ci_high"]
     assert val["perplexity_ci_low"] == pytest.approx(math.exp(val["loss_ci_low"]))
     # The scores land in the run that trained these weights, beside its params.
@@ -308,8 +361,9 @@ def test_unavailable_gpt2_writes_a_not_loaded_status_unless_required(workspace: 
     assert "WARNING" in capsys.readouterr().err
 
     params_file = workspace / "params-required.yaml"
-    params_file.write_text(yaml.safe_dump({"load_gpt2": {"source": missing, "required": True},
-                                           "tokenizer": TOKENIZER.model_dump()}))
+    params_file.write_text(
+        yaml.safe_dump({"load_gpt2": {"source": missing, "required": True}, "tokenizer": TOKENIZER.model_dump()})
+    )
     with pytest.raises(SystemExit) as exited:
         load_gpt2_step.main(["--params", str(params_file), "--out", str(workspace / "gpt2-required")])
     assert str(exited.value).startswith("load_gpt2: error:") and "load_gpt2.source" in str(exited.value)

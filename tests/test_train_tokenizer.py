@@ -108,5 +108,9 @@ def test_pretrain_sizes_the_vocabulary_from_a_trained_tokenizer(trained, tokeniz
     assert vocab_for(preset, tokenizer, None) == preset  # GPT-2's BPE: the book's 50,257 rows
     ours = vocab_for(preset, encoding, None)
     assert (ours.vocab_size, ours.padded_vocab_size) == (2048, 2048)
-    assert vocab_for(preset, to_tiktoken(train_bpe(["one two three " * 50], 300, "gpt2", SPECIALS), "gpt2"),
-                     None).padded_vocab_size == 320
+    assert (
+        vocab_for(
+            preset, to_tiktoken(train_bpe(["one two three " * 50], 300, "gpt2", SPECIALS), "gpt2"), None
+        ).padded_vocab_size
+        == 320
+    )

@@ -50,7 +50,9 @@ def tokenizer_metrics(repo: Path) -> dict[str, dict]:
 MODEL_DIRS = ("pretrained", "adapted", "spam_classifier", "instruct", "preference")
 
 
-def test_the_whole_pipeline_on_a_trained_vocabulary_and_generate_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_the_whole_pipeline_on_a_trained_vocabulary_and_generate_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     monkeypatch.setenv("LLMPIPE_MIRROR", str(MIRROR))
     monkeypatch.setenv("LLMCORE_GPT2_ENCODING_DIR", str(MIRROR / "gpt2"))  # the baseline's and the report's GPT-2
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -71,8 +73,20 @@ def test_the_whole_pipeline_on_a_trained_vocabulary_and_generate_offline(tmp_pat
     subprocess.run([*GIT, "add", "-A"], cwd=repo, check=True)
     subprocess.run([*GIT, "commit", "-q", "-m", "baseline on GPT-2's BPE"], cwd=repo, check=True)
 
-    log = dvc(repo, "exp", "run", "-n", "bpe1k", "-S", "tokenizer.source=trained", "-S", "train_tokenizer.vocab_size=1024",
-              "score_spam", "score_instructions", "score_preference")
+    log = dvc(
+        repo,
+        "exp",
+        "run",
+        "-n",
+        "bpe1k",
+        "-S",
+        "tokenizer.source=trained",
+        "-S",
+        "train_tokenizer.vocab_size=1024",
+        "score_spam",
+        "score_instructions",
+        "score_preference",
+    )
     assert "train_tokenizer: trained -> models/tokenizer" in log
     shown = tokenizer_metrics(repo)
     ours, gpt2 = shown["bpe1k"], shown["baseline"]
@@ -89,7 +103,9 @@ def test_the_whole_pipeline_on_a_trained_vocabulary_and_generate_offline(tmp_pat
         assert {"bpe.tiktoken", "encoding.json"} <= files and "encoder.json" not in files, name
     spam = json.loads((repo / "metrics/spam.json").read_text())
     assert 0 <= spam["test_accuracy"] <= 1
-    instructions = json.loads((repo / "reports/instructions.json").read_text())  # closing target: the trained <|endoftext|>
+    instructions = json.loads(
+        (repo / "reports/instructions.json").read_text()
+    )  # closing target: the trained <|endoftext|>
     assert instructions["response_tokens"] > 0 and math.isfinite(instructions["response_loss"])
     preference = json.loads((repo / "metrics/preference.json").read_text())
     assert all(0 <= preference[model]["test_preference_accuracy"] <= 1 for model in ("sft", "dpo"))
@@ -97,7 +113,24 @@ def test_the_whole_pipeline_on_a_trained_vocabulary_and_generate_offline(tmp_pat
     # Offline and without GPT-2's files: the model directory's own encoding is all llm needs.
     env = {k: v for k, v in os.environ.items() if k != "LLMCORE_GPT2_ENCODING_DIR"}
     env |= {"TIKTOKEN_CACHE_DIR": str(tmp_path / "empty-cache"), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "cli.llm", "generate", "ROMEO:", "--model", str(repo / "models/instruct"),
-                           "--max-new-tokens", "20", "--seed", "1"], cwd=repo, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli.llm",
+            "generate",
+            "ROMEO:",
+            "--model",
+            str(repo / "models/instruct"),
+            "--max-new-tokens",
+            "20",
+            "--seed",
+            "1",
+        ],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("ROMEO:") and len(done.stdout.strip()) > len("ROMEO:")

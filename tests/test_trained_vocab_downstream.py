@@ -20,10 +20,14 @@ from llmcore.instruct import (
 from llmcore.model import GPTModel
 from llmcore.tokenizer import ENDOFTEXT_ID, eot_id
 
-TEXT = ("Below is an instruction that describes a task. Write a response that appropriately completes the request. "
-        "Name a primary color. Red. Convert 45 kilometers to meters. 45 kilometers is 45000 meters. ") * 20
-ENTRIES = [{"instruction": "Name a primary color.", "input": "", "output": "Red."},
-           {"instruction": "Convert 45 kilometers to meters.", "input": "", "output": "45 kilometers is 45000 meters."}]
+TEXT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request. "
+    "Name a primary color. Red. Convert 45 kilometers to meters. 45 kilometers is 45000 meters. "
+) * 20
+ENTRIES = [
+    {"instruction": "Name a primary color.", "input": "", "output": "Red."},
+    {"instruction": "Convert 45 kilometers to meters.", "input": "", "output": "45 kilometers is 45000 meters."},
+]
 
 
 def small_encoding():
@@ -46,8 +50,8 @@ def test_response_loss_scores_the_closing_endoftext_of_a_trained_vocabulary():
     assert [n for _, n in losses] == [len(e.token_ids) - e.prompt_length + 1 for e in examples]  # + <|endoftext|>
     ex = examples[0]
     ids = torch.tensor([ex.token_ids + [eot]])
-    logits = model(ids[:, :-1])[0, ex.prompt_length - 1:]
-    by_hand = F.cross_entropy(logits, ids[0, ex.prompt_length:], reduction="sum")
+    logits = model(ids[:, :-1])[0, ex.prompt_length - 1 :]
+    by_hand = F.cross_entropy(logits, ids[0, ex.prompt_length :], reduction="sum")
     assert abs(losses[0][0] - by_hand.item()) < 1e-4
     loss, count = response_loss(model, examples, batch_size=1, pad_id=eot)
     assert count == sum(n for _, n in losses) and abs(loss - sum(s for s, _ in losses) / count) < 1e-5

@@ -29,7 +29,7 @@ def hf_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
     for _ in range(n):
         next_id = hf_model(idx).logits[:, -1].argmax(-1, keepdim=True)
         idx = torch.cat([idx, next_id], dim=1)
-    return idx[0, len(prompt):].tolist()
+    return idx[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -52,8 +52,14 @@ def test_checkpoint_generated_by_transformers_generate(make_hf_gpt2) -> None:
     model = load_gpt2(directory)
     prompt = torch.tensor([[5, 17, 300, 2]])
     # No eos: transformers would stop there (or, with min_new_tokens, suppress it) but generate() here won't.
-    out = hf_model.generate(prompt, do_sample=False, max_new_tokens=8, eos_token_id=None,
-                            attention_mask=torch.ones_like(prompt), pad_token_id=0)
+    out = hf_model.generate(
+        prompt,
+        do_sample=False,
+        max_new_tokens=8,
+        eos_token_id=None,
+        attention_mask=torch.ones_like(prompt),
+        pad_token_id=0,
+    )
     assert out.shape == (1, 12)
     assert generate(model, prompt, 8) == [out[0, 4:].tolist()]
 
@@ -107,10 +113,13 @@ def test_unsupported_inner_size_is_refused(make_hf_gpt2) -> None:
         load_gpt2(directory)
 
 
-@pytest.mark.parametrize(("source", "repo_id"), [("gpt2-small", "openai-community/gpt2"),
-                                                ("openai-community/gpt2-medium", "openai-community/gpt2-medium")])
-def test_hub_unreachable_says_how_to_use_a_local_directory(monkeypatch: pytest.MonkeyPatch, source: str,
-                                                           repo_id: str) -> None:
+@pytest.mark.parametrize(
+    ("source", "repo_id"),
+    [("gpt2-small", "openai-community/gpt2"), ("openai-community/gpt2-medium", "openai-community/gpt2-medium")],
+)
+def test_hub_unreachable_says_how_to_use_a_local_directory(
+    monkeypatch: pytest.MonkeyPatch, source: str, repo_id: str
+) -> None:
     requested = []
 
     def offline(repo_id, **kwargs):

@@ -138,7 +138,10 @@ def test_windows_over_shards_equal_windows_over_the_concatenation() -> None:
     whole = np.arange(1000, dtype=np.uint16) * 7
     shards = TokenShards([whole[:333], whole[333:334], whole[334:700], whole[700:]])
     for length, stride in ((16, 16), (16, 5), (4, 1)):
-        over_shards, over_array = SlidingWindowDataset(shards, length, stride), SlidingWindowDataset(whole, length, stride)
+        over_shards, over_array = (
+            SlidingWindowDataset(shards, length, stride),
+            SlidingWindowDataset(whole, length, stride),
+        )
         assert len(over_shards) == len(over_array)
         for i in range(len(over_array)):
             assert all(torch.equal(a, b) for a, b in zip(over_shards[i], over_array[i]))
@@ -152,7 +155,9 @@ def test_random_windows_are_seeded_in_range_and_the_same_when_asked_again() -> N
     assert all(0 <= o <= 500 - 17 for o in offsets) and len(set(offsets)) > 150  # not the stride grid
     assert any(o % 16 for o in offsets)
     x, y = data[7]
-    assert x.tolist() == list(range(offsets[7], offsets[7] + 16)) and y.tolist() == list(range(offsets[7] + 1, offsets[7] + 17))
+    assert x.tolist() == list(range(offsets[7], offsets[7] + 16)) and y.tolist() == list(
+        range(offsets[7] + 1, offsets[7] + 17)
+    )
     again = RandomWindowDataset(tokens, max_length=16, n_samples=200, seed=3)
     assert [again.offset(i) for i in range(200)] == offsets  # a function of (seed, index): resume replays it
     assert [RandomWindowDataset(tokens, 16, 200, seed=4).offset(i) for i in range(200)] != offsets

@@ -11,9 +11,23 @@ from llmpipe.training import TrainParams
 P = TypeVar("P", bound=TrainParams)
 
 TEST_TRAINING: dict[str, Any] = {
-    "epochs": 1, "batch_size": 8, "grad_accum_steps": 1, "lr": 5e-5, "min_lr_ratio": 0.1, "weight_decay": 0.1,
-    "betas": [0.9, 0.999], "schedule": "constant", "warmup_steps": 0, "grad_clip": None, "eval_every": 5,
-    "eval_batches": 5, "checkpoint_every": 0, "seed": 123, "device": "auto", "precision": "fp32", "compile": False,
+    "epochs": 1,
+    "batch_size": 8,
+    "grad_accum_steps": 1,
+    "lr": 5e-5,
+    "min_lr_ratio": 0.1,
+    "weight_decay": 0.1,
+    "betas": [0.9, 0.999],
+    "schedule": "constant",
+    "warmup_steps": 0,
+    "grad_clip": None,
+    "eval_every": 5,
+    "eval_batches": 5,
+    "checkpoint_every": 0,
+    "seed": 123,
+    "device": "auto",
+    "precision": "fp32",
+    "compile": False,
 }
 
 

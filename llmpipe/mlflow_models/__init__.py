@@ -51,12 +51,14 @@ def generation_param_schema(max_new_tokens: int):
     """The per-call generation options of the text pyfuncs (generator.py, instruct.py)."""
     from mlflow.types import ParamSchema, ParamSpec
 
-    return ParamSchema([
-        ParamSpec("max_new_tokens", "long", max_new_tokens),
-        ParamSpec("temperature", "double", 0.0),
-        ParamSpec("top_k", "long", 0),
-        ParamSpec("seed", "long", 123),
-    ])
+    return ParamSchema(
+        [
+            ParamSpec("max_new_tokens", "long", max_new_tokens),
+            ParamSpec("temperature", "double", 0.0),
+            ParamSpec("top_k", "long", 0),
+            ParamSpec("seed", "long", 123),
+        ]
+    )
 
 
 def generator_signature():

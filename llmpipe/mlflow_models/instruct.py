@@ -36,12 +36,20 @@ class InstructionModel(PythonModel):
         if "instruction" not in model_input.columns:
             raise ValueError(f"instruction model input needs an 'instruction' column, got {list(model_input.columns)}")
         inputs = model_input["input"] if "input" in model_input.columns else [""] * len(model_input)
-        entries = [{"instruction": str(i), "input": "" if pd.isna(x) else str(x)}
-                   for i, x in zip(model_input["instruction"], inputs)]
+        entries = [
+            {"instruction": str(i), "input": "" if pd.isna(x) else str(x)}
+            for i, x in zip(model_input["instruction"], inputs)
+        ]
         options = {**DEFAULT_PARAMS, **(params or {})}
         answers = generate_responses(
-            self.model, self.tokenizer, entries, max_new_tokens=int(options["max_new_tokens"]), style=self.style,
-            temperature=float(options["temperature"]), top_k=int(options["top_k"]) or None, seed=int(options["seed"]),
+            self.model,
+            self.tokenizer,
+            entries,
+            max_new_tokens=int(options["max_new_tokens"]),
+            style=self.style,
+            temperature=float(options["temperature"]),
+            top_k=int(options["top_k"]) or None,
+            seed=int(options["seed"]),
         )
         return pd.DataFrame({"response": answers})
 

@@ -110,7 +110,9 @@ def corpus_files(root: Path, include: Iterable[str] = (), skipped: list[Skipped]
                     skipped.append(Skipped(path.as_posix(), reason))
                     warnings.warn(f"corpus: skipped {path}: {reason}", RuntimeWarning, stacklevel=2)
             if not matches:
-                what = f"glob {pattern!r} matches no readable file under" if include else "no readable files in directory"
+                what = (
+                    f"glob {pattern!r} matches no readable file under" if include else "no readable files in directory"
+                )
                 raise DataError(f"corpus: {what} {root}" + (f" ({len(skipped)} skipped)" if skipped else ""))
             files += [p for p in matches if p not in files]
     else:

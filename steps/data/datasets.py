@@ -31,7 +31,7 @@ def read_labels(data_dir: Path) -> list[str]:
     try:
         labels = json.loads(read_text(path))["labels"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{path}: expected {{\"labels\": [names...]}}: {exc}") from exc
+        raise DataError(f'{path}: expected {{"labels": [names...]}}: {exc}') from exc
     if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
         raise DataError(f"{path}: labels must be a list of at least two names, got {labels!r}")
     return labels
@@ -60,8 +60,9 @@ def read_spam_split(path: Path, n_classes: int = 2) -> pd.DataFrame:
     bad = ~df["Label"].isin(list(range(n_classes)))
     if bad.any():
         row = int(bad.idxmax())
-        raise DataError(f"{path} row {row + 1}: Label must be a class id in [0, {n_classes}), "
-                        f"got {df['Label'].tolist()[row]!r}")
+        raise DataError(
+            f"{path} row {row + 1}: Label must be a class id in [0, {n_classes}), got {df['Label'].tolist()[row]!r}"
+        )
     if df.empty:
         raise DataError(f"{path}: no rows")
     return df
@@ -112,8 +113,12 @@ def _one_completion(value: object) -> object:
     """A chat completion given as ``[{"role": "assistant", "content": ...}]`` becomes its text."""
     if not isinstance(value, list):
         return value
-    if len(value) == 1 and isinstance(value[0], dict) and set(value[0]) == {"role", "content"} \
-            and value[0]["role"] == "assistant":
+    if (
+        len(value) == 1
+        and isinstance(value[0], dict)
+        and set(value[0]) == {"role", "content"}
+        and value[0]["role"] == "assistant"
+    ):
         return value[0]["content"]
     raise ValueError('a completion is a string or one message [{"role": "assistant", "content": ...}]')
 
@@ -162,7 +167,7 @@ def read_prompt_style(data_dir: Path) -> str:
     try:
         style = json.loads(read_text(path))["prompt_style"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{path}: expected {{\"prompt_style\": ...}}: {exc}") from exc
+        raise DataError(f'{path}: expected {{"prompt_style": ...}}: {exc}') from exc
     try:
         return check_style(style)
     except ValueError as exc:
@@ -208,8 +213,7 @@ def load_preference_entries(path: Path) -> list[dict]:
     """The raw preference entries of a JSON list or JSONL file, Alpaca-style (``instruction``,
     ``input``, ``chosen``, ``rejected``) or chats (``prompt`` messages, ``chosen``/``rejected``),
     after checking each one's fields."""
-    return _validated(path, lambda e: ChatPreferenceEntry if isinstance(e, dict) and "prompt" in e
-                      else PreferenceEntry)
+    return _validated(path, lambda e: ChatPreferenceEntry if isinstance(e, dict) and "prompt" in e else PreferenceEntry)
 
 
 def _describe(where: str, err: dict) -> str:

@@ -33,8 +33,10 @@ def file_format(path: Path) -> tuple[str, bool]:
     gzipped = bool(suffixes) and suffixes[-1] == ".gz"
     inner = suffixes[-2] if gzipped and len(suffixes) > 1 else (suffixes[-1] if suffixes and not gzipped else "")
     if inner not in FORMATS:
-        raise DataError(f"{path}: unsupported file type {''.join(path.suffixes) or '(no suffix)'!r}; "
-                        f"supported: {', '.join(FORMATS)}, each optionally .gz")
+        raise DataError(
+            f"{path}: unsupported file type {''.join(path.suffixes) or '(no suffix)'!r}; "
+            f"supported: {', '.join(FORMATS)}, each optionally .gz"
+        )
     return FORMATS[inner], gzipped
 
 
@@ -137,7 +139,7 @@ class _LongLine:
             return False
         block = self.handle.readline(BLOCK_CHARS)
         self.ended = not block or block.endswith("\n")
-        self.buf, self.pos = self.buf[self.pos:] + block, 0
+        self.buf, self.pos = self.buf[self.pos :] + block, 0
         return bool(block)
 
     def error(self, what: str) -> DataError:
@@ -148,7 +150,7 @@ class _LongLine:
         while True:
             self.pos = _SPACE.match(self.buf, self.pos).end()
             if self.pos < len(self.buf) or not self.more():
-                return self.buf[self.pos:self.pos + 1]
+                return self.buf[self.pos : self.pos + 1]
 
     def value(self) -> Any:
         """One whole JSON value (a key, or a field other than the text)."""
@@ -162,8 +164,10 @@ class _LongLine:
                 raise json.JSONDecodeError("value at the end of a block", self.buf, end)
             except json.JSONDecodeError as exc:
                 if len(self.buf) - self.pos > 4 * BLOCK_CHARS or not self.more():
-                    raise self.error(f"not valid JSON, or a value other than the text over {4 * BLOCK_CHARS:,} "
-                                     f"characters ({exc.msg})") from None
+                    raise self.error(
+                        f"not valid JSON, or a value other than the text over {4 * BLOCK_CHARS:,} "
+                        f"characters ({exc.msg})"
+                    ) from None
 
     def string(self) -> Iterator[str]:
         """The string value starting at ``pos``, decoded, a block at a time."""
@@ -174,12 +178,16 @@ class _LongLine:
             if end < len(self.buf) and self.buf[end] < " ":
                 what = "the line ends" if self.buf[end] in "\r\n" else "a control character is"
                 raise self.error(f"{what} inside a string (not valid JSON)")
-            if not closed and end - self.pos >= 6 and _HIGH_SURROGATE.fullmatch(self.buf, end - 6, end) and \
-                    _escapes_here(self.buf, end - 6):
+            if (
+                not closed
+                and end - self.pos >= 6
+                and _HIGH_SURROGATE.fullmatch(self.buf, end - 6, end)
+                and _escapes_here(self.buf, end - 6)
+            ):
                 end -= 6  # a surrogate pair's first half waits for its second
             if end > self.pos:
                 try:
-                    yield json.loads(f'"{self.buf[self.pos:end]}"')
+                    yield json.loads(f'"{self.buf[self.pos : end]}"')
                 except json.JSONDecodeError as exc:
                     raise self.error(f"not valid JSON in field text ({exc.msg})") from None
                 self.pos = end
@@ -226,8 +234,9 @@ def record_text(record: dict[str, Any], field: str, where: str) -> str:
     return value
 
 
-def parquet_columns(path: Path, columns: list[str], *, strings: tuple[str, ...] = (),
-                    scratch: Path | None = None) -> Iterator[dict[str, list]]:
+def parquet_columns(
+    path: Path, columns: list[str], *, strings: tuple[str, ...] = (), scratch: Path | None = None
+) -> Iterator[dict[str, list]]:
     """The named columns in record batches, as lists; ``strings`` must be string columns. A gzipped
     file is unpacked first (parquet needs random access), into ``scratch`` or a temp directory."""
     import pyarrow as pa

@@ -88,8 +88,14 @@ class ShardWriter:
     def finish(self, out_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
         """Move the committed shards and their ``meta.json`` into ``out_dir`` (replaced whole)."""
         shards = self.state["shards"]
-        meta = {"format": SHARD_FORMAT, "dtype": self.dtype.name, **meta, "max_token_id": self.state["max_token_id"],
-                "tokens": sum(s["tokens"] for s in shards), "shards": shards}
+        meta = {
+            "format": SHARD_FORMAT,
+            "dtype": self.dtype.name,
+            **meta,
+            "max_token_id": self.state["max_token_id"],
+            "tokens": sum(s["tokens"] for s in shards),
+            "shards": shards,
+        }
         with atomic_path(out_dir, is_dir=True) as tmp:
             for shard in shards:  # linked, not moved: a run killed here can still finish from work_dir
                 try:

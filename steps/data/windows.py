@@ -59,8 +59,10 @@ def load_token_shards(directory: Path) -> tuple[TokenShards, dict[str, Any]]:
         path = directory / shard["file"]
         size = path.stat().st_size if path.is_file() else None
         if size != shard["tokens"] * dtype.itemsize:
-            raise DataError(f"{path}: expected {shard['tokens']} {dtype.name} tokens, "
-                            f"found {'no file' if size is None else f'{size} bytes'}")
+            raise DataError(
+                f"{path}: expected {shard['tokens']} {dtype.name} tokens, "
+                f"found {'no file' if size is None else f'{size} bytes'}"
+            )
         arrays.append(np.memmap(path, dtype=dtype, mode="r"))
     if not arrays:
         raise DataError(f"{directory}: the corpus has no tokens")
@@ -77,10 +79,13 @@ def split_windows(tokens: TokenShards, spec: WindowParams, *, sampled: bool = Tr
     parts = {"train": tokens.view(0, split_at), "val": tokens.view(split_at, len(tokens))}
     for name, part in parts.items():
         if len(part) < context + 1:
-            raise DataError(f"{name} split has {len(part)} tokens; one window of context_length={context} "
-                            f"needs at least {context + 1}")
-    windows: dict[str, Dataset] = {name: SlidingWindowDataset(part, context, spec.stride)
-                                   for name, part in parts.items()}
+            raise DataError(
+                f"{name} split has {len(part)} tokens; one window of context_length={context} "
+                f"needs at least {context + 1}"
+            )
+    windows: dict[str, Dataset] = {
+        name: SlidingWindowDataset(part, context, spec.stride) for name, part in parts.items()
+    }
     if sampled and spec.sampling == "random":
         n_samples = spec.random_windows or math.ceil((split_at - context) / context)
         windows["train"] = RandomWindowDataset(parts["train"], context, n_samples, spec.seed)
@@ -125,6 +130,7 @@ def load_windows(windows_dir: Path, cfg: GPTConfig, *, exact: bool = True, sampl
             "context (windows.context_length in params.yaml)"
         )
     if meta.max_token_id >= cfg.vocab_size:
-        raise DataError(f"{tokens_dir}: token id {meta.max_token_id} is outside the model's vocabulary "
-                        f"({cfg.vocab_size})")
+        raise DataError(
+            f"{tokens_dir}: token id {meta.max_token_id} is outside the model's vocabulary ({cfg.vocab_size})"
+        )
     return split_windows(tokens, meta, sampled=sampled)
