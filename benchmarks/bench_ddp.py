@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from benchmarks.train_settings import bench_config
 from llmcore import distributed
 from llmcore.config import GPTConfig
 from llmcore.data import SlidingWindowDataset
 from llmcore.model import GPTModel
-from llmcore.train import TrainCallback, TrainConfig, TrainState, train
+from llmcore.train import TrainCallback, TrainState, train
 
 
 class StepTimes(TrainCallback):
@@ -55,7 +56,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, threads: 
         data = SlidingWindowDataset(tokens, args.context, args.context)
         torch.manual_seed(0)
         model = GPTModel(cfg)
-        config = TrainConfig(batch_size=args.batch, eval_every=0, eval_batches=1, shuffle=False, progress=False)
+        config = bench_config(batch_size=args.batch, eval_every=0, eval_batches=1, shuffle=False, progress=False)
         timer = StepTimes()
         train(model, data, None, config, callbacks=[timer])
         if distributed.is_main_process():

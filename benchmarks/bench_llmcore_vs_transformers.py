@@ -40,12 +40,13 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.bandwidth import read_bandwidth, weight_bytes_per_token
+from benchmarks.train_settings import bench_config
 from llmcore.config import GPTConfig
 from llmcore.data import SlidingWindowDataset
 from llmcore.generate import generate
 from llmcore.model import GPTModel
 from llmcore.quantize import quantize_int8
-from llmcore.train import TrainConfig, train
+from llmcore.train import train
 
 VOCAB, EMB_DIM, N_LAYERS, N_HEADS, N_POSITIONS = 50257, 768, 12, 12, 1024
 
@@ -240,7 +241,7 @@ def bench_quality(args) -> dict:
         model,
         train_data,
         None,
-        TrainConfig(
+        bench_config(
             epochs=args.quality_epochs,
             batch_size=8,
             lr=1e-3,

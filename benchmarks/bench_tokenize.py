@@ -32,10 +32,11 @@ import numpy as np
 import torch
 import yaml
 
+from benchmarks.train_settings import bench_config
 from llmcore.config import GPTConfig
 from llmcore.model import GPTModel
 from llmcore.tokenizer import get_tokenizer
-from llmcore.train import TrainCallback, TrainConfig, TrainState, train
+from llmcore.train import TrainCallback, TrainState, train
 from steps.build_windows import WindowParams, build_windows
 from steps.data.windows import load_windows
 
@@ -149,7 +150,7 @@ def pretrain_tokens_per_s(tokens: Path, work: Path, sampling: str, steps: int, w
     windows = load_windows(work / f"windows-{sampling}", cfg)
     torch.manual_seed(0)
     rates = StepRates(warmup + steps)
-    config = TrainConfig(epochs=1, batch_size=8, eval_every=0, eval_batches=1, lr=1e-3, progress=False)
+    config = bench_config(epochs=1, batch_size=8, eval_every=0, eval_batches=1, lr=1e-3, progress=False)
     try:
         train(GPTModel(cfg), windows["train"], windows["val"], config, callbacks=[rates])
     except Stop:

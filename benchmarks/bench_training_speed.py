@@ -41,11 +41,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_llmcore_vs_transformers import interleaved, proc_status_bytes, summarise
+from benchmarks.train_settings import bench_config
 from llmcore.config import GPTConfig
 from llmcore.model import GPTModel
 from llmcore.precision import autocast, compute_dtype, enable_tf32
 from llmcore.throughput import peak_flops, training_flops_per_token
-from llmcore.train import TrainConfig, build_optimizer, next_token_loss
+from llmcore.train import build_optimizer, next_token_loss
 
 LR, WEIGHT_DECAY, GRAD_CLIP, VOCAB = 4e-4, 0.1, 1.0, 50257
 PRECISIONS = {"fp32": "fp32", "bf16": "bf16-mixed"}
@@ -159,7 +160,7 @@ def bench_speed(args, device: torch.device) -> dict:
     steps, compile_s = {}, {}
     for lib in ("llmcore", "transformers"):
         model = build_model(lib, args, device)
-        optimizer = build_optimizer(model, TrainConfig(lr=LR, weight_decay=WEIGHT_DECAY))  # fused AdamW
+        optimizer = build_optimizer(model, bench_config(lr=LR, weight_decay=WEIGHT_DECAY))  # fused AdamW
         for variant in (v for v in variants(args) if v.lib == lib):
             steps[variant.name] = make_step(variant, model, optimizer, batch, device)
     for name, step in steps.items():
@@ -209,7 +210,7 @@ def run_probe(args, device: torch.device) -> None:
     variant = next(v for v in variants(args) if v.name == args.probe)
     baseline = proc_status_bytes("VmRSS")
     model = build_model(variant.lib, args, device)
-    optimizer = build_optimizer(model, TrainConfig(lr=LR, weight_decay=WEIGHT_DECAY))
+    optimizer = build_optimizer(model, bench_config(lr=LR, weight_decay=WEIGHT_DECAY))
     step = make_step(variant, model, optimizer, random_batch(args, device), device)
     for _ in range(3):
         step()

@@ -38,12 +38,13 @@ import torch
 from benchmarks.bandwidth import read_bandwidth, weight_bytes_per_token
 from benchmarks.bench_llmcore_vs_transformers import interleaved
 from benchmarks.bench_training_speed import PRECISIONS, Variant, make_step
+from benchmarks.train_settings import bench_config
 from llmcore.config import GPTConfig
 from llmcore.generate import generate
 from llmcore.model import GPTModel
 from llmcore.precision import enable_tf32
 from llmcore.throughput import peak_flops, training_flops_per_token
-from llmcore.train import TrainConfig, build_optimizer
+from llmcore.train import build_optimizer
 
 Row = tuple[str, str, str, str, str]  # section, variant, tokens/s, vs. reference, note
 
@@ -118,7 +119,7 @@ def training(args) -> list[Row]:
     for lib in ("llmcore", "transformers"):
         torch.manual_seed(0)
         model = (llmcore_gpt(args) if lib == "llmcore" else hf_gpt2(cfg)).to(device)
-        optimizer = build_optimizer(model, TrainConfig(lr=4e-4, weight_decay=0.1))
+        optimizer = build_optimizer(model, bench_config(lr=4e-4, weight_decay=0.1))
         for v in (v for v in variants if v.lib == lib):
             steps[v.name] = make_step(v, model, optimizer, batch, device)
     for step in steps.values():  # warm-up; the compiled variants compile here

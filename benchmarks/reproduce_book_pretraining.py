@@ -29,11 +29,12 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.train_settings import bench_config
 from llmcore.config import GPTConfig
 from llmcore.data import SlidingWindowDataset
 from llmcore.model import GPTModel
 from llmcore.tokenizer import encode, get_tokenizer
-from llmcore.train import TrainConfig, train
+from llmcore.train import train
 
 BOOK_MODEL = dict(context_length=256, qkv_bias=False, tie_embeddings=False, drop_rate=0.1, init="torch")
 BOOK_TRAIN = dict(
@@ -58,7 +59,7 @@ def run(text: str, seed: int, preset: str, epochs: int) -> dict[str, float]:
     val_data = SlidingWindowDataset(encode(tokenizer, text[split:]), context, context)
     torch.manual_seed(seed)
     model = GPTModel(GPTConfig.from_preset(preset, **BOOK_MODEL))
-    config = TrainConfig(**{**BOOK_TRAIN, "epochs": epochs}, seed=seed)
+    config = bench_config(**{**BOOK_TRAIN, "epochs": epochs}, seed=seed)
     started = time.perf_counter()
     state = train(model, train_data, val_data, config)
     final = state.history[-1]

@@ -69,27 +69,31 @@ class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    epochs: int = 1
-    batch_size: int = 2  # global micro-batch: under DDP each of N ranks takes batch_size // N
-    lr: float = 4e-4
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0
-    schedule: str = "cosine"  # "cosine" or "constant" (the book's chapter 5 uses constant)
-    grad_clip: float | None = 1.0
-    grad_accum_steps: int = 1
-    eval_every: int = 5  # optimizer steps; 0 evaluates only at the end of each epoch
-    eval_batches: int | None = 5  # batches per evaluation; None = the whole split
-    checkpoint_every: int = 0  # optimizer steps; 0 = only at epoch ends (when a dir is given)
-    drop_last: bool = True
+    """How ``train`` trains. The settings have no defaults here: the pipeline's values are in
+    params.yaml (its trainers' sections over ``training``), a library caller states its own; only
+    the loop's switches below the settings default."""
+
+    epochs: int
+    batch_size: int  # global micro-batch: under DDP each of N ranks takes batch_size // N
+    lr: float  # peak learning rate (after warmup)
+    min_lr_ratio: float  # cosine decays to lr * min_lr_ratio
+    weight_decay: float  # AdamW's, on matrices only
+    betas: tuple[float, float]  # AdamW's
+    warmup_steps: int  # linear warmup from 0, in optimizer steps
+    schedule: str  # "cosine" or "constant" (the book's chapter 5 uses constant)
+    grad_clip: float | None  # max gradient norm; None: no clipping
+    grad_accum_steps: int  # micro-batches per optimizer step
+    eval_every: int  # optimizer steps; 0 evaluates only at the end of each epoch
+    eval_batches: int | None  # batches per evaluation; None = the whole split
+    checkpoint_every: int  # optimizer steps; 0 = only at epoch ends (when a dir is given)
+    seed: int  # model-independent randomness: sample order, dropout
+    precision: str  # fp32 | bf16-mixed | fp16-mixed | auto (llmcore.precision)
+    compile: bool  # torch.compile the loss (training and evaluation)
+    drop_last: bool = True  # the epoch's incomplete last micro-batch is dropped (the book's loader)
     shuffle: bool = True
-    seed: int = 123
-    progress: bool = True
-    precision: str = "fp32"  # fp32 | bf16-mixed | fp16-mixed | auto (llmcore.precision)
-    compile: bool = False  # torch.compile the loss (training and evaluation)
+    progress: bool = True  # a tqdm bar
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.grad_accum_steps < 1:

@@ -27,11 +27,12 @@ from llmcore.model import GPTModel
 from llmcore.train import TrainCallback, TrainConfig, TrainState, train
 from llmpipe.distributed import DistributedParams, load_distributed_params, torchrun_command
 from llmpipe.params import ParamsError
+from tests.trainer_params import train_config
 
 WORLD = 2
 CFG = GPTConfig.from_preset("cpu-tiny", vocab_size=97, context_length=16, drop_rate=0.0)
 # 21 training windows, global batch 4: 5 micro-batches an epoch, steps of 2, 2 and 1 micro-batches.
-CONFIG = TrainConfig(
+CONFIG = train_config(
     epochs=2,
     batch_size=4,
     grad_accum_steps=2,

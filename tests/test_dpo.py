@@ -25,7 +25,8 @@ from llmcore.dpo import (
 from llmcore.model import GPTModel
 from llmcore.prompts import format_input
 from llmcore.tokenizer import ENDOFTEXT, ENDOFTEXT_ID
-from llmcore.train import TrainConfig, train
+from llmcore.train import train
+from tests.trainer_params import train_config
 
 PAIRS = [
     {
@@ -149,7 +150,7 @@ def test_a_tiny_dpo_run_raises_preference_accuracy_on_its_pairs(tokenizer) -> No
     pairs = with_reference(pairs, *pair_logprobs(reference, pairs))
     before = pair_summary(*pair_logprobs(reference, pairs))
     policy = tiny_model()
-    config = TrainConfig(
+    config = train_config(
         epochs=30,
         batch_size=2,
         lr=3e-3,

@@ -16,7 +16,6 @@ from llmcore.data import SlidingWindowDataset
 from llmcore.train import (
     ResumeMismatchError,
     TrainCallback,
-    TrainConfig,
     TrainingDivergedError,
     build_optimizer,
     evaluate_loss,
@@ -24,10 +23,11 @@ from llmcore.train import (
     next_token_loss,
     train,
 )
+from tests.trainer_params import train_config
 
 CFG = GPTConfig(vocab_size=32, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.1)
 # 2 epochs of 10 micro-batches of 2, accumulated in pairs: 5 optimizer steps per epoch.
-RESUME_CONFIG = TrainConfig(
+RESUME_CONFIG = train_config(
     epochs=2,
     batch_size=2,
     lr=3e-3,
@@ -134,9 +134,9 @@ def test_a_planted_pickle_is_set_aside_in_our_words(tmp_path: Path) -> None:
 
 
 def test_resume_with_different_settings_is_refused(tmp_path: Path) -> None:
-    config = TrainConfig(batch_size=2, eval_every=0, eval_batches=1, progress=False)
+    config = train_config(batch_size=2, eval_every=0, eval_batches=1, progress=False)
     train(make_model(), windows(4), None, config, state_dir=tmp_path)
-    changed = TrainConfig(batch_size=2, eval_every=0, eval_batches=1, progress=False, lr=1e-3)
+    changed = train_config(batch_size=2, eval_every=0, eval_batches=1, progress=False, lr=1e-3)
     with pytest.raises(ResumeMismatchError, match="different training settings"):
         train(make_model(), windows(4), None, changed, state_dir=tmp_path)
     with pytest.raises(ResumeMismatchError):
@@ -152,23 +152,23 @@ def test_non_finite_loss_stops_training(bad: float) -> None:
         return model(batch[0]).sum() * bad
 
     with pytest.raises(TrainingDivergedError, match=rf"loss became {bad} at epoch 1, step 1"):
-        train(make_model(), windows(4), None, TrainConfig(progress=False), loss_fn=diverging_loss)
+        train(make_model(), windows(4), None, train_config(progress=False), loss_fn=diverging_loss)
 
 
 def test_lr_schedule_warmup_then_cosine_to_min() -> None:
-    config = TrainConfig(lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
+    config = train_config(lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
     factor = lr_lambda(config, total_steps=14)
     assert [factor(s) for s in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
     assert factor(9) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the 10 decay steps
     assert factor(14) == pytest.approx(0.1) and factor(30) == pytest.approx(0.1)
     values = [factor(s) for s in range(4, 15)]
     assert all(a > b for a, b in zip(values, values[1:]))  # strictly decreasing
-    constant = lr_lambda(TrainConfig(lr=1.0, warmup_steps=2, schedule="constant"), total_steps=14)
+    constant = lr_lambda(train_config(lr=1.0, warmup_steps=2, schedule="constant"), total_steps=14)
     assert [constant(s) for s in (0, 1, 2, 13)] == [0.5, 1.0, 1.0, 1.0]
 
 
 def test_lr_used_by_each_step_follows_the_schedule() -> None:
-    config = TrainConfig(
+    config = train_config(
         batch_size=2, lr=1e-3, warmup_steps=2, min_lr_ratio=0.2, eval_every=0, eval_batches=1, progress=False
     )
     log = Recorder()
@@ -182,8 +182,8 @@ def test_grad_accumulation_matches_a_larger_batch() -> None:
     data = windows(4)
     common = dict(lr=1e-2, eval_every=0, eval_batches=1, progress=False)
     big, accumulated = make_model(drop_rate=0.0), make_model(drop_rate=0.0)
-    train(big, data, None, TrainConfig(batch_size=4, **common))
-    train(accumulated, data, None, TrainConfig(batch_size=2, grad_accum_steps=2, **common))
+    train(big, data, None, train_config(batch_size=4, **common))
+    train(accumulated, data, None, train_config(batch_size=2, grad_accum_steps=2, **common))
     untrained = make_model(drop_rate=0.0)
     for (name, a), b, before in zip(
         big.state_dict().items(), accumulated.state_dict().values(), untrained.state_dict().values()
@@ -194,7 +194,7 @@ def test_grad_accumulation_matches_a_larger_batch() -> None:
 
 def test_weight_decay_only_on_matrices() -> None:
     model = make_model()
-    decay, no_decay = build_optimizer(model, TrainConfig(weight_decay=0.3)).param_groups
+    decay, no_decay = build_optimizer(model, train_config(weight_decay=0.3)).param_groups
     assert decay["weight_decay"] == 0.3 and no_decay["weight_decay"] == 0.0
     assert decay["params"] and all(p.dim() >= 2 for p in decay["params"])
     assert no_decay["params"] and all(p.dim() < 2 for p in no_decay["params"])
@@ -205,7 +205,7 @@ def test_weight_decay_only_on_matrices() -> None:
 
 def test_callbacks_see_losses_and_tokens(tmp_path: Path) -> None:
     log = Recorder()
-    config = TrainConfig(
+    config = train_config(
         epochs=2, batch_size=2, grad_accum_steps=2, eval_every=2, eval_batches=1, checkpoint_every=0, progress=False
     )
 
@@ -231,7 +231,7 @@ def test_loss_decreases_when_overfitting_a_tiny_corpus() -> None:
     data = SlidingWindowDataset(np.tile(np.arange(9), 8), max_length=8, stride=8)  # 8 windows, one pattern
     model = make_model(drop_rate=0.0)
     before = evaluate_loss(model, DataLoader(data, batch_size=4), next_token_loss)
-    config = TrainConfig(
+    config = train_config(
         epochs=20, batch_size=4, lr=1e-2, eval_every=0, eval_batches=None, progress=False, weight_decay=0.0
     )
     state = train(model, data, data, config)
@@ -242,7 +242,7 @@ def test_loss_decreases_when_overfitting_a_tiny_corpus() -> None:
 
 def test_too_little_data_for_one_batch_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="not one batch of 4"):
-        train(make_model(), windows(3), None, TrainConfig(batch_size=4, progress=False))
+        train(make_model(), windows(3), None, train_config(batch_size=4, progress=False))
 
 
 @pytest.mark.parametrize(
@@ -261,7 +261,7 @@ def test_too_little_data_for_one_batch_is_a_clear_error() -> None:
 )
 def test_invalid_train_config_is_refused(bad: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
-        TrainConfig(**bad)
+        train_config(**bad)
 
 
 class StopAtEval(TrainCallback):
@@ -272,7 +272,7 @@ class StopAtEval(TrainCallback):
 def test_resume_between_last_step_and_epoch_end_with_partial_batch(tmp_path: Path) -> None:
     # 9 samples in batches of 2: the epoch's last batch is partial, and the state saved after its
     # step resumes at sample 10 of 9. Interrupted at the epoch-end evaluation, it must still finish.
-    config = TrainConfig(
+    config = train_config(
         epochs=2,
         batch_size=2,
         drop_last=False,

@@ -22,11 +22,11 @@ from llmcore.train import TrainCallback, TrainConfig, train
 from steps.finetune_classifier import FinetuneClassifierParams
 from steps.finetune_instruct import FinetuneInstructParams
 from steps.pretrain import PretrainParams
-from tests.trainer_params import trainer_params
+from tests.trainer_params import train_config, trainer_params
 
 CFG = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
 # 2 epochs of 6 micro-batches of 2, accumulated in pairs: 3 optimizer steps per epoch.
-CONFIG = TrainConfig(
+CONFIG = train_config(
     epochs=2,
     batch_size=2,
     grad_accum_steps=2,
@@ -138,7 +138,7 @@ def test_resume_under_compile_is_exact(tmp_path: Path) -> None:
 def test_auto_precision_is_fp32_on_cpu_and_unknown_precisions_are_refused() -> None:
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     with pytest.raises(ValueError, match="precision"):
-        TrainConfig(precision="fp8")
+        train_config(precision="fp8")
 
 
 def test_step_metrics_carry_throughput_and_mfu() -> None:

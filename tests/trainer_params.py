@@ -1,11 +1,13 @@
 """The trainers' params for tests that build them in Python: the stage's model validated with
-these test values under the fields a test names. (The product's values live in params.yaml only:
-``TrainParams`` has no defaults; its ``training`` section gives the shared ones.)"""
+these test values under the fields a test names; llmcore's ``TrainConfig`` likewise. (The
+product's values live in params.yaml only: ``TrainParams`` has no defaults; its ``training``
+section gives the shared ones.)"""
 
 from __future__ import annotations
 
 from typing import Any, TypeVar
 
+from llmcore.train import TrainConfig
 from llmpipe.training import TrainParams
 
 P = TypeVar("P", bound=TrainParams)
@@ -33,3 +35,29 @@ TEST_TRAINING: dict[str, Any] = {
 
 def trainer_params(params_model: type[P], /, **fields: Any) -> P:
     return params_model.model_validate({**TEST_TRAINING, **fields})
+
+
+# llmcore's TrainConfig for tests of the loop itself: the book's chapter 5 settings where a test
+# names none (what llmcore defaulted to before it took no defaults), no progress bar.
+TEST_CONFIG: dict[str, Any] = {
+    "epochs": 1,
+    "batch_size": 2,
+    "lr": 4e-4,
+    "min_lr_ratio": 0.1,
+    "weight_decay": 0.1,
+    "betas": (0.9, 0.999),
+    "warmup_steps": 0,
+    "schedule": "cosine",
+    "grad_clip": 1.0,
+    "grad_accum_steps": 1,
+    "eval_every": 5,
+    "eval_batches": 5,
+    "checkpoint_every": 0,
+    "seed": 123,
+    "precision": "fp32",
+    "compile": False,
+}
+
+
+def train_config(**fields: Any) -> TrainConfig:
+    return TrainConfig(**{**TEST_CONFIG, **fields})
