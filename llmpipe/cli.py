@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -34,8 +35,12 @@ class StageError(RuntimeError):
 
 EXPECTED_ERRORS: tuple[type[Exception], ...] = (ParamsError, DataError, StageError)
 M = TypeVar("M", bound=BaseModel)
-# A path option: its default, or (default, help). None as default: the option is optional.
-PathOption = str | None | tuple[str | None, str]
+# A path option: its help text alone for a path DVC tracks (its default is the value dvc.yaml's
+# command for this stage gives: paths live only in dvc.yaml; required where none does), or
+# (default, help) for one whose default is not a pipeline path (None: optional, falling back to
+# params or a sibling file; a string: a working directory such as a resumable state's).
+PathOption = str | tuple[str | None, str]
+PIPELINE_FILE = "dvc.yaml"
 
 
 class StageParams:
@@ -65,13 +70,17 @@ def run_stage(
     line it returns; ``errors``: the stage's own expected failures."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default=str(PARAMS_FILE), help="params file (default: %(default)s)")
+    pipeline = pipeline_paths(stage)
     for name, spec in paths.items():
-        default, help_text = spec if isinstance(spec, tuple) else (spec, None)
+        default, help_text = spec if isinstance(spec, tuple) else (pipeline.get(name), spec)
+        required = default is None and not isinstance(spec, tuple)
+        where = f"required: dvc.yaml's {stage} stage gives none" if required else "default: %(default)s"
         parser.add_argument(
             f"--{name}",
             type=Path,
             default=None if default is None else Path(default),
-            help=f"{help_text or name} (default: %(default)s)",
+            required=required,
+            help=f"{help_text} ({where})",
         )
     if options is not None:
         options(parser)
@@ -86,6 +95,25 @@ def run_stage(
         sys.exit(f"{stage}: error: {describe_os_error(exc) if isinstance(exc, OSError) else exc}")
     if summary:
         print(f"{stage}: {summary}")
+
+
+def pipeline_paths(stage: str) -> dict[str, str]:
+    """The ``--option value`` pairs of ``stage``'s command in dvc.yaml (the current directory's, else
+    the one of the checkout this package runs from): the defaults of the paths DVC tracks, which are
+    written there only. Values DVC interpolates from params (``${...}``) are left out."""
+    import yaml  # PyYAML's C loader: ~20 ms for dvc.yaml
+
+    found = [f for f in (Path(PIPELINE_FILE), Path(__file__).resolve().parents[1] / PIPELINE_FILE) if f.is_file()]
+    try:
+        stages = yaml.load(found[0].read_text(), Loader=yaml.CSafeLoader).get("stages", {}) if found else {}
+        words = shlex.split(stages.get(stage, {}).get("cmd", ""))
+    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
+        return {}
+    return {
+        word[2:]: value
+        for word, value in zip(words, words[1:])
+        if word.startswith("--") and not value.startswith("-") and "${" not in value
+    }
 
 
 def restart_option(parser: argparse.ArgumentParser) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from llmpipe.params import StrictModel
 
@@ -29,6 +32,27 @@ class TokenizerParams(StrictModel):
     def directory(self) -> str | None:
         """What ``llmcore.tokenizer.get_tokenizer`` and the model directories' bundling take."""
         return self.trained_dir if self.source == "trained" else self.encoding_dir
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def read_stage_json(path: Path, model: type[M], what: str, stage: str) -> M:
+    """A JSON file one stage writes and later ones read (a ``meta.json``), as its typed ``model``:
+    unreadable, not JSON or not the model is a DataError naming the file (and the first bad field)
+    and the stage that makes it."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise DataError(f"cannot read {what} {path}: {exc.strerror or exc} (run the {stage} stage)") from exc
+    except ValueError as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from exc
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "(the file)"
+        raise DataError(f"{path}: {field}: {err['msg']} (rerun the {stage} stage)") from None
 
 
 def read_text(path: str | os.PathLike) -> str:

@@ -242,12 +242,12 @@ def main(argv: list[str] | None = None) -> None:
         options=restart_option,
         paths={
             "base": (None, "base llmcore checkpoint (default: params base_model.dir)"),
-            "data": ("data/spam", "the task's splits: train.csv's texts in, validation/test texts out"),
-            "corpus": ("data/adapt", "where the corpus is written"),
-            "out": "models/adapted",
-            "metrics": "reports/adapt_pretrain.json",
-            "history": "plots/adapt_pretrain_loss.csv",
-            "plot": "plots/adapt_pretrain_loss.png",
+            "data": "the task's splits: train.csv's texts in, validation/test texts out",
+            "corpus": "where the corpus is written",
+            "out": "the adapted checkpoint",
+            "metrics": "training figures",
+            "history": "the loss history (CSV)",
+            "plot": "the loss plot",
             "cache": (str(CACHE_DIR), "resumable training states"),
         },
     )

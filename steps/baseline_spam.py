@@ -182,10 +182,10 @@ def main(argv: list[str] | None = None) -> None:
         body,
         argv=argv,
         paths={
-            "data": "data/spam",
-            "metrics": ("reports/baseline.json", "every split's metrics and the grid"),
-            "headline": ("metrics/baseline.json", "the baseline's test accuracy and F1"),
-            "predictions": ("reports/baseline_predictions.csv", "every example's prediction"),
+            "data": "the labelled splits",
+            "metrics": "every split's metrics and the grid",
+            "headline": "the baseline's test accuracy and F1",
+            "predictions": "every example's prediction",
         },
     )
 

@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         argv=argv,
         paths={
             "input": (None, "entries (default: params instruction_data.input)"),
-            "out": "data/instructions",
-            "metrics": "reports/instruction_data.json",
+            "out": "the splits",
+            "metrics": "entry counts and prompt token lengths",
         },
     )
 

@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         argv=argv,
         paths={
             "input": (None, "entries (default: params preference_data.input)"),
-            "out": "data/preferences",
-            "metrics": "reports/preference_data.json",
+            "out": "the splits",
+            "metrics": "pair counts and token lengths",
         },
     )
 

@@ -279,8 +279,8 @@ def main(argv: list[str] | None = None) -> None:
         body,
         paths={
             "input": (None, "labelled data (default: params spam_data.input)"),
-            "out": "data/spam",
-            "metrics": "reports/spam_data.json",
+            "out": "the splits",
+            "metrics": "rows per class and split",
         },
         argv=argv,
     )

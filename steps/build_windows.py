@@ -34,7 +34,7 @@ def build_windows(tokens_dir: Path, out_dir: Path, metrics_out: Path, params: Wi
         val_tokens=len(windows["val"].token_ids),
         tokens=str(tokens_dir),
         tokens_sha256=sha256_file(tokens_dir / META_FILE),
-        max_token_id=tokens_meta["max_token_id"],
+        max_token_id=tokens_meta.max_token_id,
     ).model_dump()
     with atomic_path(out_dir, is_dir=True) as tmp:
         write_json(tmp / WINDOWS_META, meta)
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         "build_windows",
         "Split the token ids into train/val and define next-token windows over them.",
         body,
-        paths={"tokens": "data/tokens", "out": "data/windows", "metrics": "reports/windows.json"},
+        paths={"tokens": "the token shards", "out": "the windows' meta.json", "metrics": "window counts"},
         argv=argv,
     )
 

@@ -37,7 +37,6 @@ _STRICT = jsonschema.validators.extend(
         "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool)
     ),
 )
-OUTPUT = "reports/params_check.json"
 
 
 def _section(data: dict, dotted: str) -> tuple[bool, object]:
@@ -177,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         "check_params",
         "Validate params.yaml against every stage's params model (before DVC runs a stage).",
         body,
-        paths={"out": (OUTPUT, "the file every stage depends on")},
+        paths={"out": "the file every stage depends on"},
         argv=argv,
     )
 

@@ -208,13 +208,13 @@ def main(argv: list[str] | None = None) -> None:
         argv=argv,
         errors=(CheckpointError, TokenizerFilesError),
         paths={
-            "model": "models/pretrained",
-            "windows": "data/windows",
-            "metrics": ("reports/evaluate.json", "loss, perplexity, tokens per split"),
-            "headline": ("metrics/pretrain.json", "val loss and perplexity"),
-            "position-loss": "plots/evaluate_position_loss.csv",
-            "generations": "outputs/pretrain_generations.json",
-            "window-losses": ("reports/evaluate_windows.csv", "every window's mean loss"),
+            "model": "the pretrained checkpoint",
+            "windows": "the windows' meta.json",
+            "metrics": "loss, perplexity, tokens per split",
+            "headline": "val loss and perplexity",
+            "position-loss": "loss by position in the window (CSV)",
+            "generations": "sample continuations",
+            "window-losses": "every window's mean loss",
         },
     )
 

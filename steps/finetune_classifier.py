@@ -221,11 +221,11 @@ def main(argv: list[str] | None = None) -> None:
         options=restart_option,
         paths={
             "base": (None, "base llmcore checkpoint (default: params classifier_base.dir)"),
-            "data": "data/spam",
-            "out": "models/spam_classifier",
-            "metrics": "reports/finetune_classifier.json",
-            "history": "plots/spam_training.csv",
-            "plots": ("plots", "where the loss/accuracy PNGs go"),
+            "data": "the labelled splits",
+            "out": "the classifier checkpoint",
+            "metrics": "training figures",
+            "history": "the loss/accuracy history (CSV)",
+            "plots": "where the loss/accuracy PNGs go",
             "cache": (str(CACHE_DIR), "resumable training states"),
         },
     )

@@ -241,11 +241,11 @@ def main(argv: list[str] | None = None) -> None:
         options=restart_option,
         paths={
             "base": (None, "base llmcore checkpoint (default: params base_model.dir)"),
-            "data": "data/instructions",
-            "out": "models/instruct",
-            "metrics": "reports/finetune_instruct.json",
-            "history": "plots/instruct_training.csv",
-            "plot": "plots/instruct_training_loss.png",
+            "data": "the instruction splits",
+            "out": "the instruction model",
+            "metrics": "training figures",
+            "history": "the loss history (CSV)",
+            "plot": "the loss plot",
             "cache": (str(CACHE_DIR), "resumable training states"),
         },
     )

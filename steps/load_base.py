@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         body,
         argv=argv,
         errors=(BaseUnavailableError, CheckpointError, TokenizerConfigError),
-        paths={"out": "models/base"},
+        paths={"out": "the llmcore checkpoint"},
     )
 
 

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         body,
         argv=argv,
         errors=(WeightsUnavailableError, CheckpointError),
-        paths={"out": "models/gpt2"},
+        paths={"out": "GPT-2's llmcore checkpoint (or status.json when its weights are unavailable)"},
     )
 
 

@@ -192,12 +192,12 @@ def main(argv: list[str] | None = None) -> None:
         errors=TRAINING_ERRORS,
         options=restart_option,
         paths={
-            "instruct": ("models/instruct", "the instruction model: policy start and frozen reference"),
-            "data": "data/preferences",
-            "out": "models/preference",
-            "metrics": "reports/preference_tune.json",
-            "history": "plots/preference_training.csv",
-            "plots": ("plots", "where the loss/reward-margin/accuracy PNGs go"),
+            "instruct": "the instruction model: policy start and frozen reference",
+            "data": "the preference pairs",
+            "out": "the DPO model",
+            "metrics": "training figures",
+            "history": "the loss/reward history (CSV)",
+            "plots": "where the loss/reward-margin/accuracy PNGs go",
             "cache": (str(CACHE_DIR), "resumable training states"),
         },
     )

@@ -92,14 +92,18 @@ class PretrainParams(TrainParams):
     sample: SampleParams = SampleParams()
 
 
+# Not a DVC output (dvc.yaml holds those): a resumable state survives an interrupted run.
+STATE_DIR = Path(".cache/pretrain")
+
+
 @dataclass(frozen=True)
 class PretrainPaths:
-    windows: Path = Path("data/windows")
-    model_out: Path = Path("models/pretrained")
-    metrics: Path = Path("reports/pretrain.json")
-    history_csv: Path = Path("plots/pretrain_loss.csv")
-    loss_plot: Path = Path("plots/pretrain_loss.png")
-    state_dir: Path = Path(".cache/pretrain")  # not a DVC output: survives an interrupted run
+    windows: Path
+    model_out: Path
+    metrics: Path
+    history_csv: Path
+    loss_plot: Path
+    state_dir: Path = STATE_DIR
 
 
 class EpochSampleCallback(TrainCallback):
@@ -127,7 +131,7 @@ def vocab_for(cfg: GPTConfig, tokenizer, pad_to: int | None) -> GPTConfig:
 
 def pretrain(
     params: PretrainParams,
-    paths: PretrainPaths = PretrainPaths(),
+    paths: PretrainPaths,
     tokenizer_params: TokenizerParams = TokenizerParams(),
     *,
     callbacks: tuple[TrainCallback, ...] = (),
@@ -181,7 +185,6 @@ def main(argv: list[str] | None = None) -> None:
             f"{metrics['tokens_seen']} tokens ({metrics['tokens_per_s']:.0f} tokens/s) -> {paths.model_out}"
         )
 
-    defaults = PretrainPaths()
     run_stage(
         STAGE,
         "Pretrain the GPT on the corpus windows (book chapter 5).",
@@ -189,12 +192,12 @@ def main(argv: list[str] | None = None) -> None:
         argv=argv,
         errors=TRAINING_ERRORS,
         paths={
-            "windows": (str(defaults.windows), "windows' meta.json (over the token shards)"),
-            "out": (str(defaults.model_out), "checkpoint directory"),
-            "metrics": str(defaults.metrics),
-            "history": str(defaults.history_csv),
-            "plot": str(defaults.loss_plot),
-            "state-dir": (str(defaults.state_dir), "resumable training state"),
+            "windows": "windows' meta.json (over the token shards)",
+            "out": "checkpoint directory",
+            "metrics": "training figures",
+            "history": "the loss history (CSV)",
+            "plot": "the loss plot",
+            "state-dir": (str(STATE_DIR), "resumable training state"),
         },
     )
 

@@ -300,12 +300,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             BaseModelError,
         ),
         paths={
-            "model": "models/instruct",
-            "test": "data/instructions/test.json",
+            "model": "the instruction model",
+            "test": "the test entries",
             "validation": (None, "the validation split the registry chooses on (default: beside --test)"),
-            "responses": "data/scores/instruction_responses.json",
-            "metrics": ("reports/instructions.json", "every score"),
-            "headline": ("metrics/instructions.json", "ROUGE-L, judge score"),
+            "responses": "every answer with its scores",
+            "metrics": "every score",
+            "headline": "ROUGE-L, judge score",
         },
     )
 

@@ -203,11 +203,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         argv=argv,
         errors=(CheckpointError, TokenizerFilesError, BaseModelError),
         paths={
-            "sft": ("models/instruct", "the instruction model (before DPO)"),
-            "model": ("models/preference", "the DPO model"),
-            "data": "data/preferences",
-            "metrics": ("reports/preference.json", "every score"),
-            "headline": ("metrics/preference.json", "preference accuracy before and after, reward margin"),
+            "sft": "the instruction model (before DPO)",
+            "model": "the DPO model",
+            "data": "the preference pairs",
+            "metrics": "every score",
+            "headline": "preference accuracy before and after, reward margin",
         },
     )
 

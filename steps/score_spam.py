@@ -185,12 +185,12 @@ def main(argv: list[str] | None = None) -> None:
         argv=argv,
         errors=(CheckpointError, TokenizerFilesError),
         paths={
-            "model": "models/spam_classifier",
-            "data": "data/spam",
-            "metrics": ("reports/spam.json", "every split's metrics"),
-            "headline": ("metrics/spam.json", "test accuracy and F1"),
-            "plots": "plots",
-            "predictions": ("reports/spam_predictions.csv", "every example's prediction"),
+            "model": "the classifier",
+            "data": "the labelled splits",
+            "metrics": "every split's metrics",
+            "headline": "test accuracy and F1",
+            "plots": "where its plots go",
+            "predictions": "every example's prediction",
         },
     )
 

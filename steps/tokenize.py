@@ -28,7 +28,7 @@ from llmpipe.cli import StageParams, run_stage
 from llmpipe.data import DataError, TokenizerParams
 from llmpipe.io import record_state_params, resume_state_dir, write_json
 from steps.data.corpus import CorpusParams, Counts, Pieces, Skipped, corpus_files, documents
-from steps.data.shards import ShardWriter
+from steps.data.shards import ShardWriter, TokenizerIdentity
 
 STATE_DIR = Path(".cache/tokenize")
 T = TypeVar("T")
@@ -97,16 +97,14 @@ def tokenize_corpus(
         raise DataError(f"corpus {root} has no text ({counts.empty_documents} empty document(s))")
     meta = writer.finish(
         out_dir,
-        {
-            "vocab_size": tokenizer.n_vocab,
-            "endoftext_id": eot_id(tokenizer),
-            "tokenizer": {"name": tokenizer.name, "sha256": digest},
-        },
+        vocab_size=tokenizer.n_vocab,
+        endoftext_id=eot_id(tokenizer),
+        tokenizer=TokenizerIdentity(name=tokenizer.name, sha256=digest),
     )
     metrics = {
         **asdict(counts),
-        "tokens": meta["tokens"],
-        "shards": len(meta["shards"]),
+        "tokens": meta.tokens,
+        "shards": len(meta.shards),
         "skipped_entries": len(skipped),
         "skipped": [asdict(s) for s in skipped[:100]],
     }
@@ -146,8 +144,8 @@ def main(argv: list[str] | None = None) -> None:
         errors=(TokenizerFilesError,),
         paths={
             "corpus": (None, "corpus file or directory (default: params corpus.root)"),
-            "tokens": ("data/tokens", "token shards + meta.json"),
-            "metrics": "reports/tokenize.json",
+            "tokens": "token shards + meta.json",
+            "metrics": "token counts and skipped entries",
             "state-dir": (str(STATE_DIR), "resumable work directory"),
         },
     )

@@ -74,7 +74,7 @@ def test_every_format_gives_the_same_documents(tmp_path: Path) -> None:
         "skipped_entries": 0,
         "skipped": [],
     }
-    assert meta["max_token_id"] == max(tokens) and meta["dtype"] == "uint16"
+    assert meta.max_token_id == max(tokens) and meta.dtype == "uint16"
 
 
 def test_globs_several_and_after_each(tmp_path: Path) -> None:
@@ -101,8 +101,8 @@ def test_pieces_threads_and_shards_never_change_the_ids(tmp_path: Path, monkeypa
     for workers, shard_tokens in ((1, 10**9), (3, 1)):
         tokens, meta, metrics = run(root, tmp_path, workers=workers, shard_tokens=shard_tokens)
         assert tokens == reference
-    assert metrics["shards"] == len(meta["shards"]) == 4  # a shard closes at a file boundary only
-    assert [s["tokens"] for s in meta["shards"]] == [
+    assert metrics["shards"] == len(meta.shards) == 4  # a shard closes at a file boundary only
+    assert [s.tokens for s in meta.shards] == [
         len(ids(text[i * 50_000 : (i + 1) * 50_000])) + (i > 0) for i in range(4)
     ]
 
@@ -141,7 +141,7 @@ def test_a_changed_corpus_starts_over(tmp_path: Path, monkeypatch: pytest.Monkey
     root.mkdir()
     (root / "a.txt").write_text(DOCS[0])
     (root / "b.txt").write_text(DOCS[1])
-    monkeypatch.setattr(ShardWriter, "finish", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(ShardWriter, "finish", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         run(root, tmp_path, shard_tokens=1)
     monkeypatch.undo()

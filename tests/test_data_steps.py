@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from steps import build_spam_dataset as spam
 from steps import build_windows as windows
 from steps import tokenize
 from steps.data import datasets
+from steps.data.shards import ShardsMeta, read_shards_meta
 from steps.data.windows import load_token_shards, load_windows, read_windows_meta
 from steps.fetch import FetchSettings, Source
 
@@ -63,8 +65,8 @@ def test_tokenize_the_verdict(verdict_tokens: Path) -> None:
     tokens, meta = load_token_shards(verdict_tokens)
     assert len(tokens) == 5145 and tokens[:4].tolist() == [40, 367, 2885, 1464]  # "I HAD always"
     assert np.array_equal(tokens[0 : len(tokens)], verdict_ids())  # no <|endoftext|> added to one document
-    assert (meta["dtype"], meta["vocab_size"], meta["tokens"], len(meta["shards"])) == ("uint16", 50257, 5145, 1)
-    assert meta["tokenizer"]["sha256"] == tokenizer_digest(get_tokenizer(TOKENIZER.encoding_dir))
+    assert (meta.dtype, meta.vocab_size, meta.tokens, len(meta.shards)) == ("uint16", 50257, 5145, 1)
+    assert meta.tokenizer.sha256 == tokenizer_digest(get_tokenizer(TOKENIZER.encoding_dir))
     assert json.loads((verdict_tokens.parent / "tokenize.json").read_text()) == {
         "files": 1,
         "documents": 1,
@@ -168,6 +170,24 @@ def test_the_windows_meta_is_typed_and_a_bad_one_is_named(verdict_tokens: Path, 
         DataError, match=r"meta.json: n_val_windows: Input should be a valid integer \(rerun the build_windows"
     ):
         read_windows_meta(tmp_path / "w")
+
+
+def test_the_token_shards_meta_is_typed_and_a_bad_one_is_named(verdict_tokens: Path, tmp_path: Path) -> None:
+    """data/tokens/meta.json is steps.data.shards.ShardsMeta: tokenize writes it, build_windows reads it."""
+    shutil.copytree(verdict_tokens, tmp_path / "t")
+    path = tmp_path / "t" / "meta.json"
+    meta = json.loads(path.read_text())
+    assert sorted(meta) == sorted(ShardsMeta.model_fields)  # the file holds the model's fields, no others
+    meta["shards"][0]["tokens"] = -1
+    path.write_text(json.dumps(meta))
+    with pytest.raises(
+        DataError, match=r"meta.json: shards.0.tokens: Input should be greater than or equal to 0 \(rerun"
+    ):
+        windows.build_windows(tmp_path / "t", tmp_path / "w", tmp_path / "m.json", windows.WindowParams())
+    path.write_text(json.dumps({**meta, "format": "something-else/2"}))
+    with pytest.raises(DataError, match=r"meta.json: format: Input should be 'llmpipe-token-shards/1'"):
+        read_shards_meta(tmp_path / "t")
+    assert not (tmp_path / "w").exists()
 
 
 def test_overlapping_windows_equal_todays(verdict_tokens: Path, tmp_path: Path) -> None:

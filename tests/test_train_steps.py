@@ -33,7 +33,7 @@ from llmpipe.params import ParamsError, validate_section
 from steps import evaluate as evaluate_step
 from steps import load_gpt2 as load_gpt2_step
 from steps.build_windows import WindowParams, build_windows
-from steps.data.shards import ShardWriter
+from steps.data.shards import ShardWriter, TokenizerIdentity
 from steps.pretrain import PretrainParams, PretrainPaths, pretrain
 from tests.trainer_params import trainer_params
 
@@ -78,7 +78,9 @@ def workspace(tmp_path_factory: pytest.TempPathFactory):
     writer = ShardWriter(root / "work", np.uint16)  # 322 random tokens: 257 train (16 windows), 65 val (4)
     writer.write(np.random.default_rng(0).integers(0, 50257, 322, dtype=np.uint16))
     writer.commit(1, {})
-    writer.finish(root / "tokens", {"vocab_size": 50257})
+    writer.finish(
+        root / "tokens", vocab_size=50257, endoftext_id=50256, tokenizer=TokenizerIdentity(name="gpt2", sha256="0" * 64)
+    )
     meta = build_windows(
         root / "tokens",
         root / "windows",

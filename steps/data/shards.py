@@ -15,16 +15,43 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
-from llmpipe.data import DataError
+from llmpipe.data import read_stage_json
 from llmpipe.io import atomic_path, write_json, writing
+from llmpipe.params import StrictModel
 
 SHARD_FORMAT = "llmpipe-token-shards/1"
 META_FILE = "meta.json"
 STATE_FILE = "state.json"
+
+
+class ShardFile(StrictModel):
+    file: str  # the shard's name in the directory
+    tokens: int = Field(ge=0)
+    sha256: str
+
+
+class TokenizerIdentity(StrictModel):
+    name: str  # the encoding's name (``gpt2``, a trained one's)
+    sha256: str  # the digest of its files: a reader checks it encodes with the same one
+
+
+class ShardsMeta(StrictModel):
+    """``meta.json`` of a token shard directory: what the tokenize stage writes and build_windows
+    (through ``steps.data.windows.load_token_shards``) maps."""
+
+    format: Literal["llmpipe-token-shards/1"]  # SHARD_FORMAT
+    dtype: str  # numpy's name, little-endian: uint16 while the vocabulary fits, else uint32
+    vocab_size: int = Field(ge=1)
+    endoftext_id: int = Field(ge=0)
+    tokenizer: TokenizerIdentity
+    max_token_id: int = Field(ge=0)
+    tokens: int = Field(ge=0)  # over every shard
+    shards: list[ShardFile]
 
 
 class ShardWriter:
@@ -85,36 +112,30 @@ class ShardWriter:
         self.state.update(next_file=next_file, counts=counts)
         write_json(self.work_dir / STATE_FILE, self.state)
 
-    def finish(self, out_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    def finish(self, out_dir: Path, *, vocab_size: int, endoftext_id: int, tokenizer: TokenizerIdentity) -> ShardsMeta:
         """Move the committed shards and their ``meta.json`` into ``out_dir`` (replaced whole)."""
         shards = self.state["shards"]
-        meta = {
-            "format": SHARD_FORMAT,
-            "dtype": self.dtype.name,
-            **meta,
-            "max_token_id": self.state["max_token_id"],
-            "tokens": sum(s["tokens"] for s in shards),
-            "shards": shards,
-        }
+        meta = ShardsMeta(
+            format=SHARD_FORMAT,
+            dtype=self.dtype.name,
+            vocab_size=vocab_size,
+            endoftext_id=endoftext_id,
+            tokenizer=tokenizer,
+            max_token_id=self.state["max_token_id"],
+            tokens=sum(s["tokens"] for s in shards),
+            shards=shards,
+        )
         with atomic_path(out_dir, is_dir=True) as tmp:
             for shard in shards:  # linked, not moved: a run killed here can still finish from work_dir
                 try:
                     os.link(self.work_dir / shard["file"], tmp / shard["file"])
                 except OSError:  # another filesystem
                     shutil.copyfile(self.work_dir / shard["file"], tmp / shard["file"])
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            (tmp / META_FILE).write_text(json.dumps(meta.model_dump(), indent=2, sort_keys=True) + "\n")
         shutil.rmtree(self.work_dir, ignore_errors=True)
         return meta
 
 
-def read_shards_meta(directory: Path) -> dict[str, Any]:
-    path = directory / META_FILE
-    try:
-        meta = json.loads(path.read_text())
-    except OSError as exc:
-        raise DataError(f"cannot read token shards {path}: {exc.strerror or exc} (run the tokenize stage)") from exc
-    except ValueError as exc:
-        raise DataError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != SHARD_FORMAT:
-        raise DataError(f"{path}: not a token shard index (format {SHARD_FORMAT!r})")
-    return meta
+def read_shards_meta(directory: Path) -> ShardsMeta:
+    """``directory``'s ``meta.json``, typed; a bad one is a DataError naming the file and field."""
+    return read_stage_json(directory / META_FILE, ShardsMeta, "token shards", "tokenize")

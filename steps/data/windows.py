@@ -7,21 +7,20 @@ the shards when it is used and nothing is ever copied per window.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
-from pydantic import Field, ValidationError
+from pydantic import Field
 from torch.utils.data import Dataset
 
 from llmcore.config import GPTConfig
 from llmcore.data import RandomWindowDataset, SlidingWindowDataset, TokenShards
-from llmpipe.data import DataError
+from llmpipe.data import DataError, read_stage_json
 from llmpipe.io import sha256_file
 from llmpipe.params import StrictModel
-from steps.data.shards import META_FILE, read_shards_meta
+from steps.data.shards import META_FILE, ShardsMeta, read_shards_meta
 
 WINDOWS_META = "meta.json"
 
@@ -50,17 +49,17 @@ class WindowsMeta(WindowParams):
     max_token_id: int = Field(ge=0)
 
 
-def load_token_shards(directory: Path) -> tuple[TokenShards, dict[str, Any]]:
+def load_token_shards(directory: Path) -> tuple[TokenShards, ShardsMeta]:
     """The shards in ``directory`` as one memory-mapped token sequence, and their ``meta.json``."""
     meta = read_shards_meta(directory)
-    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+    dtype = np.dtype(meta.dtype).newbyteorder("<")
     arrays = []
-    for shard in meta["shards"]:
-        path = directory / shard["file"]
+    for shard in meta.shards:
+        path = directory / shard.file
         size = path.stat().st_size if path.is_file() else None
-        if size != shard["tokens"] * dtype.itemsize:
+        if size != shard.tokens * dtype.itemsize:
             raise DataError(
-                f"{path}: expected {shard['tokens']} {dtype.name} tokens, "
+                f"{path}: expected {shard.tokens} {dtype.name} tokens, "
                 f"found {'no file' if size is None else f'{size} bytes'}"
             )
         arrays.append(np.memmap(path, dtype=dtype, mode="r"))
@@ -93,17 +92,7 @@ def split_windows(tokens: TokenShards, spec: WindowParams, *, sampled: bool = Tr
 
 
 def read_windows_meta(windows_dir: Path) -> WindowsMeta:
-    path = windows_dir / WINDOWS_META
-    try:
-        return WindowsMeta.model_validate(json.loads(path.read_text()))
-    except OSError as exc:
-        raise DataError(f"cannot read windows {path}: {exc.strerror or exc} (run the build_windows stage)") from exc
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
-        raise DataError(f"{path}: {field}: {err['msg']} (rerun the build_windows stage)") from None
-    except ValueError as exc:
-        raise DataError(f"{path} is not valid JSON: {exc}") from exc
+    return read_stage_json(windows_dir / WINDOWS_META, WindowsMeta, "windows", "build_windows")
 
 
 def window_files(windows_dir: Path) -> dict[str, Path]:
