@@ -24,9 +24,9 @@ class TokenizerParams(StrictModel):
     """Which BPE every stage encodes with: GPT-2's (its files in ``encoding_dir``; ``None`` falls back to
     ``$LLMCORE_GPT2_ENCODING_DIR``, then tiktoken) or the one train_tokenizer wrote to ``trained_dir``."""
 
-    source: Literal["gpt2", "trained"] = "gpt2"
-    encoding_dir: str | None = None
-    trained_dir: str = "models/tokenizer"
+    source: Literal["gpt2", "trained"]
+    encoding_dir: str | None
+    trained_dir: str
 
     @property
     def directory(self) -> str | None:

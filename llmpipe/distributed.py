@@ -36,12 +36,12 @@ __all__ = [
 
 
 class DistributedParams(StrictModel):
-    nproc_per_node: int = Field(1, ge=1)  # processes (GPUs) on each machine
-    nnodes: int = Field(1, ge=1)  # machines; each runs the stage with its own node_rank
-    node_rank: int = Field(0, ge=0)  # 0 on the machine that runs dvc and writes the outputs
-    rdzv_endpoint: str = Field("127.0.0.1:29500", pattern=r"^[^:\s]+:\d+$")  # node 0's host:port (nnodes > 1)
-    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
-    timeout_s: float = Field(1800.0, gt=0)  # how long a rank waits for a missing peer
+    nproc_per_node: int = Field(ge=1)  # processes (GPUs) on each machine
+    nnodes: int = Field(ge=1)  # machines; each runs the stage with its own node_rank
+    node_rank: int = Field(ge=0)  # 0 on the machine that runs dvc and writes the outputs
+    rdzv_endpoint: str = Field(pattern="^[^:\\s]+:\\d+$")  # node 0's host:port (nnodes > 1)
+    backend: Literal["auto", "nccl", "gloo"]  # auto: nccl on CUDA, gloo on CPU
+    timeout_s: float = Field(gt=0)  # how long a rank waits for a missing peer
 
     @model_validator(mode="after")
     def _node_rank_in_range(self) -> DistributedParams:
@@ -57,7 +57,9 @@ class DistributedParams(StrictModel):
 def load_distributed_params(data: Mapping[str, Any], source: str = "params.yaml") -> DistributedParams:
     """The ``distributed`` section; a params file without one trains in a single process."""
     if SECTION not in data:
-        return DistributedParams()
+        return DistributedParams(
+            nproc_per_node=1, nnodes=1, node_rank=0, rdzv_endpoint="127.0.0.1:29500", backend="auto", timeout_s=1800.0
+        )
     return validate_section(dict(data), SECTION, DistributedParams, source)
 
 

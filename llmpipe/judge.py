@@ -39,16 +39,16 @@ _NO_USERINFO = {
 
 
 class JudgeParams(StrictModel):
-    url: str = Field("http://localhost:11434", json_schema_extra=_NO_USERINFO)  # Ollama's default address
-    model: str = "llama3"  # the book used Llama 3 8B
-    required: bool = False  # true: an unreachable judge fails the stage
-    retries: int = Field(2, ge=0)  # extra asks when an answer is not an integer 0..100
-    connect_retries: int = Field(2, ge=0)  # urllib3 Retry for connection errors and 429/5xx
-    backoff_factor: float = Field(0.5, ge=0)
-    connect_timeout_s: float = Field(5.0, gt=0)
-    read_timeout_s: float = Field(120.0, gt=0)
-    seed: int = 123
-    num_ctx: int = Field(2048, gt=0)
+    url: str = Field(json_schema_extra=_NO_USERINFO)  # Ollama's default address
+    model: str  # the book used Llama 3 8B
+    required: bool  # true: an unreachable judge fails the stage
+    retries: int = Field(ge=0)  # extra asks when an answer is not an integer 0..100
+    connect_retries: int = Field(ge=0)  # urllib3 Retry for connection errors and 429/5xx
+    backoff_factor: float = Field(ge=0)
+    connect_timeout_s: float = Field(gt=0)
+    read_timeout_s: float = Field(gt=0)
+    seed: int
+    num_ctx: int = Field(gt=0)
 
     @field_validator("url", mode="before")
     @classmethod

@@ -40,8 +40,8 @@ class BaseModelParams(StrictModel):
 class LoraParams(StrictModel):
     """LoRA adapters (llmcore.lora) of a fine-tune that trains them only."""
 
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
+    rank: int = Field(ge=1)
+    alpha: float = Field(gt=0)
 
 
 class BaseModelSectionParams(BaseModelParams):
@@ -49,8 +49,8 @@ class BaseModelSectionParams(BaseModelParams):
 
     # A Hugging Face Llama 3.2 / Qwen3 / Gemma 3 directory or Hub id that load_base converts to
     # models/base; "" (the default): no such base, load_base writes only status.json (loaded=false).
-    source: str = ""
-    dtype: Literal["float32", "bfloat16"] = "float32"  # the converted weights' dtype
+    source: str
+    dtype: Literal["float32", "bfloat16"]  # the converted weights' dtype
 
 
 def check_base_tokenizer(base_dir: Path, tokenizer, vocab_size: int) -> None:

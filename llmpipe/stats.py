@@ -24,10 +24,10 @@ from llmpipe.params import StrictModel
 class ComparisonParams(StrictModel):
     """The ``comparison`` section: intervals, paired tests and the registry's promotion rule."""
 
-    confidence: float = Field(0.95, gt=0, lt=1)  # of every interval
-    bootstrap_samples: int = Field(2000, ge=100)  # B: resamples of every bootstrap
-    seed: int = 123  # the bootstrap's random generator: the same interval every run
-    promote_alpha: float = Field(0.05, gt=0, lt=1)  # @champion moves only when the paired test's p < this
+    confidence: float = Field(gt=0, lt=1)  # of every interval
+    bootstrap_samples: int = Field(ge=100)  # B: resamples of every bootstrap
+    seed: int  # the bootstrap's random generator: the same interval every run
+    promote_alpha: float = Field(gt=0, lt=1)  # @champion moves only when the paired test's p < this
 
 
 @dataclass(frozen=True)

@@ -331,7 +331,7 @@ def record_evaluation(
     *,
     registered_model: str,
     selection: Scoring | None = None,
-    comparison: ComparisonParams | None = None,
+    comparison: ComparisonParams,
     outputs: Sequence[Path] = (),
 ) -> None:
     """A scoring stage's results go into the MLflow run that trained these weights (beside its
@@ -354,7 +354,6 @@ def remove_outputs(paths: Sequence[Path]) -> None:
 
 def _record_evaluation(stage, params, model_dir, metrics, artifacts, registered_model, selection, comparison) -> None:
     from llmpipe.registry import promote_if_better, version_of_run
-    from llmpipe.stats import ComparisonParams
 
     configure_tracking()
     run = training_run_of(model_dir)
@@ -368,7 +367,5 @@ def _record_evaluation(stage, params, model_dir, metrics, artifacts, registered_
     log_evaluation(run, metrics, artifacts)
     version = version_of_run(registered_model, run)
     if version is not None and selection is not None:
-        decision = promote_if_better(
-            registered_model, version.version, run.info.run_id, selection, comparison or ComparisonParams()
-        )
+        decision = promote_if_better(registered_model, version.version, run.info.run_id, selection, comparison)
         print(f"{stage}: {decision.describe(registered_model, selection.metric)}")

@@ -229,7 +229,7 @@ def compare(
     split: str = "test",
     metric: str | None = None,
     data_dir: Path = Path("data/spam"),
-    params: ComparisonParams = ComparisonParams(),
+    params: ComparisonParams,
 ) -> tuple[PairedResult, list[str]]:
     metric = metric or METRICS[task]
     if task == "pretrain" and split == "test":
@@ -241,12 +241,13 @@ def compare(
 
 
 def comparison_params() -> ComparisonParams:
-    """The workspace's ``comparison`` params (defaults when there is no params.yaml)."""
+    """The workspace's ``comparison`` params, else (no params.yaml here) those of the checkout this
+    package runs from."""
     from llmpipe.params import read_params, validate_section
 
-    if not Path("params.yaml").is_file():
-        return ComparisonParams()
-    return validate_section(read_params(Path("params.yaml")), "comparison", ComparisonParams)
+    here, checkout = Path("params.yaml"), Path(__file__).resolve().parents[1] / "params.yaml"
+    path = here if here.is_file() or not checkout.is_file() else checkout
+    return validate_section(read_params(path), "comparison", ComparisonParams, str(path))
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "llm compare") -> int:

@@ -67,10 +67,10 @@ DVC_EXP_ENV = "DVC_EXP_NAME"  # what `dvc exp run` tells its stages; llmpipe/tra
 
 
 class OrchestrationParams(StrictModel):
-    mlflow_experiment: str = "llm-pipeline"
-    mlflow_ui_url: str = "http://127.0.0.1:5000"
-    download_retry_delays_s: list[Annotated[float, Field(ge=0)]] = Field(default=[10.0, 30.0, 90.0], max_length=10)
-    push: bool = True  # `dvc push` to the default remote after a run that changed outputs
+    mlflow_experiment: str
+    mlflow_ui_url: str
+    download_retry_delays_s: list[Annotated[float, Field(ge=0)]] = Field(max_length=10)
+    push: bool  # `dvc push` to the default remote after a run that changed outputs
 
 
 @dataclass(frozen=True)

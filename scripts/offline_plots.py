@@ -19,6 +19,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+from llmpipe.params import load_section
 from steps.fetch import FetchSettings, make_session
 
 # package: (version, npm's dist.integrity, the build DVC's CDN URL resolves to)
@@ -60,7 +61,7 @@ def fetch_build(name: str, registry: str) -> str:
     """The package's minified build, from its npm tarball after the integrity check."""
     version, integrity, member = PACKAGES[name]
     url = f"{registry.rstrip('/')}/{name}/-/{name}-{version}.tgz"
-    response = make_session(FetchSettings()).get(url, timeout=(10, 60))
+    response = make_session(load_section("fetch", FetchSettings)).get(url, timeout=(10, 60))
     response.raise_for_status()
     digest = "sha512-" + base64.b64encode(hashlib.sha512(response.content).digest()).decode()
     if digest != integrity:

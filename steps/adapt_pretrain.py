@@ -61,16 +61,16 @@ STEP_LOG_EVERY = 10  # optimizer steps between MLflow step-loss points: ~1,600 s
 
 
 class CorpusParams(StrictModel):
-    discarded: bool = True  # add the texts no split holds (build_spam_dataset's discarded.csv)
-    val_frac: float = Field(0.05, gt=0, lt=1)  # messages held out for the language model's val loss
-    seed: int = 123  # the shuffle of the messages before the cut
+    discarded: bool  # add the texts no split holds (build_spam_dataset's discarded.csv)
+    val_frac: float = Field(gt=0, lt=1)  # messages held out for the language model's val loss
+    seed: int  # the shuffle of the messages before the cut
 
 
 class AdaptPretrainParams(TrainParams):
-    corpus: CorpusParams = CorpusParams()
-    window_length: int | None = Field(None, ge=1)  # tokens per window (at most the base's context); null: the context
-    stride: int | None = Field(None, ge=1)  # tokens between window starts; null: the window length (no overlap)
-    loss_vocab: Literal["corpus", "full"] = "corpus"  # softmax over the corpus's token ids, or all of them
+    corpus: CorpusParams
+    window_length: int | None = Field(ge=1)  # tokens per window (at most the base's context); null: the context
+    stride: int | None = Field(ge=1)  # tokens between window starts; null: the window length (no overlap)
+    loss_vocab: Literal["corpus", "full"]  # softmax over the corpus's token ids, or all of them
 
 
 def text_key(text: str) -> str:
@@ -162,7 +162,7 @@ def adapt_pretrain(
     data_dir: Path,
     corpus_dir: Path,
     out: TrainingOutputs,
-    tokenizer_params: TokenizerParams = TokenizerParams(),
+    tokenizer_params: TokenizerParams,
     resume: bool = True,
 ) -> dict:
     """Build the corpus, continue pretraining ``base_dir`` on it, write ``out`` and log the run."""

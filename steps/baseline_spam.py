@@ -39,19 +39,19 @@ Classifier = Literal["logistic_regression", "linear_svm"]
 class BaselineGrid(StrictModel):
     """Tried on the validation split: every classifier with every C (inverse regularisation)."""
 
-    classifier: list[Classifier] = Field(["logistic_regression", "linear_svm"], min_length=1)
-    C: list[Annotated[float, Field(gt=0)]] = Field([1.0, 10.0, 100.0], min_length=1)
+    classifier: list[Classifier] = Field(min_length=1)
+    C: list[Annotated[float, Field(gt=0)]] = Field(min_length=1)
 
 
 class BaselineParams(StrictModel):
-    word_ngrams: list[int] = Field([1, 2], min_length=2, max_length=2)  # [min n, max n] of word n-grams
-    char_ngrams: list[int] = Field([2, 5], min_length=2, max_length=2)  # [min n, max n] of char_wb n-grams
-    min_df: int = Field(1, ge=1)  # a term must occur in this many training texts
-    sublinear_tf: bool = True  # 1 + log(tf) instead of tf
-    lowercase: bool = True
-    grid: BaselineGrid = BaselineGrid()
-    max_iter: int = Field(5000, ge=1)  # solver iterations
-    seed: int = 123  # the solvers' random_state (the linear SVM's coordinate order)
+    word_ngrams: list[int] = Field(min_length=2, max_length=2)  # [min n, max n] of word n-grams
+    char_ngrams: list[int] = Field(min_length=2, max_length=2)  # [min n, max n] of char_wb n-grams
+    min_df: int = Field(ge=1)  # a term must occur in this many training texts
+    sublinear_tf: bool  # 1 + log(tf) instead of tf
+    lowercase: bool
+    grid: BaselineGrid
+    max_iter: int = Field(ge=1)  # solver iterations
+    seed: int  # the solvers' random_state (the linear SVM's coordinate order)
 
     @field_validator("word_ngrams", "char_ngrams")
     @classmethod
@@ -121,7 +121,7 @@ def baseline_spam(
     metrics_out: Path,
     headline_out: Path,
     predictions_out: Path,
-    comparison: ComparisonParams = ComparisonParams(),
+    comparison: ComparisonParams,
 ) -> dict:
     """Select on validation, score every split (with intervals); write the report, the headline and
     every example's prediction (what ``llm compare`` pairs with the GPT classifier's), log an MLflow run."""

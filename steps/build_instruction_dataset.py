@@ -24,8 +24,8 @@ from steps.data.datasets import SPLITS, SplitParams, length_stats, load_entries,
 
 
 class InstructionDataParams(SplitParams):
-    input: str = "data/raw/instruction-data.json"  # .json list or .jsonl (DVC's dependency of this stage)
-    prompt_style: Literal["alpaca", "phi3"] = "alpaca"  # how entries become text (llmcore.prompts)
+    input: str  # .json list or .jsonl (DVC's dependency of this stage)
+    prompt_style: Literal["alpaca", "phi3"]  # how entries become text (llmcore.prompts)
 
 
 def build_instruction_dataset(

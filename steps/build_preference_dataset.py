@@ -34,7 +34,7 @@ STAGE = "build_preference_dataset"
 
 
 class PreferenceDataParams(SplitParams):
-    input: str = "data/raw/instruction-data-with-preference.json"  # .json list or .jsonl (DVC's dependency)
+    input: str  # .json list or .jsonl (DVC's dependency)
 
 
 def build_preference_dataset(

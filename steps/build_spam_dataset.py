@@ -35,17 +35,17 @@ SPLITS = ("train", "validation", "test")
 
 
 class SpamDataParams(StrictModel):
-    input: str = "data/raw/SMSSpamCollection"  # the file (DVC's dependency of this stage)
-    format: Literal["sms", "csv", "tsv", "jsonl", "parquet"] = "sms"
-    text_column: str = "text"  # csv/tsv/jsonl/parquet: the column (JSON key) of the text
-    label_column: str = "label"  # ... and of the label
-    labels: list[str] | None = Field(["ham", "spam"], min_length=2)  # class names in id order; None: the data's
-    split: Literal["balanced", "stratified"] = "balanced"
-    seed: int = 123
-    train_frac: float = Field(0.7, gt=0, lt=1)
-    validation_frac: float = Field(0.1, gt=0, lt=1)
+    input: str  # the file (DVC's dependency of this stage)
+    format: Literal["sms", "csv", "tsv", "jsonl", "parquet"]
+    text_column: str  # csv/tsv/jsonl/parquet: the column (JSON key) of the text
+    label_column: str  # ... and of the label
+    labels: list[str] | None = Field(min_length=2)  # class names in id order; None: the data's
+    split: Literal["balanced", "stratified"]
+    seed: int
+    train_frac: float = Field(gt=0, lt=1)
+    validation_frac: float = Field(gt=0, lt=1)
     # "error": stop at the first malformed row; "skip": drop malformed rows and count them.
-    on_malformed: Literal["error", "skip"] = "error"
+    on_malformed: Literal["error", "skip"]
 
     @model_validator(mode="after")
     def _leaves_test(self) -> SpamDataParams:

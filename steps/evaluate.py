@@ -38,17 +38,17 @@ SPLITS = ("train", "val")
 
 
 class GenerationParams(StrictModel):
-    prompts: list[str] = Field(["Every effort moves you"], min_length=1)
-    max_new_tokens: int = Field(25, ge=1)
-    temperature: float = Field(0.0, ge=0)  # 0: greedy
-    top_k: int | None = Field(None, ge=1)
-    seed: int = 123
+    prompts: list[str] = Field(min_length=1)
+    max_new_tokens: int = Field(ge=1)
+    temperature: float = Field(ge=0)  # 0: greedy
+    top_k: int | None = Field(ge=1)
+    seed: int
 
 
 class EvaluateParams(StrictModel):
-    batch_size: int = Field(8, ge=1)
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    generation: GenerationParams = GenerationParams()
+    batch_size: int = Field(ge=1)
+    device: Literal["auto", "cpu", "cuda", "mps"]
+    generation: GenerationParams
 
 
 @torch.no_grad()
@@ -112,8 +112,8 @@ def evaluate(
     position_csv: Path,
     generations_out: Path,
     windows_out: Path,
-    tokenizer_params: TokenizerParams = TokenizerParams(),
-    comparison: ComparisonParams = ComparisonParams(),
+    tokenizer_params: TokenizerParams,
+    comparison: ComparisonParams,
 ) -> dict[str, dict[str, float]]:
     """Score ``model_dir`` on the windows, generate, write the outputs and log them; returns the metrics."""
     from llmpipe.registry import PRETRAINED_MODEL

@@ -57,10 +57,10 @@ def is_safe_member(name: str) -> bool:
 class FetchSettings(StrictModel):
     """HTTP behaviour shared by every source."""
 
-    connect_timeout_s: float = Field(10.0, gt=0)
-    read_timeout_s: float = Field(60.0, gt=0)
-    retries: int = Field(3, ge=0, le=10)
-    backoff_factor: float = Field(0.5, ge=0, le=60)
+    connect_timeout_s: float = Field(gt=0)
+    read_timeout_s: float = Field(gt=0)
+    retries: int = Field(ge=0, le=10)
+    backoff_factor: float = Field(ge=0, le=60)
 
 
 class ZipMember(StrictModel):

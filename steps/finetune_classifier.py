@@ -66,11 +66,11 @@ STEP_LOG_EVERY = 5  # optimizer steps between MLflow step-loss points (each is a
 
 
 class FinetuneClassifierParams(TrainParams):
-    trainable: Literal[TRAINABLE_MODES] = "last_block"  # llmcore.classifier.set_trainable's modes
-    lora: LoraParams = LoraParams()
-    token_position: Literal["last", "flexible", "mean"] = "last"
-    max_length: int | None = Field(None, ge=1)  # None: the longest training message (capped at the context)
-    drop_rate: float | None = Field(None, ge=0, lt=1)  # None: the base model's
+    trainable: Literal[TRAINABLE_MODES]  # llmcore.classifier.set_trainable's modes
+    lora: LoraParams
+    token_position: Literal["last", "flexible", "mean"]
+    max_length: int | None = Field(ge=1)  # None: the longest training message (capped at the context)
+    drop_rate: float | None = Field(ge=0, lt=1)  # None: the base model's
 
 
 def save_trained_classifier(model: GPTClassifier, out_dir: Path, base_dir: Path | None = None) -> None:
@@ -122,7 +122,7 @@ def finetune_classifier(
     metrics_out: Path,
     history_out: Path,
     plots_dir: Path,
-    tokenizer_params: TokenizerParams = TokenizerParams(),
+    tokenizer_params: TokenizerParams,
     cache_dir: Path = CACHE_DIR,
     resume: bool = True,
 ) -> dict:

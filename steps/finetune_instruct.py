@@ -73,11 +73,11 @@ CACHE_DIR = Path(".cache/finetune_instruct")
 
 
 class FinetuneInstructParams(TrainParams):
-    mask_prompt: bool = False  # true: no loss on instruction/input tokens (book exercise 7.2)
-    max_length: int | None = Field(None, ge=2)  # tokens per example; null: the model's context
-    sample_entries: int = Field(1, ge=0)  # validation prompts answered after each epoch (book: 1)
-    sample_max_new_tokens: int = Field(50, ge=1)
-    lora: LoraParams | None = None  # null: every weight trains; {rank, alpha}: LoRA adapters only, merged when saved
+    mask_prompt: bool  # true: no loss on instruction/input tokens (book exercise 7.2)
+    max_length: int | None = Field(ge=2)  # tokens per example; null: the model's context
+    sample_entries: int = Field(ge=0)  # validation prompts answered after each epoch (book: 1)
+    sample_max_new_tokens: int = Field(ge=1)
+    lora: LoraParams | None  # null: every weight trains; {rank, alpha}: LoRA adapters only, merged when saved
 
 
 def load_split(path: Path) -> list[dict]:

@@ -40,13 +40,11 @@ HOW_TO_PROVIDE = (
 
 
 class LoadGPT2Params(StrictModel):
-    source: str = Field("gpt2-small", min_length=1)  # a GPT-2 size, a Hub repo id, or a local HF-format dir
-    required: bool = False  # false: unavailable weights give status.json loaded=false, not an error
+    source: str = Field(min_length=1)  # a GPT-2 size, a Hub repo id, or a local HF-format dir
+    required: bool  # false: unavailable weights give status.json loaded=false, not an error
 
 
-def load_gpt2_stage(
-    params: LoadGPT2Params, out_dir: Path, tokenizer_params: TokenizerParams = TokenizerParams()
-) -> dict:
+def load_gpt2_stage(params: LoadGPT2Params, out_dir: Path, tokenizer_params: TokenizerParams) -> dict:
     """Write ``out_dir`` (checkpoint + BPE files + status.json, or status.json alone); returns the status."""
     try:
         model = load_gpt2(params.source)

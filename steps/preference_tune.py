@@ -57,10 +57,10 @@ FINAL = ("loss", "reward_margin", "reward_accuracy", "preference_accuracy")
 
 
 class PreferenceTuneParams(TrainParams):
-    beta: float = Field(0.1, gt=0)  # DPO's beta: how far the policy may move from the reference
-    max_length: int | None = Field(None, ge=2)  # tokens per completion with its prompt; null: the model's context
-    trainable: Literal["all", "lora"] = "all"  # lora: adapters on the blocks' Linear layers only
-    lora: LoraParams = LoraParams()
+    beta: float = Field(gt=0)  # DPO's beta: how far the policy may move from the reference
+    max_length: int | None = Field(ge=2)  # tokens per completion with its prompt; null: the model's context
+    trainable: Literal["all", "lora"]  # lora: adapters on the blocks' Linear layers only
+    lora: LoraParams
 
 
 def add_reference(

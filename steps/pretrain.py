@@ -56,15 +56,15 @@ EXPERIMENT = PRETRAIN_EXPERIMENT
 class ModelParams(StrictModel):
     """A preset from llmcore.config.PRESETS; every other field overrides it unless null."""
 
-    preset: str = "cpu-small"
-    emb_dim: int | None = Field(None, gt=0)
-    n_heads: int | None = Field(None, gt=0)
-    n_layers: int | None = Field(None, gt=0)
-    drop_rate: float | None = Field(None, ge=0, lt=1)
-    qkv_bias: bool | None = None
-    tie_embeddings: bool | None = None
-    init: Literal["gpt2", "torch"] | None = None  # weight initialisation (llmcore.config.GPTConfig.init)
-    pad_vocab_to_multiple: int | None = Field(None, ge=1)  # 64: a 50,304-row head (faster matmuls)
+    preset: str
+    emb_dim: int | None = Field(gt=0)
+    n_heads: int | None = Field(gt=0)
+    n_layers: int | None = Field(gt=0)
+    drop_rate: float | None = Field(ge=0, lt=1)
+    qkv_bias: bool | None
+    tie_embeddings: bool | None
+    init: Literal["gpt2", "torch"] | None  # weight initialisation (llmcore.config.GPTConfig.init)
+    pad_vocab_to_multiple: int | None = Field(ge=1)  # 64: a 50,304-row head (faster matmuls)
 
     @field_validator("preset")
     @classmethod
@@ -83,13 +83,13 @@ class ModelParams(StrictModel):
 class SampleParams(StrictModel):
     """The continuation logged after every epoch (greedy, as the book's generate_and_print_sample)."""
 
-    prompt: str = Field("Every effort moves you", min_length=1)
-    max_new_tokens: int = Field(50, ge=1)
+    prompt: str = Field(min_length=1)
+    max_new_tokens: int = Field(ge=1)
 
 
 class PretrainParams(TrainParams):
-    model: ModelParams = ModelParams()
-    sample: SampleParams = SampleParams()
+    model: ModelParams
+    sample: SampleParams
 
 
 # Not a DVC output (dvc.yaml holds those): a resumable state survives an interrupted run.
@@ -132,7 +132,7 @@ def vocab_for(cfg: GPTConfig, tokenizer, pad_to: int | None) -> GPTConfig:
 def pretrain(
     params: PretrainParams,
     paths: PretrainPaths,
-    tokenizer_params: TokenizerParams = TokenizerParams(),
+    tokenizer_params: TokenizerParams,
     *,
     callbacks: tuple[TrainCallback, ...] = (),
     progress: bool = True,

@@ -40,12 +40,12 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 class ScoreInstructionsParams(StrictModel):
-    max_new_tokens: int = Field(256, ge=1)  # the book: 256
-    batch_size: int = Field(8, ge=1)  # prompts generated together
-    max_entries: int | None = Field(None, ge=1)  # null: the whole test split
-    seed: int = 123
-    device: str = "auto"
-    judge: JudgeParams = JudgeParams()
+    max_new_tokens: int = Field(ge=1)  # the book: 256
+    batch_size: int = Field(ge=1)  # prompts generated together
+    max_entries: int | None = Field(ge=1)  # null: the whole test split
+    seed: int
+    device: str
+    judge: JudgeParams
 
 
 # The metrics metrics/instruct.json keeps (what `dvc exp show` compares).
@@ -97,7 +97,7 @@ def score_instructions(
     metrics_out: Path,
     headline_out: Path,
     validation_file: Path | None = None,
-    comparison: ComparisonParams = ComparisonParams(),
+    comparison: ComparisonParams,
 ) -> dict:
     """Answer, save and score the test prompts; returns the metrics written to ``metrics_out``
     (ROUGE-L and the judge's score with their intervals also to ``headline_out``); the scores go to

@@ -41,9 +41,9 @@ HEADLINE = {"sft": ("preference_accuracy",), "dpo": ("preference_accuracy", "rew
 
 
 class ScorePreferenceParams(StrictModel):
-    batch_size: int = Field(8, ge=1)  # pairs scored together
-    max_length: int | None = Field(None, ge=2)  # tokens per answer with its prompt; null: the model's context
-    device: str = "auto"
+    batch_size: int = Field(ge=1)  # pairs scored together
+    max_length: int | None = Field(ge=2)  # tokens per answer with its prompt; null: the model's context
+    device: str
 
 
 def score_pairs(
@@ -89,7 +89,7 @@ def score_preference(
     data_dir: Path,
     metrics_out: Path,
     headline_out: Path,
-    comparison: ComparisonParams = ComparisonParams(),
+    comparison: ComparisonParams,
 ) -> dict:
     """Score both models on the validation and test pairs; write and record the results."""
     from llmpipe.tracking import check_store, record_evaluation  # mlflow imports take seconds

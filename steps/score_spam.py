@@ -46,10 +46,10 @@ SPLITS = ("train", "validation", "test")
 
 
 class ScoreSpamParams(StrictModel):
-    batch_size: int = Field(32, ge=1)
-    plot_split: Literal["train", "validation", "test"] = "test"  # the split drawn as the confusion-matrix plots
-    seed: int = 123  # inference draws no random numbers; seeded for the stage convention
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    batch_size: int = Field(ge=1)
+    plot_split: Literal["train", "validation", "test"]  # the split drawn as the confusion-matrix plots
+    seed: int  # inference draws no random numbers; seeded for the stage convention
+    device: Literal["auto", "cpu", "cuda", "mps"]
 
 
 def model_label_ids(frame: pd.DataFrame, data_labels: list[str], model_labels: list[str], path: Path) -> list[int]:
@@ -86,8 +86,8 @@ def score_spam(
     headline_out: Path,
     plots_dir: Path,
     predictions_out: Path,
-    tokenizer_params: TokenizerParams = TokenizerParams(),
-    comparison: ComparisonParams = ComparisonParams(),
+    tokenizer_params: TokenizerParams,
+    comparison: ComparisonParams,
 ) -> dict[str, dict]:
     """Metrics per split with intervals (``metrics_out``), the test accuracy and F1 with theirs
     (``headline_out``), every example's prediction (``predictions_out``: what ``llm compare`` pairs),

@@ -39,13 +39,13 @@ LONGEST = 20
 
 
 class TrainTokenizerParams(StrictModel):
-    vocab_size: int = Field(8192, ge=257, le=1 << 20)  # every token: 256 bytes + merges + special tokens
-    pattern: Literal["gpt2", "gpt4"] = "gpt2"  # pre-tokenization regex (tiktoken's r50k / cl100k)
-    special_tokens: list[str] = [ENDOFTEXT]  # ids after the merges, in this order
-    sample_bytes: int = Field(100_000_000, ge=1)  # training text read (streamed), held-out chunks excluded
-    heldout_every: int = Field(10, ge=2)  # every n-th 1 KB chunk is held out for the report
-    heldout_bytes: int = Field(10_000_000, ge=1)  # at most this much held-out text is kept
-    min_frequency: int = Field(2, ge=1)  # a pair merges only when it occurs this often
+    vocab_size: int = Field(ge=257, le=1 << 20)  # every token: 256 bytes + merges + special tokens
+    pattern: Literal["gpt2", "gpt4"]  # pre-tokenization regex (tiktoken's r50k / cl100k)
+    special_tokens: list[str]  # ids after the merges, in this order
+    sample_bytes: int = Field(ge=1)  # training text read (streamed), held-out chunks excluded
+    heldout_every: int = Field(ge=2)  # every n-th 1 KB chunk is held out for the report
+    heldout_bytes: int = Field(ge=1)  # at most this much held-out text is kept
+    min_frequency: int = Field(ge=1)  # a pair merges only when it occurs this often
 
     @field_validator("special_tokens")
     @classmethod

@@ -21,11 +21,12 @@ from llmpipe.data import TokenizerParams
 from llmpipe.models import load_base_model
 from llmpipe.training import TrainingOutputs
 from steps import adapt_pretrain as ap
+from tests.params_values import params_file, params_for
 from tests.trainer_params import trainer_params
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("LLMPIPE_MIRROR") or REPO.parent / "shared" / "data")
-TOKENIZER = TokenizerParams(encoding_dir=str(MIRROR / "gpt2"))
+TOKENIZER = params_for(TokenizerParams, encoding_dir=str(MIRROR / "gpt2"))
 
 TRAIN = ["see you at lunch", "WINNER! claim your FREE prize now", "ok i will call you later", "Txt STOP to end"]
 VALIDATION = ["are we still on for tonight?", "URGENT! your mobile won a 2000 cash award"]
@@ -55,7 +56,7 @@ def write_task(root: Path, train: list[str] = TRAIN) -> Path:
 
 def test_the_corpus_never_holds_a_validation_or_test_text(tmp_path: Path) -> None:
     data = write_task(tmp_path, train=[*TRAIN, "OK  lor"])  # a training text equal to a test text
-    corpus, counts = ap.build_corpus(data, ap.CorpusParams(val_frac=0.2))
+    corpus, counts = ap.build_corpus(data, params_for(ap.CorpusParams, val_frac=0.2))
     texts = corpus["train"] + corpus["val"]
     held_out = {ap.text_key(t) for t in VALIDATION + TEST}
     assert not {ap.text_key(t) for t in texts} & held_out
@@ -63,7 +64,7 @@ def test_the_corpus_never_holds_a_validation_or_test_text(tmp_path: Path) -> Non
     assert len(texts) == len(set(texts))  # "see you at lunch" in train and discarded, once in the corpus
     assert counts["train_split_excluded_held_out"] == 1 and counts["discarded_excluded_held_out"] == 2
     assert (counts["train_messages"], counts["val_messages"]) == (5, 1)
-    only_train, _ = ap.build_corpus(data, ap.CorpusParams(discarded=False, val_frac=0.2))
+    only_train, _ = ap.build_corpus(data, params_for(ap.CorpusParams, discarded=False, val_frac=0.2))
     assert sorted(only_train["train"] + only_train["val"]) == sorted(TRAIN)
 
 
@@ -79,9 +80,9 @@ def test_no_held_out_text_of_a_balanced_split_reaches_the_corpus(tmp_path: Path)
         encoding="utf-8",
     )
     data = tmp_path / "spam"
-    counts = build_spam_dataset(source, data, tmp_path / "report.json", SpamDataParams())
+    counts = build_spam_dataset(source, data, tmp_path / "report.json", params_for(SpamDataParams))
     assert counts["discarded"] == {"ham": len(ham) - len(spam), "spam": 0}
-    corpus, _ = ap.build_corpus(data, ap.CorpusParams(val_frac=0.1))
+    corpus, _ = ap.build_corpus(data, params_for(ap.CorpusParams, val_frac=0.1))
     held_out = {ap.text_key(t) for split in ("validation", "test") for t in pd.read_csv(data / f"{split}.csv")["Text"]}
     kept = {ap.text_key(t) for t in corpus["train"] + corpus["val"]}
     assert held_out and not kept & held_out
@@ -148,11 +149,13 @@ def test_main_names_a_bad_discarded_file_and_writes_no_model(tmp_path: Path) -> 
     params = tmp_path / "params.yaml"
     params.write_text(
         yaml.safe_dump(
-            {
-                ap.STAGE: trainer_params(ap.AdaptPretrainParams).model_dump(),
-                "tokenizer": TOKENIZER.model_dump(),
-                "distributed": {"nproc_per_node": 1},
-            }
+            params_file(
+                {
+                    ap.STAGE: trainer_params(ap.AdaptPretrainParams).model_dump(),
+                    "tokenizer": TOKENIZER.model_dump(),
+                    "distributed": {"nproc_per_node": 1},
+                }
+            )
         )
     )
     with pytest.raises(SystemExit, match=r"adapt_pretrain: error: .*discarded.csv: missing column 'Text'"):

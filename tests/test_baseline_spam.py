@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from llmpipe.stats import ComparisonParams
 from steps import baseline_spam as bl
+from tests.params_values import params_file, params_for
 
 HAM = [
     "see you at lunch",
@@ -32,7 +34,8 @@ SPAM = [
     "Claim your free cash prize, text CLAIM to 80082",
     "URGENT: call now to claim your award",
 ]
-PARAMS = bl.BaselineParams(
+PARAMS = params_for(
+    bl.BaselineParams,
     word_ngrams=[1, 1],
     char_ngrams=[2, 3],
     grid={"classifier": ["logistic_regression", "linear_svm"], "C": [0.01, 10.0]},
@@ -69,6 +72,7 @@ def run(tmp_path: Path, data_dir: Path, params: bl.BaselineParams = PARAMS, name
         metrics_out=tmp_path / name / "baseline.json",
         headline_out=tmp_path / name / "headline.json",
         predictions_out=tmp_path / name / "predictions.csv",
+        comparison=params_for(ComparisonParams),
     )
     return report, json.loads((tmp_path / name / "headline.json").read_text())
 
@@ -111,7 +115,7 @@ def test_test_labels_never_change_the_choice(tmp_path: Path) -> None:
 
 def test_ties_keep_the_earlier_grid_point(tmp_path: Path) -> None:
     params = PARAMS.model_copy(
-        update={"grid": bl.BaselineGrid(classifier=["linear_svm", "logistic_regression"], C=[10.0])}
+        update={"grid": params_for(bl.BaselineGrid, classifier=["linear_svm", "logistic_regression"], C=[10.0])}
     )
     report, _ = run(tmp_path, write_splits(tmp_path / "data", spam_rows()), params)
     assert [row["validation_accuracy"] for row in report["grid"]] == [1.0, 1.0]
@@ -145,7 +149,9 @@ def test_more_than_two_classes(tmp_path: Path) -> None:
 def test_a_bad_split_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     data_dir = write_splits(tmp_path / "data", spam_rows())
     (data_dir / "validation.csv").write_text("label,Text\n0,hello\n")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({bl.STAGE: PARAMS.model_dump(), "comparison": {}}))
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump(params_file({bl.STAGE: PARAMS.model_dump(), "comparison": {}}))
+    )
     with pytest.raises(SystemExit, match=r"baseline_spam: error: .*validation.csv: missing column\(s\) \['Label'\]"):
         bl.main(
             [
@@ -166,6 +172,6 @@ def test_a_bad_split_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
 
 def test_grid_params_are_checked() -> None:
     with pytest.raises(ValueError, match="greater than 0"):
-        bl.BaselineGrid(C=[0.0])
+        params_for(bl.BaselineGrid, C=[0.0])
     with pytest.raises(ValueError, match="min n <= max n"):
-        bl.BaselineParams(char_ngrams=[5, 2])
+        params_for(bl.BaselineParams, char_ngrams=[5, 2])

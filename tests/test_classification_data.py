@@ -18,14 +18,16 @@ from llmcore.classifier import load_classifier
 from llmcore.config import GPTConfig
 from llmcore.model import GPTModel
 from llmpipe.data import DataError, TokenizerParams
+from llmpipe.stats import ComparisonParams
 from steps import build_spam_dataset as data_stage
 from steps import finetune_classifier as ft
 from steps import score_spam
+from tests.params_values import params_for
 from tests.trainer_params import trainer_params
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("LLMPIPE_MIRROR") or REPO.parent / "shared" / "data")
-TOKENIZER = TokenizerParams(encoding_dir=str(MIRROR / "gpt2"))
+TOKENIZER = params_for(TokenizerParams, encoding_dir=str(MIRROR / "gpt2"))
 
 pytestmark = pytest.mark.skipif(not MIRROR.is_dir(), reason=f"offline mirror {MIRROR} not found")
 
@@ -70,7 +72,7 @@ def rows(repeat: int = 2) -> pd.DataFrame:
 
 def params(**changes) -> data_stage.SpamDataParams:
     base = {"format": "csv", "text_column": "review", "label_column": "topic", "labels": None, "split": "stratified"}
-    return data_stage.SpamDataParams(**{**base, **changes})
+    return params_for(data_stage.SpamDataParams, **{**base, **changes})
 
 
 def build(tmp_path: Path, source: Path, settings: data_stage.SpamDataParams) -> dict:
@@ -273,7 +275,7 @@ def test_a_three_class_model_follows_the_datas_labels(three_classes: Path) -> No
 
 def test_a_three_class_model_scores_per_class_with_macro_f1(three_classes: Path) -> None:
     metrics = score_spam.score_spam(
-        score_spam.ScoreSpamParams(device="cpu"),
+        params_for(score_spam.ScoreSpamParams, device="cpu"),
         model_dir=three_classes / "clf",
         data_dir=three_classes / "data",
         metrics_out=three_classes / "spam.json",
@@ -281,6 +283,7 @@ def test_a_three_class_model_scores_per_class_with_macro_f1(three_classes: Path)
         plots_dir=three_classes / "plots",
         predictions_out=three_classes / "predictions.csv",
         tokenizer_params=TOKENIZER,
+        comparison=params_for(ComparisonParams),
     )
     test = metrics["test"]
     assert set(test["per_class"]) == {"food", "sport", "weather"} and len(test["confusion"]) == 3
@@ -312,7 +315,7 @@ def test_a_label_the_classifier_does_not_know_fails_scoring(three_classes: Path,
     (data / "labels.json").write_text(json.dumps({"labels": ["food", "sport", "travel"]}))
     with pytest.raises(DataError, match=r"train\.csv row \d+: label 'travel' is not one the classifier knows"):
         score_spam.score_spam(
-            score_spam.ScoreSpamParams(device="cpu"),
+            params_for(score_spam.ScoreSpamParams, device="cpu"),
             model_dir=three_classes / "clf",
             data_dir=data,
             metrics_out=tmp_path / "m.json",
@@ -320,5 +323,6 @@ def test_a_label_the_classifier_does_not_know_fails_scoring(three_classes: Path,
             plots_dir=tmp_path,
             predictions_out=tmp_path / "p.csv",
             tokenizer_params=TOKENIZER,
+            comparison=params_for(ComparisonParams),
         )
     assert not (tmp_path / "m.json").exists() and not (tmp_path / "p.csv").exists()

@@ -21,6 +21,7 @@ from pipelines import compare
 from pipelines.summary import baseline_comparison, baseline_line
 from steps import baseline_spam as bl
 from steps.build_spam_dataset import SpamDataParams, build_spam_dataset
+from tests.params_values import params_for
 
 GRID = {"classifier": ["linear_svm"], "C": [1.0]}
 
@@ -31,7 +32,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> dict[str, Pa
     root = tmp_path_factory.mktemp("compare")
     with zipfile.ZipFile(mirror / "sms+spam+collection.zip") as archive:
         (root / "SMSSpamCollection").write_bytes(archive.read("SMSSpamCollection"))
-    build_spam_dataset(root / "SMSSpamCollection", root / "data", root / "spam_data.json", SpamDataParams())
+    build_spam_dataset(root / "SMSSpamCollection", root / "data", root / "spam_data.json", params_for(SpamDataParams))
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     for name in ("LLMPIPE_MLFLOW_PARENT_RUN_ID", "LLMPIPE_MLFLOW_EXPERIMENT"):
@@ -45,13 +46,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> dict[str, Pa
             "broken": {"seed": 1, "grid": {"classifier": ["linear_svm"], "C": [1e-5]}},
         }
         for name, update in configs.items():
-            params = bl.BaselineParams(**{"grid": GRID, **update})
+            params = params_for(bl.BaselineParams, **{"grid": GRID, **update})
             bl.baseline_spam(
                 params,
                 data_dir=root / "data",
                 metrics_out=root / name / "report.json",
                 headline_out=root / name / "headline.json",
                 predictions_out=root / name / "predictions.csv",
+                comparison=params_for(ComparisonParams),
             )
             out[name] = root / name / "predictions.csv"
     finally:
@@ -60,14 +62,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> dict[str, Pa
 
 
 def test_two_seeds_of_one_configuration_are_not_significant(runs: dict[str, Path]) -> None:
-    result, lines = compare.compare(str(runs["seed1"]), str(runs["seed2"]), params=ComparisonParams())
+    result, lines = compare.compare(str(runs["seed1"]), str(runs["seed2"]), params=params_for(ComparisonParams))
     assert result.n == 300 and not result.significant()
     assert "not significant at 5%" in lines[3]
     assert result.interval.low <= 0 <= result.interval.high
 
 
 def test_a_broken_configuration_is_significantly_worse_and_the_p_value_is_mcnemars(runs: dict[str, Path]) -> None:
-    result, lines = compare.compare(str(runs["broken"]), str(runs["seed1"]), params=ComparisonParams())
+    result, lines = compare.compare(str(runs["broken"]), str(runs["seed1"]), params=params_for(ComparisonParams))
     assert result.significant() and result.difference < 0 and result.interval.high < 0
     assert "A − B: −" in lines[3] and ": significant at 5%" in lines[3] and "McNemar p = " in lines[3]
     a = pd.read_csv(runs["broken"]).query("split == 'test'")["correct"].to_numpy()
@@ -79,7 +81,7 @@ def test_a_broken_configuration_is_significantly_worse_and_the_p_value_is_mcnema
     assert result.p_value == pytest.approx(mcnemar(table, exact=True).pvalue)
     assert result.difference == pytest.approx(a.mean() - b.mean())
     validation, _ = compare.compare(
-        str(runs["broken"]), str(runs["seed1"]), split="validation", params=ComparisonParams()
+        str(runs["broken"]), str(runs["seed1"]), split="validation", params=params_for(ComparisonParams)
     )
     assert validation.n == 149
 

@@ -17,10 +17,11 @@ from steps import tokenize
 from steps.data import corpus
 from steps.data.shards import ShardWriter
 from steps.data.windows import load_token_shards
+from tests.params_values import params_file, params_for
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("LLMPIPE_MIRROR") or REPO.parent / "shared" / "data")
-TOKENIZER = TokenizerParams(encoding_dir=str(MIRROR / "gpt2"))
+TOKENIZER = params_for(TokenizerParams, encoding_dir=str(MIRROR / "gpt2"))
 
 pytestmark = pytest.mark.skipif(not MIRROR.is_dir(), reason=f"offline mirror {MIRROR} not found")
 
@@ -34,7 +35,12 @@ def ids(text: str) -> list[int]:
 def run(root: Path, tmp: Path, **params) -> tuple[list[int], dict, dict]:
     """Tokenize ``root``; the tokens, the shards' meta.json and the metrics."""
     metrics = tokenize.tokenize_corpus(
-        root, tmp / "tokens", tmp / "metrics.json", tokenize.CorpusParams(**params), TOKENIZER, tmp / "state"
+        root,
+        tmp / "tokens",
+        tmp / "metrics.json",
+        params_for(tokenize.CorpusParams, **params),
+        TOKENIZER,
+        tmp / "state",
     )
     tokens, meta = load_token_shards(tmp / "tokens")
     return tokens[0 : len(tokens)].tolist(), meta, metrics
@@ -232,7 +238,7 @@ def test_the_stage_prints_each_skip_as_one_line(tmp_path: Path) -> None:
     write(root / "good.txt", DOCS[0])
     (root / "loop.txt").symlink_to("loop.txt")
     params = tmp_path / "params.yaml"
-    params.write_text(json.dumps({"tokenizer": TOKENIZER.model_dump(), "corpus": {"root": str(root)}}))
+    params.write_text(json.dumps(params_file({"tokenizer": TOKENIZER.model_dump(), "corpus": {"root": str(root)}})))
     done = subprocess.run(
         [
             sys.executable,
@@ -260,11 +266,13 @@ def test_the_stage_prints_each_skip_as_one_line(tmp_path: Path) -> None:
 
 def test_corpus_params_and_cli(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="relative glob"):
-        tokenize.CorpusParams(include=["../elsewhere/*.txt"])
+        params_for(tokenize.CorpusParams, include=["../elsewhere/*.txt"])
     with pytest.raises(DataError, match="needs a directory"):
         corpus.corpus_files(MIRROR / "the-verdict.txt", ["*.txt"])
     params = tmp_path / "params.yaml"
-    params.write_text(json.dumps({"tokenizer": TOKENIZER.model_dump(), "corpus": {"root": str(tmp_path / "nope")}}))
+    params.write_text(
+        json.dumps(params_file({"tokenizer": TOKENIZER.model_dump(), "corpus": {"root": str(tmp_path / "nope")}}))
+    )
     with pytest.raises(SystemExit, match=r"^tokenize: error: corpus .*nope does not exist"):
         tokenize.main(
             [

@@ -26,16 +26,17 @@ from steps.data import datasets
 from steps.data.shards import ShardsMeta, read_shards_meta
 from steps.data.windows import load_token_shards, load_windows, read_windows_meta
 from steps.fetch import FetchSettings, Source
+from tests.params_values import params_file, params_for
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("LLMPIPE_MIRROR") or REPO.parent / "shared" / "data")
-TOKENIZER = TokenizerParams(encoding_dir=str(MIRROR / "gpt2"))
+TOKENIZER = params_for(TokenizerParams, encoding_dir=str(MIRROR / "gpt2"))
 
 pytestmark = pytest.mark.skipif(not MIRROR.is_dir(), reason=f"offline mirror {MIRROR} not found")
 
 
 def write_params(path: Path, **sections: dict) -> Path:
-    path.write_text(yaml.safe_dump({"tokenizer": TOKENIZER.model_dump(), **sections}))
+    path.write_text(yaml.safe_dump(params_file({"tokenizer": TOKENIZER.model_dump(), **sections})))
     return path
 
 
@@ -49,7 +50,7 @@ def verdict_tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
         MIRROR / "the-verdict.txt",
         root / "tokens",
         root / "tokenize.json",
-        tokenize.CorpusParams(),
+        params_for(tokenize.CorpusParams),
         TOKENIZER,
         root / "state",
     )
@@ -87,7 +88,7 @@ def test_tokenize_rejects_missing_and_empty_corpora(tmp_path: Path) -> None:
             tmp_path / "missing.txt",
             tmp_path / "t",
             tmp_path / "m.json",
-            tokenize.CorpusParams(),
+            params_for(tokenize.CorpusParams),
             TOKENIZER,
             tmp_path / "state",
         )
@@ -97,7 +98,7 @@ def test_tokenize_rejects_missing_and_empty_corpora(tmp_path: Path) -> None:
             tmp_path / "empty.txt",
             tmp_path / "t",
             tmp_path / "m.json",
-            tokenize.CorpusParams(),
+            params_for(tokenize.CorpusParams),
             TOKENIZER,
             tmp_path / "state",
         )
@@ -106,7 +107,7 @@ def test_tokenize_rejects_missing_and_empty_corpora(tmp_path: Path) -> None:
 
 def test_tokenize_cli_reports_a_bad_tokenizer_dir(tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"tokenizer": {"encoding_dir": str(tmp_path)}, "corpus": {}}))
+    params.write_text(yaml.safe_dump(params_file({"tokenizer": {"encoding_dir": str(tmp_path)}, "corpus": {}})))
     with pytest.raises(
         SystemExit,
         match=r"^tokenize: error: .*encoder\.json not found: the GPT-2 encoding needs encoder\.json and vocab\.bpe",
@@ -142,7 +143,9 @@ def assert_windows_equal(dataset, rows: np.ndarray) -> None:
 
 
 def test_windows_match_the_book_and_todays_output(verdict_tokens: Path, tmp_path: Path) -> None:
-    meta = windows.build_windows(verdict_tokens, tmp_path / "windows", tmp_path / "m.json", windows.WindowParams())
+    meta = windows.build_windows(
+        verdict_tokens, tmp_path / "windows", tmp_path / "m.json", params_for(windows.WindowParams)
+    )
     # The book: 9 train batches of 2 (drop_last) and 1 validation batch of 2.
     assert {k: meta[k] for k in ("n_train_windows", "n_val_windows", "train_tokens", "val_tokens")} == {
         "n_train_windows": 18,
@@ -161,7 +164,7 @@ def test_windows_match_the_book_and_todays_output(verdict_tokens: Path, tmp_path
 
 def test_the_windows_meta_is_typed_and_a_bad_one_is_named(verdict_tokens: Path, tmp_path: Path) -> None:
     """data/windows/meta.json is read back as steps.data.windows.WindowsMeta, not by string keys."""
-    windows.build_windows(verdict_tokens, tmp_path / "w", tmp_path / "m.json", windows.WindowParams())
+    windows.build_windows(verdict_tokens, tmp_path / "w", tmp_path / "m.json", params_for(windows.WindowParams))
     meta = read_windows_meta(tmp_path / "w")
     assert (meta.context_length, meta.n_train_windows, meta.tokens) == (256, 18, str(verdict_tokens))
     path = tmp_path / "w" / "meta.json"
@@ -183,7 +186,7 @@ def test_the_token_shards_meta_is_typed_and_a_bad_one_is_named(verdict_tokens: P
     with pytest.raises(
         DataError, match=r"meta.json: shards.0.tokens: Input should be greater than or equal to 0 \(rerun"
     ):
-        windows.build_windows(tmp_path / "t", tmp_path / "w", tmp_path / "m.json", windows.WindowParams())
+        windows.build_windows(tmp_path / "t", tmp_path / "w", tmp_path / "m.json", params_for(windows.WindowParams))
     path.write_text(json.dumps({**meta, "format": "something-else/2"}))
     with pytest.raises(DataError, match=r"meta.json: format: Input should be 'llmpipe-token-shards/1'"):
         read_shards_meta(tmp_path / "t")
@@ -191,7 +194,7 @@ def test_the_token_shards_meta_is_typed_and_a_bad_one_is_named(verdict_tokens: P
 
 
 def test_overlapping_windows_equal_todays(verdict_tokens: Path, tmp_path: Path) -> None:
-    params = windows.WindowParams(context_length=4, stride=1, train_ratio=0.5)
+    params = params_for(windows.WindowParams, context_length=4, stride=1, train_ratio=0.5)
     meta = windows.build_windows(verdict_tokens, tmp_path / "w", tmp_path / "m.json", params)
     assert meta["n_train_windows"] == 2568
     views = load_windows(tmp_path / "w", GPTConfig.from_preset("cpu-tiny", context_length=4))
@@ -204,12 +207,12 @@ def test_a_split_shorter_than_a_window_is_an_error(tmp_path: Path) -> None:
         tmp_path / "short.txt",
         tmp_path / "t",
         tmp_path / "tm.json",
-        tokenize.CorpusParams(),
+        params_for(tokenize.CorpusParams),
         TOKENIZER,
         tmp_path / "state",
     )
     with pytest.raises(DataError, match="val split has 30 tokens; one window of context_length=256 needs at least 257"):
-        windows.build_windows(tmp_path / "t", tmp_path / "w", tmp_path / "m.json", windows.WindowParams())
+        windows.build_windows(tmp_path / "t", tmp_path / "w", tmp_path / "m.json", params_for(windows.WindowParams))
     assert not (tmp_path / "w").exists()
 
 
@@ -255,7 +258,7 @@ def spam_tsv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_spam_dataset_matches_the_book(spam_tsv: Path, tmp_path: Path) -> None:
-    metrics = spam.build_spam_dataset(spam_tsv, tmp_path / "spam", tmp_path / "m.json", spam.SpamDataParams())
+    metrics = spam.build_spam_dataset(spam_tsv, tmp_path / "spam", tmp_path / "m.json", params_for(spam.SpamDataParams))
     assert metrics["source"] == {"ham": 4827, "spam": 747, "malformed_skipped": 0}
     sizes = {name: sum(metrics[name].values()) for name in spam.SPLITS}
     assert sizes == {"train": 1045, "validation": 149, "test": 300}
@@ -268,10 +271,10 @@ def test_spam_dataset_matches_the_book(spam_tsv: Path, tmp_path: Path) -> None:
         assert list(frame.columns) == ["Label", "Text"] and frame["Label"].dtype == np.int64
         assert frame["Label"].value_counts().to_dict() == {0: metrics[name]["ham"], 1: metrics[name]["spam"]}
     assert pd.concat(frames.values())["Text"].notna().all()
-    again = spam.build_spam_dataset(spam_tsv, tmp_path / "again", tmp_path / "m2.json", spam.SpamDataParams())
+    again = spam.build_spam_dataset(spam_tsv, tmp_path / "again", tmp_path / "m2.json", params_for(spam.SpamDataParams))
     assert again == metrics
     assert (tmp_path / "again" / "train.csv").read_bytes() == (tmp_path / "spam" / "train.csv").read_bytes()
-    spam.build_spam_dataset(spam_tsv, tmp_path / "other", tmp_path / "m3.json", spam.SpamDataParams(seed=1))
+    spam.build_spam_dataset(spam_tsv, tmp_path / "other", tmp_path / "m3.json", params_for(spam.SpamDataParams, seed=1))
     assert (tmp_path / "other" / "train.csv").read_bytes() != (tmp_path / "spam" / "train.csv").read_bytes()
 
 
@@ -293,13 +296,13 @@ def small_tsv(path: Path, extra_lines: list[str]) -> Path:
 def test_malformed_lines_name_the_line(tmp_path: Path, bad_line: str, reason: str) -> None:
     tsv = small_tsv(tmp_path / "sms.tsv", [bad_line])
     with pytest.raises(DataError, match=f"sms.tsv line 3: {reason} \\(1 malformed row"):
-        spam.build_spam_dataset(tsv, tmp_path / "out", tmp_path / "m.json", spam.SpamDataParams())
+        spam.build_spam_dataset(tsv, tmp_path / "out", tmp_path / "m.json", params_for(spam.SpamDataParams))
     assert not (tmp_path / "out").exists()
 
 
 def test_malformed_lines_can_be_skipped_and_counted(tmp_path: Path) -> None:
     tsv = small_tsv(tmp_path / "sms.tsv", ["no tab", "eggs\tunknown label", "spam\ta\ttab inside"])
-    params = spam.SpamDataParams(on_malformed="skip")
+    params = params_for(spam.SpamDataParams, on_malformed="skip")
     metrics = spam.build_spam_dataset(tsv, tmp_path / "out", tmp_path / "m.json", params)
     assert metrics["source"] == {"ham": 20, "spam": 11, "malformed_skipped": 2}
     texts = pd.concat(pd.read_csv(tmp_path / "out" / f"{n}.csv") for n in spam.SPLITS)["Text"]
@@ -327,7 +330,7 @@ def instruction_entries() -> list[dict]:
 
 
 def test_instruction_dataset_matches_the_book(tmp_path: Path, instruction_entries: list[dict]) -> None:
-    params = instr.InstructionDataParams()
+    params = params_for(instr.InstructionDataParams)
     metrics = instr.build_instruction_dataset(
         MIRROR / "instruction-data.json", tmp_path / "out", tmp_path / "m.json", params, TOKENIZER
     )
@@ -340,8 +343,8 @@ def test_instruction_dataset_matches_the_book(tmp_path: Path, instruction_entrie
 
 
 def test_instruction_shuffle_is_seeded(instruction_entries: list[dict]) -> None:
-    shuffled = instr.split_entries(instruction_entries, instr.InstructionDataParams(shuffle=True, seed=1))
-    again = instr.split_entries(instruction_entries, instr.InstructionDataParams(shuffle=True, seed=1))
+    shuffled = instr.split_entries(instruction_entries, params_for(instr.InstructionDataParams, shuffle=True, seed=1))
+    again = instr.split_entries(instruction_entries, params_for(instr.InstructionDataParams, shuffle=True, seed=1))
     assert shuffled == again and shuffled["train"] != instruction_entries[:935]
     assert sorted(map(json.dumps, sum(shuffled.values(), []))) == sorted(map(json.dumps, instruction_entries))
 
@@ -375,7 +378,9 @@ def test_instruction_cli_errors(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="(?s)instruction_data: .*must be < 1"):
         instr.main(["--params", str(params)])
     with pytest.raises(DataError, match="3 entries leave the test split"):
-        instr.split_entries([{"instruction": "a", "input": "", "output": "b"}] * 3, instr.InstructionDataParams())
+        instr.split_entries(
+            [{"instruction": "a", "input": "", "output": "b"}] * 3, params_for(instr.InstructionDataParams)
+        )
 
 
 def test_prompt_format_is_the_books() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from llmcore.model import GPTModel
 from llmcore.train import TrainCallback, TrainConfig, TrainState, train
 from llmpipe.distributed import DistributedParams, load_distributed_params, torchrun_command
 from llmpipe.params import ParamsError
+from tests.params_values import params_for, values_for
 from tests.trainer_params import train_config
 
 WORLD = 2
@@ -259,7 +261,7 @@ def test_bad_distributed_params_name_the_key(section, problem):
 
 
 def test_multi_node_command_uses_a_static_rendezvous_on_node_0():
-    params = DistributedParams(nproc_per_node=8, nnodes=2, node_rank=1, rdzv_endpoint="node0.lan:29400")
+    params = params_for(DistributedParams, nproc_per_node=8, nnodes=2, node_rank=1, rdzv_endpoint="node0.lan:29400")
     command = torchrun_command("steps.pretrain", ["--params", "p.yaml"], params)
     assert command[1:] == [
         "-m",
@@ -284,7 +286,8 @@ def test_multi_node_command_uses_a_static_rendezvous_on_node_0():
 def test_stage_relaunches_itself_under_torchrun_and_fails_when_a_rank_fails(tmp_path, repo_root):
     (tmp_path / "ddp_probe.py").write_text(PROBE)
     params = tmp_path / "params.yaml"
-    params.write_text("distributed:\n  nproc_per_node: 2\n  backend: gloo\n  timeout_s: 60\n")
+    section = values_for(DistributedParams, nproc_per_node=2, backend="gloo", timeout_s=60)
+    params.write_text(json.dumps({"distributed": section}))  # JSON is YAML
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(repo_root)])}
     env.pop("RANK", None)
     done = subprocess.run(

@@ -24,12 +24,13 @@ from steps.fetch import (
     location_kind,
     main,
 )
+from tests.params_values import params_for
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("LLMPIPE_MIRROR") or REPO.parent / "shared" / "data")
 VERDICT_SHA256 = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
 SPAM_MEMBER_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
-FAST = FetchSettings(connect_timeout_s=2, read_timeout_s=2, retries=2, backoff_factor=0)
+FAST = params_for(FetchSettings, connect_timeout_s=2, read_timeout_s=2, retries=2, backoff_factor=0)
 
 pytestmark = pytest.mark.skipif(not MIRROR.is_dir(), reason=f"offline mirror {MIRROR} not found")
 

@@ -25,6 +25,7 @@ from steps import finetune_instruct as ft
 from steps import score_instructions as score
 from steps.load_base import load_base_stage
 from tests.bases_helpers import hf_model, save_family_tokenizer, save_hf
+from tests.params_values import params_for
 from tests.trainer_params import trainer_params
 
 transformers = pytest.importorskip("transformers")
@@ -75,7 +76,7 @@ def base(request, tmp_path_factory, mlflow_store) -> tuple[str, Path]:
     family, root = request.param, tmp_path_factory.mktemp(request.param)
     save_hf(hf_model(family, vocab=320), root / "hf")
     save_family_tokenizer(root / "hf", family)
-    load_base_stage(BaseModelSectionParams(dir="x", source=str(root / "hf")), root / "base")
+    load_base_stage(params_for(BaseModelSectionParams, dir="x", source=str(root / "hf")), root / "base")
     (root / "data").mkdir()
     for split, part in {"train": ENTRIES, "validation": ENTRIES[:2], "test": ENTRIES[1:3]}.items():
         (root / "data" / f"{split}.json").write_text(json.dumps(part))
@@ -87,7 +88,7 @@ def base(request, tmp_path_factory, mlflow_store) -> tuple[str, Path]:
 def finetuned(base) -> tuple[str, Path, dict]:
     family, root = base
     metrics = ft.finetune_instruct(
-        trainer_params(ft.FinetuneInstructParams, **FT_PARAMS), TokenizerParams(), **paths(root, "instruct")
+        trainer_params(ft.FinetuneInstructParams, **FT_PARAMS), params_for(TokenizerParams), **paths(root, "instruct")
     )
     return family, root, metrics
 
@@ -170,21 +171,22 @@ def test_score_and_the_registered_pyfunc_answer_in_the_chat_template(finetuned) 
     import mlflow
 
     family, root, _ = finetuned
-    params = score.ScoreInstructionsParams(
+    params = params_for(
+        score.ScoreInstructionsParams,
         max_new_tokens=4,
         batch_size=2,
         device="cpu",
-        judge=JudgeParams(url="http://127.0.0.1:9", connect_retries=0, backoff_factor=0),
+        judge=params_for(JudgeParams, url="http://127.0.0.1:9", connect_retries=0, backoff_factor=0),
     )
     metrics = score.score_instructions(
         params,
-        TokenizerParams(),
+        params_for(TokenizerParams),
         model_dir=root / "instruct",
         test_file=root / "data" / "test.json",
         responses_out=root / "responses.json",
         metrics_out=root / "scores.json",
         headline_out=root / "headline.json",
-        comparison=ComparisonParams(bootstrap_samples=100),
+        comparison=params_for(ComparisonParams, bootstrap_samples=100),
     )
     assert metrics["n_entries"] == 2 and metrics["response_tokens"] > 0 and metrics["validation_response_loss"] > 0
     model, tokenizer = load_checkpoint(root / "instruct").eval(), HFTokenizer(root / "instruct")
@@ -255,9 +257,9 @@ def test_interrupted_lora_finetune_resumes_to_the_same_weights(finetuned, monkey
     with monkeypatch.context() as patch:
         patch.setattr(ft, "SampleResponses", lambda *a: Crash())
         with pytest.raises(KeyboardInterrupt):
-            ft.finetune_instruct(params, TokenizerParams(), **resumed)
+            ft.finetune_instruct(params, params_for(TokenizerParams), **resumed)
     assert resumed["cache_dir"].is_dir() and not resumed["out_dir"].exists()
-    again = ft.finetune_instruct(params, TokenizerParams(), **resumed)
+    again = ft.finetune_instruct(params, params_for(TokenizerParams), **resumed)
     a, b = load_checkpoint(resumed["out_dir"]).state_dict(), load_checkpoint(root / "instruct").state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert again["val_loss"] == pytest.approx(metrics["val_loss"], abs=1e-6)
@@ -268,7 +270,7 @@ def test_a_trained_tokenizer_setting_contradicting_the_base_is_a_one_line_error(
     with pytest.raises(BaseModelError, match="tokenizer.source is 'trained'"):
         ft.finetune_instruct(
             trainer_params(ft.FinetuneInstructParams, **FT_PARAMS),
-            TokenizerParams(source="trained"),
+            params_for(TokenizerParams, source="trained"),
             **paths(root, "refused"),
         )
     assert not (root / "refused").exists()
@@ -316,6 +318,7 @@ def test_classifier_on_a_base_reads_its_last_token_and_answers_llm_classify(base
         history_out=root / "c.csv",
         plots_dir=root / "plots",
         cache_dir=root / ".cache" / "classifier",
+        tokenizer_params=params_for(TokenizerParams),
     )
     assert metrics["steps"] == 2 and 0.0 <= metrics["val_accuracy"] <= 1.0
     model = load_classifier(root / "classifier")

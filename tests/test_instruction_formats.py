@@ -23,11 +23,12 @@ from steps import finetune_instruct as ft
 from steps import score_instructions as score
 from steps.data.datasets import load_entries
 from tests.fake_ollama import closed_port_url
+from tests.params_values import params_file, params_for
 from tests.trainer_params import TEST_TRAINING
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("LLMPIPE_MIRROR") or REPO.parent / "shared" / "data")
-TOKENIZER = TokenizerParams(encoding_dir=str(MIRROR / "gpt2"))
+TOKENIZER = params_for(TokenizerParams, encoding_dir=str(MIRROR / "gpt2"))
 
 pytestmark = pytest.mark.skipif(not MIRROR.is_dir(), reason=f"offline mirror {MIRROR} not found")
 
@@ -182,7 +183,7 @@ def chat_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         },
         "comparison": {"confidence": 0.95, "bootstrap_samples": 200, "seed": 1, "promote_alpha": 0.05},
     }
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "params.yaml").write_text(yaml.safe_dump(params_file(params)))
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     for name in ("LLMPIPE_MLFLOW_PARENT_RUN_ID", "LLMPIPE_MLFLOW_EXPERIMENT"):

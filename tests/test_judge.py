@@ -16,6 +16,7 @@ from llmpipe.judge import (
     parse_score,
 )
 from tests.fake_ollama import FakeOllama, Responder, closed_port_url, ollama_reply
+from tests.params_values import params_for
 
 ENTRY = {"instruction": "Name a primary color.", "input": "", "output": "Red."}
 
@@ -34,7 +35,7 @@ def fake_ollama() -> Iterator[Callable[[Responder], FakeOllama]]:
 
 
 def params(url: str, **overrides) -> JudgeParams:
-    return JudgeParams(url=url, backoff_factor=0, connect_timeout_s=2, read_timeout_s=5, **overrides)
+    return params_for(JudgeParams, url=url, backoff_factor=0, connect_timeout_s=2, read_timeout_s=5, **overrides)
 
 
 def test_parse_score_accepts_only_integers_0_to_100() -> None:

@@ -27,6 +27,7 @@ from steps.data.datasets import load_preference_entries
 from steps.data.preferences import load_pairs
 from tests.conftest import in_stage_workspace, stage_argv
 from tests.fake_ollama import closed_port_url
+from tests.params_values import params_file, params_for
 from tests.trainer_params import TEST_TRAINING
 
 
@@ -69,7 +70,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> Path:
         },
         "comparison": {"bootstrap_samples": 200},
     }
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "params.yaml").write_text(yaml.safe_dump(params_file(params)))
     return root
 
 
@@ -114,8 +115,8 @@ def test_the_books_file_splits_85_10_5_in_file_order_as_the_instruction_data(tmp
         mirror / "instruction-data-with-preference.json",
         tmp_path / "out",
         tmp_path / "m.json",
-        build.PreferenceDataParams(),
-        TokenizerParams(encoding_dir=str(mirror / "gpt2")),
+        params_for(build.PreferenceDataParams),
+        params_for(TokenizerParams, encoding_dir=str(mirror / "gpt2")),
     )
     assert [metrics[s]["chosen"]["entries"] for s in ("train", "test", "validation")] == [935, 110, 55]
     assert sum(metrics[s]["identical_pairs"] for s in metrics) == 6  # the book's file has 6 chosen == rejected
@@ -180,7 +181,9 @@ def test_a_bad_entry_through_main_is_one_line_and_writes_nothing(tmp_path: Path,
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(json.dumps(e) for e in good[:5]) + '\n{"instruction": "x", "input": "", "chosen": "y"}\n')
     params = tmp_path / "p.yaml"
-    params.write_text(yaml.safe_dump({"tokenizer": {"encoding_dir": str(mirror / "gpt2")}, "preference_data": {}}))
+    params.write_text(
+        yaml.safe_dump(params_file({"tokenizer": {"encoding_dir": str(mirror / "gpt2")}, "preference_data": {}}))
+    )
     with pytest.raises(SystemExit) as exc:
         build.main(
             [
@@ -249,7 +252,7 @@ def test_interrupted_dpo_resumes_to_the_same_weights(tuned: Path, in_workspace: 
         plots_dir=in_workspace / "rplots",
         cache_dir=in_workspace / ".cache" / "resume",
     )
-    tokenizer = TokenizerParams(**read_params("params.yaml")["tokenizer"])
+    tokenizer = params_for(TokenizerParams, **read_params("params.yaml")["tokenizer"])
     original = tracking.MlflowCallback.on_step_end
 
     def crash_after_the_step_8_state(self, state, metrics) -> None:
@@ -272,7 +275,7 @@ def test_interrupted_dpo_resumes_to_the_same_weights(tuned: Path, in_workspace: 
 
 def test_lora_trains_adapters_only_and_saves_a_plain_model(prepared: Path, in_workspace: Path) -> None:
     params = tune_params().model_copy(update={"trainable": "lora", "epochs": 1})
-    tokenizer = TokenizerParams(**read_params("params.yaml")["tokenizer"])
+    tokenizer = params_for(TokenizerParams, **read_params("params.yaml")["tokenizer"])
     metrics = tune.preference_tune(
         params,
         tokenizer,

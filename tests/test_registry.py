@@ -26,11 +26,12 @@ from llmpipe.registry import (
     version_of_run,
 )
 from llmpipe.stats import ComparisonParams
+from tests.params_values import params_for
 from tests.repo_copy import closed_port
 
 REPO = Path(__file__).resolve().parents[1]
 N = 149  # the spam validation split's size
-PARAMS = ComparisonParams()
+PARAMS = params_for(ComparisonParams)
 
 
 @pytest.fixture
@@ -179,7 +180,8 @@ RACE = textwrap.dedent("""
     correct = [0 if i < errors else 1 for i in range(149)]
     scoring = registry.Scoring("validation", "accuracy", sum(correct) / 149, correct, "valdigest000", binary=True)
     time.sleep(max(0.0, start - time.time()))
-    print(registry.promote_if_better(name, version, run_id, scoring, ComparisonParams()).describe(name, "accuracy"))
+    comparison = ComparisonParams(confidence=0.95, bootstrap_samples=2000, seed=123, promote_alpha=0.05)
+    print(registry.promote_if_better(name, version, run_id, scoring, comparison).describe(name, "accuracy"))
 """)
 
 

@@ -24,6 +24,7 @@ from steps import finetune_instruct as ft
 from steps import score_instructions as score
 from tests.conftest import in_stage_workspace, stage_argv
 from tests.fake_ollama import FakeOllama, closed_port_url, ollama_reply
+from tests.params_values import params_file, params_for
 from tests.trainer_params import TEST_TRAINING
 
 
@@ -60,7 +61,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> Path:
         },
         "comparison": {"bootstrap_samples": 200},
     }
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "params.yaml").write_text(yaml.safe_dump(params_file(params)))
     return root
 
 
@@ -103,7 +104,7 @@ def with_judge(workspace: Path, name: str, **judge) -> str:
     """A copy of the workspace params with other judge settings."""
     data = read_params(workspace / "params.yaml")
     data["score_instructions"]["judge"].update(judge)
-    (workspace / name).write_text(yaml.safe_dump(data))
+    (workspace / name).write_text(yaml.safe_dump(params_file(data)))
     return name
 
 
@@ -148,7 +149,7 @@ def test_finetune_logs_losses_and_sample_responses_to_mlflow(finetuned: Path, in
 
 def test_interrupted_finetune_resumes_to_the_same_weights(finetuned: Path, in_workspace: Path, monkeypatch) -> None:
     params = validate_section(read_params("params.yaml"), "finetune_instruct", ft.FinetuneInstructParams)
-    tokenizer = TokenizerParams(**read_params("params.yaml")["tokenizer"])
+    tokenizer = params_for(TokenizerParams, **read_params("params.yaml")["tokenizer"])
     paths = dict(
         base_model=in_workspace / "base",
         data_dir=in_workspace / "data",

@@ -19,14 +19,16 @@ from llmcore.tokenizer import get_tokenizer
 from llmpipe import models
 from llmpipe.data import DataError, TokenizerParams
 from llmpipe.scoring import classification_metrics
+from llmpipe.stats import ComparisonParams
 from steps import finetune_classifier as ft
 from steps import score_spam
 from steps.data import datasets
+from tests.params_values import params_file, params_for
 from tests.trainer_params import TEST_TRAINING, trainer_params
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("LLMPIPE_MIRROR") or REPO.parent / "shared" / "data")
-TOKENIZER = TokenizerParams(encoding_dir=str(MIRROR / "gpt2"))
+TOKENIZER = params_for(TokenizerParams, encoding_dir=str(MIRROR / "gpt2"))
 
 pytestmark = pytest.mark.skipif(not MIRROR.is_dir(), reason=f"offline mirror {MIRROR} not found")
 
@@ -211,7 +213,12 @@ def test_the_same_params_and_seed_give_identical_weights_and_metrics(
     from pipelines.compare import compare
 
     monkeypatch.setenv("LLMCORE_GPT2_ENCODING_DIR", TOKENIZER.encoding_dir)
-    same, lines = compare(str(workspace / "clf"), str(workspace / "again" / "clf"), data_dir=workspace / "data")
+    same, lines = compare(
+        str(workspace / "clf"),
+        str(workspace / "again" / "clf"),
+        data_dir=workspace / "data",
+        params=params_for(ComparisonParams),
+    )
     assert same.n == 6 and same.difference == 0 and same.p_value == 1.0 and "not significant at 5%" in lines[3]
 
 
@@ -246,7 +253,7 @@ def test_score_spam_writes_metrics_and_confusion_plots(workspace: Path, finetune
     import mlflow
 
     metrics = score_spam.score_spam(
-        score_spam.ScoreSpamParams(device="cpu"),
+        params_for(score_spam.ScoreSpamParams, device="cpu"),
         model_dir=workspace / "clf",
         data_dir=workspace / "data",
         metrics_out=workspace / "reports" / "spam.json",
@@ -254,6 +261,7 @@ def test_score_spam_writes_metrics_and_confusion_plots(workspace: Path, finetune
         plots_dir=workspace / "plots",
         predictions_out=workspace / "reports" / "predictions.csv",
         tokenizer_params=TOKENIZER,
+        comparison=params_for(ComparisonParams),
     )
     assert json.loads((workspace / "reports" / "spam.json").read_text()) == metrics
     headline = json.loads((workspace / "metrics" / "spam.json").read_text())
@@ -364,12 +372,14 @@ def test_base_without_gpt2_weights_fails_clearly(workspace: Path, tmp_path: Path
     params = tmp_path / "params.yaml"
     params.write_text(
         yaml.safe_dump(
-            {
-                "training": TEST_TRAINING,
-                "finetune_classifier": {},
-                "tokenizer": TOKENIZER.model_dump(),
-                "classifier_base": {"dir": str(gpt2)},
-            }
+            params_file(
+                {
+                    "training": TEST_TRAINING,
+                    "finetune_classifier": {},
+                    "tokenizer": TOKENIZER.model_dump(),
+                    "classifier_base": {"dir": str(gpt2)},
+                }
+            )
         )
     )
     with pytest.raises(SystemExit, match=r"finetune_classifier: error: base model .*gpt2 has no weights"):
@@ -397,11 +407,13 @@ def test_an_unusable_tracking_store_fails_in_one_line_before_any_output(
     params = tmp_path / "params.yaml"
     params.write_text(
         yaml.safe_dump(
-            {
-                "score_spam": {"batch_size": 32, "plot_split": "test", "seed": 123, "device": "cpu"},
-                "tokenizer": TOKENIZER.model_dump(),
-                "comparison": {},
-            }
+            params_file(
+                {
+                    "score_spam": {"batch_size": 32, "plot_split": "test", "seed": 123, "device": "cpu"},
+                    "tokenizer": TOKENIZER.model_dump(),
+                    "comparison": {},
+                }
+            )
         )
     )
     out = tmp_path / "out"

@@ -21,6 +21,7 @@ from llmpipe.stats import (
     mean_sd,
     wilson_interval,
 )
+from tests.params_values import params_for
 
 TRIALS = 2000
 CONFIDENCE = 0.95
@@ -56,10 +57,10 @@ def test_bootstrap_interval_of_a_mean_score_covers_the_true_mean() -> None:
     """ROUGE-L-like scores in [0, 1] (a Beta distribution, mean 0.3), 200 examples per draw. The
     percentile bootstrap is approximate: its coverage must be within 2.5 points of 95%."""
     rng = np.random.default_rng(2)
-    params = ComparisonParams(bootstrap_samples=400)
+    params = params_for(ComparisonParams, bootstrap_samples=400)
     trials, hits = 400, 0
     for trial in range(trials):
-        params = ComparisonParams(bootstrap_samples=400, seed=trial)
+        params = params_for(ComparisonParams, bootstrap_samples=400, seed=trial)
         interval = bootstrap_interval(rng.beta(3, 7, size=200), np.mean, params)
         hits += interval.low <= 0.3 <= interval.high
     assert abs(hits / trials - CONFIDENCE) <= 0.025 + 3 * math.sqrt(CONFIDENCE * (1 - CONFIDENCE) / trials), hits
@@ -71,10 +72,12 @@ def test_bootstrap_is_deterministic_for_a_seed_and_f1_matches_sklearn() -> None:
     rng = np.random.default_rng(3)
     actual = rng.integers(0, 2, size=300)
     predicted = np.where(rng.random(300) < 0.9, actual, 1 - actual)
-    params = ComparisonParams()
+    params = params_for(ComparisonParams)
     first = bootstrap_interval((actual, predicted), f1_statistic, params, paired=True)
     assert first == bootstrap_interval((actual, predicted), f1_statistic, params, paired=True)
-    assert first != bootstrap_interval((actual, predicted), f1_statistic, ComparisonParams(seed=7), paired=True)
+    assert first != bootstrap_interval(
+        (actual, predicted), f1_statistic, params_for(ComparisonParams, seed=7), paired=True
+    )
     f1 = f1_score(actual, predicted)
     assert float(f1_statistic(actual, predicted)) == pytest.approx(f1)
     assert first.low < f1 < first.high and first.high - first.low < 0.15
@@ -90,7 +93,7 @@ def test_macro_f1_statistic_matches_sklearn_and_its_interval_covers_it() -> None
         macro = f1_score(a, p, labels=[0, 1, 2, 3], average="macro", zero_division=0)
         statistic = macro_f1_statistic(4)
         assert float(statistic(a, p)) == pytest.approx(macro)
-        interval = bootstrap_interval((a, p), statistic, ComparisonParams(), paired=True)
+        interval = bootstrap_interval((a, p), statistic, params_for(ComparisonParams), paired=True)
         assert interval.low < macro < interval.high
 
 
@@ -114,7 +117,7 @@ def test_paired_accuracy_difference_flags_a_clear_gap_and_not_noise() -> None:
     easy = rng.beta(20, 1, size=300)  # each message's chance of being classified right (mean 0.95)
     good, other_seed = rng.random(300) < easy, rng.random(300) < easy  # one configuration, two seeds
     broken = rng.random(300) < 0.5  # a model at chance
-    params = ComparisonParams()
+    params = params_for(ComparisonParams)
     noise = compare_correct(good, other_seed, params)
     assert not noise.significant() and noise.interval.low < 0 < noise.interval.high
     gap = compare_correct(good, broken, params)
@@ -125,7 +128,7 @@ def test_paired_accuracy_difference_flags_a_clear_gap_and_not_noise() -> None:
 def test_paired_bootstrap_of_scores() -> None:
     rng = np.random.default_rng(5)
     a = rng.beta(3, 7, size=110)
-    params = ComparisonParams()
+    params = params_for(ComparisonParams)
     same = compare_scores(a, np.clip(a + rng.normal(0, 0.05, size=110), 0, 1), params, "rouge_l_f1")
     assert not same.significant()
     better = compare_scores(a, np.clip(a + 0.05 + rng.normal(0, 0.05, size=110), 0, 1), params, "rouge_l_f1")

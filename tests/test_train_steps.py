@@ -30,16 +30,18 @@ from llmcore.weights import WeightsUnavailableError
 from llmpipe.data import TokenizerParams
 from llmpipe.io import file_digest
 from llmpipe.params import ParamsError, validate_section
+from llmpipe.stats import ComparisonParams
 from steps import evaluate as evaluate_step
 from steps import load_gpt2 as load_gpt2_step
 from steps.build_windows import WindowParams, build_windows
 from steps.data.shards import ShardWriter, TokenizerIdentity
 from steps.pretrain import PretrainParams, PretrainPaths, pretrain
+from tests.params_values import params_file, params_for
 from tests.trainer_params import trainer_params
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("LLMPIPE_MIRROR") or REPO.parent / "shared" / "data")
-TOKENIZER = TokenizerParams(encoding_dir=str(MIRROR / "gpt2"))
+TOKENIZER = params_for(TokenizerParams, encoding_dir=str(MIRROR / "gpt2"))
 CONTEXT = 16
 
 pytestmark = pytest.mark.skipif(not MIRROR.is_dir(), reason=f"offline mirror {MIRROR} not found")
@@ -85,7 +87,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory):
         root / "tokens",
         root / "windows",
         root / "windows.json",
-        WindowParams(context_length=CONTEXT, stride=CONTEXT, train_ratio=0.8),
+        params_for(WindowParams, context_length=CONTEXT, stride=CONTEXT, train_ratio=0.8),
     )
     assert (meta["n_train_windows"], meta["n_val_windows"]) == (16, 4)  # 4 training steps per epoch
     with pytest.MonkeyPatch.context() as mp:
@@ -226,7 +228,9 @@ def test_interrupted_pretraining_resumes_to_the_same_weights_and_metrics(workspa
 
 
 def test_random_offset_windows_pretrain_and_resume_exactly(workspace: Path) -> None:
-    random = WindowParams(context_length=CONTEXT, stride=CONTEXT, train_ratio=0.8, sampling="random", random_windows=12)
+    random = params_for(
+        WindowParams, context_length=CONTEXT, stride=CONTEXT, train_ratio=0.8, sampling="random", random_windows=12
+    )
     build_windows(workspace / "tokens", workspace / "random_windows", workspace / "random.json", random)
     reference_paths, paths = (
         dataclasses.replace(paths_in(workspace / name), windows=workspace / "random_windows")
@@ -299,6 +303,7 @@ def test_evaluate_scores_whole_splits_and_generates_reproducibly(workspace: Path
             windows_out=out / "windows.csv",
             generations_out=out / name,
             tokenizer_params=TOKENIZER,
+            comparison=params_for(ComparisonParams),
         )
 
     metrics = run("generations.json")
@@ -343,7 +348,9 @@ def test_evaluate_scores_whole_splits_and_generates_reproducibly(workspace: Path
 def test_load_gpt2_converts_a_local_checkpoint_with_identical_logits(workspace: Path, make_hf_gpt2) -> None:
     source, hf_model = make_hf_gpt2(tie_word_embeddings=True)
     out = workspace / "gpt2"
-    status = load_gpt2_step.load_gpt2_stage(load_gpt2_step.LoadGPT2Params(source=str(source)), out, TOKENIZER)
+    status = load_gpt2_step.load_gpt2_stage(
+        params_for(load_gpt2_step.LoadGPT2Params, source=str(source)), out, TOKENIZER
+    )
     assert status["loaded"] and status["tokenizer_files"]
     assert json.loads((out / "status.json").read_text()) == status
     assert (out / "encoder.json").read_bytes() == (MIRROR / "gpt2" / "encoder.json").read_bytes()
@@ -357,18 +364,22 @@ def test_load_gpt2_converts_a_local_checkpoint_with_identical_logits(workspace: 
 def test_unavailable_gpt2_writes_a_not_loaded_status_unless_required(workspace: Path, capsys) -> None:
     missing = str(workspace / "no-such-gpt2")
     out = workspace / "gpt2-offline"
-    status = load_gpt2_step.load_gpt2_stage(load_gpt2_step.LoadGPT2Params(source=missing), out, TOKENIZER)
+    status = load_gpt2_step.load_gpt2_stage(params_for(load_gpt2_step.LoadGPT2Params, source=missing), out, TOKENIZER)
     assert status["loaded"] is False and status["source"] == missing and "does not exist" in status["reason"]
     assert [p.name for p in out.iterdir()] == ["status.json"]
     assert "WARNING" in capsys.readouterr().err
 
-    params_file = workspace / "params-required.yaml"
-    params_file.write_text(
-        yaml.safe_dump({"load_gpt2": {"source": missing, "required": True}, "tokenizer": TOKENIZER.model_dump()})
+    required_params = workspace / "params-required.yaml"
+    required_params.write_text(
+        yaml.safe_dump(
+            params_file({"load_gpt2": {"source": missing, "required": True}, "tokenizer": TOKENIZER.model_dump()})
+        )
     )
     with pytest.raises(SystemExit) as exited:
-        load_gpt2_step.main(["--params", str(params_file), "--out", str(workspace / "gpt2-required")])
+        load_gpt2_step.main(["--params", str(required_params), "--out", str(workspace / "gpt2-required")])
     assert str(exited.value).startswith("load_gpt2: error:") and "load_gpt2.source" in str(exited.value)
     assert not (workspace / "gpt2-required").exists()
     with pytest.raises(WeightsUnavailableError, match="local directory"):
-        load_gpt2_step.load_gpt2_stage(load_gpt2_step.LoadGPT2Params(source=missing, required=True), out)
+        load_gpt2_step.load_gpt2_stage(
+            params_for(load_gpt2_step.LoadGPT2Params, source=missing, required=True), out, TOKENIZER
+        )

@@ -34,7 +34,10 @@ TEST_TRAINING: dict[str, Any] = {
 
 
 def trainer_params(params_model: type[P], /, **fields: Any) -> P:
-    return params_model.model_validate({**TEST_TRAINING, **fields})
+    """A trainer's params: the shared test values, its own (tests/params_values.py), then ``fields``."""
+    from tests.params_values import params_for  # imports every stage: only when a test builds params
+
+    return params_for(params_model, **{**TEST_TRAINING, **fields})
 
 
 # llmcore's TrainConfig for tests of the loop itself: the book's chapter 5 settings where a test

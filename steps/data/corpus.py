@@ -41,12 +41,12 @@ def check_pattern(pattern: str) -> str:
 class CorpusParams(StrictModel):
     """params.yaml's corpus section: the text the tokenize and train_tokenizer stages read."""
 
-    root: str = "data/raw/corpus.txt"  # a file or a directory (DVC's dependency of this stage)
-    include: list[str] = []  # globs under a directory root; empty: every file under it
-    text_field: str = Field("text", min_length=1)  # JSONL key / parquet column of a document's text
-    endoftext: Literal["between", "after_each"] = "between"  # where <|endoftext|> goes
-    shard_tokens: int = Field(100_000_000, ge=1)  # tokens per shard file, closed at a file boundary
-    workers: int | None = Field(None, ge=1)  # encoding threads; None: every available core
+    root: str  # a file or a directory (DVC's dependency of this stage)
+    include: list[str]  # globs under a directory root; empty: every file under it
+    text_field: str = Field(min_length=1)  # JSONL key / parquet column of a document's text
+    endoftext: Literal["between", "after_each"]  # where <|endoftext|> goes
+    shard_tokens: int = Field(ge=1)  # tokens per shard file, closed at a file boundary
+    workers: int | None = Field(ge=1)  # encoding threads; None: every available core
 
     @field_validator("include")
     @classmethod

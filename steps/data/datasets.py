@@ -229,10 +229,10 @@ class SplitParams(StrictModel):
     """How the instruction and preference data are split (the book: 85% train, 10% test, the rest
     validation, in file order)."""
 
-    train_frac: float = Field(0.85, gt=0, lt=1)
-    test_frac: float = Field(0.10, gt=0, lt=1)
-    shuffle: bool = False
-    seed: int = 123
+    train_frac: float = Field(gt=0, lt=1)
+    test_frac: float = Field(gt=0, lt=1)
+    shuffle: bool
+    seed: int
 
     @model_validator(mode="after")
     def _leaves_validation(self) -> SplitParams:

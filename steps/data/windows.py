@@ -28,12 +28,12 @@ WINDOWS_META = "meta.json"
 class WindowParams(StrictModel):
     """params.yaml ``windows``: how build_windows splits the token ids and windows them."""
 
-    context_length: int = Field(256, gt=0)
-    stride: int = Field(256, gt=0)
-    train_ratio: float = Field(0.9, gt=0, lt=1)
-    sampling: Literal["fixed", "random"] = "fixed"  # training windows: every stride tokens, or random offsets
-    random_windows: int | None = Field(None, ge=1)  # random training windows per epoch; None: n_tokens / context
-    seed: int = 123  # the random offsets
+    context_length: int = Field(gt=0)
+    stride: int = Field(gt=0)
+    train_ratio: float = Field(gt=0, lt=1)
+    sampling: Literal["fixed", "random"]  # training windows: every stride tokens, or random offsets
+    random_windows: int | None = Field(ge=1)  # random training windows per epoch; None: n_tokens / context
+    seed: int  # the random offsets
 
 
 class WindowsMeta(WindowParams):
