@@ -92,20 +92,7 @@ TEST_VALUES: dict[type[BaseModel], dict[str, Any]] = {
         "seed": 123,
         "input": "data/raw/instruction-data-with-preference.json",
     },
-    PretrainParams: {
-        "model": {
-            "preset": "cpu-small",
-            "emb_dim": None,
-            "n_heads": None,
-            "n_layers": None,
-            "drop_rate": None,
-            "qkv_bias": None,
-            "tie_embeddings": None,
-            "init": None,
-            "pad_vocab_to_multiple": None,
-        },
-        "sample": {"prompt": "Every effort moves you", "max_new_tokens": 50},
-    },
+    PretrainParams: {},
     ModelParams: {
         "preset": "cpu-small",
         "emb_dim": None,
@@ -121,13 +108,6 @@ TEST_VALUES: dict[type[BaseModel], dict[str, Any]] = {
     EvaluateParams: {
         "batch_size": 8,
         "device": "auto",
-        "generation": {
-            "prompts": ["Every effort moves you"],
-            "max_new_tokens": 25,
-            "temperature": 0.0,
-            "top_k": None,
-            "seed": 123,
-        },
     },
     GenerationParams: {
         "prompts": ["Every effort moves you"],
@@ -152,18 +132,6 @@ TEST_VALUES: dict[type[BaseModel], dict[str, Any]] = {
         "max_entries": None,
         "seed": 123,
         "device": "auto",
-        "judge": {
-            "url": "http://localhost:11434",
-            "model": "llama3",
-            "required": False,
-            "retries": 2,
-            "connect_retries": 2,
-            "backoff_factor": 0.5,
-            "connect_timeout_s": 5.0,
-            "read_timeout_s": 120.0,
-            "seed": 123,
-            "num_ctx": 2048,
-        },
     },
     JudgeParams: {
         "url": "http://localhost:11434",
@@ -177,11 +145,14 @@ TEST_VALUES: dict[type[BaseModel], dict[str, Any]] = {
         "seed": 123,
         "num_ctx": 2048,
     },
-    PreferenceTuneParams: {"beta": 0.1, "max_length": None, "trainable": "all", "lora": {"rank": 8, "alpha": 16.0}},
+    PreferenceTuneParams: {
+        "beta": 0.1,
+        "max_length": None,
+        "trainable": "all",
+    },
     LoraParams: {"rank": 8, "alpha": 16.0},
     ScorePreferenceParams: {"batch_size": 8, "max_length": None, "device": "auto"},
     AdaptPretrainParams: {
-        "corpus": {"discarded": True, "val_frac": 0.05, "seed": 123},
         "window_length": None,
         "stride": None,
         "loss_vocab": "corpus",
@@ -189,7 +160,6 @@ TEST_VALUES: dict[type[BaseModel], dict[str, Any]] = {
     adapt_pretrain_CorpusParams: {"discarded": True, "val_frac": 0.05, "seed": 123},
     FinetuneClassifierParams: {
         "trainable": "last_block",
-        "lora": {"rank": 8, "alpha": 16.0},
         "token_position": "last",
         "max_length": None,
         "drop_rate": None,
@@ -201,7 +171,6 @@ TEST_VALUES: dict[type[BaseModel], dict[str, Any]] = {
         "min_df": 1,
         "sublinear_tf": True,
         "lowercase": True,
-        "grid": {"classifier": ["logistic_regression", "linear_svm"], "C": [1.0, 10.0, 100.0]},
         "max_iter": 5000,
         "seed": 123,
     },
@@ -232,8 +201,8 @@ def values_for(model: type[BaseModel], /, **fields: Any) -> dict[str, Any]:
     values.update(fields)
     for name, info in model.model_fields.items():
         nested = info.annotation
-        if isinstance(nested, type) and issubclass(nested, BaseModel) and isinstance(values.get(name), dict):
-            values[name] = values_for(nested, **values[name])
+        if isinstance(nested, type) and issubclass(nested, BaseModel) and isinstance(values.get(name, {}), dict):
+            values[name] = values_for(nested, **values.get(name, {}))  # a nested model's own test values
     return values
 
 

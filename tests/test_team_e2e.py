@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,7 @@ import httpx
 import pytest
 
 from tests.repo_copy import GIT, REPO, copy_repo
-from tests.stack_helpers import Stack, llm_stack, parse_exports
+from tests.stack_helpers import Stack, llm_stack, running_stack
 
 MIRROR = Path(os.environ.get("LLMPIPE_MIRROR") or REPO.parent / "shared" / "data")
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not MIRROR.is_dir(), reason=f"offline mirror {MIRROR} not found")]
@@ -99,26 +97,10 @@ def publish_main(stack: Stack, root: Path, origin: Path, env: dict[str, str]) ->
 @pytest.fixture(scope="module")
 def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
     root = tmp_path_factory.mktemp("team")
-    directory = Path(tempfile.mkdtemp(prefix="llm-stack-", dir="/tmp"))
+    stacks = running_stack(workers=0)  # its workers start below, one per machine's clone
+    stack = next(stacks)
+    directory = stack.dir
     try:
-        up = llm_stack(
-            directory,
-            "up",
-            "--postgres-port",
-            "0",
-            "--s3-port",
-            "0",
-            "--mlflow-port",
-            "0",
-            "--prefect-port",
-            "0",
-            "--workers",
-            "0",
-            "--workdir",
-            str(REPO),
-            "--offline",
-        )
-        stack = Stack(directory, up.stdout, parse_exports(llm_stack(directory, "env").stdout))
         origin = root / "origin.git"
         sh(["git", "init", "-q", "--bare", "-b", "main", str(origin)], root, stack.client_env())
         envs = {name: machine_env(stack, root / f"home-{name}") for name in "abc"}
@@ -145,10 +127,7 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
         )
         yield Team(stack, root, origin, envs, deployed.stdout)
     finally:
-        if (directory / "stack.json").exists():
-            down = llm_stack(directory, "down", check=False)
-            print(down.stdout, down.stderr)
-        shutil.rmtree(directory, ignore_errors=True)
+        stacks.close()  # `llm stack down`, and the directory removed
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
+from benchmarks.train_settings import BENCH_TRAIN
 from llmcore.train import TrainConfig
 from llmpipe.training import TrainParams
 
@@ -40,26 +41,9 @@ def trainer_params(params_model: type[P], /, **fields: Any) -> P:
     return params_for(params_model, **{**TEST_TRAINING, **fields})
 
 
-# llmcore's TrainConfig for tests of the loop itself: the book's chapter 5 settings where a test
-# names none (what llmcore defaulted to before it took no defaults), no progress bar.
-TEST_CONFIG: dict[str, Any] = {
-    "epochs": 1,
-    "batch_size": 2,
-    "lr": 4e-4,
-    "min_lr_ratio": 0.1,
-    "weight_decay": 0.1,
-    "betas": (0.9, 0.999),
-    "warmup_steps": 0,
-    "schedule": "cosine",
-    "grad_clip": 1.0,
-    "grad_accum_steps": 1,
-    "eval_every": 5,
-    "eval_batches": 5,
-    "checkpoint_every": 0,
-    "seed": 123,
-    "precision": "fp32",
-    "compile": False,
-}
+# llmcore's TrainConfig for tests of the loop itself: the settings the benchmarks state (the book's
+# chapter 5 AdamW, what llmcore defaulted to before it took no defaults), no progress bar.
+TEST_CONFIG: dict[str, Any] = BENCH_TRAIN
 
 
 def train_config(**fields: Any) -> TrainConfig:
