@@ -144,10 +144,10 @@ class StepRates(TrainCallback):
 def pretrain_tokens_per_s(tokens: Path, work: Path, sampling: str, steps: int, warmup: int) -> float:
     """Median tokens/s of ``steps`` training steps (after ``warmup``) on the windows of ``tokens``."""
     build_windows(
-        tokens,
-        work / f"windows-{sampling}",
-        work / f"windows-{sampling}.json",
         WindowParams(context_length=256, stride=256, train_ratio=0.9, sampling=sampling, random_windows=None, seed=123),
+        tokens_dir=tokens,
+        out_dir=work / f"windows-{sampling}",
+        metrics_out=work / f"windows-{sampling}.json",
     )
     cfg = GPTConfig.from_preset("cpu-tiny", context_length=256)
     windows = load_windows(work / f"windows-{sampling}", cfg)

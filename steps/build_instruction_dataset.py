@@ -29,7 +29,7 @@ class InstructionDataParams(SplitParams):
 
 
 def build_instruction_dataset(
-    source: Path, out_dir: Path, metrics_out: Path, params: InstructionDataParams, tokenizer: TokenizerParams
+    params: InstructionDataParams, *, source: Path, out_dir: Path, metrics_out: Path, tokenizer: TokenizerParams
 ) -> dict:
     """Write ``train.json``, ``test.json``, ``validation.json`` and per-split token-length stats."""
     splits = split_entries(load_entries(source), params)
@@ -48,11 +48,11 @@ def main(argv: list[str] | None = None) -> None:
     def body(args, params: StageParams) -> str:
         settings = params.section("instruction_data", InstructionDataParams)
         metrics = build_instruction_dataset(
-            args.input or Path(settings.input),
-            args.out,
-            args.metrics,
             settings,
-            params.section("tokenizer", TokenizerParams),
+            source=args.input or Path(settings.input),
+            out_dir=args.out,
+            metrics_out=args.metrics,
+            tokenizer=params.section("tokenizer", TokenizerParams),
         )
         return ", ".join(f"{name} {metrics[name]['entries']}" for name in SPLITS) + f" in {args.out}"
 

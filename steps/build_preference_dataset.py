@@ -38,7 +38,7 @@ class PreferenceDataParams(SplitParams):
 
 
 def build_preference_dataset(
-    source: Path, out_dir: Path, metrics_out: Path, params: PreferenceDataParams, tokenizer: TokenizerParams
+    params: PreferenceDataParams, *, source: Path, out_dir: Path, metrics_out: Path, tokenizer: TokenizerParams
 ) -> dict:
     """Write ``train.json``, ``test.json``, ``validation.json`` and per-split completion statistics."""
     splits = split_entries(load_preference_entries(source), params)
@@ -60,11 +60,11 @@ def main(argv: list[str] | None = None) -> None:
     def body(args, params: StageParams) -> str:
         settings = params.section("preference_data", PreferenceDataParams)
         metrics = build_preference_dataset(
-            args.input or Path(settings.input),
-            args.out,
-            args.metrics,
             settings,
-            params.section("tokenizer", TokenizerParams),
+            source=args.input or Path(settings.input),
+            out_dir=args.out,
+            metrics_out=args.metrics,
+            tokenizer=params.section("tokenizer", TokenizerParams),
         )
         return ", ".join(f"{name} {metrics[name]['chosen']['entries']}" for name in SPLITS) + f" pairs in {args.out}"
 

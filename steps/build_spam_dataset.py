@@ -245,7 +245,7 @@ def split_rows(
     return splits, discarded
 
 
-def build_spam_dataset(source: Path, out_dir: Path, metrics_out: Path, params: SpamDataParams) -> dict:
+def build_spam_dataset(params: SpamDataParams, *, source: Path, out_dir: Path, metrics_out: Path) -> dict:
     """Write ``train.csv``, ``validation.csv``, ``test.csv`` (Label id, Text), ``labels.json``,
     ``discarded.csv`` (Text) and class counts."""
     df, labels, skipped = check_rows(source, read_rows(source, params), params)
@@ -267,7 +267,9 @@ def build_spam_dataset(source: Path, out_dir: Path, metrics_out: Path, params: S
 def main(argv: list[str] | None = None) -> None:
     def body(args, params: StageParams) -> str:
         settings = params.section("spam_data", SpamDataParams)
-        metrics = build_spam_dataset(args.input or Path(settings.input), args.out, args.metrics, settings)
+        metrics = build_spam_dataset(
+            settings, source=args.input or Path(settings.input), out_dir=args.out, metrics_out=args.metrics
+        )
         return (
             ", ".join(f"{name} {sum(metrics[name].values())}" for name in SPLITS)
             + f" rows of {len(metrics['labels'])} classes in {args.out}"

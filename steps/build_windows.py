@@ -22,7 +22,7 @@ from steps.data.shards import META_FILE
 from steps.data.windows import WINDOWS_META, WindowParams, WindowsMeta, load_token_shards, split_windows
 
 
-def build_windows(tokens_dir: Path, out_dir: Path, metrics_out: Path, params: WindowParams) -> dict:
+def build_windows(params: WindowParams, *, tokens_dir: Path, out_dir: Path, metrics_out: Path) -> dict:
     """Check the windows of each split and write their definition to ``out_dir/meta.json``."""
     tokens, tokens_meta = load_token_shards(tokens_dir)
     windows = split_windows(tokens, params)
@@ -44,7 +44,9 @@ def build_windows(tokens_dir: Path, out_dir: Path, metrics_out: Path, params: Wi
 
 def main(argv: list[str] | None = None) -> None:
     def body(args, params: StageParams) -> str:
-        meta = build_windows(args.tokens, args.out, args.metrics, params.section("windows", WindowParams))
+        meta = build_windows(
+            params.section("windows", WindowParams), tokens_dir=args.tokens, out_dir=args.out, metrics_out=args.metrics
+        )
         return (
             f"{meta['n_train_windows']} train, {meta['n_val_windows']} val windows ({meta['sampling']}) in {args.out}"
         )

@@ -134,8 +134,8 @@ def save_instruct_model(model: nn.Module, out: Path, *, base_model: Path, style:
 
 def finetune_instruct(
     params: FinetuneInstructParams,
-    tokenizer_params: TokenizerParams,
     *,
+    tokenizer_params: TokenizerParams,
     base_model: Path,
     data_dir: Path,
     out_dir: Path,
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         base = args.base or Path(params.section("base_model", BaseModelSectionParams).dir)
         metrics = finetune_instruct(
             params.section(STAGE, FinetuneInstructParams),
-            params.section("tokenizer", TokenizerParams),
+            tokenizer_params=params.section("tokenizer", TokenizerParams),
             base_model=base,
             data_dir=args.data,
             out_dir=args.out,

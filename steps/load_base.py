@@ -28,7 +28,7 @@ STAGE = "load_base"
 EXPERIMENT = "load-base"
 
 
-def load_base_stage(params: BaseModelSectionParams, out_dir: Path) -> dict:
+def load_base_stage(params: BaseModelSectionParams, *, out_dir: Path) -> dict:
     """Write ``out_dir`` (checkpoint + tokenizer files + status.json, or status.json alone); returns the status."""
     if not params.source:
         status = {"loaded": False, "source": "", "reason": "base_model.source is empty (no Hugging Face base chosen)"}
@@ -67,7 +67,7 @@ def load_base_stage(params: BaseModelSectionParams, out_dir: Path) -> dict:
 def main(argv: list[str] | None = None) -> None:
     def body(args, params: StageParams) -> str | None:
         settings = params.section("base_model", BaseModelSectionParams)
-        status = load_base_stage(settings, args.out)
+        status = load_base_stage(settings, out_dir=args.out)
         if not status["loaded"]:
             return f"no base_model.source: wrote {args.out / STATUS_FILE} (loaded=false)"
         return f"{settings.source} ({status['family']}, {status['parameters']:,} parameters) -> {args.out}"

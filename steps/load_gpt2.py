@@ -44,7 +44,7 @@ class LoadGPT2Params(StrictModel):
     required: bool  # false: unavailable weights give status.json loaded=false, not an error
 
 
-def load_gpt2_stage(params: LoadGPT2Params, out_dir: Path, tokenizer_params: TokenizerParams) -> dict:
+def load_gpt2_stage(params: LoadGPT2Params, *, out_dir: Path, tokenizer_params: TokenizerParams) -> dict:
     """Write ``out_dir`` (checkpoint + BPE files + status.json, or status.json alone); returns the status."""
     try:
         model = load_gpt2(params.source)
@@ -84,7 +84,9 @@ def load_gpt2_stage(params: LoadGPT2Params, out_dir: Path, tokenizer_params: Tok
 def main(argv: list[str] | None = None) -> None:
     def body(args, params: StageParams) -> str | None:
         settings = params.section(STAGE, LoadGPT2Params)
-        status = load_gpt2_stage(settings, args.out, params.section("tokenizer", TokenizerParams))
+        status = load_gpt2_stage(
+            settings, out_dir=args.out, tokenizer_params=params.section("tokenizer", TokenizerParams)
+        )
         return f"{settings.source} ({status['parameters']:,} parameters) -> {args.out}" if status["loaded"] else None
 
     run_stage(

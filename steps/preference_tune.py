@@ -92,8 +92,8 @@ def build_policy(instruct_dir: Path, params: PreferenceTuneParams, device: torch
 
 def preference_tune(
     params: PreferenceTuneParams,
-    tokenizer_params: TokenizerParams,
     *,
+    tokenizer_params: TokenizerParams,
     instruct_dir: Path,
     data_dir: Path,
     out_dir: Path,
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         setup_distributed("steps.preference_tune", args.params, argv)  # under torchrun when params ask for processes
         metrics = preference_tune(
             params.section(STAGE, PreferenceTuneParams),
-            params.section("tokenizer", TokenizerParams),
+            tokenizer_params=params.section("tokenizer", TokenizerParams),
             instruct_dir=args.instruct,
             data_dir=args.data,
             out_dir=args.out,

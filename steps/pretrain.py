@@ -131,9 +131,9 @@ def vocab_for(cfg: GPTConfig, tokenizer, pad_to: int | None) -> GPTConfig:
 
 def pretrain(
     params: PretrainParams,
+    *,
     paths: PretrainPaths,
     tokenizer_params: TokenizerParams,
-    *,
     callbacks: tuple[TrainCallback, ...] = (),
     progress: bool = True,
 ) -> dict[str, float]:
@@ -177,7 +177,11 @@ def main(argv: list[str] | None = None) -> None:
     def body(args, params: StageParams) -> str | None:
         setup_distributed("steps.pretrain", args.params, argv)  # under torchrun when params ask for processes
         paths = PretrainPaths(args.windows, args.out, args.metrics, args.history, args.plot, args.state_dir)
-        metrics = pretrain(params.section(STAGE, PretrainParams), paths, params.section("tokenizer", TokenizerParams))
+        metrics = pretrain(
+            params.section(STAGE, PretrainParams),
+            paths=paths,
+            tokenizer_params=params.section("tokenizer", TokenizerParams),
+        )
         if not metrics:  # another rank of a torchrun
             return None
         return (

@@ -89,8 +89,8 @@ def rouge_l_f1(prediction: str, reference: str) -> float:
 
 def score_instructions(
     params: ScoreInstructionsParams,
-    tokenizer_params: TokenizerParams,
     *,
+    tokenizer_params: TokenizerParams,
     model_dir: Path,
     test_file: Path,
     responses_out: Path,
@@ -274,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = params.section(STAGE, ScoreInstructionsParams)
         metrics = score_instructions(
             settings,
-            params.section("tokenizer", TokenizerParams),
+            tokenizer_params=params.section("tokenizer", TokenizerParams),
             model_dir=args.model,
             test_file=args.test,
             responses_out=args.responses,

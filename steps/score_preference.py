@@ -82,8 +82,8 @@ def score_pairs(
 
 def score_preference(
     params: ScorePreferenceParams,
-    tokenizer_params: TokenizerParams,
     *,
+    tokenizer_params: TokenizerParams,
     sft_dir: Path,
     model_dir: Path,
     data_dir: Path,
@@ -186,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     def body(args, params: StageParams) -> str:
         report = score_preference(
             params.section(STAGE, ScorePreferenceParams),
-            params.section("tokenizer", TokenizerParams),
+            tokenizer_params=params.section("tokenizer", TokenizerParams),
             sft_dir=args.sft,
             model_dir=args.model,
             data_dir=args.data,

@@ -61,10 +61,11 @@ def work_items(
 
 
 def tokenize_corpus(
+    params: CorpusParams,
+    *,
     root: Path,
     out_dir: Path,
     metrics_out: Path,
-    params: CorpusParams,
     tokenizer_params: TokenizerParams,
     state_dir: Path = STATE_DIR,
 ) -> dict:
@@ -117,12 +118,12 @@ def main(argv: list[str] | None = None) -> None:
         corpus = params.section("corpus", CorpusParams)
         started = time.perf_counter()
         metrics = tokenize_corpus(
-            args.corpus or Path(corpus.root),
-            args.tokens,
-            args.metrics,
             corpus,
-            params.section("tokenizer", TokenizerParams),
-            args.state_dir,
+            root=args.corpus or Path(corpus.root),
+            out_dir=args.tokens,
+            metrics_out=args.metrics,
+            tokenizer_params=params.section("tokenizer", TokenizerParams),
+            state_dir=args.state_dir,
         )
         seconds = time.perf_counter() - started
         return (

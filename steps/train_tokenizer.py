@@ -121,12 +121,13 @@ def gpt2_or_none(encoding_dir: str | None):
 
 
 def train_tokenizer(
+    params: TrainTokenizerParams,
+    *,
     root: Path,
     out_dir: Path,
     report_out: Path,
     metrics_out: Path,
     corpus: CorpusParams,
-    params: TrainTokenizerParams,
     tokenizer_params: TokenizerParams,
 ) -> dict:
     """Train (when ``tokenizer.source: trained``) and write ``out_dir``; write the report and metrics."""
@@ -208,13 +209,13 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer_params = params.section("tokenizer", TokenizerParams)
         out = args.out or Path(tokenizer_params.trained_dir)
         report = train_tokenizer(
-            args.corpus or Path(corpus.root),
-            out,
-            args.report,
-            args.metrics,
-            corpus,
             params.section(STAGE, TrainTokenizerParams),
-            tokenizer_params,
+            root=args.corpus or Path(corpus.root),
+            out_dir=out,
+            report_out=args.report,
+            metrics_out=args.metrics,
+            corpus=corpus,
+            tokenizer_params=tokenizer_params,
         )
         line = ", ".join(
             f"{name}: {report[name]['bytes_per_token']} bytes/token, {report[name]['tokens_per_word']} tokens/word"

@@ -80,7 +80,9 @@ def test_no_held_out_text_of_a_balanced_split_reaches_the_corpus(tmp_path: Path)
         encoding="utf-8",
     )
     data = tmp_path / "spam"
-    counts = build_spam_dataset(source, data, tmp_path / "report.json", params_for(SpamDataParams))
+    counts = build_spam_dataset(
+        params_for(SpamDataParams), source=source, out_dir=data, metrics_out=tmp_path / "report.json"
+    )
     assert counts["discarded"] == {"ham": len(ham) - len(spam), "spam": 0}
     corpus, _ = ap.build_corpus(data, params_for(ap.CorpusParams, val_frac=0.1))
     held_out = {ap.text_key(t) for split in ("validation", "test") for t in pd.read_csv(data / f"{split}.csv")["Text"]}

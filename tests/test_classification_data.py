@@ -76,7 +76,9 @@ def params(**changes) -> data_stage.SpamDataParams:
 
 
 def build(tmp_path: Path, source: Path, settings: data_stage.SpamDataParams) -> dict:
-    return data_stage.build_spam_dataset(source, tmp_path / "out", tmp_path / "m.json", settings)
+    return data_stage.build_spam_dataset(
+        settings, source=source, out_dir=tmp_path / "out", metrics_out=tmp_path / "m.json"
+    )
 
 
 def test_stratified_split_keeps_every_row_and_each_class_share(tmp_path: Path) -> None:
@@ -226,7 +228,9 @@ def three_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     save_checkpoint(GPTModel(GPTConfig.from_preset("cpu-tiny", context_length=32)), root / "base")
     rows(repeat=3).to_csv(root / "topics.csv", index=False)
-    data_stage.build_spam_dataset(root / "topics.csv", root / "data", root / "data.json", params())
+    data_stage.build_spam_dataset(
+        params(), source=root / "topics.csv", out_dir=root / "data", metrics_out=root / "data.json"
+    )
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     for name in ("LLMPIPE_MLFLOW_PARENT_RUN_ID", "LLMPIPE_MLFLOW_EXPERIMENT"):

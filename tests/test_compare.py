@@ -32,7 +32,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> dict[str, Pa
     root = tmp_path_factory.mktemp("compare")
     with zipfile.ZipFile(mirror / "sms+spam+collection.zip") as archive:
         (root / "SMSSpamCollection").write_bytes(archive.read("SMSSpamCollection"))
-    build_spam_dataset(root / "SMSSpamCollection", root / "data", root / "spam_data.json", params_for(SpamDataParams))
+    build_spam_dataset(
+        params_for(SpamDataParams),
+        source=root / "SMSSpamCollection",
+        out_dir=root / "data",
+        metrics_out=root / "spam_data.json",
+    )
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     for name in ("LLMPIPE_MLFLOW_PARENT_RUN_ID", "LLMPIPE_MLFLOW_EXPERIMENT"):

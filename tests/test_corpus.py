@@ -35,12 +35,12 @@ def ids(text: str) -> list[int]:
 def run(root: Path, tmp: Path, **params) -> tuple[list[int], dict, dict]:
     """Tokenize ``root``; the tokens, the shards' meta.json and the metrics."""
     metrics = tokenize.tokenize_corpus(
-        root,
-        tmp / "tokens",
-        tmp / "metrics.json",
         params_for(tokenize.CorpusParams, **params),
-        TOKENIZER,
-        tmp / "state",
+        root=root,
+        out_dir=tmp / "tokens",
+        metrics_out=tmp / "metrics.json",
+        tokenizer_params=TOKENIZER,
+        state_dir=tmp / "state",
     )
     tokens, meta = load_token_shards(tmp / "tokens")
     return tokens[0 : len(tokens)].tolist(), meta, metrics

@@ -47,12 +47,12 @@ def write_params(path: Path, **sections: dict) -> Path:
 def verdict_tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tokens")
     tokenize.tokenize_corpus(
-        MIRROR / "the-verdict.txt",
-        root / "tokens",
-        root / "tokenize.json",
         params_for(tokenize.CorpusParams),
-        TOKENIZER,
-        root / "state",
+        root=MIRROR / "the-verdict.txt",
+        out_dir=root / "tokens",
+        metrics_out=root / "tokenize.json",
+        tokenizer_params=TOKENIZER,
+        state_dir=root / "state",
     )
     return root / "tokens"
 
@@ -85,22 +85,22 @@ def test_tokenize_the_verdict(verdict_tokens: Path) -> None:
 def test_tokenize_rejects_missing_and_empty_corpora(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="corpus .*missing.txt does not exist"):
         tokenize.tokenize_corpus(
-            tmp_path / "missing.txt",
-            tmp_path / "t",
-            tmp_path / "m.json",
             params_for(tokenize.CorpusParams),
-            TOKENIZER,
-            tmp_path / "state",
+            root=tmp_path / "missing.txt",
+            out_dir=tmp_path / "t",
+            metrics_out=tmp_path / "m.json",
+            tokenizer_params=TOKENIZER,
+            state_dir=tmp_path / "state",
         )
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(DataError, match="has no text"):
         tokenize.tokenize_corpus(
-            tmp_path / "empty.txt",
-            tmp_path / "t",
-            tmp_path / "m.json",
             params_for(tokenize.CorpusParams),
-            TOKENIZER,
-            tmp_path / "state",
+            root=tmp_path / "empty.txt",
+            out_dir=tmp_path / "t",
+            metrics_out=tmp_path / "m.json",
+            tokenizer_params=TOKENIZER,
+            state_dir=tmp_path / "state",
         )
     assert not (tmp_path / "t").exists() and not (tmp_path / "m.json").exists()
 
@@ -144,7 +144,10 @@ def assert_windows_equal(dataset, rows: np.ndarray) -> None:
 
 def test_windows_match_the_book_and_todays_output(verdict_tokens: Path, tmp_path: Path) -> None:
     meta = windows.build_windows(
-        verdict_tokens, tmp_path / "windows", tmp_path / "m.json", params_for(windows.WindowParams)
+        params_for(windows.WindowParams),
+        tokens_dir=verdict_tokens,
+        out_dir=tmp_path / "windows",
+        metrics_out=tmp_path / "m.json",
     )
     # The book: 9 train batches of 2 (drop_last) and 1 validation batch of 2.
     assert {k: meta[k] for k in ("n_train_windows", "n_val_windows", "train_tokens", "val_tokens")} == {
@@ -164,7 +167,12 @@ def test_windows_match_the_book_and_todays_output(verdict_tokens: Path, tmp_path
 
 def test_the_windows_meta_is_typed_and_a_bad_one_is_named(verdict_tokens: Path, tmp_path: Path) -> None:
     """data/windows/meta.json is read back as steps.data.windows.WindowsMeta, not by string keys."""
-    windows.build_windows(verdict_tokens, tmp_path / "w", tmp_path / "m.json", params_for(windows.WindowParams))
+    windows.build_windows(
+        params_for(windows.WindowParams),
+        tokens_dir=verdict_tokens,
+        out_dir=tmp_path / "w",
+        metrics_out=tmp_path / "m.json",
+    )
     meta = read_windows_meta(tmp_path / "w")
     assert (meta.context_length, meta.n_train_windows, meta.tokens) == (256, 18, str(verdict_tokens))
     path = tmp_path / "w" / "meta.json"
@@ -186,7 +194,12 @@ def test_the_token_shards_meta_is_typed_and_a_bad_one_is_named(verdict_tokens: P
     with pytest.raises(
         DataError, match=r"meta.json: shards.0.tokens: Input should be greater than or equal to 0 \(rerun"
     ):
-        windows.build_windows(tmp_path / "t", tmp_path / "w", tmp_path / "m.json", params_for(windows.WindowParams))
+        windows.build_windows(
+            params_for(windows.WindowParams),
+            tokens_dir=tmp_path / "t",
+            out_dir=tmp_path / "w",
+            metrics_out=tmp_path / "m.json",
+        )
     path.write_text(json.dumps({**meta, "format": "something-else/2"}))
     with pytest.raises(DataError, match=r"meta.json: format: Input should be 'llmpipe-token-shards/1'"):
         read_shards_meta(tmp_path / "t")
@@ -195,7 +208,9 @@ def test_the_token_shards_meta_is_typed_and_a_bad_one_is_named(verdict_tokens: P
 
 def test_overlapping_windows_equal_todays(verdict_tokens: Path, tmp_path: Path) -> None:
     params = params_for(windows.WindowParams, context_length=4, stride=1, train_ratio=0.5)
-    meta = windows.build_windows(verdict_tokens, tmp_path / "w", tmp_path / "m.json", params)
+    meta = windows.build_windows(
+        params, tokens_dir=verdict_tokens, out_dir=tmp_path / "w", metrics_out=tmp_path / "m.json"
+    )
     assert meta["n_train_windows"] == 2568
     views = load_windows(tmp_path / "w", GPTConfig.from_preset("cpu-tiny", context_length=4))
     assert_windows_equal(views["train"], todays_windows(verdict_ids()[:2572], 4, 1))
@@ -204,15 +219,20 @@ def test_overlapping_windows_equal_todays(verdict_tokens: Path, tmp_path: Path) 
 def test_a_split_shorter_than_a_window_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "short.txt").write_text(" ".join(["word"] * 300))  # 300 tokens
     tokenize.tokenize_corpus(
-        tmp_path / "short.txt",
-        tmp_path / "t",
-        tmp_path / "tm.json",
         params_for(tokenize.CorpusParams),
-        TOKENIZER,
-        tmp_path / "state",
+        root=tmp_path / "short.txt",
+        out_dir=tmp_path / "t",
+        metrics_out=tmp_path / "tm.json",
+        tokenizer_params=TOKENIZER,
+        state_dir=tmp_path / "state",
     )
     with pytest.raises(DataError, match="val split has 30 tokens; one window of context_length=256 needs at least 257"):
-        windows.build_windows(tmp_path / "t", tmp_path / "w", tmp_path / "m.json", params_for(windows.WindowParams))
+        windows.build_windows(
+            params_for(windows.WindowParams),
+            tokens_dir=tmp_path / "t",
+            out_dir=tmp_path / "w",
+            metrics_out=tmp_path / "m.json",
+        )
     assert not (tmp_path / "w").exists()
 
 
@@ -258,7 +278,9 @@ def spam_tsv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_spam_dataset_matches_the_book(spam_tsv: Path, tmp_path: Path) -> None:
-    metrics = spam.build_spam_dataset(spam_tsv, tmp_path / "spam", tmp_path / "m.json", params_for(spam.SpamDataParams))
+    metrics = spam.build_spam_dataset(
+        params_for(spam.SpamDataParams), source=spam_tsv, out_dir=tmp_path / "spam", metrics_out=tmp_path / "m.json"
+    )
     assert metrics["source"] == {"ham": 4827, "spam": 747, "malformed_skipped": 0}
     sizes = {name: sum(metrics[name].values()) for name in spam.SPLITS}
     assert sizes == {"train": 1045, "validation": 149, "test": 300}
@@ -271,10 +293,17 @@ def test_spam_dataset_matches_the_book(spam_tsv: Path, tmp_path: Path) -> None:
         assert list(frame.columns) == ["Label", "Text"] and frame["Label"].dtype == np.int64
         assert frame["Label"].value_counts().to_dict() == {0: metrics[name]["ham"], 1: metrics[name]["spam"]}
     assert pd.concat(frames.values())["Text"].notna().all()
-    again = spam.build_spam_dataset(spam_tsv, tmp_path / "again", tmp_path / "m2.json", params_for(spam.SpamDataParams))
+    again = spam.build_spam_dataset(
+        params_for(spam.SpamDataParams), source=spam_tsv, out_dir=tmp_path / "again", metrics_out=tmp_path / "m2.json"
+    )
     assert again == metrics
     assert (tmp_path / "again" / "train.csv").read_bytes() == (tmp_path / "spam" / "train.csv").read_bytes()
-    spam.build_spam_dataset(spam_tsv, tmp_path / "other", tmp_path / "m3.json", params_for(spam.SpamDataParams, seed=1))
+    spam.build_spam_dataset(
+        params_for(spam.SpamDataParams, seed=1),
+        source=spam_tsv,
+        out_dir=tmp_path / "other",
+        metrics_out=tmp_path / "m3.json",
+    )
     assert (tmp_path / "other" / "train.csv").read_bytes() != (tmp_path / "spam" / "train.csv").read_bytes()
 
 
@@ -296,14 +325,16 @@ def small_tsv(path: Path, extra_lines: list[str]) -> Path:
 def test_malformed_lines_name_the_line(tmp_path: Path, bad_line: str, reason: str) -> None:
     tsv = small_tsv(tmp_path / "sms.tsv", [bad_line])
     with pytest.raises(DataError, match=f"sms.tsv line 3: {reason} \\(1 malformed row"):
-        spam.build_spam_dataset(tsv, tmp_path / "out", tmp_path / "m.json", params_for(spam.SpamDataParams))
+        spam.build_spam_dataset(
+            params_for(spam.SpamDataParams), source=tsv, out_dir=tmp_path / "out", metrics_out=tmp_path / "m.json"
+        )
     assert not (tmp_path / "out").exists()
 
 
 def test_malformed_lines_can_be_skipped_and_counted(tmp_path: Path) -> None:
     tsv = small_tsv(tmp_path / "sms.tsv", ["no tab", "eggs\tunknown label", "spam\ta\ttab inside"])
     params = params_for(spam.SpamDataParams, on_malformed="skip")
-    metrics = spam.build_spam_dataset(tsv, tmp_path / "out", tmp_path / "m.json", params)
+    metrics = spam.build_spam_dataset(params, source=tsv, out_dir=tmp_path / "out", metrics_out=tmp_path / "m.json")
     assert metrics["source"] == {"ham": 20, "spam": 11, "malformed_skipped": 2}
     texts = pd.concat(pd.read_csv(tmp_path / "out" / f"{n}.csv") for n in spam.SPLITS)["Text"]
     assert "a\ttab inside" in set(texts) and 'spam message 0 "WIN"' in set(texts)
@@ -332,7 +363,11 @@ def instruction_entries() -> list[dict]:
 def test_instruction_dataset_matches_the_book(tmp_path: Path, instruction_entries: list[dict]) -> None:
     params = params_for(instr.InstructionDataParams)
     metrics = instr.build_instruction_dataset(
-        MIRROR / "instruction-data.json", tmp_path / "out", tmp_path / "m.json", params, TOKENIZER
+        params,
+        source=MIRROR / "instruction-data.json",
+        out_dir=tmp_path / "out",
+        metrics_out=tmp_path / "m.json",
+        tokenizer=TOKENIZER,
     )
     assert {name: metrics[name]["entries"] for name in instr.SPLITS} == {"train": 935, "test": 110, "validation": 55}
     splits = {name: json.loads((tmp_path / "out" / f"{name}.json").read_text()) for name in instr.SPLITS}

@@ -18,6 +18,8 @@ import mlflow
 import pytest
 import yaml
 
+from pipelines.flows import OrchestrationParams
+from tests.params_values import values_for
 from tests.repo_copy import GIT, REPO, closed_port, copy_repo
 
 MIRROR = REPO.parent / "shared" / "data"
@@ -75,11 +77,12 @@ def flaky_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, environment) -> 
     repo.mkdir()
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=repo, check=True)
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
-    orchestration = {
-        "mlflow_experiment": "e2e-flaky",
-        "mlflow_ui_url": "http://mlflow.test",
-        "download_retry_delays_s": [0],
-    }
+    orchestration = values_for(
+        OrchestrationParams,
+        mlflow_experiment="e2e-flaky",
+        mlflow_ui_url="http://mlflow.test",
+        download_retry_delays_s=[0],
+    )
     (repo / "params.yaml").write_text(yaml.safe_dump({"orchestration": orchestration}))
     monkeypatch.chdir(repo)
     return repo
@@ -139,7 +142,8 @@ def test_a_failed_in_place_experiment_leaves_the_checkout_as_it_was(
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], check=True)
     stage = {"cmd": TRAIN, "params": ["train.x"], "outs": ["model.txt"]}
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}}))
-    (repo / "params.yaml").write_text("train:\n  x: 1  # a comment DVC's writer keeps\norchestration:\n  push: false\n")
+    orchestration = yaml.safe_dump({"orchestration": values_for(OrchestrationParams, push=False)})
+    (repo / "params.yaml").write_text("train:\n  x: 1  # a comment DVC's writer keeps\n" + orchestration)
     assert llm_pipeline(where="in-place").stages_by_status["ran"] == ["train"]
     subprocess.run([*GIT, "add", "-A"], check=True)
     subprocess.run([*GIT, "commit", "-q", "-m", "trained"], check=True)

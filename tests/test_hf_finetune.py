@@ -76,7 +76,7 @@ def base(request, tmp_path_factory, mlflow_store) -> tuple[str, Path]:
     family, root = request.param, tmp_path_factory.mktemp(request.param)
     save_hf(hf_model(family, vocab=320), root / "hf")
     save_family_tokenizer(root / "hf", family)
-    load_base_stage(params_for(BaseModelSectionParams, dir="x", source=str(root / "hf")), root / "base")
+    load_base_stage(params_for(BaseModelSectionParams, dir="x", source=str(root / "hf")), out_dir=root / "base")
     (root / "data").mkdir()
     for split, part in {"train": ENTRIES, "validation": ENTRIES[:2], "test": ENTRIES[1:3]}.items():
         (root / "data" / f"{split}.json").write_text(json.dumps(part))
@@ -88,7 +88,9 @@ def base(request, tmp_path_factory, mlflow_store) -> tuple[str, Path]:
 def finetuned(base) -> tuple[str, Path, dict]:
     family, root = base
     metrics = ft.finetune_instruct(
-        trainer_params(ft.FinetuneInstructParams, **FT_PARAMS), params_for(TokenizerParams), **paths(root, "instruct")
+        trainer_params(ft.FinetuneInstructParams, **FT_PARAMS),
+        tokenizer_params=params_for(TokenizerParams),
+        **paths(root, "instruct"),
     )
     return family, root, metrics
 
@@ -180,7 +182,7 @@ def test_score_and_the_registered_pyfunc_answer_in_the_chat_template(finetuned) 
     )
     metrics = score.score_instructions(
         params,
-        params_for(TokenizerParams),
+        tokenizer_params=params_for(TokenizerParams),
         model_dir=root / "instruct",
         test_file=root / "data" / "test.json",
         responses_out=root / "responses.json",
@@ -257,9 +259,9 @@ def test_interrupted_lora_finetune_resumes_to_the_same_weights(finetuned, monkey
     with monkeypatch.context() as patch:
         patch.setattr(ft, "SampleResponses", lambda *a: Crash())
         with pytest.raises(KeyboardInterrupt):
-            ft.finetune_instruct(params, params_for(TokenizerParams), **resumed)
+            ft.finetune_instruct(params, tokenizer_params=params_for(TokenizerParams), **resumed)
     assert resumed["cache_dir"].is_dir() and not resumed["out_dir"].exists()
-    again = ft.finetune_instruct(params, params_for(TokenizerParams), **resumed)
+    again = ft.finetune_instruct(params, tokenizer_params=params_for(TokenizerParams), **resumed)
     a, b = load_checkpoint(resumed["out_dir"]).state_dict(), load_checkpoint(root / "instruct").state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert again["val_loss"] == pytest.approx(metrics["val_loss"], abs=1e-6)
@@ -270,7 +272,7 @@ def test_a_trained_tokenizer_setting_contradicting_the_base_is_a_one_line_error(
     with pytest.raises(BaseModelError, match="tokenizer.source is 'trained'"):
         ft.finetune_instruct(
             trainer_params(ft.FinetuneInstructParams, **FT_PARAMS),
-            params_for(TokenizerParams, source="trained"),
+            tokenizer_params=params_for(TokenizerParams, source="trained"),
             **paths(root, "refused"),
         )
     assert not (root / "refused").exists()

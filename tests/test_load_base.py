@@ -40,7 +40,7 @@ def hf_dir(tmp_path_factory):
 def test_stage_converts_model_and_tokenizer(hf_dir, tmp_path, mlflow_env):
     directory, hf = hf_dir
     status = load_base_stage(
-        params_for(BaseModelSectionParams, dir="models/base", source=str(directory)), tmp_path / "base"
+        params_for(BaseModelSectionParams, dir="models/base", source=str(directory)), out_dir=tmp_path / "base"
     )
     assert status["loaded"] and status["family"] == "qwen3" and status["chat_template"]
     out = tmp_path / "base"
@@ -65,7 +65,7 @@ def test_bfloat16_conversion(hf_dir, tmp_path, mlflow_env):
     from safetensors import safe_open
 
     load_base_stage(
-        params_for(BaseModelSectionParams, dir="x", source=str(directory), dtype="bfloat16"), tmp_path / "base"
+        params_for(BaseModelSectionParams, dir="x", source=str(directory), dtype="bfloat16"), out_dir=tmp_path / "base"
     )
     with safe_open(tmp_path / "base" / "model.safetensors", framework="pt") as f:
         assert f.get_tensor("tok_emb.weight").dtype == torch.bfloat16  # stored at half the size
@@ -75,7 +75,7 @@ def test_bfloat16_conversion(hf_dir, tmp_path, mlflow_env):
 
 
 def test_empty_source_writes_status_only_and_fine_tunes_refuse_it(tmp_path, mlflow_env):
-    status = load_base_stage(params_for(BaseModelSectionParams, dir="models/base"), tmp_path / "base")
+    status = load_base_stage(params_for(BaseModelSectionParams, dir="models/base"), out_dir=tmp_path / "base")
     assert status["loaded"] is False and [p.name for p in (tmp_path / "base").iterdir()] == ["status.json"]
     with pytest.raises(BaseModelError, match="base_model.source is empty"):
         load_base_model(tmp_path / "base")
@@ -108,7 +108,7 @@ def test_unknown_architecture_through_the_stage(hf_dir, tmp_path, mlflow_env):
     from llmcore.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="Phi3ForCausalLM"):
-        load_base_stage(params_for(BaseModelSectionParams, dir="x", source=str(directory)), tmp_path / "base")
+        load_base_stage(params_for(BaseModelSectionParams, dir="x", source=str(directory)), out_dir=tmp_path / "base")
     assert not (tmp_path / "base").exists()
 
 
@@ -116,7 +116,7 @@ def test_llm_generate_and_chat_use_the_base_tokenizer_and_template(hf_dir, tmp_p
     from cli import llm as cli
 
     directory, hf = hf_dir
-    load_base_stage(params_for(BaseModelSectionParams, dir="x", source=str(directory)), tmp_path / "base")
+    load_base_stage(params_for(BaseModelSectionParams, dir="x", source=str(directory)), out_dir=tmp_path / "base")
     tokenizer = HFTokenizer(tmp_path / "base")
 
     def hf_reply(ids: list[int]) -> str:
@@ -146,7 +146,7 @@ def test_served_over_the_openai_api_with_the_base_chat_template(hf_dir, tmp_path
     from tests.serve_helpers import app_server
 
     directory, hf = hf_dir
-    load_base_stage(params_for(BaseModelSectionParams, dir="x", source=str(directory)), tmp_path / "base")
+    load_base_stage(params_for(BaseModelSectionParams, dir="x", source=str(directory)), out_dir=tmp_path / "base")
     served = load_served(str(tmp_path / "base"), GENERATOR)
     assert served.prompt_style == "template"
     tokenizer = served.tokenizer

@@ -112,11 +112,11 @@ def tune_params() -> tune.PreferenceTuneParams:
 
 def test_the_books_file_splits_85_10_5_in_file_order_as_the_instruction_data(tmp_path: Path, mirror: Path) -> None:
     metrics = build.build_preference_dataset(
-        mirror / "instruction-data-with-preference.json",
-        tmp_path / "out",
-        tmp_path / "m.json",
         params_for(build.PreferenceDataParams),
-        params_for(TokenizerParams, encoding_dir=str(mirror / "gpt2")),
+        source=mirror / "instruction-data-with-preference.json",
+        out_dir=tmp_path / "out",
+        metrics_out=tmp_path / "m.json",
+        tokenizer=params_for(TokenizerParams, encoding_dir=str(mirror / "gpt2")),
     )
     assert [metrics[s]["chosen"]["entries"] for s in ("train", "test", "validation")] == [935, 110, 55]
     assert sum(metrics[s]["identical_pairs"] for s in metrics) == 6  # the book's file has 6 chosen == rejected
@@ -263,9 +263,9 @@ def test_interrupted_dpo_resumes_to_the_same_weights(tuned: Path, in_workspace: 
     with monkeypatch.context() as patch:
         patch.setattr(tracking.MlflowCallback, "on_step_end", crash_after_the_step_8_state)
         with pytest.raises(KeyboardInterrupt):
-            tune.preference_tune(tune_params(), tokenizer, **paths)
+            tune.preference_tune(tune_params(), tokenizer_params=tokenizer, **paths)
     assert paths["cache_dir"].is_dir() and not paths["out_dir"].exists()
-    metrics = tune.preference_tune(tune_params(), tokenizer, **paths)
+    metrics = tune.preference_tune(tune_params(), tokenizer_params=tokenizer, **paths)
     resumed, uninterrupted = load_file(paths["out_dir"] / "model.safetensors"), load_file(tuned / "model.safetensors")
     assert resumed.keys() == uninterrupted.keys() and all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
     reference = json.loads((in_workspace / "reports" / "tune.json").read_text())
@@ -278,7 +278,7 @@ def test_lora_trains_adapters_only_and_saves_a_plain_model(prepared: Path, in_wo
     tokenizer = params_for(TokenizerParams, **read_params("params.yaml")["tokenizer"])
     metrics = tune.preference_tune(
         params,
-        tokenizer,
+        tokenizer_params=tokenizer,
         instruct_dir=in_workspace / "models" / "instruct",
         data_dir=prepared,
         out_dir=in_workspace / "lora",

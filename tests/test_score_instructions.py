@@ -167,9 +167,9 @@ def test_interrupted_finetune_resumes_to_the_same_weights(finetuned: Path, in_wo
     with monkeypatch.context() as patch:
         patch.setattr(ft.SampleResponses, "on_epoch_end", crash_in_second_epoch)
         with pytest.raises(KeyboardInterrupt):
-            ft.finetune_instruct(params, tokenizer, **paths)
+            ft.finetune_instruct(params, tokenizer_params=tokenizer, **paths)
     assert (paths["cache_dir"]).is_dir() and not paths["out_dir"].exists()
-    metrics = ft.finetune_instruct(params, tokenizer, **paths)
+    metrics = ft.finetune_instruct(params, tokenizer_params=tokenizer, **paths)
     resumed, uninterrupted = (
         load_file(paths["out_dir"] / "model.safetensors"),
         load_file(finetuned / "model.safetensors"),

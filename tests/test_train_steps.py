@@ -84,10 +84,10 @@ def workspace(tmp_path_factory: pytest.TempPathFactory):
         root / "tokens", vocab_size=50257, endoftext_id=50256, tokenizer=TokenizerIdentity(name="gpt2", sha256="0" * 64)
     )
     meta = build_windows(
-        root / "tokens",
-        root / "windows",
-        root / "windows.json",
         params_for(WindowParams, context_length=CONTEXT, stride=CONTEXT, train_ratio=0.8),
+        tokens_dir=root / "tokens",
+        out_dir=root / "windows",
+        metrics_out=root / "windows.json",
     )
     assert (meta["n_train_windows"], meta["n_val_windows"]) == (16, 4)  # 4 training steps per epoch
     with pytest.MonkeyPatch.context() as mp:
@@ -114,7 +114,7 @@ def paths_in(root: Path) -> PretrainPaths:
 @pytest.fixture(scope="module")
 def pretrained(workspace: Path) -> tuple[PretrainPaths, dict]:
     paths = paths_in(workspace / "run")
-    return paths, pretrain(tiny_params(), paths, TOKENIZER, progress=False)
+    return paths, pretrain(tiny_params(), paths=paths, tokenizer_params=TOKENIZER, progress=False)
 
 
 def last_run(experiment: str):
@@ -206,12 +206,14 @@ def test_interrupted_pretraining_resumes_to_the_same_weights_and_metrics(workspa
     reference_paths, reference = pretrained
     paths = paths_in(workspace / "resumed")
     with pytest.raises(Interrupt):  # in epoch 2, one step after the checkpoint at step 6
-        pretrain(tiny_params(), paths, TOKENIZER, callbacks=(InterruptAtStep(7),), progress=False)
+        pretrain(
+            tiny_params(), paths=paths, tokenizer_params=TOKENIZER, callbacks=(InterruptAtStep(7),), progress=False
+        )
     saved = list(paths.state_dir.glob(f"*/{STATE_DIR}/state.json"))
     assert len(saved) == 1 and json.loads(saved[0].read_text())["step"] == 6
     assert not paths.metrics.exists() and not paths.model_out.exists()
 
-    metrics = pretrain(tiny_params(), paths, TOKENIZER, progress=False)
+    metrics = pretrain(tiny_params(), paths=paths, tokenizer_params=TOKENIZER, progress=False)
     deterministic = ("train_loss", "val_loss", "steps", "tokens_seen", "parameters")
     assert {k: metrics[k] for k in deterministic} == {k: reference[k] for k in deterministic}
     assert paths.history_csv.read_text() == reference_paths.history_csv.read_text()
@@ -231,16 +233,23 @@ def test_random_offset_windows_pretrain_and_resume_exactly(workspace: Path) -> N
     random = params_for(
         WindowParams, context_length=CONTEXT, stride=CONTEXT, train_ratio=0.8, sampling="random", random_windows=12
     )
-    build_windows(workspace / "tokens", workspace / "random_windows", workspace / "random.json", random)
+    build_windows(
+        random,
+        tokens_dir=workspace / "tokens",
+        out_dir=workspace / "random_windows",
+        metrics_out=workspace / "random.json",
+    )
     reference_paths, paths = (
         dataclasses.replace(paths_in(workspace / name), windows=workspace / "random_windows")
         for name in ("random", "random_resumed")
     )
-    reference = pretrain(tiny_params(), reference_paths, TOKENIZER, progress=False)
+    reference = pretrain(tiny_params(), paths=reference_paths, tokenizer_params=TOKENIZER, progress=False)
     assert reference["steps"] == 6  # 12 windows at random offsets per epoch, batches of 4, 2 epochs
     with pytest.raises(Interrupt):
-        pretrain(tiny_params(), paths, TOKENIZER, callbacks=(InterruptAtStep(5),), progress=False)
-    resumed = pretrain(tiny_params(), paths, TOKENIZER, progress=False)
+        pretrain(
+            tiny_params(), paths=paths, tokenizer_params=TOKENIZER, callbacks=(InterruptAtStep(5),), progress=False
+        )
+    resumed = pretrain(tiny_params(), paths=paths, tokenizer_params=TOKENIZER, progress=False)
     assert (resumed["train_loss"], resumed["val_loss"]) == (reference["train_loss"], reference["val_loss"])
     weights, expected = (
         load_file(paths.model_out / "model.safetensors"),
@@ -253,8 +262,14 @@ def test_a_saved_state_with_other_settings_is_not_resumed(workspace: Path, pretr
     _, reference = pretrained
     paths = paths_in(workspace / "changed")
     with pytest.raises(Interrupt):
-        pretrain(tiny_params(seed=8), paths, TOKENIZER, callbacks=(InterruptAtStep(3),), progress=False)
-    metrics = pretrain(tiny_params(), paths, TOKENIZER, progress=False)  # the reference settings
+        pretrain(
+            tiny_params(seed=8),
+            paths=paths,
+            tokenizer_params=TOKENIZER,
+            callbacks=(InterruptAtStep(3),),
+            progress=False,
+        )
+    metrics = pretrain(tiny_params(), paths=paths, tokenizer_params=TOKENIZER, progress=False)  # the reference settings
     assert metrics["val_loss"] == reference["val_loss"] and metrics["train_loss"] == reference["train_loss"]
 
 
@@ -349,7 +364,7 @@ def test_load_gpt2_converts_a_local_checkpoint_with_identical_logits(workspace: 
     source, hf_model = make_hf_gpt2(tie_word_embeddings=True)
     out = workspace / "gpt2"
     status = load_gpt2_step.load_gpt2_stage(
-        params_for(load_gpt2_step.LoadGPT2Params, source=str(source)), out, TOKENIZER
+        params_for(load_gpt2_step.LoadGPT2Params, source=str(source)), out_dir=out, tokenizer_params=TOKENIZER
     )
     assert status["loaded"] and status["tokenizer_files"]
     assert json.loads((out / "status.json").read_text()) == status
@@ -364,7 +379,9 @@ def test_load_gpt2_converts_a_local_checkpoint_with_identical_logits(workspace: 
 def test_unavailable_gpt2_writes_a_not_loaded_status_unless_required(workspace: Path, capsys) -> None:
     missing = str(workspace / "no-such-gpt2")
     out = workspace / "gpt2-offline"
-    status = load_gpt2_step.load_gpt2_stage(params_for(load_gpt2_step.LoadGPT2Params, source=missing), out, TOKENIZER)
+    status = load_gpt2_step.load_gpt2_stage(
+        params_for(load_gpt2_step.LoadGPT2Params, source=missing), out_dir=out, tokenizer_params=TOKENIZER
+    )
     assert status["loaded"] is False and status["source"] == missing and "does not exist" in status["reason"]
     assert [p.name for p in out.iterdir()] == ["status.json"]
     assert "WARNING" in capsys.readouterr().err
@@ -381,5 +398,7 @@ def test_unavailable_gpt2_writes_a_not_loaded_status_unless_required(workspace: 
     assert not (workspace / "gpt2-required").exists()
     with pytest.raises(WeightsUnavailableError, match="local directory"):
         load_gpt2_step.load_gpt2_stage(
-            params_for(load_gpt2_step.LoadGPT2Params, source=missing, required=True), out, TOKENIZER
+            params_for(load_gpt2_step.LoadGPT2Params, source=missing, required=True),
+            out_dir=out,
+            tokenizer_params=TOKENIZER,
         )
