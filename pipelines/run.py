@@ -34,11 +34,16 @@ PREFECT_DEFAULTS = {
 }
 
 
-def use_offline_mirror(mirror: Path = OFFLINE_MIRROR) -> None:
-    """Point downloads and the GPT-2 tokenizer at the mirror, unless already set."""
+def use_offline_mirror(mirror: Path = OFFLINE_MIRROR, *, asked: bool = True) -> None:
+    """Point downloads and the GPT-2 tokenizer at the mirror, unless already set. The mirror is tried
+    before the upstream URL and every file is checked against its checksum (docs/data.md), so a
+    mirror beside the checkout is used without being asked for (``asked``: ``--offline`` was given)."""
     if not mirror.is_dir():
-        print(f"pipeline: --offline: no mirror at {mirror}, downloading from upstream", file=sys.stderr)
+        if asked:
+            print(f"pipeline: --offline: no mirror at {mirror}, downloading from upstream", file=sys.stderr)
         return
+    if not asked and "LLMPIPE_MIRROR" not in os.environ:
+        print(f"pipeline: inputs from the mirror {mirror} first (checksums verified; --no-mirror: upstream only)")
     os.environ.setdefault("LLMPIPE_MIRROR", str(mirror.resolve()))
     if (mirror / "gpt2").is_dir():
         os.environ.setdefault("LLMCORE_GPT2_ENCODING_DIR", str((mirror / "gpt2").resolve()))
@@ -71,10 +76,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--revision", default="", help="with --workspace: the git revision to check out (default: HEAD)"
     )
-    parser.add_argument(
+    mirror = parser.add_mutually_exclusive_group()
+    mirror.add_argument(
         "--offline",
         action="store_true",
-        help=f"use the input mirror {OFFLINE_MIRROR} (LLMPIPE_MIRROR, LLMCORE_GPT2_ENCODING_DIR)",
+        help=f"use the input mirror {OFFLINE_MIRROR} (LLMPIPE_MIRROR, LLMCORE_GPT2_ENCODING_DIR); "
+        "the default whenever it exists, and a warning when it does not",
+    )
+    mirror.add_argument(
+        "--no-mirror", action="store_true", help=f"download from upstream only, even when {OFFLINE_MIRROR} exists"
     )
     args = parser.parse_args(argv)
     if args.revision and not args.workspace:
@@ -90,10 +100,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if not args.no_mirror:
+        use_offline_mirror(asked=args.offline)
     if not Path("dvc.yaml").is_file():
         sys.exit("pipeline: error: no dvc.yaml here; run from the repository root")
-    if args.offline:
-        use_offline_mirror()
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
 

@@ -212,9 +212,26 @@ def test_offline_mirror_is_used_only_when_present(tmp_path: Path, monkeypatch: p
     use_offline_mirror(tmp_path / "missing")
     assert "LLMPIPE_MIRROR" not in os.environ
     (tmp_path / "mirror" / "gpt2").mkdir(parents=True)
-    use_offline_mirror(tmp_path / "mirror")
+    use_offline_mirror(tmp_path / "mirror", asked=False)  # the README's plain command: a mirror beside is used
     assert os.environ["LLMPIPE_MIRROR"] == str(tmp_path / "mirror")
     assert os.environ["LLMCORE_GPT2_ENCODING_DIR"] == str(tmp_path / "mirror" / "gpt2")
+
+
+def test_no_mirror_downloads_from_upstream_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines import run
+
+    for key in ("LLMPIPE_MIRROR", "LLMCORE_GPT2_ENCODING_DIR"):
+        monkeypatch.delenv(key, raising=False)
+    used = []
+    monkeypatch.setattr(run, "use_offline_mirror", lambda *a, **k: used.append(k))
+    monkeypatch.chdir(tmp_path)  # no dvc.yaml: main stops right after the mirror choice
+    for argv, expected in (([], [{"asked": False}]), (["--offline"], [{"asked": True}]), (["--no-mirror"], [])):
+        used.clear()
+        with pytest.raises(SystemExit, match="no dvc.yaml here"):
+            run.main(argv)
+        assert used == expected, argv
+    with pytest.raises(SystemExit):
+        run.parse_args(["--offline", "--no-mirror"])
 
 
 def test_a_run_with_nothing_to_do_never_starts_prefect(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
