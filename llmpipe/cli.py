@@ -97,17 +97,26 @@ def run_stage(
         print(f"{stage}: {summary}")
 
 
-def pipeline_paths(stage: str) -> dict[str, str]:
-    """The ``--option value`` pairs of ``stage``'s command in dvc.yaml (the current directory's, else
-    the one of the checkout this package runs from): the defaults of the paths DVC tracks, which are
-    written there only. Values DVC interpolates from params (``${...}``) are left out."""
+def pipeline_stages() -> dict:
+    """dvc.yaml's ``stages`` (the current directory's file, else the one of the checkout this package
+    runs from); {} when there is none or it cannot be read."""
     import yaml  # PyYAML's C loader: ~20 ms for dvc.yaml
 
     found = [f for f in (Path(PIPELINE_FILE), Path(__file__).resolve().parents[1] / PIPELINE_FILE) if f.is_file()]
     try:
         stages = yaml.load(found[0].read_text(), Loader=yaml.CSafeLoader).get("stages", {}) if found else {}
-        words = shlex.split(stages.get(stage, {}).get("cmd", ""))
-    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
+    except (OSError, yaml.YAMLError, AttributeError):
+        return {}
+    return stages if isinstance(stages, dict) else {}
+
+
+def pipeline_paths(stage: str) -> dict[str, str]:
+    """The ``--option value`` pairs of ``stage``'s command in dvc.yaml (``pipeline_stages``): the
+    defaults of the paths DVC tracks, which are written there only. Values DVC interpolates from
+    params (``${...}``) are left out."""
+    try:
+        words = shlex.split(pipeline_stages().get(stage, {}).get("cmd", ""))
+    except (AttributeError, TypeError, ValueError):
         return {}
     return {
         word[2:]: value

@@ -24,14 +24,9 @@ class UsageError(Exception):
 def produced_by(path: str) -> str | None:
     """The dvc.yaml stage whose outputs include ``path``, read from the file (so it never goes stale):
     the current directory's, else that of the checkout this package runs from."""
-    import yaml  # only for the error message of a missing model
+    from llmpipe.cli import pipeline_stages  # only for the error message of a missing model
 
-    found = [f for f in (Path("dvc.yaml"), Path(__file__).resolve().parents[1] / "dvc.yaml") if f.is_file()]
-    try:
-        stages = yaml.safe_load(found[0].read_text()).get("stages", {}) if found else {}
-    except (OSError, yaml.YAMLError, AttributeError):
-        return None
-    for name, stage in stages.items():
+    for name, stage in pipeline_stages().items():
         outs = {next(iter(out)) if isinstance(out, dict) else out for out in stage.get("outs", [])}
         if path in outs:
             return name
