@@ -107,7 +107,9 @@ def is_loopback(host: str) -> bool:
 
 def load_all(specs: dict[str, str | None], args: argparse.Namespace) -> dict:
     """Each model by the kind its checkpoint is: ``--model`` naming a classifier (``llm serve --model
-    models:/spam-classifier@champion``) serves it as the classifier, in place of the default one."""
+    models:/spam-classifier@champion``) serves it as the classifier, in place of the default one.
+
+    """
     from serving.models import CLASSIFIER, GENERATOR, load_served
 
     served = {GENERATOR: None, CLASSIFIER: None}
@@ -124,6 +126,7 @@ def load_all(specs: dict[str, str | None], args: argparse.Namespace) -> dict:
 
 
 def serve(args: argparse.Namespace) -> None:
+    import torch
     import uvicorn
 
     from serving.app import create_app
@@ -141,8 +144,13 @@ def serve(args: argparse.Namespace) -> None:
             f"nothing to serve: pass --model and/or --classifier (the defaults {DEFAULTS['model']} and "
             f"{DEFAULTS['classifier']} come from `dvc repro finetune_instruct finetune_classifier`)"
         )
+    # The main thread (loading, the event loop) runs torch with one thread, so that it keeps no
+    # OpenMP pool beside the torch thread's: see serving.engine (two pools: decoding 2-2.5x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     served = load_all(specs, args)
     config = ServeConfig(
+        torch_threads=threads,
         api_key=api_key,
         max_batch=args.max_batch,
         max_queue=args.max_queue,

@@ -8,14 +8,15 @@ app's lifespan. With an API key, every ``/v1`` route and ``/invocations`` need
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import torch
 from fastapi import APIRouter, Depends, FastAPI, Header
 from fastapi.responses import HTMLResponse
-from starlette.concurrency import run_in_threadpool
 
 from llmcore.classifier import predict_proba, probability_columns
 from serving.engine import Engine
@@ -41,8 +42,30 @@ class ServeState:
             max_batch=config.max_batch,
             max_queue=config.max_queue,
             stream_interval=config.stream_interval_s,
+            threads=config.torch_threads,
         )
         self.classifying = 0  # classification requests in flight (bounded like the engine's queue)
+        # Without an engine, model calls still run on one thread of their own (see serving.engine).
+        self.executor = None
+        if not self.engine:
+            threads = config.torch_threads or torch.get_num_threads()
+            self.executor = ThreadPoolExecutor(1, "llm-torch", initializer=torch.set_num_threads, initargs=(threads,))
+
+    async def run_model(self, fn, *args):
+        """``fn(*args)`` on the server's one torch thread: the engine's, else the executor's."""
+        if self.engine:
+            return await self.engine.call(fn, *args)
+        return await asyncio.wrap_future(self.executor.submit(fn, *args))
+
+    def start(self) -> None:
+        if self.engine:
+            self.engine.start()
+
+    def close(self) -> None:
+        if self.engine:
+            self.engine.close()
+        else:
+            self.executor.shutdown(cancel_futures=True)
 
     def lookup(self, kind: str, requested: str | None) -> Served:
         """The served model of ``kind``, checked against the name a request gave; else a 404."""
@@ -87,13 +110,11 @@ def create_app(generator: Served | None, classifier: Served | None, config: Serv
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        if state.engine:
-            state.engine.start()
+        state.start()
         try:
             yield
         finally:
-            if state.engine:
-                state.engine.close()
+            state.close()
 
     app = FastAPI(title="llmpipe serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
@@ -134,7 +155,7 @@ def info_router(state: ServeState) -> APIRouter:
 
 
 async def classify(state: ServeState, body: ClassifyRequest) -> tuple[Served, torch.Tensor]:
-    """Class probabilities (texts, classes), computed in a worker thread; 4xx for bad or too many."""
+    """Class probabilities (texts, classes), computed on the torch thread; 4xx for bad or too many."""
     served = state.lookup(CLASSIFIER, body.model)
     try:
         texts = body.texts()
@@ -151,7 +172,7 @@ async def classify(state: ServeState, body: ClassifyRequest) -> tuple[Served, to
         )
     state.classifying += 1
     try:
-        return served, await run_in_threadpool(predict_proba, served.model, served.tokenizer, texts)
+        return served, await state.run_model(predict_proba, served.model, served.tokenizer, texts)
     finally:
         state.classifying -= 1
 

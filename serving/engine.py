@@ -13,17 +13,27 @@ in one forward; the events of a step are handed to the event loop in one ``call_
 (not one per request), at most every ``stream_interval`` seconds (a request's first and last
 pieces go at once), and a stream that falls behind takes all its pending text as one event, so
 the event loop and the clients handle a few pieces per interval instead of one per token.
+
+All of the server's torch work runs on the engine's thread: other model calls (classification)
+are queued with ``call`` and run between two decoding steps. With GNU OpenMP every thread that
+runs a parallel torch op keeps its own pool of worker threads; once the pools together hold more
+threads than there are cores, libgomp stops spinning between parallel regions and puts its
+workers to sleep after each one, and a decoding step of small matrices, dozens of regions long,
+took 2-2.5x as long (measured on 2 cores, int8 cpu-small at batch 1). So there is one such
+thread (``threads`` sets its torch threads), and ``serving.__main__`` leaves the main thread
+(loading, the event loop) one torch thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -127,6 +137,7 @@ class Engine:
         max_queue: int = 64,
         eos_id: int | None = None,
         stream_interval: float = 0.0,
+        threads: int | None = None,
     ):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
@@ -139,9 +150,12 @@ class Engine:
         )
         self.context = model.cfg.context_length
         self.max_batch, self.max_queue, self.stream_interval = max_batch, max_queue, stream_interval
+        self.threads = threads  # torch threads of the engine's thread (None: torch's setting)
         self._flushed = 0.0  # time.monotonic() of the last hand-over
         self.cache = SlotKVCache(model, max_batch)
         self.waiting: queue.Queue[Request] = queue.Queue()
+        self.jobs: queue.SimpleQueue[tuple[concurrent.futures.Future, Callable, tuple]] = queue.SimpleQueue()
+        self._wake = threading.Event()  # set by submit and call: something is waiting
         self.active: list[Request] = []  # row i of the cache holds active[i]
         self.counts: Counter[str] = Counter()
         self._closing = threading.Event()
@@ -153,8 +167,21 @@ class Engine:
 
     def close(self) -> None:
         self._closing.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join()
+        while not self.jobs.empty():
+            self.jobs.get_nowait()[0].cancel()
+
+    def call(self, fn: Callable, *args) -> asyncio.Future:
+        """Run ``fn(*args)`` on the engine's thread between two decoding steps (from the event loop);
+        await the result. Raises RuntimeError once the engine is closed."""
+        if self._closing.is_set():
+            raise RuntimeError("the engine is closed")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.jobs.put((future, fn, args))
+        self._wake.set()
+        return asyncio.wrap_future(future)
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> Request:
         """Queue a generation (from the event loop's thread); EngineBusy when the queue is full."""
@@ -169,6 +196,7 @@ class Engine:
             raise EngineBusy(f"{self.max_batch} requests are running and {self.max_queue} waiting: retry later")
         request = Request(prompt_ids, params, self.tokenizer, asyncio.get_running_loop())
         self.waiting.put(request)
+        self._wake.set()
         return request
 
     def stats(self) -> dict[str, int]:
@@ -181,8 +209,11 @@ class Engine:
         }
 
     def _run(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
         while not self._closing.is_set():
             try:
+                self._run_jobs()
                 self._admit()
                 self._retire()  # first tokens out; answers finished by their first token
                 if self.active:
@@ -216,15 +247,28 @@ class Engine:
                 for request, _ in batch:
                     request.cancelled = True
 
+    def _run_jobs(self) -> None:
+        """Run the queued ``call`` jobs; wait briefly for work when nothing is running."""
+        if not self.active:
+            self._wake.wait(timeout=0.05)
+            self._wake.clear()  # what arrived before this is taken below; later arrivals set it again
+        while not self.jobs.empty():
+            future, fn, args = self.jobs.get_nowait()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except Exception as exc:  # the caller's error, raised where it awaits
+                future.set_exception(exc)
+
     def _admit(self) -> None:
-        """Prefill waiting requests into free rows, in one forward; wait briefly for one when nothing runs."""
-        block, admitted = not self.active, []
+        """Prefill waiting requests into free rows, in one forward."""
+        admitted = []
         while len(self.active) + len(admitted) < self.max_batch:
             try:
-                request = self.waiting.get(timeout=0.05) if block else self.waiting.get_nowait()
+                request = self.waiting.get_nowait()
             except queue.Empty:
                 break
-            block = False
             if request.cancelled:
                 self.counts["cancelled"] += 1
                 continue

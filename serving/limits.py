@@ -26,6 +26,7 @@ class ServeConfig:
     max_classify: int = 16  # classification requests computed at once; more are refused with 429
     max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 1e6)  # larger request bodies get a 413 unread
     stream_interval_s: float = 0.01  # streamed text goes out at most this often (first and last pieces at once)
+    torch_threads: int | None = None  # the torch thread's intra-op threads (None: leave torch's setting)
 
 
 class BodyLimit:

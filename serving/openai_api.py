@@ -29,6 +29,17 @@ if TYPE_CHECKING:
     from serving.app import ServeState
 
 
+# Shorter texts are rendered and tokenized on the event loop (well under a millisecond); longer
+# ones in a worker thread, so that /health and the streams keep going. The hop to a worker costs
+# more than a short prompt's tokenization, and it delays every request's admission.
+INLINE_CHARS = 4_000
+
+
+async def off_the_loop_if_long(chars: int, fn, *args):
+    """``fn(*args)``, in a worker thread when it works on more than ``INLINE_CHARS`` characters."""
+    return fn(*args) if chars <= INLINE_CHARS else await run_in_threadpool(fn, *args)
+
+
 def openai_router(state: ServeState) -> APIRouter:
     router = APIRouter()
 
@@ -40,9 +51,10 @@ def openai_router(state: ServeState) -> APIRouter:
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
         served = state.lookup(GENERATOR, body.model)
-        try:  # CPU work (a long conversation): off the event loop, like the tokenization below
-            prompt = await run_in_threadpool(
-                render_chat, [(m.role, m.text()) for m in body.messages], served.prompt_style, served.tokenizer
+        messages = [(m.role, m.text()) for m in body.messages]
+        try:
+            prompt = await off_the_loop_if_long(
+                sum(len(text) for _, text in messages), render_chat, messages, served.prompt_style, served.tokenizer
             )
         except PromptError as exc:
             raise APIError(400, str(exc), param="messages") from exc
@@ -86,10 +98,8 @@ async def answer(
     param: str,
 ):
     """Submit one generation and answer it whole or as a stream."""
-    # Tokenizing a long prompt takes a while: a worker thread does it, so /health and streams keep going.
-    ids = await run_in_threadpool(encode, served.tokenizer, prompt) or [
-        eot_id(served.tokenizer)
-    ]  # empty: <|endoftext|>
+    ids = await off_the_loop_if_long(len(prompt), encode, served.tokenizer, prompt)
+    ids = ids or [eot_id(served.tokenizer)]  # empty: <|endoftext|>
     context, cap = served.model.cfg.context_length, state.config.max_tokens
     params = SamplingParams(
         max_tokens=completion_budget(requested, len(ids), context, cap, param),

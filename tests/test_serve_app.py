@@ -230,6 +230,31 @@ def test_int8_weights_are_served(generator_dir: Path) -> None:
         assert reply["usage"]["completion_tokens"] == 6 and reply["choices"][0]["text"]
 
 
+def test_classification_runs_on_the_one_torch_thread(
+    tmp_path: Path, monkeypatch, gpt2_encoding_dir, generator_dir
+) -> None:
+    """Every model call of the server runs on one thread (two OpenMP pools on few cores slow
+    decoding 2-2.5x: serving.engine): with a generator, the engine's; without, the executor's."""
+    import threading
+
+    import serving.app
+
+    monkeypatch.setenv(ENCODING_DIR_ENV, str(gpt2_encoding_dir))
+    classifier = load_served(str(tiny_classifier(tmp_path / "spam")), CLASSIFIER)
+    threads: list[str] = []
+    real = serving.app.predict_proba
+    monkeypatch.setattr(
+        serving.app, "predict_proba", lambda *a: (threads.append(threading.current_thread().name), real(*a))[1]
+    )
+    for generator, expected in ((load_served(str(generator_dir), GENERATOR), "llm-engine"), (None, "llm-torch")):
+        with app_server(create_app(generator, classifier)) as url:
+            for _ in range(2):
+                reply = httpx.post(f"{url}/v1/classify", json={"input": ["win a prize", "hi"]}, timeout=60)
+                assert reply.status_code == 200 and len(reply.json()["data"]) == 2
+        assert threads[-1].startswith(expected) and len(set(threads[-2:])) == 1, threads
+        threads.clear()
+
+
 def test_classification_requests_have_their_own_limit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gpt2_encoding_dir: Path
 ) -> None:

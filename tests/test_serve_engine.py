@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+import torch
 
 from llmcore.config import GPTConfig
 from llmcore.generate import generate
@@ -202,3 +203,41 @@ def test_chat_messages_render_in_phi3_as_the_fine_tune_was_trained() -> None:
         render_chat([("user", "Hi"), ("user", "Hello")], "phi3")
     with pytest.raises(ValueError, match="prompt style must be one of"):
         render_chat([("user", "Hi")], "chatml")
+
+
+def test_model_calls_run_on_the_engine_thread_between_steps(model, tokenizer) -> None:
+    """``call`` runs a job on the engine's own thread (its torch threads as configured), while a
+    generation is decoding, and gives back its result or its error."""
+    import threading
+
+    def where() -> tuple[str, int]:
+        return threading.current_thread().name, torch.get_num_threads()
+
+    def broken() -> None:
+        raise ValueError("bad input")
+
+    async def scenario(engine):
+        running = engine.submit(PROMPTS[0], SamplingParams(max_tokens=20))
+        place = await engine.call(where)
+        with pytest.raises(ValueError, match="bad input"):
+            await engine.call(broken)
+        return place, await collect(running)
+
+    before = torch.get_num_threads()
+    try:
+        (thread, threads), (_, finish, tokens) = run_engine(model, tokenizer, scenario, step_delay=0.005, threads=1)
+    finally:
+        torch.set_num_threads(before)  # torch's default for threads started later, which the engine's changed
+    assert (thread, threads) == ("llm-engine", 1) and (finish, tokens) == ("length", 20)
+
+
+def test_a_closed_engine_takes_no_more_calls(model, tokenizer) -> None:
+    engine = Engine(model, tokenizer)
+    engine.start()
+    engine.close()
+
+    async def scenario():
+        with pytest.raises(RuntimeError, match="closed"):
+            engine.call(print)
+
+    asyncio.run(scenario())

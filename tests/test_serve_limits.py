@@ -1,5 +1,5 @@
-"""Request bodies over the limit get a 413 before they are read; CPU work (tokenization) runs in a
-worker thread, so /health answers while a request is being read or tokenized. Real HTTP: uvicorn
+"""Request bodies over the limit get a 413 before they are read; CPU work (a long prompt's
+tokenization) runs in a worker thread, so /health answers while a request is being read or tokenized. Real HTTP: uvicorn
 on a free loopback port, raw sockets for what an HTTP client library would not send."""
 
 from __future__ import annotations
@@ -92,9 +92,11 @@ def test_a_body_within_the_limit_is_answered(server: str) -> None:
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] <= 3
 
 
-def test_tokenization_runs_off_the_event_loop(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """While one request's prompt is being tokenized (held here until /health has answered), the
-    server still answers: with tokenization on the event loop, /health would wait for it."""
+def test_tokenization_of_a_long_prompt_runs_off_the_event_loop(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a long prompt is being tokenized (held here until /health has answered), the server
+    still answers: with tokenization on the event loop, /health would wait for it. ("Hello" is long
+    here: the limit is lowered to 3 characters; shorter prompts are tokenized on the loop.)"""
+    monkeypatch.setattr(openai_api, "INLINE_CHARS", 3)
     tokenizing, release = threading.Event(), threading.Event()
     real_encode = openai_api.encode
 
