@@ -47,11 +47,13 @@ from llmcore.model import GPTModel
 from llmcore.precision import autocast, compute_dtype, enable_tf32
 from llmcore.throughput import peak_flops, training_flops_per_token
 from llmcore.train import build_optimizer, next_token_loss
+from llmpipe.stats import mean_interval
 
 LR, WEIGHT_DECAY, GRAD_CLIP, VOCAB = 4e-4, 0.1, 1.0, 50257
 PRECISIONS = {"fp32": "fp32", "bf16": "bf16-mixed"}
 MATMUL_N = 2048  # the square matmul whose best rate is a CPU's peak
-TARGETS = {"cpu": {"ratio": 1.15}, "cuda": {"ratio": 1.3, "mfu": 0.40, "context": 1024}}
+# CPU: issue 28's >= 1.0x transformers compiled, and the earlier issue's 1.15x ("stretch").
+TARGETS = {"cpu": {"ratio": 1.0, "stretch": 1.15}, "cuda": {"ratio": 1.3, "mfu": 0.40, "context": 1024}}
 
 
 @dataclass(frozen=True)
@@ -194,9 +196,14 @@ def bench_speed(args, device: torch.device) -> dict:
     return results
 
 
+def paired_ratios(ours: dict, theirs: dict) -> list[float]:
+    """Their step time over ours, per round: each pair ran back to back, under one load."""
+    return [t / o for o, t in zip(ours["seconds"], theirs["seconds"])]
+
+
 def paired_ratio(ours: dict, theirs: dict) -> float:
-    """Median over rounds of their step time over ours: each pair ran back to back, under one load."""
-    return statistics.median(t / o for o, t in zip(ours["seconds"], theirs["seconds"]))
+    """The median over rounds of ``paired_ratios``."""
+    return statistics.median(paired_ratios(ours, theirs))
 
 
 def transformers_best(speed: dict) -> str:
@@ -266,8 +273,10 @@ def target_lines(results: dict, device: torch.device, args) -> list[str]:
         lines.append(
             f"MFU of {ours} {mfu:.1%} at context {args.context} (target >= 40% at 1024): {'met' if ok else 'MISSED'}"
         )
-        lines.append("CPU target (>= 1.15x): not measured in this run")
+        lines.append("CPU target (>= 1.0x): not measured in this run")
     else:
+        stretch = target["stretch"]
+        lines.append(f"the earlier issue's stretch (>= {stretch}x): {'met' if ratio >= stretch else 'MISSED'}")
         lines.append("CUDA targets (>= 1.3x transformers, >= 40% MFU at context 1024): not measured (no GPU here)")
     return lines
 
@@ -289,7 +298,12 @@ def report(results: dict, device: torch.device, args) -> None:
     theirs = transformers_best(speed)
     print(f"ratios to transformers' best ({theirs}), median over rounds of back-to-back steps:")
     for name in (n for n in speed if n.startswith("llmcore")):
-        print(f"  {name:28s} {paired_ratio(speed[name], speed[theirs]):.2f}x")
+        ratios = paired_ratios(speed[name], speed[theirs])
+        low, high = mean_interval(ratios)
+        print(
+            f"  {name:28s} {statistics.median(ratios):.2f}x  (mean {statistics.mean(ratios):.2f}x, "
+            f"95% CI [{low:.2f}, {high:.2f}], {len(ratios)} pairs)"
+        )
     print("targets:")
     for line in target_lines(results, device, args):
         print(f"  {line}")

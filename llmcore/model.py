@@ -257,6 +257,14 @@ class GPTModel(nn.Module):
         head and loss run chunk-wise (faster, far less memory) when the head is a plain Linear."""
         hidden = self.hidden_states(idx)
         head = self.out_head
+        # Under torch.compile, when all the logits fit the chunk budget (one chunk: the same memory),
+        # the plain head + cross-entropy, which the compiler fuses, instead of the chunked Function,
+        # which it runs eagerly after a graph break (GPT-2 small, 512 tokens, 2-core CPU: 4.6% less
+        # time per training step, median of 14 interleaved pairs).
         if type(head) is nn.Linear and head.bias is None:
-            return head_cross_entropy(hidden, head.weight, targets, n_classes=self.cfg.vocab_size)
+            fused = (
+                torch.compiler.is_compiling() and hidden[..., 0].numel() * head.weight.shape[0] <= LOSS_CHUNK_ELEMENTS
+            )
+            if not fused:
+                return head_cross_entropy(hidden, head.weight, targets, n_classes=self.cfg.vocab_size)
         return F.cross_entropy(self.logits(hidden).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)

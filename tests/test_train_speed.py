@@ -131,6 +131,28 @@ def test_compiled_training_matches_eager() -> None:
     torch.testing.assert_close(compiled_model.state_dict(), eager_model.state_dict(), atol=5e-5, rtol=0)
 
 
+def test_the_compiled_loss_is_one_graph_and_the_chunked_loss_padded_or_not() -> None:
+    """Under torch.compile the head + loss compile with the model (no graph break at the chunked
+    Function) while the logits fit one chunk; loss and gradients equal eager's chunked ones, with
+    a padded vocabulary too."""
+    for pad in (1, 64):
+        model = make_model(pad_vocab_to_multiple=pad)
+        idx = torch.randint(0, CFG.vocab_size, (2, 16), generator=torch.Generator().manual_seed(pad))
+        targets = idx.roll(-1, dims=1)
+        assert torch._dynamo.explain(model.loss)(idx, targets).break_reasons == []
+        torch._dynamo.reset()
+        losses, grads = [], []
+        for loss_of in (model.loss, torch.compile(model.loss)):
+            model.zero_grad(set_to_none=True)
+            loss = loss_of(idx, targets)
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append([p.grad.clone() for p in model.parameters()])
+        torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
+        for got, want in zip(grads[1], grads[0]):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
 def test_resume_under_compile_is_exact(tmp_path: Path) -> None:
     assert_resumes_exactly(dataclasses.replace(CONFIG, compile=True), tmp_path, {"drop_rate": 0.1})
 
