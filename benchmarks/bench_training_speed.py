@@ -299,10 +299,10 @@ def report(results: dict, device: torch.device, args) -> None:
     print(f"ratios to transformers' best ({theirs}), median over rounds of back-to-back steps:")
     for name in (n for n in speed if n.startswith("llmcore")):
         ratios = paired_ratios(speed[name], speed[theirs])
-        low, high = mean_interval(ratios)
+        interval = mean_interval(ratios)
         print(
             f"  {name:28s} {statistics.median(ratios):.2f}x  (mean {statistics.mean(ratios):.2f}x, "
-            f"95% CI [{low:.2f}, {high:.2f}], {len(ratios)} pairs)"
+            f"95% CI [{interval.low:.2f}, {interval.high:.2f}], {len(ratios)} pairs)"
         )
     print("targets:")
     for line in target_lines(results, device, args):
