@@ -107,9 +107,7 @@ def is_loopback(host: str) -> bool:
 
 def load_all(specs: dict[str, str | None], args: argparse.Namespace) -> dict:
     """Each model by the kind its checkpoint is: ``--model`` naming a classifier (``llm serve --model
-    models:/spam-classifier@champion``) serves it as the classifier, in place of the default one.
-
-    """
+    models:/spam-classifier@champion``) serves it as the classifier, in place of the default one."""
     from serving.models import CLASSIFIER, GENERATOR, load_served
 
     served = {GENERATOR: None, CLASSIFIER: None}
