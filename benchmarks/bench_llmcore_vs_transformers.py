@@ -5,16 +5,16 @@ One run measures, with random weights (the speed of a step does not depend on th
 
 * greedy KV-cache generation, new tokens/s, 200 tokens from a 4-token prompt, batch 1:
   transformers' ``model.generate`` against ``llmcore.generate`` in fp32 (eager, and compiled:
-  the static-shape step of ``generate(..., compile=True)``) and with int8 weights
-  (``llmcore.quantize.quantize_int8``);
+  ``generate(..., compile=True)``), with int8 weights (``llmcore.quantize.quantize_int8``, eager
+  fbgemm kernels) and with weight-only int8 compiled (``quantize_int8_weight_only``, compiled);
 * each variant against the memory-bandwidth limit: the machine's read bandwidth, measured in this
   run (``benchmarks.bandwidth``, interleaved with the generations), over the bytes of weights a
   token reads (fp32 ~500 MB, int8 ~a quarter of it); decoding one sequence cannot go faster;
 * peak memory of each phase, in a fresh child process (its peak RSS, ``VmHWM``, minus its RSS
   after imports);
 * int8 quality: a small model (cpu-small) is trained for a minute on the-verdict, then fp32 and
-  int8 are compared by perplexity and greedy-token agreement (random weights would make both
-  meaningless).
+  both int8 formats are compared by perplexity, and fp32 and fbgemm int8 by greedy-token
+  agreement (random weights would make both meaningless).
 
 The machine is shared and noisy, so the libraries are measured alternately, generation by
 generation, and the best and median of the trials are reported.
@@ -45,7 +45,7 @@ from llmcore.config import GPTConfig
 from llmcore.data import SlidingWindowDataset
 from llmcore.generate import generate
 from llmcore.model import GPTModel
-from llmcore.quantize import quantize_int8
+from llmcore.quantize import quantize_int8, quantize_int8_weight_only
 from llmcore.train import train
 
 VOCAB, EMB_DIM, N_LAYERS, N_HEADS, N_POSITIONS = 50257, 768, 12, 12, 1024
@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also time llmcore's compiled static-shape decoding",
+        help="also time llmcore's compiled decoding, fp32 and weight-only int8",
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument(
@@ -164,8 +164,12 @@ def bench_generation(args) -> dict:
         "llmcore": lambda: outputs.__setitem__("llmcore", llmcore_generate(ours, prompt, n)),
         "llmcore_int8": lambda: outputs.__setitem__("llmcore_int8", llmcore_generate(ours_int8, prompt, n)),
     }
+    ours_int8_wo = quantize_int8_weight_only(ours)
     if args.compile:
         fns["llmcore+compile"] = lambda: outputs.__setitem__("llmcore+compile", llmcore_generate(ours, prompt, n, True))
+        fns["llmcore_int8+compile"] = lambda: outputs.__setitem__(
+            "llmcore_int8+compile", llmcore_generate(ours_int8_wo, prompt, n, True)
+        )
     for fn in fns.values():  # warm-up (allocations, first-call dispatch, compilation)
         fn()
     bandwidths: list[float] = []
@@ -173,7 +177,13 @@ def bench_generation(args) -> dict:
     times = interleaved(fns, args.gen_trials)
     del times["bandwidth"]
     result = {name: summarise(t, n) for name, t in times.items()}
-    models = {"transformers": theirs, "llmcore": ours, "llmcore+compile": ours, "llmcore_int8": ours_int8}
+    models = {
+        "transformers": theirs,
+        "llmcore": ours,
+        "llmcore+compile": ours,
+        "llmcore_int8": ours_int8,
+        "llmcore_int8+compile": ours_int8_wo,
+    }
     result["bandwidth_gb_s"] = statistics.median(bandwidths) / 1e9
     for name in times:
         weight_bytes = weight_bytes_per_token(models[name])
@@ -185,10 +195,14 @@ def bench_generation(args) -> dict:
     result["int8_vs_fp32_token_agreement_random_weights"] = agreement(outputs["llmcore"], outputs["llmcore_int8"])
     if args.compile:
         result["compiled_vs_eager_same_tokens"] = outputs["llmcore+compile"] == outputs["llmcore"]
+        result["int8_weight_only_vs_fp32_token_agreement_random_weights"] = agreement(
+            outputs["llmcore"], outputs["llmcore_int8+compile"]
+        )
     with torch.no_grad():
         idx = torch.randint(0, VOCAB, (1, 64), generator=torch.Generator().manual_seed(args.seed + 1))
-        ref, q = ours(idx), ours_int8(idx)
+        ref, q, wo = ours(idx), ours_int8(idx), ours_int8_wo(idx)
     result["int8_logits_rel_error"] = ((q - ref).norm() / ref.norm()).item()
+    result["int8_weight_only_logits_rel_error"] = ((wo - ref).norm() / ref.norm()).item()
     return result
 
 
@@ -254,11 +268,17 @@ def bench_quality(args) -> dict:
     )
     result: dict = {"preset": args.quality_preset, "train_seconds": time.perf_counter() - started}
     model.eval()
-    int8 = quantize_int8(model)
+    int8, int8_wo = quantize_int8(model), quantize_int8_weight_only(model)
     eval_train = SlidingWindowDataset(ids[:split], ctx, ctx)
     for name, data in (("train_split", eval_train), ("val_split", val_data)):
-        fp32_ppl, int8_ppl = perplexity(model, data), perplexity(int8, data)
-        result[f"perplexity_{name}"] = {"fp32": fp32_ppl, "int8": int8_ppl, "rel_diff": int8_ppl / fp32_ppl - 1}
+        fp32_ppl, int8_ppl, wo_ppl = perplexity(model, data), perplexity(int8, data), perplexity(int8_wo, data)
+        result[f"perplexity_{name}"] = {
+            "fp32": fp32_ppl,
+            "int8": int8_ppl,
+            "rel_diff": int8_ppl / fp32_ppl - 1,
+            "int8_weight_only": wo_ppl,
+            "weight_only_rel_diff": wo_ppl / fp32_ppl - 1,
+        }
     # Greedy continuations of prompts taken across the text (the train split is what it learned).
     prompts = [ids[i : i + args.prompt_tokens] for i in range(0, len(ids) - args.prompt_tokens, len(ids) // 5)][:5]
     pairs = [(generate(model, [p], args.new_tokens)[0], generate(int8, [p], args.new_tokens)[0]) for p in prompts]
@@ -332,16 +352,16 @@ def report(results: dict) -> None:
             f"  read bandwidth {g['bandwidth_gb_s']:.1f} GB/s (median, measured between the generations); "
             "limit = bandwidth / weight bytes a token reads"
         )
-        for name in ("transformers", "llmcore", "llmcore+compile", "llmcore_int8"):
+        for name in ("transformers", "llmcore", "llmcore+compile", "llmcore_int8", "llmcore_int8+compile"):
             if name not in g:
                 continue
             print(
-                f"  {name:16s} best {g[name]['best']:7.1f}   median {g[name]['median']:7.1f}   "
+                f"  {name:20s} best {g[name]['best']:7.1f}   median {g[name]['median']:7.1f}   "
                 f"({g[name]['trials']} runs)"
                 f"   weights {g[name]['weight_mb']:4.0f} MB, limit {g[name]['limit_tokens_per_s']:6.1f} tok/s, "
                 f"median = {g[name]['fraction_of_limit']:.0%} of it"
             )
-        for name in (n for n in ("llmcore", "llmcore+compile", "llmcore_int8") if n in g):
+        for name in (n for n in ("llmcore", "llmcore+compile", "llmcore_int8", "llmcore_int8+compile") if n in g):
             print(
                 f"  ratio {name}/transformers: best {g[name]['best'] / g['transformers']['best']:.2f}x, "
                 f"median {g[name]['median'] / g['transformers']['median']:.2f}x"
@@ -352,6 +372,11 @@ def report(results: dict) -> None:
         )
         if "compiled_vs_eager_same_tokens" in g:
             print(f"  compiled decoding gives the eager tokens: {g['compiled_vs_eager_same_tokens']}")
+            wo = g["int8_weight_only_vs_fp32_token_agreement_random_weights"]
+            print(
+                f"  weight-only int8 vs fp32 (random weights): logits rel. error "
+                f"{g['int8_weight_only_logits_rel_error']:.4f}, same greedy tokens {wo['same_fraction']:.0%}"
+            )
     if "memory" in results:
         print("\npeak memory of generation: peak RSS (VmHWM) of a fresh process, minus its RSS after imports (MiB):")
         for probe, mb in results["memory"].items():
@@ -361,7 +386,10 @@ def report(results: dict) -> None:
         print(f"\nint8 quality ({q['preset']} trained {q['train_seconds']:.0f} s on the-verdict):")
         for split in ("train_split", "val_split"):
             p = q[f"perplexity_{split}"]
-            print(f"  perplexity {split:11s} fp32 {p['fp32']:9.2f}   int8 {p['int8']:9.2f}   ({p['rel_diff']:+.2%})")
+            print(
+                f"  perplexity {split:11s} fp32 {p['fp32']:9.2f}   int8 {p['int8']:9.2f} ({p['rel_diff']:+.2%})   "
+                f"weight-only int8 {p['int8_weight_only']:9.2f} ({p['weight_only_rel_diff']:+.2%})"
+            )
         a = q["greedy_agreement"]
         print(
             f"  greedy tokens identical: {a['same_fraction']:.1%} over {a['prompts']} prompts "

@@ -8,10 +8,12 @@ cache is then refilled, so cached and uncached decoding stay token-for-token ide
 ``SlotKVCache`` holds sequences that join and leave a batch between steps (a server's continuous
 batching); it decodes each exactly as ``generate`` decodes it alone, within the context.
 
-With ``compile=True`` each one-token step after the prompt runs a static-shape step under
-torch.compile: the new token is written into its slot of the pre-allocated cache (a position
-tensor, not a Python int) and attends over the whole cache through a mask, so every step has the
-same shapes and one compiled graph serves the whole generation.
+With ``compile=True`` every step runs under torch.compile with dynamic shapes: the cache length,
+the prompt length and the batch are symbols, so a few graphs (the prompt, the one-token step,
+the step that fills the cache's last column, a refill after cropping) serve every generation,
+and a step attends over the filled cache only. With int8 weights
+(``llmcore.quantize.quantize_int8_weight_only``) a batch-1 step reads each weight once, as int8,
+in one fused kernel per layer.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import functools
 from collections.abc import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmcore.tokenizer import encode
@@ -34,18 +35,8 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
-    def update(
-        self, k: torch.Tensor, v: torch.Tensor, start_pos: int | torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v from ``start_pos`` on; return the keys and values attention may read.
-
-        A tensor ``start_pos`` (the static-shape step) writes one slot and returns the whole
-        buffers (the caller masks what lies beyond); an int returns the filled prefix.
-        """
-        if isinstance(start_pos, torch.Tensor):
-            self.k.index_copy_(2, start_pos, k)
-            self.v.index_copy_(2, start_pos, v)
-            return self.k, self.v
+    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v from column ``start_pos`` on; return the filled prefix, which attention reads."""
         end = start_pos + k.shape[2]
         self.k[:, :, start_pos:end] = k
         self.v[:, :, start_pos:end] = v
@@ -128,40 +119,32 @@ def _padding_mask(key_valid: torch.Tensor, n_queries: int) -> torch.Tensor:
     return mask[:, None]
 
 
-def _static_step_logits(model: nn.Module, token, caches, slot, position_ids, attn_mask) -> torch.Tensor:
-    return model(token, kv_caches=caches, start_pos=slot, attn_mask=attn_mask, position_ids=position_ids)[:, -1, :]
+def _step_logits(model: nn.Module, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+    return model(tokens, **kwargs)[:, -1, :]
 
 
 @functools.cache
-def _compiled_static_step():
-    """Compiled on first use, once per shape (batch, cache length) and model."""
-    return torch.compile(_static_step_logits, dynamic=False)
+def _compiled_step():
+    """``_step_logits`` compiled on first use, with dynamic shapes (see the module doc).
+
+    ``realize_opcount_threshold=1`` makes inductor store each LayerNorm's output once: by default
+    it recomputes the norm inside the matrix-vector product that reads it, once per output row,
+    which makes an int8 step compute-bound (GPT-2 small, 2-core CPU: 105 against 175 tok/s).
+    """
+    return torch.compile(_step_logits, dynamic=True, options={"realize_opcount_threshold": 1})
 
 
-def _static_step(model, token, caches, slot: int, positions, window_valid) -> torch.Tensor:
-    """Logits of the one new token in cache ``slot``, with shapes that never change between steps."""
-    cache_len = caches[0].k.shape[2]
-    key_valid = F.pad(window_valid, (0, cache_len - window_valid.shape[1]))  # slots not yet written: False
-    slots = torch.arange(cache_len, device=token.device)
-    attn_mask = (key_valid & (slots <= slot))[:, None, None, :]
-    slot_tensor = torch.tensor([slot], device=token.device)
-    # Fresh strides: a view's would change with the sequence length and force a recompile.
-    token, positions = (t.clone(memory_format=torch.contiguous_format) for t in (token, positions))
-    return _compiled_static_step()(model, token, caches, slot_tensor, positions, attn_mask)
-
-
-def _last_logits(model, tokens, valid, caches, q_start: int, win_start: int, *, padded: bool, static: bool):
+def _last_logits(model, tokens, valid, caches, q_start: int, win_start: int, *, padded: bool, compiled: bool):
     """Logits of the last position: the model runs on columns ``q_start:`` of the window that
     starts at ``win_start`` (the new token alone when the cache holds the rest)."""
-    window_valid = valid[:, win_start:]
-    positions = (window_valid.long().cumsum(dim=1) - 1).clamp(min=0)[:, q_start - win_start :]
-    if static:
-        return _static_step(model, tokens[:, q_start:], caches, q_start - win_start, positions, window_valid)
     kwargs = {"kv_caches": caches, "start_pos": q_start - win_start}
     if padded:
-        kwargs["position_ids"] = positions
+        window_valid = valid[:, win_start:]
+        kwargs["position_ids"] = (window_valid.long().cumsum(dim=1) - 1).clamp(min=0)[:, q_start - win_start :]
         kwargs["attn_mask"] = _padding_mask(window_valid, tokens.shape[1] - q_start)
-    return model(tokens[:, q_start:], **kwargs)[:, -1, :]
+    if compiled:  # a fresh contiguous token column: a view's strides would change every step
+        return _compiled_step()(model, tokens[:, q_start:].clone(memory_format=torch.contiguous_format), **kwargs)
+    return _step_logits(model, tokens[:, q_start:], **kwargs)
 
 
 @torch.no_grad()
@@ -181,7 +164,7 @@ def generate_stream(
     """Yield one (batch,) tensor of new token ids per step; stops early once every row hit eos.
 
     A row that has finished keeps yielding ``eos_id`` until the others finish. ``compile`` runs
-    the cached one-token steps through torch.compile (see the module doc).
+    every step through torch.compile (see the module doc).
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -203,10 +186,7 @@ def generate_stream(
             incremental = use_cache and caches is not None and cache_start == win_start and cache_end == n_cols - 1
             q_start = n_cols - 1 if incremental else win_start
             if use_cache and caches is None:
-                # Compiled: always the whole context, so one graph serves generations of any length.
-                caches = new_kv_caches(
-                    model, tokens.shape[0], context if compile else min(context, n_cols + max_new_tokens)
-                )
+                caches = new_kv_caches(model, tokens.shape[0], min(context, n_cols + max_new_tokens))
             logits = _last_logits(
                 model,
                 tokens,
@@ -215,7 +195,7 @@ def generate_stream(
                 q_start,
                 win_start,
                 padded=has_padding,
-                static=compile and incremental,
+                compiled=compile,
             )
             cache_start, cache_end = win_start, n_cols
             next_ids = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)

@@ -24,7 +24,8 @@ from llmcore.config import GPTConfig
 class LayerKV(Protocol):
     """What attention needs from a cache: store this step's k/v, return all k/v so far.
 
-    ``start_pos`` is an int, or a tensor of cache slots in a static-shape step (llmcore.generate).
+    ``start_pos`` is an int (the first new column), or a tensor of per-row positions in a one-token
+    step of rows at different lengths (``llmcore.generate.SlotKVCache``).
     """
 
     def update(
@@ -156,7 +157,9 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.update(k, v, start_pos)
         # With no explicit mask, the causal mask is implied: square (prefix from position 0)
         # or a single new query that may see every cached key.
-        is_causal = attn_mask is None and n_tokens > 1
+        is_causal = False  # a Python bool also when n_tokens is a symbol (dynamic-shape compile)
+        if attn_mask is None and n_tokens > 1:
+            is_causal = True
         if is_causal and k.shape[2] != n_tokens:
             raise ValueError("a multi-token step after position 0 needs an explicit attn_mask")
         y = F.scaled_dot_product_attention(

@@ -1,6 +1,6 @@
 """The speed paths must compute what the plain paths compute: the chunked LM-head loss against
 ``F.cross_entropy`` of full logits (value and gradients, also under autocast), int8 weights against
-fp32, a padded vocabulary against none, compiled static-shape decoding against eager decoding."""
+fp32, a padded vocabulary against none, compiled decoding against eager decoding."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from llmcore.checkpoint import load_checkpoint, save_checkpoint
 from llmcore.config import GPTConfig
 from llmcore.generate import generate
 from llmcore.model import IGNORE_INDEX, GPTModel, head_cross_entropy
-from llmcore.quantize import quantize_int8
+from llmcore.quantize import Int8Linear, quantize_int8, quantize_int8_weight_only
 from llmcore.tokenizer import ENCODING_DIR_ENV
 
 CFG = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
@@ -95,8 +95,43 @@ def test_int8_model_keeps_the_fp32_model_and_agrees_with_it() -> None:
 
 
 def test_int8_rejects_models_it_cannot_quantize() -> None:
-    with pytest.raises(ValueError, match="fp32"):
-        quantize_int8(GPTModel(CFG).to(torch.float64))
+    for quantize in (quantize_int8, quantize_int8_weight_only):
+        with pytest.raises(ValueError, match="fp32"):
+            quantize(GPTModel(CFG).to(torch.float64))
+
+
+def test_weight_only_int8_is_within_half_a_step_of_fp32_and_agrees_with_it() -> None:
+    model = trained_tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    quantized = quantize_int8_weight_only(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # original untouched
+    int8_layers = {name: m for name, m in quantized.named_modules() if isinstance(m, Int8Linear)}
+    assert not any(type(m) is torch.nn.Linear for m in quantized.modules()) and len(int8_layers) == 9
+    for name, layer in int8_layers.items():
+        fp32 = model.get_submodule(name).weight.detach()
+        assert layer.weight.dtype == torch.int8 and int(layer.weight.abs().max()) == 127
+        assert ((layer.weight.float() * layer.scale[:, None] - fp32).abs() <= layer.scale[:, None] / 2 + 1e-7).all()
+    assert torch.equal(quantized.tok_emb.weight, model.tok_emb.weight)  # the tied embedding stays fp32
+
+    idx = torch.arange(12).remainder(13)[None]
+    with torch.no_grad():
+        fp32_logits, int8_logits = model(idx), quantized(idx)
+    assert (int8_logits - fp32_logits).abs().max() < 0.05 * fp32_logits.abs().max()
+    assert generate(quantized, idx, 20) == generate(model, idx, 20)
+
+
+def test_compiled_weight_only_int8_decoding_matches_eager_with_one_graph_for_all_lengths() -> None:
+    """Batch 1 takes the compiled int8 reduction (one row); the window is cropped past the context
+    (16) and refilled; a second generation of other lengths compiles nothing new."""
+    quantized = quantize_int8_weight_only(trained_tiny_model())
+    torch._dynamo.reset()
+    assert generate(quantized, [[1, 2, 3]], 20, compile=True) == generate(quantized, [[1, 2, 3]], 20)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    # The prompt (start 0), the one-token step, the step that fills the cache's last column, the refill.
+    assert graphs <= 4
+    prompt = [[5, 6, 7, 8, 9]]
+    assert generate(quantized, prompt, 7, compile=True) == generate(quantized, prompt, 7)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
 def test_cli_generate_with_int8_weights(tmp_path: Path, gpt2_encoding_dir: Path, monkeypatch, capsys) -> None:
@@ -111,7 +146,7 @@ def test_cli_generate_with_int8_weights(tmp_path: Path, gpt2_encoding_dir: Path,
     assert out.startswith("Every effort moves you") and len(out) > len("Every effort moves you\n")
 
 
-# ---- mixed precision, a padded vocabulary, the compiled static-shape decoder
+# ---- mixed precision, a padded vocabulary, the compiled decoder
 
 
 def test_chunked_loss_under_autocast_matches_fp32_and_keeps_fp32_gradients() -> None:
@@ -169,7 +204,7 @@ def test_padded_vocabulary_is_never_sampled(tmp_path: Path) -> None:
     assert reloaded.cfg.pad_vocab_to_multiple == 64 and torch.equal(reloaded.out_head.weight, padded.out_head.weight)
 
 
-def test_compiled_static_shape_decoding_matches_eager_decoding() -> None:
+def test_compiled_decoding_matches_eager_decoding() -> None:
     model = trained_tiny_model()
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]  # left-padded; 20 new tokens run past the context
     assert generate(model, prompts, 20, compile=True) == generate(model, prompts, 20)
