@@ -17,7 +17,8 @@ from llmcore.config import GPTConfig
 from llmcore.generate import generate
 from llmcore.model import IGNORE_INDEX, GPTModel, head_cross_entropy
 from llmcore.quantize import Int8Linear, quantize_int8, quantize_int8_weight_only
-from llmcore.tokenizer import ENCODING_DIR_ENV
+from llmcore.tokenizer import ENCODING_DIR_ENV, encode, eot_id
+from llmpipe.model_dirs import tokenizer_for
 
 CFG = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
 
@@ -144,6 +145,21 @@ def test_cli_generate_with_int8_weights(tmp_path: Path, gpt2_encoding_dir: Path,
     )
     out = capsys.readouterr().out
     assert out.startswith("Every effort moves you") and len(out) > len("Every effort moves you\n")
+
+
+def test_cli_generate_with_compiled_int8_gives_the_weight_only_models_tokens(
+    tmp_path: Path, gpt2_encoding_dir: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.setenv(ENCODING_DIR_ENV, str(gpt2_encoding_dir))
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_preset("cpu-tiny"))
+    model_dir = save_checkpoint(model, tmp_path / "gpt")
+    prompt = "Every effort moves you"
+    argv = ["generate", prompt, "--model", str(model_dir), "--max-new-tokens", "6", "--temperature", "0"]
+    assert cli.main([*argv, "--int8", "--compile"]) == 0
+    tokenizer = tokenizer_for(model_dir)
+    expected = generate(quantize_int8_weight_only(model), [encode(tokenizer, prompt)], 6, eos_id=eot_id(tokenizer))
+    assert capsys.readouterr().out == prompt + tokenizer.decode(expected[0]) + "\n"
 
 
 # ---- mixed precision, a padded vocabulary, the compiled decoder
