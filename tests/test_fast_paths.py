@@ -81,18 +81,24 @@ def trained_tiny_model() -> GPTModel:
     return model.eval()
 
 
-def test_int8_model_keeps_the_fp32_model_and_agrees_with_it() -> None:
+def quantized_twin(quantize) -> tuple[GPTModel, torch.nn.Module]:
+    """A trained fp32 model and its quantized copy, checked: the original untouched, every Linear
+    replaced, logits within 5% of the largest, the same greedy tokens."""
     model = trained_tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    quantized = quantize_int8(model)
+    quantized = quantize(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # original untouched
     assert not any(type(m) is torch.nn.Linear for m in quantized.modules())  # every Linear replaced
-
     idx = torch.arange(12).remainder(13)[None]
     with torch.no_grad():
         fp32_logits, int8_logits = model(idx), quantized(idx)
     assert (int8_logits - fp32_logits).abs().max() < 0.05 * fp32_logits.abs().max()
     assert generate(quantized, idx, 20) == generate(model, idx, 20)
+    return model, quantized
+
+
+def test_int8_model_keeps_the_fp32_model_and_agrees_with_it() -> None:
+    quantized_twin(quantize_int8)
 
 
 def test_int8_rejects_models_it_cannot_quantize() -> None:
@@ -102,23 +108,14 @@ def test_int8_rejects_models_it_cannot_quantize() -> None:
 
 
 def test_weight_only_int8_is_within_half_a_step_of_fp32_and_agrees_with_it() -> None:
-    model = trained_tiny_model()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    quantized = quantize_int8_weight_only(model)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # original untouched
+    model, quantized = quantized_twin(quantize_int8_weight_only)
     int8_layers = {name: m for name, m in quantized.named_modules() if isinstance(m, Int8Linear)}
-    assert not any(type(m) is torch.nn.Linear for m in quantized.modules()) and len(int8_layers) == 9
+    assert len(int8_layers) == 9  # 2 blocks x (qkv, out_proj, fc, proj) + the head
     for name, layer in int8_layers.items():
         fp32 = model.get_submodule(name).weight.detach()
         assert layer.weight.dtype == torch.int8 and int(layer.weight.abs().max()) == 127
         assert ((layer.weight.float() * layer.scale[:, None] - fp32).abs() <= layer.scale[:, None] / 2 + 1e-7).all()
     assert torch.equal(quantized.tok_emb.weight, model.tok_emb.weight)  # the tied embedding stays fp32
-
-    idx = torch.arange(12).remainder(13)[None]
-    with torch.no_grad():
-        fp32_logits, int8_logits = model(idx), quantized(idx)
-    assert (int8_logits - fp32_logits).abs().max() < 0.05 * fp32_logits.abs().max()
-    assert generate(quantized, idx, 20) == generate(model, idx, 20)
 
 
 def test_compiled_weight_only_int8_decoding_matches_eager_with_one_graph_for_all_lengths() -> None:
