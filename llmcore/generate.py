@@ -127,11 +127,18 @@ def _step_logits(model: nn.Module, tokens: torch.Tensor, **kwargs) -> torch.Tens
 def _compiled_step():
     """``_step_logits`` compiled on first use, with dynamic shapes (see the module doc).
 
+    Dynamo keeps 8 graphs per function (``torch._dynamo.config.recompile_limit``) and a model
+    takes 2-4, so a process that compiles more than two or three models decodes the rest
+    eagerly (Dynamo warns once).
+
     ``realize_opcount_threshold=1`` makes inductor store each LayerNorm's output once: by default
     it recomputes the norm inside the matrix-vector product that reads it, once per output row,
     which makes an int8 step compute-bound (GPT-2 small, 2-core CPU: 105 against 175 tok/s).
     """
     return torch.compile(_step_logits, dynamic=True, options={"realize_opcount_threshold": 1})
+
+
+_VIEWS = ("position_ids", "attn_mask")
 
 
 def _last_logits(model, tokens, valid, caches, q_start: int, win_start: int, *, padded: bool, compiled: bool):
@@ -142,8 +149,10 @@ def _last_logits(model, tokens, valid, caches, q_start: int, win_start: int, *, 
         window_valid = valid[:, win_start:]
         kwargs["position_ids"] = (window_valid.long().cumsum(dim=1) - 1).clamp(min=0)[:, q_start - win_start :]
         kwargs["attn_mask"] = _padding_mask(window_valid, tokens.shape[1] - q_start)
-    if compiled:  # a fresh contiguous token column: a view's strides would change every step
-        return _compiled_step()(model, tokens[:, q_start:].clone(memory_format=torch.contiguous_format), **kwargs)
+    if compiled:  # fresh tensors: a view's strides change every step and would recompile
+        fresh = {k: v.clone(memory_format=torch.contiguous_format) for k, v in kwargs.items() if k in _VIEWS}
+        token = tokens[:, q_start:].clone(memory_format=torch.contiguous_format)
+        return _compiled_step()(model, token, **{**kwargs, **fresh})
     return _step_logits(model, tokens[:, q_start:], **kwargs)
 
 
