@@ -47,8 +47,13 @@ def stream_text(tokenizer, token_steps: Iterable[int]) -> Iterator[str]:
 def stream_reply(model, tokenizer, prompt: str | list[int], args: argparse.Namespace) -> None:
     """Generate from ``prompt`` (text, or ids) until the end-of-text token or the token limit,
     printing text as it comes."""
-    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    options["compile"] = args.compile
+    options = dict(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        compile=args.compile,
+    )
     if hasattr(tokenizer, "eos_ids"):  # a Hugging Face base's tokenizer (llmcore.hf_tokenizer)
         ids = prompt if isinstance(prompt, list) else tokenizer.encode(prompt, add_special_tokens=True)
         steps = generate_stream(model, [ids], args.max_new_tokens, eos_id=tokenizer.eos_id, **options)

@@ -95,7 +95,9 @@ def attention_mask(
     than ``window`` cache columns behind the query (the query's own column included); queries sit
     at columns ``start_pos...`` (an int), or at ``start_pos`` per row (a tensor: one-token steps)."""
     if window is None:
-        return attn_mask, attn_mask is None and n_queries > 1
+        if attn_mask is None and n_queries > 1:  # a Python bool also when n_queries is a symbol
+            return None, True
+        return attn_mask, False
     k_cols = torch.arange(n_keys, device=device)
     if isinstance(start_pos, torch.Tensor):
         q_cols = start_pos.to(device).reshape(-1, 1)
