@@ -6,7 +6,8 @@ One run measures, with random weights (the speed of a step does not depend on th
 * greedy KV-cache generation, new tokens/s, 200 tokens from a 4-token prompt, batch 1:
   transformers' ``model.generate`` against ``llmcore.generate`` in fp32 (eager, and compiled:
   ``generate(..., compile=True)``), with int8 weights (``llmcore.quantize.quantize_int8``, eager
-  fbgemm kernels) and with weight-only int8 compiled (``quantize_int8_weight_only``, compiled);
+  fbgemm kernels) and with weight-only int8 (``quantize_int8_weight_only``: llmcore's own int8
+  kernel, ``llmcore.int8_kernel``, where it builds), eager and compiled;
 * each variant against the memory-bandwidth limit: the machine's read bandwidth, measured in this
   run (``benchmarks.bandwidth``, interleaved with the generations), over the bytes of weights a
   token reads (fp32 ~500 MB, int8 ~a quarter of it); decoding one sequence cannot go faster;
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 
 from benchmarks.bandwidth import read_bandwidth, weight_bytes_per_token
 from benchmarks.train_settings import bench_config
+from llmcore import int8_kernel
 from llmcore.config import GPTConfig
 from llmcore.data import SlidingWindowDataset
 from llmcore.generate import generate
@@ -165,6 +167,7 @@ def bench_generation(args) -> dict:
         "llmcore_int8": lambda: outputs.__setitem__("llmcore_int8", llmcore_generate(ours_int8, prompt, n)),
     }
     ours_int8_wo = quantize_int8_weight_only(ours)
+    fns["llmcore_int8_wo"] = lambda: outputs.__setitem__("llmcore_int8_wo", llmcore_generate(ours_int8_wo, prompt, n))
     if args.compile:
         fns["llmcore+compile"] = lambda: outputs.__setitem__("llmcore+compile", llmcore_generate(ours, prompt, n, True))
         fns["llmcore_int8+compile"] = lambda: outputs.__setitem__(
@@ -182,6 +185,7 @@ def bench_generation(args) -> dict:
         "llmcore": ours,
         "llmcore+compile": ours,
         "llmcore_int8": ours_int8,
+        "llmcore_int8_wo": ours_int8_wo,
         "llmcore_int8+compile": ours_int8_wo,
     }
     result["bandwidth_gb_s"] = statistics.median(bandwidths) / 1e9
@@ -195,6 +199,9 @@ def bench_generation(args) -> dict:
     result["int8_vs_fp32_token_agreement_random_weights"] = agreement(outputs["llmcore"], outputs["llmcore_int8"])
     if args.compile:
         result["compiled_vs_eager_same_tokens"] = outputs["llmcore+compile"] == outputs["llmcore"]
+        result["int8_weight_only_compiled_vs_eager_same_tokens"] = (
+            outputs["llmcore_int8+compile"] == outputs["llmcore_int8_wo"]
+        )
         result["int8_weight_only_vs_fp32_token_agreement_random_weights"] = agreement(
             outputs["llmcore"], outputs["llmcore_int8+compile"]
         )
@@ -343,6 +350,10 @@ def bench_memory(args) -> dict:
 # --- report -----------------------------------------------------------------------------------
 
 
+VARIANTS = ("llmcore", "llmcore+compile", "llmcore_int8", "llmcore_int8_wo", "llmcore_int8+compile")
+"""llmcore's decoding variants, in the order they are reported (int8_wo: weight-only int8, eager)."""
+
+
 def report(results: dict) -> None:
     print(f"\n== {results['environment']}")
     if "generation" in results:
@@ -352,16 +363,14 @@ def report(results: dict) -> None:
             f"  read bandwidth {g['bandwidth_gb_s']:.1f} GB/s (median, measured between the generations); "
             "limit = bandwidth / weight bytes a token reads"
         )
-        for name in ("transformers", "llmcore", "llmcore+compile", "llmcore_int8", "llmcore_int8+compile"):
-            if name not in g:
-                continue
+        for name in (n for n in ("transformers", *VARIANTS) if n in g):
             print(
                 f"  {name:20s} best {g[name]['best']:7.1f}   median {g[name]['median']:7.1f}   "
                 f"({g[name]['trials']} runs)"
                 f"   weights {g[name]['weight_mb']:4.0f} MB, limit {g[name]['limit_tokens_per_s']:6.1f} tok/s, "
                 f"median = {g[name]['fraction_of_limit']:.0%} of it"
             )
-        for name in (n for n in ("llmcore", "llmcore+compile", "llmcore_int8", "llmcore_int8+compile") if n in g):
+        for name in (n for n in VARIANTS if n in g):
             print(
                 f"  ratio {name}/transformers: best {g[name]['best'] / g['transformers']['best']:.2f}x, "
                 f"median {g[name]['median'] / g['transformers']['median']:.2f}x"
@@ -371,7 +380,10 @@ def report(results: dict) -> None:
             f"same greedy tokens {g['int8_vs_fp32_token_agreement_random_weights']['same_fraction']:.0%}"
         )
         if "compiled_vs_eager_same_tokens" in g:
-            print(f"  compiled decoding gives the eager tokens: {g['compiled_vs_eager_same_tokens']}")
+            print(
+                f"  compiled decoding gives the eager tokens: fp32 {g['compiled_vs_eager_same_tokens']}, "
+                f"weight-only int8 {g['int8_weight_only_compiled_vs_eager_same_tokens']}"
+            )
             wo = g["int8_weight_only_vs_fp32_token_agreement_random_weights"]
             print(
                 f"  weight-only int8 vs fp32 (random weights): logits rel. error "
@@ -411,7 +423,8 @@ def main(argv: list[str] | None = None) -> None:
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "environment": f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"{args.threads} threads, load average at start {os.getloadavg()[0]:.1f}",
+        f"{args.threads} threads, load average at start {os.getloadavg()[0]:.1f}, "
+        f"llmcore int8 kernel: {int8_kernel.isa() or 'not built'}",
     }
     started = time.perf_counter()
     if args.generation:

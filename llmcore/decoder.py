@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmcore.decoder_config import DecoderConfig
-from llmcore.model import IGNORE_INDEX, LayerKV, head_cross_entropy
+from llmcore.model import IGNORE_INDEX, LayerKV, attention, head_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -143,15 +143,8 @@ class Attention(nn.Module):
         if groups > 1:  # each key/value head serves `groups` consecutive query heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         if self.softcap is None:
-            y = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                is_causal=is_causal,
-                scale=self.scale,
-                dropout_p=self.drop if self.training else 0.0,
-            )
+            dropout_p = self.drop if self.training else 0.0
+            y = attention(q, k, v, mask, is_causal=is_causal, scale=self.scale, dropout_p=dropout_p)
         else:
             y = self._softcapped(q, k, v, mask, is_causal)
         return self.out_proj(y.transpose(1, 2).reshape(batch, n_tokens, self.n_heads * self.head_dim))

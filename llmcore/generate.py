@@ -134,8 +134,17 @@ def _compiled_step():
     ``realize_opcount_threshold=1`` makes inductor store each LayerNorm's output once: by default
     it recomputes the norm inside the matrix-vector product that reads it, once per output row,
     which makes an int8 step compute-bound (GPT-2 small, 2-core CPU: 105 against 175 tok/s).
+    ``use_recursive_dict_tags_for_guards`` lets Dynamo skip the guards of a module subtree whose
+    attributes did not change since the last call: checking a 12-layer model's guards before
+    every step took 0.45-0.5 ms, about 0.25 ms with it.
     """
-    return torch.compile(_step_logits, dynamic=True, options={"realize_opcount_threshold": 1})
+    compiled = torch.compile(_step_logits, dynamic=True, options={"realize_opcount_threshold": 1})
+
+    def step(*args, **kwargs):
+        with torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True):
+            return compiled(*args, **kwargs)
+
+    return step
 
 
 _VIEWS = ("position_ids", "attn_mask")

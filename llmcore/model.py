@@ -135,6 +135,18 @@ def head_cross_entropy(
     )
 
 
+def attention(q, k, v, attn_mask=None, *, is_causal=False, scale=None, dropout_p=0.0) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``, except for one query without a mask under torch.compile
+    (a decoding step): there plain matmuls and a softmax, which inductor fuses into one kernel
+    (SDPA's CPU kernel stays an opaque call, ~35 us per layer for GPT-2 small's 12 heads, against
+    ~25 fused). The query is scaled before the product: inductor rewrites ``softmax(q @ k.T *
+    scale) @ v`` back into SDPA."""
+    if torch.compiler.is_compiling() and q.shape[-2] == 1 and attn_mask is None and not is_causal and not dropout_p:
+        q = q * (q.shape[-1] ** -0.5 if scale is None else scale)
+        return torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -162,14 +174,7 @@ class CausalSelfAttention(nn.Module):
             is_causal = True
         if is_causal and k.shape[2] != n_tokens:
             raise ValueError("a multi-token step after position 0 needs an explicit attn_mask")
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            dropout_p=self.attn_drop if self.training else 0.0,
-            is_causal=is_causal,
-        )
+        y = attention(q, k, v, attn_mask, is_causal=is_causal, dropout_p=self.attn_drop if self.training else 0.0)
         return self.out_proj(y.transpose(1, 2).reshape(batch, n_tokens, emb_dim))
 
 

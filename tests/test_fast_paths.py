@@ -113,8 +113,9 @@ def test_weight_only_int8_is_within_half_a_step_of_fp32_and_agrees_with_it() -> 
     assert len(int8_layers) == 9  # 2 blocks x (qkv, out_proj, fc, proj) + the head
     for name, layer in int8_layers.items():
         fp32 = model.get_submodule(name).weight.detach()
-        assert layer.weight.dtype == torch.int8 and int(layer.weight.abs().max()) == 127
-        assert ((layer.weight.float() * layer.scale[:, None] - fp32).abs() <= layer.scale[:, None] / 2 + 1e-7).all()
+        w = layer.int8_weight()
+        assert w.dtype == torch.int8 and w.shape == fp32.shape and int(w.abs().max()) == 127
+        assert ((w.float() * layer.scale[:, None] - fp32).abs() <= layer.scale[:, None] / 2 + 1e-7).all()
     assert torch.equal(quantized.tok_emb.weight, model.tok_emb.weight)  # the tied embedding stays fp32
 
 
