@@ -24,6 +24,7 @@ import functools
 import hashlib
 import os
 import platform
+import sys
 import warnings
 from pathlib import Path
 
@@ -55,8 +56,10 @@ def _load() -> str | None:
     digest.update(SOURCE.read_bytes())
     name = f"llmcore_int8_{digest.hexdigest()[:12]}"
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
+        if not (Path(_get_build_directory(name, False)) / f"{name}.so").exists():
+            print(f"llmcore: building the int8 kernel for this CPU (once, ~10-15 s): {name}", file=sys.stderr)
         load(
             name,
             [str(SOURCE)],
