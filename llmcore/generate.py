@@ -12,8 +12,8 @@ With ``compile=True`` every step runs under torch.compile with dynamic shapes: t
 the prompt length and the batch are symbols, so a few graphs (the prompt, the one-token step,
 the step that fills the cache's last column, a refill after cropping) serve every generation,
 and a step attends over the filled cache only. With int8 weights
-(``llmcore.quantize.quantize_int8_weight_only``) a batch-1 step reads each weight once, as int8,
-in one fused kernel per layer.
+(``llmcore.quantize.quantize_int8_weight_only``) each matrix product is one call of llmcore's int8
+kernel (``llmcore.int8_kernel``) inside the compiled graph, which reads each weight once, as int8.
 """
 
 from __future__ import annotations
@@ -132,8 +132,9 @@ def _compiled_step():
     eagerly (Dynamo warns once).
 
     ``realize_opcount_threshold=1`` makes inductor store each LayerNorm's output once: by default
-    it recomputes the norm inside the matrix-vector product that reads it, once per output row,
-    which makes an int8 step compute-bound (GPT-2 small, 2-core CPU: 105 against 175 tok/s).
+    it recomputes the norm inside a fused matrix-vector product that reads it, once per output row,
+    which made the int8 step without llmcore's kernel (``Int8Linear``'s fallback reduction)
+    compute-bound (GPT-2 small, 2-core CPU: 105 against 175 tok/s).
     ``use_recursive_dict_tags_for_guards`` lets Dynamo skip the guards of a module subtree whose
     attributes did not change since the last call: checking a 12-layer model's guards before
     every step took 0.45-0.5 ms, about 0.25 ms with it.

@@ -44,6 +44,17 @@ def _cpu_features() -> str:
     return platform.processor()
 
 
+def _is_built(name: str) -> bool:
+    """Whether torch's extension cache holds the build (a private helper of torch: if it is gone,
+    the build just goes unannounced)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return (Path(_get_build_directory(name, False)) / f"{name}.so").exists()
+    except Exception:  # noqa: BLE001
+        return True
+
+
 @functools.cache
 def _load() -> str | None:
     """Build and load the kernel; its instruction set, or None (after one warning) if unavailable."""
@@ -55,11 +66,11 @@ def _load() -> str | None:
     digest = hashlib.sha256(b"\0".join(x.encode() for x in (march, _cpu_features(), torch.__version__)))
     digest.update(SOURCE.read_bytes())
     name = f"llmcore_int8_{digest.hexdigest()[:12]}"
+    if not _is_built(name):
+        print(f"llmcore: building the int8 kernel for this CPU (once, ~10-15 s): {name}", file=sys.stderr)
     try:
-        from torch.utils.cpp_extension import _get_build_directory, load
+        from torch.utils.cpp_extension import load
 
-        if not (Path(_get_build_directory(name, False)) / f"{name}.so").exists():
-            print(f"llmcore: building the int8 kernel for this CPU (once, ~10-15 s): {name}", file=sys.stderr)
         load(
             name,
             [str(SOURCE)],
