@@ -5,9 +5,10 @@ One run measures, with random weights (the speed of a step does not depend on th
 
 * greedy KV-cache generation, new tokens/s, 200 tokens from a 4-token prompt, batch 1:
   transformers' ``model.generate`` against ``llmcore.generate`` in fp32 (eager, and compiled:
-  ``generate(..., compile=True)``), with int8 weights (``llmcore.quantize.quantize_int8``, eager
+  ``generate(..., compile=True)``, torch.compile, and ``compile="aot"``, the one-token step compiled
+  ahead of time by AOTInductor), with int8 weights (``llmcore.quantize.quantize_int8``, eager
   fbgemm kernels) and with weight-only int8 (``quantize_int8_weight_only``: llmcore's own int8
-  kernel, ``llmcore.int8_kernel``, where it builds), eager and compiled;
+  kernel, ``llmcore.int8_kernel``, where it builds), eager and both compiled ways;
 * each variant against the memory-bandwidth limit: the machine's read bandwidth, measured in this
   run (``benchmarks.bandwidth``, interleaved with the generations), over the bytes of weights a
   token reads (fp32 ~500 MB, int8 ~a quarter of it); decoding one sequence cannot go faster;
@@ -27,6 +28,7 @@ generation, and the best and median of the trials are reported.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -62,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also time llmcore's compiled decoding, fp32 and weight-only int8",
+        help="also time llmcore's compiled decoding (torch.compile and AOTInductor), fp32 and weight-only int8",
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument(
@@ -129,7 +131,7 @@ def hf_generate(model, prompt: torch.Tensor, n: int) -> list[int]:
     return out[0, prompt.shape[1] :].tolist()
 
 
-def llmcore_generate(model, prompt: torch.Tensor, n: int, compile: bool = False) -> list[int]:
+def llmcore_generate(model, prompt: torch.Tensor, n: int, compile: bool | str = False) -> list[int]:
     return generate(model, prompt, n, compile=compile)[0]
 
 
@@ -160,19 +162,22 @@ def bench_generation(args) -> dict:
     theirs = hf_model().eval()
     prompt = torch.randint(0, VOCAB, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(args.seed))
     n = args.new_tokens
-    outputs = {}
-    fns = {
-        "transformers": lambda: outputs.__setitem__("transformers", hf_generate(theirs, prompt, n)),
-        "llmcore": lambda: outputs.__setitem__("llmcore", llmcore_generate(ours, prompt, n)),
-        "llmcore_int8": lambda: outputs.__setitem__("llmcore_int8", llmcore_generate(ours_int8, prompt, n)),
-    }
-    ours_int8_wo = quantize_int8_weight_only(ours)
-    fns["llmcore_int8_wo"] = lambda: outputs.__setitem__("llmcore_int8_wo", llmcore_generate(ours_int8_wo, prompt, n))
+    models = {"transformers": theirs, "llmcore": ours, "llmcore_int8": ours_int8}
+    models["llmcore_int8_wo"] = quantize_int8_weight_only(ours)
+    modes = dict.fromkeys(models, False)
     if args.compile:
-        fns["llmcore+compile"] = lambda: outputs.__setitem__("llmcore+compile", llmcore_generate(ours, prompt, n, True))
-        fns["llmcore_int8+compile"] = lambda: outputs.__setitem__(
-            "llmcore_int8+compile", llmcore_generate(ours_int8_wo, prompt, n, True)
-        )
+        for suffix, mode in (("+compile", True), ("+aot", "aot")):
+            models["llmcore" + suffix], models["llmcore_int8" + suffix] = ours, models["llmcore_int8_wo"]
+            modes["llmcore" + suffix] = modes["llmcore_int8" + suffix] = mode
+    outputs = {}
+
+    def run(name: str) -> None:
+        if name == "transformers":
+            outputs[name] = hf_generate(theirs, prompt, n)
+        else:
+            outputs[name] = llmcore_generate(models[name], prompt, n, modes[name])
+
+    fns = {name: functools.partial(run, name) for name in models}
     for fn in fns.values():  # warm-up (allocations, first-call dispatch, compilation)
         fn()
     bandwidths: list[float] = []
@@ -180,14 +185,6 @@ def bench_generation(args) -> dict:
     times = interleaved(fns, args.gen_trials)
     del times["bandwidth"]
     result = {name: summarise(t, n) for name, t in times.items()}
-    models = {
-        "transformers": theirs,
-        "llmcore": ours,
-        "llmcore+compile": ours,
-        "llmcore_int8": ours_int8,
-        "llmcore_int8_wo": ours_int8_wo,
-        "llmcore_int8+compile": ours_int8_wo,
-    }
     result["bandwidth_gb_s"] = statistics.median(bandwidths) / 1e9
     for name in times:
         weight_bytes = weight_bytes_per_token(models[name])
@@ -198,16 +195,17 @@ def bench_generation(args) -> dict:
     assert all(len(tokens) == n for tokens in outputs.values()), "a generation stopped early"
     result["int8_vs_fp32_token_agreement_random_weights"] = agreement(outputs["llmcore"], outputs["llmcore_int8"])
     if args.compile:
-        result["compiled_vs_eager_same_tokens"] = outputs["llmcore+compile"] == outputs["llmcore"]
-        result["int8_weight_only_compiled_vs_eager_same_tokens"] = (
-            outputs["llmcore_int8+compile"] == outputs["llmcore_int8_wo"]
-        )
+        for suffix in ("+compile", "+aot"):
+            result[f"same_tokens_as_eager{suffix}"] = {
+                "fp32": outputs["llmcore" + suffix] == outputs["llmcore"],
+                "weight-only int8": outputs["llmcore_int8" + suffix] == outputs["llmcore_int8_wo"],
+            }
         result["int8_weight_only_vs_fp32_token_agreement_random_weights"] = agreement(
             outputs["llmcore"], outputs["llmcore_int8+compile"]
         )
     with torch.no_grad():
         idx = torch.randint(0, VOCAB, (1, 64), generator=torch.Generator().manual_seed(args.seed + 1))
-        ref, q, wo = ours(idx), ours_int8(idx), ours_int8_wo(idx)
+        ref, q, wo = ours(idx), ours_int8(idx), models["llmcore_int8_wo"](idx)
     result["int8_logits_rel_error"] = ((q - ref).norm() / ref.norm()).item()
     result["int8_weight_only_logits_rel_error"] = ((wo - ref).norm() / ref.norm()).item()
     return result
@@ -352,8 +350,17 @@ def bench_memory(args) -> dict:
 # --- report -----------------------------------------------------------------------------------
 
 
-VARIANTS = ("llmcore", "llmcore+compile", "llmcore_int8", "llmcore_int8_wo", "llmcore_int8+compile")
-"""llmcore's decoding variants, in the order they are reported (int8_wo: weight-only int8, eager)."""
+VARIANTS = (
+    "llmcore",
+    "llmcore+compile",
+    "llmcore+aot",
+    "llmcore_int8",
+    "llmcore_int8_wo",
+    "llmcore_int8+compile",
+    "llmcore_int8+aot",
+)
+"""llmcore's decoding variants, in the order they are reported (int8_wo: weight-only int8, eager;
++compile: ``generate(..., compile=True)``; +aot: ``compile="aot"``, ``llmcore.aot_step``)."""
 
 
 def report(results: dict) -> None:
@@ -381,11 +388,11 @@ def report(results: dict) -> None:
             f"  int8 vs fp32 (random weights): logits rel. error {g['int8_logits_rel_error']:.4f}, "
             f"same greedy tokens {g['int8_vs_fp32_token_agreement_random_weights']['same_fraction']:.0%}"
         )
-        if "compiled_vs_eager_same_tokens" in g:
-            print(
-                f"  compiled decoding gives the eager tokens: fp32 {g['compiled_vs_eager_same_tokens']}, "
-                f"weight-only int8 {g['int8_weight_only_compiled_vs_eager_same_tokens']}"
-            )
+        for suffix in ("+compile", "+aot"):
+            if f"same_tokens_as_eager{suffix}" in g:
+                same = ", ".join(f"{k} {v}" for k, v in g[f"same_tokens_as_eager{suffix}"].items())
+                print(f"  {suffix[1:]} decoding gives the eager tokens: {same}")
+        if "int8_weight_only_vs_fp32_token_agreement_random_weights" in g:
             wo = g["int8_weight_only_vs_fp32_token_agreement_random_weights"]
             print(
                 f"  weight-only int8 vs fp32 (random weights): logits rel. error "

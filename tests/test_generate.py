@@ -143,6 +143,17 @@ def test_top_k_and_top_p_restrict_the_candidates() -> None:
     assert 0.45 < (everything == 0).float().mean().item() < 0.55
 
 
+def test_greedy_picks_what_torch_argmax_picks_ties_nan_and_strided_rows_included() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(5, 50257)
+    logits[1, [7, 9, 4000]] = 50.0  # a tie: the first maximum
+    logits[2, :] = 0.0  # all equal
+    logits[3, [11, 30]] = float("nan")  # NaN counts as the maximum, the first one
+    logits[4, [2, 8]] = float("inf")
+    for case in (logits, logits[:, ::3], logits.double(), logits.requires_grad_()):
+        assert torch.equal(sample_next_token(case), case.argmax(dim=-1))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
