@@ -14,8 +14,9 @@ seen. The step covers what ``generate`` runs most: one new token per row of an u
 with the KV cache. The prompt, a padded batch and a refill after cropping run eagerly.
 
 Compiling takes ~20-30 s on a 2-core CPU (a C++ compiler is needed, as for ``torch.compile``),
-once per model object and process. Where export or compilation fails, one warning says why and
-``generate`` runs that model's steps with ``torch.compile`` instead.
+once per model object and process. Where export or compilation fails, or int8 layers run without
+llmcore's kernel, one warning says why and ``generate`` runs that model's steps with
+``torch.compile`` instead.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from llmcore.generate import KVCache
+from llmcore.quantize import Int8Linear
 
 
 class _TensorCache(KVCache):
@@ -55,6 +57,10 @@ class AOTStep:
     """``model``'s one-token step as an AOTInductor library; call it as ``step(tokens, caches, start_pos)``."""
 
     def __init__(self, model: nn.Module):
+        if any(isinstance(m, Int8Linear) and not m.kernel for m in model.modules()):
+            # Exported, their PyTorch fallback is a dequantized matmul (GPT-2 small: ~13 tok/s
+            # against ~150 for torch.compile's fused reduction).
+            raise RuntimeError("its int8 layers run without llmcore's int8 kernel (see llmcore.int8_kernel)")
         self.runner = _compile(_OneTokenStep(model))
         self.signature = _signature(model)
         self._positions = torch.empty(0)
@@ -144,8 +150,8 @@ def aot_step(model: nn.Module) -> AOTStep | None:
     except Exception as exc:  # noqa: BLE001 - any export/compile failure: torch.compile serves instead
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         warnings.warn(
-            f"llmcore: the ahead-of-time decoding step could not be compiled for {type(model).__name__}, "
-            f"torch.compile runs it instead: {first_line}",
+            f"llmcore: no ahead-of-time decoding step for {type(model).__name__}, torch.compile runs its "
+            f"steps instead: {first_line}",
             RuntimeWarning,
             stacklevel=3,
         )

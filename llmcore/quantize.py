@@ -75,8 +75,9 @@ class Int8Linear(nn.Module):
     """A Linear with int8 weights, one fp32 scale per output channel (symmetric), fp32 activations.
 
     ``y = (x @ W.T) * scale + bias``: the int8 values times their row's scale approximate the fp32
-    weight to half a step (``max |w| / 254``). ``W`` is stored in the kernel's layout
-    (``packed``, see ``llmcore.int8_kernel``); ``int8_weight()`` gives it back as (out, in).
+    weight to half a step (``max |w| / 254``). ``W`` (``weight_int8``) is stored in the kernel's
+    packed layout where the kernel is built (see ``llmcore.int8_kernel``), else as (out, in);
+    ``int8_weight()`` gives it as (out, in).
     fp32 inputs run the kernel when it is built; otherwise a dequantized matmul (under
     torch.compile, one row: a reduction inductor fuses into one pass over the int8 weight).
     """
@@ -85,19 +86,23 @@ class Int8Linear(nn.Module):
         super().__init__()
         w = linear.weight.detach()
         scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
-        self.register_buffer("packed", int8_kernel.pack(torch.round(w / scale[:, None]).to(torch.int8)))
+        q = torch.round(w / scale[:, None]).to(torch.int8)
+        self.kernel = int8_kernel.available()  # built on first use; see llmcore.int8_kernel
+        # The kernel's packed layout where it runs; else (out, in), the order the fallback reads.
+        self.register_buffer("weight_int8", int8_kernel.pack(q) if self.kernel else q)
         self.register_buffer("scale", scale.contiguous())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.kernel = int8_kernel.available()  # built on first use; see llmcore.int8_kernel
 
     def int8_weight(self) -> torch.Tensor:
         """The int8 weight matrix (out, in)."""
-        return int8_kernel.unpack(self.packed, self.out_features, self.in_features)
+        if not self.kernel:
+            return self.weight_int8
+        return int8_kernel.unpack(self.weight_int8, self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel and x.dtype == torch.float32:
-            return torch.ops.llmcore.int8_linear(x, self.packed, self.scale, self.bias)
+            return torch.ops.llmcore.int8_linear(x, self.weight_int8, self.scale, self.bias)
         w = self.int8_weight().to(x.dtype)
         if torch.compiler.is_compiling() and x[..., 0].numel() == 1:
             # One row (a batch-1 decoding step) without the kernel: a reduction that inductor

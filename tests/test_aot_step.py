@@ -98,7 +98,8 @@ def test_where_it_cannot_compile_one_warning_and_torch_compile_decodes(model: GP
     monkeypatch.setattr(aot, "_compile", broken)
     target = copy.deepcopy(model)
     torch._dynamo.reset()
-    with pytest.warns(RuntimeWarning, match="could not be compiled for GPTModel, torch.compile runs it instead: no C"):
+    message = "no ahead-of-time decoding step for GPTModel, torch.compile runs its steps instead: no C"
+    with pytest.warns(RuntimeWarning, match=message):
         tokens = generate(target, [[1, 2, 3]], 8, compile="aot")
     assert tokens == generate(target, [[1, 2, 3]], 8)
     with warnings.catch_warnings():
@@ -109,3 +110,16 @@ def test_where_it_cannot_compile_one_warning_and_torch_compile_decodes(model: GP
 def test_compile_accepts_only_its_three_values(model: GPTModel) -> None:
     with pytest.raises(ValueError, match="compile must be False, True or 'aot', got 'fast'"):
         generate(model, [[1, 2]], 2, compile="fast")
+
+
+def test_int8_layers_without_the_kernel_decode_with_torch_compile(model: GPTModel, monkeypatch) -> None:
+    """Exported, the kernel's PyTorch fallback would be a dequantized matmul every step."""
+    from llmcore import int8_kernel
+
+    monkeypatch.setattr(int8_kernel, "available", lambda: False)
+    quantized = quantize_int8_weight_only(model)  # layers built as on a machine without the kernel
+    torch._dynamo.reset()
+    with pytest.warns(RuntimeWarning, match="int8 layers run without llmcore's int8 kernel"):
+        tokens = generate(quantized, [[1, 2, 3]], 8, compile="aot")
+    assert tokens == generate(quantized, [[1, 2, 3]], 8)
+    assert aot._STEPS[quantized] is None

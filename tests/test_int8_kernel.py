@@ -86,11 +86,18 @@ def test_kernel_rejects_bad_inputs_in_one_line() -> None:
         int8_kernel.int8_linear(x, w, scale, bias)
 
 
-def test_int8_linear_gives_the_same_product_with_and_without_the_kernel() -> None:
+def without_the_kernel(monkeypatch) -> None:
+    """Layers built from now on are built as on a machine where the kernel cannot be built."""
+    monkeypatch.setattr(int8_kernel, "available", lambda: False)
+
+
+def test_int8_linear_gives_the_same_product_with_and_without_the_kernel(monkeypatch) -> None:
     linear = torch.nn.Linear(100, 37)
     layer = Int8Linear(linear)
+    without_the_kernel(monkeypatch)
     fallback = Int8Linear(linear)
-    fallback.kernel = False
+    assert not fallback.kernel and fallback.weight_int8.shape == (37, 100)  # (out, in): no packing
+    assert torch.equal(fallback.int8_weight(), layer.int8_weight())
     dequantized = layer.int8_weight().float() * layer.scale[:, None]
     for rows in (1, 5, 300):
         x = torch.randn(2, rows, 100)
@@ -100,16 +107,15 @@ def test_int8_linear_gives_the_same_product_with_and_without_the_kernel() -> Non
             assert torch.allclose(fallback(x), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_compiled_decoding_without_the_kernel_matches_eager() -> None:
+def test_compiled_decoding_without_the_kernel_matches_eager(monkeypatch) -> None:
     """The fallback's compiled one-row reduction (a machine where the kernel cannot be built)."""
     torch.manual_seed(0)
     from llmcore.config import GPTConfig
     from llmcore.model import GPTModel
 
+    without_the_kernel(monkeypatch)
     model = quantize_int8_weight_only(GPTModel(GPTConfig.from_preset("cpu-tiny")))
-    for layer in model.modules():
-        if isinstance(layer, Int8Linear):
-            layer.kernel = False
+    assert not any(layer.kernel for layer in model.modules() if isinstance(layer, Int8Linear))
     torch._dynamo.reset()
     prompt = [[5, 6, 7]]
     assert generate(model, prompt, 8, compile=True) == generate(model, prompt, 8)
