@@ -10,8 +10,10 @@ One run measures, with random weights (the speed of a step does not depend on th
   fbgemm kernels) and with weight-only int8 (``quantize_int8_weight_only``: llmcore's own int8
   kernel, ``llmcore.int8_kernel``, where it builds), eager and both compiled ways;
 * each variant against the memory-bandwidth limit: the machine's read bandwidth, measured in this
-  run (``benchmarks.bandwidth``, interleaved with the generations), over the bytes of weights a
-  token reads (fp32 ~500 MB, int8 ~a quarter of it); decoding one sequence cannot go faster;
+  run (``benchmarks.bandwidth``, read just before every generation), over the bytes of weights a
+  token reads (fp32 ~500 MB, int8 ~a quarter of it); decoding one sequence cannot go faster. The
+  median tok/s against the median bandwidth, and "paired": each generation against the reading
+  taken just before it (the VM's bandwidth drifts between ~33 and ~60 GB/s within minutes);
 * peak memory of each phase, in a fresh child process (its peak RSS, ``VmHWM``, minus its RSS
   after imports);
 * int8 quality: a small model (cpu-small) is trained for a minute on the-verdict, then fp32 and
@@ -138,12 +140,15 @@ def llmcore_generate(model, prompt: torch.Tensor, n: int, compile: bool | str = 
 # --- timing -----------------------------------------------------------------------------------
 
 
-def interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, alternating the order every round to share the noise."""
+def interleaved(fns: dict, rounds: int, before=None) -> dict[str, list[float]]:
+    """Seconds per call of each function, alternating the order every round to share the noise;
+    ``before(name)``, if given, runs untimed before each call."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
+            if before is not None:
+                before(name)
             started = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - started)
@@ -180,17 +185,22 @@ def bench_generation(args) -> dict:
     fns = {name: functools.partial(run, name) for name in models}
     for fn in fns.values():  # warm-up (allocations, first-call dispatch, compilation)
         fn()
-    bandwidths: list[float] = []
-    fns["bandwidth"] = lambda: bandwidths.append(read_bandwidth(trials=3))
-    times = interleaved(fns, args.gen_trials)
-    del times["bandwidth"]
+    # The VM's bandwidth drifts (33-60 GB/s within minutes), so it is read just before every
+    # generation too, and each generation is also compared with its own reading ("paired").
+    bandwidths: dict[str, list[float]] = {name: [] for name in fns}
+    times = interleaved(fns, args.gen_trials, before=lambda name: bandwidths[name].append(read_bandwidth(trials=3)))
     result = {name: summarise(t, n) for name, t in times.items()}
-    result["bandwidth_gb_s"] = statistics.median(bandwidths) / 1e9
+    every_reading = [bw for readings in bandwidths.values() for bw in readings]
+    result["bandwidth_gb_s"] = statistics.median(every_reading) / 1e9
     for name in times:
         weight_bytes = weight_bytes_per_token(models[name])
-        limit = statistics.median(bandwidths) / weight_bytes
+        limit = statistics.median(every_reading) / weight_bytes
+        paired = [n / t / (bw / weight_bytes) for t, bw in zip(times[name], bandwidths[name])]
         result[name].update(
-            weight_mb=weight_bytes / 1e6, limit_tokens_per_s=limit, fraction_of_limit=result[name]["median"] / limit
+            weight_mb=weight_bytes / 1e6,
+            limit_tokens_per_s=limit,
+            fraction_of_limit=result[name]["median"] / limit,
+            fraction_of_limit_paired=statistics.median(paired),
         )
     assert all(len(tokens) == n for tokens in outputs.values()), "a generation stopped early"
     result["int8_vs_fp32_token_agreement_random_weights"] = agreement(outputs["llmcore"], outputs["llmcore_int8"])
@@ -369,15 +379,16 @@ def report(results: dict) -> None:
         g = results["generation"]
         print(f"\ngreedy KV-cache generation, new tokens/s (batch 1, {results['args']['new_tokens']} new tokens):")
         print(
-            f"  read bandwidth {g['bandwidth_gb_s']:.1f} GB/s (median, measured between the generations); "
-            "limit = bandwidth / weight bytes a token reads"
+            f"  read bandwidth {g['bandwidth_gb_s']:.1f} GB/s (median, read before each generation); "
+            "limit = bandwidth / weight bytes a token reads; paired: each generation against the "
+            "bandwidth read just before it (median)"
         )
         for name in (n for n in ("transformers", *VARIANTS) if n in g):
             print(
                 f"  {name:20s} best {g[name]['best']:7.1f}   median {g[name]['median']:7.1f}   "
                 f"({g[name]['trials']} runs)"
                 f"   weights {g[name]['weight_mb']:4.0f} MB, limit {g[name]['limit_tokens_per_s']:6.1f} tok/s, "
-                f"median = {g[name]['fraction_of_limit']:.0%} of it"
+                f"median = {g[name]['fraction_of_limit']:.0%} of it, paired {g[name]['fraction_of_limit_paired']:.0%}"
             )
         for name in (n for n in VARIANTS if n in g):
             print(
