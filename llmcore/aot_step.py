@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from llmcore.generate import KVCache
-from llmcore.quantize import Int8Linear
 
 
 class _TensorCache(KVCache):
@@ -57,7 +56,7 @@ class AOTStep:
     """``model``'s one-token step as an AOTInductor library; call it as ``step(tokens, caches, start_pos)``."""
 
     def __init__(self, model: nn.Module):
-        if any(isinstance(m, Int8Linear) and not m.kernel for m in model.modules()):
+        if any(getattr(m, "kernel", None) is False for m in model.modules()):  # llmcore.quantize.Int8Linear
             # Exported, their PyTorch fallback is a dequantized matmul (GPT-2 small: ~13 tok/s
             # against ~150 for torch.compile's fused reduction).
             raise RuntimeError("its int8 layers run without llmcore's int8 kernel (see llmcore.int8_kernel)")
