@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llmcore.fallback import warn_fallback
 from llmcore.generate import KVCache
 
 
@@ -147,11 +148,10 @@ def aot_step(model: nn.Module) -> AOTStep | None:
     try:
         step = AOTStep(model)
     except Exception as exc:  # noqa: BLE001 - any export/compile failure: torch.compile serves instead
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        warnings.warn(
-            f"llmcore: no ahead-of-time decoding step for {type(model).__name__}, torch.compile runs its "
-            f"steps instead: {first_line}",
-            RuntimeWarning,
+        name = type(model).__name__
+        warn_fallback(
+            f"llmcore: no ahead-of-time decoding step for {name}, torch.compile runs its steps instead",
+            exc,
             stacklevel=3,
         )
         step = None

@@ -25,11 +25,12 @@ import hashlib
 import os
 import platform
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from llmcore.fallback import warn_fallback
 
 SOURCE = Path(__file__).with_name("csrc") / "int8_linear.cpp"
 
@@ -81,13 +82,8 @@ def _load() -> str | None:
         )
         isa = torch.ops.llmcore.int8_linear_isa()
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the PyTorch path
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        warnings.warn(
-            f"llmcore: the int8 kernel ({SOURCE.name}) could not be built, int8 layers use PyTorch "
-            f"operations instead (slower): {first_line}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        message = f"llmcore: the int8 kernel ({SOURCE.name}) could not be built, int8 layers use PyTorch operations"
+        warn_fallback(message + " instead (slower)", exc, stacklevel=3)
         return None
 
     @torch.library.register_fake("llmcore::int8_linear")
