@@ -62,13 +62,14 @@ class AOTStep:
             # against ~150 for torch.compile's fused reduction).
             raise RuntimeError("its int8 layers run without llmcore's int8 kernel (see llmcore.int8_kernel)")
         self.runner = _compile(_OneTokenStep(model))
-        self.signature = _signature(model)
-        self._positions = torch.empty(0)
-        self.refresh(model)
-
-    def refresh(self, model: nn.Module) -> None:
-        """Point the library at the model's current tensors (no copy; they stay referenced here)."""
         named = _named_tensors(model)
+        self.signature = _signature(named)
+        self._positions = torch.empty(0)
+        self.refresh(named)
+
+    def refresh(self, named: dict[str, torch.Tensor]) -> None:
+        """Point the library at the model's current tensors, ``_named_tensors(model)`` (no copy;
+        they stay referenced here)."""
         wanted = self.runner.get_constant_fqns()
         missing = [name for name in wanted if name not in named]
         if missing:
@@ -92,14 +93,11 @@ def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return named
 
 
-def _signature(model: nn.Module) -> list[tuple]:
+def _signature(named: dict[str, torch.Tensor]) -> list[tuple]:
     """What the library was compiled for: each tensor's name, shape, dtype and device, and which
     names share a tensor (a tied head is one constant of the library: untied, it needs two)."""
     first_name: dict[int, str] = {}
-    return [
-        (name, tuple(t.shape), t.dtype, t.device, first_name.setdefault(id(t), name))
-        for name, t in _named_tensors(model).items()
-    ]
+    return [(name, tuple(t.shape), t.dtype, t.device, first_name.setdefault(id(t), name)) for name, t in named.items()]
 
 
 def _example_inputs(model: nn.Module):
@@ -142,8 +140,9 @@ def aot_step(model: nn.Module) -> AOTStep | None:
         step = _STEPS[model]
         if step is None:
             return None
-        if step.signature == _signature(model):  # else: the model changed shape, dtype or device
-            step.refresh(model)
+        named = _named_tensors(model)
+        if step.signature == _signature(named):  # else: the model changed shape, dtype or device
+            step.refresh(named)
             return step
     try:
         step = AOTStep(model)
