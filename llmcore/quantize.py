@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmcore import int8_kernel
+from llmcore import hugepages, int8_kernel
 
 
 class QuantizationUnavailableError(RuntimeError):
@@ -77,8 +77,9 @@ class Int8Linear(nn.Module):
 
     ``y = (x @ W.T) * scale + bias``: the int8 values times their row's scale approximate the fp32
     weight to half a step (``max |w| / 254``). ``W`` (``weight_int8``) is stored in the kernel's
-    packed layout where the kernel is built (see ``llmcore.int8_kernel``), else as (out, in);
-    ``int8_weight()`` gives it as (out, in).
+    packed layout where the kernel is built (see ``llmcore.int8_kernel``), else as (out,
+    in); ``int8_weight()`` gives it as (out, in).
+    ``quantize_int8_weight_only`` puts all the packed weights in one huge-page region.
     fp32 inputs run the kernel when it is built; otherwise a dequantized matmul (under
     torch.compile, one row: a reduction inductor fuses into one pass over the int8 weight).
     """
@@ -131,6 +132,11 @@ def quantize_int8_weight_only(model: nn.Module, *, inplace: bool = False) -> nn.
         for name, child in parent.named_children():
             if type(child) is nn.Linear:
                 setattr(parent, name, Int8Linear(child))
+    # The kernel's weights as one huge-page region in module order (a decoding step's order of
+    # reads): no TLB miss or prefetcher restart every 4 KB (see llmcore.hugepages).
+    layers = [m for m in target.modules() if isinstance(m, Int8Linear) and m.kernel]
+    for layer, weight in zip(layers, hugepages.gather([layer.weight_int8 for layer in layers])):
+        layer.weight_int8 = weight
     return target
 
 
