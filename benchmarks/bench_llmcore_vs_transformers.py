@@ -13,7 +13,8 @@ One run measures, with random weights (the speed of a step does not depend on th
   run (``benchmarks.bandwidth``, read just before every generation), over the bytes of weights a
   token reads (fp32 ~500 MB, int8 ~a quarter of it); decoding one sequence cannot go faster. The
   median tok/s against the median bandwidth, and "paired": each generation against the reading
-  taken just before it (the VM's bandwidth drifts between ~33 and ~60 GB/s within minutes);
+  taken just before it, with its range (the README's VM switches between ~35 and ~65 GB/s within
+  seconds, and a generation's share of its limit differs between the two);
 * peak memory of each phase, in a fresh child process (its peak RSS, ``VmHWM``, minus its RSS
   after imports);
 * int8 quality: a small model (cpu-small) is trained for a minute on the-verdict, then fp32 and
@@ -201,6 +202,7 @@ def bench_generation(args) -> dict:
             limit_tokens_per_s=limit,
             fraction_of_limit=result[name]["median"] / limit,
             fraction_of_limit_paired=statistics.median(paired),
+            fraction_of_limit_paired_range=(min(paired), max(paired)),
         )
     assert all(len(tokens) == n for tokens in outputs.values()), "a generation stopped early"
     result["int8_vs_fp32_token_agreement_random_weights"] = agreement(outputs["llmcore"], outputs["llmcore_int8"])
@@ -381,7 +383,7 @@ def report(results: dict) -> None:
         print(
             f"  read bandwidth {g['bandwidth_gb_s']:.1f} GB/s (median, read before each generation); "
             "limit = bandwidth / weight bytes a token reads; paired: each generation against the "
-            "bandwidth read just before it (median)"
+            "bandwidth read just before it (median, and its range over the runs)"
         )
         for name in (n for n in ("transformers", *VARIANTS) if n in g):
             print(
@@ -389,6 +391,7 @@ def report(results: dict) -> None:
                 f"({g[name]['trials']} runs)"
                 f"   weights {g[name]['weight_mb']:4.0f} MB, limit {g[name]['limit_tokens_per_s']:6.1f} tok/s, "
                 f"median = {g[name]['fraction_of_limit']:.0%} of it, paired {g[name]['fraction_of_limit_paired']:.0%}"
+                " ({:.0%}-{:.0%})".format(*g[name]["fraction_of_limit_paired_range"])
             )
         for name in (n for n in VARIANTS if n in g):
             print(
