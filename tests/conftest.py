@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,17 @@ torch.set_num_threads(1)
 # CI (.ci/run) installs everything a test needs, so there a skipped test is a failure: a missing
 # browser, server or package must not pass unnoticed as "skipped".
 NO_SKIPS = os.environ.get("LLMPIPE_NO_SKIPS") == "1"
+
+
+def _stop_like_ctrl_c(signum, frame) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+
+def pytest_configure(config) -> None:
+    """A run stopped with SIGTERM (``kill``, a CI timeout) ends as Ctrl-C does: pytest still tears
+    its fixtures down, so a module's team stack (whose servers ``llm stack up`` starts as daemons,
+    in their own sessions) is stopped with ``llm stack down`` instead of being left running."""
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
 
 
 @pytest.hookimpl(hookwrapper=True)
