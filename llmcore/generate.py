@@ -35,8 +35,8 @@ from llmcore.tokenizer import encode
 
 
 class KVCache:
-    """One layer's keys and values, allocated once for the whole generation (zeros; or views of
-    ``memory``, zeroed memory of two such tensors)."""
+    """One layer's keys and values, allocated once for the whole generation: zeros, or the two
+    halves of ``memory`` (zeroed, ``2 * batch * n_heads * max_len * head_dim`` elements)."""
 
     def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int, *, dtype, device, memory=None):
         shape = (batch, n_heads, max_len, head_dim)

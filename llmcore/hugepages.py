@@ -61,16 +61,3 @@ def gather(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         view.copy_(t)
         views.append(view)
     return views
-
-
-def huge_page_bytes() -> int | None:
-    """Bytes of this process's anonymous memory on huge pages (``/proc/self/smaps_rollup``), or None
-    where the kernel does not report it."""
-    try:
-        with open("/proc/self/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("AnonHugePages:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None

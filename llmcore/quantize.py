@@ -77,9 +77,9 @@ class Int8Linear(nn.Module):
 
     ``y = (x @ W.T) * scale + bias``: the int8 values times their row's scale approximate the fp32
     weight to half a step (``max |w| / 254``). ``W`` (``weight_int8``) is stored in the kernel's
-    packed layout where the kernel is built (see ``llmcore.int8_kernel``), else as (out,
-    in); ``int8_weight()`` gives it as (out, in).
-    ``quantize_int8_weight_only`` puts all the packed weights in one huge-page region.
+    packed layout where the kernel is built (see ``llmcore.int8_kernel``; ``quantize_int8_weight_only``
+    puts all of a model's in one huge-page region), else as (out, in); ``int8_weight()`` gives it
+    as (out, in).
     fp32 inputs run the kernel when it is built; otherwise a dequantized matmul (under
     torch.compile, one row: a reduction inductor fuses into one pass over the int8 weight).
     """
