@@ -21,8 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 X86 = platform.machine() in ("x86_64", "AMD64")
 
 # (out, in, rows, bias): rows past a 16-row block and columns past a multiple of 4, a row longer
-# than one int32 accumulation block (512 columns), rows in groups of 4 and a remainder.
-SHAPES = [(37, 100, 1, True), (5, 3, 1, False), (768, 3072, 3, False), (33, 5000, 16, True), (64, 1030, 131, True)]
+# than one int32 accumulation block (512 columns), rows in groups of 4 and a remainder, and for
+# 1 and 2 rows (unrolled 4 and 2 loads a step) column counts that leave a remainder of loads.
+SHAPES = [
+    (37, 100, 1, True),
+    (5, 3, 1, False),
+    (20, 1030, 1, False),
+    (50, 500, 2, True),
+    (768, 3072, 3, False),
+    (33, 5000, 16, True),
+    (64, 1030, 131, True),
+]
 
 
 def reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
