@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from llmcore import hugepages
+from llmcore import cpu_kernels, hugepages
 from llmcore.tokenizer import encode
 
 
@@ -234,6 +234,8 @@ def generate_stream(
     was_training = model.training
     model.eval()
     try:
+        if compile and device.type == "cpu":
+            cpu_kernels.isa()  # llmcore's CPU kernels, for the compiled step's attention (built once per machine)
         aot = _aot_step(model) if compile == "aot" and use_cache else None
         for _ in range(max_new_tokens):
             n_cols = tokens.shape[1]

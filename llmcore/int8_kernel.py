@@ -8,99 +8,28 @@ cache, four at a time. On GPT-2 small's weights (2-core AVX-512 CPU) it takes 4.
 15.5 for 16, 187 for 256, 755 for 1,024, where widening the weights to fp32 and a matmul take
 157, 291, 727 and 1,985 ms: ``Int8Linear`` runs it for every row count.
 
-The source is compiled once per machine with ``torch.utils.cpp_extension`` (a C++ compiler and
-ninja) for this CPU (``-march=native``; ``LLMCORE_INT8_MARCH`` names another target, e.g.
-``x86-64-v3`` for AVX2 only) and cached in torch's extension directory (``TORCH_EXTENSIONS_DIR``,
-by default ``~/.cache/torch_extensions``) under a name made from the source, the target and this
-CPU's features, so a shared home directory never hands one CPU another's binary: ~10-15 s the
-first time, then a load. Where it cannot be built (no compiler, a build error) or is switched off
-(``LLMCORE_INT8_KERNEL=0``), ``available()`` is False, one warning says why, and
+The source is built with llmcore's other CPU kernels, once per machine, by ``llmcore.cpu_kernels``
+(a C++ compiler and ninja; ~10-15 s the first time, then a load). Where they cannot be built or
+are switched off (``LLMCORE_INT8_KERNEL=0``), ``available()`` is False, one warning says why, and
 ``llmcore.quantize.Int8Linear`` computes the same product with PyTorch operations instead.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import os
-import platform
-import sys
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-from llmcore.fallback import warn_fallback
-
-SOURCE = Path(__file__).with_name("csrc") / "int8_linear.cpp"
-
-
-def _cpu_features() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _is_built(name: str) -> bool:
-    """Whether torch's extension cache holds the build (a private helper of torch: if it is gone,
-    the build just goes unannounced)."""
-    try:
-        from torch.utils.cpp_extension import _get_build_directory
-
-        return (Path(_get_build_directory(name, False)) / f"{name}.so").exists()
-    except Exception:  # noqa: BLE001
-        return True
-
-
-@functools.cache
-def _load() -> str | None:
-    """Build and load the kernel; its instruction set, or None (after one warning) if unavailable."""
-    if os.environ.get("LLMCORE_INT8_KERNEL", "1") == "0":
-        return None
-    if platform.system() != "Linux":
-        return None
-    march = os.environ.get("LLMCORE_INT8_MARCH", "native")
-    digest = hashlib.sha256(b"\0".join(x.encode() for x in (march, _cpu_features(), torch.__version__)))
-    digest.update(SOURCE.read_bytes())
-    name = f"llmcore_int8_{digest.hexdigest()[:12]}"
-    if not _is_built(name):
-        print(f"llmcore: building the int8 kernel for this CPU (once, ~10-15 s): {name}", file=sys.stderr)
-    try:
-        from torch.utils.cpp_extension import load
-
-        load(
-            name,
-            [str(SOURCE)],
-            extra_cflags=["-O3", f"-march={march}", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
-        isa = torch.ops.llmcore.int8_linear_isa()
-    except Exception as exc:  # noqa: BLE001 - any build failure means: use the PyTorch path
-        message = f"llmcore: the int8 kernel ({SOURCE.name}) could not be built, int8 layers use PyTorch operations"
-        warn_fallback(message + " instead (slower)", exc, stacklevel=3)
-        return None
-
-    @torch.library.register_fake("llmcore::int8_linear")
-    def _(x, packed, scale, bias):  # shapes for torch.compile: the kernel is one opaque call
-        return x.new_empty((*x.shape[:-1], scale.shape[0]))
-
-    return isa
+from llmcore import cpu_kernels
 
 
 def available() -> bool:
     """Whether the kernel is built and vectorized for this CPU (AVX-512 VNNI or AVX2)."""
-    return _load() not in (None, "scalar")
+    return cpu_kernels.isa() not in (None, "scalar")
 
 
 def isa() -> str | None:
     """The kernel's instruction set ("avx512_vnni", "avx2", "scalar"), or None when not built."""
-    return _load()
+    return cpu_kernels.isa()
 
 
 BLOCK_ROWS = 16
@@ -124,6 +53,6 @@ def unpack(packed: torch.Tensor, out_features: int, in_features: int) -> torch.T
 
 def int8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ (W * scale[:, None]).T + bias`` by the kernel, ``packed = pack(W)``."""
-    if _load() is None:
-        raise RuntimeError("llmcore's int8 kernel is not built on this machine (see llmcore.int8_kernel)")
+    if cpu_kernels.isa() is None:
+        raise RuntimeError("llmcore's int8 kernel is not built on this machine (see llmcore.cpu_kernels)")
     return torch.ops.llmcore.int8_linear(x, packed, scale, bias)

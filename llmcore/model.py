@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmcore import cpu_kernels
 from llmcore.config import GPTConfig
 
 
@@ -137,13 +138,19 @@ def head_cross_entropy(
 
 def attention(q, k, v, attn_mask=None, *, is_causal=False, scale=None, dropout_p=0.0) -> torch.Tensor:
     """``F.scaled_dot_product_attention``, except for one query without a mask under torch.compile
-    (a decoding step): there plain matmuls and a softmax, which inductor fuses into one kernel
-    (SDPA's CPU kernel stays an opaque call, ~35 us per layer for GPT-2 small's 12 heads, against
-    ~25 fused). The query is scaled before the product: inductor rewrites ``softmax(q @ k.T *
-    scale) @ v`` back into SDPA."""
+    or torch.export (a compiled decoding step). There, fp32 on a CPU where llmcore's kernels are
+    loaded (``llmcore.cpu_kernels``, which compiled decoding loads), their ``decode_attention``
+    (GPT-2 small's 12 heads at 100-200 cached positions: ~13 us, where inductor's fused kernel
+    took 20-45 in the step); otherwise plain matmuls and a softmax, which inductor fuses into one
+    kernel (SDPA's CPU kernel stays an opaque call, ~35 us per layer, against ~25 fused). The
+    query is scaled before the product: inductor rewrites ``softmax(q @ k.T * scale) @ v`` back
+    into SDPA."""
     if torch.compiler.is_compiling() and q.shape[-2] == 1 and attn_mask is None and not is_causal and not dropout_p:
-        q = q * (q.shape[-1] ** -0.5 if scale is None else scale)
-        return torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        cpu_fp32 = q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
+        if cpu_kernels.loaded() and cpu_fp32 and k.shape[1] == q.shape[1] and not torch.is_grad_enabled():
+            return cpu_kernels.decode_attention(q, k, v, scale)
+        return torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1) @ v
     return F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale)
 
 

@@ -173,5 +173,5 @@ def test_switched_off_or_unbuildable_the_kernel_gives_way_to_pytorch(tmp_path: P
     broken = run_python(code, {"CXX": "/bin/false", "TORCH_EXTENSIONS_DIR": str(tmp_path)})
     assert broken.returncode == 0, broken.stderr[-2000:]
     assert broken.stdout.split() == ["False", "False", "(1,", "4)"]
-    assert "llmcore: the int8 kernel (int8_linear.cpp) could not be built" in broken.stderr
+    assert "llmcore: the CPU kernels (llmcore/csrc) could not be built" in broken.stderr
     assert "Traceback" not in broken.stderr
