@@ -97,6 +97,10 @@ def load_generator(args: argparse.Namespace) -> tuple[Path, object]:
         from llmcore.quantize import preferred_int8
 
         model = preferred_int8(compile=args.compile)(model.cpu(), inplace=True)
+    if args.compile and next(model.parameters()).device.type == "cpu":
+        from llmcore import cpu_kernels
+
+        cpu_kernels.isa()  # built here (once per machine, announced) rather than after the prompt is echoed
     return model_dir, model
 
 

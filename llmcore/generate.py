@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from llmcore import cpu_kernels, hugepages
+from llmcore.fallback import warn_fallback
 from llmcore.tokenizer import encode
 
 
@@ -144,11 +145,10 @@ def _step_logits(model: nn.Module, tokens: torch.Tensor, **kwargs) -> torch.Tens
 
 @functools.cache
 def _compiled_step():
-    """``_step_logits`` compiled on first use, with dynamic shapes (see the module doc).
-
-    Dynamo keeps 8 graphs per function (``torch._dynamo.config.recompile_limit``) and a model
-    takes 2-4, so a process that compiles more than two or three models decodes the rest
-    eagerly (Dynamo warns once).
+    """``_step_logits`` compiled on first use, with dynamic shapes (see the module doc). Where it
+    cannot be compiled (no C++ compiler), one warning, then every step runs eagerly. Dynamo keeps
+    8 graphs per function (``recompile_limit``) and a model takes 2-4, so a process that compiles
+    more than two or three models decodes the rest eagerly (Dynamo warns once).
 
     ``realize_opcount_threshold=1`` makes inductor store each LayerNorm's output once: by default
     it recomputes the norm inside a fused matrix-vector product that reads it, once per output row,
@@ -158,11 +158,16 @@ def _compiled_step():
     attributes did not change since the last call: checking a 12-layer model's guards before
     every step took 0.45-0.5 ms, about 0.25 ms with it.
     """
-    compiled = torch.compile(_step_logits, dynamic=True, options={"realize_opcount_threshold": 1})
+    compiled = [torch.compile(_step_logits, dynamic=True, options={"realize_opcount_threshold": 1})]
 
     def step(*args, **kwargs):
-        with torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True):
-            return compiled(*args, **kwargs)
+        try:
+            with torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True):
+                return compiled[0](*args, **kwargs)
+        except torch._inductor.exc.InductorError as exc:  # raised before the step ran: the cache is intact
+            warn_fallback("llmcore: the decoding step could not be compiled, it runs eagerly instead", exc)
+            compiled[0] = _step_logits
+            return _step_logits(*args, **kwargs)
 
     return step
 

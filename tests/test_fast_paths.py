@@ -162,6 +162,44 @@ def test_cli_generate_with_compiled_int8_gives_the_weight_only_models_tokens(
     assert capsys.readouterr().out == prompt + tokenizer.decode(expected[0]) + "\n"
 
 
+def test_cli_compile_without_a_cxx_compiler_decodes_eagerly_after_warnings(
+    tmp_path: Path, gpt2_encoding_dir: Path
+) -> None:
+    """No working C++ compiler: llmcore's kernels, the ahead-of-time step and torch.compile each give
+    way with one warning, and the tokens are the eager ones (not a traceback)."""
+    import os
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_preset("cpu-tiny"))
+    model_dir = save_checkpoint(model, tmp_path / "gpt")
+    prompt = "Every effort moves you"
+    argv = ["generate", prompt, "--model", str(model_dir), "--max-new-tokens", "6", "--temperature", "0"]
+    env = {**os.environ, ENCODING_DIR_ENV: str(gpt2_encoding_dir), "CXX": "/bin/false"}
+    env.update(TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.llm", *argv, "--compile"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    for message in (
+        "the CPU kernels (llmcore/csrc) could not be built",
+        "no ahead-of-time decoding step",
+        "runs eagerly",
+    ):
+        assert message in done.stderr, done.stderr[-2000:]
+    tokenizer = tokenizer_for(model_dir)
+    expected = generate(model, [encode(tokenizer, prompt)], 6, eos_id=eot_id(tokenizer))
+    assert done.stdout == prompt + tokenizer.decode(expected[0]) + "\n"
+
+
 # ---- mixed precision, a padded vocabulary, the compiled decoder
 
 
