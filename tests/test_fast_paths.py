@@ -163,7 +163,7 @@ def test_cli_generate_with_compiled_int8_gives_the_weight_only_models_tokens(
 
 
 def test_cli_compile_without_a_cxx_compiler_decodes_eagerly_after_warnings(
-    tmp_path: Path, gpt2_encoding_dir: Path
+    tmp_path: Path, gpt2_encoding_dir: Path, monkeypatch
 ) -> None:
     """No working C++ compiler: llmcore's kernels, the ahead-of-time step and torch.compile each give
     way with one warning, and the tokens are the eager ones (not a traceback)."""
@@ -171,6 +171,7 @@ def test_cli_compile_without_a_cxx_compiler_decodes_eagerly_after_warnings(
     import subprocess
     import sys
 
+    monkeypatch.setenv(ENCODING_DIR_ENV, str(gpt2_encoding_dir))  # for the expected tokens, in this process
     torch.manual_seed(0)
     model = GPTModel(GPTConfig.from_preset("cpu-tiny"))
     model_dir = save_checkpoint(model, tmp_path / "gpt")
