@@ -8,7 +8,8 @@ One run measures, with random weights (the speed of a step does not depend on th
   ``generate(..., compile=True)``, torch.compile, and ``compile="aot"``, the one-token step compiled
   ahead of time by AOTInductor), with int8 weights (``llmcore.quantize.quantize_int8``, eager
   fbgemm kernels) and with weight-only int8 (``quantize_int8_weight_only``: llmcore's own int8
-  kernel, ``llmcore.int8_kernel``, where it builds), eager and both compiled ways;
+  kernel, ``llmcore.int8_kernel``, where it builds), eager, both compiled ways and
+  ``compile="fused"`` (the whole step as one C++ call, ``llmcore.fused_step``);
 * each variant against the memory-bandwidth limit: the machine's read bandwidth, measured in this
   run (``benchmarks.bandwidth``, read just before every generation), over the bytes of weights a
   token reads (fp32 ~500 MB, int8 ~a quarter of it); decoding one sequence cannot go faster. The
@@ -175,6 +176,8 @@ def bench_generation(args) -> dict:
         for suffix, mode in (("+compile", True), ("+aot", "aot")):
             models["llmcore" + suffix], models["llmcore_int8" + suffix] = ours, models["llmcore_int8_wo"]
             modes["llmcore" + suffix] = modes["llmcore_int8" + suffix] = mode
+        # llmcore's C++ decoding step (llmcore.fused_step); for fp32 it is the +aot step
+        models["llmcore_int8+fused"], modes["llmcore_int8+fused"] = models["llmcore_int8_wo"], "fused"
     outputs = {}
 
     def run(name: str) -> None:
@@ -207,11 +210,11 @@ def bench_generation(args) -> dict:
     assert all(len(tokens) == n for tokens in outputs.values()), "a generation stopped early"
     result["int8_vs_fp32_token_agreement_random_weights"] = agreement(outputs["llmcore"], outputs["llmcore_int8"])
     if args.compile:
-        for suffix in ("+compile", "+aot"):
-            result[f"same_tokens_as_eager{suffix}"] = {
-                "fp32": outputs["llmcore" + suffix] == outputs["llmcore"],
-                "weight-only int8": outputs["llmcore_int8" + suffix] == outputs["llmcore_int8_wo"],
-            }
+        for suffix in ("+compile", "+aot", "+fused"):
+            same = {"weight-only int8": outputs["llmcore_int8" + suffix] == outputs["llmcore_int8_wo"]}
+            if "llmcore" + suffix in outputs:
+                same["fp32"] = outputs["llmcore" + suffix] == outputs["llmcore"]
+            result[f"same_tokens_as_eager{suffix}"] = same
         result["int8_weight_only_vs_fp32_token_agreement_random_weights"] = agreement(
             outputs["llmcore"], outputs["llmcore_int8+compile"]
         )
@@ -370,9 +373,11 @@ VARIANTS = (
     "llmcore_int8_wo",
     "llmcore_int8+compile",
     "llmcore_int8+aot",
+    "llmcore_int8+fused",
 )
 """llmcore's decoding variants, in the order they are reported (int8_wo: weight-only int8, eager;
-+compile: ``generate(..., compile=True)``; +aot: ``compile="aot"``, ``llmcore.aot_step``)."""
++compile: ``generate(..., compile=True)``; +aot: ``compile="aot"``, ``llmcore.aot_step``; +fused:
+``compile="fused"``, ``llmcore.fused_step``, weight-only int8 only)."""
 
 
 def report(results: dict) -> None:
@@ -402,7 +407,7 @@ def report(results: dict) -> None:
             f"  int8 vs fp32 (random weights): logits rel. error {g['int8_logits_rel_error']:.4f}, "
             f"same greedy tokens {g['int8_vs_fp32_token_agreement_random_weights']['same_fraction']:.0%}"
         )
-        for suffix in ("+compile", "+aot"):
+        for suffix in ("+compile", "+aot", "+fused"):
             if f"same_tokens_as_eager{suffix}" in g:
                 same = ", ".join(f"{k} {v}" for k, v in g[f"same_tokens_as_eager{suffix}"].items())
                 print(f"  {suffix[1:]} decoding gives the eager tokens: {same}")

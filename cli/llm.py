@@ -5,7 +5,7 @@ with the instruction model.
     llm generate "Every effort moves you" --max-new-tokens 40 --temperature 0.8 --top-k 40
     llm chat                                          # instruction (+ optional input), answer streams
     llm chat --int8                                   # int8 Linear weights: faster CPU decoding
-    llm chat --int8 --compile                         # int8 decoding compiled ahead of time: faster still, after ~30 s
+    llm chat --int8 --compile                         # int8 decoding as one C++ call a token: faster still
     llm serve                                         # HTTP: OpenAI-compatible API + chat page (serving/)
     llm compare lr-2e-3 lr-3e-4                       # paired: difference, 95% CI, McNemar p (pipelines/compare.py)
     llm sweep -S finetune_classifier.lr=2e-3 --seeds 123,124,125   # mean ± sd over seeds (pipelines/sweep.py)
@@ -52,7 +52,7 @@ def stream_reply(model, tokenizer, prompt: str | list[int], args: argparse.Names
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
-        compile="aot" if args.compile else False,
+        compile="fused" if args.compile else False,
     )
     if hasattr(tokenizer, "eos_ids"):  # a Hugging Face base's tokenizer (llmcore.hf_tokenizer)
         ids = prompt if isinstance(prompt, list) else tokenizer.encode(prompt, add_special_tokens=True)
@@ -202,8 +202,9 @@ def _add_sampling(
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="compile the one-token decoding step ahead of time (AOTInductor, llmcore.aot_step): the first "
-        "reply waits for compilation (~20-40 s on a CPU)",
+        help="decode one token per C++ call: with --int8 on a CPU, llmcore's fused step (llmcore.fused_step, "
+        "no wait); otherwise the step compiled ahead of time (AOTInductor, llmcore.aot_step: the first reply "
+        "waits ~20-40 s for compilation)",
     )
 
 

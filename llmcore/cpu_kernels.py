@@ -30,7 +30,9 @@ import torch
 
 from llmcore.fallback import warn_fallback
 
-SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("int8_linear.cpp", "decode_attention.cpp"))
+_CSRC = Path(__file__).with_name("csrc")
+SOURCES = tuple(_CSRC / name for name in ("int8_linear.cpp", "decode_attention.cpp", "gpt_decode.cpp"))
+HEADERS = tuple(_CSRC / name for name in ("int8_block.h", "attention_head.h"))
 
 _loaded_isa: str | None = None
 """``isa()`` once the kernels are loaded (a plain global, so that compiled code can read it)."""
@@ -67,7 +69,7 @@ def _load() -> str | None:
         return None
     march = os.environ.get("LLMCORE_INT8_MARCH", "native")
     digest = hashlib.sha256(b"\0".join(x.encode() for x in (march, _cpu_features(), torch.__version__)))
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         digest.update(source.read_bytes())
     name = f"llmcore_kernels_{digest.hexdigest()[:12]}"
     if not _is_built(name):

@@ -5,8 +5,8 @@ Prompts of different lengths are left-padded and masked, with per-row positions,
 gives each prompt the same tokens it would get alone. When the sequence outgrows the context,
 the window is cropped to the last ``context_length`` tokens (as the book's ``generate``); the
 cache is then refilled, so cached and uncached decoding stay token-for-token identical.
-``SlotKVCache`` holds sequences that join and leave a batch between steps (a server's continuous
-batching); it decodes each exactly as ``generate`` decodes it alone, within the context.
+(``llmcore.slot_cache.SlotKVCache`` holds sequences that join and leave a batch between steps: a
+server's continuous batching.)
 
 With ``compile=True`` every step runs under torch.compile with dynamic shapes: the cache length,
 the prompt length and the batch are symbols, so a few graphs (the prompt, the one-token step,
@@ -19,6 +19,8 @@ With ``compile="aot"`` the one-token step of an unpadded batch, what decoding ru
 ahead of time by AOTInductor (``llmcore.aot_step``) and runs as one call into a C++ library, without
 Dynamo's guards and inductor's Python wrapper (GPT-2 small, int8 weight-only, 2-core CPU: ~3.7 ms a
 step where the torch.compile step takes ~4.6); the prompt, padded batches and refills run eagerly.
+``compile="fused"`` runs that step, for one sequence of a GPT with int8 weight-only layers, as one
+call of llmcore's C++ decoder instead (``llmcore.fused_step``), and as ``"aot"`` otherwise.
 """
 
 from __future__ import annotations
@@ -175,7 +177,14 @@ def _compiled_step():
 _VIEWS = ("position_ids", "attn_mask")
 
 
-def _aot_step(model):
+def _one_token_step(model, compile, batch: int):
+    """The ahead-of-time step for ``compile`` "aot" or "fused" (None if it could not be compiled)."""
+    if compile == "fused" and batch == 1:
+        from llmcore.fused_step import fused_step
+
+        step = fused_step(model)
+        if step is not None:
+            return step
     from llmcore.aot_step import aot_step  # torch.export and AOTInductor load only when asked for
 
     return aot_step(model)
@@ -184,14 +193,14 @@ def _aot_step(model):
 def _last_logits(model, tokens, valid, caches, q_start: int, win_start: int, *, padded: bool, compiled, aot):
     """Logits of the last position: the model runs on columns ``q_start:`` of the window that
     starts at ``win_start`` (the new token alone when the cache holds the rest). ``aot``: the
-    model's AOTInductor step when ``compiled == "aot"`` (None if it could not be compiled: then
-    torch.compile runs the one-token steps)."""
+    model's ahead-of-time step when ``compiled`` is "aot" or "fused" (None if it could not be
+    compiled: then torch.compile runs the one-token steps)."""
     kwargs = {"kv_caches": caches, "start_pos": q_start - win_start}
     if padded:
         window_valid = valid[:, win_start:]
         kwargs["position_ids"] = (window_valid.long().cumsum(dim=1) - 1).clamp(min=0)[:, q_start - win_start :]
         kwargs["attn_mask"] = _padding_mask(window_valid, tokens.shape[1] - q_start)
-    if compiled == "aot":
+    if compiled in ("aot", "fused"):
         if tokens.shape[1] - q_start != 1 or caches is None or padded:  # a prompt, a refill, padding
             return _step_logits(model, tokens[:, q_start:], **kwargs)
         if aot is not None:
@@ -221,10 +230,11 @@ def generate_stream(
 
     A row that has finished keeps yielding ``eos_id`` until the others finish. ``compile=True``
     runs every step through torch.compile; ``compile="aot"`` runs the one-token steps of an
-    unpadded batch through an AOTInductor library and the rest eagerly (see the module doc).
+    unpadded batch through an AOTInductor library and the rest eagerly, ``"fused"`` those of one
+    sequence through llmcore's C++ decoder where it applies (see the module doc).
     """
-    if compile not in (False, True, "aot"):
-        raise ValueError(f"compile must be False, True or 'aot', got {compile!r}")
+    if compile not in (False, True, "aot", "fused"):
+        raise ValueError(f"compile must be False, True, 'aot' or 'fused', got {compile!r}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     device = next(model.parameters()).device
@@ -241,7 +251,13 @@ def generate_stream(
     try:
         if compile and device.type == "cpu":
             cpu_kernels.isa()  # llmcore's CPU kernels, for the compiled step's attention (built once per machine)
-        aot = _aot_step(model) if compile == "aot" and use_cache else None
+        aot = _one_token_step(model, compile, tokens.shape[0]) if compile in ("aot", "fused") and use_cache else None
+        if type(aot).__name__ == "FusedStep" and tokens.shape[1] + max_new_tokens - 1 <= context:
+            from llmcore.fused_step import stream
+
+            sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "generator": generator}
+            yield from stream(aot, model, tokens, max_new_tokens, eos_id=eos_id, **sampling)
+            return
         for _ in range(max_new_tokens):
             n_cols = tokens.shape[1]
             win_start = max(0, n_cols - context)
@@ -298,109 +314,3 @@ def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
     """Prompt text in, continuation text out (the prompt itself is not repeated)."""
     ids = encode(tokenizer, prompt)
     return tokenizer.decode(generate(model, [ids], max_new_tokens, **kwargs)[0])
-
-
-class SlotKVCache:
-    """Keys and values of independent sequences, one per row ("slot"), for continuous batching.
-
-    Unlike ``generate``'s left-padded batch, each row starts at column 0 and has its own length, so a
-    sequence can be prefilled into a free row while others are mid-generation, and a finished one
-    can leave, between any two decoding steps. A decoding step feeds every active row its last
-    token at its own position; keys past a row's length are masked out. Rows ``0..n-1`` are the
-    active ones (``move`` keeps them packed). Columns grow on demand up to ``max_len``.
-    """
-
-    def __init__(self, model: nn.Module, slots: int, max_len: int | None = None):
-        cfg, param = model.cfg, next(model.parameters())
-        self.max_len = max_len or cfg.context_length
-        shape = (slots, _kv_heads(cfg), min(64, self.max_len), cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros_like(t) for t in self.k]
-
-    def _ensure(self, width: int) -> None:
-        if width > self.max_len:
-            raise ValueError(f"sequence of {width} tokens exceeds the cache's {self.max_len}")
-        old = self.k[0].shape[2]
-        if width <= old:
-            return
-        new = min(self.max_len, max(width, 2 * old))
-        for store in (self.k, self.v):
-            for i, t in enumerate(store):
-                store[i] = torch.cat([t, t.new_zeros((*t.shape[:2], new - old, t.shape[3]))], dim=2)
-
-    @torch.no_grad()
-    def prefill(self, model: nn.Module, row: int, ids: Sequence[int]) -> torch.Tensor:
-        """Run a prompt into ``row`` (its previous content is overwritten); its last logits (vocab,)."""
-        return self.prefill_rows(model, row, [ids])[0]
-
-    @torch.no_grad()
-    def prefill_rows(self, model: nn.Module, first_row: int, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Run prompts into rows ``first_row, first_row + 1, ...`` in one forward; last logits (n, vocab).
-
-        The prompts are right-padded: under the causal mask a prompt's positions never see the
-        padding after them, and the cache columns the padding fills lie past the row's length,
-        where decoding masks them out and overwrites them. Only the last position of each prompt
-        goes through the vocabulary head.
-        """
-        lengths = [len(p) for p in prompts]
-        self._ensure(max(lengths))
-        device = self.k[0].device
-        tokens = torch.zeros((len(prompts), max(lengths)), dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            tokens[i, : lengths[i]] = torch.as_tensor(list(prompt), dtype=torch.long)
-        views = [_RowWriter(k, v, first_row) for k, v in zip(self.k, self.v)]
-        hidden = model.hidden_states(tokens.to(device), kv_caches=views, start_pos=0)
-        last = hidden[torch.arange(len(prompts), device=device), torch.tensor(lengths, device=device) - 1]
-        return model.logits(last)
-
-    @torch.no_grad()
-    def decode(self, model: nn.Module, last_tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """One step for rows ``0..n-1``: ``last_tokens`` (n,) sit at positions ``lengths`` (n,), the
-        tokens each row holds so far (its last token not yet included); logits (n, vocab)."""
-        width = int(lengths.max()) + 1
-        self._ensure(width)
-        device = self.k[0].device
-        lengths = lengths.to(device)
-        mask = torch.arange(width, device=device)[None, :] <= lengths[:, None]
-        views = [_StepWriter(k, v, lengths, width) for k, v in zip(self.k, self.v)]
-        # start_pos: each row's query column (a sliding-window layer measures distances from it).
-        return model(
-            last_tokens.to(device)[:, None],
-            kv_caches=views,
-            start_pos=lengths,
-            position_ids=lengths[:, None],
-            attn_mask=mask[:, None, None, :],
-        )[:, -1]
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy row ``src``'s first ``length`` columns to row ``dst`` (to keep active rows packed)."""
-        for store in (self.k, self.v):
-            for t in store:
-                t[dst, :, :length] = t[src, :, :length]
-
-
-class _RowWriter:
-    """LayerKV for a prefill: the prompts' keys and values go to rows ``row, row + 1, ...`` from column 0."""
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, row: int):
-        self.k, self.v, self.row = k, v, row
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        end, rows = start_pos + k.shape[2], slice(self.row, self.row + k.shape[0])
-        self.k[rows, :, start_pos:end] = k
-        self.v[rows, :, start_pos:end] = v
-        return self.k[rows, :, :end], self.v[rows, :, :end]
-
-
-class _StepWriter:
-    """LayerKV for a decoding step: row i's new key and value go to column ``lengths[i]``."""
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, width: int):
-        self.k, self.v, self.lengths, self.width = k, v, lengths, width
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n = k.shape[0]
-        rows = torch.arange(n, device=k.device)
-        self.k[rows, :, self.lengths] = k[:, :, 0]
-        self.v[rows, :, self.lengths] = v[:, :, 0]
-        return self.k[:n, :, : self.width], self.v[:n, :, : self.width]

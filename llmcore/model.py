@@ -26,7 +26,7 @@ class LayerKV(Protocol):
     """What attention needs from a cache: store this step's k/v, return all k/v so far.
 
     ``start_pos`` is an int (the first new column), or a tensor of per-row positions in a one-token
-    step of rows at different lengths (``llmcore.generate.SlotKVCache``).
+    step of rows at different lengths (``llmcore.slot_cache.SlotKVCache``).
     """
 
     def update(

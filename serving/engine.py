@@ -39,7 +39,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llmcore.generate import SlotKVCache, sample_next_token
+from llmcore.generate import sample_next_token
+from llmcore.slot_cache import SlotKVCache
 from llmcore.tokenizer import eot_id
 from serving.text import TextStream
 

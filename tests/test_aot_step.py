@@ -107,8 +107,8 @@ def test_where_it_cannot_compile_one_warning_and_torch_compile_decodes(model: GP
         assert generate(target, [[4, 5]], 4, compile="aot") == generate(target, [[4, 5]], 4)
 
 
-def test_compile_accepts_only_its_three_values(model: GPTModel) -> None:
-    with pytest.raises(ValueError, match="compile must be False, True or 'aot', got 'fast'"):
+def test_compile_accepts_only_its_four_values(model: GPTModel) -> None:
+    with pytest.raises(ValueError, match="compile must be False, True, 'aot' or 'fused', got 'fast'"):
         generate(model, [[1, 2]], 2, compile="fast")
 
 

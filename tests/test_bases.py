@@ -10,8 +10,9 @@ import torch
 
 from llmcore.checkpoint import CheckpointError, load_checkpoint
 from llmcore.decoder import DecoderModel
-from llmcore.generate import SlotKVCache, generate
+from llmcore.generate import generate
 from llmcore.hf_checkpoint import convert_hf, load_hf_model
+from llmcore.slot_cache import SlotKVCache
 from tests.bases_helpers import VOCAB, hf_model, save_hf
 
 pytest.importorskip("transformers")

@@ -8,6 +8,7 @@ import torch
 from llmcore import GPTConfig, GPTModel
 from llmcore import generate as gen
 from llmcore.generate import generate, generate_stream, generate_text, sample_next_token
+from llmcore.slot_cache import SlotKVCache
 from tests.conftest import spread_out_model
 
 CFG = GPTConfig(vocab_size=50, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
@@ -202,7 +203,7 @@ def test_slot_cache_decodes_sequences_that_join_and_leave_like_generate_alone(mo
     # row, 0 leaves at step 7 and 2 moves into row 0.
     wanted = {0: 8, 1: 6, 2: 5}
     joins_at = {0: 0, 1: 1, 3: 2}  # step -> prompt
-    cache = gen.SlotKVCache(model, slots=2)  # fewer slots than prompts: 2 waits for a free row
+    cache = SlotKVCache(model, slots=2)  # fewer slots than prompts: 2 waits for a free row
     active: list[dict] = []  # row r holds active[r]
     results: dict[int, list[int]] = {}
     for step in range(20):
@@ -234,9 +235,9 @@ def test_slot_cache_prefills_prompts_of_different_lengths_together_like_each_alo
     """One right-padded prefill of three prompts into rows 1-3: each row's logits and the tokens
     decoded after it are the ones the prompt gets alone."""
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2][:9]]
-    cache = gen.SlotKVCache(model, slots=4)
+    cache = SlotKVCache(model, slots=4)
     logits = cache.prefill_rows(model, 1, prompts)
-    alone = torch.stack([gen.SlotKVCache(model, slots=1).prefill(model, 0, p) for p in prompts])
+    alone = torch.stack([SlotKVCache(model, slots=1).prefill(model, 0, p) for p in prompts])
     torch.testing.assert_close(logits, alone, rtol=1e-4, atol=1e-5)
     out = [[int(t)] for t in logits.argmax(-1)]
     lengths = torch.tensor([0] + [len(p) for p in prompts])  # row 0: an idle row, decoded along
@@ -249,6 +250,6 @@ def test_slot_cache_prefills_prompts_of_different_lengths_together_like_each_alo
 
 
 def test_slot_cache_refuses_to_outgrow_its_length(model: GPTModel) -> None:
-    cache = gen.SlotKVCache(model, slots=1)
+    cache = SlotKVCache(model, slots=1)
     with pytest.raises(ValueError, match="exceeds the cache's 16"):
         cache.prefill(model, 0, list(range(1, 18)))

@@ -145,12 +145,20 @@ for shape in SHAPES:
     y = int8_kernel.int8_linear(x, int8_kernel.pack(w), scale, bias).double()
     ref = reference(x, w, scale, bias)
     assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-4, shape
+from llmcore.fused_step import unsupported
+from tests.test_fused_step import CONFIGS, check_against_eager, int8_model
+for name in CONFIGS:  # the C++ decoding step (csrc/gpt_decode.cpp) where Int8Linear runs the kernel
+    model = int8_model(name)
+    assert (unsupported(model) is None) == int8_kernel.available()
+    if int8_kernel.available():
+        check_against_eager(model, [3, 1, 4], 8)
 print("ok")
 """
 
 
 @pytest.mark.parametrize(("march", "isa"), [("x86-64-v3", "avx2"), ("x86-64", "scalar")])
 def test_each_instruction_set_path_computes_the_same_product(march: str, isa: str, tmp_path: Path) -> None:
+    """The int8 product, and the decoding step built on it (tests/test_fused_step.py)."""
     if not int8_kernel.available() or not X86:
         pytest.skip("the int8 kernel is not built on this machine")
     done = run_python(CHECK, {"LLMCORE_INT8_MARCH": march, "TORCH_EXTENSIONS_DIR": str(tmp_path)})
