@@ -88,23 +88,28 @@ def fused_step(model: nn.Module) -> FusedStep | None:
     return None if unsupported(model) is not None else FusedStep(model)
 
 
+GREEDY_CHUNK = 16
+"""Greedy tokens computed per call into C++ (they are yielded one by one, 16 at a time)."""
+
+
 def stream(
     step: FusedStep, model: GPTModel, prompt: torch.Tensor, max_new_tokens: int, *, eos_id=None, **sampling
 ) -> Iterator[torch.Tensor]:
     """``generate_stream``'s loop for one sequence that fits the context (``prompt`` (1, n), ``n +
-    max_new_tokens - 1 <= context_length``): the prompt eagerly, then one call a token, greedy
-    (``temperature`` 0) without the logits leaving C++. Yields (1,) tensors, as ``generate_stream``."""
+    max_new_tokens - 1 <= context_length``): the prompt eagerly, then one C++ call a token, or, greedy
+    (``temperature`` 0), one call for ``GREEDY_CHUNK`` tokens, the logits never leaving C++. Yields
+    (1,) tensors, as ``generate_stream``."""
     n = prompt.shape[1]
     caches = new_kv_caches(model, 1, n + max_new_tokens)
     step.decoder.set_caches([c.k for c in caches], [c.v for c in caches])
-    greedy = sampling.get("temperature", 0.0) == 0.0
     next_id = int(sample_next_token(model(prompt, kv_caches=caches, start_pos=0)[:, -1], **sampling)[0])
-    for pos in range(n, n + max_new_tokens):
-        if pos > n:
-            if greedy:
-                next_id = step.decoder.step_greedy(next_id, pos - 1)
-            else:
-                next_id = int(sample_next_token(step.decoder.step(next_id, pos - 1), **sampling)[0])
-        yield torch.tensor([next_id])
-        if next_id == eos_id:
-            return
+    yield torch.tensor([next_id])
+    pos, end, eos = n, n + max_new_tokens - 1, -1 if eos_id is None else eos_id
+    while pos < end and next_id != eos:
+        if sampling.get("temperature", 0.0) == 0.0:
+            ids = step.decoder.generate_greedy(next_id, pos, min(GREEDY_CHUNK, end - pos), eos)
+        else:
+            ids = [int(sample_next_token(step.decoder.step(next_id, pos), **sampling)[0])]
+        for next_id in ids:
+            yield torch.tensor([next_id])
+        pos += len(ids)
