@@ -20,7 +20,6 @@
 #include <torch/types.h>
 
 #include <atomic>
-#include <chrono>
 #include <cmath>
 #include <optional>
 #include <string>
@@ -133,17 +132,12 @@ inline void matvec_rows(const Linear& L, const int32_t* xq, float sx, int64_t r0
   }
 }
 
-// Thread t's share of `blocks`: [cut[t], cut[t + 1]) of them, cut being cumulative fractions.
-inline std::pair<int64_t, int64_t> share(int64_t blocks, const std::vector<double>& cut, int t) {
-  return {std::llround(blocks * cut[t]), std::llround(blocks * cut[t + 1])};
-}
-
-// Thread t's share of L's outputs below `limit`, whole blocks of 16; returns the weight bytes read.
-inline double matvec_share(const Linear& L, const int32_t* xq, float sx, const std::vector<double>& cut, int t,
-                           int64_t limit, Epilogue how, float* y) {
-  const auto [b0, b1] = share((limit + kRows - 1) / kRows, cut, t);
+// Thread t's share of L's outputs below `limit`, whole blocks of 16.
+inline void matvec_share(const Linear& L, const int32_t* xq, float sx, int t, int nt, int64_t limit, Epilogue how,
+                         float* y) {
+  const int64_t blocks = (limit + kRows - 1) / kRows;
+  const int64_t b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;
   if (b1 > b0) matvec_rows(L, xq, sx, b0 * kRows, std::min(limit, b1 * kRows), how, y);
-  return static_cast<double>(b1 - b0) * L.pairs * 2 * kRows;
 }
 
 // LayerNorm of one row: its moments summed in 16 fp32 lanes (plain loops without AVX-512).
@@ -287,8 +281,6 @@ class GptDecoder : public torch::CustomClassHolder {
     const float scale = static_cast<float>(std::pow(static_cast<double>(D), -0.5));
     const int threads = at::get_num_threads();
     std::vector<std::pair<int64_t, float>> maxima(threads, {-1, 0.f});
-    const std::vector<double> split = shares(threads);
-    std::vector<double> seconds(threads, 0.), bytes(threads, 0.);
     std::optional<SpinBarrier> team;  // for the team OpenMP gives (fewer threads when nested)
 #pragma omp parallel num_threads(threads)
     {
@@ -296,15 +288,6 @@ class GptDecoder : public torch::CustomClassHolder {
 #pragma omp single
       team.emplace(nt);  // (single ends with a barrier: every thread sees it)
       SpinBarrier& barrier = *team;
-      std::vector<double> even;  // a smaller team than asked for (nested parallelism): an even split
-      for (int i = 0; nt != threads && i <= nt; ++i) even.push_back(static_cast<double>(i) / nt);
-      const std::vector<double>& cut = nt == threads ? split : even;
-      double busy = 0., read = 0.;
-      auto timed = [&](auto&& work) {  // this thread's seconds and bytes in the split products
-        const auto start = std::chrono::steady_clock::now();
-        read += work();
-        busy += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-      };
       const int64_t h0 = H * t / nt, h1 = H * (t + 1) / nt;
       const int64_t max_pairs = std::max(head_.pairs, hidden.empty() ? 0 : blocks_[0].proj.pairs);
       std::vector<float> normed(E), scores(pos + 1);
@@ -326,26 +309,23 @@ class GptDecoder : public torch::CustomClassHolder {
         }
         barrier.wait();
         sx = quantize_row(att.data(), E, b.out_proj.pairs, xq.data());
-        timed([&] { return matvec_share(b.out_proj, xq.data(), sx, cut, t, E, Epilogue::kAddTo, x.data()); });
+        matvec_share(b.out_proj, xq.data(), sx, t, nt, E, Epilogue::kAddTo, x.data());
         barrier.wait();
         layer_norm(x.data(), b.norm2, E, eps_, normed.data());
         sx = quantize_row(normed.data(), E, b.fc.pairs, xq.data());
-        timed([&] { return matvec_share(b.fc, xq.data(), sx, cut, t, b.fc.out, Epilogue::kGelu, hidden.data()); });
+        matvec_share(b.fc, xq.data(), sx, t, nt, b.fc.out, Epilogue::kGelu, hidden.data());
         barrier.wait();
         sx = quantize_row(hidden.data(), b.fc.out, b.proj.pairs, xq.data());
-        timed([&] { return matvec_share(b.proj, xq.data(), sx, cut, t, E, Epilogue::kAddTo, x.data()); });
+        matvec_share(b.proj, xq.data(), sx, t, nt, E, Epilogue::kAddTo, x.data());
         barrier.wait();
       }
       layer_norm(x.data(), final_norm_, E, eps_, normed.data());
       const float sx = quantize_row(normed.data(), E, head_.pairs, xq.data());
-      timed([&] { return matvec_share(head_, xq.data(), sx, cut, t, vocab_, Epilogue::kStore, out); });
-      const auto [b0, b1] = share((vocab_ + kRows - 1) / kRows, cut, t);
-      const int64_t r0 = b0 * kRows, r1 = std::min(vocab_, b1 * kRows);
+      matvec_share(head_, xq.data(), sx, t, nt, vocab_, Epilogue::kStore, out);
+      const int64_t blocks = (vocab_ + kRows - 1) / kRows;
+      const int64_t r0 = blocks * t / nt * kRows, r1 = std::min(vocab_, blocks * (t + 1) / nt * kRows);
       if (argmax && r1 > r0) maxima[t] = first_max(out, r0, r1);
-      seconds[t] = nt == threads ? busy : 0.;  // a smaller team: no measurement
-      bytes[t] = read;
     }
-    learn_speeds(seconds, bytes);
     if (argmax) {  // the threads' shares in order: the first of equal maxima, or the first NaN
       std::pair<int64_t, float> best{-1, 0.f};
       for (const auto& m : maxima) {
@@ -354,29 +334,6 @@ class GptDecoder : public torch::CustomClassHolder {
       }
       *argmax = best.first;
     }
-  }
-
-  // Cumulative fractions of the split products' blocks for `threads` threads (0, ..., 1): in
-  // proportion to the rates at which the threads read their shares in the steps before. The VM's
-  // two cores do not read memory equally fast (one was ~15% slower than the other for whole
-  // generations), and an even split left the faster one waiting at every barrier.
-  std::vector<double> shares(int threads) {
-    if (static_cast<int>(speed_.size()) != threads) speed_.assign(threads, 1.);
-    double total = 0.;
-    for (const double v : speed_) total += v;
-    std::vector<double> cut(threads + 1, 0.);
-    for (int t = 0; t < threads; ++t) cut[t + 1] = cut[t] + std::max(speed_[t] / total, 0.25 / threads);
-    for (double& c : cut) c /= cut[threads];
-    return cut;
-  }
-
-  void learn_speeds(const std::vector<double>& seconds, const std::vector<double>& bytes) {
-    for (size_t t = 0; t < seconds.size(); ++t)
-      if (seconds[t] <= 0. || bytes[t] <= 0.) return;  // a thread without a measurement: keep the split
-    double mean = 0.;
-    for (size_t t = 0; t < seconds.size(); ++t) mean += bytes[t] / seconds[t] / seconds.size();
-    for (size_t t = 0; t < seconds.size(); ++t)  // relative rates, smoothed over steps
-      speed_[t] = 0.8 * speed_[t] + 0.2 * bytes[t] / seconds[t] / mean;
   }
 
   const float* floats(size_t i, const std::string& name, int64_t numel) {
@@ -406,7 +363,6 @@ class GptDecoder : public torch::CustomClassHolder {
 
   std::vector<torch::Tensor> tensors_, keys_, values_;
   std::vector<float> greedy_logits_;
-  std::vector<double> speed_;  // each thread's relative read rate (see shares)
   std::vector<Block> blocks_;
   Norm final_norm_;
   Linear head_;
