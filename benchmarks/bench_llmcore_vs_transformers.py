@@ -11,11 +11,11 @@ One run measures, with random weights (the speed of a step does not depend on th
   kernel, ``llmcore.int8_kernel``, where it builds), eager, both compiled ways and
   ``compile="fused"`` (the whole step as one C++ call, ``llmcore.fused_step``);
 * each variant against the memory-bandwidth limit: the machine's read bandwidth, measured in this
-  run (``benchmarks.bandwidth``, read just before every generation), over the bytes of weights a
-  token reads (fp32 ~500 MB, int8 ~a quarter of it); decoding one sequence cannot go faster. The
-  median tok/s against the median bandwidth, and "paired": each generation against the reading
-  taken just before it, with its range (the README's VM switches between ~35 and ~65 GB/s within
-  seconds, and a generation's share of its limit differs between the two);
+  run (``benchmarks.bandwidth``, read just before and just after every generation), over the bytes
+  of weights a token reads (fp32 ~500 MB, int8 ~a quarter of it); decoding one sequence cannot go
+  faster. The median tok/s against the median bandwidth, and "paired": each generation against
+  the higher of its two readings, with its range (the README's VM switches between ~35 and ~70
+  GB/s within seconds, and a generation's share of its limit differs between the two);
 * peak memory of each phase, in a fresh child process (its peak RSS, ``VmHWM``, minus its RSS
   after imports);
 * int8 quality: a small model (cpu-small) is trained for a minute on the-verdict, then fp32 and
@@ -142,18 +142,20 @@ def llmcore_generate(model, prompt: torch.Tensor, n: int, compile: bool | str = 
 # --- timing -----------------------------------------------------------------------------------
 
 
-def interleaved(fns: dict, rounds: int, before=None) -> dict[str, list[float]]:
+def interleaved(fns: dict, rounds: int, around=None) -> dict[str, list[float]]:
     """Seconds per call of each function, alternating the order every round to share the noise;
-    ``before(name)``, if given, runs untimed before each call."""
+    ``around(name)``, if given, runs untimed before and after each call."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            if before is not None:
-                before(name)
+            if around is not None:
+                around(name)
             started = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - started)
+            if around is not None:
+                around(name)
     return times
 
 
@@ -189,17 +191,20 @@ def bench_generation(args) -> dict:
     fns = {name: functools.partial(run, name) for name in models}
     for fn in fns.values():  # warm-up (allocations, first-call dispatch, compilation)
         fn()
-    # The VM's bandwidth drifts (33-60 GB/s within minutes), so it is read just before every
-    # generation too, and each generation is also compared with its own reading ("paired").
+    # The VM's bandwidth drifts and switches (35-70 GB/s within minutes), so it is read just before
+    # and just after every generation too, and each generation is also compared with the higher of
+    # its two readings ("paired": a switch during the generation counts against it).
     bandwidths: dict[str, list[float]] = {name: [] for name in fns}
-    times = interleaved(fns, args.gen_trials, before=lambda name: bandwidths[name].append(read_bandwidth(trials=3)))
+    times = interleaved(fns, args.gen_trials, around=lambda name: bandwidths[name].append(read_bandwidth(trials=3)))
     result = {name: summarise(t, n) for name, t in times.items()}
     every_reading = [bw for readings in bandwidths.values() for bw in readings]
     result["bandwidth_gb_s"] = statistics.median(every_reading) / 1e9
     for name in times:
         weight_bytes = weight_bytes_per_token(models[name])
         limit = statistics.median(every_reading) / weight_bytes
-        paired = [n / t / (bw / weight_bytes) for t, bw in zip(times[name], bandwidths[name])]
+        readings = bandwidths[name]
+        pairs = [max(readings[2 * i], readings[2 * i + 1]) for i in range(len(times[name]))]
+        paired = [n / t / (bw / weight_bytes) for t, bw in zip(times[name], pairs)]
         result[name].update(
             weight_mb=weight_bytes / 1e6,
             limit_tokens_per_s=limit,
@@ -386,9 +391,9 @@ def report(results: dict) -> None:
         g = results["generation"]
         print(f"\ngreedy KV-cache generation, new tokens/s (batch 1, {results['args']['new_tokens']} new tokens):")
         print(
-            f"  read bandwidth {g['bandwidth_gb_s']:.1f} GB/s (median, read before each generation); "
+            f"  read bandwidth {g['bandwidth_gb_s']:.1f} GB/s (median, read before and after each run); "
             "limit = bandwidth / weight bytes a token reads; paired: each generation against the "
-            "bandwidth read just before it (median, and its range over the runs)"
+            "higher of the bandwidths read just before and just after it (median, and its range over the runs)"
         )
         for name in (n for n in ("transformers", *VARIANTS) if n in g):
             print(

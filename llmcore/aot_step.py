@@ -13,6 +13,9 @@ model's own tensors), again before every generation, so later in-place changes t
 seen. The step covers what ``generate`` runs most: one new token per row of an unpadded batch
 with the KV cache. The prompt, a padded batch and a refill after cropping run eagerly.
 
+For one sequence of an int8 GPT, ``compile="fused"`` runs llmcore's hand-written C++ step instead
+(``llmcore.fused_step``: no compilation, and faster); this step serves everything else.
+
 Compiling takes ~20-30 s on a 2-core CPU (a C++ compiler is needed, as for ``torch.compile``),
 once per model object and process. Where export or compilation fails, or int8 layers run without
 llmcore's kernel, one warning says why and ``generate`` runs that model's steps with

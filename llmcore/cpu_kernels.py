@@ -1,11 +1,14 @@
 """llmcore's C++ kernels for the CPU (``csrc/*.cpp``), built for this machine on first use.
 
-Two operators, in the ``torch.ops.llmcore`` namespace:
+Two operators, in the ``torch.ops.llmcore`` namespace, and a class:
 
 * ``int8_linear``: int8 weights times fp32 activations (``llmcore.int8_kernel``, used by
   ``llmcore.quantize.Int8Linear``);
 * ``decode_attention``: one query per head against the KV cache (``decode_attention`` below),
-  used by ``llmcore.model.attention`` inside a compiled decoding step.
+  used by ``llmcore.model.attention`` inside a compiled decoding step;
+* ``torch.classes.llmcore.GptDecoder``: a whole one-token step of an int8 GPT built on both
+  (``llmcore.fused_step``). The shared parts live in ``csrc/int8_block.h`` and
+  ``csrc/attention_head.h``.
 
 The sources are compiled together, once per machine, with ``torch.utils.cpp_extension`` (a C++
 compiler and ninja) for this CPU (``-march=native``; ``LLMCORE_INT8_MARCH`` names another target,

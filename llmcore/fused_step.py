@@ -70,6 +70,8 @@ def _tensors(model: GPTModel) -> list[torch.Tensor]:
 class FusedStep:
     """``model``'s one-token step, batch 1, as ``step(tokens, caches, start_pos)`` -> logits (1, vocab)."""
 
+    fused = True  # what generate_stream asks to run its own loop (``stream``)
+
     def __init__(self, model: GPTModel):
         cfg = model.cfg
         dims = [cfg.n_layers, cfg.n_heads, cfg.vocab_size]

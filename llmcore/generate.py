@@ -252,8 +252,8 @@ def generate_stream(
         if compile and device.type == "cpu":
             cpu_kernels.isa()  # llmcore's CPU kernels, for the compiled step's attention (built once per machine)
         aot = _one_token_step(model, compile, tokens.shape[0]) if compile in ("aot", "fused") and use_cache else None
-        if type(aot).__name__ == "FusedStep" and tokens.shape[1] + max_new_tokens - 1 <= context:
-            from llmcore.fused_step import stream
+        if getattr(aot, "fused", False) and tokens.shape[1] + max_new_tokens - 1 <= context:
+            from llmcore.fused_step import stream  # its own loop: one sequence, no cropping
 
             sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "generator": generator}
             yield from stream(aot, model, tokens, max_new_tokens, eos_id=eos_id, **sampling)

@@ -15,7 +15,8 @@ model (quantizing takes about a second, so keep fp32 checkpoints and quantize af
 this CPU on first use): activations stay fp32 at the interface and are quantized to 15 bits, not
 8, inside it (perplexity within 0.02% of fp32). One sequence decodes faster this way, eager
 (GPT-2 small, batch 1, 2-core AVX-512 CPU: 137-190 new tokens/s against fbgemm's 101-123) and
-compiled (``generate(..., compile=True)``: ~170-190; ``compile="aot"``: ~205-227); fbgemm stays
+compiled (``generate(..., compile=True)``: ~170-190; ``compile="aot"``: ~205-227; ``compile="fused"``,
+the whole step in C++, ``llmcore.fused_step``: ~270-300, ~420-480 in the VM's fast state); fbgemm stays
 ahead on batches (8 rows: 601 against 430), which is why the server keeps ``quantize_int8``.
 Where the kernel cannot be built, ``Int8Linear`` keeps the weight as (out, in) and falls back to
 PyTorch operations: a reduction that inductor fuses under compile, and an fp32 matmul over

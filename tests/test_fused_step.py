@@ -98,10 +98,15 @@ def test_the_logits_do_not_depend_on_the_thread_count() -> None:
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_fused_generation_gives_the_eager_tokens_greedy_and_sampled(name: str) -> None:
-    model = int8_model(name)
+def test_fused_generation_gives_the_eager_tokens_greedy_and_sampled(name: str, monkeypatch) -> None:
+    from llmcore import fused_step as module
+
+    model, loops = int8_model(name), []
+    real = module.stream
+    monkeypatch.setattr(module, "stream", lambda *args, **kwargs: loops.append(1) or real(*args, **kwargs))
     prompt = [[2, 7, 1, 8]]
     assert generate(model, prompt, 25, compile="fused") == generate(model, prompt, 25)
+    assert loops == [1]  # its own loop (greedy: 16 tokens a call), not generate_stream's
     sampled = {"temperature": 0.8, "top_k": 20, "seed": 3}
     assert generate(model, prompt, 25, compile="fused", **sampled) == generate(model, prompt, 25, **sampled)
 
